@@ -1,0 +1,4 @@
+from clipjax.parallel.mesh import (  # noqa: F401
+    BATCH_AXES, batch_axes, batch_parallelism, batch_sharding, host_batch_to_global, make_mesh,
+    param_shardings, resolve_mesh_shape,
+)

@@ -1,0 +1,64 @@
+"""Orbax checkpoints: train state, data-iterator state and step in one atomic, async checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _iterator_state_to_json(state: Any) -> dict:
+    # grain returns a dict for MapDataset iterators and JSON bytes for DataLoader iterators.
+    if isinstance(state, (bytes, bytearray)):
+        return {"__bytes__": state.decode("utf-8")}
+    return json.loads(json.dumps(state))
+
+
+def _iterator_state_from_json(saved: dict) -> Any:
+    if "__bytes__" in saved:
+        return saved["__bytes__"].encode("utf-8")
+    return saved
+
+
+class Checkpointer:
+    """A thin wrapper over `ocp.CheckpointManager` with the items clipjax stores."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: Any | None = None, *, force: bool = False) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(_iterator_state_to_json(data_state))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: Any, *, with_data: bool = True) -> tuple[Any, Any]:
+        """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs with sharding)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if with_data:
+            items["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        data = restored.get("data") if with_data else None
+        return restored["state"], (_iterator_state_from_json(data) if data is not None else None)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

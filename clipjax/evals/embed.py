@@ -1,0 +1,30 @@
+"""Embeddings of an evaluation set, computed sharded over the mesh in fixed-size batches."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+
+from clipjax.parallel import batch_parallelism, batch_sharding
+
+
+def embed_in_batches(encode: Callable[[jax.Array], jax.Array], inputs: np.ndarray, *, mesh,
+                     batch_size: int) -> np.ndarray:
+    """Run `encode` over `inputs` in batches sharded over the mesh's batch axes.
+
+    The last batch is padded to full size so every call has the same shape (one compile), and
+    each batch is split across devices, so no device ever holds the whole set.
+    """
+    parallel = batch_parallelism(mesh)
+    batch_size = max(parallel, (batch_size // parallel) * parallel)
+    sharding = batch_sharding(mesh)
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+        out = encode(jax.device_put(chunk, sharding))
+        outputs.append(np.asarray(jax.device_get(out))[:n])
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)

@@ -1,0 +1,85 @@
+"""Run logs: metrics.jsonl, TensorBoard event files (no TensorFlow needed), a progress line."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_python(v) for v in value]
+    if hasattr(value, "item") and np.ndim(value) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricWriter:
+    """Writes each logged step to metrics.jsonl and TensorBoard; only the lead process writes."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **_to_python(scalars)}
+        self._jsonl.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.flush()
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """One progress line: step, loss, samples/s and ETA."""
+
+    def __init__(self, total_steps: int, *, enabled: bool = True, stream=sys.stderr):
+        self.total = total_steps
+        self.enabled = enabled
+        self.stream = stream
+        self._last_time = time.perf_counter()
+        self._last_step = None
+
+    def update(self, step: int, loss: float, samples_per_sec: float) -> None:
+        if not self.enabled:
+            return
+        remaining = (self.total - step) * (self._batch_time(step))
+        eta = time.strftime("%H:%M:%S", time.gmtime(max(remaining, 0)))
+        self.stream.write(f"step {step}/{self.total}  loss {loss:.4f}  {samples_per_sec:,.0f} samples/s  ETA {eta}\n")
+        self.stream.flush()
+
+    def _batch_time(self, step: int) -> float:
+        now = time.perf_counter()
+        if self._last_step is None or step <= self._last_step:
+            per_step = 0.0
+        else:
+            per_step = (now - self._last_time) / (step - self._last_step)
+        self._last_time, self._last_step = now, step
+        return per_step

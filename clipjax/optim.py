@@ -1,0 +1,50 @@
+"""Optimizer chains: warmup + cosine schedule, AdamW with a weight-decay mask, gradient clipping."""
+from __future__ import annotations
+
+import jax
+import optax
+from flax import nnx
+
+
+def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
+    warmup = int(optim_config.warmup_steps) if optim_config.warmup_steps >= 0 else 0
+    if optim_config.warmup_fraction > 0:
+        warmup = int(round(optim_config.warmup_fraction * total_steps))
+    warmup = min(warmup, max(total_steps - 1, 0))
+    peak = float(optim_config.lr)
+    if optim_config.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup])
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=peak * float(optim_config.end_lr_fraction))
+
+
+def weight_decay_mask(model: nnx.Module):
+    """True for matrices and kernels, False for biases, norm scales and the temperature.
+
+    Decided from the logical axis names rather than the array rank, because blocks stacked for
+    `scan` give a bias a leading 'layers' axis and would otherwise look like a matrix.
+    """
+    state = nnx.state(model, nnx.Param)
+    names = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    return jax.tree.map(
+        lambda spec: spec is not None and sum(n is not None and n != "layers" for n in spec) >= 2,
+        names, is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec),
+    )
+
+
+def make_optimizer(optim_config, total_steps: int, decay_mask) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(optim_config, total_steps)
+    if optim_config.name == "adamw":
+        core = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                           weight_decay=optim_config.weight_decay, mask=decay_mask)
+    elif optim_config.name == "lars":
+        core = optax.lars(schedule, weight_decay=optim_config.weight_decay, weight_decay_mask=decay_mask,
+                          trust_ratio_mask=decay_mask, momentum=optim_config.b1)
+    else:
+        raise ValueError(f"optim.name: unknown optimizer {optim_config.name!r} (expected 'adamw' or 'lars')")
+    chain = [core]
+    if optim_config.clip_norm and optim_config.clip_norm > 0:
+        chain.insert(0, optax.clip_by_global_norm(optim_config.clip_norm))
+    return optax.chain(*chain), schedule
