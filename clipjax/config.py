@@ -172,6 +172,11 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
     _choice(config, "optim.schedule", ("cosine", "constant"))
     _choice(config, "data.name", ("shapes", "image_text_folder"))
     _choice(config, "data.tokenizer.kind", ("byte", "sentencepiece"))
+    from clipjax.models import model_spec
+    try:
+        model_spec(config.model, image_size=int(config.data.image_size))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if config.loss.name == "sigmoid" and config.model.logit_bias_init is None:
         raise ConfigError("model.logit_bias_init: the sigmoid loss needs a bias (SigLIP uses -10.0)")
 

@@ -75,3 +75,15 @@ def test_bad_choices():
     c = default_config()
     c.model.image.kind = "mlp"
     assert "model.image.kind" in _error(c)
+
+
+def test_model_errors_surface_before_building():
+    c = default_config()
+    c.model.image.kind = "vit"
+    c.model.image.variant = "tiny"
+    c.model.image.patch_size = 5  # does not divide the 32 px images
+    assert "model.image" in _error(c)
+    c = default_config()
+    c.model.text.width = 100
+    c.model.text.heads = 3
+    assert "model.text" in _error(c)

@@ -1,0 +1,258 @@
+"""Train a dual encoder: validate the config, build mesh, data, model and optimizer, run the loop.
+
+    python -m clipjax.train --config configs/demo.py --workdir runs/demo [--config.steps=500]
+
+A restart with the same --workdir resumes from the latest checkpoint, data iterator included.
+At the end the held-out split is evaluated and written to <workdir>/report.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clipjax import config as config_lib
+from clipjax import optim
+from clipjax.checkpoint import Checkpointer, abstract_with_shardings
+from clipjax.data import pipeline
+from clipjax.data.tokenizers import make_tokenizer
+from clipjax.evals.embed import embed_in_batches
+from clipjax.evals.report import evaluate_embeddings, summary_lines, write_report
+from clipjax.logging import MetricWriter, Progress
+from clipjax.losses import contrastive_loss
+from clipjax.models.two_towers import build_model
+from clipjax.parallel import batch_axes, host_batch_to_global, make_mesh, param_shardings
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from a config before the first step."""
+    config: Any
+    mesh: jax.sharding.Mesh
+    tokenizer: Any
+    graphdef: Any
+    state: dict                   # {'step', 'params', 'opt_state'}, sharded on the mesh
+    state_shardings: dict
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    total_steps: int
+
+
+def build_tokenizer(config):
+    # Trained on the captions and the zero-shot prompts (evaluation tokenises the prompts too).
+    return pipeline.make_dataset_tokenizer(config.data)
+
+
+def _model_builder(config, tokenizer) -> Callable[[], nnx.Module]:
+    return lambda: build_model(config.model, vocab_size=tokenizer.vocab_size,
+                               max_len=config.data.tokenizer.max_len,
+                               image_size=config.data.image_size, seed=config.seed)
+
+
+def init_state(config, mesh, tokenizer):
+    """Create parameters and optimizer state directly in their shardings (never whole on one device)."""
+    make = _model_builder(config, tokenizer)
+    abstract_model = nnx.eval_shape(make)
+    graphdef, _ = nnx.split(abstract_model)
+    p_shardings = param_shardings(abstract_model, mesh, config.sharding_rules)
+
+    total = config_lib.total_steps(config)
+    tx, schedule = optim.make_optimizer(config.optim, total, optim.weight_decay_mask(abstract_model))
+
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(), nnx.Param)), out_shardings=p_shardings)()
+    abstract_opt = jax.eval_shape(tx.init, params)
+    # Optimizer moments mirror the parameters, so they take the parameters' shardings; counters
+    # and other small leaves are replicated.
+    replicated = NamedSharding(mesh, P())
+    opt_shardings = _opt_shardings(abstract_opt, params, p_shardings, replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    state = {"step": jax.device_put(jnp.int32(0), replicated), "params": params, "opt_state": opt_state}
+    shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
+    return Setup(config, mesh, tokenizer, graphdef, state, shardings, tx, schedule, total)
+
+
+def _opt_shardings(abstract_opt, params, p_shardings, replicated):
+    """Shard every sub-tree of the optimizer state that has the parameters' structure like them."""
+    params_def = jax.tree.structure(params)
+
+    def assign(node):
+        if jax.tree.structure(node) == params_def:
+            return p_shardings
+        return jax.tree.map(lambda _: replicated, node)
+
+    return jax.tree.map(assign, abstract_opt, is_leaf=lambda n: jax.tree.structure(n) == params_def)
+
+
+def make_loss_fn(config, graphdef, mesh):
+    """loss(params, batch) over the global batch: towers under jit, the loss in a shard_map."""
+    axes = batch_axes(mesh)
+
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        img, txt = model(batch["image"], batch["text"])
+        return contrastive_loss(config.loss.name, img, txt, params["logit_scale"], params.get("logit_bias"),
+                                mesh=mesh, batch_axes=axes)
+
+    return loss_fn
+
+
+def make_train_step(setup: Setup):
+    config, mesh, tx, schedule = setup.config, setup.mesh, setup.tx, setup.schedule
+    axes = batch_axes(mesh)
+    scale_max = float(config.model.logit_scale_max)
+    loss_fn = make_loss_fn(config, setup.graphdef, mesh)
+
+    def train_step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # CLIP clamps the learnable temperature after each step so logits never exceed 100x.
+        params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, scale_max)
+        metrics = {
+            "loss": loss,
+            "logit_scale": jnp.exp(params["logit_scale"]),
+            "temperature": jnp.exp(-params["logit_scale"]),
+            "lr": schedule(state["step"]),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+        }
+        if "logit_bias" in params:
+            metrics["logit_bias"] = params["logit_bias"]
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(axes))
+    return jax.jit(
+        train_step,
+        in_shardings=(setup.state_shardings, batch_sharding),
+        out_shardings=(setup.state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_encoders(graphdef, mesh):
+    """Jitted image and text encoders that take the parameters explicitly."""
+    rows = NamedSharding(mesh, P(batch_axes(mesh)))
+    encode_image = jax.jit(lambda params, x: nnx.merge(graphdef, params).encode_image(x), out_shardings=rows)
+    encode_text = jax.jit(lambda params, t: nnx.merge(graphdef, params).encode_text(t), out_shardings=rows)
+    return encode_image, encode_text
+
+
+def run_evaluation(config, mesh, tokenizer, graphdef, params, step: int) -> dict:
+    arrays = pipeline.load_split_arrays(config.data, tokenizer, split="test",
+                                        max_examples=config.evals.max_examples)
+    encode_image, encode_text = make_encoders(graphdef, mesh)
+    batch = config.evals.batch_size
+    image_emb = embed_in_batches(lambda x: encode_image(params, x), arrays["image"], mesh=mesh, batch_size=batch)
+    text_emb = embed_in_batches(lambda t: encode_text(params, t), arrays["text"], mesh=mesh, batch_size=batch)
+
+    def encode_texts(strings):
+        return embed_in_batches(lambda t: encode_text(params, t), tokenizer.encode(list(strings)),
+                                mesh=mesh, batch_size=batch)
+
+    report = evaluate_embeddings(image_emb=image_emb, text_emb=text_emb, arrays=arrays,
+                                 encode_texts=encode_texts, zero_shot_tasks=pipeline.zero_shot_tasks(config.data),
+                                 evals_config=config.evals)
+    return {"step": int(step), **report}
+
+
+def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train (resuming if workdir has a checkpoint), evaluate, and return the final report.
+
+    `stop_at` ends this run early after that many total steps, with a checkpoint and no
+    evaluation, as a preemption would; the learning-rate schedule still follows `config.steps`.
+    """
+    t_start = time.perf_counter()
+    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    lead = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, default=str)
+
+    mesh = make_mesh(config.mesh)
+    pipeline.prepare(config.data)
+    tokenizer = build_tokenizer(config)
+    setup = init_state(config, mesh, tokenizer)
+    iterator = pipeline.make_train_iterator(
+        config.data, tokenizer, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    state = setup.state
+    start = checkpointer.latest_step()
+    if start is not None:
+        abstract = abstract_with_shardings(state, setup.state_shardings)
+        state, data_state = checkpointer.restore(start, abstract)
+        if data_state is not None:
+            iterator.set_state(data_state)
+        log(f"resumed from {checkpointer.directory} at step {start}")
+    step = int(start or 0)
+
+    train_step = make_train_step(setup)
+    writer = MetricWriter(workdir, enabled=lead)
+    progress = Progress(setup.total_steps, enabled=lead)
+    t_prepared = time.perf_counter()
+    log(f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} processes; "
+        f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters; "
+        f"set-up {t_prepared - t_start:.1f} s")
+
+    window_start, window_steps = time.perf_counter(), 0
+    global_batch = config.data.batch_size
+    last_step = setup.total_steps if stop_at is None else min(stop_at, setup.total_steps)
+    while step < last_step:
+        batch = host_batch_to_global(next(iterator), mesh)
+        state, metrics = train_step(state, {k: batch[k] for k in ("image", "text")})
+        step += 1
+        window_steps += 1
+        if step % config.log_every == 0 or step == setup.total_steps or step == 1:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - window_start
+            metrics["samples_per_sec"] = window_steps * global_batch / max(elapsed, 1e-9)
+            writer.write(step, metrics)
+            progress.update(step, float(metrics["loss"]), metrics["samples_per_sec"])
+            window_start, window_steps = time.perf_counter(), 0
+        if step % config.checkpoint_every == 0 or step == last_step:
+            checkpointer.save(step, state, iterator.get_state())
+    checkpointer.wait()
+    t_trained = time.perf_counter()
+
+    report = {}
+    if config.evals.at_end and step == setup.total_steps:
+        report = run_evaluation(config, mesh, tokenizer, setup.graphdef, state["params"], step)
+        report["timing"] = {"setup_s": t_prepared - t_start, "train_s": t_trained - t_prepared,
+                            "eval_s": time.perf_counter() - t_trained}
+        if lead:
+            write_report(report, os.path.join(workdir, "report.json"))
+            for line in summary_lines(report):
+                log(line)
+    checkpointer.close()
+    writer.close()
+    return report
+
+
+def main(argv):
+    del argv
+    from absl import flags, logging as absl_logging
+    # Orbax and tfds log every checkpoint operation at INFO; keep the console to our own lines.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file (optionally file.py:arg).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, logs and report.json go.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,71 @@
+"""CLIP ViT-B/16 with softmax (InfoNCE) loss and global negatives, for a large mesh.
+
+    python -m clipjax.train --config configs/clip_vit_b16.py --workdir gs://BUCKET/clip_b16
+    launch/tpu_pod.sh --config configs/clip_vit_b16.py --workdir gs://BUCKET/clip_b16
+
+Point `data.name`/`data.source` at an image-text dataset. `configs/clip_vit_b16.py:tiny` keeps
+the structure (ViT, FSDP mesh) at a size that runs one step on CPU.
+"""
+import math
+
+from clipjax.config import default_config
+
+
+def get_config(arg: str = ""):
+    c = default_config()
+    c.steps = 0
+    c.epochs = 32.0
+    c.log_every = 100
+    c.checkpoint_every = 2000
+    c.mesh.axes = ("data", "fsdp", "model")
+    c.mesh.shape = (1, -1, 1)          # fully sharded data parallel over all devices
+    c.data.name = "image_text_folder"
+    c.data.source = "/path/to/captions.csv"
+    c.data.data_dir = "/path/to/tfds"
+    c.data.num_train = 400_000_000
+    c.data.batch_size = 32_768
+    c.data.image_size = 224
+    c.data.tokenizer.kind = "byte"
+    c.data.tokenizer.max_len = 77
+    c.model.image.kind = "vit"
+    c.model.image.variant = "B/16"
+    c.model.image.pool = "cls"
+    c.model.text.variant = "B"
+    c.model.text.causal = True
+    c.model.text.pool = "last"
+    c.model.embed_dim = 512
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.model.logit_scale_init = math.log(1 / 0.07)
+    c.loss.name = "softmax"
+    c.optim.lr = 5e-4
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
+    c.optim.weight_decay = 0.2
+    c.optim.warmup_fraction = 0.0
+    c.optim.warmup_steps = 10_000
+    if arg == "tiny":
+        _shrink(c)
+    elif arg:
+        raise ValueError(f"configs/clip_vit_b16.py: unknown arg {arg!r} (expected '' or 'tiny')")
+    return c
+
+
+def _shrink(c):
+    """Same structure, CPU size: shapes data, a tiny ViT and text tower, two FSDP shards."""
+    c.steps, c.epochs = 2, 0.0
+    c.log_every = c.checkpoint_every = 1
+    c.mesh.shape = (-1, 2, 1)
+    c.data.name = "shapes"
+    c.data.source = ""
+    c.data.data_dir = "data/tfds"
+    c.data.num_train, c.data.num_test = 512, 128
+    c.data.batch_size = 32
+    c.data.image_size = 32
+    c.data.tokenizer.max_len = 32
+    c.model.image.variant = "tiny"
+    c.model.text.variant = "tiny"
+    c.model.embed_dim = 32
+    c.model.remat = True
+    c.optim.warmup_steps = 1
+    c.evals.max_examples = 64
+    c.evals.batch_size = 32

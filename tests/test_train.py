@@ -1,0 +1,130 @@
+"""The trainer end to end at tiny sizes: exact sharded gradients, resume, every config runs."""
+import importlib.util
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from clipjax import train as train_lib
+from clipjax.checkpoint import Checkpointer, abstract_with_shardings
+from clipjax.parallel import host_batch_to_global, make_mesh
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
+
+
+def load_config(name, arg="tiny"):
+    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_demo(data_dir, **overrides):
+    c = load_config("demo.py")
+    c.data.data_dir = data_dir
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
+def test_sharded_grads_equal_single_device(data_dir, loss_name):
+    """Loss and every parameter's gradient on 8 devices (FSDP x data) equal one device's."""
+    config = tiny_demo(data_dir, **{"loss.name": loss_name})
+    if loss_name == "sigmoid":
+        config.model.logit_bias_init = -10.0
+        config.model.logit_scale_init = float(np.log(10.0))
+    from clipjax.data import pipeline
+    pipeline.prepare(config.data)
+    tokenizer = train_lib.build_tokenizer(config)
+    batch = next(pipeline.make_train_iterator(config.data, tokenizer, seed=0))
+    batch = {k: batch[k] for k in ("image", "text")}
+
+    results = []
+    for devices, shape in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (4, 2, 1))):
+        config.mesh.shape = shape
+        mesh = make_mesh(config.mesh, devices=devices)
+        setup = train_lib.init_state(config, mesh, tokenizer)
+        loss_fn = train_lib.make_loss_fn(config, setup.graphdef, mesh)
+        global_batch = host_batch_to_global(batch, mesh)
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(setup.state["params"], global_batch)
+        results.append((loss, jax.device_get(grads)))
+
+    (loss_1, grads_1), (loss_8, grads_8) = results
+    assert _rel_err(loss_8, loss_1) <= 1e-5
+    flat_1 = jax.tree_util.tree_flatten_with_path(grads_1)[0]
+    flat_8 = jax.tree.leaves(grads_8)
+    assert len(flat_1) == len(flat_8)
+    # Relative to each leaf's own scale, floored at 1e-4 of the largest gradient: some leaves
+    # (attention key biases) have an exactly-zero true gradient and hold only rounding noise.
+    floor = 1e-4 * max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_1))
+    for (path, g1), g8 in zip(flat_1, flat_8):
+        err = np.max(np.abs(np.asarray(g8, np.float64) - np.asarray(g1, np.float64)))
+        assert err <= 1e-5 * max(float(np.max(np.abs(g1))), floor), jax.tree_util.keystr(path)
+    assert abs(float(grads_1["logit_scale"])) > 0
+
+
+def _final_params(workdir):
+    ckpt = Checkpointer(workdir)
+    step = ckpt.latest_step()
+    restored = ckpt.manager.restore(step)
+    ckpt.close()
+    return step, restored["state"]["params"]
+
+
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
+    config = tiny_demo(data_dir, **{"evals.at_end": False})
+    config.steps = 6
+    config.checkpoint_every = 100
+    train_lib.train(config, str(tmp_path / "straight"))
+    train_lib.train(config, str(tmp_path / "resumed"), stop_at=3)
+    assert Checkpointer(str(tmp_path / "resumed")).latest_step() == 3
+    train_lib.train(config, str(tmp_path / "resumed"))
+
+    step_a, params_a = _final_params(str(tmp_path / "straight"))
+    step_b, params_b = _final_params(str(tmp_path / "resumed"))
+    assert step_a == step_b == 6
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Both runs saw the same batches: the logged losses agree step by step.
+    def losses(workdir):
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return {r["step"]: r["loss"] for r in map(json.loads, f)}
+    a, b = losses(str(tmp_path / "straight")), losses(str(tmp_path / "resumed"))
+    for step in set(a) & set(b):
+        assert a[step] == pytest.approx(b[step], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_runs_at_tiny_size(name, data_dir, tmp_path):
+    config = load_config(name)
+    config.data.data_dir = data_dir
+    report = train_lib.train(config, str(tmp_path / "run"))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert records[-1]["step"] == config.steps
+    for key in ("loss", "temperature", "lr", "grad_norm", "param_norm", "samples_per_sec"):
+        assert np.isfinite(records[-1][key]), key
+    saved = json.load(open(tmp_path / "run" / "report.json"))
+    assert saved["step"] == config.steps
+    assert 0.0 <= saved["retrieval"]["image_to_text"]["R@1"] <= 1.0
+    assert set(saved["zero_shot"]) >= {"shape", "color", "mean_top1"}
+    assert report["retrieval"] == saved["retrieval"]
+    assert os.listdir(tmp_path / "run" / "tensorboard")
