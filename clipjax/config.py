@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from clipjax.losses.contrastive import LOSS_NAMES
+
 LN_1_OVER_0_07 = math.log(1 / 0.07)
 
 
@@ -116,7 +118,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.evals.retrieval = True
 
     c.metrics = ml_collections.ConfigDict()
-    c.metrics.every = 0
+    c.metrics.every = 50          # embedding metrics of the global batch every N steps (0: never)
+    c.metrics.halt_on_collapse = False
+    # Collapse alarm thresholds (clipjax.metrics.CollapseAlarm): effective rank below
+    # min_rank_fraction x dim, or a drop of more than max_drop within `window` measurements;
+    # complete collapse at rank <= complete_rank or uniformity > max_uniformity. Nothing is
+    # judged in the first `warmup` measurements; a condition must hold `patience` times in a row.
+    c.metrics.min_rank_fraction = 0.1
+    c.metrics.max_drop = 0.5
+    c.metrics.window = 10
+    c.metrics.warmup = 5
+    c.metrics.patience = 2
+    c.metrics.complete_rank = 1.5
+    c.metrics.max_uniformity = -0.05
     return c
 
 
@@ -165,7 +179,7 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
 
     check_known_keys(config)
     total_steps(config)
-    _choice(config, "loss.name", ("softmax", "sigmoid"))
+    _choice(config, "loss.name", LOSS_NAMES)
     _choice(config, "model.image.kind", ("vit", "resnet"))
     _choice(config, "model.dtype", ("float32", "bfloat16"))
     _choice(config, "optim.name", ("adamw", "lars"))

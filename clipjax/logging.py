@@ -11,13 +11,16 @@ from typing import Any
 import numpy as np
 
 
-def _to_python(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
+    """numpy / jax scalars and arrays -> Python numbers and lists; non-finite floats -> strings."""
     if isinstance(value, dict):
-        return {k: _to_python(v) for k, v in value.items()}
+        return {k: to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_python(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if hasattr(value, "item") and np.ndim(value) == 0:
         value = value.item()
+    elif isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
@@ -28,6 +31,8 @@ class MetricWriter:
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
+        self.workdir = workdir
+        self._spectra_path = os.path.join(workdir, "spectra.jsonl")
         self._tb = None
         self._jsonl = None
         if enabled:
@@ -39,11 +44,31 @@ class MetricWriter:
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), **_to_python(scalars)}
+        record = {"step": int(step), **to_jsonable(scalars)}
         self._jsonl.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(key, value, int(step))
+
+    def write_spectra(self, step: int, spectra: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        """Eigenvalue spectra to spectra.jsonl (for the PNG) and as TensorBoard histograms."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: np.asarray(v).tolist() for k, v in spectra.items()},
+                  **{k: to_jsonable(v) for k, v in scalars.items() if k.endswith("effective_rank")}}
+        with open(self._spectra_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, values in spectra.items():
+            self._tb.add_histogram(f"{key}_log10", np.log10(np.maximum(np.asarray(values), 1e-12)), int(step))
+
+    def plot_spectra(self) -> str | None:
+        """Write spectrum.png (log spectrum over training, effective rank against step)."""
+        if not self.enabled or not os.path.exists(self._spectra_path):
+            return None
+        from clipjax.metrics.plot import plot_spectrum_history
+        with open(self._spectra_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        return plot_spectrum_history(records, os.path.join(self.workdir, "spectrum.png")) if records else None
 
     def close(self) -> None:
         if self.enabled:

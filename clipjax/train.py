@@ -29,8 +29,12 @@ from clipjax.evals.embed import embed_in_batches
 from clipjax.evals.report import evaluate_embeddings, summary_lines, write_report
 from clipjax.logging import MetricWriter, Progress
 from clipjax.losses import contrastive_loss
+from clipjax.metrics import (
+    COLLAPSE_DEFAULTS, CollapseAlarm, embedding_metrics, reference_embedding_metrics, split_spectra,
+)
 from clipjax.models.two_towers import build_model
 from clipjax.parallel import batch_axes, host_batch_to_global, make_mesh, param_shardings
+from clipjax.parallel.distributed import initialize_from_environment
 
 
 @dataclasses.dataclass
@@ -93,26 +97,35 @@ def _opt_shardings(abstract_opt, params, p_shardings, replicated):
 
 
 def make_loss_fn(config, graphdef, mesh):
-    """loss(params, batch) over the global batch: towers under jit, the loss in a shard_map."""
+    """loss(params, batch) -> (loss, (img, txt)) over the global batch.
+
+    The towers run under jit's automatic partitioning; the loss inside a shard_map.
+    """
     axes = batch_axes(mesh)
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
         img, txt = model(batch["image"], batch["text"])
-        return contrastive_loss(config.loss.name, img, txt, params["logit_scale"], params.get("logit_bias"),
+        loss = contrastive_loss(config.loss.name, img, txt, params["logit_scale"], params.get("logit_bias"),
                                 mesh=mesh, batch_axes=axes)
+        return loss, (img, txt)
 
     return loss_fn
 
 
+STEP_INPUTS = ("image", "text", "text_id", "label")
+COLLAPSE_KEYS = tuple(COLLAPSE_DEFAULTS)
+
+
 def make_train_step(setup: Setup):
+    """step(state, batch, with_metrics) -> (state, metrics); two compiled variants, by the flag."""
     config, mesh, tx, schedule = setup.config, setup.mesh, setup.tx, setup.schedule
     axes = batch_axes(mesh)
     scale_max = float(config.model.logit_scale_max)
     loss_fn = make_loss_fn(config, setup.graphdef, mesh)
 
-    def train_step(state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+    def train_step(state, batch, with_metrics):
+        (loss, (img, txt)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # CLIP clamps the learnable temperature after each step so logits never exceed 100x.
@@ -127,12 +140,18 @@ def make_train_step(setup: Setup):
         }
         if "logit_bias" in params:
             metrics["logit_bias"] = params["logit_bias"]
+        if with_metrics:
+            # Measured on the embeddings this step trained on, with the temperature they saw.
+            keys = {"": batch["text_id"], "label_": batch["label"]}
+            metrics.update(embedding_metrics(img, txt, keys, state["params"]["logit_scale"],
+                                             state["params"].get("logit_bias"), mesh=mesh, batch_axes=axes))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(axes))
     return jax.jit(
         train_step,
+        static_argnums=(2,),
         in_shardings=(setup.state_shardings, batch_sharding),
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=(0,),
@@ -162,6 +181,10 @@ def run_evaluation(config, mesh, tokenizer, graphdef, params, step: int) -> dict
     report = evaluate_embeddings(image_emb=image_emb, text_emb=text_emb, arrays=arrays,
                                  encode_texts=encode_texts, zero_shot_tasks=pipeline.zero_shot_tasks(config.data),
                                  evals_config=config.evals)
+    # The spectrum of a fixed held-out probe set, comparable across checkpoints and runs.
+    scalars, spectra = split_spectra(jax.device_get(reference_embedding_metrics(
+        image_emb, text_emb, arrays["text_id"], params["logit_scale"], params.get("logit_bias"))))
+    report["embedding"] = {**scalars, **{k: v.tolist() for k, v in spectra.items()}}
     return {"step": int(step), **report}
 
 
@@ -206,28 +229,42 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
         f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters; "
         f"set-up {t_prepared - t_start:.1f} s")
 
+    alarm = CollapseAlarm(dim=config.model.embed_dim, batch_size=config.data.batch_size,
+                          **{k: config.metrics[k] for k in COLLAPSE_KEYS})
     window_start, window_steps = time.perf_counter(), 0
     global_batch = config.data.batch_size
     last_step = setup.total_steps if stop_at is None else min(stop_at, setup.total_steps)
-    while step < last_step:
+    halted = False
+    while step < last_step and not halted:
         batch = host_batch_to_global(next(iterator), mesh)
-        state, metrics = train_step(state, {k: batch[k] for k in ("image", "text")})
+        with_metrics = bool(config.metrics.every) and (step + 1) % config.metrics.every == 0
+        state, metrics = train_step(state, {k: batch[k] for k in STEP_INPUTS}, with_metrics)
         step += 1
         window_steps += 1
-        if step % config.log_every == 0 or step == setup.total_steps or step == 1:
-            metrics = jax.device_get(metrics)
+        if with_metrics or step % config.log_every == 0 or step == last_step or step == 1:
+            metrics, spectra = split_spectra(jax.device_get(metrics))
             elapsed = time.perf_counter() - window_start
             metrics["samples_per_sec"] = window_steps * global_batch / max(elapsed, 1e-9)
+            if with_metrics:
+                for line in alarm.update(step, metrics):
+                    log(f"WARNING: {line}")
+                metrics["collapse_alarm"] = int(bool(alarm.fired))
+                writer.write_spectra(step, spectra, metrics)
+                halted = config.metrics.halt_on_collapse and bool(alarm.fired)
             writer.write(step, metrics)
             progress.update(step, float(metrics["loss"]), metrics["samples_per_sec"])
             window_start, window_steps = time.perf_counter(), 0
-        if step % config.checkpoint_every == 0 or step == last_step:
+        if step % config.checkpoint_every == 0 or step == last_step or halted:
             checkpointer.save(step, state, iterator.get_state())
+    if halted:
+        log(f"stopped at step {step}: embedding collapse ({', '.join(sorted(alarm.fired))}); "
+            f"checkpoint saved (metrics.halt_on_collapse)")
+    writer.plot_spectra()
     checkpointer.wait()
     t_trained = time.perf_counter()
 
     report = {}
-    if config.evals.at_end and step == setup.total_steps:
+    if config.evals.at_end and step == setup.total_steps and not halted:
         report = run_evaluation(config, mesh, tokenizer, setup.graphdef, state["params"], step)
         report["timing"] = {"setup_s": t_prepared - t_start, "train_s": t_trained - t_prepared,
                             "eval_s": time.perf_counter() - t_trained}
@@ -245,7 +282,9 @@ def main(argv):
     from absl import flags, logging as absl_logging
     # Orbax and tfds log every checkpoint operation at INFO; keep the console to our own lines.
     absl_logging.set_verbosity(absl_logging.WARNING)
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
+    initialize_from_environment()
+    lead = jax.process_index() == 0
+    train(flags.FLAGS.config, flags.FLAGS.workdir, log=print if lead else (lambda _: None))
 
 
 if __name__ == "__main__":

@@ -14,3 +14,12 @@ _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """One data directory per test session, so tiny datasets are rendered once per worker."""
+    return str(tmp_path_factory.mktemp("tfds"))

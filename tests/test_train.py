@@ -23,9 +23,9 @@ def load_config(name, arg="tiny"):
     return module.get_config(arg)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+@pytest.fixture
+def data_dir(tfds_dir):
+    return tfds_dir
 
 
 def tiny_demo(data_dir, **overrides):
@@ -65,7 +65,7 @@ def test_sharded_grads_equal_single_device(data_dir, loss_name):
         setup = train_lib.init_state(config, mesh, tokenizer)
         loss_fn = train_lib.make_loss_fn(config, setup.graphdef, mesh)
         global_batch = host_batch_to_global(batch, mesh)
-        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(setup.state["params"], global_batch)
+        (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(setup.state["params"], global_batch)
         results.append((loss, jax.device_get(grads)))
 
     (loss_1, grads_1), (loss_8, grads_8) = results

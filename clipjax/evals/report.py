@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from clipjax.logging import to_jsonable
 from clipjax.evals.zero_shot import class_embeddings, per_class_accuracy, zero_shot_accuracy
 from clipjax.evals.retrieval import retrieval_metrics
 
@@ -41,7 +42,7 @@ def write_report(report: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True)
+        json.dump(to_jsonable(report), f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
 

@@ -91,7 +91,16 @@ def global_sigmoid_loss(img, txt, logit_scale, logit_bias, *, mesh: Mesh, batch_
     )(img.astype(jnp.float32), txt.astype(jnp.float32), logit_scale, logit_bias)
 
 
-LOSS_NAMES = ("softmax", "sigmoid")
+def alignment_only_loss(img, txt):
+    """Mean squared distance of positive pairs, with no negatives at all.
+
+    An ablation, not a training objective: without negatives nothing keeps the embeddings
+    apart, and they collapse. Used to show (and test) the collapse alarm.
+    """
+    return jnp.mean(jnp.sum(jnp.square(img - txt), axis=-1))
+
+
+LOSS_NAMES = ("softmax", "sigmoid", "alignment")
 
 
 def contrastive_loss(name: str, img, txt, logit_scale, logit_bias, *, mesh, batch_axes):
@@ -102,4 +111,6 @@ def contrastive_loss(name: str, img, txt, logit_scale, logit_bias, *, mesh, batc
         if logit_bias is None:
             raise ValueError("loss.name='sigmoid' needs a bias: set model.logit_bias_init (e.g. -10.0)")
         return global_sigmoid_loss(img, txt, logit_scale, logit_bias, mesh=mesh, batch_axes=batch_axes)
+    if name == "alignment":
+        return alignment_only_loss(img, txt)
     raise ValueError(f"loss.name: unknown loss {name!r} (expected one of {LOSS_NAMES})")

@@ -1,0 +1,111 @@
+"""The ring losses equal the gather form and the single-device reference, and stay within memory."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from clipjax.losses import (
+    global_infonce_loss, global_sigmoid_loss, reference_infonce_loss, reference_sigmoid_loss,
+    ring_infonce_loss, ring_sigmoid_loss,
+)
+from clipjax.losses.blockwise import default_chunk, grad_temp_bytes
+
+B, D = 64, 16
+# Neither value is a round number, so a temperature or bias gradient that is off by a factor
+# (the scale instead of its log, a missing bias term) cannot pass by accident.
+LOGIT_SCALE, LOGIT_BIAS = 2.7, -6.3
+MiB = 2**20
+
+
+def _embeddings(seed):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    img = jax.random.normal(k1, (B, D))
+    txt = img + 0.7 * jax.random.normal(k2, (B, D))  # correlated so the loss is informative
+    norm = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)
+    return norm(img), norm(txt)
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+def _mesh(shape):
+    names = ("data", "fsdp")[: len(shape)]
+    devices = jax.devices()[: int(np.prod(shape))]
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape), devices=devices), names
+
+
+def _losses(loss_name, mesh, axes, chunk):
+    """(ring, gather, reference), all as f(img, txt, logit_scale, logit_bias)."""
+    if loss_name == "softmax":
+        ring = lambda i, t, s, b: ring_infonce_loss(i, t, s, mesh=mesh, batch_axes=axes, chunk=chunk)
+        gather = lambda i, t, s, b: global_infonce_loss(i, t, s, mesh=mesh, batch_axes=axes)
+        return ring, gather, lambda i, t, s, b: reference_infonce_loss(i, t, s)
+    ring = lambda i, t, s, b: ring_sigmoid_loss(i, t, s, b, mesh=mesh, batch_axes=axes, chunk=chunk)
+    gather = lambda i, t, s, b: global_sigmoid_loss(i, t, s, b, mesh=mesh, batch_axes=axes)
+    return ring, gather, reference_sigmoid_loss
+
+
+# (mesh shape, chunk): chunks equal to the per-device block (B / devices) and smaller ones.
+CASES = [((1,), 64), ((2,), 32), ((2,), 8), ((8,), 8), ((8,), 2), ((2, 4), None), ((2, 4), 4)]
+
+
+@pytest.mark.parametrize("shape,chunk", CASES)
+@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
+def test_ring_equals_gather_and_reference(shape, chunk, loss_name):
+    mesh, axes = _mesh(shape)
+    img, txt = _embeddings(0)
+    scale, bias = jnp.float32(LOGIT_SCALE), jnp.float32(LOGIT_BIAS)
+    rows = NamedSharding(mesh, P(axes))
+    img_s, txt_s = jax.device_put(img, rows), jax.device_put(txt, rows)
+    ring, gather, reference = _losses(loss_name, mesh, axes, chunk)
+
+    argnums = (0, 1, 2, 3)
+    loss_ring, grads_ring = jax.jit(jax.value_and_grad(ring, argnums))(img_s, txt_s, scale, bias)
+    loss_gather, grads_gather = jax.jit(jax.value_and_grad(gather, argnums))(img_s, txt_s, scale, bias)
+    with jax.default_device(jax.devices()[0]):
+        loss_ref, grads_ref = jax.jit(jax.value_and_grad(reference, argnums))(img, txt, scale, bias)
+
+    for expected in (loss_gather, loss_ref):
+        assert _rel_err(loss_ring, expected) <= 1e-5
+    names = ("img", "txt", "logit_scale", "logit_bias")
+    for name, g_ring, g_gather, g_ref in zip(names, grads_ring, grads_gather, grads_ref):
+        if loss_name == "softmax" and name == "logit_bias":
+            assert float(g_ring) == 0.0  # the bias does not enter InfoNCE
+            continue
+        assert _rel_err(g_ring, g_gather) <= 1e-5, name
+        assert _rel_err(g_ring, g_ref) <= 1e-5, name
+    # Gradients of remote blocks made it home: each device owns its rows' gradients.
+    assert grads_ring[0].sharding.is_equivalent_to(rows, 2)
+    assert grads_ring[1].sharding.is_equivalent_to(rows, 2)
+
+
+def test_ring_loss_without_gradient_and_in_bfloat16():
+    mesh, axes = _mesh((8,))
+    img, txt = _embeddings(3)
+    rows = NamedSharding(mesh, P(axes))
+    img_s, txt_s = (jax.device_put(x.astype(jnp.bfloat16), rows) for x in (img, txt))
+    value = jax.jit(lambda i, t: ring_infonce_loss(i, t, LOGIT_SCALE, mesh=mesh, batch_axes=axes))(img_s, txt_s)
+    expected = reference_infonce_loss(img.astype(jnp.bfloat16).astype(jnp.float32),
+                                      txt.astype(jnp.bfloat16).astype(jnp.float32), LOGIT_SCALE)
+    assert _rel_err(value, expected) <= 1e-5
+
+
+def test_chunk_must_divide_the_local_block():
+    mesh, axes = _mesh((8,))
+    img, txt = _embeddings(0)
+    with pytest.raises(ValueError, match="chunk=3"):
+        ring_infonce_loss(img, txt, 1.0, mesh=mesh, batch_axes=axes, chunk=3)
+    assert default_chunk(8192, 512) == 128 and default_chunk(8, 16) == 8 and default_chunk(96, 512) == 96
+
+
+@pytest.mark.parametrize("global_batch,limit", [(65_536, 128 * MiB), (1_048_576, 1024 * MiB)])
+def test_ring_temp_memory_at_scale(global_batch, limit):
+    # Compiled only: the gather form needs about 10.5 GiB per device at 65,536 already.
+    mesh, axes = _mesh((8,))
+    for loss_name in ("softmax", "sigmoid"):
+        ring, _, _ = _losses(loss_name, mesh, axes, None)
+        temp = grad_temp_bytes(ring, global_batch, 512, mesh=mesh, batch_axes=axes)
+        assert temp <= limit, f"{loss_name}: {temp / MiB:.0f} MiB"

@@ -1,0 +1,501 @@
+"""The launchers in launch/: options, dry runs, quoting, and (with stand-ins for gcloud, SLURM and
+the trainer) what they really run. Nothing here starts the trainer or reaches a network."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shlex
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+LAUNCH = REPO / "launch"
+TPU = LAUNCH / "tpu_pod.sh"
+SLURM = LAUNCH / "gpu_slurm.sh"
+LOCAL = LAUNCH / "local_multiprocess.sh"
+
+# A stand-in trainer: writes its arguments, working directory and the launch environment to
+# $STUB_OUT/<something unique>.json, then exits with $STUB_EXIT_<process id> (default 0) after
+# sleeping $STUB_SLEEP_<process id> seconds.
+STUB_TRAINER = textwrap.dedent("""\
+    import json, os, sys, time, uuid
+    pid = os.environ.get("CLIPJAX_PROCESS_ID", "x")
+    keys = [k for k in os.environ if k.startswith(("CLIPJAX_", "CUDA_", "JAX_", "MY_"))]
+    record = {"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: os.environ[k] for k in keys},
+              "pid": os.getpid()}
+    name = f"{pid}-{uuid.uuid4().hex}.json"
+    with open(os.path.join(os.environ["STUB_OUT"], name), "w") as f:
+        json.dump(record, f)
+    print("stub trainer", pid, "started", flush=True)
+    time.sleep(float(os.environ.get(f"STUB_SLEEP_{pid}", "0")))
+    sys.exit(int(os.environ.get(f"STUB_EXIT_{pid}", "0")))
+    """)
+
+TRICKY = "it's a \"test\" with $HOME and `ticks` & more"
+
+
+def gone(pid: int, wait_s: float = 10.0) -> bool:
+    """Whether process `pid` has exited (waiting up to wait_s for it)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if pathlib.Path(f"/proc/{pid}/stat").exists() and ") Z " in pathlib.Path(f"/proc/{pid}/stat").read_text():
+            return True  # a zombie: exited, not yet reaped
+        time.sleep(0.1)
+    return False
+
+
+def sh(script, *args, cwd=None, env=None, timeout=60):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(["bash", str(script), *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def plus_lines(out: str) -> list[str]:
+    return [line[2:] for line in out.splitlines() if line.startswith("+ ")]
+
+
+def make_executable(path: pathlib.Path, text: str) -> pathlib.Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+@pytest.fixture
+def stub(tmp_path):
+    """CLIPJAX_TRAIN_CMD for the stand-in trainer, and a reader for what its runs recorded."""
+    out = tmp_path / "stub_out"
+    out.mkdir()
+    script = tmp_path / "stub_trainer.py"
+    script.write_text(STUB_TRAINER)
+
+    def records():
+        return [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+
+    env = {"CLIPJAX_TRAIN_CMD": f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}",
+           "STUB_OUT": str(out)}
+    return env, records
+
+
+# --- --help -------------------------------------------------------------------------------------
+
+OPTIONS = {
+    TPU: ["--tpu", "--zone", "--project", "--accelerator", "--version", "--create", "--config",
+          "--workdir", "--env", "--remote-dir", "--python", "--setup", "--skip-setup", "--detach",
+          "--dry-run", "--help", "CLIPJAX_TRAIN_CMD"],
+    SLURM: ["--nodes", "--gpus-per-node", "--partition", "--account", "--time", "--job-name",
+            "--config", "--workdir", "--mode", "per-gpu", "per-node", "--port", "--env", "--setup",
+            "--sbatch-arg", "--script", "--dry-run", "--help", "CLIPJAX_TRAIN_CMD"],
+    LOCAL: ["--devices-per-process", "--port", "--config", "--workdir", "--env", "--dry-run",
+            "--help", "CLIPJAX_TRAIN_CMD"],
+}
+
+
+@pytest.mark.parametrize("script", list(OPTIONS), ids=lambda p: p.name)
+def test_help_mentions_every_option(script):
+    for flag in ("--help", "-h"):
+        r = sh(script, flag)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("Usage: "), r.stdout
+        for option in OPTIONS[script]:
+            assert option in r.stdout, f"{script.name} --help does not mention {option}"
+        assert r.stderr == ""
+
+
+@pytest.mark.parametrize("script", list(OPTIONS), ids=lambda p: p.name)
+def test_options_parsed_are_the_options_documented(script):
+    """Every --option the parser accepts is in --help, and the other way round."""
+    import re
+    source = script.read_text()
+    parsed = set(re.findall(r"^\s+(--[a-z][a-z-]*)\)", source, flags=re.M))
+    help_text = sh(script, "--help").stdout
+    documented = set(re.findall(r"^  (--[a-z][a-z-]*)", help_text, flags=re.M))
+    assert parsed == documented
+
+
+# --- TPU pod ------------------------------------------------------------------------------------
+
+def test_tpu_dry_run_create_copies_installs_and_runs_on_all_workers(tmp_path):
+    r = sh(TPU, "--tpu", "my-tpu", "--zone", "us-central2-b", "--project", "my-proj", "--create",
+           "--accelerator", "v4-64", "--config", "configs/demo.py:tiny", "--workdir", "gs://bucket/run 1",
+           "--env", "MY_A=1", "--env", f"MY_B={TRICKY}", "--dry-run", "--", "--config.steps=7",
+           cwd=tmp_path, env={"TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    lines = plus_lines(r.stdout)
+    assert len(lines) == 6, r.stdout
+    create, pack, scp, install, cleanup, train = lines
+    where = "--zone=us-central2-b --project=my-proj"
+    assert create == (f"gcloud compute tpus tpu-vm create my-tpu {where} "
+                      "--accelerator-type=v4-64 --version=tpu-ubuntu2204-base")
+    tarball = str(tmp_path / "clipjax-code-my-tpu.tar.gz")
+    assert "git ls-files" in pack and "tar " in pack and tarball in pack
+    assert scp == f"gcloud compute tpus tpu-vm scp {tarball} my-tpu:clipjax-code.tar.gz {where} --worker=all"
+    assert install.startswith(f"gcloud compute tpus tpu-vm ssh my-tpu {where} --worker=all --command=")
+    install_cmd = shlex.split(install)[-1].removeprefix("--command=")
+    assert "tar -xzf clipjax-code.tar.gz -C clipjax" in install_cmd
+    assert install_cmd.endswith('python3 -m pip install -e . "jax[tpu]"')
+    assert cleanup == f"rm -f {tarball}"
+    assert train.startswith(f"gcloud compute tpus tpu-vm ssh my-tpu {where} --worker=all --command=")
+    train_cmd = shlex.split(train)[-1].removeprefix("--command=")
+    assert "cd clipjax;" in train_cmd and "export MY_A=1;" in train_cmd and "export MY_B=" in train_cmd
+    assert train_cmd.endswith(r"python3 -m clipjax.train --config configs/demo.py:tiny "
+                              r"--workdir gs://bucket/run\ 1 --config.steps=7")
+    # A dry run runs nothing.
+    assert not (tmp_path / "clipjax-code-my-tpu.tar.gz").exists()
+
+
+def test_tpu_dry_run_reuse_and_skip_setup(tmp_path):
+    r = sh(TPU, "--tpu=old-tpu", "--zone=europe-west4-a", "--workdir=gs://b/w", "--skip-setup",
+           "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = plus_lines(r.stdout)
+    assert len(lines) == 2, r.stdout
+    assert lines[0].startswith("gcloud compute tpus tpu-vm describe old-tpu --zone=europe-west4-a")
+    assert "--project" not in r.stdout and " create " not in r.stdout and " scp " not in r.stdout
+    assert " --worker=all " in lines[1]
+    assert "--config configs/clip_vit_b16.py --workdir gs://b/w" in lines[1]
+
+
+def test_tpu_detach_runs_in_background_with_a_log(tmp_path):
+    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--skip-setup", "--detach",
+           "--dry-run")
+    assert r.returncode == 0, r.stderr
+    command = shlex.split(plus_lines(r.stdout)[-1])[-1].removeprefix("--command=")
+    assert "nohup " in command and command.endswith("> logs/train.log 2>&1 < /dev/null &")
+
+
+def test_tpu_config_is_passed_relative_to_the_repository(tmp_path):
+    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--config",
+           f"{REPO}/configs/demo.py:tiny", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--config configs/demo.py:tiny " in r.stdout
+    outside = tmp_path / "mine.py"
+    outside.write_text("")
+    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--config", outside, "--dry-run")
+    assert r.returncode == 2 and "outside the repository" in r.stderr
+
+
+def test_tpu_remote_command_delivers_values_intact(tmp_path, stub):
+    """Run the printed remote command in a shell, as a worker would: the trainer gets every
+    value byte for byte (spaces, quotes, $, backticks are not interpreted)."""
+    env, records = stub
+    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", f"gs://b/{TRICKY}", "--config",
+           "configs/demo.py", "--env", f"MY_B={TRICKY}", "--env", "MY_EMPTY=", "--skip-setup",
+           "--remote-dir", "code dir", "--dry-run", "--", f"--config.name={TRICKY}", env=env)
+    assert r.returncode == 0, r.stderr
+    command = shlex.split(plus_lines(r.stdout)[-1])[-1].removeprefix("--command=")
+    home = tmp_path / "home"
+    (home / "code dir").mkdir(parents=True)
+    done = subprocess.run(["bash", "-c", command], cwd=home, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    [record] = records()
+    assert record["argv"] == ["--config", "configs/demo.py", "--workdir", f"gs://b/{TRICKY}",
+                              f"--config.name={TRICKY}"]
+    assert record["env"]["MY_B"] == TRICKY and record["env"]["MY_EMPTY"] == ""
+    assert record["cwd"] == str(home / "code dir")
+
+
+FAKE_GCLOUD = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    # Stand-in for gcloud compute tpus tpu-vm: one worker whose home is $FAKE_HOME.
+    set -euo pipefail
+    printf '%s\\n' "$*" >> "$FAKE_LOG"
+    case $4 in
+      describe) echo READY ;;
+      create) ;;
+      scp) cp "$5" "$FAKE_HOME/${6#*:}" ;;
+      ssh)
+        for a in "$@"; do
+          case $a in --command=*) cd "$FAKE_HOME" && exec bash -c "${a#--command=}" ;; esac
+        done ;;
+      *) echo "fake gcloud: unexpected $*" >&2; exit 1 ;;
+    esac
+    """)
+
+FAKE_PYTHON = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    # Stand-in for the workers' Python: records pip installs, runs everything else.
+    if [[ $1 == -m && $2 == pip ]]; then printf '%s\\n' "$*" >> "$FAKE_PIP_LOG"; exit 0; fi
+    exec "$REAL_PYTHON" "$@"
+    """)
+
+
+def test_tpu_real_run_with_a_stand_in_gcloud(tmp_path, stub):
+    """Everything for real except gcloud: the code reaches the worker, is installed and trained."""
+    env, records = stub
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    make_executable(bin_dir / "gcloud", FAKE_GCLOUD)
+    fake_python = make_executable(tmp_path / "fakepy", FAKE_PYTHON)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_HOME": str(home),
+           "FAKE_LOG": str(tmp_path / "gcloud.log"), "FAKE_PIP_LOG": str(tmp_path / "pip.log"),
+           "REAL_PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--python", fake_python,
+           "--env", "MY_A=a b", "--", "--config.steps=3", env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = (tmp_path / "gcloud.log").read_text().splitlines()
+    assert [c.split()[3] for c in calls] == ["describe", "scp", "ssh", "ssh"]
+    code = home / "clipjax"
+    assert (code / "clipjax" / "train.py").is_file() and (code / "launch" / "tpu_pod.sh").is_file()
+    assert not (code / ".venv").exists() and not (code / ".git").exists()
+    assert not (home / "clipjax-code.tar.gz").exists() and not (tmp_path / "clipjax-code-t.tar.gz").exists()
+    assert (tmp_path / "pip.log").read_text().split() == ["-m", "pip", "install", "-e", ".", "jax[tpu]"]
+    [record] = records()
+    assert record["cwd"] == str(code)
+    assert record["argv"] == ["--config", "configs/clip_vit_b16.py", "--workdir", "gs://b/w", "--config.steps=3"]
+    assert record["env"]["MY_A"] == "a b"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zone", "z", "--workdir", "gs://b/w"], "--tpu is required"),
+    (["--tpu", "t", "--workdir", "gs://b/w"], "--zone is required"),
+    (["--tpu", "t", "--zone", "z"], "--workdir is required"),
+    (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--bogus"], "unknown option: --bogus"),
+    (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "stray"], "unexpected argument: stray"),
+    (["--tpu", "--zone", "z"], "--tpu needs a value"),
+    (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--env", "1X=2"], "--env expects KEY=VALUE"),
+    (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--create", "--skip-setup"], "do not go together"),
+])
+def test_tpu_bad_arguments(args, message):
+    r = sh(TPU, *args, "--dry-run")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and message in r.stderr
+    assert r.stderr.startswith("tpu_pod.sh: error: ")
+
+
+# --- SLURM --------------------------------------------------------------------------------------
+
+def sbatch_body(out: str) -> list[str]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("+ cat > "))
+    end = lines.index("EOF", start)
+    return lines[start + 1:end]
+
+
+def test_slurm_dry_run_per_gpu(tmp_path):
+    r = sh(SLURM, "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--account", "acct",
+           "--time", "12:00:00", "--job-name", "b16", "--config", "configs/clip_vit_b16.py:tiny",
+           "--workdir", "/shared/runs/b16", "--env", f"MY_B={TRICKY}", "--sbatch-arg", "--qos=high",
+           "--dry-run", "--", "--config.steps=9", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    commands = plus_lines(r.stdout)
+    assert commands == ["mkdir -p runs/slurm", "cat > runs/slurm/b16.sbatch <<'EOF'", "sbatch runs/slurm/b16.sbatch"]
+    body = sbatch_body(r.stdout)
+    assert body[0] == "#!/bin/bash"
+    for line in ["#SBATCH --job-name=b16", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
+                 "#SBATCH --gres=gpu:4", "#SBATCH --partition=gpu", "#SBATCH --account=acct",
+                 "#SBATCH --time=12:00:00", f"#SBATCH --chdir={tmp_path.resolve()}",
+                 f"#SBATCH --output={tmp_path.resolve()}/runs/slurm/%x-%j.out", "#SBATCH --qos=high",
+                 "  export CLIPJAX_NUM_PROCESSES=$SLURM_NTASKS",
+                 "  export CLIPJAX_PROCESS_ID=$SLURM_PROCID",
+                 "  export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID",
+                 '  exec python -m clipjax.train "$@"']:
+        assert line in body, line
+    text = "\n".join(body)
+    assert ('export CLIPJAX_COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)'
+            ':$((29500 + SLURM_JOB_ID % 10000))"') in text
+    assert "srun --kill-on-bad-exit=1" in text
+    assert body[-1] == ("' clipjax-task --config configs/clip_vit_b16.py:tiny --workdir /shared/runs/b16 "
+                        "--config.steps=9")
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+    # The script is valid bash.
+    script = tmp_path / "job.sbatch"
+    script.write_text(text + "\n")
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_slurm_dry_run_per_node_and_port(tmp_path):
+    r = sh(SLURM, "--nodes", "3", "--mode", "per-node", "--port", "12345", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    body = sbatch_body(r.stdout)
+    assert "#SBATCH --ntasks-per-node=1" in body and "#SBATCH --gres=gpu:8" in body
+    assert not any("CUDA_VISIBLE_DEVICES" in line for line in body)
+    assert not any(line.startswith(("#SBATCH --partition", "#SBATCH --time")) for line in body)
+    assert any(line.endswith(':12345"') and "CLIPJAX_COORDINATOR" in line for line in body)
+    assert body[-1] == "' clipjax-task --config configs/clip_vit_b16.py --workdir runs/clipjax"
+
+
+FAKE_SBATCH = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    # Stand-in for sbatch: runs the job at once on "nodes" node-a, node-b, ...
+    set -euo pipefail
+    nodes=$(sed -n 's/^#SBATCH --nodes=//p' "$1")
+    per_node=$(sed -n 's/^#SBATCH --ntasks-per-node=//p' "$1")
+    cd "$(sed -n 's/^#SBATCH --chdir=//p' "$1")"
+    export SLURM_JOB_ID=4321 SLURM_JOB_NODELIST=fake SLURM_JOB_NUM_NODES=$nodes
+    export SLURM_NTASKS=$((nodes * per_node)) SLURM_NTASKS_PER_NODE=$per_node
+    echo "Submitted batch job $SLURM_JOB_ID"
+    bash "$1" > "$FAKE_JOB_OUT" 2>&1
+    """)
+FAKE_SCONTROL = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    [[ "$1 $2 $3" == "show hostnames fake" ]] || exit 1
+    for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do echo "node-$i"; done
+    """)
+FAKE_SRUN = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    # Stand-in for srun: every task of the job, with its SLURM rank variables.
+    while [[ $1 == --* ]]; do shift; done
+    for ((t = 0; t < SLURM_NTASKS; t++)); do
+      SLURM_PROCID=$t SLURM_LOCALID=$((t % SLURM_NTASKS_PER_NODE)) "$@" &
+    done
+    wait
+    """)
+
+
+@pytest.mark.parametrize("mode", ["per-gpu", "per-node"])
+def test_slurm_real_submission_with_stand_in_slurm(tmp_path, stub, mode):
+    env, records = stub
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    make_executable(bin_dir / "sbatch", FAKE_SBATCH)
+    make_executable(bin_dir / "scontrol", FAKE_SCONTROL)
+    make_executable(bin_dir / "srun", FAKE_SRUN)
+    env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_JOB_OUT": str(tmp_path / "job.out")}
+    r = sh(SLURM, "--nodes", "2", "--gpus-per-node", "2", "--mode", mode, "--workdir", "w d",
+           "--env", f"MY_B={TRICKY}", "--setup", "export MY_SETUP=done", "--", "--config.steps=2",
+           cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Submitted batch job 4321" in r.stdout
+    assert (tmp_path / "runs" / "slurm" / "clipjax.sbatch").is_file()
+    runs = records()
+    per_node = 2 if mode == "per-gpu" else 1
+    assert len(runs) == 2 * per_node, (tmp_path / "job.out").read_text()
+    assert sorted(int(x["env"]["CLIPJAX_PROCESS_ID"]) for x in runs) == list(range(2 * per_node))
+    for x in runs:
+        assert x["env"]["CLIPJAX_COORDINATOR"] == f"node-0:{29500 + 4321}"
+        assert x["env"]["CLIPJAX_NUM_PROCESSES"] == str(2 * per_node)
+        assert x["env"]["MY_B"] == TRICKY
+        assert x["argv"] == ["--config", "configs/clip_vit_b16.py", "--workdir", "w d", "--config.steps=2"]
+        assert x["cwd"] == str(tmp_path.resolve())
+        if mode == "per-gpu":
+            assert x["env"]["CUDA_VISIBLE_DEVICES"] == str(int(x["env"]["CLIPJAX_PROCESS_ID"]) % 2)
+        else:
+            assert "CUDA_VISIBLE_DEVICES" not in x["env"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "per-core"], "--mode must be per-gpu or per-node"),
+    (["--nodes", "0"], "--nodes expects a positive integer"),
+    (["--gpus-per-node", "x"], "--gpus-per-node expects a positive integer"),
+    (["--port", "70000"], "--port expects a port number"),
+    (["--time", "soon"], "--time expects"),
+    (["--frobnicate"], "unknown option: --frobnicate"),
+    (["--partition"], "--partition needs a value"),
+])
+def test_slurm_bad_arguments(tmp_path, args, message):
+    r = sh(SLURM, *args, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and message in r.stderr
+    assert r.stderr.startswith("gpu_slurm.sh: error: ")
+
+
+# --- local multi-process ------------------------------------------------------------------------
+
+def test_local_dry_run(tmp_path):
+    r = sh(LOCAL, "3", "--devices-per-process", "4", "--port", "23456", "--config", "configs/demo.py:tiny",
+           "--workdir", "runs/mp", "--env", "MY_A=x y", "--dry-run", "--", "--config.steps=5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = plus_lines(r.stdout)
+    assert lines[0] == "mkdir -p runs/mp/logs" and lines[-1] == "wait"
+    processes = lines[1:-1]
+    assert len(processes) == 3
+    for i, line in enumerate(processes):
+        assert line.startswith("env CLIPJAX_COORDINATOR=127.0.0.1:23456 CLIPJAX_NUM_PROCESSES=3 "
+                               f"CLIPJAX_PROCESS_ID={i} CLIPJAX_LOCAL_DEVICES=4 JAX_PLATFORMS=cpu MY_A='x y' ")
+        assert line.endswith(f"-m clipjax.train --config configs/demo.py:tiny --workdir runs/mp "
+                             f"--config.steps=5 > runs/mp/logs/process_{i}.log 2>&1 &")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_local_dry_run_picks_one_free_port(tmp_path):
+    r = sh(LOCAL, "2", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    coordinators = {w for line in plus_lines(r.stdout) for w in line.split() if w.startswith("CLIPJAX_COORDINATOR=")}
+    assert len(coordinators) == 1
+    port = int(coordinators.pop().rsplit(":", 1)[1])
+    assert 0 < port < 65536
+    assert "--config configs/demo.py --workdir runs/local >" in r.stdout
+
+
+def test_local_runs_processes_and_logs_each(tmp_path, stub):
+    env, records = stub
+    r = sh(LOCAL, "2", "--devices-per-process", "2", "--workdir", "wd", "--env", f"MY_B={TRICKY}",
+           "--", "--config.steps=1", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all 2 processes finished" in r.stdout
+    for i in range(2):
+        assert f"stub trainer {i} started" in (tmp_path / "wd" / "logs" / f"process_{i}.log").read_text()
+    runs = records()
+    assert sorted(x["env"]["CLIPJAX_PROCESS_ID"] for x in runs) == ["0", "1"]
+    assert len({x["env"]["CLIPJAX_COORDINATOR"] for x in runs}) == 1
+    for x in runs:
+        assert x["env"]["CLIPJAX_COORDINATOR"].startswith("127.0.0.1:")
+        assert x["env"]["CLIPJAX_NUM_PROCESSES"] == "2" and x["env"]["CLIPJAX_LOCAL_DEVICES"] == "2"
+        assert x["env"]["JAX_PLATFORMS"] == "cpu" and x["env"]["MY_B"] == TRICKY
+        assert x["argv"] == ["--config", "configs/demo.py", "--workdir", "wd", "--config.steps=1"]
+
+
+def test_local_failure_stops_the_others_and_propagates_the_status(tmp_path, stub):
+    env, records = stub
+    # Process 1 fails at once; process 0 would run for a minute (as a peer blocked in a
+    # collective would, for ever).
+    env = {**env, "STUB_EXIT_1": "3", "STUB_SLEEP_0": "60"}
+    start = time.monotonic()
+    r = sh(LOCAL, "2", "--workdir", "wd", cwd=tmp_path, env=env)
+    assert time.monotonic() - start < 30
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "process 1 exited with status 3" in r.stderr
+    for i in range(2):
+        assert (tmp_path / "wd" / "logs" / f"process_{i}.log").is_file()
+    runs = records()
+    assert len(runs) == 2
+    assert all(gone(x["pid"]) for x in runs)
+
+
+def test_local_interrupt_stops_every_process(tmp_path, stub):
+    env, records = stub
+    env = {**env, "STUB_SLEEP_0": "60", "STUB_SLEEP_1": "60"}
+    proc = subprocess.Popen(["bash", str(LOCAL), "2", "--workdir", "wd"], cwd=tmp_path,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while len(records()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(records()) == 2
+    proc.terminate()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, out + err
+    assert "SIGTERM received" in err
+    assert all(gone(x["pid"]) for x in records())
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "the number of processes N is required"),
+    (["0"], "N must be a positive integer"),
+    (["two"], "N must be a positive integer"),
+    (["2", "3"], "unexpected argument: 3"),
+    (["2", "--devices-per-process", "0"], "--devices-per-process expects a positive integer"),
+    (["2", "--port", "port"], "--port expects a port number"),
+    (["2", "--workdir", "gs://b/w"], "--workdir must be a local directory"),
+    (["2", "--nope"], "unknown option: --nope"),
+])
+def test_local_bad_arguments(tmp_path, args, message):
+    r = sh(LOCAL, *args, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and message in r.stderr
+    assert r.stderr.startswith("local_multiprocess.sh: error: ")
