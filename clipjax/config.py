@@ -124,6 +124,10 @@ def default_config() -> ml_collections.ConfigDict:
     # min_rank_fraction x dim, or a drop of more than max_drop within `window` measurements;
     # complete collapse at rank <= complete_rank or uniformity > max_uniformity. Nothing is
     # judged in the first `warmup` measurements; a condition must hold `patience` times in a row.
+    # Embeddings reorganise fast early on (the rank of a random initialisation falls as the first
+    # attributes are learned): the alarm judges only from this step on. -1: after twice the
+    # learning-rate warm-up and 10% of the run, whichever is later.
+    c.metrics.alarm_start_step = -1
     c.metrics.min_rank_fraction = 0.1
     c.metrics.max_drop = 0.5
     c.metrics.window = 10

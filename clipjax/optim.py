@@ -6,11 +6,15 @@ import optax
 from flax import nnx
 
 
-def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
-    warmup = int(optim_config.warmup_steps) if optim_config.warmup_steps >= 0 else 0
+def warmup_steps(optim_config, total_steps: int) -> int:
+    warmup = max(int(optim_config.warmup_steps), 0)
     if optim_config.warmup_fraction > 0:
         warmup = int(round(optim_config.warmup_fraction * total_steps))
-    warmup = min(warmup, max(total_steps - 1, 0))
+    return min(warmup, max(total_steps - 1, 0))
+
+
+def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
+    warmup = warmup_steps(optim_config, total_steps)
     peak = float(optim_config.lr)
     if optim_config.schedule == "constant":
         return optax.join_schedules(

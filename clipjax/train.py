@@ -158,6 +158,13 @@ def make_train_step(setup: Setup):
     )
 
 
+def alarm_start_step(config, total_steps: int) -> int:
+    if config.metrics.alarm_start_step >= 0:
+        return int(config.metrics.alarm_start_step)
+    warmup = optim.warmup_steps(config.optim, total_steps)
+    return max(2 * warmup, total_steps // 10)
+
+
 def make_encoders(graphdef, mesh):
     """Jitted image and text encoders that take the parameters explicitly."""
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
@@ -231,6 +238,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
 
     alarm = CollapseAlarm(dim=config.model.embed_dim, batch_size=config.data.batch_size,
                           **{k: config.metrics[k] for k in COLLAPSE_KEYS})
+    alarm_start = alarm_start_step(config, setup.total_steps)
     window_start, window_steps = time.perf_counter(), 0
     global_batch = config.data.batch_size
     last_step = setup.total_steps if stop_at is None else min(stop_at, setup.total_steps)
@@ -245,12 +253,13 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
             metrics, spectra = split_spectra(jax.device_get(metrics))
             elapsed = time.perf_counter() - window_start
             metrics["samples_per_sec"] = window_steps * global_batch / max(elapsed, 1e-9)
-            if with_metrics:
+            if with_metrics and step >= alarm_start:
                 for line in alarm.update(step, metrics):
                     log(f"WARNING: {line}")
+                halted = config.metrics.halt_on_collapse and bool(alarm.fired)
+            if with_metrics:
                 metrics["collapse_alarm"] = int(bool(alarm.fired))
                 writer.write_spectra(step, spectra, metrics)
-                halted = config.metrics.halt_on_collapse and bool(alarm.fired)
             writer.write(step, metrics)
             progress.update(step, float(metrics["loss"]), metrics["samples_per_sec"])
             window_start, window_steps = time.perf_counter(), 0

@@ -66,7 +66,7 @@ EOF
 
 tpu="" zone="" project="" accelerator="v4-32" version="tpu-ubuntu2204-base" create=0
 config="configs/clip_vit_b16.py" workdir="" remote_dir="clipjax" python="python3" setup=""
-skip_setup=0 detach=0
+skip_setup=0 detach=0 create_only=""
 envs=() extra=()
 
 while (($#)); do
@@ -76,8 +76,8 @@ while (($#)); do
     --tpu) need_value "$1" $# "${2-}"; tpu=$2; shift 2 ;;
     --zone) need_value "$1" $# "${2-}"; zone=$2; shift 2 ;;
     --project) need_value "$1" $# "${2-}"; project=$2; shift 2 ;;
-    --accelerator) need_value "$1" $# "${2-}"; accelerator=$2; shift 2 ;;
-    --version) need_value "$1" $# "${2-}"; version=$2; shift 2 ;;
+    --accelerator) need_value "$1" $# "${2-}"; accelerator=$2; create_only=$1; shift 2 ;;
+    --version) need_value "$1" $# "${2-}"; version=$2; create_only=$1; shift 2 ;;
     --create) create=1; shift ;;
     --config) need_value "$1" $# "${2-}"; config=$2; shift 2 ;;
     --workdir) need_value "$1" $# "${2-}"; workdir=$2; shift 2 ;;
@@ -97,6 +97,9 @@ done
 [[ -n $tpu ]] || die "--tpu is required (see --help)"
 [[ -n $zone ]] || die "--zone is required (see --help)"
 [[ -n $workdir ]] || die "--workdir is required: storage every worker can write, e.g. gs://BUCKET/DIR"
+if [[ -n $create_only ]] && ((!create)); then
+  echo "$PROG: note: $create_only only matters with --create; the existing TPU VM is used as it is" >&2
+fi
 if ((create && skip_setup)); then
   die "--create and --skip-setup do not go together: a new TPU VM has nothing installed"
 fi
@@ -145,9 +148,12 @@ if ((!skip_setup)); then
   else
     run "tar -C $(q "$REPO") --exclude=.git --exclude=.venv --exclude=runs --exclude=data -czf $(q "$local_tar") ."
   fi
+  [[ $DRY_RUN == 1 ]] || trap 'rm -f "$local_tar"' EXIT  # also when a step fails
   run "$(qjoin "${tpuvm[@]}" scp "$local_tar" "$tpu:$remote_tar" "${where[@]}" --worker=all)"
   install="set -e; mkdir -p $r_dir; tar -xzf $remote_tar -C $r_dir; rm -f $remote_tar; cd $r_dir; "
-  [[ -n $setup ]] && install+="$setup; "
+  if [[ -n $setup ]]; then
+    install+="{ $setup; } || { echo \"--setup failed\" >&2; exit 1; }; "
+  fi
   install+="$python -c \"import sys; sys.exit(sys.version_info < (3, 11))\" || "
   install+="{ echo \"clipjax needs Python >= 3.11 (use --python, --setup)\" >&2; exit 1; }; "
   install+="$python -m pip install -e . \"jax[tpu]\""

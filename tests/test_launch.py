@@ -230,8 +230,9 @@ FAKE_PYTHON = textwrap.dedent("""\
     """)
 
 
-def test_tpu_real_run_with_a_stand_in_gcloud(tmp_path, stub):
-    """Everything for real except gcloud: the code reaches the worker, is installed and trained."""
+@pytest.fixture
+def fake_tpu(tmp_path, stub):
+    """Environment with a stand-in gcloud (one worker, home in tmp_path/home) and trainer."""
     env, records = stub
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -242,8 +243,15 @@ def test_tpu_real_run_with_a_stand_in_gcloud(tmp_path, stub):
     env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_HOME": str(home),
            "FAKE_LOG": str(tmp_path / "gcloud.log"), "FAKE_PIP_LOG": str(tmp_path / "pip.log"),
            "REAL_PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    return env, records, home, fake_python
+
+
+def test_tpu_real_run_with_a_stand_in_gcloud(tmp_path, fake_tpu):
+    """Everything for real except gcloud: the code reaches the worker, is installed and trained."""
+    env, records, home, fake_python = fake_tpu
     r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--python", fake_python,
-           "--env", "MY_A=a b", "--", "--config.steps=3", env=env, timeout=120)
+           "--setup", "echo ran > setup.txt && test -f clipjax/train.py", "--env", "MY_A=a b",
+           "--", "--config.steps=3", env=env, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     calls = (tmp_path / "gcloud.log").read_text().splitlines()
     assert [c.split()[3] for c in calls] == ["describe", "scp", "ssh", "ssh"]
@@ -251,11 +259,26 @@ def test_tpu_real_run_with_a_stand_in_gcloud(tmp_path, stub):
     assert (code / "clipjax" / "train.py").is_file() and (code / "launch" / "tpu_pod.sh").is_file()
     assert not (code / ".venv").exists() and not (code / ".git").exists()
     assert not (home / "clipjax-code.tar.gz").exists() and not (tmp_path / "clipjax-code-t.tar.gz").exists()
+    assert (code / "setup.txt").read_text() == "ran\n"
     assert (tmp_path / "pip.log").read_text().split() == ["-m", "pip", "install", "-e", ".", "jax[tpu]"]
     [record] = records()
     assert record["cwd"] == str(code)
     assert record["argv"] == ["--config", "configs/clip_vit_b16.py", "--workdir", "gs://b/w", "--config.steps=3"]
     assert record["env"]["MY_A"] == "a b"
+
+
+@pytest.mark.parametrize("failure, message", [
+    (["--setup", "false && true"], "--setup failed"),
+    (["--python", "python3.9999"], "clipjax needs Python >= 3.11"),
+])
+def test_tpu_failed_install_stops_before_training(tmp_path, fake_tpu, failure, message):
+    env, records, home, fake_python = fake_tpu
+    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--python", fake_python,
+           *failure, env=env, timeout=120)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert records() == []
+    assert not (tmp_path / "pip.log").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -318,12 +341,15 @@ def test_slurm_dry_run_per_gpu(tmp_path):
 
 
 def test_slurm_dry_run_per_node_and_port(tmp_path):
-    r = sh(SLURM, "--nodes", "3", "--mode", "per-node", "--port", "12345", "--dry-run", cwd=tmp_path)
+    r = sh(SLURM, "--nodes", "3", "--mode", "per-node", "--port", "12345", "--script", "jobs/x.sbatch",
+           "--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert plus_lines(r.stdout) == ["mkdir -p jobs", "cat > jobs/x.sbatch <<'EOF'", "sbatch jobs/x.sbatch"]
     body = sbatch_body(r.stdout)
     assert "#SBATCH --ntasks-per-node=1" in body and "#SBATCH --gres=gpu:8" in body
     assert not any("CUDA_VISIBLE_DEVICES" in line for line in body)
     assert not any(line.startswith(("#SBATCH --partition", "#SBATCH --time")) for line in body)
+    assert f"#SBATCH --output={tmp_path.resolve()}/jobs/%x-%j.out" in body
     assert any(line.endswith(':12345"') and "CLIPJAX_COORDINATOR" in line for line in body)
     assert body[-1] == "' clipjax-task --config configs/clip_vit_b16.py --workdir runs/clipjax"
 

@@ -5,6 +5,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from clipjax.parallel import batch_parallelism, batch_sharding
 
@@ -25,6 +26,9 @@ def embed_in_batches(encode: Callable[[jax.Array], jax.Array], inputs: np.ndarra
         n = len(chunk)
         if n < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        out = encode(jax.device_put(chunk, sharding))
-        outputs.append(np.asarray(jax.device_get(out))[:n])
+        # Every process holds the same `inputs`; each device takes its rows of the chunk, and
+        # the result is gathered to every process (it may span other hosts' devices).
+        x = jax.make_array_from_callback(chunk.shape, sharding, lambda index, c=chunk: c[index])
+        out = multihost_utils.process_allgather(encode(x), tiled=True)
+        outputs.append(np.asarray(out)[:n])
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)

@@ -7,10 +7,11 @@ local images against the visiting block one tile of `chunk` columns at a time:
 
     logits[i, j] = exp(logit_scale) * <img_i, txt_j>     (b x chunk per tile, never b x B)
 
-Softmax (symmetric InfoNCE). Rows (image -> text) keep a running log-sum-exp on the device that
-owns them. Columns (text -> image) keep a running log-sum-exp that travels with their text tile,
-so after a full lap it is home and complete: one matmul per tile serves both directions. The
-positive logits are the local <img_i, txt_i>, so no tile needs to know where the diagonal is:
+Softmax (symmetric InfoNCE). Rows (image -> text) keep a running max and sum of exponentials
+(online log-sum-exp) on the device that owns them. Columns (text -> image) keep the same pair,
+but it travels with their text tile, so after a full lap it is home and complete: one matmul
+per tile serves both directions. The positive logits are the local <img_i, txt_i>, so no tile
+needs to know where the diagonal is:
 
     L = (sum_i lse_row_i + sum_j lse_col_j - 2 sum_i logit_ii) / (2B)
 
@@ -100,19 +101,33 @@ def _positive_logits(img, txt, scale):
 # ---------------------------------------------------------------- softmax (InfoNCE), per device
 
 
+def _online_lse(running_max, running_sum, logits, axis):
+    """Fold one tile into a running (max, sum of exp(logit - max)) along `axis`."""
+    new_max = jnp.maximum(running_max, jnp.max(logits, axis=axis))
+    # Summing exponentials and taking one log at the end keeps the rounding relative to the
+    # sum; folding in log space would add an error proportional to |lse| at every tile.
+    running_sum = (running_sum * jnp.exp(running_max - new_max)
+                   + jnp.sum(jnp.exp(logits - jnp.expand_dims(new_max, axis)), axis=axis))
+    return new_max, running_sum
+
+
 def _infonce_forward(img, txt, logit_scale, *, axes, ring_size, chunk, global_batch):
     scale = jnp.exp(logit_scale)
 
-    def tile_fn(tile, lse_row):
-        x, lse_col = tile
+    def tile_fn(tile, rows):
+        x, col_max, col_sum = tile
         logits = scale * (img @ x.T)
-        lse_row = jnp.logaddexp(lse_row, jax.nn.logsumexp(logits, axis=1))
-        lse_col = jnp.logaddexp(lse_col, jax.nn.logsumexp(logits, axis=0))
-        return (x, lse_col), lse_row
+        rows = _online_lse(*rows, logits, axis=1)
+        col_max, col_sum = _online_lse(col_max, col_sum, logits, axis=0)
+        return (x, col_max, col_sum), rows
 
-    empty = _varying(jnp.full((img.shape[0],), -jnp.inf, img.dtype), axes)
-    lse_row, (_, lse_col) = _ring(
-        tile_fn, empty, (txt, empty), axes=axes, ring_size=ring_size, chunk=chunk)
+    b = img.shape[0]
+    no_max = _varying(jnp.full((b,), -jnp.inf, img.dtype), axes)
+    no_sum = _varying(jnp.zeros((b,), img.dtype), axes)
+    (row_max, row_sum), (_, col_max, col_sum) = _ring(
+        tile_fn, (no_max, no_sum), (txt, no_max, no_sum), axes=axes, ring_size=ring_size, chunk=chunk)
+    lse_row = row_max + jnp.log(row_sum)
+    lse_col = col_max + jnp.log(col_sum)
     # Subtract the positive row by row: lse and the positive logit are both near exp(logit_scale),
     # and the loss is their small difference.
     pos = _positive_logits(img, txt, scale)
