@@ -52,6 +52,23 @@ class Checkpointer:
         data = restored.get("data") if with_data else None
         return restored["state"], (_iterator_state_from_json(data) if data is not None else None)
 
+    def restore_latest(self, abstract_state: Any, *, log=print) -> tuple[int, Any, Any] | None:
+        """(step, state, data_state) of the newest checkpoint that restores, or None if there is none.
+
+        Orbax only lists checkpoints whose save finished (a save writes to a temporary folder
+        and renames it when complete), so an interrupted save is never picked. A finished one
+        that was damaged afterwards fails to restore and the previous one is tried.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, data = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+                log(f"WARNING: checkpoint {step} in {self.directory} cannot be restored "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying an older one")
+                continue
+            return step, state, data
+        return None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -28,6 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    c.max_nonfinite_streak = 20   # stop after this many consecutive non-finite steps (0: never)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.axes = ("data", "fsdp", "model")

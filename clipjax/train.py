@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import config as config_lib
@@ -79,8 +82,11 @@ def init_state(config, mesh, tokenizer):
     replicated = NamedSharding(mesh, P())
     opt_shardings = _opt_shardings(abstract_opt, params, p_shardings, replicated)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    state = {"step": jax.device_put(jnp.int32(0), replicated), "params": params, "opt_state": opt_state}
-    shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
+    zero = lambda: jax.device_put(jnp.int32(0), replicated)
+    state = {"step": zero(), "params": params, "opt_state": opt_state,
+             "nonfinite_total": zero(), "nonfinite_streak": zero()}
+    shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings,
+                 "nonfinite_total": replicated, "nonfinite_streak": replicated}
     return Setup(config, mesh, tokenizer, graphdef, state, shardings, tx, schedule, total)
 
 
@@ -136,7 +142,6 @@ def make_train_step(setup: Setup):
             "temperature": jnp.exp(-params["logit_scale"]),
             "lr": schedule(state["step"]),
             "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params),
         }
         if "logit_bias" in params:
             metrics["logit_bias"] = params["logit_bias"]
@@ -145,7 +150,22 @@ def make_train_step(setup: Setup):
             keys = {"": batch["text_id"], "label_": batch["label"]}
             metrics.update(embedding_metrics(img, txt, keys, state["params"]["logit_scale"],
                                              state["params"].get("logit_bias"), mesh=mesh, batch_axes=axes))
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were: one
+        # bad batch must not poison the run. The counters let the host stop a run of them.
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        skipped = (~finite).astype(jnp.int32)
+        metrics["nonfinite_skipped"] = state["nonfinite_total"] + skipped
+        metrics["nonfinite_streak"] = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "nonfinite_total": state["nonfinite_total"] + skipped,
+            "nonfinite_streak": metrics["nonfinite_streak"],
+        }
+        metrics["param_norm"] = optax.tree.norm(new_state["params"])
+        return new_state, metrics
 
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(axes))
@@ -156,6 +176,46 @@ def make_train_step(setup: Setup):
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=(0,),
     )
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class PreemptionWatch:
+    """Turns SIGTERM into a request to checkpoint and stop at the end of the current step.
+
+    Every process must stop at the same step (a checkpoint is a collective), so with several
+    processes the request is agreed on with a tiny all-gather each step.
+    """
+
+    def __enter__(self):
+        self._flag = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self._flag = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        flags = multihost_utils.process_allgather(np.array([self._flag], np.int32))
+        return bool(np.any(flags))
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def data_drop_metrics(iterator) -> dict[str, int]:
+    """Records the input pipeline skipped as undecodable so far, in total and by reason."""
+    counts = dict(getattr(iterator, "drop_counts", {}) or {})
+    return {"data_dropped": int(sum(counts.values())),
+            **{f"data_dropped/{reason}": int(n) for reason, n in sorted(counts.items())}}
 
 
 def alarm_start_step(config, total_steps: int) -> int:
@@ -219,14 +279,13 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
 
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     state = setup.state
-    start = checkpointer.latest_step()
-    if start is not None:
-        abstract = abstract_with_shardings(state, setup.state_shardings)
-        state, data_state = checkpointer.restore(start, abstract)
+    restored = checkpointer.restore_latest(abstract_with_shardings(state, setup.state_shardings), log=log)
+    step = 0
+    if restored is not None:
+        step, state, data_state = restored
         if data_state is not None:
             iterator.set_state(data_state)
-        log(f"resumed from {checkpointer.directory} at step {start}")
-    step = int(start or 0)
+        log(f"resumed from {checkpointer.directory} at step {step}")
 
     train_step = make_train_step(setup)
     writer = MetricWriter(workdir, enabled=lead)
@@ -242,38 +301,51 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
     window_start, window_steps = time.perf_counter(), 0
     global_batch = config.data.batch_size
     last_step = setup.total_steps if stop_at is None else min(stop_at, setup.total_steps)
-    halted = False
-    while step < last_step and not halted:
-        batch = host_batch_to_global(next(iterator), mesh)
-        with_metrics = bool(config.metrics.every) and (step + 1) % config.metrics.every == 0
-        state, metrics = train_step(state, {k: batch[k] for k in STEP_INPUTS}, with_metrics)
-        step += 1
-        window_steps += 1
-        if with_metrics or step % config.log_every == 0 or step == last_step or step == 1:
-            metrics, spectra = split_spectra(jax.device_get(metrics))
-            elapsed = time.perf_counter() - window_start
-            metrics["samples_per_sec"] = window_steps * global_batch / max(elapsed, 1e-9)
-            if with_metrics and step >= alarm_start:
-                for line in alarm.update(step, metrics):
-                    log(f"WARNING: {line}")
-                halted = config.metrics.halt_on_collapse and bool(alarm.fired)
-            if with_metrics:
-                metrics["collapse_alarm"] = int(bool(alarm.fired))
-                writer.write_spectra(step, spectra, metrics)
-            writer.write(step, metrics)
-            progress.update(step, float(metrics["loss"]), metrics["samples_per_sec"])
-            window_start, window_steps = time.perf_counter(), 0
-        if step % config.checkpoint_every == 0 or step == last_step or halted:
-            checkpointer.save(step, state, iterator.get_state())
-    if halted:
-        log(f"stopped at step {step}: embedding collapse ({', '.join(sorted(alarm.fired))}); "
-            f"checkpoint saved (metrics.halt_on_collapse)")
+    stop_reason = None
+    with PreemptionWatch() as preemption:
+        while step < last_step and stop_reason is None:
+            batch = host_batch_to_global(next(iterator), mesh)
+            with_metrics = bool(config.metrics.every) and (step + 1) % config.metrics.every == 0
+            state, metrics = train_step(state, {k: batch[k] for k in STEP_INPUTS}, with_metrics)
+            step += 1
+            window_steps += 1
+            due_checkpoint = step % config.checkpoint_every == 0 or step == last_step
+            if with_metrics or due_checkpoint or step % config.log_every == 0 or step == 1:
+                metrics, spectra = split_spectra(jax.device_get(metrics))
+                elapsed = time.perf_counter() - window_start
+                metrics["samples_per_sec"] = window_steps * global_batch / max(elapsed, 1e-9)
+                metrics.update(data_drop_metrics(iterator))
+                if with_metrics and step >= alarm_start:
+                    for line in alarm.update(step, metrics):
+                        log(f"WARNING: {line}")
+                    if config.metrics.halt_on_collapse and alarm.fired:
+                        stop_reason = (f"embedding collapse ({', '.join(sorted(alarm.fired))}); "
+                                       f"metrics.halt_on_collapse is set")
+                if with_metrics:
+                    metrics["collapse_alarm"] = int(bool(alarm.fired))
+                    writer.write_spectra(step, spectra, metrics)
+                writer.write(step, metrics)
+                progress.update(step, float(metrics["loss"]), metrics["samples_per_sec"])
+                window_start, window_steps = time.perf_counter(), 0
+                # Checked where metrics are fetched anyway (no per-step sync); skipped steps
+                # leave the state untouched, so stopping a few steps late loses nothing.
+                streak = int(metrics["nonfinite_streak"])
+                if streak >= config.max_nonfinite_streak > 0:
+                    stop_reason = (f"{streak} consecutive steps had a non-finite loss or gradient "
+                                   f"(max_nonfinite_streak={config.max_nonfinite_streak}); the last "
+                                   f"good state is checkpointed")
+            if preemption.requested():
+                stop_reason = "SIGTERM received (preemption)"
+            if due_checkpoint or stop_reason:
+                checkpointer.save(step, state, iterator.get_state())
+    if stop_reason:
+        log(f"stopped at step {step}: {stop_reason}")
     writer.plot_spectra()
     checkpointer.wait()
     t_trained = time.perf_counter()
 
     report = {}
-    if config.evals.at_end and step == setup.total_steps and not halted:
+    if config.evals.at_end and step == setup.total_steps and stop_reason is None:
         report = run_evaluation(config, mesh, tokenizer, setup.graphdef, state["params"], step)
         report["timing"] = {"setup_s": t_prepared - t_start, "train_s": t_trained - t_prepared,
                             "eval_s": time.perf_counter() - t_trained}
@@ -283,6 +355,8 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
                 log(line)
     checkpointer.close()
     writer.close()
+    if stop_reason and "non-finite" in stop_reason:
+        raise NonFiniteError(f"stopped at step {step}: {stop_reason}")
     return report
 
 

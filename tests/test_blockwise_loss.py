@@ -52,12 +52,9 @@ def _losses(loss_name, mesh, axes, chunk):
 CASES = [((1,), 64), ((2,), 32), ((2,), 8), ((8,), 8), ((8,), 2), ((2, 4), None), ((2, 4), 4)]
 
 
-@pytest.mark.parametrize("shape,chunk", CASES)
-@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
-def test_ring_equals_gather_and_reference(shape, chunk, loss_name):
-    mesh, axes = _mesh(shape)
+def _check_against_gather_and_reference(loss_name, mesh, axes, chunk, logit_scale, logit_bias):
     img, txt = _embeddings(0)
-    scale, bias = jnp.float32(LOGIT_SCALE), jnp.float32(LOGIT_BIAS)
+    scale, bias = jnp.float32(logit_scale), jnp.float32(logit_bias)
     rows = NamedSharding(mesh, P(axes))
     img_s, txt_s = jax.device_put(img, rows), jax.device_put(txt, rows)
     ring, gather, reference = _losses(loss_name, mesh, axes, chunk)
@@ -80,6 +77,21 @@ def test_ring_equals_gather_and_reference(shape, chunk, loss_name):
     # Gradients of remote blocks made it home: each device owns its rows' gradients.
     assert grads_ring[0].sharding.is_equivalent_to(rows, 2)
     assert grads_ring[1].sharding.is_equivalent_to(rows, 2)
+
+
+@pytest.mark.parametrize("shape,chunk", CASES)
+@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
+def test_ring_equals_gather_and_reference(shape, chunk, loss_name):
+    mesh, axes = _mesh(shape)
+    _check_against_gather_and_reference(loss_name, mesh, axes, chunk, LOGIT_SCALE, LOGIT_BIAS)
+
+
+@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
+def test_ring_at_the_temperature_cap_with_a_model_axis(loss_name):
+    # Scale 100 (CLIP's cap) puts logits near 100, where float32 rounding is largest; the
+    # embeddings are replicated over 'model', which the ring must leave alone.
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    _check_against_gather_and_reference(loss_name, mesh, ("data",), 4, np.log(100.0), 3.1)
 
 
 def test_ring_loss_without_gradient_and_in_bfloat16():

@@ -7,18 +7,18 @@ local images against the visiting block one tile of `chunk` columns at a time:
 
     logits[i, j] = exp(logit_scale) * <img_i, txt_j>     (b x chunk per tile, never b x B)
 
+The positives (the global diagonal) all lie in the first lap step, when the visiting block is
+the device's own, so each tile knows its positives from the step number alone.
+
 Softmax (symmetric InfoNCE). Rows (image -> text) keep a running max and sum of exponentials
 (online log-sum-exp) on the device that owns them. Columns (text -> image) keep the same pair,
 but it travels with their text tile, so after a full lap it is home and complete: one matmul
-per tile serves both directions. The positive logits are the local <img_i, txt_i>, so no tile
-needs to know where the diagonal is:
+per tile serves both directions.
 
-    L = (sum_i lse_row_i + sum_j lse_col_j - 2 sum_i logit_ii) / (2B)
+    L = (sum_i (lse_row_i - logit_ii) + sum_j (lse_col_j - logit_jj)) / (2B)
 
-Sigmoid (SigLIP). Every tile is scored as if all its pairs were negatives, softplus(logit), and
-the local positives are corrected with softplus(-x) - softplus(x) = -x:
-
-    L = (sum_ij softplus(logit_ij + bias) - sum_i (logit_ii + bias)) / B
+Sigmoid (SigLIP) needs no statistics: L = sum_ij softplus(-z_ij (logit_ij + bias)) / B, with
+z = +1 on the positives and -1 elsewhere.
 
 The backward pass is a `jax.custom_vjp` around the two shard_maps (forward and backward each run
 their own ring) and recomputes the tiles from the saved O(B) statistics. With G = dL/dlogit:
@@ -30,8 +30,10 @@ their own ring) and recomputes the tiles from the saved O(B) statistics. With G 
     d bias = sum_ij G_ij
 
 d img accumulates on the owning device. d txt of a visiting tile is accumulated in a buffer
-that travels with the tile, so it reaches the text's owner at the end of the lap. The [i = j]
-terms only involve local rows and are added outside the ring.
+that travels with the tile, so it reaches the text's owner at the end of the lap. The scalar
+gradients are per-device partial sums, psum-ed at the end. The positives are taken from the
+tile's own logits, as the gather form does, so that lse - logit_ii and P_ii - 1 are
+differences of identically rounded numbers.
 """
 from __future__ import annotations
 
@@ -67,24 +69,32 @@ def _varying(x, axes):
 def _ring(tile_fn: Callable, acc, travelling, *, axes, ring_size: int, chunk: int):
     """Visit every column tile of every device's travelling block once.
 
-    `travelling` is a tuple of arrays with the local block size as leading dimension; tile
-    `tile_fn(tile, acc) -> (tile, acc)` sees `chunk` rows of each. A tile is passed to the next
-    device as soon as it has been used, and the received tile is written where it came from: the
-    ring moves tile by tile, so the in-flight copy is one tile, not a second block. After
-    ring_size * n steps every block (and whatever was accumulated in it) is back with its owner.
+    `travelling` is a tuple of arrays with the local block size b as leading dimension;
+    `tile_fn(tile, acc, positive) -> (tile, acc)` sees `chunk` rows of each, and `positive`, the
+    b x chunk mask of the (local row, visiting column) pairs that are positives. A tile is passed
+    to the next device as soon as it has been used, and the received tile is written where it
+    came from: the ring moves tile by tile, so the in-flight copy is one tile, not a second
+    block. After ring_size * n steps every block (and whatever was accumulated in it) is back
+    with its owner.
 
-    `tile_fn` should not apply elementwise ops to the tile's arrays directly (scale the logits,
-    not the embeddings): XLA fuses the slice into such an op, which then reads the block behind
-    the in-place write's back, and XLA answers by copying the whole block on every step.
+    `tile_fn` should not apply elementwise ops to the tile's b x d arrays directly (scale the
+    logits, not the embeddings): XLA fuses the slice into such an op, which then reads the
+    block behind the in-place write's back, and XLA answers by copying the whole block on every
+    step.
     """
-    n = travelling[0].shape[0] // chunk
+    block = travelling[0].shape[0]
+    n = block // chunk
     perm = [(j, (j + 1) % ring_size) for j in range(ring_size)]
 
     def step(t, carry):
         acc, travelling = carry
         start = (t % n) * chunk
         tile = tuple(jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in travelling)
-        tile, acc = tile_fn(tile, acc)
+        # In the first n steps the visiting block is the device's own: column c is row start + c.
+        rows = jax.lax.broadcasted_iota(jnp.int32, (block, chunk), 0)
+        cols = jax.lax.broadcasted_iota(jnp.int32, (block, chunk), 1)
+        positive = (rows == cols + start) & (t < n)
+        tile, acc = tile_fn(tile, acc, positive)
         if ring_size > 1:
             tile = tuple(jax.lax.ppermute(x, axes, perm) for x in tile)
         travelling = tuple(
@@ -92,10 +102,6 @@ def _ring(tile_fn: Callable, acc, travelling, *, axes, ring_size: int, chunk: in
         return acc, travelling
 
     return jax.lax.fori_loop(0, ring_size * n, step, (acc, travelling))
-
-
-def _positive_logits(img, txt, scale):
-    return scale * jnp.sum(img * txt, axis=1)
 
 
 # ---------------------------------------------------------------- softmax (InfoNCE), per device
@@ -114,53 +120,55 @@ def _online_lse(running_max, running_sum, logits, axis):
 def _infonce_forward(img, txt, logit_scale, *, axes, ring_size, chunk, global_batch):
     scale = jnp.exp(logit_scale)
 
-    def tile_fn(tile, rows):
+    def tile_fn(tile, acc, positive):
         x, col_max, col_sum = tile
+        row_max, row_sum, pos = acc
         logits = scale * (img @ x.T)
-        rows = _online_lse(*rows, logits, axis=1)
+        row_max, row_sum = _online_lse(row_max, row_sum, logits, axis=1)
         col_max, col_sum = _online_lse(col_max, col_sum, logits, axis=0)
-        return (x, col_max, col_sum), rows
+        pos = pos + jnp.sum(jnp.where(positive, logits, 0.0), axis=1)
+        return (x, col_max, col_sum), (row_max, row_sum, pos)
 
     b = img.shape[0]
     no_max = _varying(jnp.full((b,), -jnp.inf, img.dtype), axes)
-    no_sum = _varying(jnp.zeros((b,), img.dtype), axes)
-    (row_max, row_sum), (_, col_max, col_sum) = _ring(
-        tile_fn, (no_max, no_sum), (txt, no_max, no_sum), axes=axes, ring_size=ring_size, chunk=chunk)
-    lse_row = row_max + jnp.log(row_sum)
-    lse_col = col_max + jnp.log(col_sum)
-    # Subtract the positive row by row: lse and the positive logit are both near exp(logit_scale),
-    # and the loss is their small difference.
-    pos = _positive_logits(img, txt, scale)
-    local = jnp.sum((lse_row - pos) + (lse_col - pos))
-    return jax.lax.psum(local, axes) / (2 * global_batch), lse_row, lse_col
+    zeros = _varying(jnp.zeros((b,), img.dtype), axes)
+    (row_max, row_sum, pos), (_, col_max, col_sum) = _ring(
+        tile_fn, (no_max, zeros, zeros), (txt, no_max, zeros),
+        axes=axes, ring_size=ring_size, chunk=chunk)
+    # lse - logit_ii is small next to either term (both near exp(logit_scale)): take it as
+    # (max - logit_ii) + log(sum), never through a rounded lse. Local column j's positive is
+    # local row j's.
+    local = jnp.sum((row_max - pos) + jnp.log(row_sum) + (col_max - pos) + jnp.log(col_sum))
+    stats = (row_max, 1 / row_sum, col_max, 1 / col_sum, pos)
+    return jax.lax.psum(local, axes) / (2 * global_batch), stats
 
 
-def _infonce_backward(img, txt, logit_scale, lse_row, lse_col, g, *, axes, ring_size, chunk,
-                      global_batch):
+def _infonce_backward(img, txt, logit_scale, stats, g, *, axes, ring_size, chunk, global_batch):
     scale = jnp.exp(logit_scale)
     coef = g / (2 * global_batch)
-    pos = _positive_logits(img, txt, scale)
+    row_max, row_inv_sum, col_max, col_inv_sum, pos = stats
 
-    def tile_fn(tile, acc):
-        x, lse_x, pos_x, dx = tile
+    def tile_fn(tile, acc, positive):
+        x, max_x, inv_sum_x, pos_x, dx = tile
         dimg, dscale = acc
         logits = scale * (img @ x.T)
-        grad_row = coef * jnp.exp(logits - lse_row[:, None])
-        grad_col = coef * jnp.exp(logits - lse_x[None, :])
-        grad = grad_row + grad_col
+        # softmax = exp(logit - max) / sum, as autodiff of the gather form's logsumexp computes
+        # it: exp(logit - lse) would carry lse's rounding, |lse| * eps, into every probability.
+        p_row = jnp.exp(logits - row_max[:, None]) * row_inv_sum[:, None]
+        p_col = jnp.exp(logits - max_x[None, :]) * inv_sum_x[None, :]
+        grad = coef * (p_row + p_col - jnp.where(positive, 2.0, 0.0))
         dimg = dimg + scale * (grad @ x)
         dx = dx + scale * (grad.T @ img)
-        # Each softmax sums to one, so sum_j P_ij (logit_ij - logit_ii) equals the row's share
-        # of sum_ij G_ij logit_ij with the -[i = j] term folded in. Centring on the positive
-        # avoids cancelling two large sums, and makes the result insensitive to rounding in lse.
-        dscale = dscale + jnp.sum(grad_row * (logits - pos[:, None]) + grad_col * (logits - pos_x[None, :]))
-        return (x, lse_x, pos_x, dx), (dimg, dscale)
+        # sum_ij G_ij logit_ij is small next to its terms. Each softmax sums to one over its
+        # row (column), so it equals the same sum with every logit measured from its row's
+        # (column's) positive, where the -2 [i = j] terms vanish and nothing cancels.
+        centred = (p_row * (logits - pos[:, None]) + p_col * (logits - pos_x[None, :]))
+        return (x, max_x, inv_sum_x, pos_x, dx), (dimg, dscale + coef * jnp.sum(centred))
 
-    # The -2 [i = j] part of G, which only touches local rows, seeds the embedding accumulators.
-    positive = -2 * coef * scale
-    acc = (positive * txt, _varying(jnp.zeros((), img.dtype), axes))
+    acc = (jnp.zeros_like(img), _varying(jnp.zeros((), img.dtype), axes))
     (dimg, dscale), (*_, dtxt) = _ring(
-        tile_fn, acc, (txt, lse_col, pos, positive * img), axes=axes, ring_size=ring_size, chunk=chunk)
+        tile_fn, acc, (txt, col_max, col_inv_sum, pos, jnp.zeros_like(txt)),
+        axes=axes, ring_size=ring_size, chunk=chunk)
     return dimg, dtxt, jax.lax.psum(dscale, axes)
 
 
@@ -170,13 +178,13 @@ def _infonce_backward(img, txt, logit_scale, lse_row, lse_col, g, *, axes, ring_
 def _sigmoid_forward(img, txt, logit_scale, logit_bias, *, axes, ring_size, chunk, global_batch):
     scale = jnp.exp(logit_scale)
 
-    def tile_fn(tile, total):
+    def tile_fn(tile, total, positive):
         (x,) = tile
-        return tile, total + jnp.sum(jax.nn.softplus(scale * (img @ x.T) + logit_bias))
+        logits = scale * (img @ x.T) + logit_bias
+        return tile, total - jnp.sum(jax.nn.log_sigmoid(jnp.where(positive, logits, -logits)))
 
     total, _ = _ring(tile_fn, _varying(jnp.zeros((), img.dtype), axes), (txt,),
                      axes=axes, ring_size=ring_size, chunk=chunk)
-    total = total - jnp.sum(_positive_logits(img, txt, scale) + logit_bias)
     return jax.lax.psum(total, axes) / global_batch
 
 
@@ -185,21 +193,18 @@ def _sigmoid_backward(img, txt, logit_scale, logit_bias, g, *, axes, ring_size, 
     scale = jnp.exp(logit_scale)
     coef = g / global_batch
 
-    def tile_fn(tile, acc):
+    def tile_fn(tile, acc, positive):
         x, dx = tile
         dimg, dscale, dbias = acc
         logits = scale * (img @ x.T)
-        grad = coef * jax.nn.sigmoid(logits + logit_bias)
+        grad = coef * (jax.nn.sigmoid(logits + logit_bias) - jnp.where(positive, 1.0, 0.0))
         dimg = dimg + scale * (grad @ x)
         dx = dx + scale * (grad.T @ img)
         return (x, dx), (dimg, dscale + jnp.sum(grad * logits), dbias + jnp.sum(grad))
 
-    # The -[i = j] part of G seeds the accumulators.
-    dimg = -coef * scale * txt
-    dscale = -coef * jnp.sum(_positive_logits(img, txt, scale))
-    dbias = _varying(-coef * img.shape[0], axes)
+    zero = _varying(jnp.zeros((), img.dtype), axes)
     (dimg, dscale, dbias), (_, dtxt) = _ring(
-        tile_fn, (dimg, dscale, dbias), (txt, -coef * scale * img),
+        tile_fn, (jnp.zeros_like(img), zero, zero), (txt, jnp.zeros_like(txt)),
         axes=axes, ring_size=ring_size, chunk=chunk)
     return dimg, dtxt, jax.lax.psum(dscale, axes), jax.lax.psum(dbias, axes)
 
@@ -227,18 +232,18 @@ def ring_infonce_loss(img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequence
     rows, scalar = P(opts["axes"]), P()
     forward = jax.shard_map(
         functools.partial(_infonce_forward, **opts), mesh=mesh,
-        in_specs=(rows, rows, scalar), out_specs=(scalar, rows, rows))
+        in_specs=(rows, rows, scalar), out_specs=(scalar, (rows,) * 5))
     backward = jax.shard_map(
         functools.partial(_infonce_backward, **opts), mesh=mesh,
-        in_specs=(rows, rows, scalar, rows, rows, scalar), out_specs=(rows, rows, scalar))
+        in_specs=(rows, rows, scalar, (rows,) * 5, scalar), out_specs=(rows, rows, scalar))
 
     @jax.custom_vjp
     def loss(img, txt, logit_scale):
         return forward(img, txt, logit_scale)[0]
 
     def loss_fwd(img, txt, logit_scale):
-        value, lse_row, lse_col = forward(img, txt, logit_scale)
-        return value, (img, txt, logit_scale, lse_row, lse_col)
+        value, stats = forward(img, txt, logit_scale)
+        return value, (img, txt, logit_scale, stats)
 
     def loss_bwd(residuals, g):
         return backward(*residuals, g)

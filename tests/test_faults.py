@@ -1,0 +1,194 @@
+"""A trainer that loses nothing: non-finite steps, damaged checkpoints, bad data, signals."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipjax import train as train_lib
+from clipjax.checkpoint import Checkpointer
+from clipjax.data import pipeline
+from tests.test_train import ROOT, tiny_demo
+
+
+def _params(workdir, step=None):
+    ckpt = Checkpointer(str(workdir))
+    step = ckpt.latest_step() if step is None else step
+    params = ckpt.manager.restore(step)["state"]["params"]
+    ckpt.close()
+    return step, [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def _records(workdir):
+    return [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+
+
+def _corrupting_iterator(monkeypatch, bad_steps):
+    """Batches whose token ids are far outside the vocabulary: the text tower returns NaN."""
+    original = pipeline.make_train_iterator
+
+    class Corrupting:
+        def __init__(self, inner):
+            self.inner, self.count = inner, 0
+            self.drop_counts = getattr(inner, "drop_counts", {})
+
+        def __next__(self):
+            batch = dict(next(self.inner))
+            self.count += 1
+            if self.count in bad_steps:
+                batch["text"] = np.full_like(batch["text"], 10**6)
+            return batch
+
+        def get_state(self):
+            return self.inner.get_state()
+
+        def set_state(self, state):
+            self.inner.set_state(state)
+
+    monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: Corrupting(original(*a, **k)))
+
+
+def test_nonfinite_batch_is_skipped_and_counted(tfds_dir, tmp_path, monkeypatch):
+    config = tiny_demo(tfds_dir, **{"evals.at_end": False, "log_every": 1})
+    _corrupting_iterator(monkeypatch, bad_steps={2})
+    train_lib.train(config, str(tmp_path))
+    records = _records(tmp_path)
+    assert [r["nonfinite_skipped"] for r in records] == [0, 1, 1, 1]
+    assert records[1]["loss"] == "nan"  # non-finite values are logged as strings (JSON has no NaN)
+    assert all(np.isfinite(r["param_norm"]) for r in records)
+    _, params = _params(tmp_path)
+    assert all(np.all(np.isfinite(p)) for p in params)
+
+
+def test_stream_of_nonfinite_batches_stops_with_last_good_checkpoint(tfds_dir, tmp_path, monkeypatch):
+    config = tiny_demo(tfds_dir, **{"evals.at_end": False, "log_every": 1, "checkpoint_every": 100,
+                                    "max_nonfinite_streak": 2})
+    config.steps = 10
+    _corrupting_iterator(monkeypatch, bad_steps=set(range(3, 100)))
+    with pytest.raises(train_lib.NonFiniteError, match="consecutive steps had a non-finite"):
+        train_lib.train(config, str(tmp_path), log=lambda _: None)
+    step, params = _params(tmp_path)
+    assert step == 4  # two good steps, then two skipped ones
+    assert all(np.all(np.isfinite(p)) for p in params)
+    # The skipped steps changed nothing: the saved parameters are those after step 2.
+    monkeypatch.undo()
+    config.steps, config.max_nonfinite_streak = 10, 20
+    train_lib.train(config, str(tmp_path / "good"), stop_at=2)
+    _, good = _params(tmp_path / "good")
+    for a, b in zip(params, good):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_previous(tfds_dir, tmp_path):
+    config = tiny_demo(tfds_dir, **{"evals.at_end": False, "checkpoint_every": 2})
+    config.steps = 6
+    train_lib.train(config, str(tmp_path / "straight"))
+    train_lib.train(config, str(tmp_path / "damaged"), stop_at=4)
+    latest = tmp_path / "damaged" / "checkpoints" / "4"
+    array_files = sorted(p for p in latest.rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    assert array_files
+    for p in array_files:  # truncate every data file of the newest checkpoint
+        with open(p, "r+b") as f:
+            f.truncate(p.stat().st_size // 3)
+    lines = []
+    train_lib.train(config, str(tmp_path / "damaged"), log=lines.append)
+    assert any("checkpoint 4" in l and "cannot be restored" in l for l in lines), lines
+    assert any("resumed" in l and "step 2" in l for l in lines), lines
+    _, a = _params(tmp_path / "straight")
+    _, b = _params(tmp_path / "damaged")
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    source = tmp_path / "images"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["image,caption"]
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(source / f"{i}.png")
+        rows.append(f"{i}.png,a picture number {i}")
+    for i in range(3):  # undecodable image bytes
+        (source / f"bad{i}.png").write_bytes(b"not a png at all")
+        rows.append(f"bad{i}.png,a broken picture")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(source / "empty.png")
+    rows.append("empty.png,")
+    (source / "captions.csv").write_text("\n".join(rows) + "\n")
+
+    config = tiny_demo(str(tmp_path / "tfds"), **{"evals.at_end": False, "log_every": 1})
+    config.data.name = "image_text_folder"
+    config.data.source = str(source / "captions.csv")
+    config.data.tokenizer.kind = "byte"
+    config.data.tokenizer.max_len = 24
+    config.data.batch_size = 8
+    config.data.test_fraction = 0.0
+    config.data.max_bad_fraction = 0.5
+    config.steps = 6  # 48 records: a whole epoch of the 44
+    os.makedirs(tmp_path / "tfds")
+    train_lib.train(config, str(tmp_path / "run"))
+    last = _records(tmp_path / "run")[-1]
+    assert last["step"] == 6 and np.isfinite(last["loss"])
+    assert last["data_dropped/bad_image"] >= 3
+    assert last["data_dropped/bad_caption"] >= 1
+    assert last["data_dropped"] == last["data_dropped/bad_image"] + last["data_dropped/bad_caption"]
+
+
+def _train_cli(workdir, data_dir, *extra):
+    return [sys.executable, "-m", "clipjax.train", "--config", str(ROOT / "configs" / "demo.py:tiny"),
+            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", "--config.evals.at_end=False",
+            "--config.log_every=1", *extra]
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        if path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines() if l):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_sigterm_checkpoints_the_current_step(tfds_dir, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(_train_cli(tmp_path, tfds_dir, "--config.steps=400", "--config.checkpoint_every=1000"),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped = [l for l in out.splitlines() if l.startswith("stopped at step")]
+    assert stopped and "SIGTERM" in stopped[0], out
+    step = int(stopped[0].split()[3].rstrip(":"))
+    assert Checkpointer(str(tmp_path)).latest_step() == step
+    assert _records(tmp_path)[-1]["step"] == step
+
+
+def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    args = ("--config.steps=12", "--config.checkpoint_every=2")
+    subprocess.run(_train_cli(tmp_path / "straight", tfds_dir, *args), cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    kill_at = int(np.random.default_rng().integers(3, 9))
+    proc = subprocess.Popen(_train_cli(tmp_path / "killed", tfds_dir, *args), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(tmp_path / "killed", kill_at, proc)
+    proc.kill()
+    proc.wait()
+    assert Checkpointer(str(tmp_path / "killed")).latest_step() < 12
+    subprocess.run(_train_cli(tmp_path / "killed", tfds_dir, *args), cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    step_a, a = _params(tmp_path / "straight")
+    step_b, b = _params(tmp_path / "killed")
+    assert step_a == step_b == 12
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
