@@ -69,6 +69,29 @@ class Checkpointer:
             return step, state, data
         return None
 
+    def _state_path(self, step: int) -> str:
+        path = os.path.join(self.directory, str(step), "state")
+        if not os.path.isdir(path):
+            steps = self.all_steps()
+            raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory} (steps: {steps or 'none'})")
+        return path
+
+    def params_metadata(self, step: int) -> Any:
+        """The saved parameter tree as ShapeDtypeStructs (no sharding), read without restoring."""
+        tree = ocp.PyTreeCheckpointer().metadata(self._state_path(step)).item_metadata
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree["params"])
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters (no optimizer state), placed by the shardings in `abstract_params`.
+
+        The shardings may belong to any mesh: a checkpoint written on 8 devices or 2 hosts
+        restores onto 1 device, or the reverse.
+        """
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+        restored = ocp.PyTreeCheckpointer().restore(self._state_path(step), args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+        return restored["params"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -99,7 +99,8 @@ def test_ring_loss_without_gradient_and_in_bfloat16():
     img, txt = _embeddings(3)
     rows = NamedSharding(mesh, P(axes))
     img_s, txt_s = (jax.device_put(x.astype(jnp.bfloat16), rows) for x in (img, txt))
-    value = jax.jit(lambda i, t: ring_infonce_loss(i, t, LOGIT_SCALE, mesh=mesh, batch_axes=axes))(img_s, txt_s)
+    loss = lambda i, t: ring_infonce_loss(i, t, LOGIT_SCALE, mesh=mesh, batch_axes=axes)
+    value = jax.jit(loss)(img_s, txt_s)
     expected = reference_infonce_loss(img.astype(jnp.bfloat16).astype(jnp.float32),
                                       txt.astype(jnp.bfloat16).astype(jnp.float32), LOGIT_SCALE)
     assert _rel_err(value, expected) <= 1e-5

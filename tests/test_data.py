@@ -404,21 +404,26 @@ def test_train_batches_have_the_agreed_keys_and_types(shapes_dir, sp_tokenizer):
   np.testing.assert_array_equal(batch["text"], sp_tokenizer.encode(expected["caption"][idx]))
 
 
-def test_processes_read_disjoint_shards_covering_each_epoch(shapes_dir, sp_tokenizer):
-  cfg = _config(shapes_dir)  # global batch 16 -> 8 per process, 48 records each
-  per_process = []
-  for p in range(2):
-    it = pipeline.make_train_iterator(cfg, sp_tokenizer, seed=3, process_index=p,
-                                      process_count=2)
-    epochs = [np.concatenate([next(it)["index"] for _ in range(6)]) for _ in range(2)]
-    assert next(it)["image"].shape[0] == 8
-    for e in epochs:
-      assert len(set(e.tolist())) == 48  # every shard record once per epoch
-    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled
-    assert set(epochs[0].tolist()) == set(epochs[1].tolist())
-    per_process.append(set(epochs[0].tolist()))
-  assert not per_process[0] & per_process[1]
-  assert per_process[0] | per_process[1] == set(range(NUM_TRAIN))
+def test_processes_split_each_global_batch_and_cover_each_epoch(shapes_dir, sp_tokenizer):
+  cfg = _config(shapes_dir)  # global batch 16 -> 8 per process; 96 records = 6 steps an epoch
+  single = pipeline.make_train_iterator(cfg, sp_tokenizer, seed=3)
+  parts = [pipeline.make_train_iterator(cfg, sp_tokenizer, seed=3, process_index=p, process_count=2)
+           for p in range(2)]
+  epochs = []
+  for _ in range(2):
+    seen = []
+    for _ in range(6):
+      whole = next(single)["index"]
+      local = [next(it)["index"] for it in parts]
+      assert all(len(x) == 8 for x in local)
+      assert not set(local[0].tolist()) & set(local[1].tolist())  # disjoint at every step
+      # The global batch is the same whatever the number of processes.
+      np.testing.assert_array_equal(np.concatenate(local), whole)
+      seen.append(whole)
+    epoch = np.concatenate(seen)
+    assert sorted(epoch.tolist()) == list(range(96))  # every record once per epoch
+    epochs.append(epoch)
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled
 
 
 def test_iterator_state_resumes_at_the_same_batch(shapes_dir, sp_tokenizer):

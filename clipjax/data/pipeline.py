@@ -282,10 +282,13 @@ def _batch_in_key_order(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class IndexChunks:
   """Random-access source of record-id chunks for one process.
 
-  Chunk k holds positions [k*b, (k+1)*b) of an endless stream that walks this
-  process's shard (records process_index, process_index + process_count, ...)
-  once per epoch, in a fresh seeded permutation each epoch. Chunks run across
-  epoch boundaries, so no example is ever skipped.
+  All processes walk the same endless stream: every epoch a fresh seeded
+  permutation of the whole split. Global batch k is positions [k*B, (k+1)*B)
+  of that stream and process p takes its slice [k*B + p*b, k*B + (p+1)*b).
+  So the processes read disjoint records at every step, and the global batch
+  at each step is the same whatever the number of processes: a run on 2 hosts
+  sees exactly the batches a run on 1 host sees. Chunks run across epoch
+  boundaries, so no example is ever skipped.
   """
 
   # Effectively endless: ~1e18 examples.
@@ -293,28 +296,30 @@ class IndexChunks:
 
   def __init__(self, num_records: int, chunk_size: int, seed: int | Sequence[int],
                process_index: int = 0, process_count: int = 1):
-    self.shard = np.arange(process_index, num_records, process_count, dtype=np.int64)
+    self.num_records = int(num_records)
     self.chunk_size = int(chunk_size)
+    self.global_size = self.chunk_size * int(process_count)
+    self.offset = self.chunk_size * int(process_index)
     self.seed = [int(seed)] if np.isscalar(seed) else [int(s) for s in seed]
     self._cache: dict[int, np.ndarray] = {}
 
   def __len__(self) -> int:
-    return self._NUM_CHUNKS // self.chunk_size
+    return self._NUM_CHUNKS // self.global_size
 
   def _epoch_order(self, epoch: int) -> np.ndarray:
     order = self._cache.get(epoch)
     if order is None:
       rng = np.random.default_rng([*self.seed, epoch])
-      order = self.shard[rng.permutation(len(self.shard))]
+      order = rng.permutation(self.num_records)
       # Only the current and the next epoch are ever in use (prefetch threads).
       self._cache = {e: o for e, o in self._cache.items() if e >= epoch - 1}
       self._cache[epoch] = order
     return order
 
   def __getitem__(self, k: int) -> np.ndarray:
-    n = len(self.shard)
-    positions = np.arange(int(k) * self.chunk_size, (int(k) + 1) * self.chunk_size)
-    epochs, offsets = np.divmod(positions, n)
+    start = int(k) * self.global_size + self.offset
+    positions = np.arange(start, start + self.chunk_size)
+    epochs, offsets = np.divmod(positions, self.num_records)
     out = np.empty(self.chunk_size, dtype=np.int64)
     for e in np.unique(epochs):
       sel = epochs == e
@@ -375,7 +380,7 @@ def make_train_iterator(data_config, tokenizer, *, seed: int, process_index: int
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   max_bad = options.get(data_config, "max_bad_fraction", None)
   counter = DropCounter(None if max_bad is None else float(max_bad),
-                        min_seen=min(1000, len(chunks.shard)))
+                        min_seen=min(1000, max(num_records // process_count, 1)))
   it_ds = it_ds.map(counter).filter(_non_empty)
   it_ds = grain.experimental.RebatchIterDataset(it_ds, batch_size=local_batch,
                                                 drop_remainder=True)

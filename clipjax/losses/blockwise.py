@@ -21,13 +21,18 @@ Sigmoid (SigLIP) needs no statistics: L = sum_ij softplus(-z_ij (logit_ij + bias
 z = +1 on the positives and -1 elsewhere.
 
 The backward pass is a `jax.custom_vjp` around the two shard_maps (forward and backward each run
-their own ring) and recomputes the tiles from the saved O(B) statistics. With G = dL/dlogit:
+their own ring) and recomputes the tiles from the saved O(B) statistics (the row and column
+max, 1 / sum and positive logit). With g the loss cotangent and G = dL/dlogit:
 
-    softmax: G_ij = g * (exp(logit_ij - lse_row_i) + exp(logit_ij - lse_col_j) - 2 [i = j]) / (2B)
+    softmax: G_ij = g * (P_ij + Q_ij - 2 [i = j]) / (2B),  P = row softmax, Q = column softmax
     sigmoid: G_ij = g * (sigmoid(logit_ij + bias) - [i = j]) / B
     d img_i = s sum_j G_ij txt_j,   d txt_j = s sum_i G_ij img_i,   s = exp(logit_scale)
     d logit_scale = sum_ij G_ij (logit_ij - bias)   (d logit / d logit_scale is the logit itself)
     d bias = sum_ij G_ij
+
+For softmax, d logit_scale is summed in the equivalent centred form
+g / (2B) * sum_ij (P_ij (logit_ij - logit_ii) + Q_ij (logit_ij - logit_jj)), which avoids
+cancelling two large sums.
 
 d img accumulates on the owning device. d txt of a visiting tile is accumulated in a buffer
 that travels with the tile, so it reaches the text's owner at the end of the lap. The scalar
@@ -45,12 +50,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+
 def default_chunk(block: int, dim: int) -> int:
     """Largest divisor of the local block size that is at most max(8, dim // 4).
 
-    About five b x chunk tiles are live in the softmax backward pass next to two or three b x d
-    blocks, so chunk <= d/4 keeps the tiles within about one more block whatever the batch size,
-    while the tile matmuls stay as wide at 1M examples as at 8k.
+    Besides two b x d blocks (the visiting text block and one matmul result), the backward pass
+    holds a few b x chunk tiles; chunk <= d/4 keeps them to about one more block whatever the
+    batch size, while the tile matmuls stay as wide at 1M examples as at 8k.
     """
     limit = max(1, min(block, max(8, dim // 4)))
     return max(c for c in range(1, limit + 1) if block % c == 0)
@@ -227,7 +233,11 @@ def _ring_options(img, mesh, batch_axes, chunk):
 
 def ring_infonce_loss(img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequence[str],
                       chunk: int | None = None):
-    """`global_infonce_loss` computed blockwise around a ring; img/txt are [B, d] sharded over batch_axes."""
+    """`global_infonce_loss`, computed blockwise around a ring of the devices along batch_axes.
+
+    img/txt are [B, d] sharded over batch_axes; `logit_scale` is the log of the scale; `chunk`
+    (columns per tile, a divisor of B / devices) defaults to `default_chunk`.
+    """
     opts = _ring_options(img, mesh, batch_axes, chunk)
     rows, scalar = P(opts["axes"]), P()
     forward = jax.shard_map(
@@ -255,7 +265,11 @@ def ring_infonce_loss(img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequence
 
 def ring_sigmoid_loss(img, txt, logit_scale, logit_bias, *, mesh: Mesh, batch_axes: Sequence[str],
                       chunk: int | None = None):
-    """`global_sigmoid_loss` computed blockwise around a ring; img/txt are [B, d] sharded over batch_axes."""
+    """`global_sigmoid_loss`, computed blockwise around a ring of the devices along batch_axes.
+
+    img/txt are [B, d] sharded over batch_axes; `logit_scale` is the log of the scale and
+    `logit_bias` a scalar; `chunk` as in `ring_infonce_loss`.
+    """
     opts = _ring_options(img, mesh, batch_axes, chunk)
     rows, scalar = P(opts["axes"]), P()
     forward = jax.shard_map(

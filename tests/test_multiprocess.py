@@ -1,0 +1,76 @@
+"""Two processes x 4 devices on loopback train exactly like one process x 8 devices."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from clipjax.checkpoint import Checkpointer
+from tests.test_train import ROOT
+
+STEPS = 20
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(workdir, data_dir):
+    return [sys.executable, "-m", "clipjax.train", "--config", str(ROOT / "configs" / "demo.py:tiny"),
+            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.steps={STEPS}",
+            "--config.log_every=1", "--config.checkpoint_every=10", "--config.metrics.every=5"]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices come from CLIPJAX_LOCAL_DEVICES
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def _losses(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def _params(workdir):
+    """The final parameters, restored onto this process's first device (the run used other devices)."""
+    ckpt = Checkpointer(str(workdir))
+    step = ckpt.latest_step()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            ckpt.params_metadata(step))
+    params = ckpt.restore_params(step, abstract)
+    ckpt.close()
+    return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def test_two_processes_match_one_process(tfds_dir, tmp_path):
+    single = subprocess.run(_command(tmp_path / "one", tfds_dir), cwd=ROOT, capture_output=True, text=True,
+                            env=_env(CLIPJAX_LOCAL_DEVICES="8"), timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+
+    port = _free_port()
+    procs = [subprocess.Popen(_command(tmp_path / "two", tfds_dir), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=_env(CLIPJAX_LOCAL_DEVICES="4", CLIPJAX_COORDINATOR=f"127.0.0.1:{port}",
+                                       CLIPJAX_NUM_PROCESSES="2", CLIPJAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    assert "2 processes" in outputs[0] and "8 devices" in outputs[0]
+    assert not outputs[1].strip().startswith("mesh"), "only process 0 prints the run's lines"
+
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), step
+    for a, b in zip(_params(tmp_path / "one"), _params(tmp_path / "two")):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    report_one = json.load(open(tmp_path / "one" / "report.json"))
+    report_two = json.load(open(tmp_path / "two" / "report.json"))
+    assert abs(report_one["retrieval"]["image_to_text"]["R@1"] - report_two["retrieval"]["image_to_text"]["R@1"]) < 0.02
