@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from clipjax.losses.contrastive import LOSS_NAMES
+from clipjax.losses.select import LOSS_IMPLS, LOSS_NAMES
 
 LN_1_OVER_0_07 = math.log(1 / 0.07)
 
@@ -96,6 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax"
+    c.loss.impl = "gather"        # gather | ring (O(B) memory; see docs/large_batches.md)
+    c.loss.chunk = 0              # ring: columns per tile (0: chosen from the block size)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
@@ -185,6 +187,7 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
     check_known_keys(config)
     total_steps(config)
     _choice(config, "loss.name", LOSS_NAMES)
+    _choice(config, "loss.impl", LOSS_IMPLS)
     _choice(config, "model.image.kind", ("vit", "resnet"))
     _choice(config, "model.dtype", ("float32", "bfloat16"))
     _choice(config, "optim.name", ("adamw", "lars"))
@@ -213,6 +216,9 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
         raise ConfigError(
             f"data.batch_size={batch} is not divisible by the {parallel}-way batch parallelism of "
             f"mesh {dict(zip(axes, shape))} (data x fsdp)")
+    if config.loss.impl == "ring" and config.loss.chunk and (batch // parallel) % config.loss.chunk:
+        raise ConfigError(f"loss.chunk={config.loss.chunk} does not divide the per-device block of "
+                          f"{batch // parallel} examples (data.batch_size / data x fsdp)")
     if batch % process_count:
         raise ConfigError(f"data.batch_size={batch} is not divisible by the {process_count} processes")
 

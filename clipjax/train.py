@@ -113,7 +113,8 @@ def make_loss_fn(config, graphdef, mesh):
         model = nnx.merge(graphdef, params)
         img, txt = model(batch["image"], batch["text"])
         loss = contrastive_loss(config.loss.name, img, txt, params["logit_scale"], params.get("logit_bias"),
-                                mesh=mesh, batch_axes=axes)
+                                mesh=mesh, batch_axes=axes, impl=config.loss.impl,
+                                chunk=config.loss.chunk or None)
         return loss, (img, txt)
 
     return loss_fn

@@ -45,10 +45,11 @@ def _rel_err(a, b):
     return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
-@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
-def test_sharded_grads_equal_single_device(data_dir, loss_name):
+@pytest.mark.parametrize("loss_name,impl", [("softmax", "gather"), ("sigmoid", "gather"),
+                                           ("softmax", "ring"), ("sigmoid", "ring")])
+def test_sharded_grads_equal_single_device(data_dir, loss_name, impl):
     """Loss and every parameter's gradient on 8 devices (FSDP x data) equal one device's."""
-    config = tiny_demo(data_dir, **{"loss.name": loss_name})
+    config = tiny_demo(data_dir, **{"loss.name": loss_name, "loss.impl": impl})
     if loss_name == "sigmoid":
         config.model.logit_bias_init = -10.0
         config.model.logit_scale_init = float(np.log(10.0))
@@ -128,3 +129,16 @@ def test_every_config_runs_at_tiny_size(name, data_dir, tmp_path):
     assert set(saved["zero_shot"]) >= {"shape", "color", "mean_top1"}
     assert report["retrieval"] == saved["retrieval"]
     assert os.listdir(tmp_path / "run" / "tensorboard")
+
+
+def test_ring_training_matches_gather_training(data_dir, tmp_path):
+    """The demo trained with the ring loss follows the default (gather) run's loss curve."""
+    runs = {}
+    for impl in ("gather", "ring"):
+        config = tiny_demo(data_dir, **{"evals.at_end": False, "log_every": 1, "loss.impl": impl,
+                                        "metrics.every": 0})
+        config.steps = 6
+        train_lib.train(config, str(tmp_path / impl))
+        with open(tmp_path / impl / "metrics.jsonl") as f:
+            runs[impl] = [json.loads(line)["loss"] for line in f]
+    np.testing.assert_allclose(runs["ring"], runs["gather"], rtol=1e-5)

@@ -1,5 +1,6 @@
 from clipjax.losses.blockwise import ring_infonce_loss, ring_sigmoid_loss  # noqa: F401
 from clipjax.losses.contrastive import (  # noqa: F401
-    LOSS_NAMES, contrastive_loss, global_infonce_loss, global_sigmoid_loss,
-    reference_infonce_loss, reference_sigmoid_loss,
+    alignment_only_loss, global_infonce_loss, global_sigmoid_loss, reference_infonce_loss,
+    reference_sigmoid_loss,
 )
+from clipjax.losses.select import LOSS_IMPLS, LOSS_NAMES, contrastive_loss  # noqa: F401

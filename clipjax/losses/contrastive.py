@@ -98,19 +98,3 @@ def alignment_only_loss(img, txt):
     apart, and they collapse. Used to show (and test) the collapse alarm.
     """
     return jnp.mean(jnp.sum(jnp.square(img - txt), axis=-1))
-
-
-LOSS_NAMES = ("softmax", "sigmoid", "alignment")
-
-
-def contrastive_loss(name: str, img, txt, logit_scale, logit_bias, *, mesh, batch_axes):
-    """Dispatch on `config.loss.name`."""
-    if name == "softmax":
-        return global_infonce_loss(img, txt, logit_scale, mesh=mesh, batch_axes=batch_axes)
-    if name == "sigmoid":
-        if logit_bias is None:
-            raise ValueError("loss.name='sigmoid' needs a bias: set model.logit_bias_init (e.g. -10.0)")
-        return global_sigmoid_loss(img, txt, logit_scale, logit_bias, mesh=mesh, batch_axes=batch_axes)
-    if name == "alignment":
-        return alignment_only_loss(img, txt)
-    raise ValueError(f"loss.name: unknown loss {name!r} (expected one of {LOSS_NAMES})")
