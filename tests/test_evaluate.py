@@ -1,0 +1,95 @@
+"""Evaluation from checkpoints on any mesh, and the Python API."""
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import clipjax
+from clipjax import train as train_lib
+from clipjax.api import RestoreError
+from clipjax.evals.retrieval import retrieval_metrics
+from clipjax.evaluate import evaluate
+from tests.test_train import ROOT, tiny_demo
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, request):
+    """A tiny demo trained on 8 devices with FSDP (4 data x 2 fsdp)."""
+    data_dir = request.getfixturevalue("tfds_dir")
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_demo(data_dir)
+    config.mesh.shape = (4, 2, 1)
+    report = train_lib.train(config, str(workdir))
+    return workdir, report
+
+
+def _numbers(report):
+    return {k: v for k, v in report.items() if k not in ("timing",)}
+
+
+def test_evaluate_on_one_and_two_devices_equals_training_report(trained, tmp_path):
+    workdir, train_report = trained
+    one = evaluate(str(workdir), out=str(tmp_path / "one"), devices=jax.devices()[:1])
+    two = evaluate(str(workdir), out=str(tmp_path / "two"), devices=jax.devices()[:2])
+    assert one["step"] == two["step"] == train_report["step"]
+    for key in ("zero_shot", "retrieval"):
+        assert one[key] == two[key] == train_report[key]
+    np.testing.assert_allclose(one["embedding"]["img_spectrum"], train_report["embedding"]["img_spectrum"],
+                               rtol=1e-4, atol=1e-7)
+    saved = json.load(open(tmp_path / "one" / "report.json"))
+    assert saved["retrieval"] == one["retrieval"]
+    markdown = (tmp_path / "one" / "report.md").read_text()
+    assert "Zero-shot" in markdown and "Retrieval" in markdown and "probe_spectrum.png" in markdown
+    assert (tmp_path / "one" / "probe_spectrum.png").stat().st_size > 0
+
+
+def test_load_api_embeddings(trained):
+    workdir, train_report = trained
+    from clipjax.data import pipeline
+    single = clipjax.load(str(workdir), devices=jax.devices()[:1])
+    multi = clipjax.load(str(workdir), devices=jax.devices())
+    arrays = pipeline.load_split_arrays(single.config.data, single.tokenizer, split="test",
+                                        max_examples=single.config.evals.max_examples)
+    img_1, img_8 = single.encode_image(arrays["image"]), multi.encode_image(arrays["image"])
+    txt_1 = single.encode_text(list(arrays["caption"]))
+    np.testing.assert_allclose(img_8, img_1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(img_1, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(single.tokenize(["a red circle"]), single.tokenizer.encode(["a red circle"]))
+    # The embeddings are the ones training evaluated: they reproduce its retrieval numbers.
+    assert retrieval_metrics(img_1, txt_1, arrays["label"]) == train_report["retrieval"]
+    assert single.similarity(img_1[:2], txt_1[:3]).shape == (2, 3)
+
+
+def test_restore_errors_are_one_line(trained, tmp_path):
+    workdir, _ = trained
+    with pytest.raises(RestoreError, match="does not exist"):
+        clipjax.load(str(tmp_path / "missing"))
+    with pytest.raises(RestoreError, match="no checkpoint at step 3 .*steps: \\[2, 4\\]"):
+        clipjax.load(str(workdir), step=3)
+    with pytest.raises(RestoreError, match="does not match the model config: .*shape"):
+        clipjax.load(str(workdir), config_overrides={"model.embed_dim": 32})
+    result = subprocess.run([sys.executable, "-m", "clipjax.evaluate", "--workdir", str(tmp_path / "missing")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"clipjax.evaluate: workdir '{tmp_path / 'missing'}' does not exist"]
+
+
+def test_plain_orbax_reads_the_checkpoint(trained):
+    """The snippet of docs/checkpoints.md, with no clipjax import in the restore itself."""
+    import orbax.checkpoint as ocp
+    workdir, _ = trained
+    path = str(workdir / "checkpoints" / "4" / "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(path).item_metadata["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved)
+    params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={"params": target},
+        restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+        partial_restore=True))["params"]
+    reference = clipjax.load(str(workdir), devices=jax.devices()[:1]).params
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
