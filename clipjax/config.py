@@ -28,6 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    c.microbatches = 1            # >1: towers see the batch in this many pieces, loss on the whole (GradCache)
     c.max_nonfinite_streak = 20   # stop after this many consecutive non-finite steps (0: never)
 
     c.mesh = ml_collections.ConfigDict()
@@ -218,6 +219,10 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
             f"mesh {dict(zip(axes, shape))} (data x fsdp)")
     if config.loss.impl == "ring" and config.loss.chunk and (batch // parallel) % config.loss.chunk:
         raise ConfigError(f"loss.chunk={config.loss.chunk} does not divide the per-device block of "
+                          f"{batch // parallel} examples (data.batch_size / data x fsdp)")
+    micro = int(config.microbatches)
+    if micro < 1 or (batch // parallel) % micro:
+        raise ConfigError(f"microbatches={micro} must be >= 1 and divide the per-device block of "
                           f"{batch // parallel} examples (data.batch_size / data x fsdp)")
     if batch % process_count:
         raise ConfigError(f"data.batch_size={batch} is not divisible by the {process_count} processes")

@@ -142,3 +142,44 @@ def test_ring_training_matches_gather_training(data_dir, tmp_path):
         with open(tmp_path / impl / "metrics.jsonl") as f:
             runs[impl] = [json.loads(line)["loss"] for line in f]
     np.testing.assert_allclose(runs["ring"], runs["gather"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("microbatches,loss_name", [(2, "softmax"), (4, "softmax"), (4, "sigmoid")])
+def test_microbatched_grads_equal_full_batch(data_dir, microbatches, loss_name):
+    """GradCache-style micro-batching gives the full-batch gradients, temperature counted once."""
+    config = tiny_demo(data_dir, **{"loss.name": loss_name})
+    if loss_name == "sigmoid":
+        config.model.logit_bias_init = -10.0
+        config.model.logit_scale_init = float(np.log(10.0))
+    from clipjax.data import pipeline
+    tokenizer = train_lib.build_tokenizer(config)
+    batch = next(pipeline.make_train_iterator(config.data, tokenizer, seed=0))
+    config.mesh.shape = (4, 2, 1)
+    mesh = make_mesh(config.mesh)
+    setup = train_lib.init_state(config, mesh, tokenizer)
+    global_batch = host_batch_to_global({k: batch[k] for k in ("image", "text")}, mesh)
+    results = []
+    for k in (1, microbatches):
+        config.microbatches = k
+        grad_fn = train_lib.make_grad_fn(config, setup.graphdef, mesh)
+        (loss, _), grads = jax.jit(grad_fn)(setup.state["params"], global_batch)
+        results.append((float(loss), jax.device_get(grads)))
+    (loss_1, grads_1), (loss_k, grads_k) = results
+    assert abs(loss_k - loss_1) <= 1e-5 * abs(loss_1)
+    floor = 1e-4 * max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_1))
+    for (path, g1), gk in zip(jax.tree_util.tree_flatten_with_path(grads_1)[0], jax.tree.leaves(grads_k)):
+        err = np.max(np.abs(np.asarray(gk, np.float64) - np.asarray(g1, np.float64)))
+        assert err <= 1e-5 * max(float(np.max(np.abs(g1))), floor), jax.tree_util.keystr(path)
+    assert abs(float(grads_k["logit_scale"]) - float(grads_1["logit_scale"])) <= 1e-5 * abs(float(grads_1["logit_scale"]))
+
+
+def test_microbatched_training_matches_default(data_dir, tmp_path):
+    runs = {}
+    for k in (1, 4):
+        config = tiny_demo(data_dir, **{"evals.at_end": False, "log_every": 1, "microbatches": k,
+                                        "metrics.every": 0})
+        config.steps = 6
+        train_lib.train(config, str(tmp_path / str(k)))
+        with open(tmp_path / str(k) / "metrics.jsonl") as f:
+            runs[k] = [json.loads(line)["loss"] for line in f]
+    np.testing.assert_allclose(runs[4], runs[1], rtol=1e-5)
