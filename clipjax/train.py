@@ -286,6 +286,17 @@ def data_drop_metrics(iterator) -> dict[str, int]:
             **{f"data_dropped/{reason}": int(n) for reason, n in sorted(counts.items())}}
 
 
+def flatten_report(report: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a report as 'prefix/a/b/c' scalars (for metrics.jsonl and TensorBoard)."""
+    out = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            out.update(flatten_report(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def alarm_start_step(config, total_steps: int) -> int:
     if config.metrics.alarm_start_step >= 0:
         return int(config.metrics.alarm_start_step)
@@ -406,6 +417,12 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
                 stop_reason = "SIGTERM received (preemption)"
             if due_checkpoint or stop_reason:
                 checkpointer.save(step, state, iterator.get_state())
+            if config.evals.every and step % config.evals.every == 0 and step < setup.total_steps:
+                # The same evaluators as the end-of-run report, on the same held-out examples.
+                interim = run_evaluation(config, mesh, tokenizer, setup.graphdef, state["params"], step)
+                writer.write(step, flatten_report(interim, prefix="eval/"))
+                for line in summary_lines(interim):
+                    log(line)
     if stop_reason:
         log(f"stopped at step {step}: {stop_reason}")
     writer.plot_spectra()

@@ -183,3 +183,13 @@ def test_microbatched_training_matches_default(data_dir, tmp_path):
         with open(tmp_path / str(k) / "metrics.jsonl") as f:
             runs[k] = [json.loads(line)["loss"] for line in f]
     np.testing.assert_allclose(runs[4], runs[1], rtol=1e-5)
+
+
+def test_periodic_evaluation_during_training(data_dir, tmp_path):
+    config = tiny_demo(data_dir, **{"evals.every": 2})
+    report = train_lib.train(config, str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    interim = [r for r in records if "eval/zero_shot/shape/top1" in r]
+    assert [r["step"] for r in interim] == [2]  # step 4 is the end-of-run report
+    assert 0.0 <= interim[0]["eval/retrieval/image_to_text/R@1"] <= 1.0
+    assert report["step"] == 4
