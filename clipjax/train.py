@@ -27,7 +27,6 @@ from clipjax import config as config_lib
 from clipjax import optim
 from clipjax.checkpoint import Checkpointer, abstract_with_shardings
 from clipjax.data import pipeline
-from clipjax.data.tokenizers import make_tokenizer
 from clipjax.evals.embed import embed_in_batches
 from clipjax.evals.report import evaluate_embeddings, summary_lines, write_report
 from clipjax.logging import MetricWriter, Progress

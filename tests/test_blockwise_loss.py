@@ -10,6 +10,7 @@ from clipjax.losses import (
     ring_infonce_loss, ring_sigmoid_loss,
 )
 from clipjax.losses.blockwise import default_chunk, grad_temp_bytes
+from tests.helpers import paired_unit_embeddings, rel_err
 
 B, D = 64, 16
 # Neither value is a round number, so a temperature or bias gradient that is off by a factor
@@ -19,16 +20,7 @@ MiB = 2**20
 
 
 def _embeddings(seed):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    img = jax.random.normal(k1, (B, D))
-    txt = img + 0.7 * jax.random.normal(k2, (B, D))  # correlated so the loss is informative
-    norm = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)
-    return norm(img), norm(txt)
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+    return paired_unit_embeddings(seed, B, D)
 
 
 def _mesh(shape):
@@ -66,14 +58,14 @@ def _check_against_gather_and_reference(loss_name, mesh, axes, chunk, logit_scal
         loss_ref, grads_ref = jax.jit(jax.value_and_grad(reference, argnums))(img, txt, scale, bias)
 
     for expected in (loss_gather, loss_ref):
-        assert _rel_err(loss_ring, expected) <= 1e-5
+        assert rel_err(loss_ring, expected) <= 1e-5
     names = ("img", "txt", "logit_scale", "logit_bias")
     for name, g_ring, g_gather, g_ref in zip(names, grads_ring, grads_gather, grads_ref):
         if loss_name == "softmax" and name == "logit_bias":
             assert float(g_ring) == 0.0  # the bias does not enter InfoNCE
             continue
-        assert _rel_err(g_ring, g_gather) <= 1e-5, name
-        assert _rel_err(g_ring, g_ref) <= 1e-5, name
+        assert rel_err(g_ring, g_gather) <= 1e-5, name
+        assert rel_err(g_ring, g_ref) <= 1e-5, name
     # Gradients of remote blocks made it home: each device owns its rows' gradients.
     assert grads_ring[0].sharding.is_equivalent_to(rows, 2)
     assert grads_ring[1].sharding.is_equivalent_to(rows, 2)
@@ -103,7 +95,7 @@ def test_ring_loss_without_gradient_and_in_bfloat16():
     value = jax.jit(loss)(img_s, txt_s)
     expected = reference_infonce_loss(img.astype(jnp.bfloat16).astype(jnp.float32),
                                       txt.astype(jnp.bfloat16).astype(jnp.float32), LOGIT_SCALE)
-    assert _rel_err(value, expected) <= 1e-5
+    assert rel_err(value, expected) <= 1e-5
 
 
 def test_chunk_must_divide_the_local_block():

@@ -8,21 +8,13 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from clipjax.losses import (
     global_infonce_loss, global_sigmoid_loss, reference_infonce_loss, reference_sigmoid_loss,
 )
+from tests.helpers import paired_unit_embeddings, rel_err
 
 B, D = 64, 16
 
 
 def _embeddings(seed):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    img = jax.random.normal(k1, (B, D))
-    txt = img + 0.7 * jax.random.normal(k2, (B, D))  # correlated so the loss is informative
-    norm = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)
-    return norm(img), norm(txt)
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+    return paired_unit_embeddings(seed, B, D)
 
 
 @pytest.mark.parametrize("shape", [(8, 1), (2, 4), (1, 8)])
@@ -46,11 +38,11 @@ def test_sharded_loss_and_grads_equal_single_device(shape, loss_name):
     with jax.default_device(jax.devices()[0]):
         loss_r, grads_r = jax.jit(jax.value_and_grad(reference, argnums))(img, txt, scale, bias)
 
-    assert _rel_err(loss_s, loss_r) <= 1e-5
+    assert rel_err(loss_s, loss_r) <= 1e-5
     for gs, gr in zip(grads_s, grads_r):
         if loss_name == "softmax" and gr.ndim == 0 and float(gr) == 0.0:
             continue  # the bias does not enter InfoNCE
-        assert _rel_err(gs, gr) <= 1e-5
+        assert rel_err(gs, gr) <= 1e-5
     # The embedding gradients come back sharded like the embeddings: each device owns its rows.
     assert grads_s[0].sharding.is_equivalent_to(batch_sharding, 2)
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from clipjax import train as train_lib
-from clipjax.checkpoint import Checkpointer, abstract_with_shardings
+from clipjax.checkpoint import Checkpointer
 from clipjax.parallel import host_batch_to_global, make_mesh
+from tests.helpers import rel_err
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
@@ -40,9 +41,6 @@ def tiny_demo(data_dir, **overrides):
     return c
 
 
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
 @pytest.mark.parametrize("loss_name,impl", [("softmax", "gather"), ("sigmoid", "gather"),
@@ -70,7 +68,7 @@ def test_sharded_grads_equal_single_device(data_dir, loss_name, impl):
         results.append((loss, jax.device_get(grads)))
 
     (loss_1, grads_1), (loss_8, grads_8) = results
-    assert _rel_err(loss_8, loss_1) <= 1e-5
+    assert rel_err(loss_8, loss_1) <= 1e-5
     flat_1 = jax.tree_util.tree_flatten_with_path(grads_1)[0]
     flat_8 = jax.tree.leaves(grads_8)
     assert len(flat_1) == len(flat_8)
