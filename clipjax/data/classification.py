@@ -25,6 +25,7 @@ Files: ArrayRecord datasets are read through `as_data_source`; TFRecord datasets
 by default, e.g. cifar10 or imagenet2012 prepared with TensorFlow) are read sequentially with the
 small reader below (record framing only: lengths are trusted, CRCs are not checked).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -32,7 +33,7 @@ import io
 import os
 import re
 import struct
-from typing import Iterator, Sequence
+from collections.abc import Iterator
 
 from absl import logging
 from etils import epath
@@ -74,15 +75,15 @@ def get_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
         raise FileNotFoundError(
             f"dataset {name!r} is not prepared in data_dir {data_dir!r} (no "
             f"{name.split(':')[0]}/<version>/dataset_info.json there); prepare it with "
-            "tensorflow-datasets first, nothing is downloaded here") from None
+            "tensorflow-datasets first, nothing is downloaded here"
+        ) from None
 
 
 def _feature(builder, key: str, kinds: tuple, what: str):
     features = builder.info.features
     if key not in features or not isinstance(features[key], kinds):
         found = {k: type(v).__name__ for k, v in features.items()}
-        raise ValueError(f"dataset {builder.name} has no {what} feature {key!r}; "
-                         f"its features are {found}")
+        raise ValueError(f"dataset {builder.name} has no {what} feature {key!r}; its features are {found}")
     return features[key]
 
 
@@ -100,13 +101,16 @@ def class_names(name: str, data_dir: str, *, label_key: str = "label") -> list[s
     """
     names = raw_class_names(name, data_dir, label_key=label_key)
     if names and all(_WORDNET_ID.match(n) for n in names):
-        logging.warning("dataset %s labels its classes with WordNet ids (%s, ...); zero-shot "
-                        "prompts need real class names", name, names[0])
+        logging.warning(
+            "dataset %s labels its classes with WordNet ids (%s, ...); zero-shot "
+            "prompts need real class names",
+            name,
+            names[0],
+        )
     return [" ".join(n.replace("_", " ").split()) for n in names]
 
 
-def zero_shot_task(name: str, data_dir: str, *,
-                   label_key: str = "label") -> tuple[list[str], list[str]]:
+def zero_shot_task(name: str, data_dir: str, *, label_key: str = "label") -> tuple[list[str], list[str]]:
     """(class names, prompt templates) in the form the zero-shot evaluator takes."""
     return class_names(name, data_dir, label_key=label_key), list(TEMPLATES)
 
@@ -151,15 +155,18 @@ class _RawRecords:
             if builder.info.file_format != _FileFormat.ARRAY_RECORD:
                 builder = tfds.builder_from_directory(builder.data_dir, file_format="array_record")
             self.source = builder.as_data_source(
-                split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+                split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+            )
             self.size = len(self.source)
         elif _FileFormat.TFRECORD in formats:
             self.instructions = builder.info.splits[split].file_instructions
             self.size = sum(fi.take for fi in self.instructions)
         else:
-            raise ValueError(f"dataset {builder.name} is stored as "
-                             f"{sorted(f.value for f in formats)}; only array_record and "
-                             "tfrecord files can be read")
+            raise ValueError(
+                f"dataset {builder.name} is stored as "
+                f"{sorted(f.value for f in formats)}; only array_record and "
+                "tfrecord files can be read"
+            )
 
     def chunks(self, n: int) -> Iterator[list[bytes]]:
         """The first n records, in lists of at most _CHUNK."""
@@ -225,10 +232,17 @@ def array_image(array: np.ndarray, image_size: int) -> np.ndarray:
     return _square_rgb(Image.fromarray(array), image_size)
 
 
-def load_classification_split(name: str, data_dir: str, split: str, image_size: int,
-                              max_examples: int | None = None, *, image_key: str = "image",
-                              label_key: str = "label",
-                              num_threads: int | None = None) -> dict[str, np.ndarray]:
+def load_classification_split(
+    name: str,
+    data_dir: str,
+    split: str,
+    image_size: int,
+    max_examples: int | None = None,
+    *,
+    image_key: str = "image",
+    label_key: str = "label",
+    num_threads: int | None = None,
+) -> dict[str, np.ndarray]:
     """{'image': uint8 [N, S, S, 3], 'label': int32 [N]} for a split (its first `max_examples`
     records when that is > 0). Encoded images are decoded on `num_threads` threads (default:
     up to 8, one per CPU). An image that cannot be decoded raises ValueError naming its record.
@@ -237,8 +251,9 @@ def load_classification_split(name: str, data_dir: str, split: str, image_size: 
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     builder = get_builder(name, data_dir)
-    image_feature = _feature(builder, image_key, (tfds.features.Image, tfds.features.Tensor),
-                             "Image or Tensor")
+    image_feature = _feature(
+        builder, image_key, (tfds.features.Image, tfds.features.Tensor), "Image or Tensor"
+    )
     _feature(builder, label_key, (tfds.features.ClassLabel, tfds.features.Tensor), "label")
     encoded = isinstance(image_feature, tfds.features.Image)
     raw = _RawRecords(builder, split)

@@ -10,6 +10,7 @@ chunks, each with its own generators derived from (seed, chunk), so a shorter
 split is a prefix of a longer one with the same seed, and captions can be made
 without rendering images.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,13 +37,13 @@ NUM_CONCEPTS = len(SHAPES) * len(COLORS) * len(SIZES) * len(POSITIONS)  # 320
 # once the per-object color jitter is added.
 _RGB = np.array(
     [
-        (220, 30, 30),    # red
-        (30, 170, 40),    # green
-        (35, 70, 235),    # blue
-        (245, 225, 30),   # yellow
-        (145, 40, 200),   # purple
-        (255, 140, 0),    # orange
-        (20, 215, 225),   # cyan
+        (220, 30, 30),  # red
+        (30, 170, 40),  # green
+        (35, 70, 235),  # blue
+        (245, 225, 30),  # yellow
+        (145, 40, 200),  # purple
+        (255, 140, 0),  # orange
+        (20, 215, 225),  # cyan
         (250, 250, 250),  # white
     ],
     dtype=np.float32,
@@ -76,16 +77,16 @@ P_DROP_SHAPE = 0.10
 
 
 def concept_id(shape, color, size, position):
-  """Concept label in [0, 320); works on ints and on integer arrays."""
-  return ((shape * len(COLORS) + color) * len(SIZES) + size) * len(POSITIONS) + position
+    """Concept label in [0, 320); works on ints and on integer arrays."""
+    return ((shape * len(COLORS) + color) * len(SIZES) + size) * len(POSITIONS) + position
 
 
 def concept_attributes(label):
-  """Inverse of `concept_id`: returns (shape, color, size, position)."""
-  label, position = divmod(label, len(POSITIONS))
-  label, size = divmod(label, len(SIZES))
-  shape, color = divmod(label, len(COLORS))
-  return shape, color, size, position
+    """Inverse of `concept_id`: returns (shape, color, size, position)."""
+    label, position = divmod(label, len(POSITIONS))
+    label, size = divmod(label, len(SIZES))
+    shape, color = divmod(label, len(COLORS))
+    return shape, color, size, position
 
 
 # ----------------------------------------------------------------------------
@@ -96,128 +97,130 @@ _SPACE = re.compile(r"\s+", flags=re.UNICODE)
 
 
 def normalize_caption(s: str) -> str:
-  """Lowercase, punctuation removed, whitespace collapsed."""
-  s = _PUNCT.sub(" ", s.lower())
-  return _SPACE.sub(" ", s).strip()
+    """Lowercase, punctuation removed, whitespace collapsed."""
+    s = _PUNCT.sub(" ", s.lower())
+    return _SPACE.sub(" ", s).strip()
 
 
 def caption_text_id(s: str) -> int:
-  """Stable non-negative int32 id of the normalised caption.
+    """Stable non-negative int32 id of the normalised caption.
 
-  crc32 rather than hash(): Python salts str hashes per process, and the id
-  must agree across hosts and runs (it marks duplicate captions in a batch).
-  """
-  return zlib.crc32(normalize_caption(s).encode("utf-8")) & 0x7FFFFFFF
+    crc32 rather than hash(): Python salts str hashes per process, and the id
+    must agree across hosts and runs (it marks duplicate captions in a batch).
+    """
+    return zlib.crc32(normalize_caption(s).encode("utf-8")) & 0x7FFFFFFF
 
 
 def _article(next_word: str) -> str:
-  return "an" if next_word[:1] in "aeiou" else "a"
+    return "an" if next_word[:1] in "aeiou" else "a"
 
 
 def _with_article(phrase: str) -> str:
-  return f"{_article(phrase)} {phrase}"
+    return f"{_article(phrase)} {phrase}"
 
 
-def _caption(template: int, size: str | None, color: str | None, noun: str,
-             pos: str | None, color_first: bool) -> str:
-  """Builds one caption; missing attributes (None) leave no trace."""
-  adjectives = [a for a in ((color, size) if color_first else (size, color)) if a]
-  desc = " ".join(adjectives + [noun])
-  tail = f" {pos}" if pos else ""
-  if template == 0:
-    return _with_article(desc) + tail
-  if template == 1:
-    return f"there is {_with_article(desc)}{tail}"
-  if template == 2:
-    head = f"{pos} " if pos else ""
-    return f"{head}there is {_with_article(desc)}"
-  if template == 3:
-    return f"a picture of {_with_article(desc)}{tail}"
-  if template == 4:
-    return f"the {desc} is {pos}" if pos else f"the {desc}"
-  if template == 5:
-    text = _with_article(noun)
-    if adjectives:
-      text += " that is " + " and ".join(adjectives)
-    return text + tail
-  if template == 6:
-    return f"an image with {_with_article(desc)}{tail}"
-  if template == 7:
-    head = f"{pos} " if pos else ""
-    return f"{head}you can see {_with_article(desc)}"
-  raise ValueError(template)
+def _caption(
+    template: int, size: str | None, color: str | None, noun: str, pos: str | None, color_first: bool
+) -> str:
+    """Builds one caption; missing attributes (None) leave no trace."""
+    adjectives = [a for a in ((color, size) if color_first else (size, color)) if a]
+    desc = " ".join(adjectives + [noun])
+    tail = f" {pos}" if pos else ""
+    if template == 0:
+        return _with_article(desc) + tail
+    if template == 1:
+        return f"there is {_with_article(desc)}{tail}"
+    if template == 2:
+        head = f"{pos} " if pos else ""
+        return f"{head}there is {_with_article(desc)}"
+    if template == 3:
+        return f"a picture of {_with_article(desc)}{tail}"
+    if template == 4:
+        return f"the {desc} is {pos}" if pos else f"the {desc}"
+    if template == 5:
+        text = _with_article(noun)
+        if adjectives:
+            text += " that is " + " and ".join(adjectives)
+        return text + tail
+    if template == 6:
+        return f"an image with {_with_article(desc)}{tail}"
+    if template == 7:
+        head = f"{pos} " if pos else ""
+        return f"{head}you can see {_with_article(desc)}"
+    raise ValueError(template)
 
 
 NUM_TEMPLATES = 8
 
 
-def _make_captions(shape, color, size, position, rng: np.random.Generator,
-                   draws: int | None = None) -> list[str]:
-  n = len(shape)
-  m = n if draws is None else max(int(draws), n)
-  # All randomness is drawn up front, vectorised; the loop only formats.
-  # Drawing m >= n values keeps a prefix of a chunk identical to the chunk.
-  drop_color = rng.random(m)[:n] < P_DROP_COLOR
-  drop_size = rng.random(m)[:n] < P_DROP_SIZE
-  drop_pos = rng.random(m)[:n] < P_DROP_POSITION
-  drop_shape = rng.random(m)[:n] < P_DROP_SHAPE
-  template = rng.integers(0, NUM_TEMPLATES, m)[:n]
-  color_first = rng.random(m)[:n] < 0.3
-  pick = rng.integers(0, 2**30, (m, 4))[:n]  # synonym choices, reduced mod options
-  captions = []
-  for i in range(n):
-    sz = None if drop_size[i] else _pick(_SIZE_WORDS[size[i]], pick[i, 0])
-    col = None if drop_color[i] else COLORS[color[i]]
-    if drop_shape[i]:
-      noun = _pick(_GENERIC_NOUNS, pick[i, 1])
-    else:
-      noun = _pick(_SHAPE_WORDS[shape[i]], pick[i, 1])
-    pos = None
-    if not drop_pos[i]:
-      vertical, horizontal = divmod(int(position[i]), 2)
-      words = f"{_pick(_VERTICAL_WORDS[vertical], pick[i, 2])} {_HORIZONTAL_WORDS[horizontal]}"
-      pos = _pick(_POSITION_PREPOSITIONS, pick[i, 3]).format(words)
-    captions.append(_caption(int(template[i]), sz, col, noun, pos, bool(color_first[i])))
-  return captions
+def _make_captions(
+    shape, color, size, position, rng: np.random.Generator, draws: int | None = None
+) -> list[str]:
+    n = len(shape)
+    m = n if draws is None else max(int(draws), n)
+    # All randomness is drawn up front, vectorised; the loop only formats.
+    # Drawing m >= n values keeps a prefix of a chunk identical to the chunk.
+    drop_color = rng.random(m)[:n] < P_DROP_COLOR
+    drop_size = rng.random(m)[:n] < P_DROP_SIZE
+    drop_pos = rng.random(m)[:n] < P_DROP_POSITION
+    drop_shape = rng.random(m)[:n] < P_DROP_SHAPE
+    template = rng.integers(0, NUM_TEMPLATES, m)[:n]
+    color_first = rng.random(m)[:n] < 0.3
+    pick = rng.integers(0, 2**30, (m, 4))[:n]  # synonym choices, reduced mod options
+    captions = []
+    for i in range(n):
+        sz = None if drop_size[i] else _pick(_SIZE_WORDS[size[i]], pick[i, 0])
+        col = None if drop_color[i] else COLORS[color[i]]
+        if drop_shape[i]:
+            noun = _pick(_GENERIC_NOUNS, pick[i, 1])
+        else:
+            noun = _pick(_SHAPE_WORDS[shape[i]], pick[i, 1])
+        pos = None
+        if not drop_pos[i]:
+            vertical, horizontal = divmod(int(position[i]), 2)
+            words = f"{_pick(_VERTICAL_WORDS[vertical], pick[i, 2])} {_HORIZONTAL_WORDS[horizontal]}"
+            pos = _pick(_POSITION_PREPOSITIONS, pick[i, 3]).format(words)
+        captions.append(_caption(int(template[i]), sz, col, noun, pos, bool(color_first[i])))
+    return captions
 
 
 def _pick(options: Sequence[str], r: int) -> str:
-  return options[int(r) % len(options)]
+    return options[int(r) % len(options)]
 
 
 def parse_caption(caption: str) -> dict[str, int]:
-  """Recovers attribute labels from a caption; -1 where it does not say."""
-  words = normalize_caption(caption).split()
-  out = {name: -1 for name in ATTRIBUTE_NAMES}
-  for w in words:
-    for i, syns in enumerate(_SHAPE_WORDS):
-      if w in syns:
-        out["shape"] = i
-    if w in COLORS:
-      out["color"] = COLORS.index(w)
-    for i, syns in enumerate(_SIZE_WORDS):
-      if w in syns:
-        out["size"] = i
-  vertical = [i for i, syns in enumerate(_VERTICAL_WORDS) for w in words if w in syns]
-  horizontal = [_HORIZONTAL_WORDS.index(w) for w in words if w in _HORIZONTAL_WORDS]
-  if vertical and horizontal:
-    out["position"] = 2 * vertical[0] + horizontal[0]
-  return out
+    """Recovers attribute labels from a caption; -1 where it does not say."""
+    words = normalize_caption(caption).split()
+    out = {name: -1 for name in ATTRIBUTE_NAMES}
+    for w in words:
+        for i, syns in enumerate(_SHAPE_WORDS):
+            if w in syns:
+                out["shape"] = i
+        if w in COLORS:
+            out["color"] = COLORS.index(w)
+        for i, syns in enumerate(_SIZE_WORDS):
+            if w in syns:
+                out["size"] = i
+    vertical = [i for i, syns in enumerate(_VERTICAL_WORDS) for w in words if w in syns]
+    horizontal = [_HORIZONTAL_WORDS.index(w) for w in words if w in _HORIZONTAL_WORDS]
+    if vertical and horizontal:
+        out["position"] = 2 * vertical[0] + horizontal[0]
+    return out
 
 
 def caption_vocabulary() -> set[str]:
-  """Every word a caption can contain."""
-  words = set(COLORS) | set(_GENERIC_NOUNS) | set(_HORIZONTAL_WORDS) | {"a", "an"}
-  for group in (_SIZE_WORDS, _SHAPE_WORDS, _VERTICAL_WORDS):
-    for syns in group:
-      words.update(syns)
-  for p in _POSITION_PREPOSITIONS:
-    words.update(p.format("").split())
-  # Template glue: fill every slot with a placeholder and keep the rest.
-  slots = {"SIZE", "COLOR", "NOUN", "POS"}
-  for t in range(NUM_TEMPLATES):
-    words.update(set(_caption(t, "SIZE", "COLOR", "NOUN", "POS", False).split()) - slots)
-  return words
+    """Every word a caption can contain."""
+    words = set(COLORS) | set(_GENERIC_NOUNS) | set(_HORIZONTAL_WORDS) | {"a", "an"}
+    for group in (_SIZE_WORDS, _SHAPE_WORDS, _VERTICAL_WORDS):
+        for syns in group:
+            words.update(syns)
+    for p in _POSITION_PREPOSITIONS:
+        words.update(p.format("").split())
+    # Template glue: fill every slot with a placeholder and keep the rest.
+    slots = {"SIZE", "COLOR", "NOUN", "POS"}
+    for t in range(NUM_TEMPLATES):
+        words.update(set(_caption(t, "SIZE", "COLOR", "NOUN", "POS", False).split()) - slots)
+    return words
 
 
 # ----------------------------------------------------------------------------
@@ -229,37 +232,54 @@ def caption_vocabulary() -> set[str]:
 ZERO_SHOT_TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "shape": (
         SHAPES,
-        ("a {}", "there is a {}", "a picture of a {}", "an image with a {}",
-         "the {}", "you can see a {}"),
+        ("a {}", "there is a {}", "a picture of a {}", "an image with a {}", "the {}", "you can see a {}"),
     ),
     "color": (
         COLORS,
-        ("the {} object", "the {} shape", "the {} thing", "a shape that is {}",
-         "a thing that is {}", "there is a shape that is {}"),
+        (
+            "the {} object",
+            "the {} shape",
+            "the {} thing",
+            "a shape that is {}",
+            "a thing that is {}",
+            "there is a shape that is {}",
+        ),
     ),
     "size": (
         SIZES,
-        ("a {} object", "a {} shape", "a {} thing", "the {} object",
-         "a shape that is {}", "there is a {} thing"),
+        (
+            "a {} object",
+            "a {} shape",
+            "a {} thing",
+            "the {} object",
+            "a shape that is {}",
+            "there is a {} thing",
+        ),
     ),
     "position": (
         POSITIONS,
-        ("a shape in the {}", "a thing at the {}", "in the {} there is a thing",
-         "a shape in the {} corner", "the object is in the {}",
-         "there is a thing in the {}"),
+        (
+            "a shape in the {}",
+            "a thing at the {}",
+            "in the {} there is a thing",
+            "a shape in the {} corner",
+            "the object is in the {}",
+            "there is a thing in the {}",
+        ),
     ),
 }
 
 
 def zero_shot_tasks() -> dict[str, tuple[list[str], list[str]]]:
-  """{attribute: (class names in label order, prompt templates with '{}')}."""
-  return {k: (list(c), list(t)) for k, (c, t) in ZERO_SHOT_TASKS.items()}
+    """{attribute: (class names in label order, prompt templates with '{}')}."""
+    return {k: (list(c), list(t)) for k, (c, t) in ZERO_SHOT_TASKS.items()}
 
 
 def zero_shot_prompts() -> list[str]:
-  """Every formatted prompt of every task (for tokenizer training)."""
-  return [t.format(c) for classes, templates in ZERO_SHOT_TASKS.values()
-          for c in classes for t in templates]
+    """Every formatted prompt of every task (for tokenizer training)."""
+    return [
+        t.format(c) for classes, templates in ZERO_SHOT_TASKS.values() for c in classes for t in templates
+    ]
 
 
 # ----------------------------------------------------------------------------
@@ -267,114 +287,114 @@ def zero_shot_prompts() -> list[str]:
 
 
 def _masks(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-  """Inside-test for one shape kind in the object's unit frame (radius 1)."""
-  au, av = np.abs(u), np.abs(v)
-  if kind == 0:  # circle
-    return u * u + v * v <= 1.0
-  if kind == 1:  # square; smaller half-side so its area matches the circle's
-    return np.maximum(au, av) <= 0.85
-  if kind == 2:  # triangle, apex up, bounding box centred on the object centre
-    return (v <= 0.875) & (au <= (v + 0.875) / 1.75)
-  if kind == 3:  # diamond, taller than wide so a rotated square never looks like it
-    return au / 0.7 + av <= 1.0
-  if kind == 4:  # cross
-    arm = 0.32
-    return ((au <= arm) & (av <= 1.0)) | ((av <= arm) & (au <= 1.0))
-  raise ValueError(kind)
+    """Inside-test for one shape kind in the object's unit frame (radius 1)."""
+    au, av = np.abs(u), np.abs(v)
+    if kind == 0:  # circle
+        return u * u + v * v <= 1.0
+    if kind == 1:  # square; smaller half-side so its area matches the circle's
+        return np.maximum(au, av) <= 0.85
+    if kind == 2:  # triangle, apex up, bounding box centred on the object centre
+        return (v <= 0.875) & (au <= (v + 0.875) / 1.75)
+    if kind == 3:  # diamond, taller than wide so a rotated square never looks like it
+        return au / 0.7 + av <= 1.0
+    if kind == 4:  # cross
+        arm = 0.32
+        return ((au <= arm) & (av <= 1.0)) | ((av <= arm) & (au <= 1.0))
+    raise ValueError(kind)
 
 
-def render(shape, color, size, position, rng: np.random.Generator,
-           image_size: int = 32, *, draws: int | None = None) -> np.ndarray:
-  """Renders uint8 [n, S, S, 3] images for the given attribute arrays.
+def render(
+    shape, color, size, position, rng: np.random.Generator, image_size: int = 32, *, draws: int | None = None
+) -> np.ndarray:
+    """Renders uint8 [n, S, S, 3] images for the given attribute arrays.
 
-  `draws` (>= n) sizes the random draws for the per-object parameters, so
-  rendering a prefix of a chunk consumes the generator like the whole chunk.
-  """
-  shape = np.asarray(shape)
-  n = len(shape)
-  m = n if draws is None else max(int(draws), n)
-  s = float(image_size)
-  scale = s / 32.0
-  small = rng.uniform(*_SMALL_DIAMETER, m)[:n]
-  large = rng.uniform(*_LARGE_DIAMETER, m)[:n]
-  radius = 0.5 * scale * np.where(np.asarray(size) == 0, small, large)
-  vertical, horizontal = np.divmod(np.asarray(position), 2)
-  centres = np.asarray(_CENTRES) * s
-  cx = centres[horizontal] + rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER, m)[:n] * scale
-  cy = centres[vertical] + rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER, m)[:n] * scale
-  theta = rng.uniform(-_MAX_ROTATION, _MAX_ROTATION, m)[:n]
-  rgb = _RGB[np.asarray(color)] + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, (m, 3))[:n]
-  gray = rng.uniform(*_BACKGROUND, m)[:n].astype(np.float32)
+    `draws` (>= n) sizes the random draws for the per-object parameters, so
+    rendering a prefix of a chunk consumes the generator like the whole chunk.
+    """
+    shape = np.asarray(shape)
+    n = len(shape)
+    m = n if draws is None else max(int(draws), n)
+    s = float(image_size)
+    scale = s / 32.0
+    small = rng.uniform(*_SMALL_DIAMETER, m)[:n]
+    large = rng.uniform(*_LARGE_DIAMETER, m)[:n]
+    radius = 0.5 * scale * np.where(np.asarray(size) == 0, small, large)
+    vertical, horizontal = np.divmod(np.asarray(position), 2)
+    centres = np.asarray(_CENTRES) * s
+    cx = centres[horizontal] + rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER, m)[:n] * scale
+    cy = centres[vertical] + rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER, m)[:n] * scale
+    theta = rng.uniform(-_MAX_ROTATION, _MAX_ROTATION, m)[:n]
+    rgb = _RGB[np.asarray(color)] + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, (m, 3))[:n]
+    gray = rng.uniform(*_BACKGROUND, m)[:n].astype(np.float32)
 
-  coords = np.arange(image_size, dtype=np.float32) + 0.5  # pixel centres
-  dx = coords[None, None, :] - cx[:, None, None].astype(np.float32)
-  dy = coords[None, :, None] - cy[:, None, None].astype(np.float32)
-  cos = (np.cos(theta) / radius).astype(np.float32)[:, None, None]
-  sin = (np.sin(theta) / radius).astype(np.float32)[:, None, None]
-  u = cos * dx + sin * dy
-  v = cos * dy - sin * dx
+    coords = np.arange(image_size, dtype=np.float32) + 0.5  # pixel centres
+    dx = coords[None, None, :] - cx[:, None, None].astype(np.float32)
+    dy = coords[None, :, None] - cy[:, None, None].astype(np.float32)
+    cos = (np.cos(theta) / radius).astype(np.float32)[:, None, None]
+    sin = (np.sin(theta) / radius).astype(np.float32)[:, None, None]
+    u = cos * dx + sin * dy
+    v = cos * dy - sin * dx
 
-  inside = np.zeros((n, image_size, image_size), dtype=bool)
-  for kind in range(len(SHAPES)):
-    sel = np.flatnonzero(shape == kind)
-    if sel.size:
-      inside[sel] = _masks(kind, u[sel], v[sel])
+    inside = np.zeros((n, image_size, image_size), dtype=bool)
+    for kind in range(len(SHAPES)):
+        sel = np.flatnonzero(shape == kind)
+        if sel.size:
+            inside[sel] = _masks(kind, u[sel], v[sel])
 
-  image = np.where(inside[..., None], rgb[:, None, None, :].astype(np.float32),
-                   gray[:, None, None, None])
-  # Noise last: its stream is filled in order, so a prefix gets the same noise.
-  image += rng.standard_normal(image.shape, dtype=np.float32) * _NOISE_STD
-  return np.clip(image, 0.0, 255.0).astype(np.uint8)
+    image = np.where(inside[..., None], rgb[:, None, None, :].astype(np.float32), gray[:, None, None, None])
+    # Noise last: its stream is filled in order, so a prefix gets the same noise.
+    image += rng.standard_normal(image.shape, dtype=np.float32) * _NOISE_STD
+    return np.clip(image, 0.0, 255.0).astype(np.uint8)
 
 
 def _chunk_rngs(seed: int, chunk: int):
-  # Separate streams for attributes/captions and for pixels, so captions can
-  # be produced without rendering and come out identical.
-  return (np.random.default_rng([seed, chunk, 0]),
-          np.random.default_rng([seed, chunk, 1]))
+    # Separate streams for attributes/captions and for pixels, so captions can
+    # be produced without rendering and come out identical.
+    return (np.random.default_rng([seed, chunk, 0]), np.random.default_rng([seed, chunk, 1]))
 
 
 def _chunk_attributes(rng: np.random.Generator, draws: int, n: int):
-  label = rng.integers(0, NUM_CONCEPTS, draws)[:n]
-  return label, concept_attributes(label)
+    label = rng.integers(0, NUM_CONCEPTS, draws)[:n]
+    return label, concept_attributes(label)
 
 
-def generate_split(num_examples: int, seed: int, image_size: int = 32,
-                   *, with_images: bool = True) -> dict[str, np.ndarray]:
-  """Generates a split deterministically from `seed`.
+def generate_split(
+    num_examples: int, seed: int, image_size: int = 32, *, with_images: bool = True
+) -> dict[str, np.ndarray]:
+    """Generates a split deterministically from `seed`.
 
-  Returns numpy arrays: image uint8 [N,S,S,3] (unless with_images=False),
-  caption str [N], text_id/index/label/shape/color/size/position int32 [N].
-  """
-  if num_examples < 0:
-    raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-  parts = {k: [] for k in ("label", "shape", "color", "size", "position", "caption")}
-  images = []
-  for chunk, start in enumerate(range(0, num_examples, _CHUNK)):
-    n = min(_CHUNK, num_examples - start)
-    attr_rng, pixel_rng = _chunk_rngs(seed, chunk)
-    label, (shp, col, siz, pos) = _chunk_attributes(attr_rng, _CHUNK, n)
-    parts["label"].append(label)
-    parts["shape"].append(shp)
-    parts["color"].append(col)
-    parts["size"].append(siz)
-    parts["position"].append(pos)
-    parts["caption"].extend(_make_captions(shp, col, siz, pos, attr_rng, _CHUNK))
+    Returns numpy arrays: image uint8 [N,S,S,3] (unless with_images=False),
+    caption str [N], text_id/index/label/shape/color/size/position int32 [N].
+    """
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    parts = {k: [] for k in ("label", "shape", "color", "size", "position", "caption")}
+    images = []
+    for chunk, start in enumerate(range(0, num_examples, _CHUNK)):
+        n = min(_CHUNK, num_examples - start)
+        attr_rng, pixel_rng = _chunk_rngs(seed, chunk)
+        label, (shp, col, siz, pos) = _chunk_attributes(attr_rng, _CHUNK, n)
+        parts["label"].append(label)
+        parts["shape"].append(shp)
+        parts["color"].append(col)
+        parts["size"].append(siz)
+        parts["position"].append(pos)
+        parts["caption"].extend(_make_captions(shp, col, siz, pos, attr_rng, _CHUNK))
+        if with_images:
+            images.append(render(shp, col, siz, pos, pixel_rng, image_size, draws=_CHUNK))
+    out: dict[str, np.ndarray] = {}
+    for k in ("label", "shape", "color", "size", "position"):
+        out[k] = (np.concatenate(parts[k]) if parts[k] else np.zeros(0)).astype(np.int32)
+    out["caption"] = np.array(parts["caption"], dtype=object)
+    out["text_id"] = np.array([caption_text_id(c) for c in parts["caption"]], dtype=np.int32)
+    out["index"] = np.arange(num_examples, dtype=np.int32)
     if with_images:
-      images.append(render(shp, col, siz, pos, pixel_rng, image_size, draws=_CHUNK))
-  out: dict[str, np.ndarray] = {}
-  for k in ("label", "shape", "color", "size", "position"):
-    out[k] = (np.concatenate(parts[k]) if parts[k] else np.zeros(0)).astype(np.int32)
-  out["caption"] = np.array(parts["caption"], dtype=object)
-  out["text_id"] = np.array([caption_text_id(c) for c in parts["caption"]],
-                            dtype=np.int32)
-  out["index"] = np.arange(num_examples, dtype=np.int32)
-  if with_images:
-    out["image"] = (np.concatenate(images) if images else
-                    np.zeros((0, image_size, image_size, 3), np.uint8))
-  return out
+        out["image"] = (
+            np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+        )
+    return out
 
 
 def generate_captions(num_examples: int, seed: int) -> list[str]:
-  """The captions `generate_split` would produce, without rendering images."""
-  return list(generate_split(num_examples, seed, with_images=False)["caption"])
+    """The captions `generate_split` would produce, without rendering images."""
+    return list(generate_split(num_examples, seed, with_images=False)["caption"])

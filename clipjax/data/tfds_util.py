@@ -1,4 +1,5 @@
 """Helpers shared by the tfds builders here (run without TensorFlow)."""
+
 from __future__ import annotations
 
 import os
@@ -10,44 +11,45 @@ from clipjax.data import locking
 
 
 def code_path_property(module_file: str):
-  """A `code_path` class property returning `module_file`.
+    """A `code_path` class property returning `module_file`.
 
-  tfds 4.9.10's `DatasetBuilder.code_path` touches `importlib_resources`, which
-  tfds only requires on Python < 3.9, so on 3.11 any builder defined outside
-  tfds fails with ModuleNotFoundError. Our builders report their source file,
-  which is what tfds would have computed.
-  """
-  path = epath.Path(module_file)
+    tfds 4.9.10's `DatasetBuilder.code_path` touches `importlib_resources`, which
+    tfds only requires on Python < 3.9, so on 3.11 any builder defined outside
+    tfds fails with ModuleNotFoundError. Our builders report their source file,
+    which is what tfds would have computed.
+    """
+    path = epath.Path(module_file)
 
-  def code_path(cls):
-    del cls
-    return path
+    def code_path(cls):
+        del cls
+        return path
 
-  return tfds.core.utils.classproperty(classmethod(code_path))
+    return tfds.core.utils.classproperty(classmethod(code_path))
 
 
 def prepare_once(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
-  """Prepares the dataset of `make_builder()` once; returns a fresh builder.
+    """Prepares the dataset of `make_builder()` once; returns a fresh builder.
 
-  Concurrent callers (processes of one job, or jobs sharing data_dir) take a
-  file lock; whoever gets it first writes the data, the others find it ready.
-  tfds itself writes into a temporary folder and renames it at the end, so a
-  crashed preparation never looks complete.
-  """
-  builder = make_builder()
-  if builder.is_prepared():
-    return builder
-  locking.ensure_writable_dir(data_dir, "data_dir")
-  config = builder.builder_config.name if builder.builder_config else "default"
-  lock = os.path.join(data_dir, f".{builder.name}-{config}.lock")
-  with locking.file_lock(lock):
+    Concurrent callers (processes of one job, or jobs sharing data_dir) take a
+    file lock; whoever gets it first writes the data, the others find it ready.
+    tfds itself writes into a temporary folder and renames it at the end, so a
+    crashed preparation never looks complete.
+    """
     builder = make_builder()
-    if not builder.is_prepared():
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(
-              # Statistics need TensorFlow; nothing here uses them.
-              compute_stats=tfds.download.ComputeStatsMode.SKIP),
-      )
-  # A builder made before the data existed has no split metadata.
-  return make_builder()
+    if builder.is_prepared():
+        return builder
+    locking.ensure_writable_dir(data_dir, "data_dir")
+    config = builder.builder_config.name if builder.builder_config else "default"
+    lock = os.path.join(data_dir, f".{builder.name}-{config}.lock")
+    with locking.file_lock(lock):
+        builder = make_builder()
+        if not builder.is_prepared():
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds.download.DownloadConfig(
+                    # Statistics need TensorFlow; nothing here uses them.
+                    compute_stats=tfds.download.ComputeStatsMode.SKIP
+                ),
+            )
+    # A builder made before the data existed has no split metadata.
+    return make_builder()

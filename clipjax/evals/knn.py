@@ -11,7 +11,7 @@ A k larger than the number of train features uses all of them (the key keeps the
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,6 +30,8 @@ def knn_predictions(train_features, train_labels, test_features, *, k: Sequence[
         raise ValueError(f"k must be positive integers, got {list(k)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     train = _normalise(train_features)
     test = _normalise(test_features)
     labels = np.asarray(train_labels).astype(np.int64).reshape(-1)

@@ -20,7 +20,7 @@ The protocol, step by step:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -134,7 +134,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, nu
     if xt.shape[1] != x.shape[1]:
         raise ValueError(f"train features have dimension {x.shape[1]}, test features {xt.shape[1]}")
     n = len(x)
-    num_val = int(round(n * val_fraction))
+    num_val = round(n * val_fraction)
     if n < 2 or not 1 <= num_val < n:
         raise ValueError(f"need at least 2 training examples and 0 < val_fraction < 1 "
                          f"(got {n} examples, val_fraction={val_fraction})")

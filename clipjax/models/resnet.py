@@ -9,6 +9,7 @@ The default variant 'tiny' is the recipe that learned the shapes demo well on
 32x32 images: stem 32 (stride 1), stages (64, 128, 128) of stride 2
 (32x32 -> 4x4), no residual blocks, flatten the 4x4x128 map, LayerNorm.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,230 +21,277 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clipjax.models import _config as C
-from clipjax.models.layers import (
-    Attention, Conv, GroupNorm, LayerNorm, Stack, embed_normal, param, zeros)
+from clipjax.models.layers import Attention, Conv, GroupNorm, LayerNorm, Stack, embed_normal, param, zeros
 
 RESNET_PRESETS: dict[str, dict[str, Any]] = {
-    'tiny': dict(stem_width=32, stem_stride=1, widths=(64, 128, 128),
-                 strides=(2, 2, 2), blocks_per_stage=0, pool='flatten'),
+    "tiny": dict(
+        stem_width=32,
+        stem_stride=1,
+        widths=(64, 128, 128),
+        strides=(2, 2, 2),
+        blocks_per_stage=0,
+        pool="flatten",
+    ),
     # RN50-scale compute with plain (non-bottleneck) blocks: the ResNet-34
     # layout, stem and first stage each halving the resolution (224 -> 7),
     # attention pooling as in CLIP's RN towers. About 25M parameters.
-    'RN50': dict(stem_width=64, stem_stride=2, widths=(64, 128, 256, 512),
-                 strides=(2, 2, 2, 2), blocks_per_stage=(3, 4, 6, 3),
-                 groups=32, pool='attention', attn_heads=8),
+    "RN50": dict(
+        stem_width=64,
+        stem_stride=2,
+        widths=(64, 128, 256, 512),
+        strides=(2, 2, 2, 2),
+        blocks_per_stage=(3, 4, 6, 3),
+        groups=32,
+        pool="attention",
+        attn_heads=8,
+    ),
 }
 RESNET_DEFAULTS: dict[str, Any] = dict(
-    stem_stride=1, blocks_per_stage=0, groups=8, pool='flatten',
-    attn_heads=None, conv_bias=False)
-RESNET_FIELDS = ('kind', 'variant', 'stem_width', 'stem_stride', 'widths',
-                 'strides', 'blocks_per_stage', 'groups', 'pool',
-                 'attn_heads', 'conv_bias')
-RESNET_POOLS = ('flatten', 'mean', 'attention')
+    stem_stride=1, blocks_per_stage=0, groups=8, pool="flatten", attn_heads=None, conv_bias=False
+)
+RESNET_FIELDS = (
+    "kind",
+    "variant",
+    "stem_width",
+    "stem_stride",
+    "widths",
+    "strides",
+    "blocks_per_stage",
+    "groups",
+    "pool",
+    "attn_heads",
+    "conv_bias",
+)
+RESNET_POOLS = ("flatten", "mean", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
 class ResNetSpec:
-  stem_width: int
-  widths: tuple[int, ...]
-  strides: tuple[int, ...]
-  blocks_per_stage: tuple[int, ...]
-  stem_stride: int = 1
-  groups: int = 8
-  pool: str = 'flatten'
-  attn_heads: int = 1
-  conv_bias: bool = False
-  variant: str | None = None
+    stem_width: int
+    widths: tuple[int, ...]
+    strides: tuple[int, ...]
+    blocks_per_stage: tuple[int, ...]
+    stem_stride: int = 1
+    groups: int = 8
+    pool: str = "flatten"
+    attn_heads: int = 1
+    conv_bias: bool = False
+    variant: str | None = None
 
 
 def _groups(width: int, groups: int, path: str) -> int:
-  """GroupNorm groups for a width: at most one group per channel."""
-  g = min(groups, width)
-  if width % g:
-    raise C.ConfigError(
-        f'{path}.groups: {groups} groups do not divide a width of {width}')
-  return g
+    """GroupNorm groups for a width: at most one group per channel."""
+    g = min(groups, width)
+    if width % g:
+        raise C.ConfigError(f"{path}.groups: {groups} groups do not divide a width of {width}")
+    return g
 
 
-def resnet_spec(cfg: Any, image_size: int, *, path: str = 'model.image',
-                tolerated: tuple[str, ...] = ()) -> ResNetSpec:
-  """Resolves a ``kind='resnet'`` section (preset ``variant``, default 'tiny').
+def resnet_spec(
+    cfg: Any, image_size: int, *, path: str = "model.image", tolerated: tuple[str, ...] = ()
+) -> ResNetSpec:
+    """Resolves a ``kind='resnet'`` section (preset ``variant``, default 'tiny').
 
-  None or '' leave a field to the variant; 0 is a real value here
-  (``blocks_per_stage=0``: no residual blocks).
-  """
-  items = C.section_items(cfg)
-  C.check_known_keys(items, path, RESNET_FIELDS, tolerated, "a 'resnet' tower")
-  values = {**RESNET_DEFAULTS,
-            **C.resolve_variant(items, path, RESNET_PRESETS, 'tiny')}
-  widths = C.int_tuple(values, path, 'widths')
-  n = len(widths)
-  if values.get('strides') is None or (
-      not C.is_unset('widths', items.get('widths'))
-      and C.is_unset('strides', items.get('strides'))):
-    # Overriding the widths alone must not inherit the preset's stride count.
-    values['strides'] = (2,) * n
-  strides = C.int_tuple(values, path, 'strides')
-  if len(strides) != n:
-    raise C.ConfigError(
-        f'{path}.strides: {len(strides)} entries for {n} widths')
-  blocks = values['blocks_per_stage']
-  if isinstance(blocks, int) and not isinstance(blocks, bool):
-    values['blocks_per_stage'] = (blocks,) * n
-  blocks = C.int_tuple(values, path, 'blocks_per_stage', allow_zero=True)
-  if len(blocks) != n:
-    raise C.ConfigError(
-        f'{path}.blocks_per_stage: {len(blocks)} entries for {n} widths')
-  stem_width = C.positive_int(values, path, 'stem_width')
-  groups = C.positive_int(values, path, 'groups')
-  for w in (stem_width,) + widths:
-    _groups(w, groups, path)
-  pool = C.choice(values, path, 'pool', RESNET_POOLS)
-  heads = values.get('attn_heads')
-  if heads is None or heads == 0:
-    heads = max(1, widths[-1] // 64)
-    values['attn_heads'] = heads
-  heads = C.positive_int(values, path, 'attn_heads')
-  if pool == 'attention':
-    C.divisible(widths[-1], heads, path, 'widths[-1]', 'attn_heads')
-  return ResNetSpec(
-      stem_width=stem_width,
-      widths=widths,
-      strides=strides,
-      blocks_per_stage=blocks,
-      stem_stride=C.positive_int(values, path, 'stem_stride'),
-      groups=groups,
-      pool=pool,
-      attn_heads=heads,
-      conv_bias=C.boolean(values, path, 'conv_bias'),
-      variant=values['variant'],
-  )
+    None or '' leave a field to the variant; 0 is a real value here
+    (``blocks_per_stage=0``: no residual blocks).
+    """
+    items = C.section_items(cfg)
+    C.check_known_keys(items, path, RESNET_FIELDS, tolerated, "a 'resnet' tower")
+    values = {**RESNET_DEFAULTS, **C.resolve_variant(items, path, RESNET_PRESETS, "tiny")}
+    widths = C.int_tuple(values, path, "widths")
+    n = len(widths)
+    if values.get("strides") is None or (
+        not C.is_unset("widths", items.get("widths")) and C.is_unset("strides", items.get("strides"))
+    ):
+        # Overriding the widths alone must not inherit the preset's stride count.
+        values["strides"] = (2,) * n
+    strides = C.int_tuple(values, path, "strides")
+    if len(strides) != n:
+        raise C.ConfigError(f"{path}.strides: {len(strides)} entries for {n} widths")
+    blocks = values["blocks_per_stage"]
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        values["blocks_per_stage"] = (blocks,) * n
+    blocks = C.int_tuple(values, path, "blocks_per_stage", allow_zero=True)
+    if len(blocks) != n:
+        raise C.ConfigError(f"{path}.blocks_per_stage: {len(blocks)} entries for {n} widths")
+    stem_width = C.positive_int(values, path, "stem_width")
+    groups = C.positive_int(values, path, "groups")
+    for w in (stem_width,) + widths:
+        _groups(w, groups, path)
+    pool = C.choice(values, path, "pool", RESNET_POOLS)
+    heads = values.get("attn_heads")
+    if heads is None or heads == 0:
+        heads = max(1, widths[-1] // 64)
+        values["attn_heads"] = heads
+    heads = C.positive_int(values, path, "attn_heads")
+    if pool == "attention":
+        C.divisible(widths[-1], heads, path, "widths[-1]", "attn_heads")
+    return ResNetSpec(
+        stem_width=stem_width,
+        widths=widths,
+        strides=strides,
+        blocks_per_stage=blocks,
+        stem_stride=C.positive_int(values, path, "stem_stride"),
+        groups=groups,
+        pool=pool,
+        attn_heads=heads,
+        conv_bias=C.boolean(values, path, "conv_bias"),
+        variant=values["variant"],
+    )
 
 
 class ConvNormAct(nnx.Module):
-  """3x3 conv -> GroupNorm -> GELU."""
+    """3x3 conv -> GroupNorm -> GELU."""
 
-  def __init__(self, cin: int, cout: int, *, stride: int, groups: int,
-               use_bias: bool, dtype: Any, rngs: nnx.Rngs):
-    self.conv = Conv(cin, cout, 3, stride=stride, use_bias=use_bias,
-                     dtype=dtype, rngs=rngs)
-    self.norm = GroupNorm(cout, groups, dtype=dtype, rngs=rngs)
+    def __init__(
+        self, cin: int, cout: int, *, stride: int, groups: int, use_bias: bool, dtype: Any, rngs: nnx.Rngs
+    ):
+        self.conv = Conv(cin, cout, 3, stride=stride, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.norm = GroupNorm(cout, groups, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(self.norm(self.conv(x)))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(self.norm(self.conv(x)))
 
 
 class ResidualBlock(nnx.Module):
-  """gelu(x + GN(conv(gelu(GN(conv(x)))))), width-preserving.
+    """gelu(x + GN(conv(gelu(GN(conv(x)))))), width-preserving.
 
-  The second norm's scale starts at zero so each block starts as the identity;
-  deep stacks then train like shallow ones early on.
-  """
+    The second norm's scale starts at zero so each block starts as the identity;
+    deep stacks then train like shallow ones early on.
+    """
 
-  def __init__(self, width: int, *, groups: int, use_bias: bool, dtype: Any,
-               rngs: nnx.Rngs):
-    self.conv1 = Conv(width, width, 3, use_bias=use_bias, dtype=dtype,
-                      rngs=rngs)
-    self.norm1 = GroupNorm(width, groups, dtype=dtype, rngs=rngs)
-    self.conv2 = Conv(width, width, 3, use_bias=use_bias, dtype=dtype,
-                      rngs=rngs)
-    self.norm2 = GroupNorm(width, groups, scale_init=zeros, dtype=dtype,
-                           rngs=rngs)
+    def __init__(self, width: int, *, groups: int, use_bias: bool, dtype: Any, rngs: nnx.Rngs):
+        self.conv1 = Conv(width, width, 3, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.norm1 = GroupNorm(width, groups, dtype=dtype, rngs=rngs)
+        self.conv2 = Conv(width, width, 3, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.norm2 = GroupNorm(width, groups, scale_init=zeros, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = jax.nn.gelu(self.norm1(self.conv1(x)))
-    return jax.nn.gelu(x + self.norm2(self.conv2(y)))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.nn.gelu(self.norm1(self.conv1(x)))
+        return jax.nn.gelu(x + self.norm2(self.conv2(y)))
 
 
 class Stage(nnx.Module):
-  """Strided conv to the new width, then a scanned stack of residual blocks."""
+    """Strided conv to the new width, then a scanned stack of residual blocks."""
 
-  def __init__(self, cin: int, cout: int, *, stride: int, blocks: int,
-               groups: int, use_bias: bool, dtype: Any, remat: bool,
-               rngs: nnx.Rngs):
-    self.down = ConvNormAct(cin, cout, stride=stride, groups=groups,
-                            use_bias=use_bias, dtype=dtype, rngs=rngs)
-    self.residual = Stack(
-        lambda r: ResidualBlock(cout, groups=groups, use_bias=use_bias,
-                                dtype=dtype, rngs=r),
-        blocks, remat=remat, rngs=rngs)
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        *,
+        stride: int,
+        blocks: int,
+        groups: int,
+        use_bias: bool,
+        dtype: Any,
+        remat: bool,
+        rngs: nnx.Rngs,
+    ):
+        self.down = ConvNormAct(
+            cin, cout, stride=stride, groups=groups, use_bias=use_bias, dtype=dtype, rngs=rngs
+        )
+        self.residual = Stack(
+            lambda r: ResidualBlock(cout, groups=groups, use_bias=use_bias, dtype=dtype, rngs=r),
+            blocks,
+            remat=remat,
+            rngs=rngs,
+        )
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.residual(self.down(x))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.residual(self.down(x))
 
 
 class AttentionPool(nnx.Module):
-  """CLIP-RN style pooling: the mean token attends over all positions."""
+    """CLIP-RN style pooling: the mean token attends over all positions."""
 
-  def __init__(self, width: int, num_positions: int, heads: int, *,
-               dtype: Any, rngs: nnx.Rngs):
-    self.pos = param(rngs, embed_normal, (num_positions + 1, width),
-                     ('pos', 'embed'))
-    self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+    def __init__(self, width: int, num_positions: int, heads: int, *, dtype: Any, rngs: nnx.Rngs):
+        self.pos = param(rngs, embed_normal, (num_positions + 1, width), ("pos", "embed"))
+        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
-    tokens = x.reshape(b, h * w, c)
-    mean = jnp.mean(tokens.astype(jnp.float32), axis=1,
-                    keepdims=True).astype(tokens.dtype)
-    seq = jnp.concatenate([mean, tokens], axis=1)
-    seq = seq + self.pos[...].astype(seq.dtype)
-    return self.attn(seq[:, :1], seq)[:, 0]
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        tokens = x.reshape(b, h * w, c)
+        mean = jnp.mean(tokens.astype(jnp.float32), axis=1, keepdims=True).astype(tokens.dtype)
+        seq = jnp.concatenate([mean, tokens], axis=1)
+        seq = seq + self.pos[...].astype(seq.dtype)
+        return self.attn(seq[:, :1], seq)[:, 0]
 
 
 def _out_size(size: int, stride: int) -> int:
-  return -(-size // stride)  # SAME padding: ceil(size / stride)
+    return -(-size // stride)  # SAME padding: ceil(size / stride)
 
 
 class ResNet(nnx.Module):
-  """Input: float images [B, H, W, 3], normalised. Output: [B, out_dim]."""
+    """Input: float images [B, H, W, 3], normalised. Output: [B, out_dim]."""
 
-  def __init__(self, spec: ResNetSpec, *, image_size: int,
-               dtype: Any = jnp.float32, remat: bool = False, rngs: nnx.Rngs):
-    g = spec.groups
-    self.spec = spec
-    self.image_size = image_size
-    self.dtype = jnp.dtype(dtype)
-    self.stem = ConvNormAct(3, spec.stem_width, stride=spec.stem_stride,
-                            groups=min(g, spec.stem_width),
-                            use_bias=spec.conv_bias, dtype=dtype, rngs=rngs)
-    size = _out_size(image_size, spec.stem_stride)
-    stages = []
-    cin = spec.stem_width
-    for cout, stride, blocks in zip(spec.widths, spec.strides,
-                                    spec.blocks_per_stage):
-      stages.append(Stage(cin, cout, stride=stride, blocks=blocks,
-                          groups=min(g, cout), use_bias=spec.conv_bias,
-                          dtype=dtype, remat=remat, rngs=rngs))
-      cin = cout
-      size = _out_size(size, stride)
-    self.stages = nnx.List(stages)
-    self.final_size = size
-    if spec.pool == 'flatten':
-      self.out_dim = size * size * cin
-      self.norm = LayerNorm(self.out_dim, dtype=dtype, rngs=rngs)
-      self.attn_pool = None
-    elif spec.pool == 'mean':
-      self.out_dim = cin
-      self.norm = LayerNorm(cin, dtype=dtype, rngs=rngs)
-      self.attn_pool = None
-    else:
-      self.out_dim = cin
-      self.norm = None
-      self.attn_pool = AttentionPool(cin, size * size, spec.attn_heads,
-                                     dtype=dtype, rngs=rngs)
+    def __init__(
+        self,
+        spec: ResNetSpec,
+        *,
+        image_size: int,
+        dtype: Any = jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        g = spec.groups
+        self.spec = spec
+        self.image_size = image_size
+        self.dtype = jnp.dtype(dtype)
+        self.stem = ConvNormAct(
+            3,
+            spec.stem_width,
+            stride=spec.stem_stride,
+            groups=min(g, spec.stem_width),
+            use_bias=spec.conv_bias,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        size = _out_size(image_size, spec.stem_stride)
+        stages = []
+        cin = spec.stem_width
+        for cout, stride, blocks in zip(spec.widths, spec.strides, spec.blocks_per_stage):
+            stages.append(
+                Stage(
+                    cin,
+                    cout,
+                    stride=stride,
+                    blocks=blocks,
+                    groups=min(g, cout),
+                    use_bias=spec.conv_bias,
+                    dtype=dtype,
+                    remat=remat,
+                    rngs=rngs,
+                )
+            )
+            cin = cout
+            size = _out_size(size, stride)
+        self.stages = nnx.List(stages)
+        self.final_size = size
+        if spec.pool == "flatten":
+            self.out_dim = size * size * cin
+            self.norm = LayerNorm(self.out_dim, dtype=dtype, rngs=rngs)
+            self.attn_pool = None
+        elif spec.pool == "mean":
+            self.out_dim = cin
+            self.norm = LayerNorm(cin, dtype=dtype, rngs=rngs)
+            self.attn_pool = None
+        else:
+            self.out_dim = cin
+            self.norm = None
+            self.attn_pool = AttentionPool(cin, size * size, spec.attn_heads, dtype=dtype, rngs=rngs)
 
-  def __call__(self, images: jax.Array) -> jax.Array:
-    if images.shape[1:3] != (self.image_size, self.image_size):
-      # The flatten / attention poolers have position-dependent weights.
-      raise ValueError(
-          f'ResNet built for {self.image_size}x{self.image_size} images, got '
-          f'{images.shape[1]}x{images.shape[2]}')
-    x = self.stem(images.astype(self.dtype))
-    for stage in self.stages:
-      x = stage(x)
-    if self.spec.pool == 'flatten':
-      return self.norm(x.reshape(x.shape[0], math.prod(x.shape[1:])))
-    if self.spec.pool == 'mean':
-      return self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
-    return self.attn_pool(x)
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            # The flatten / attention poolers have position-dependent weights.
+            raise ValueError(
+                f"ResNet built for {self.image_size}x{self.image_size} images, got "
+                f"{images.shape[1]}x{images.shape[2]}"
+            )
+        x = self.stem(images.astype(self.dtype))
+        for stage in self.stages:
+            x = stage(x)
+        if self.spec.pool == "flatten":
+            return self.norm(x.reshape(x.shape[0], math.prod(x.shape[1:])))
+        if self.spec.pool == "mean":
+            return self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+        return self.attn_pool(x)

@@ -1,4 +1,5 @@
 """Transformer text tower over token ids (pad id 0, right-padded)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,102 +10,108 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clipjax.models import _config as C
-from clipjax.models.layers import (
-    LayerNorm, Stack, TransformerBlock, attention_mask, embed_normal, param)
+from clipjax.models.layers import LayerNorm, Stack, TransformerBlock, attention_mask, embed_normal, param
 
 PAD_ID = 0
 
 TEXT_PRESETS: dict[str, dict[str, Any]] = {
-    'tiny': dict(width=64, depth=2, heads=4, mlp_dim=256),
-    'B': dict(width=512, depth=12, heads=8, mlp_dim=2048),
-    'L': dict(width=768, depth=12, heads=12, mlp_dim=3072),
+    "tiny": dict(width=64, depth=2, heads=4, mlp_dim=256),
+    "B": dict(width=512, depth=12, heads=8, mlp_dim=2048),
+    "L": dict(width=768, depth=12, heads=12, mlp_dim=3072),
 }
-TEXT_DEFAULTS: dict[str, Any] = dict(pool='mean', causal=False)
-TEXT_FIELDS = ('variant', 'width', 'depth', 'heads', 'mlp_dim', 'pool',
-               'causal')
-TEXT_POOLS = ('mean', 'first', 'last')
+TEXT_DEFAULTS: dict[str, Any] = dict(pool="mean", causal=False)
+TEXT_FIELDS = ("variant", "width", "depth", "heads", "mlp_dim", "pool", "causal")
+TEXT_POOLS = ("mean", "first", "last")
 # 0 in these fields means "take it from the variant" (base-config sentinel).
-TEXT_SIZES = ('width', 'depth', 'heads', 'mlp_dim')
+TEXT_SIZES = ("width", "depth", "heads", "mlp_dim")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextSpec:
-  width: int
-  depth: int
-  heads: int
-  mlp_dim: int
-  pool: str = 'mean'
-  causal: bool = False
-  variant: str | None = None
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    pool: str = "mean"
+    causal: bool = False
+    variant: str | None = None
 
 
-def text_spec(cfg: Any, *, path: str = 'model.text') -> TextSpec:
-  """Resolves the text section: preset ``variant`` (default 'tiny'),
-  overridden field by field (None, '' or a 0 size = not set)."""
-  items = C.section_items(cfg)
-  C.check_known_keys(items, path, TEXT_FIELDS, what='the text tower')
-  values = {**TEXT_DEFAULTS,
-            **C.resolve_variant(items, path, TEXT_PRESETS, 'tiny', TEXT_SIZES)}
-  width = C.positive_int(values, path, 'width')
-  heads = C.positive_int(values, path, 'heads')
-  C.divisible(width, heads, path, 'width', 'heads')
-  pool = C.choice(values, path, 'pool', TEXT_POOLS)
-  causal = C.boolean(values, path, 'causal')
-  if causal and pool == 'first':
-    raise C.ConfigError(
-        f"{path}.pool: 'first' with causal=True would see only the first "
-        "token (use 'last' or 'mean')")
-  return TextSpec(
-      width=width,
-      depth=C.positive_int(values, path, 'depth'),
-      heads=heads,
-      mlp_dim=C.positive_int(values, path, 'mlp_dim'),
-      pool=pool,
-      causal=causal,
-      variant=values['variant'],
-  )
+def text_spec(cfg: Any, *, path: str = "model.text") -> TextSpec:
+    """Resolves the text section: preset ``variant`` (default 'tiny'),
+    overridden field by field (None, '' or a 0 size = not set)."""
+    items = C.section_items(cfg)
+    C.check_known_keys(items, path, TEXT_FIELDS, what="the text tower")
+    values = {**TEXT_DEFAULTS, **C.resolve_variant(items, path, TEXT_PRESETS, "tiny", TEXT_SIZES)}
+    width = C.positive_int(values, path, "width")
+    heads = C.positive_int(values, path, "heads")
+    C.divisible(width, heads, path, "width", "heads")
+    pool = C.choice(values, path, "pool", TEXT_POOLS)
+    causal = C.boolean(values, path, "causal")
+    if causal and pool == "first":
+        raise C.ConfigError(
+            f"{path}.pool: 'first' with causal=True would see only the first token (use 'last' or 'mean')"
+        )
+    return TextSpec(
+        width=width,
+        depth=C.positive_int(values, path, "depth"),
+        heads=heads,
+        mlp_dim=C.positive_int(values, path, "mlp_dim"),
+        pool=pool,
+        causal=causal,
+        variant=values["variant"],
+    )
 
 
 class TextTransformer(nnx.Module):
-  """Token + position embeddings, pre-LN encoder, final LN, pooling.
+    """Token + position embeddings, pre-LN encoder, final LN, pooling.
 
-  Input: int32 tokens [B, L] with L <= max_len, pad id 0 after the text.
-  Output: [B, width]. Pad tokens are masked out as attention keys and from
-  the pooling, so appending more pads does not change the output.
-  """
+    Input: int32 tokens [B, L] with L <= max_len, pad id 0 after the text.
+    Output: [B, width]. Pad tokens are masked out as attention keys and from
+    the pooling, so appending more pads does not change the output.
+    """
 
-  def __init__(self, spec: TextSpec, *, vocab_size: int, max_len: int,
-               dtype: Any = jnp.float32, remat: bool = False, rngs: nnx.Rngs):
-    w = spec.width
-    self.spec = spec
-    self.max_len = max_len
-    self.dtype = jnp.dtype(dtype)
-    self.embed = param(rngs, embed_normal, (vocab_size, w), ('vocab', 'embed'))
-    self.pos = param(rngs, embed_normal, (max_len, w), ('pos', 'embed'))
-    self.encoder = Stack(
-        lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype,
-                                   rngs=r),
-        spec.depth, remat=remat, rngs=rngs)
-    self.norm = LayerNorm(w, dtype=dtype, rngs=rngs)
-    self.out_dim = w
+    def __init__(
+        self,
+        spec: TextSpec,
+        *,
+        vocab_size: int,
+        max_len: int,
+        dtype: Any = jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        w = spec.width
+        self.spec = spec
+        self.max_len = max_len
+        self.dtype = jnp.dtype(dtype)
+        self.embed = param(rngs, embed_normal, (vocab_size, w), ("vocab", "embed"))
+        self.pos = param(rngs, embed_normal, (max_len, w), ("pos", "embed"))
+        self.encoder = Stack(
+            lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype, rngs=r),
+            spec.depth,
+            remat=remat,
+            rngs=rngs,
+        )
+        self.norm = LayerNorm(w, dtype=dtype, rngs=rngs)
+        self.out_dim = w
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    b, length = tokens.shape
-    if length > self.max_len:
-      raise ValueError(
-          f'text of length {length} exceeds max_len {self.max_len}')
-    valid = tokens != PAD_ID
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-    x = x + self.pos[:length].astype(self.dtype)
-    x = self.encoder(x, attention_mask(valid, length, self.spec.causal))
-    x = self.norm(x)
-    if self.spec.pool == 'first':
-      return x[:, 0]
-    if self.spec.pool == 'last':
-      # Position of the last real token, wherever pads sit.
-      last = length - 1 - jnp.argmax(valid[:, ::-1], axis=1)
-      return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    weights = valid.astype(jnp.float32)[..., None]
-    total = jnp.sum(x.astype(jnp.float32) * weights, axis=1)
-    count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)
-    return (total / count).astype(self.dtype)
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        b, length = tokens.shape
+        if length > self.max_len:
+            raise ValueError(f"text of length {length} exceeds max_len {self.max_len}")
+        valid = tokens != PAD_ID
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = x + self.pos[:length].astype(self.dtype)
+        x = self.encoder(x, attention_mask(valid, length, self.spec.causal))
+        x = self.norm(x)
+        if self.spec.pool == "first":
+            return x[:, 0]
+        if self.spec.pool == "last":
+            # Position of the last real token, wherever pads sit.
+            last = length - 1 - jnp.argmax(valid[:, ::-1], axis=1)
+            return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+        weights = valid.astype(jnp.float32)[..., None]
+        total = jnp.sum(x.astype(jnp.float32) * weights, axis=1)
+        count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        return (total / count).astype(self.dtype)

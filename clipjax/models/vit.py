@@ -1,4 +1,5 @@
 """Vision Transformer image tower."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,139 +11,154 @@ from flax import nnx
 
 from clipjax.models import _config as C
 from clipjax.models.layers import (
-    MLP, Attention, Conv, Dense, LayerNorm, Stack, TransformerBlock,
-    embed_normal, lecun_normal, param)
+    MLP,
+    Attention,
+    Conv,
+    Dense,
+    LayerNorm,
+    Stack,
+    TransformerBlock,
+    embed_normal,
+    lecun_normal,
+    param,
+)
 
 VIT_PRESETS: dict[str, dict[str, Any]] = {
-    'tiny': dict(width=64, depth=2, heads=4, mlp_dim=256, patch_size=4),
-    'S/16': dict(width=384, depth=12, heads=6, mlp_dim=1536, patch_size=16),
-    'B/16': dict(width=768, depth=12, heads=12, mlp_dim=3072, patch_size=16),
-    'B/32': dict(width=768, depth=12, heads=12, mlp_dim=3072, patch_size=32),
-    'L/14': dict(width=1024, depth=24, heads=16, mlp_dim=4096, patch_size=14),
+    "tiny": dict(width=64, depth=2, heads=4, mlp_dim=256, patch_size=4),
+    "S/16": dict(width=384, depth=12, heads=6, mlp_dim=1536, patch_size=16),
+    "B/16": dict(width=768, depth=12, heads=12, mlp_dim=3072, patch_size=16),
+    "B/32": dict(width=768, depth=12, heads=12, mlp_dim=3072, patch_size=32),
+    "L/14": dict(width=1024, depth=24, heads=16, mlp_dim=4096, patch_size=14),
 }
-VIT_DEFAULTS: dict[str, Any] = dict(pool='cls', patch_embed='conv')
-VIT_FIELDS = ('kind', 'variant', 'width', 'depth', 'heads', 'mlp_dim',
-              'patch_size', 'pool', 'patch_embed')
-VIT_POOLS = ('cls', 'mean', 'map')
+VIT_DEFAULTS: dict[str, Any] = dict(pool="cls", patch_embed="conv")
+VIT_FIELDS = ("kind", "variant", "width", "depth", "heads", "mlp_dim", "patch_size", "pool", "patch_embed")
+VIT_POOLS = ("cls", "mean", "map")
 # 0 in these fields means "take it from the variant" (base-config sentinel).
-VIT_SIZES = ('width', 'depth', 'heads', 'mlp_dim', 'patch_size')
+VIT_SIZES = ("width", "depth", "heads", "mlp_dim", "patch_size")
 
 
 @dataclasses.dataclass(frozen=True)
 class ViTSpec:
-  width: int
-  depth: int
-  heads: int
-  mlp_dim: int
-  patch_size: int
-  pool: str = 'cls'
-  patch_embed: str = 'conv'
-  variant: str | None = None
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    patch_size: int
+    pool: str = "cls"
+    patch_embed: str = "conv"
+    variant: str | None = None
 
 
-def vit_spec(cfg: Any, image_size: int, *, path: str = 'model.image',
-             tolerated: tuple[str, ...] = ()) -> ViTSpec:
-  """Resolves a ``kind='vit'`` section: preset ``variant`` (default 'tiny'),
-  overridden field by field (None, '' or a 0 size = not set)."""
-  items = C.section_items(cfg)
-  C.check_known_keys(items, path, VIT_FIELDS, tolerated, "a 'vit' tower")
-  values = {**VIT_DEFAULTS,
-            **C.resolve_variant(items, path, VIT_PRESETS, 'tiny', VIT_SIZES)}
-  width = C.positive_int(values, path, 'width')
-  heads = C.positive_int(values, path, 'heads')
-  C.divisible(width, heads, path, 'width', 'heads')
-  patch = C.positive_int(values, path, 'patch_size')
-  if image_size % patch:
-    raise C.ConfigError(
-        f'{path}.patch_size: {patch} does not divide the image size {image_size}')
-  return ViTSpec(
-      width=width,
-      depth=C.positive_int(values, path, 'depth'),
-      heads=heads,
-      mlp_dim=C.positive_int(values, path, 'mlp_dim'),
-      patch_size=patch,
-      pool=C.choice(values, path, 'pool', VIT_POOLS),
-      patch_embed=C.choice(values, path, 'patch_embed', ('conv', 'dense')),
-      variant=values['variant'],
-  )
+def vit_spec(
+    cfg: Any, image_size: int, *, path: str = "model.image", tolerated: tuple[str, ...] = ()
+) -> ViTSpec:
+    """Resolves a ``kind='vit'`` section: preset ``variant`` (default 'tiny'),
+    overridden field by field (None, '' or a 0 size = not set)."""
+    items = C.section_items(cfg)
+    C.check_known_keys(items, path, VIT_FIELDS, tolerated, "a 'vit' tower")
+    values = {**VIT_DEFAULTS, **C.resolve_variant(items, path, VIT_PRESETS, "tiny", VIT_SIZES)}
+    width = C.positive_int(values, path, "width")
+    heads = C.positive_int(values, path, "heads")
+    C.divisible(width, heads, path, "width", "heads")
+    patch = C.positive_int(values, path, "patch_size")
+    if image_size % patch:
+        raise C.ConfigError(f"{path}.patch_size: {patch} does not divide the image size {image_size}")
+    return ViTSpec(
+        width=width,
+        depth=C.positive_int(values, path, "depth"),
+        heads=heads,
+        mlp_dim=C.positive_int(values, path, "mlp_dim"),
+        patch_size=patch,
+        pool=C.choice(values, path, "pool", VIT_POOLS),
+        patch_embed=C.choice(values, path, "patch_embed", ("conv", "dense")),
+        variant=values["variant"],
+    )
 
 
 class MAPHead(nnx.Module):
-  """Multihead attention pooling: one learned probe attends over all tokens."""
+    """Multihead attention pooling: one learned probe attends over all tokens."""
 
-  def __init__(self, width: int, heads: int, mlp_dim: int, *, dtype: Any,
-               rngs: nnx.Rngs):
-    self.probe = param(rngs, embed_normal, (width,), ('embed',))
-    self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
-    self.norm = LayerNorm(width, dtype=dtype, rngs=rngs)
-    self.mlp = MLP(width, mlp_dim, dtype=dtype, rngs=rngs)
+    def __init__(self, width: int, heads: int, mlp_dim: int, *, dtype: Any, rngs: nnx.Rngs):
+        self.probe = param(rngs, embed_normal, (width,), ("embed",))
+        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+        self.norm = LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    probe = jnp.broadcast_to(self.probe[...].astype(x.dtype),
-                             (x.shape[0], 1, x.shape[-1]))
-    y = self.attn(probe, x)
-    y = y + self.mlp(self.norm(y))
-    return y[:, 0]
+    def __call__(self, x: jax.Array) -> jax.Array:
+        probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        y = self.attn(probe, x)
+        y = y + self.mlp(self.norm(y))
+        return y[:, 0]
 
 
 class ViT(nnx.Module):
-  """Patchify, add learned positions, pre-LN encoder, final LN, pool.
+    """Patchify, add learned positions, pre-LN encoder, final LN, pool.
 
-  Input: float images [B, H, W, 3], already normalised. Output [B, width].
-  """
+    Input: float images [B, H, W, 3], already normalised. Output [B, width].
+    """
 
-  def __init__(self, spec: ViTSpec, *, image_size: int, dtype: Any = jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs):
-    p, w = spec.patch_size, spec.width
-    self.spec = spec
-    self.image_size = image_size
-    self.dtype = jnp.dtype(dtype)
-    num_patches = (image_size // p) ** 2
-    if spec.patch_embed == 'conv':
-      self.patch = Conv(3, w, p, stride=p, padding='VALID',
-                        names=('conv_h', 'conv_w', 'conv_in', 'embed'),
-                        kernel_init=lecun_normal, dtype=dtype, rngs=rngs)
-    else:
-      self.patch = Dense(p * p * 3, w, names=('patch', 'embed'), dtype=dtype,
-                         rngs=rngs)
-    self.cls = (param(rngs, embed_normal, (w,), ('embed',))
-                if spec.pool == 'cls' else None)
-    num_tokens = num_patches + (1 if spec.pool == 'cls' else 0)
-    self.pos = param(rngs, embed_normal, (num_tokens, w), ('pos', 'embed'))
-    self.encoder = Stack(
-        lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype,
-                                   rngs=r),
-        spec.depth, remat=remat, rngs=rngs)
-    self.norm = LayerNorm(w, dtype=dtype, rngs=rngs)
-    self.map_head = (MAPHead(w, spec.heads, spec.mlp_dim, dtype=dtype, rngs=rngs)
-                     if spec.pool == 'map' else None)
-    self.out_dim = w
+    def __init__(
+        self, spec: ViTSpec, *, image_size: int, dtype: Any = jnp.float32, remat: bool = False, rngs: nnx.Rngs
+    ):
+        p, w = spec.patch_size, spec.width
+        self.spec = spec
+        self.image_size = image_size
+        self.dtype = jnp.dtype(dtype)
+        num_patches = (image_size // p) ** 2
+        if spec.patch_embed == "conv":
+            self.patch = Conv(
+                3,
+                w,
+                p,
+                stride=p,
+                padding="VALID",
+                names=("conv_h", "conv_w", "conv_in", "embed"),
+                kernel_init=lecun_normal,
+                dtype=dtype,
+                rngs=rngs,
+            )
+        else:
+            self.patch = Dense(p * p * 3, w, names=("patch", "embed"), dtype=dtype, rngs=rngs)
+        self.cls = param(rngs, embed_normal, (w,), ("embed",)) if spec.pool == "cls" else None
+        num_tokens = num_patches + (1 if spec.pool == "cls" else 0)
+        self.pos = param(rngs, embed_normal, (num_tokens, w), ("pos", "embed"))
+        self.encoder = Stack(
+            lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype, rngs=r),
+            spec.depth,
+            remat=remat,
+            rngs=rngs,
+        )
+        self.norm = LayerNorm(w, dtype=dtype, rngs=rngs)
+        self.map_head = (
+            MAPHead(w, spec.heads, spec.mlp_dim, dtype=dtype, rngs=rngs) if spec.pool == "map" else None
+        )
+        self.out_dim = w
 
-  def _patchify(self, images: jax.Array) -> jax.Array:
-    b, h, w, c = images.shape
-    p = self.spec.patch_size
-    if self.spec.patch_embed == 'conv':
-      x = self.patch(images)
-      return x.reshape(b, -1, x.shape[-1])
-    # Same (row, col, channel) flattening order as the HWIO conv kernel, so
-    # the two embeddings are interchangeable given reshaped weights.
-    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return self.patch(x.reshape(b, (h // p) * (w // p), p * p * c))
+    def _patchify(self, images: jax.Array) -> jax.Array:
+        b, h, w, c = images.shape
+        p = self.spec.patch_size
+        if self.spec.patch_embed == "conv":
+            x = self.patch(images)
+            return x.reshape(b, -1, x.shape[-1])
+        # Same (row, col, channel) flattening order as the HWIO conv kernel, so
+        # the two embeddings are interchangeable given reshaped weights.
+        x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return self.patch(x.reshape(b, (h // p) * (w // p), p * p * c))
 
-  def __call__(self, images: jax.Array) -> jax.Array:
-    if images.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(
-          f'ViT built for {self.image_size}x{self.image_size} images, got '
-          f'{images.shape[1]}x{images.shape[2]}')
-    x = self._patchify(images.astype(self.dtype))
-    if self.cls is not None:
-      cls = jnp.broadcast_to(self.cls[...].astype(self.dtype),
-                             (x.shape[0], 1, x.shape[-1]))
-      x = jnp.concatenate([cls, x], axis=1)
-    x = x + self.pos[...].astype(self.dtype)
-    x = self.norm(self.encoder(x))
-    if self.spec.pool == 'cls':
-      return x[:, 0]
-    if self.spec.pool == 'mean':
-      return jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
-    return self.map_head(x)
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"ViT built for {self.image_size}x{self.image_size} images, got "
+                f"{images.shape[1]}x{images.shape[2]}"
+            )
+        x = self._patchify(images.astype(self.dtype))
+        if self.cls is not None:
+            cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)
+        x = x + self.pos[...].astype(self.dtype)
+        x = self.norm(self.encoder(x))
+        if self.spec.pool == "cls":
+            return x[:, 0]
+        if self.spec.pool == "mean":
+            return jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
+        return self.map_head(x)
