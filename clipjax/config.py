@@ -120,6 +120,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.evals.max_examples = 2000
     c.evals.zero_shot = True
     c.evals.retrieval = True
+    # Frozen image features: closed-form ridge linear probe and weighted kNN, fitted on the first
+    # `probe_train_examples` of the train split and scored on the evaluation examples.
+    c.evals.linear_probe = True
+    c.evals.knn = True
+    c.evals.probe_train_examples = 5000
+    # Also evaluate on a tensorflow-datasets image-classification dataset already prepared in
+    # `classification_data_dir` (e.g. 'cifar10'): zero-shot with its class names, probe and kNN.
+    c.evals.classification = ""
+    c.evals.classification_data_dir = ""
 
     c.metrics = ml_collections.ConfigDict()
     c.metrics.every = 50          # embedding metrics of the global batch every N steps (0: never)
@@ -232,6 +241,12 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
             raise ConfigError(f"data.source: {config.data.source!r} does not exist (a folder or CSV of images and captions)")
     if config.data.name != "shapes" and not os.path.isdir(config.data.data_dir):
         raise ConfigError(f"data.data_dir: directory {config.data.data_dir!r} does not exist")
+    if config.evals.classification:
+        from clipjax.data.classification import get_builder
+        try:
+            get_builder(config.evals.classification, config.evals.classification_data_dir or config.data.data_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"evals.classification: {str(e).splitlines()[0]}") from None
     if config.data.tokenizer.model_file and not os.path.exists(config.data.tokenizer.model_file):
         raise ConfigError(f"data.tokenizer.model_file: {config.data.tokenizer.model_file!r} does not exist")
     return shape

@@ -28,7 +28,7 @@ from clipjax import optim
 from clipjax.checkpoint import Checkpointer, abstract_with_shardings
 from clipjax.data import pipeline
 from clipjax.evals.embed import embed_in_batches
-from clipjax.evals.report import evaluate_embeddings, summary_lines, write_report
+from clipjax.evals.report import evaluate_embeddings, frozen_feature_metrics, summary_lines, write_report
 from clipjax.logging import MetricWriter, Progress
 from clipjax.losses import contrastive_loss
 from clipjax.metrics import (
@@ -326,11 +326,44 @@ def run_evaluation(config, mesh, tokenizer, graphdef, params, step: int) -> dict
     report = evaluate_embeddings(image_emb=image_emb, text_emb=text_emb, arrays=arrays,
                                  encode_texts=encode_texts, zero_shot_tasks=pipeline.zero_shot_tasks(config.data),
                                  evals_config=config.evals)
+    if (config.evals.linear_probe or config.evals.knn) and np.all(arrays["label"] >= 0):
+        train = pipeline.load_split_arrays(config.data, tokenizer, split="train",
+                                           max_examples=config.evals.probe_train_examples)
+        train_emb = embed_in_batches(lambda x: encode_image(params, x), train["image"], mesh=mesh, batch_size=batch)
+        report.update(frozen_feature_metrics(train_features=train_emb, train_labels=train["label"],
+                                             test_features=image_emb, test_labels=arrays["label"],
+                                             evals_config=config.evals))
+    if config.evals.classification:
+        report["classification"] = {config.evals.classification: classification_metrics(
+            config, mesh, encode_image, encode_texts, params)}
     # The spectrum of a fixed held-out probe set, comparable across checkpoints and runs.
     scalars, spectra = split_spectra(jax.device_get(reference_embedding_metrics(
         image_emb, text_emb, arrays["text_id"], params["logit_scale"], params.get("logit_bias"))))
     report["embedding"] = {**scalars, **{k: v.tolist() for k, v in spectra.items()}}
     return {"step": int(step), **report}
+
+
+def classification_metrics(config, mesh, encode_image, encode_texts, params) -> dict:
+    """Zero-shot, linear probe and kNN on a tfds image-classification dataset (evals.classification)."""
+    from clipjax.data import classification
+    from clipjax.evals.zero_shot import class_embeddings, zero_shot_accuracy
+
+    name = config.evals.classification
+    data_dir = config.evals.classification_data_dir or config.data.data_dir
+    size, batch = config.data.image_size, config.evals.batch_size
+    test = classification.load_classification_split(name, data_dir, "test", size, max_examples=config.evals.max_examples)
+    test_emb = embed_in_batches(lambda x: encode_image(params, x), test["image"], mesh=mesh, batch_size=batch)
+    names, templates = classification.zero_shot_task(name, data_dir)
+    result = {"num_examples": int(len(test_emb)),
+              "zero_shot": zero_shot_accuracy(test_emb, class_embeddings(encode_texts, names, templates), test["label"])}
+    if config.evals.linear_probe or config.evals.knn:
+        train = classification.load_classification_split(name, data_dir, "train", size,
+                                                         max_examples=config.evals.probe_train_examples)
+        train_emb = embed_in_batches(lambda x: encode_image(params, x), train["image"], mesh=mesh, batch_size=batch)
+        result.update(frozen_feature_metrics(train_features=train_emb, train_labels=train["label"],
+                                             test_features=test_emb, test_labels=test["label"],
+                                             evals_config=config.evals))
+    return result
 
 
 def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[str], None] = print) -> dict:

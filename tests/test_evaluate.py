@@ -93,3 +93,27 @@ def test_plain_orbax_reads_the_checkpoint(trained):
     reference = clipjax.load(str(workdir), devices=jax.devices()[:1]).params
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_evaluate_on_a_tfds_classification_dataset(trained, tmp_path):
+    """A user's prepared tfds image-classification dataset is evaluated by changing one config line."""
+    from tests.test_classification_data import _SKIP_STATS, TinyClasses
+    TinyClasses(data_dir=str(tmp_path / "cls")).download_and_prepare(download_config=_SKIP_STATS)
+    workdir, _ = trained
+    from clipjax.api import load_run_config
+    config = load_run_config(str(workdir))
+    config.evals.classification = "tiny_classes"
+    config.evals.classification_data_dir = str(tmp_path / "cls")
+    report = evaluate(str(workdir), out=str(tmp_path / "out"), config=config, devices=jax.devices()[:2])
+    result = report["classification"]["tiny_classes"]
+    assert 0.0 <= result["zero_shot"]["top1"] <= 1.0
+    assert result["num_examples"] > 0
+    assert set(result["knn"]) == {"top1@k1", "top1@k10", "top1@k20"}
+    assert "regularizer" in result["linear_probe"]
+    # The probe sees the images' class structure (each class has its own colour): well above chance.
+    assert result["linear_probe"]["top1"] > 0.6
+
+    config.evals.classification = "not_a_dataset"
+    from clipjax.config import ConfigError, validate
+    with pytest.raises(ConfigError, match="evals.classification: .*not_a_dataset"):
+        validate(config, num_devices=8)

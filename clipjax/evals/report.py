@@ -6,6 +6,9 @@ report.json format (stable; scripts read it):
   retrieval.image_to_text.R@1|R@5|R@10|median_rank   (concept-aware: same concept counts as a hit)
   retrieval.text_to_image.R@1|R@5|R@10|median_rank
   retrieval.strict.image_to_text.*, retrieval.strict.text_to_image.*   (own pair only)
+  linear_probe.top1|regularizer|val_top1, knn.top1@k1|top1@k10|top1@k20   (frozen image features, dataset labels)
+  embedding.*   (spectrum metrics of the evaluation embeddings)
+  classification.<dataset>.zero_shot.top1|top5, .linear_probe.*, .knn.*   (evals.classification)
 """
 from __future__ import annotations
 
@@ -38,6 +41,23 @@ def evaluate_embeddings(*, image_emb: np.ndarray, text_emb: np.ndarray, arrays: 
     return report
 
 
+def frozen_feature_metrics(*, train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+                           test_labels: np.ndarray, evals_config) -> dict:
+    """Linear probe and kNN on frozen image features (labels must be non-negative class ids)."""
+    from clipjax.evals.knn import knn_accuracy
+    from clipjax.evals.linear_probe import linear_probe
+
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    out = {}
+    if evals_config.linear_probe:
+        out["linear_probe"] = linear_probe(train_features, train_labels, test_features, test_labels,
+                                           num_classes=num_classes)
+    if evals_config.knn:
+        out["knn"] = knn_accuracy(train_features, train_labels, test_features, test_labels,
+                                  num_classes=num_classes)
+    return out
+
+
 def write_report(report: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -52,6 +72,14 @@ def summary_lines(report: dict) -> list[str]:
         if isinstance(result, dict):
             extra = f"  top-5 {result['top5']:.2%}" if "top5" in result else ""
             lines.append(f"  zero-shot {attribute:<10} top-1 {result['top1']:.2%}{extra}")
+    for name in ("linear_probe", "knn"):
+        if name in report:
+            lines.append(f"  {name:<24} " + "  ".join(f"{k} {v:.2%}" for k, v in report[name].items() if "top1" in k))
+    for dataset, result in report.get("classification", {}).items():
+        parts = [f"zero-shot top-1 {result['zero_shot']['top1']:.2%}"]
+        parts += [f"{n} {v:.2%}" for n, v in (("probe", result.get("linear_probe", {}).get("top1")),
+                                              ("kNN@20", result.get("knn", {}).get("top1@k20"))) if v is not None]
+        lines.append(f"  {dataset:<24} " + "  ".join(parts))
     retrieval = report.get("retrieval")
     if retrieval:
         for direction in ("image_to_text", "text_to_image"):
