@@ -44,6 +44,7 @@ from tensorflow_datasets.core import read_only_builder
 from tensorflow_datasets.core import registered
 
 from clipjax.data import records
+from clipjax.data.images import square_rgb
 
 # Generic prompts (a subset of CLIP's ImageNet ensemble), fine for photos of everyday classes.
 TEMPLATES = (
@@ -197,18 +198,7 @@ class _RawRecords:
 
 
 def _square_rgb(im: Image.Image, image_size: int) -> np.ndarray:
-    """RGB, shorter side resized to image_size (bilinear), centre crop -> uint8 [S, S, 3]."""
-    s = image_size
-    im = im.convert("RGB")
-    w, h = im.size
-    if (w, h) != (s, s):
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - s) // 2, (nh - s) // 2
-        im = im.crop((left, top, left + s, top + s))
-    return np.asarray(im, dtype=np.uint8)
+    return square_rgb(im, image_size, Image.BILINEAR)
 
 
 def decode_encoded_image(data: bytes, image_size: int) -> np.ndarray:

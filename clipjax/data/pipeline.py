@@ -40,6 +40,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from clipjax.data import folder_tfds
+from clipjax.data.images import square_rgb
 from clipjax.data import options
 from clipjax.data import records
 from clipjax.data import shapes
@@ -167,15 +168,7 @@ def decode_image_bytes(data: bytes, image_size: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         # JPEG can decode at a reduced scale directly, much faster for big photos.
         im.draft("RGB", (image_size, image_size))
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = image_size / min(w, h)
-        nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - image_size) // 2, (nh - image_size) // 2
-        im = im.crop((left, top, left + image_size, top + image_size))
-        return np.asarray(im, dtype=np.uint8)
+        return square_rgb(im, image_size)
 
 
 class ChunkDecoder:
