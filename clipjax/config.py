@@ -97,7 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax"
-    c.loss.impl = "gather"        # gather | ring (O(B) memory; see docs/large_batches.md)
+    c.loss.impl = "ring"          # ring (O(B) memory) | gather; same values, see docs/large_batches.md
     c.loss.chunk = 0              # ring: columns per tile (0: chosen from the block size)
 
     c.optim = ml_collections.ConfigDict()
