@@ -1,4 +1,4 @@
-"""Demo: CLIP on the embedded `shapes` dataset, sized for a 2-core CPU (about 8 minutes).
+"""Demo: CLIP on the embedded `shapes` dataset, sized for a 2-core CPU (about 6 minutes).
 
     python -m clipjax.train --config configs/demo.py --workdir runs/demo
 

@@ -183,7 +183,10 @@ def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
     _wait_for_step(tmp_path / "killed", kill_at, proc)
     proc.kill()
     proc.wait()
-    assert Checkpointer(str(tmp_path / "killed")).latest_step() < 12
+    # A kill can land before the first asynchronous save has finished: then the restart starts
+    # from scratch, which must give the same result too.
+    latest = Checkpointer(str(tmp_path / "killed")).latest_step()
+    assert latest is None or latest < 12
     subprocess.run(_train_cli(tmp_path / "killed", tfds_dir, *args), cwd=ROOT, env=env, check=True,
                    capture_output=True)
     step_a, a = _params(tmp_path / "straight")
