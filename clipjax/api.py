@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from clipjax.checkpoint import Checkpointer
+from clipjax.checkpoint import Checkpointer, abstract_with_shardings
 from clipjax.evals.embed import embed_in_batches
 
 
@@ -62,7 +62,7 @@ def restore_params(workdir: str, config, tokenizer, mesh, step: int | None = Non
         shardings = param_shardings(abstract_model, mesh, config.sharding_rules)
         expected = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
         _check_compatible(checkpointer.params_metadata(step), expected, step)
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), expected, shardings)
+        target = abstract_with_shardings(expected, shardings)
         params = checkpointer.restore_params(step, target)
     finally:
         checkpointer.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 import ml_collections
 
@@ -250,7 +249,3 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
     if config.data.tokenizer.model_file and not os.path.exists(config.data.tokenizer.model_file):
         raise ConfigError(f"data.tokenizer.model_file: {config.data.tokenizer.model_file!r} does not exist")
     return shape
-
-
-def to_dict(config) -> dict[str, Any]:
-    return config.to_dict()

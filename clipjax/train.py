@@ -8,6 +8,7 @@ At the end the held-out split is evaluated and written to <workdir>/report.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -303,8 +304,13 @@ def alarm_start_step(config, total_steps: int) -> int:
     return max(2 * warmup, total_steps // 10)
 
 
+@functools.lru_cache(maxsize=8)
 def make_encoders(graphdef, mesh):
-    """Jitted image and text encoders that take the parameters explicitly."""
+    """Jitted image and text encoders that take the parameters explicitly.
+
+    Cached per (model structure, mesh): evaluation every `evals.every` steps reuses the
+    compiled encoders instead of tracing new ones each time.
+    """
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
     encode_image = jax.jit(lambda params, x: nnx.merge(graphdef, params).encode_image(x), out_shardings=rows)
     encode_text = jax.jit(lambda params, t: nnx.merge(graphdef, params).encode_text(t), out_shardings=rows)
