@@ -9,11 +9,13 @@ for InfoNCE (1 and 2 for SigLIP); the ring does 1 forward matmul and, in the bac
 1 recomputation and 2 gradient matmuls for either loss. The reference is the same-size matmul
 [B, d] @ [d, B] with rows sharded over the devices, i.e. the peak the loss could approach.
 """
+
 import argparse
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import statistics  # noqa: E402
@@ -24,7 +26,10 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from clipjax.losses import (  # noqa: E402
-    global_infonce_loss, global_sigmoid_loss, ring_infonce_loss, ring_sigmoid_loss,
+    global_infonce_loss,
+    global_sigmoid_loss,
+    ring_infonce_loss,
+    ring_sigmoid_loss,
 )
 from clipjax.losses.blockwise import default_chunk  # noqa: E402
 
@@ -48,12 +53,14 @@ def _variants(mesh, block, dim):
     return [
         ("softmax gather", lambda i, t, s, b: global_infonce_loss(i, t, s, **kw), 6),
         (f"softmax ring chunk={chunk}", lambda i, t, s, b: ring_infonce_loss(i, t, s, **kw), 4),
-        (f"softmax ring chunk={block}",
-         lambda i, t, s, b: ring_infonce_loss(i, t, s, chunk=block, **kw), 4),
+        (f"softmax ring chunk={block}", lambda i, t, s, b: ring_infonce_loss(i, t, s, chunk=block, **kw), 4),
         ("sigmoid gather", lambda i, t, s, b: global_sigmoid_loss(i, t, s, b, **kw), 3),
         (f"sigmoid ring chunk={chunk}", lambda i, t, s, b: ring_sigmoid_loss(i, t, s, b, **kw), 4),
-        (f"sigmoid ring chunk={block}",
-         lambda i, t, s, b: ring_sigmoid_loss(i, t, s, b, chunk=block, **kw), 4),
+        (
+            f"sigmoid ring chunk={block}",
+            lambda i, t, s, b: ring_sigmoid_loss(i, t, s, b, chunk=block, **kw),
+            4,
+        ),
     ]
 
 
@@ -73,10 +80,8 @@ def main():
     scale, bias = jnp.float32(2.7), jnp.float32(-6.3)
     matmul_flops = 2 * batch * batch * dim
 
-    matmul = jax.jit(lambda i, t: i @ t.T, in_shardings=(rows, NamedSharding(mesh, P())),
-                     out_shardings=rows)
-    t_matmul = _median_seconds(matmul, (img, jax.device_put(txt, NamedSharding(mesh, P()))),
-                               args.repeats)
+    matmul = jax.jit(lambda i, t: i @ t.T, in_shardings=(rows, NamedSharding(mesh, P())), out_shardings=rows)
+    t_matmul = _median_seconds(matmul, (img, jax.device_put(txt, NamedSharding(mesh, P()))), args.repeats)
     peak = matmul_flops / t_matmul
 
     print(f"forward+backward at B={batch:,}, d={dim}, 8 CPU devices, median of {args.repeats}")
@@ -86,8 +91,10 @@ def main():
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
         seconds = _median_seconds(step, (img, txt, scale, bias), args.repeats)
         flops = matmuls * matmul_flops / seconds
-        print(f"{name:<26} {seconds * 1e3:>7.1f}ms {matmuls:>8} {flops / 1e9:>9.1f} {flops / peak:>9.0%}",
-              flush=True)
+        print(
+            f"{name:<26} {seconds * 1e3:>7.1f}ms {matmuls:>8} {flops / 1e9:>9.1f} {flops / peak:>9.0%}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Orbax checkpoints: train state, data-iterator state and step in one atomic, async checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,8 @@ class Checkpointer:
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -63,8 +65,10 @@ class Checkpointer:
             try:
                 state, data = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
-                log(f"WARNING: checkpoint {step} in {self.directory} cannot be restored "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying an older one")
+                log(
+                    f"WARNING: checkpoint {step} in {self.directory} cannot be restored "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying an older one"
+                )
                 continue
             return step, state, data
         return None
@@ -73,7 +77,9 @@ class Checkpointer:
         path = os.path.join(self.directory, str(step), "state")
         if not os.path.isdir(path):
             steps = self.all_steps()
-            raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory} (steps: {steps or 'none'})")
+            raise FileNotFoundError(
+                f"no checkpoint at step {step} in {self.directory} (steps: {steps or 'none'})"
+            )
         return path
 
     def params_metadata(self, step: int) -> Any:
@@ -88,8 +94,12 @@ class Checkpointer:
         restores onto 1 device, or the reverse.
         """
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-        restored = ocp.PyTreeCheckpointer().restore(self._state_path(step), args=ocp.args.PyTreeRestore(
-            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+        restored = ocp.PyTreeCheckpointer().restore(
+            self._state_path(step),
+            args=ocp.args.PyTreeRestore(
+                item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True
+            ),
+        )
         return restored["params"]
 
     def wait(self) -> None:

@@ -6,6 +6,7 @@
 Point `data.name`/`data.source` at an image-text dataset. `configs/clip_vit_b16.py:tiny` keeps
 the structure (ViT, FSDP mesh) at a size that runs one step on CPU.
 """
+
 import math
 
 from clipjax.config import default_config
@@ -18,7 +19,7 @@ def get_config(arg: str = ""):
     c.log_every = 100
     c.checkpoint_every = 2000
     c.mesh.axes = ("data", "fsdp", "model")
-    c.mesh.shape = (1, -1, 1)          # fully sharded data parallel over all devices
+    c.mesh.shape = (1, -1, 1)  # fully sharded data parallel over all devices
     c.data.name = "image_text_folder"
     c.data.source = "/path/to/captions.csv"
     c.data.data_dir = "/path/to/tfds"

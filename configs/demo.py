@@ -4,6 +4,7 @@
 
 `--config configs/demo.py:tiny` shrinks it to a few steps (used by the tests).
 """
+
 from clipjax.config import default_config
 
 

@@ -6,6 +6,7 @@
 Everything but the loss, its initialisation and the optimizer follows configs/clip_vit_b16.py;
 `:tiny` runs one step on CPU.
 """
+
 import importlib.util
 import math
 import os

@@ -2,6 +2,7 @@
 
 Both must be configured before JAX initialises its backends, so they live here.
 """
+
 import os
 import pathlib
 

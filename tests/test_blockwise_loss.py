@@ -1,4 +1,5 @@
 """The ring losses equal the gather form and the single-device reference, and stay within memory."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +7,12 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from clipjax.losses import (
-    global_infonce_loss, global_sigmoid_loss, reference_infonce_loss, reference_sigmoid_loss,
-    ring_infonce_loss, ring_sigmoid_loss,
+    global_infonce_loss,
+    global_sigmoid_loss,
+    reference_infonce_loss,
+    reference_sigmoid_loss,
+    ring_infonce_loss,
+    ring_sigmoid_loss,
 )
 from clipjax.losses.blockwise import default_chunk, grad_temp_bytes
 from tests.helpers import paired_unit_embeddings, rel_err
@@ -93,8 +98,11 @@ def test_ring_loss_without_gradient_and_in_bfloat16():
     img_s, txt_s = (jax.device_put(x.astype(jnp.bfloat16), rows) for x in (img, txt))
     loss = lambda i, t: ring_infonce_loss(i, t, LOGIT_SCALE, mesh=mesh, batch_axes=axes)
     value = jax.jit(loss)(img_s, txt_s)
-    expected = reference_infonce_loss(img.astype(jnp.bfloat16).astype(jnp.float32),
-                                      txt.astype(jnp.bfloat16).astype(jnp.float32), LOGIT_SCALE)
+    expected = reference_infonce_loss(
+        img.astype(jnp.bfloat16).astype(jnp.float32),
+        txt.astype(jnp.bfloat16).astype(jnp.float32),
+        LOGIT_SCALE,
+    )
     assert rel_err(value, expected) <= 1e-5
 
 

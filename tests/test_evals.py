@@ -1,4 +1,5 @@
 """Evaluators against brute-force computations."""
+
 import numpy as np
 
 from clipjax.evals.retrieval import retrieval_metrics

@@ -1,5 +1,6 @@
 """The launchers in launch/: options, dry runs, quoting, and (with stand-ins for gcloud, SLURM and
 the trainer) what they really run. Nothing here starts the trainer or reaches a network."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ STUB_TRAINER = textwrap.dedent("""\
     sys.exit(int(os.environ.get(f"STUB_EXIT_{pid}", "0")))
     """)
 
-TRICKY = "it's a \"test\" with $HOME and `ticks` & more"
+TRICKY = 'it\'s a "test" with $HOME and `ticks` & more'
 
 
 def gone(pid: int, wait_s: float = 10.0) -> bool:
@@ -48,7 +49,10 @@ def gone(pid: int, wait_s: float = 10.0) -> bool:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        if pathlib.Path(f"/proc/{pid}/stat").exists() and ") Z " in pathlib.Path(f"/proc/{pid}/stat").read_text():
+        if (
+            pathlib.Path(f"/proc/{pid}/stat").exists()
+            and ") Z " in pathlib.Path(f"/proc/{pid}/stat").read_text()
+        ):
             return True  # a zombie: exited, not yet reaped
         time.sleep(0.1)
     return False
@@ -56,8 +60,14 @@ def gone(pid: int, wait_s: float = 10.0) -> bool:
 
 def sh(script, *args, cwd=None, env=None, timeout=60):
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(["bash", str(script), *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(script), *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def plus_lines(out: str) -> list[str]:
@@ -81,22 +91,66 @@ def stub(tmp_path):
     def records():
         return [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
 
-    env = {"CLIPJAX_TRAIN_CMD": f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}",
-           "STUB_OUT": str(out)}
+    env = {
+        "CLIPJAX_TRAIN_CMD": f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}",
+        "STUB_OUT": str(out),
+    }
     return env, records
 
 
 # --- --help -------------------------------------------------------------------------------------
 
 OPTIONS = {
-    TPU: ["--tpu", "--zone", "--project", "--accelerator", "--version", "--create", "--config",
-          "--workdir", "--env", "--remote-dir", "--python", "--setup", "--skip-setup", "--detach",
-          "--dry-run", "--help", "CLIPJAX_TRAIN_CMD"],
-    SLURM: ["--nodes", "--gpus-per-node", "--partition", "--account", "--time", "--job-name",
-            "--config", "--workdir", "--mode", "per-gpu", "per-node", "--port", "--env", "--setup",
-            "--sbatch-arg", "--script", "--dry-run", "--help", "CLIPJAX_TRAIN_CMD"],
-    LOCAL: ["--devices-per-process", "--port", "--config", "--workdir", "--env", "--dry-run",
-            "--help", "CLIPJAX_TRAIN_CMD"],
+    TPU: [
+        "--tpu",
+        "--zone",
+        "--project",
+        "--accelerator",
+        "--version",
+        "--create",
+        "--config",
+        "--workdir",
+        "--env",
+        "--remote-dir",
+        "--python",
+        "--setup",
+        "--skip-setup",
+        "--detach",
+        "--dry-run",
+        "--help",
+        "CLIPJAX_TRAIN_CMD",
+    ],
+    SLURM: [
+        "--nodes",
+        "--gpus-per-node",
+        "--partition",
+        "--account",
+        "--time",
+        "--job-name",
+        "--config",
+        "--workdir",
+        "--mode",
+        "per-gpu",
+        "per-node",
+        "--port",
+        "--env",
+        "--setup",
+        "--sbatch-arg",
+        "--script",
+        "--dry-run",
+        "--help",
+        "CLIPJAX_TRAIN_CMD",
+    ],
+    LOCAL: [
+        "--devices-per-process",
+        "--port",
+        "--config",
+        "--workdir",
+        "--env",
+        "--dry-run",
+        "--help",
+        "CLIPJAX_TRAIN_CMD",
+    ],
 }
 
 
@@ -115,6 +169,7 @@ def test_help_mentions_every_option(script):
 def test_options_parsed_are_the_options_documented(script):
     """Every --option the parser accepts is in --help, and the other way round."""
     import re
+
     source = script.read_text()
     parsed = set(re.findall(r"^\s+(--[a-z][a-z-]*)\)", source, flags=re.M))
     help_text = sh(script, "--help").stdout
@@ -124,18 +179,42 @@ def test_options_parsed_are_the_options_documented(script):
 
 # --- TPU pod ------------------------------------------------------------------------------------
 
+
 def test_tpu_dry_run_create_copies_installs_and_runs_on_all_workers(tmp_path):
-    r = sh(TPU, "--tpu", "my-tpu", "--zone", "us-central2-b", "--project", "my-proj", "--create",
-           "--accelerator", "v4-64", "--config", "configs/demo.py:tiny", "--workdir", "gs://bucket/run 1",
-           "--env", "MY_A=1", "--env", f"MY_B={TRICKY}", "--dry-run", "--", "--config.steps=7",
-           cwd=tmp_path, env={"TMPDIR": str(tmp_path)})
+    r = sh(
+        TPU,
+        "--tpu",
+        "my-tpu",
+        "--zone",
+        "us-central2-b",
+        "--project",
+        "my-proj",
+        "--create",
+        "--accelerator",
+        "v4-64",
+        "--config",
+        "configs/demo.py:tiny",
+        "--workdir",
+        "gs://bucket/run 1",
+        "--env",
+        "MY_A=1",
+        "--env",
+        f"MY_B={TRICKY}",
+        "--dry-run",
+        "--",
+        "--config.steps=7",
+        cwd=tmp_path,
+        env={"TMPDIR": str(tmp_path)},
+    )
     assert r.returncode == 0, r.stderr
     lines = plus_lines(r.stdout)
     assert len(lines) == 6, r.stdout
     create, pack, scp, install, cleanup, train = lines
     where = "--zone=us-central2-b --project=my-proj"
-    assert create == (f"gcloud compute tpus tpu-vm create my-tpu {where} "
-                      "--accelerator-type=v4-64 --version=tpu-ubuntu2204-base")
+    assert create == (
+        f"gcloud compute tpus tpu-vm create my-tpu {where} "
+        "--accelerator-type=v4-64 --version=tpu-ubuntu2204-base"
+    )
     tarball = str(tmp_path / "clipjax-code-my-tpu.tar.gz")
     assert "git ls-files" in pack and "tar " in pack and tarball in pack
     assert scp == f"gcloud compute tpus tpu-vm scp {tarball} my-tpu:clipjax-code.tar.gz {where} --worker=all"
@@ -147,15 +226,24 @@ def test_tpu_dry_run_create_copies_installs_and_runs_on_all_workers(tmp_path):
     assert train.startswith(f"gcloud compute tpus tpu-vm ssh my-tpu {where} --worker=all --command=")
     train_cmd = shlex.split(train)[-1].removeprefix("--command=")
     assert "cd clipjax;" in train_cmd and "export MY_A=1;" in train_cmd and "export MY_B=" in train_cmd
-    assert train_cmd.endswith(r"python3 -m clipjax.train --config configs/demo.py:tiny "
-                              r"--workdir gs://bucket/run\ 1 --config.steps=7")
+    assert train_cmd.endswith(
+        r"python3 -m clipjax.train --config configs/demo.py:tiny "
+        r"--workdir gs://bucket/run\ 1 --config.steps=7"
+    )
     # A dry run runs nothing.
     assert not (tmp_path / "clipjax-code-my-tpu.tar.gz").exists()
 
 
 def test_tpu_dry_run_reuse_and_skip_setup(tmp_path):
-    r = sh(TPU, "--tpu=old-tpu", "--zone=europe-west4-a", "--workdir=gs://b/w", "--skip-setup",
-           "--dry-run", cwd=tmp_path)
+    r = sh(
+        TPU,
+        "--tpu=old-tpu",
+        "--zone=europe-west4-a",
+        "--workdir=gs://b/w",
+        "--skip-setup",
+        "--dry-run",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     lines = plus_lines(r.stdout)
     assert len(lines) == 2, r.stdout
@@ -166,16 +254,26 @@ def test_tpu_dry_run_reuse_and_skip_setup(tmp_path):
 
 
 def test_tpu_detach_runs_in_background_with_a_log(tmp_path):
-    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--skip-setup", "--detach",
-           "--dry-run")
+    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--skip-setup", "--detach", "--dry-run")
     assert r.returncode == 0, r.stderr
     command = shlex.split(plus_lines(r.stdout)[-1])[-1].removeprefix("--command=")
     assert "nohup " in command and command.endswith("> logs/train.log 2>&1 < /dev/null &")
 
 
 def test_tpu_config_is_passed_relative_to_the_repository(tmp_path):
-    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--config",
-           f"{REPO}/configs/demo.py:tiny", "--dry-run", cwd=tmp_path)
+    r = sh(
+        TPU,
+        "--tpu",
+        "t",
+        "--zone",
+        "z",
+        "--workdir",
+        "gs://b/w",
+        "--config",
+        f"{REPO}/configs/demo.py:tiny",
+        "--dry-run",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "--config configs/demo.py:tiny " in r.stdout
     outside = tmp_path / "mine.py"
@@ -188,19 +286,49 @@ def test_tpu_remote_command_delivers_values_intact(tmp_path, stub):
     """Run the printed remote command in a shell, as a worker would: the trainer gets every
     value byte for byte (spaces, quotes, $, backticks are not interpreted)."""
     env, records = stub
-    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", f"gs://b/{TRICKY}", "--config",
-           "configs/demo.py", "--env", f"MY_B={TRICKY}", "--env", "MY_EMPTY=", "--skip-setup",
-           "--remote-dir", "code dir", "--dry-run", "--", f"--config.name={TRICKY}", env=env)
+    r = sh(
+        TPU,
+        "--tpu",
+        "t",
+        "--zone",
+        "z",
+        "--workdir",
+        f"gs://b/{TRICKY}",
+        "--config",
+        "configs/demo.py",
+        "--env",
+        f"MY_B={TRICKY}",
+        "--env",
+        "MY_EMPTY=",
+        "--skip-setup",
+        "--remote-dir",
+        "code dir",
+        "--dry-run",
+        "--",
+        f"--config.name={TRICKY}",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     command = shlex.split(plus_lines(r.stdout)[-1])[-1].removeprefix("--command=")
     home = tmp_path / "home"
     (home / "code dir").mkdir(parents=True)
-    done = subprocess.run(["bash", "-c", command], cwd=home, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", "-c", command],
+        cwd=home,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     [record] = records()
-    assert record["argv"] == ["--config", "configs/demo.py", "--workdir", f"gs://b/{TRICKY}",
-                              f"--config.name={TRICKY}"]
+    assert record["argv"] == [
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        f"gs://b/{TRICKY}",
+        f"--config.name={TRICKY}",
+    ]
     assert record["env"]["MY_B"] == TRICKY and record["env"]["MY_EMPTY"] == ""
     assert record["cwd"] == str(home / "code dir")
 
@@ -240,18 +368,40 @@ def fake_tpu(tmp_path, stub):
     fake_python = make_executable(tmp_path / "fakepy", FAKE_PYTHON)
     home = tmp_path / "home"
     home.mkdir()
-    env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_HOME": str(home),
-           "FAKE_LOG": str(tmp_path / "gcloud.log"), "FAKE_PIP_LOG": str(tmp_path / "pip.log"),
-           "REAL_PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    env = {
+        **env,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_HOME": str(home),
+        "FAKE_LOG": str(tmp_path / "gcloud.log"),
+        "FAKE_PIP_LOG": str(tmp_path / "pip.log"),
+        "REAL_PYTHON": sys.executable,
+        "TMPDIR": str(tmp_path),
+    }
     return env, records, home, fake_python
 
 
 def test_tpu_real_run_with_a_stand_in_gcloud(tmp_path, fake_tpu):
     """Everything for real except gcloud: the code reaches the worker, is installed and trained."""
     env, records, home, fake_python = fake_tpu
-    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--python", fake_python,
-           "--setup", "echo ran > setup.txt && test -f clipjax/train.py", "--env", "MY_A=a b",
-           "--", "--config.steps=3", env=env, timeout=120)
+    r = sh(
+        TPU,
+        "--tpu",
+        "t",
+        "--zone",
+        "z",
+        "--workdir",
+        "gs://b/w",
+        "--python",
+        fake_python,
+        "--setup",
+        "echo ran > setup.txt && test -f clipjax/train.py",
+        "--env",
+        "MY_A=a b",
+        "--",
+        "--config.steps=3",
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     calls = (tmp_path / "gcloud.log").read_text().splitlines()
     assert [c.split()[3] for c in calls] == ["describe", "scp", "ssh", "ssh"]
@@ -263,34 +413,61 @@ def test_tpu_real_run_with_a_stand_in_gcloud(tmp_path, fake_tpu):
     assert (tmp_path / "pip.log").read_text().split() == ["-m", "pip", "install", "-e", ".", "jax[tpu]"]
     [record] = records()
     assert record["cwd"] == str(code)
-    assert record["argv"] == ["--config", "configs/clip_vit_b16.py", "--workdir", "gs://b/w", "--config.steps=3"]
+    assert record["argv"] == [
+        "--config",
+        "configs/clip_vit_b16.py",
+        "--workdir",
+        "gs://b/w",
+        "--config.steps=3",
+    ]
     assert record["env"]["MY_A"] == "a b"
 
 
-@pytest.mark.parametrize("failure, message", [
-    (["--setup", "false && true"], "--setup failed"),
-    (["--python", "python3.9999"], "clipjax needs Python >= 3.11"),
-])
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (["--setup", "false && true"], "--setup failed"),
+        (["--python", "python3.9999"], "clipjax needs Python >= 3.11"),
+    ],
+)
 def test_tpu_failed_install_stops_before_training(tmp_path, fake_tpu, failure, message):
     env, records, home, fake_python = fake_tpu
-    r = sh(TPU, "--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--python", fake_python,
-           *failure, env=env, timeout=120)
+    r = sh(
+        TPU,
+        "--tpu",
+        "t",
+        "--zone",
+        "z",
+        "--workdir",
+        "gs://b/w",
+        "--python",
+        fake_python,
+        *failure,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode != 0
     assert message in r.stderr
     assert records() == []
     assert not (tmp_path / "pip.log").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--zone", "z", "--workdir", "gs://b/w"], "--tpu is required"),
-    (["--tpu", "t", "--workdir", "gs://b/w"], "--zone is required"),
-    (["--tpu", "t", "--zone", "z"], "--workdir is required"),
-    (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--bogus"], "unknown option: --bogus"),
-    (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "stray"], "unexpected argument: stray"),
-    (["--tpu", "--zone", "z"], "--tpu needs a value"),
-    (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--env", "1X=2"], "--env expects KEY=VALUE"),
-    (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--create", "--skip-setup"], "do not go together"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--zone", "z", "--workdir", "gs://b/w"], "--tpu is required"),
+        (["--tpu", "t", "--workdir", "gs://b/w"], "--zone is required"),
+        (["--tpu", "t", "--zone", "z"], "--workdir is required"),
+        (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--bogus"], "unknown option: --bogus"),
+        (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "stray"], "unexpected argument: stray"),
+        (["--tpu", "--zone", "z"], "--tpu needs a value"),
+        (["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--env", "1X=2"], "--env expects KEY=VALUE"),
+        (
+            ["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w", "--create", "--skip-setup"],
+            "do not go together",
+        ),
+    ],
+)
 def test_tpu_bad_arguments(args, message):
     r = sh(TPU, *args, "--dry-run")
     assert r.returncode == 2
@@ -301,38 +478,77 @@ def test_tpu_bad_arguments(args, message):
 
 # --- SLURM --------------------------------------------------------------------------------------
 
+
 def sbatch_body(out: str) -> list[str]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("+ cat > "))
     end = lines.index("EOF", start)
-    return lines[start + 1:end]
+    return lines[start + 1 : end]
 
 
 def test_slurm_dry_run_per_gpu(tmp_path):
-    r = sh(SLURM, "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--account", "acct",
-           "--time", "12:00:00", "--job-name", "b16", "--config", "configs/clip_vit_b16.py:tiny",
-           "--workdir", "/shared/runs/b16", "--env", f"MY_B={TRICKY}", "--sbatch-arg", "--qos=high",
-           "--dry-run", "--", "--config.steps=9", cwd=tmp_path)
+    r = sh(
+        SLURM,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--partition",
+        "gpu",
+        "--account",
+        "acct",
+        "--time",
+        "12:00:00",
+        "--job-name",
+        "b16",
+        "--config",
+        "configs/clip_vit_b16.py:tiny",
+        "--workdir",
+        "/shared/runs/b16",
+        "--env",
+        f"MY_B={TRICKY}",
+        "--sbatch-arg",
+        "--qos=high",
+        "--dry-run",
+        "--",
+        "--config.steps=9",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     commands = plus_lines(r.stdout)
-    assert commands == ["mkdir -p runs/slurm", "cat > runs/slurm/b16.sbatch <<'EOF'", "sbatch runs/slurm/b16.sbatch"]
+    assert commands == [
+        "mkdir -p runs/slurm",
+        "cat > runs/slurm/b16.sbatch <<'EOF'",
+        "sbatch runs/slurm/b16.sbatch",
+    ]
     body = sbatch_body(r.stdout)
     assert body[0] == "#!/bin/bash"
-    for line in ["#SBATCH --job-name=b16", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
-                 "#SBATCH --gres=gpu:4", "#SBATCH --partition=gpu", "#SBATCH --account=acct",
-                 "#SBATCH --time=12:00:00", f"#SBATCH --chdir={tmp_path.resolve()}",
-                 f"#SBATCH --output={tmp_path.resolve()}/runs/slurm/%x-%j.out", "#SBATCH --qos=high",
-                 "  export CLIPJAX_NUM_PROCESSES=$SLURM_NTASKS",
-                 "  export CLIPJAX_PROCESS_ID=$SLURM_PROCID",
-                 "  export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID",
-                 '  exec python -m clipjax.train "$@"']:
+    for line in [
+        "#SBATCH --job-name=b16",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gres=gpu:4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=acct",
+        "#SBATCH --time=12:00:00",
+        f"#SBATCH --chdir={tmp_path.resolve()}",
+        f"#SBATCH --output={tmp_path.resolve()}/runs/slurm/%x-%j.out",
+        "#SBATCH --qos=high",
+        "  export CLIPJAX_NUM_PROCESSES=$SLURM_NTASKS",
+        "  export CLIPJAX_PROCESS_ID=$SLURM_PROCID",
+        "  export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID",
+        '  exec python -m clipjax.train "$@"',
+    ]:
         assert line in body, line
     text = "\n".join(body)
-    assert ('export CLIPJAX_COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)'
-            ':$((29500 + SLURM_JOB_ID % 10000))"') in text
+    assert (
+        'export CLIPJAX_COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)'
+        ':$((29500 + SLURM_JOB_ID % 10000))"'
+    ) in text
     assert "srun --kill-on-bad-exit=1" in text
-    assert body[-1] == ("' clipjax-task --config configs/clip_vit_b16.py:tiny --workdir /shared/runs/b16 "
-                        "--config.steps=9")
+    assert body[-1] == (
+        "' clipjax-task --config configs/clip_vit_b16.py:tiny --workdir /shared/runs/b16 --config.steps=9"
+    )
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
     # The script is valid bash.
     script = tmp_path / "job.sbatch"
@@ -341,8 +557,19 @@ def test_slurm_dry_run_per_gpu(tmp_path):
 
 
 def test_slurm_dry_run_per_node_and_port(tmp_path):
-    r = sh(SLURM, "--nodes", "3", "--mode", "per-node", "--port", "12345", "--script", "jobs/x.sbatch",
-           "--dry-run", cwd=tmp_path)
+    r = sh(
+        SLURM,
+        "--nodes",
+        "3",
+        "--mode",
+        "per-node",
+        "--port",
+        "12345",
+        "--script",
+        "jobs/x.sbatch",
+        "--dry-run",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert plus_lines(r.stdout) == ["mkdir -p jobs", "cat > jobs/x.sbatch <<'EOF'", "sbatch jobs/x.sbatch"]
     body = sbatch_body(r.stdout)
@@ -391,9 +618,25 @@ def test_slurm_real_submission_with_stand_in_slurm(tmp_path, stub, mode):
     make_executable(bin_dir / "scontrol", FAKE_SCONTROL)
     make_executable(bin_dir / "srun", FAKE_SRUN)
     env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_JOB_OUT": str(tmp_path / "job.out")}
-    r = sh(SLURM, "--nodes", "2", "--gpus-per-node", "2", "--mode", mode, "--workdir", "w d",
-           "--env", f"MY_B={TRICKY}", "--setup", "export MY_SETUP=done", "--", "--config.steps=2",
-           cwd=tmp_path, env=env)
+    r = sh(
+        SLURM,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--mode",
+        mode,
+        "--workdir",
+        "w d",
+        "--env",
+        f"MY_B={TRICKY}",
+        "--setup",
+        "export MY_SETUP=done",
+        "--",
+        "--config.steps=2",
+        cwd=tmp_path,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Submitted batch job 4321" in r.stdout
     assert (tmp_path / "runs" / "slurm" / "clipjax.sbatch").is_file()
@@ -413,15 +656,18 @@ def test_slurm_real_submission_with_stand_in_slurm(tmp_path, stub, mode):
             assert "CUDA_VISIBLE_DEVICES" not in x["env"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mode", "per-core"], "--mode must be per-gpu or per-node"),
-    (["--nodes", "0"], "--nodes expects a positive integer"),
-    (["--gpus-per-node", "x"], "--gpus-per-node expects a positive integer"),
-    (["--port", "70000"], "--port expects a port number"),
-    (["--time", "soon"], "--time expects"),
-    (["--frobnicate"], "unknown option: --frobnicate"),
-    (["--partition"], "--partition needs a value"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode", "per-core"], "--mode must be per-gpu or per-node"),
+        (["--nodes", "0"], "--nodes expects a positive integer"),
+        (["--gpus-per-node", "x"], "--gpus-per-node expects a positive integer"),
+        (["--port", "70000"], "--port expects a port number"),
+        (["--time", "soon"], "--time expects"),
+        (["--frobnicate"], "unknown option: --frobnicate"),
+        (["--partition"], "--partition needs a value"),
+    ],
+)
 def test_slurm_bad_arguments(tmp_path, args, message):
     r = sh(SLURM, *args, "--dry-run", cwd=tmp_path)
     assert r.returncode == 2
@@ -432,26 +678,49 @@ def test_slurm_bad_arguments(tmp_path, args, message):
 
 # --- local multi-process ------------------------------------------------------------------------
 
+
 def test_local_dry_run(tmp_path):
-    r = sh(LOCAL, "3", "--devices-per-process", "4", "--port", "23456", "--config", "configs/demo.py:tiny",
-           "--workdir", "runs/mp", "--env", "MY_A=x y", "--dry-run", "--", "--config.steps=5", cwd=tmp_path)
+    r = sh(
+        LOCAL,
+        "3",
+        "--devices-per-process",
+        "4",
+        "--port",
+        "23456",
+        "--config",
+        "configs/demo.py:tiny",
+        "--workdir",
+        "runs/mp",
+        "--env",
+        "MY_A=x y",
+        "--dry-run",
+        "--",
+        "--config.steps=5",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     lines = plus_lines(r.stdout)
     assert lines[0] == "mkdir -p runs/mp/logs" and lines[-1] == "wait"
     processes = lines[1:-1]
     assert len(processes) == 3
     for i, line in enumerate(processes):
-        assert line.startswith("env CLIPJAX_COORDINATOR=127.0.0.1:23456 CLIPJAX_NUM_PROCESSES=3 "
-                               f"CLIPJAX_PROCESS_ID={i} CLIPJAX_LOCAL_DEVICES=4 JAX_PLATFORMS=cpu MY_A='x y' ")
-        assert line.endswith(f"-m clipjax.train --config configs/demo.py:tiny --workdir runs/mp "
-                             f"--config.steps=5 > runs/mp/logs/process_{i}.log 2>&1 &")
+        assert line.startswith(
+            "env CLIPJAX_COORDINATOR=127.0.0.1:23456 CLIPJAX_NUM_PROCESSES=3 "
+            f"CLIPJAX_PROCESS_ID={i} CLIPJAX_LOCAL_DEVICES=4 JAX_PLATFORMS=cpu MY_A='x y' "
+        )
+        assert line.endswith(
+            f"-m clipjax.train --config configs/demo.py:tiny --workdir runs/mp "
+            f"--config.steps=5 > runs/mp/logs/process_{i}.log 2>&1 &"
+        )
     assert not (tmp_path / "runs").exists()
 
 
 def test_local_dry_run_picks_one_free_port(tmp_path):
     r = sh(LOCAL, "2", "--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    coordinators = {w for line in plus_lines(r.stdout) for w in line.split() if w.startswith("CLIPJAX_COORDINATOR=")}
+    coordinators = {
+        w for line in plus_lines(r.stdout) for w in line.split() if w.startswith("CLIPJAX_COORDINATOR=")
+    }
     assert len(coordinators) == 1
     port = int(coordinators.pop().rsplit(":", 1)[1])
     assert 0 < port < 65536
@@ -460,8 +729,20 @@ def test_local_dry_run_picks_one_free_port(tmp_path):
 
 def test_local_runs_processes_and_logs_each(tmp_path, stub):
     env, records = stub
-    r = sh(LOCAL, "2", "--devices-per-process", "2", "--workdir", "wd", "--env", f"MY_B={TRICKY}",
-           "--", "--config.steps=1", cwd=tmp_path, env=env)
+    r = sh(
+        LOCAL,
+        "2",
+        "--devices-per-process",
+        "2",
+        "--workdir",
+        "wd",
+        "--env",
+        f"MY_B={TRICKY}",
+        "--",
+        "--config.steps=1",
+        cwd=tmp_path,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all 2 processes finished" in r.stdout
     for i in range(2):
@@ -496,8 +777,14 @@ def test_local_failure_stops_the_others_and_propagates_the_status(tmp_path, stub
 def test_local_interrupt_stops_every_process(tmp_path, stub):
     env, records = stub
     env = {**env, "STUB_SLEEP_0": "60", "STUB_SLEEP_1": "60"}
-    proc = subprocess.Popen(["bash", str(LOCAL), "2", "--workdir", "wd"], cwd=tmp_path,
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(LOCAL), "2", "--workdir", "wd"],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while len(records()) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -509,16 +796,19 @@ def test_local_interrupt_stops_every_process(tmp_path, stub):
     assert all(gone(x["pid"]) for x in records())
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "the number of processes N is required"),
-    (["0"], "N must be a positive integer"),
-    (["two"], "N must be a positive integer"),
-    (["2", "3"], "unexpected argument: 3"),
-    (["2", "--devices-per-process", "0"], "--devices-per-process expects a positive integer"),
-    (["2", "--port", "port"], "--port expects a port number"),
-    (["2", "--workdir", "gs://b/w"], "--workdir must be a local directory"),
-    (["2", "--nope"], "unknown option: --nope"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "the number of processes N is required"),
+        (["0"], "N must be a positive integer"),
+        (["two"], "N must be a positive integer"),
+        (["2", "3"], "unexpected argument: 3"),
+        (["2", "--devices-per-process", "0"], "--devices-per-process expects a positive integer"),
+        (["2", "--port", "port"], "--port expects a port number"),
+        (["2", "--workdir", "gs://b/w"], "--workdir must be a local directory"),
+        (["2", "--nope"], "unknown option: --nope"),
+    ],
+)
 def test_local_bad_arguments(tmp_path, args, message):
     r = sh(LOCAL, *args, "--dry-run", cwd=tmp_path)
     assert r.returncode == 2

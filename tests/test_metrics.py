@@ -1,4 +1,5 @@
 """Embedding metrics: known spectra, brute-force geometry and collisions, sharded == single device."""
+
 import functools
 
 import jax
@@ -8,9 +9,18 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from clipjax.metrics import (
-    CollapseAlarm, SPECTRUM_KEYS, collision_stats, covariance, dims_for_variance, embedding_metrics,
-    expected_collision_count, expected_collision_rate, logit_stats, reference_embedding_metrics,
-    spectrum_metrics, split_spectra,
+    CollapseAlarm,
+    SPECTRUM_KEYS,
+    collision_stats,
+    covariance,
+    dims_for_variance,
+    embedding_metrics,
+    expected_collision_count,
+    expected_collision_rate,
+    logit_stats,
+    reference_embedding_metrics,
+    spectrum_metrics,
+    split_spectra,
 )
 from clipjax.metrics import geometry
 from clipjax.metrics.plot import plot_spectrum_history
@@ -41,6 +51,7 @@ def _pairs(seed, b=64, d=16):
 
 
 # --- spectrum ---------------------------------------------------------------------------------
+
 
 def test_rank_k_data_has_effective_rank_k():
     rng = np.random.default_rng(0)
@@ -88,6 +99,7 @@ def test_collapsed_data_reads_as_collapsed():
 
 # --- geometry and collisions against numpy ------------------------------------------------------
 
+
 def test_geometry_matches_numpy():
     img, txt, _ = _pairs(4)
     x, y = img.astype(np.float64), txt.astype(np.float64)
@@ -100,15 +112,22 @@ def test_geometry_matches_numpy():
         unif = np.log(np.mean([np.exp(-2 * np.sum((z[i] - z[j]) ** 2)) for i, j in pairs]))
         cos = np.mean([z[i] @ z[j] / np.linalg.norm(z[i]) / np.linalg.norm(z[j]) for i, j in pairs])
         np.testing.assert_allclose(geometry.uniformity(z.astype(np.float32)), unif, rtol=1e-5)
-        np.testing.assert_allclose(geometry.mean_pairwise_cosine(z.astype(np.float32)), cos, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(geometry.modality_gap(img, txt), np.linalg.norm(x.mean(0) - y.mean(0)), rtol=1e-5)
+        np.testing.assert_allclose(
+            geometry.mean_pairwise_cosine(z.astype(np.float32)), cos, rtol=1e-5, atol=1e-6
+        )
+    np.testing.assert_allclose(
+        geometry.modality_gap(img, txt), np.linalg.norm(x.mean(0) - y.mean(0)), rtol=1e-5
+    )
 
     logits = scale * x @ y.T + bias
     stats = logit_stats(img, txt, 2.0, bias)
     np.testing.assert_allclose(stats["logit_pos_mean"], np.mean(np.diag(logits)), rtol=1e-5)
     np.testing.assert_allclose(stats["logit_neg_mean"], np.mean([logits[i, j] for i, j in pairs]), rtol=1e-5)
-    np.testing.assert_allclose(stats["logit_neg_max_mean"],
-                               np.mean([max(logits[i, j] for j in range(b) if j != i) for i in range(b)]), rtol=1e-5)
+    np.testing.assert_allclose(
+        stats["logit_neg_max_mean"],
+        np.mean([max(logits[i, j] for j in range(b) if j != i) for i in range(b)]),
+        rtol=1e-5,
+    )
 
 
 def test_collisions_match_brute_force():
@@ -141,6 +160,7 @@ def test_expected_collisions():
 
 # --- sharded == single device -------------------------------------------------------------------
 
+
 @functools.cache
 def _reference(with_extras):
     img, txt, keys = _pairs(7)
@@ -155,7 +175,9 @@ def test_sharded_equals_single_device(shape, with_extras):
     sharding = NamedSharding(mesh, P(axes))
     img, txt, keys = (jax.device_put(a, sharding) for a in _pairs(7))
     if with_extras:
-        fn = lambda i, t, k: embedding_metrics(i, t, k, jnp.float32(2.3), jnp.float32(-1.0), mesh=mesh, batch_axes=axes)
+        fn = lambda i, t, k: embedding_metrics(
+            i, t, k, jnp.float32(2.3), jnp.float32(-1.0), mesh=mesh, batch_axes=axes
+        )
         got = jax.jit(fn)(img, txt, keys)
     else:
         fn = lambda i, t: embedding_metrics(i, t, None, jnp.float32(2.3), None, mesh=mesh, batch_axes=axes)
@@ -179,9 +201,16 @@ def test_sharded_equals_single_device(shape, with_extras):
 
 # --- collapse alarm -----------------------------------------------------------------------------
 
+
 def _measurement(rank, uniformity=-2.5, d=64):
-    return {"img_effective_rank": rank, "txt_effective_rank": rank, "img_uniformity": uniformity,
-            "txt_uniformity": uniformity, "img_spectrum": np.ones(d), "txt_spectrum": np.ones(d)}
+    return {
+        "img_effective_rank": rank,
+        "txt_effective_rank": rank,
+        "img_uniformity": uniformity,
+        "txt_uniformity": uniformity,
+        "img_spectrum": np.ones(d),
+        "txt_spectrum": np.ones(d),
+    }
 
 
 def test_alarm_fires_once_on_collapse():
@@ -193,8 +222,12 @@ def test_alarm_fires_once_on_collapse():
         lines[100 * i] = alarm.update(100 * i, _measurement(rank, unif))
     flat = [line for ls in lines.values() for line in ls]
     assert len(flat) == len(alarm.fired) == 4  # each condition once, no repeats on later steps
-    assert alarm.fired == {"dimensional_drop:img": 800, "dimensional_rank:img": 1000,
-                           "complete_rank:img": 1200, "complete_uniformity:img": 1200}
+    assert alarm.fired == {
+        "dimensional_drop:img": 800,
+        "dimensional_rank:img": 1000,
+        "complete_rank:img": 1200,
+        "complete_uniformity:img": 1200,
+    }
     assert alarm.dimensional and alarm.complete
     (drop,) = lines[800]
     assert drop.startswith("step 800:") and "img_effective_rank=11" in drop and "max_drop 50%" in drop
@@ -207,7 +240,9 @@ def test_alarm_quiet_on_healthy_run():
     alarm = CollapseAlarm(batch_size=256)
     rng = np.random.default_rng(8)
     # Untrained towers start collapsed (rank ~1, uniformity ~0); warm-up keeps that from firing.
-    history = [(1.1, -0.01), (1.3, -0.02), (2.0, -0.2)] + [(8 + 1.5 * i + rng.normal(), -2.0) for i in range(40)]
+    history = [(1.1, -0.01), (1.3, -0.02), (2.0, -0.2)] + [
+        (8 + 1.5 * i + rng.normal(), -2.0) for i in range(40)
+    ]
     # One-measurement dip: patience keeps it from firing.
     history[30] = (history[30][0] * 0.4, -2.0)
     for i, (rank, unif) in enumerate(history):
@@ -224,11 +259,19 @@ def test_alarm_rank_floor_uses_batch_ceiling():
 
 # --- plot ---------------------------------------------------------------------------------------
 
+
 def test_plot_writes_png(tmp_path):
     d = 32
-    records = [{"step": s, "img_spectrum": np.arange(1, d + 1) ** -(1 + s / 1000), "img_effective_rank": 10 + s / 100,
-                "txt_spectrum": np.r_[np.arange(1, d) ** -1.5, 0.0], "txt_effective_rank": 8 + s / 200}
-               for s in range(0, 1000, 200)]
+    records = [
+        {
+            "step": s,
+            "img_spectrum": np.arange(1, d + 1) ** -(1 + s / 1000),
+            "img_effective_rank": 10 + s / 100,
+            "txt_spectrum": np.r_[np.arange(1, d) ** -1.5, 0.0],
+            "txt_effective_rank": 8 + s / 200,
+        }
+        for s in range(0, 1000, 200)
+    ]
     path = plot_spectrum_history(records, str(tmp_path / "plots" / "spectrum.png"))
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -1,4 +1,5 @@
 """Two processes x 4 devices on loopback train exactly like one process x 8 devices."""
+
 import json
 import os
 import socket
@@ -21,9 +22,20 @@ def _free_port():
 
 
 def _command(workdir, data_dir):
-    return [sys.executable, "-m", "clipjax.train", "--config", str(ROOT / "configs" / "demo.py:tiny"),
-            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.steps={STEPS}",
-            "--config.log_every=1", "--config.checkpoint_every=10", "--config.metrics.every=5"]
+    return [
+        sys.executable,
+        "-m",
+        "clipjax.train",
+        "--config",
+        str(ROOT / "configs" / "demo.py:tiny"),
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        f"--config.steps={STEPS}",
+        "--config.log_every=1",
+        "--config.checkpoint_every=10",
+        "--config.metrics.every=5",
+    ]
 
 
 def _env(**extra):
@@ -41,24 +53,42 @@ def _params(workdir):
     ckpt = Checkpointer(str(workdir))
     step = ckpt.latest_step()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            ckpt.params_metadata(step))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), ckpt.params_metadata(step)
+    )
     params = ckpt.restore_params(step, abstract)
     ckpt.close()
     return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
 def test_two_processes_match_one_process(tfds_dir, tmp_path):
-    single = subprocess.run(_command(tmp_path / "one", tfds_dir), cwd=ROOT, capture_output=True, text=True,
-                            env=_env(CLIPJAX_LOCAL_DEVICES="8"), timeout=600)
+    single = subprocess.run(
+        _command(tmp_path / "one", tfds_dir),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(CLIPJAX_LOCAL_DEVICES="8"),
+        timeout=600,
+    )
     assert single.returncode == 0, single.stdout + single.stderr
 
     port = _free_port()
-    procs = [subprocess.Popen(_command(tmp_path / "two", tfds_dir), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=_env(CLIPJAX_LOCAL_DEVICES="4", CLIPJAX_COORDINATOR=f"127.0.0.1:{port}",
-                                       CLIPJAX_NUM_PROCESSES="2", CLIPJAX_PROCESS_ID=str(i)))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _command(tmp_path / "two", tfds_dir),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(
+                CLIPJAX_LOCAL_DEVICES="4",
+                CLIPJAX_COORDINATOR=f"127.0.0.1:{port}",
+                CLIPJAX_NUM_PROCESSES="2",
+                CLIPJAX_PROCESS_ID=str(i),
+            ),
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out
@@ -73,4 +103,7 @@ def test_two_processes_match_one_process(tfds_dir, tmp_path):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     report_one = json.load(open(tmp_path / "one" / "report.json"))
     report_two = json.load(open(tmp_path / "two" / "report.json"))
-    assert abs(report_one["retrieval"]["image_to_text"]["R@1"] - report_two["retrieval"]["image_to_text"]["R@1"]) < 0.02
+    assert (
+        abs(report_one["retrieval"]["image_to_text"]["R@1"] - report_two["retrieval"]["image_to_text"]["R@1"])
+        < 0.02
+    )

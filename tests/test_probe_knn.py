@@ -1,4 +1,5 @@
 """Linear probe and kNN evaluators against direct computations."""
+
 import numpy as np
 import pytest
 

@@ -40,6 +40,7 @@ gradients are per-device partial sums, psum-ed at the end. The positives are tak
 tile's own logits, as the gather form does, so that lse - logit_ii and P_ii - 1 are
 differences of identically rounded numbers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -110,7 +111,8 @@ def _ring(tile_fn: Callable, acc, travelling, *, axes, ring_size: int, chunk: in
         if ring_size > 1:
             tile = tuple(jax.lax.ppermute(x, axes, perm) for x in tile)
         travelling = tuple(
-            jax.lax.dynamic_update_slice_in_dim(a, x, start, 0) for a, x in zip(travelling, tile))
+            jax.lax.dynamic_update_slice_in_dim(a, x, start, 0) for a, x in zip(travelling, tile)
+        )
         return acc, travelling
 
     return jax.lax.fori_loop(0, ring_size * n, step, (acc, travelling))
@@ -124,8 +126,9 @@ def _online_lse(running_max, running_sum, logits, axis):
     new_max = jnp.maximum(running_max, jnp.max(logits, axis=axis))
     # Summing exponentials and taking one log at the end keeps the rounding relative to the
     # sum; folding in log space would add an error proportional to |lse| at every tile.
-    running_sum = (running_sum * jnp.exp(running_max - new_max)
-                   + jnp.sum(jnp.exp(logits - jnp.expand_dims(new_max, axis)), axis=axis))
+    running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(
+        jnp.exp(logits - jnp.expand_dims(new_max, axis)), axis=axis
+    )
     return new_max, running_sum
 
 
@@ -145,8 +148,8 @@ def _infonce_forward(img, txt, logit_scale, *, axes, ring_size, chunk, global_ba
     no_max = _varying(jnp.full((b,), -jnp.inf, img.dtype), axes)
     zeros = _varying(jnp.zeros((b,), img.dtype), axes)
     (row_max, row_sum, pos), (_, col_max, col_sum) = _ring(
-        tile_fn, (no_max, zeros, zeros), (txt, no_max, zeros),
-        axes=axes, ring_size=ring_size, chunk=chunk)
+        tile_fn, (no_max, zeros, zeros), (txt, no_max, zeros), axes=axes, ring_size=ring_size, chunk=chunk
+    )
     # lse - logit_ii is small next to either term (both near exp(logit_scale)): take it as
     # (max - logit_ii) + log(sum), never through a rounded lse. Local column j's positive is
     # local row j's.
@@ -174,13 +177,18 @@ def _infonce_backward(img, txt, logit_scale, stats, g, *, axes, ring_size, chunk
         # sum_ij G_ij logit_ij is small next to its terms. Each softmax sums to one over its
         # row (column), so it equals the same sum with every logit measured from its row's
         # (column's) positive, where the -2 [i = j] terms vanish and nothing cancels.
-        centred = (p_row * (logits - pos[:, None]) + p_col * (logits - pos_x[None, :]))
+        centred = p_row * (logits - pos[:, None]) + p_col * (logits - pos_x[None, :])
         return (x, max_x, inv_sum_x, pos_x, dx), (dimg, dscale + coef * jnp.sum(centred))
 
     acc = (jnp.zeros_like(img), _varying(jnp.zeros((), img.dtype), axes))
     (dimg, dscale), (*_, dtxt) = _ring(
-        tile_fn, acc, (txt, col_max, col_inv_sum, pos, jnp.zeros_like(txt)),
-        axes=axes, ring_size=ring_size, chunk=chunk)
+        tile_fn,
+        acc,
+        (txt, col_max, col_inv_sum, pos, jnp.zeros_like(txt)),
+        axes=axes,
+        ring_size=ring_size,
+        chunk=chunk,
+    )
     return dimg, dtxt, jax.lax.psum(dscale, axes)
 
 
@@ -195,13 +203,13 @@ def _sigmoid_forward(img, txt, logit_scale, logit_bias, *, axes, ring_size, chun
         logits = scale * (img @ x.T) + logit_bias
         return tile, total - jnp.sum(jax.nn.log_sigmoid(jnp.where(positive, logits, -logits)))
 
-    total, _ = _ring(tile_fn, _varying(jnp.zeros((), img.dtype), axes), (txt,),
-                     axes=axes, ring_size=ring_size, chunk=chunk)
+    total, _ = _ring(
+        tile_fn, _varying(jnp.zeros((), img.dtype), axes), (txt,), axes=axes, ring_size=ring_size, chunk=chunk
+    )
     return jax.lax.psum(total, axes) / global_batch
 
 
-def _sigmoid_backward(img, txt, logit_scale, logit_bias, g, *, axes, ring_size, chunk,
-                      global_batch):
+def _sigmoid_backward(img, txt, logit_scale, logit_bias, g, *, axes, ring_size, chunk, global_batch):
     scale = jnp.exp(logit_scale)
     coef = g / global_batch
 
@@ -216,8 +224,13 @@ def _sigmoid_backward(img, txt, logit_scale, logit_bias, g, *, axes, ring_size, 
 
     zero = _varying(jnp.zeros((), img.dtype), axes)
     (dimg, dscale, dbias), (_, dtxt) = _ring(
-        tile_fn, (jnp.zeros_like(img), zero, zero), (txt, jnp.zeros_like(txt)),
-        axes=axes, ring_size=ring_size, chunk=chunk)
+        tile_fn,
+        (jnp.zeros_like(img), zero, zero),
+        (txt, jnp.zeros_like(txt)),
+        axes=axes,
+        ring_size=ring_size,
+        chunk=chunk,
+    )
     return dimg, dtxt, jax.lax.psum(dscale, axes), jax.lax.psum(dbias, axes)
 
 
@@ -237,8 +250,9 @@ def _ring_options(img, mesh, batch_axes, chunk):
     return dict(axes=axes, ring_size=ring_size, chunk=chunk, global_batch=global_batch)
 
 
-def ring_infonce_loss(img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequence[str],
-                      chunk: int | None = None):
+def ring_infonce_loss(
+    img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequence[str], chunk: int | None = None
+):
     """`global_infonce_loss`, computed blockwise around a ring of the devices along batch_axes.
 
     img/txt are [B, d] sharded over batch_axes; `logit_scale` is the log of the scale; `chunk`
@@ -247,11 +261,17 @@ def ring_infonce_loss(img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequence
     opts = _ring_options(img, mesh, batch_axes, chunk)
     rows, scalar = P(opts["axes"]), P()
     forward = jax.shard_map(
-        functools.partial(_infonce_forward, **opts), mesh=mesh,
-        in_specs=(rows, rows, scalar), out_specs=(scalar, (rows,) * 5))
+        functools.partial(_infonce_forward, **opts),
+        mesh=mesh,
+        in_specs=(rows, rows, scalar),
+        out_specs=(scalar, (rows,) * 5),
+    )
     backward = jax.shard_map(
-        functools.partial(_infonce_backward, **opts), mesh=mesh,
-        in_specs=(rows, rows, scalar, (rows,) * 5, scalar), out_specs=(rows, rows, scalar))
+        functools.partial(_infonce_backward, **opts),
+        mesh=mesh,
+        in_specs=(rows, rows, scalar, (rows,) * 5, scalar),
+        out_specs=(rows, rows, scalar),
+    )
 
     @jax.custom_vjp
     def loss(img, txt, logit_scale):
@@ -265,12 +285,12 @@ def ring_infonce_loss(img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequence
         return backward(*residuals, g)
 
     loss.defvjp(loss_fwd, loss_bwd)
-    return loss(img.astype(jnp.float32), txt.astype(jnp.float32),
-                jnp.asarray(logit_scale, jnp.float32))
+    return loss(img.astype(jnp.float32), txt.astype(jnp.float32), jnp.asarray(logit_scale, jnp.float32))
 
 
-def ring_sigmoid_loss(img, txt, logit_scale, logit_bias, *, mesh: Mesh, batch_axes: Sequence[str],
-                      chunk: int | None = None):
+def ring_sigmoid_loss(
+    img, txt, logit_scale, logit_bias, *, mesh: Mesh, batch_axes: Sequence[str], chunk: int | None = None
+):
     """`global_sigmoid_loss`, computed blockwise around a ring of the devices along batch_axes.
 
     img/txt are [B, d] sharded over batch_axes; `logit_scale` is the log of the scale and
@@ -279,11 +299,17 @@ def ring_sigmoid_loss(img, txt, logit_scale, logit_bias, *, mesh: Mesh, batch_ax
     opts = _ring_options(img, mesh, batch_axes, chunk)
     rows, scalar = P(opts["axes"]), P()
     forward = jax.shard_map(
-        functools.partial(_sigmoid_forward, **opts), mesh=mesh,
-        in_specs=(rows, rows, scalar, scalar), out_specs=scalar)
+        functools.partial(_sigmoid_forward, **opts),
+        mesh=mesh,
+        in_specs=(rows, rows, scalar, scalar),
+        out_specs=scalar,
+    )
     backward = jax.shard_map(
-        functools.partial(_sigmoid_backward, **opts), mesh=mesh,
-        in_specs=(rows, rows, scalar, scalar, scalar), out_specs=(rows, rows, scalar, scalar))
+        functools.partial(_sigmoid_backward, **opts),
+        mesh=mesh,
+        in_specs=(rows, rows, scalar, scalar, scalar),
+        out_specs=(rows, rows, scalar, scalar),
+    )
 
     @jax.custom_vjp
     def loss(img, txt, logit_scale, logit_bias):
@@ -296,12 +322,17 @@ def ring_sigmoid_loss(img, txt, logit_scale, logit_bias, *, mesh: Mesh, batch_ax
         return backward(*residuals, g)
 
     loss.defvjp(loss_fwd, loss_bwd)
-    return loss(img.astype(jnp.float32), txt.astype(jnp.float32),
-                jnp.asarray(logit_scale, jnp.float32), jnp.asarray(logit_bias, jnp.float32))
+    return loss(
+        img.astype(jnp.float32),
+        txt.astype(jnp.float32),
+        jnp.asarray(logit_scale, jnp.float32),
+        jnp.asarray(logit_bias, jnp.float32),
+    )
 
 
-def grad_temp_bytes(loss_fn: Callable, global_batch: int, dim: int, *, mesh: Mesh,
-                    batch_axes: Sequence[str]) -> int:
+def grad_temp_bytes(
+    loss_fn: Callable, global_batch: int, dim: int, *, mesh: Mesh, batch_axes: Sequence[str]
+) -> int:
     """Per-device XLA temporary memory of value_and_grad(loss_fn) at [global_batch, dim], compiled only.
 
     `loss_fn(img, txt, logit_scale, logit_bias)`; nothing is allocated, the arguments are

@@ -8,6 +8,7 @@ gradient (taken outside the shard_map) equals a single-device computation on the
 the transpose of `all_gather` is a reduce-scatter that routes each column's gradient back to the
 device that owns that embedding.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -74,7 +75,10 @@ def global_infonce_loss(img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequen
         return jax.lax.psum(_local_infonce_sum(img, txt, logit_scale, axes), axes) / (2 * global_batch)
 
     return jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P(),
+        per_device,
+        mesh=mesh,
+        in_specs=(P(axes), P(axes), P()),
+        out_specs=P(),
     )(img.astype(jnp.float32), txt.astype(jnp.float32), logit_scale)
 
 
@@ -87,7 +91,10 @@ def global_sigmoid_loss(img, txt, logit_scale, logit_bias, *, mesh: Mesh, batch_
         return jax.lax.psum(_local_sigmoid_sum(img, txt, logit_scale, logit_bias, axes), axes) / global_batch
 
     return jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P(),
+        per_device,
+        mesh=mesh,
+        in_specs=(P(axes), P(axes), P(), P()),
+        out_specs=P(),
     )(img.astype(jnp.float32), txt.astype(jnp.float32), logit_scale, logit_bias)
 
 

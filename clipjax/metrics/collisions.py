@@ -5,6 +5,7 @@ The contrastive losses treat every other sample as a negative; when two samples 
 These metrics say how often that happens and how much softmax mass the loss spends on it. A key
 < 0 means unknown (e.g. `label` of folder data) and never collides.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,8 +35,9 @@ def collision_sums(same: jax.Array, z: jax.Array) -> dict[str, jax.Array]:
     }
 
 
-def collision_stats(img: jax.Array, txt: jax.Array, keys: jax.Array, logit_scale,
-                    logit_bias=None) -> dict[str, jax.Array]:
+def collision_stats(
+    img: jax.Array, txt: jax.Array, keys: jax.Array, logit_scale, logit_bias=None
+) -> dict[str, jax.Array]:
     """Single-device reference: mean same-key count per anchor, fraction of anchors with one, mean mass."""
     n = img.shape[0]
     same = same_key_mask(keys, keys, ~jnp.eye(n, dtype=bool))

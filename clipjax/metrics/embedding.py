@@ -11,6 +11,7 @@ The result is a flat dict of float32 / int32 scalars plus the two spectra (`img_
 it); `logit_bias` may be None; `keys` ([B] int, e.g. text_id or label) may be None, which drops
 the collision metrics. Everything is traceable, so it can run inside the jitted train step.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -78,8 +79,9 @@ def _per_device(img, txt, logit_scale, logit_bias, *key_arrays, key_prefixes, ax
     return out, covs
 
 
-def embedding_metrics(img, txt, keys, logit_scale, logit_bias=None, *, mesh: Mesh,
-                      batch_axes: Sequence[str]) -> dict[str, jax.Array]:
+def embedding_metrics(
+    img, txt, keys, logit_scale, logit_bias=None, *, mesh: Mesh, batch_axes: Sequence[str]
+) -> dict[str, jax.Array]:
     """Metrics of the global batch; img/txt are [B, d] (keys [B]) sharded over batch_axes.
 
     `keys` may also be a dict {prefix: [B] keys}: collision metrics are computed for each, their

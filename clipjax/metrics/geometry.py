@@ -5,6 +5,7 @@ towers return; they are computed on the inputs as given. Rows i of `img` and `tx
 `logit_scale` is the logarithm of the logit multiplier, as stored in params and taken by the
 losses; `logit_bias` may be None (the softmax loss has none).
 """
+
 from __future__ import annotations
 
 import jax

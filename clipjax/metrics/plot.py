@@ -3,6 +3,7 @@
 Uses matplotlib's object API on an Agg canvas rather than pyplot, so it neither needs a display
 nor changes the process-wide backend of a caller that plots too.
 """
+
 from __future__ import annotations
 
 import os

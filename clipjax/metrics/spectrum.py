@@ -4,6 +4,7 @@ Everything past `covariance` takes the d x d centered covariance or its eigenval
 the [N, d] samples, so that the sharded path (which builds the covariance from per-device partial
 sums, see `embedding.py`) and the single-device reference share the same code from there on.
 """
+
 from __future__ import annotations
 
 import jax

@@ -6,6 +6,7 @@ The launchers in launch/ pass the coordinator through the environment:
 On a multi-host TPU VM the TPU runtime describes the slice itself, and
 `jax.distributed.initialize()` needs no arguments.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,8 @@ def initialize_from_environment(environ=os.environ) -> bool:
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=int(environ["CLIPJAX_NUM_PROCESSES"]),
-            process_id=int(environ["CLIPJAX_PROCESS_ID"]))
+            process_id=int(environ["CLIPJAX_PROCESS_ID"]),
+        )
         _initialized = True
     elif len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         jax.distributed.initialize()

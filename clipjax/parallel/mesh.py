@@ -1,4 +1,5 @@
 """The device mesh, parameter shardings from logical-axis rules, and global batch assembly."""
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,9 @@ def resolve_mesh_shape(axes: Sequence[str], shape: Sequence[int], num_devices: i
     """Fill in the single -1 entry so the product equals num_devices; errors name `mesh.shape`."""
     shape = [int(s) for s in shape]
     if len(shape) != len(axes):
-        raise ValueError(f"mesh.shape {tuple(shape)} has {len(shape)} entries but mesh.axes {tuple(axes)} has {len(axes)}")
+        raise ValueError(
+            f"mesh.shape {tuple(shape)} has {len(shape)} entries but mesh.axes {tuple(axes)} has {len(axes)}"
+        )
     free = [i for i, s in enumerate(shape) if s == -1]
     if len(free) > 1:
         raise ValueError(f"mesh.shape {tuple(shape)}: at most one entry may be -1")
@@ -25,7 +28,9 @@ def resolve_mesh_shape(axes: Sequence[str], shape: Sequence[int], num_devices: i
     fixed = math.prod(s for s in shape if s != -1)
     if free:
         if num_devices % fixed:
-            raise ValueError(f"mesh.shape {tuple(shape)}: fixed axes ({fixed} devices) do not divide the {num_devices} available devices")
+            raise ValueError(
+                f"mesh.shape {tuple(shape)}: fixed axes ({fixed} devices) do not divide the {num_devices} available devices"
+            )
         shape[free[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ValueError(f"mesh.shape {tuple(shape)} needs {fixed} devices but {num_devices} are available")
@@ -70,12 +75,18 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: Sequence[tuple[str, An
     pure_specs = nnx.to_pure_dict(specs)
     pure_values = nnx.to_pure_dict(state)
     return jax.tree.map(
-        lambda spec, value: NamedSharding(mesh, _fit_spec(spec if isinstance(spec, P) else P(), value.shape, mesh)),
-        pure_specs, pure_values, is_leaf=lambda x: isinstance(x, P) or x is None,
+        lambda spec, value: NamedSharding(
+            mesh, _fit_spec(spec if isinstance(spec, P) else P(), value.shape, mesh)
+        ),
+        pure_specs,
+        pure_values,
+        is_leaf=lambda x: isinstance(x, P) or x is None,
     )
 
 
 def host_batch_to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Each process passes its own slice; the result is one global array per key, batch-sharded."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
+    }
