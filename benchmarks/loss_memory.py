@@ -6,18 +6,23 @@ Nothing is allocated: each value_and_grad is lowered from abstract sharded argum
 compiled, and `memory_analysis().temp_size_in_bytes` is read. Inputs and outputs (the
 embeddings and their gradients) are not temporaries and are not counted.
 """
+
 import argparse
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
 from clipjax.losses import (  # noqa: E402
-    global_infonce_loss, global_sigmoid_loss, ring_infonce_loss, ring_sigmoid_loss,
+    global_infonce_loss,
+    global_sigmoid_loss,
+    ring_infonce_loss,
+    ring_sigmoid_loss,
 )
 from clipjax.losses.blockwise import default_chunk, grad_temp_bytes  # noqa: E402
 
@@ -42,15 +47,19 @@ def _fmt(nbytes):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--device-gib", type=float, default=80.0,
-                        help="gather entries above this are marked n/a: b x B logits would not fit")
+    parser.add_argument(
+        "--device-gib",
+        type=float,
+        default=80.0,
+        help="gather entries above this are marked n/a: b x B logits would not fit",
+    )
     args = parser.parse_args()
 
     mesh = jax.make_mesh((8,), AXES, axis_types=(AxisType.Auto,))
     losses = _losses(mesh)
     columns = [("softmax", "gather"), ("softmax", "ring"), ("sigmoid", "gather"), ("sigmoid", "ring")]
     print(f"per-device temp memory, forward+backward, d={args.dim}, 8 devices (ring chunk = default)")
-    header = f"{'global B':>10} {'chunk':>6} " + " ".join(f"{l + ' ' + f:>26}" for l, f in columns)
+    header = f"{'global B':>10} {'chunk':>6} " + " ".join(f"{loss + ' ' + f:>26}" for loss, f in columns)
     print(header)
     print("-" * len(header))
     for batch in BATCHES:
@@ -63,8 +72,10 @@ def main():
                 cells.append(_fmt(temp))
         chunk = default_chunk(batch // 8, args.dim)
         print(f"{batch:>10,} {chunk:>6} " + " ".join(f"{c:>26}" for c in cells), flush=True)
-    print(f"n/a (B x B): the gather form's b x B logits exceed {args.device_gib:g} GiB per device; "
-          "the figure is what XLA would need.")
+    print(
+        f"n/a (B x B): the gather form's b x B logits exceed {args.device_gib:g} GiB per device; "
+        "the figure is what XLA would need."
+    )
 
 
 if __name__ == "__main__":

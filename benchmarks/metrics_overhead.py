@@ -6,6 +6,7 @@ Times the jitted train step of configs/demo.py with and without the embedding me
 (median over --steps calls after warm-up) and prints the overhead per metrics step and
 amortised over `metrics.every` steps.
 """
+
 import argparse
 import os
 import sys
@@ -24,24 +25,28 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clipjax import train as train_lib  # noqa: E402
-from clipjax.data import pipeline  # noqa: E402
+from clipjax.data.sources import make_source  # noqa: E402
 from clipjax.parallel import host_batch_to_global, make_mesh  # noqa: E402
+from clipjax.trainer.state import init_train_state  # noqa: E402
+from clipjax.trainer.step import STEP_INPUTS, make_train_step  # noqa: E402
 
 
 def main():
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
+    spec = importlib.util.spec_from_file_location(
+        "demo", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+    )
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     config = demo.get_config("")
     config.data.data_dir = args.data_dir
-    pipeline.prepare(config.data)
-    tokenizer = train_lib.build_tokenizer(config)
+    source = make_source(config.data)
+    source.prepare()
+    tokenizer = source.tokenizer()
     mesh = make_mesh(config.mesh)
-    setup = train_lib.init_state(config, mesh, tokenizer)
-    step_fn = train_lib.make_train_step(setup)
-    iterator = pipeline.make_train_iterator(config.data, tokenizer, seed=0)
-    batch = host_batch_to_global({k: v for k, v in next(iterator).items() if k in train_lib.STEP_INPUTS}, mesh)
+    setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
+    step_fn = make_train_step(config, mesh, setup.graphdef, setup.shardings, setup.tx, setup.schedule)
+    iterator = source.train_iterator(tokenizer, seed=0)
+    batch = host_batch_to_global({k: v for k, v in next(iterator).items() if k in STEP_INPUTS}, mesh)
     state = setup.state
 
     def timed(with_metrics):

@@ -1,4 +1,5 @@
 """Small helpers shared by the tests."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,3 +18,21 @@ def rel_err(a, b):
     """Largest absolute difference relative to the largest magnitude of the reference b."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+def data_config(**overrides):
+    """A complete `config.data` section (the schema's defaults) with dotted-key overrides."""
+    from clipjax.config import apply_overrides, default_config
+
+    config = default_config()
+    apply_overrides(config, {f"data.{k}": v for k, v in overrides.items()})
+    return config.data
+
+
+def source_and_tokenizer(data):
+    """The prepared data source of a `config.data` section and its tokenizer."""
+    from clipjax.data.sources import make_source
+
+    source = make_source(data)
+    source.prepare()
+    return source, source.tokenizer()

@@ -4,6 +4,7 @@
 them as they are. So the builder below yields PNG bytes made with PIL, and tfds writes a normal
 Image-feature dataset (what cifar10 or imagenet2012 look like on disk).
 """
+
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from clipjax.data import classification
+from clipjax.data.images import decode_image
 from clipjax.data import tfds_util
 
 COLORS = np.array([(220, 30, 30), (30, 30, 220), (30, 200, 30)], np.uint8)
@@ -60,10 +62,16 @@ class TinyClasses(_TinyBase):
     """Image feature: PNG bytes."""
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(24, 24, 3)),
-            "label": tfds.features.ClassLabel(names=NAMES),
-        }), supervised_keys=("image", "label"))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(24, 24, 3)),
+                    "label": tfds.features.ClassLabel(names=NAMES),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
 
     def _encode(self, image):
         return _png(image)
@@ -73,10 +81,15 @@ class TinyTensorClasses(_TinyBase):
     """Tensor feature: raw uint8 pixels."""
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(24, 24, 3), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=NAMES),
-        }))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(24, 24, 3), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(names=NAMES),
+                }
+            ),
+        )
 
     def _encode(self, image):
         return image
@@ -98,7 +111,8 @@ def _as_tfrecord_dataset(src_dir: str, dst_dir: str) -> None:
     builder = tfds.builder_from_directory(src_dir)
     for split in NUM:
         source = builder.as_data_source(
-            split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+            split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+        )
         for old in [f for f in os.listdir(dst_dir) if f"-{split}.array_record-" in f]:
             os.remove(os.path.join(dst_dir, old))
             with open(os.path.join(dst_dir, old.replace(".array_record-", ".tfrecord-")), "wb") as f:
@@ -120,8 +134,9 @@ def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("classification")
     for cls in (TinyClasses, TinyTensorClasses):
         cls(data_dir=str(root / "arrays")).download_and_prepare(download_config=_SKIP_STATS)
-    _as_tfrecord_dataset(str(root / "arrays" / "tiny_classes" / "1.0.0"),
-                         str(root / "tfrecords" / "tiny_classes" / "1.0.0"))
+    _as_tfrecord_dataset(
+        str(root / "arrays" / "tiny_classes" / "1.0.0"), str(root / "tfrecords" / "tiny_classes" / "1.0.0")
+    )
     return root
 
 
@@ -140,17 +155,20 @@ def _check_split(data, split):
 @pytest.mark.parametrize("name", ["tiny_classes", "tiny_tensor_classes", "tiny_classes:1.0.0"])
 def test_load_split_exact_size(data_dir, name):
     for split in NUM:
-        _check_split(classification.load_classification_split(
-            name, str(data_dir / "arrays"), split, image_size=24), split)
+        _check_split(
+            classification.load_classification_split(name, str(data_dir / "arrays"), split, image_size=24),
+            split,
+        )
 
 
 def test_image_and_tensor_datasets_agree_when_resized(data_dir):
     image = classification.load_classification_split(
-        "tiny_classes", str(data_dir / "arrays"), "train", 16, num_threads=2)
+        "tiny_classes", str(data_dir / "arrays"), "train", 16, num_threads=2
+    )
     tensor = classification.load_classification_split(
-        "tiny_tensor_classes", str(data_dir / "arrays"), "train", 16)
-    full = classification.load_classification_split(
-        "tiny_classes", str(data_dir / "arrays"), "train", 24)
+        "tiny_tensor_classes", str(data_dir / "arrays"), "train", 16
+    )
+    full = classification.load_classification_split("tiny_classes", str(data_dir / "arrays"), "train", 24)
     assert image["image"].shape == (NUM["train"], 16, 16, 3)
     for data in (image, tensor):
         # Same records in the same order (tfds orders by key), each resized from the original.
@@ -169,8 +187,9 @@ def test_tfrecord_dataset_reads_like_array_record(data_dir):
         np.testing.assert_array_equal(t["label"], a["label"])
     # A split slice, then max_examples of it.
     full = classification.load_classification_split("tiny_classes", arrays, "train", 24)
-    part = classification.load_classification_split("tiny_classes", tfrecords, "train[2:6]", 24,
-                                                    max_examples=3)
+    part = classification.load_classification_split(
+        "tiny_classes", tfrecords, "train[2:6]", 24, max_examples=3
+    )
     np.testing.assert_array_equal(part["image"], full["image"][2:5])
 
 
@@ -196,8 +215,7 @@ def test_class_names_and_zero_shot_task(data_dir):
 
 
 def test_missing_dataset_is_one_clear_line(data_dir, tmp_path):
-    for name, d in [("no_such_dataset", str(data_dir / "arrays")),
-                    ("tiny_classes", str(tmp_path / "empty"))]:
+    for name, d in [("no_such_dataset", str(data_dir / "arrays")), ("tiny_classes", str(tmp_path / "empty"))]:
         with pytest.raises(FileNotFoundError) as info:
             classification.load_classification_split(name, d, "test", 24)
         message = str(info.value)
@@ -208,13 +226,14 @@ def test_decoding_resizes_shorter_side_and_crops(tmp_path):
     rng = np.random.default_rng(0)
     wide = rng.integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
     expected = np.asarray(Image.fromarray(wide).resize((27, 16), Image.BILINEAR))[:, 5:21]
-    np.testing.assert_array_equal(classification.decode_encoded_image(_png(wide), 16), expected)
+    np.testing.assert_array_equal(decode_image(_png(wide), 16, Image.BILINEAR), expected)
     np.testing.assert_array_equal(classification.array_image(wide, 16), expected)
     grey = rng.integers(0, 256, size=(16, 16), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(grey).save(buffer, format="JPEG", quality=95)
-    rgb = classification.decode_encoded_image(buffer.getvalue(), 16)
+    rgb = decode_image(buffer.getvalue(), 16, Image.BILINEAR)
     assert rgb.shape == (16, 16, 3)
     np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
-    np.testing.assert_array_equal(classification.array_image(grey[..., None], 16),
-                                  np.repeat(grey[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(
+        classification.array_image(grey[..., None], 16), np.repeat(grey[..., None], 3, axis=-1)
+    )

@@ -1,11 +1,13 @@
 """The collapse alarm in a real run: it fires (and halts) without negatives, and stays quiet on the demo."""
+
 import json
 
 from tests.test_train import load_config
 
 
 def _run(tmp_path, data_dir, loss_name):
-    from clipjax import train as train_lib
+    from clipjax import trainer as train_lib
+
     c = load_config("demo.py")
     c.data.data_dir = data_dir
     c.steps = 40
@@ -26,19 +28,20 @@ def _run(tmp_path, data_dir, loss_name):
 
 def test_alarm_fires_and_halts_without_negatives(tmp_path, tfds_dir):
     records, lines = _run(tmp_path, tfds_dir, "alignment")
-    warnings = [l for l in lines if l.startswith("WARNING") and "collapse" in l]
+    warnings = [line for line in lines if line.startswith("WARNING") and "collapse" in line]
     assert warnings, lines
     assert any(r.get("collapse_alarm") == 1 for r in records)
     last = records[-1]["step"]
     assert last < 40, "halt_on_collapse should stop the run early"
     from clipjax.checkpoint import Checkpointer
+
     assert Checkpointer(str(tmp_path)).latest_step() == last
     assert (tmp_path / "spectrum.png").stat().st_size > 0
 
 
 def test_no_false_alarm_on_the_demo_objective(tmp_path, tfds_dir):
     records, lines = _run(tmp_path, tfds_dir, "softmax")
-    assert not [l for l in lines if l.startswith("WARNING")], lines
+    assert not [line for line in lines if line.startswith("WARNING")], lines
     measured = [r for r in records if "img_effective_rank" in r]
     assert len(measured) == 20 and all(r["collapse_alarm"] == 0 for r in measured)
     assert min(r["img_effective_rank"] for r in measured if r["step"] >= 20) > 3

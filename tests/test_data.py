@@ -6,7 +6,6 @@ import pickle
 import re
 import threading
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -18,23 +17,31 @@ from clipjax.data import records
 from clipjax.data import shapes
 from clipjax.data import shapes_tfds
 from clipjax.data import tokenizers
+from clipjax.data.sources import make_source
+from tests.helpers import data_config
 
 NUM_TRAIN, NUM_TEST, IMAGE_SIZE, SEED = 96, 32, 32, 5
 
 
 def _config(data_dir, **overrides):
-    cfg = dict(
-        name="shapes",
-        data_dir=str(data_dir),
-        batch_size=16,
-        image_size=IMAGE_SIZE,
-        num_train=NUM_TRAIN,
-        num_test=NUM_TEST,
-        shapes_seed=SEED,
-        tokenizer=dict(kind="sentencepiece", max_len=16, vocab_size=500),
-    )
+    cfg = {
+        "name": "shapes",
+        "data_dir": str(data_dir),
+        "batch_size": 16,
+        "image_size": IMAGE_SIZE,
+        "num_train": NUM_TRAIN,
+        "num_test": NUM_TEST,
+        "shapes_seed": SEED,
+        "tokenizer.kind": "sentencepiece",
+        "tokenizer.max_len": 16,
+        "tokenizer.vocab_size": 500,
+    }
     cfg.update(overrides)
-    return cfg
+    return data_config(**cfg)
+
+
+def _source(data_dir, **overrides):
+    return make_source(_config(data_dir, **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,7 @@ def shapes_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sp_tokenizer(shapes_dir):
-    return pipeline.make_dataset_tokenizer(_config(shapes_dir))
+    return _source(shapes_dir).tokenizer()
 
 
 # ---------------------------------------------------------------------------
@@ -195,9 +202,7 @@ def test_shapes_tfds_round_trip(shapes_dir):
                 np.testing.assert_array_equal(np.stack(values), expected[k])
     # The pipeline's fast parser agrees with tfds' own decoding.
     got = [sources["train"][i] for i in (0, 7)]
-    raw = pipeline._raw_source(
-        shapes_tfds.shapes_builder(str(shapes_dir), IMAGE_SIZE, NUM_TRAIN, NUM_TEST, SEED), "train"
-    )
+    raw = _source(shapes_dir).records("train")
     fast = records.parse(raw.__getitems__([0, 7]), ("label", "text_id"), ("caption", "image"))
     for j in range(2):
         assert fast["label"][j] == got[j]["label"] and fast["caption"][j] == got[j]["caption"]
@@ -253,31 +258,34 @@ def _write_folder(root):
 
 def test_folder_builder_and_pipeline_skip_bad_records(tmp_path):
     good = _write_folder(tmp_path / "pairs")
-    cfg = dict(
-        name="image_text_folder",
-        data_dir=str(tmp_path / "tfds"),
-        source=str(tmp_path / "pairs"),
-        batch_size=4,
-        image_size=12,
-        tokenizer=dict(kind="byte", max_len=24),
-    )
-    builder = pipeline.prepare(cfg)
-    assert builder.name == "image_text_folder"
-    ds = builder.as_data_source("train")
+    cfg = {
+        "name": "image_text_folder",
+        "data_dir": str(tmp_path / "tfds"),
+        "source": str(tmp_path / "pairs"),
+        "test_fraction": 0.0,
+        "max_bad_fraction": 0.5,
+        "batch_size": 4,
+        "image_size": 12,
+        "tokenizer.kind": "byte",
+        "tokenizer.max_len": 24,
+    }
+    source = make_source(data_config(**cfg))
+    source.prepare()
+    assert source.builder.name == "image_text_folder"
+    ds = source.builder.as_data_source("train")
     assert len(ds) == 9
     assert all(r["label"] == -1 for r in ds)
-    tok = tokenizers.make_tokenizer(cfg["tokenizer"])
+    tok = source.tokenizer()
 
-    before = pipeline.DROPPED.copy()
-    arrays = pipeline.load_split_arrays(cfg, tok, split="train")
-    delta = pipeline.DROPPED - before
-    assert delta == {"bad_image": 1, "bad_caption": 2}
+    drops = pipeline.DropCounter()
+    arrays = source.eval_arrays(tok, split="train", drops=drops)
+    assert drops.counts == {"bad_image": 1, "bad_caption": 2}
     assert sorted(arrays["caption"]) == sorted(good.values())
     assert arrays["image"].shape == (6, 12, 12, 3) and arrays["image"].dtype == np.uint8
     assert arrays["text_id"].tolist() == [shapes.caption_text_id(c) for c in arrays["caption"]]
     assert (arrays["label"] == -1).all()
 
-    it = pipeline.make_train_iterator(cfg, tok, seed=0)
+    it = source.train_iterator(tok, seed=0)
     seen = collections.Counter()
     for _ in range(6):  # 24 examples = 4 epochs of the 6 good ones
         batch = next(it)
@@ -287,10 +295,10 @@ def test_folder_builder_and_pipeline_skip_bad_records(tmp_path):
     assert set(seen.values()) == {4}
     assert it.drop_counts["bad_image"] >= 3 and it.drop_counts["bad_caption"] >= 6
     # A third of the records is bad: fine below the limit, an error above it.
-    lenient = pipeline.make_train_iterator(dict(cfg, max_bad_fraction=0.5), tok, seed=0)
+    lenient = make_source(data_config(**{**cfg, "max_bad_fraction": 0.4})).train_iterator(tok, seed=0)
     for _ in range(6):
         next(lenient)
-    strict = pipeline.make_train_iterator(dict(cfg, max_bad_fraction=0.1), tok, seed=0)
+    strict = make_source(data_config(**{**cfg, "max_bad_fraction": 0.1})).train_iterator(tok, seed=0)
     with pytest.raises(ValueError, match="max_bad_fraction"):
         for _ in range(6):
             next(strict)
@@ -302,37 +310,36 @@ def test_folder_builder_and_pipeline_skip_bad_records(tmp_path):
         path = f"pairs/{name}" if i % 2 else str(tmp_path / "pairs" / name)
         lines.append(f'{path},"{caption}"')
     csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    csv_cfg = dict(cfg, source=str(csv_path))
-    arrays = pipeline.load_split_arrays(csv_cfg, tok, split="train")
+    arrays = make_source(data_config(**{**cfg, "source": str(csv_path)})).eval_arrays(tok, split="train")
     assert list(arrays["caption"]) == [c for _, c in sorted(good.items())]
     np.testing.assert_array_equal(arrays["index"], np.arange(6))
 
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("path,text\nx.png,hello\n", encoding="utf-8")
     with pytest.raises(ValueError, match="image,caption"):
-        pipeline.get_builder(dict(cfg, source=str(bad_csv)))
+        make_source(data_config(**{**cfg, "source": str(bad_csv)})).prepare()
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        pipeline.get_builder(dict(cfg, source=str(missing)))
-    with pytest.raises(ValueError, match="no split 'test'"):
-        pipeline.load_split_arrays(cfg, tok, split="test")
+        make_source(data_config(**{**cfg, "source": str(missing)})).prepare()
+    with pytest.raises(ValueError, match="no split 'test'.*test_fraction"):
+        source.eval_arrays(tok, split="test")
 
 
 def test_worker_processes_decode_and_report_drops(tmp_path):
     _write_folder(tmp_path / "pairs")
-    cfg = ml_collections.ConfigDict(
-        dict(
-            name="image_text_folder",
-            data_dir=str(tmp_path / "tfds"),
-            source=str(tmp_path / "pairs"),
-            batch_size=4,
-            image_size=8,
-            worker_count=1,
-            tokenizer=dict(kind="byte", max_len=16),
-        )
+    cfg = data_config(
+        name="image_text_folder",
+        data_dir=str(tmp_path / "tfds"),
+        source=str(tmp_path / "pairs"),
+        test_fraction=0.0,
+        max_bad_fraction=0.5,
+        batch_size=4,
+        image_size=8,
+        worker_count=1,
+        **{"tokenizer.kind": "byte", "tokenizer.max_len": 16},
     )
     tok = tokenizers.make_tokenizer(cfg.tokenizer)
-    it = pipeline.make_train_iterator(cfg, tok, seed=1)
+    it = make_source(cfg).train_iterator(tok, seed=1)
     try:
         indices = np.concatenate([next(it)["index"] for _ in range(3)])
         assert len(set(indices[:6].tolist())) == 6
@@ -404,7 +411,7 @@ def test_make_tokenizer_caches_and_reports_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.model"):
         tokenizers.make_tokenizer(dict(cfg, model_file=missing))
     assert isinstance(tokenizers.make_tokenizer(dict(kind="byte", max_len=5)), tokenizers.ByteTokenizer)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="data.tokenizer.kind"):
         tokenizers.make_tokenizer(dict(kind="nope"))
 
 
@@ -414,7 +421,7 @@ def test_make_tokenizer_caches_and_reports_missing_files(tmp_path):
 
 def test_train_batches_have_the_agreed_keys_and_types(shapes_dir, sp_tokenizer):
     cfg = _config(shapes_dir)
-    it = pipeline.make_train_iterator(cfg, sp_tokenizer, seed=0)
+    it = make_source(cfg).train_iterator(sp_tokenizer, seed=0)
     batch = next(it)
     assert list(batch) == list(pipeline.BATCH_KEYS)
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (16, 32, 32, 3)
@@ -431,9 +438,9 @@ def test_train_batches_have_the_agreed_keys_and_types(shapes_dir, sp_tokenizer):
 
 def test_processes_split_each_global_batch_and_cover_each_epoch(shapes_dir, sp_tokenizer):
     cfg = _config(shapes_dir)  # global batch 16 -> 8 per process; 96 records = 6 steps an epoch
-    single = pipeline.make_train_iterator(cfg, sp_tokenizer, seed=3)
+    single = make_source(cfg).train_iterator(sp_tokenizer, seed=3)
     parts = [
-        pipeline.make_train_iterator(cfg, sp_tokenizer, seed=3, process_index=p, process_count=2)
+        make_source(cfg).train_iterator(sp_tokenizer, seed=3, process_index=p, process_count=2)
         for p in range(2)
     ]
     epochs = []
@@ -455,31 +462,33 @@ def test_processes_split_each_global_batch_and_cover_each_epoch(shapes_dir, sp_t
 
 def test_iterator_state_resumes_at_the_same_batch(shapes_dir, sp_tokenizer):
     cfg = _config(shapes_dir, batch_size=40)  # batches straddle epoch boundaries
-    it = pipeline.make_train_iterator(cfg, sp_tokenizer, seed=7)
+    it = make_source(cfg).train_iterator(sp_tokenizer, seed=7)
     for _ in range(5):
         next(it)
     state = it.get_state()
     expected = [next(it) for _ in range(3)]
-    fresh = pipeline.make_train_iterator(cfg, sp_tokenizer, seed=7)
+    fresh = make_source(cfg).train_iterator(sp_tokenizer, seed=7)
     fresh.set_state(state)
     for want in expected:
         got = next(fresh)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
     # Same seed, same stream; another seed, another order.
-    again = pipeline.make_train_iterator(cfg, sp_tokenizer, seed=7)
+    again = make_source(cfg).train_iterator(sp_tokenizer, seed=7)
     first = next(again)["index"]
-    it2 = pipeline.make_train_iterator(cfg, sp_tokenizer, seed=7)
+    it2 = make_source(cfg).train_iterator(sp_tokenizer, seed=7)
     np.testing.assert_array_equal(next(it2)["index"], first)
-    for other in (dict(cfg), dict(cfg, shuffle_seed=1)):
-        seed = 8 if "shuffle_seed" not in other else 7
-        it3 = pipeline.make_train_iterator(other, sp_tokenizer, seed=seed)
+    for other, seed in (
+        (_config(shapes_dir, batch_size=40), 8),
+        (_config(shapes_dir, batch_size=40, shuffle_seed=1), 7),
+    ):
+        it3 = make_source(other).train_iterator(sp_tokenizer, seed=seed)
         assert not np.array_equal(next(it3)["index"], first)
 
 
 def test_load_split_arrays_and_texts(shapes_dir, sp_tokenizer):
-    cfg = _config(shapes_dir)
-    arrays = pipeline.load_split_arrays(cfg, sp_tokenizer, split="test")
+    source = _source(shapes_dir)
+    arrays = source.eval_arrays(sp_tokenizer, split="test")
     expected = shapes.generate_split(NUM_TEST, shapes_tfds._test_seed(SEED))
     assert set(arrays) == {
         "image",
@@ -497,31 +506,30 @@ def test_load_split_arrays_and_texts(shapes_dir, sp_tokenizer):
         np.testing.assert_array_equal(arrays[k], expected[k])
     assert list(arrays["caption"]) == list(expected["caption"])
     np.testing.assert_array_equal(arrays["text"], sp_tokenizer.encode(expected["caption"]))
-    few = pipeline.load_split_arrays(cfg, sp_tokenizer, split="train", max_examples=5)
+    few = source.eval_arrays(sp_tokenizer, split="train", max_examples=5)
     assert few["image"].shape == (5, 32, 32, 3)
 
-    texts = pipeline.dataset_texts(cfg)
-    assert texts[:NUM_TRAIN] == shapes.generate_captions(NUM_TRAIN, SEED)
-    assert texts[NUM_TRAIN:] == shapes.zero_shot_prompts()
-    assert pipeline.zero_shot_tasks(cfg) == shapes.zero_shot_tasks()
-    assert pipeline.zero_shot_tasks(dict(name="image_text_folder")) == {}
+    assert source.caption_texts() == shapes.generate_captions(NUM_TRAIN, SEED)
+    assert source.zero_shot_tasks() == shapes.zero_shot_tasks()
+    folder = make_source(data_config(name="image_text_folder", source="x.csv"))
+    assert folder.zero_shot_tasks() == {}
 
 
 def test_clear_errors_for_bad_settings(tmp_path, sp_tokenizer):
-    with pytest.raises(ValueError, match="data_dir"):
-        pipeline.get_builder(dict(name="shapes", data_dir=""))
+    with pytest.raises(ValueError, match="data.data_dir"):
+        make_source(data_config(name="shapes", data_dir=""))
     with pytest.raises(ValueError, match="data.name"):
-        pipeline.get_builder(dict(name="imagenet", data_dir=str(tmp_path)))
+        make_source(data_config(name="imagenet", data_dir=str(tmp_path)))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OSError, match=re.escape(str(blocker / "sub"))):
-        pipeline.get_builder(_config(blocker / "sub"))
+        _source(blocker / "sub").prepare()
     if os.geteuid() != 0:  # root may write anywhere
         read_only = tmp_path / "ro"
         read_only.mkdir(mode=0o500)
         with pytest.raises(PermissionError, match="not writable"):
-            pipeline.get_builder(_config(read_only))
+            _source(read_only).prepare()
     with pytest.raises(ValueError, match="divisible"):
-        pipeline.make_train_iterator(
-            _config(tmp_path, batch_size=15), sp_tokenizer, seed=0, process_index=0, process_count=2
+        _source(tmp_path, batch_size=15).train_iterator(
+            sp_tokenizer, seed=0, process_index=0, process_count=2
         )

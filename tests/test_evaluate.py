@@ -1,5 +1,7 @@
 """Evaluation from checkpoints on any mesh, and the Python API."""
+
 import json
+import os
 import subprocess
 import sys
 
@@ -8,10 +10,12 @@ import numpy as np
 import pytest
 
 import clipjax
-from clipjax import train as train_lib
+from clipjax import trainer as train_lib
 from clipjax.api import RestoreError
 from clipjax.evals.retrieval import retrieval_metrics
-from clipjax.evaluate import evaluate
+from clipjax.api import evaluate_workdir as evaluate
+from clipjax.config import apply_overrides
+from clipjax.data.sources import make_source
 from tests.test_train import ROOT, tiny_demo
 
 
@@ -37,8 +41,9 @@ def test_evaluate_on_one_and_two_devices_equals_training_report(trained, tmp_pat
     assert one["step"] == two["step"] == train_report["step"]
     for key in ("zero_shot", "retrieval"):
         assert one[key] == two[key] == train_report[key]
-    np.testing.assert_allclose(one["embedding"]["img_spectrum"], train_report["embedding"]["img_spectrum"],
-                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        one["embedding"]["img_spectrum"], train_report["embedding"]["img_spectrum"], rtol=1e-4, atol=1e-7
+    )
     saved = json.load(open(tmp_path / "one" / "report.json"))
     assert saved["retrieval"] == one["retrieval"]
     markdown = (tmp_path / "one" / "report.md").read_text()
@@ -48,16 +53,18 @@ def test_evaluate_on_one_and_two_devices_equals_training_report(trained, tmp_pat
 
 def test_load_api_embeddings(trained):
     workdir, train_report = trained
-    from clipjax.data import pipeline
     single = clipjax.load(str(workdir), devices=jax.devices()[:1])
     multi = clipjax.load(str(workdir), devices=jax.devices())
-    arrays = pipeline.load_split_arrays(single.config.data, single.tokenizer, split="test",
-                                        max_examples=single.config.evals.max_examples)
+    arrays = make_source(single.config.data).eval_arrays(
+        single.tokenizer, split="test", max_examples=single.config.evals.max_examples
+    )
     img_1, img_8 = single.encode_image(arrays["image"]), multi.encode_image(arrays["image"])
     txt_1 = single.encode_text(list(arrays["caption"]))
     np.testing.assert_allclose(img_8, img_1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(img_1, axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(single.tokenize(["a red circle"]), single.tokenizer.encode(["a red circle"]))
+    np.testing.assert_array_equal(
+        single.tokenize(["a red circle"]), single.tokenizer.encode(["a red circle"])
+    )
     # The embeddings are the ones training evaluated: they reproduce its retrieval numbers.
     assert retrieval_metrics(img_1, txt_1, arrays["label"]) == train_report["retrieval"]
     assert single.similarity(img_1[:2], txt_1[:3]).shape == (2, 3)
@@ -71,40 +78,69 @@ def test_restore_errors_are_one_line(trained, tmp_path):
         clipjax.load(str(workdir), step=3)
     with pytest.raises(RestoreError, match="does not match the model config: .*shape"):
         clipjax.load(str(workdir), config_overrides={"model.embed_dim": 32})
-    result = subprocess.run([sys.executable, "-m", "clipjax.evaluate", "--workdir", str(tmp_path / "missing")],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "clipjax.evaluate", "--workdir", str(tmp_path / "missing")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"clipjax.evaluate: workdir '{tmp_path / 'missing'}' does not exist"]
+    assert result.stderr.strip().splitlines() == [
+        f"clipjax.evaluate: workdir '{tmp_path / 'missing'}' does not exist"
+    ]
 
 
 def test_plain_orbax_reads_the_checkpoint(trained):
     """The snippet of docs/checkpoints.md, with no clipjax import in the restore itself."""
     import orbax.checkpoint as ocp
+
     workdir, _ = trained
     path = str(workdir / "checkpoints" / "4" / "state")
     checkpointer = ocp.PyTreeCheckpointer()
     saved = checkpointer.metadata(path).item_metadata["params"]
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), saved)
-    params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item={"params": target},
-        restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
-        partial_restore=True))["params"]
+    params = checkpointer.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            item={"params": target},
+            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+            partial_restore=True,
+        ),
+    )["params"]
     reference = clipjax.load(str(workdir), devices=jax.devices()[:1]).params
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_evaluate_on_a_tfds_classification_dataset(trained, tmp_path):
-    """A user's prepared tfds image-classification dataset is evaluated by changing one config line."""
-    from tests.test_classification_data import _SKIP_STATS, TinyClasses
+    """A user's prepared tfds image-classification dataset is evaluated by changing one config line
+    (here in its old spelling, `evals.classification=NAME`), and a second one by adding a section."""
+    from tests.test_classification_data import _SKIP_STATS, TinyClasses, TinyTensorClasses
+
     TinyClasses(data_dir=str(tmp_path / "cls")).download_and_prepare(download_config=_SKIP_STATS)
+    TinyTensorClasses(data_dir=str(tmp_path / "cls")).download_and_prepare(download_config=_SKIP_STATS)
     workdir, _ = trained
     from clipjax.api import load_run_config
+
     config = load_run_config(str(workdir))
-    config.evals.classification = "tiny_classes"
-    config.evals.classification_data_dir = str(tmp_path / "cls")
+    apply_overrides(
+        config,
+        {"evals.classification": "tiny_classes", "evals.classification_data_dir": str(tmp_path / "cls")},
+    )
+    apply_overrides(
+        config,
+        {
+            "evals.second.kind": "classification",
+            "evals.second.dataset": "tiny_tensor_classes",
+            "evals.second.data_dir": str(tmp_path / "cls"),
+            "evals.second.linear_probe": False,
+        },
+    )
     report = evaluate(str(workdir), out=str(tmp_path / "out"), config=config, devices=jax.devices()[:2])
+    assert set(report["classification"]) == {"tiny_classes", "tiny_tensor_classes"}
+    second = report["classification"]["tiny_tensor_classes"]
+    assert "linear_probe" not in second and set(second["knn"]) == {"top1@k1", "top1@k10", "top1@k20"}
     result = report["classification"]["tiny_classes"]
     assert 0.0 <= result["zero_shot"]["top1"] <= 1.0
     assert result["num_examples"] > 0
@@ -113,7 +149,36 @@ def test_evaluate_on_a_tfds_classification_dataset(trained, tmp_path):
     # The probe sees the images' class structure (each class has its own colour): well above chance.
     assert result["linear_probe"]["top1"] > 0.6
 
-    config.evals.classification = "not_a_dataset"
+    config.evals.classification.dataset = "not_a_dataset"
     from clipjax.config import ConfigError, validate
-    with pytest.raises(ConfigError, match="evals.classification: .*not_a_dataset"):
+
+    with pytest.raises(ConfigError, match="evals.classification.dataset: .*not_a_dataset"):
         validate(config, num_devices=8)
+
+
+def test_evaluate_cli_takes_old_and_new_evaluator_flags(trained, tmp_path):
+    workdir, train_report = trained
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipjax.evaluate",
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+            "--config.evals.zero_shot=False",
+            "--config.evals.knn.enabled=False",
+            "--config.evals.probe_train_examples=64",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.load(open(out / "report.json"))
+    assert "zero_shot" not in report and "knn" not in report
+    assert report["retrieval"] == train_report["retrieval"]
+    assert "linear_probe" in report

@@ -1,4 +1,5 @@
 """A trainer that loses nothing: non-finite steps, damaged checkpoints, bad data, signals."""
+
 import json
 import os
 import pathlib
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipjax import train as train_lib
+from clipjax import trainer as train_lib
 from clipjax.checkpoint import Checkpointer
 from clipjax.data import pipeline
 from tests.test_train import ROOT, tiny_demo
@@ -68,8 +69,10 @@ def test_nonfinite_batch_is_skipped_and_counted(tfds_dir, tmp_path, monkeypatch)
 
 
 def test_stream_of_nonfinite_batches_stops_with_last_good_checkpoint(tfds_dir, tmp_path, monkeypatch):
-    config = tiny_demo(tfds_dir, **{"evals.at_end": False, "log_every": 1, "checkpoint_every": 100,
-                                    "max_nonfinite_streak": 2})
+    config = tiny_demo(
+        tfds_dir,
+        **{"evals.at_end": False, "log_every": 1, "checkpoint_every": 100, "max_nonfinite_streak": 2},
+    )
     config.steps = 10
     _corrupting_iterator(monkeypatch, bad_steps=set(range(3, 100)))
     with pytest.raises(train_lib.NonFiniteError, match="consecutive steps had a non-finite"):
@@ -99,8 +102,8 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tfds_dir, tmp_path):
             f.truncate(p.stat().st_size // 3)
     lines = []
     train_lib.train(config, str(tmp_path / "damaged"), log=lines.append)
-    assert any("checkpoint 4" in l and "cannot be restored" in l for l in lines), lines
-    assert any("resumed" in l and "step 2" in l for l in lines), lines
+    assert any("checkpoint 4" in line and "cannot be restored" in line for line in lines), lines
+    assert any("resumed" in line and "step 2" in line for line in lines), lines
     _, a = _params(tmp_path / "straight")
     _, b = _params(tmp_path / "damaged")
     for x, y in zip(a, b):
@@ -141,9 +144,19 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
 
 
 def _train_cli(workdir, data_dir, *extra):
-    return [sys.executable, "-m", "clipjax.train", "--config", str(ROOT / "configs" / "demo.py:tiny"),
-            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", "--config.evals.at_end=False",
-            "--config.log_every=1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "clipjax.train",
+        "--config",
+        str(ROOT / "configs" / "demo.py:tiny"),
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        "--config.evals.at_end=False",
+        "--config.log_every=1",
+        *extra,
+    ]
 
 
 def _wait_for_step(workdir, step, proc, timeout=240):
@@ -151,7 +164,9 @@ def _wait_for_step(workdir, step, proc, timeout=240):
     path = pathlib.Path(workdir) / "metrics.jsonl"
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()
-        if path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines() if l):
+        if path.exists() and any(
+            json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line
+        ):
             return
         time.sleep(0.2)
     raise TimeoutError(f"step {step} not reached")
@@ -159,13 +174,19 @@ def _wait_for_step(workdir, step, proc, timeout=240):
 
 def test_sigterm_checkpoints_the_current_step(tfds_dir, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(_train_cli(tmp_path, tfds_dir, "--config.steps=400", "--config.checkpoint_every=1000"),
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _train_cli(tmp_path, tfds_dir, "--config.steps=400", "--config.checkpoint_every=1000"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for_step(tmp_path, 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    stopped = [l for l in out.splitlines() if l.startswith("stopped at step")]
+    stopped = [line for line in out.splitlines() if line.startswith("stopped at step")]
     assert stopped and "SIGTERM" in stopped[0], out
     step = int(stopped[0].split()[3].rstrip(":"))
     assert Checkpointer(str(tmp_path)).latest_step() == step
@@ -175,11 +196,18 @@ def test_sigterm_checkpoints_the_current_step(tfds_dir, tmp_path):
 def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     args = ("--config.steps=12", "--config.checkpoint_every=2")
-    subprocess.run(_train_cli(tmp_path / "straight", tfds_dir, *args), cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _train_cli(tmp_path / "straight", tfds_dir, *args), cwd=ROOT, env=env, check=True, capture_output=True
+    )
     kill_at = int(np.random.default_rng().integers(3, 9))
-    proc = subprocess.Popen(_train_cli(tmp_path / "killed", tfds_dir, *args), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _train_cli(tmp_path / "killed", tfds_dir, *args),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for_step(tmp_path / "killed", kill_at, proc)
     proc.kill()
     proc.wait()
@@ -187,8 +215,9 @@ def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
     # from scratch, which must give the same result too.
     latest = Checkpointer(str(tmp_path / "killed")).latest_step()
     assert latest is None or latest < 12
-    subprocess.run(_train_cli(tmp_path / "killed", tfds_dir, *args), cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _train_cli(tmp_path / "killed", tfds_dir, *args), cwd=ROOT, env=env, check=True, capture_output=True
+    )
     step_a, a = _params(tmp_path / "straight")
     step_b, b = _params(tmp_path / "killed")
     assert step_a == step_b == 12

@@ -1,4 +1,5 @@
 """Sharded losses equal the single-device full-batch computation, gradients included."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +7,10 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from clipjax.losses import (
-    global_infonce_loss, global_sigmoid_loss, reference_infonce_loss, reference_sigmoid_loss,
+    global_infonce_loss,
+    global_sigmoid_loss,
+    reference_infonce_loss,
+    reference_sigmoid_loss,
 )
 from tests.helpers import paired_unit_embeddings, rel_err
 
@@ -51,9 +55,11 @@ def test_reference_infonce_matches_numpy():
     img, txt = _embeddings(1)
     scale = 1.5
     logits = np.exp(scale) * np.asarray(img, np.float64) @ np.asarray(txt, np.float64).T
-    def ce(l):
-        l = l - l.max(1, keepdims=True)
-        return np.mean(np.log(np.exp(l).sum(1)) - np.diag(l))
+
+    def ce(z):
+        z = z - z.max(1, keepdims=True)
+        return np.mean(np.log(np.exp(z).sum(1)) - np.diag(z))
+
     expected = 0.5 * (ce(logits) + ce(logits.T))
     np.testing.assert_allclose(float(reference_infonce_loss(img, txt, scale)), expected, rtol=1e-5)
 

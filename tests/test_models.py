@@ -12,14 +12,11 @@ import pytest
 from flax import nnx
 
 from clipjax.models import (
-    LOGICAL_AXES,
-    DualEncoder,
     build_model,
     count_params,
-    logical_partition_specs,
     model_spec,
 )
-from clipjax.models.layers import Conv, Stack, TransformerBlock, attention_mask, conv_as_matmul
+from clipjax.models.layers import LOGICAL_AXES, Conv, Stack, TransformerBlock, attention_mask, conv_as_matmul
 from clipjax.models.resnet import ResidualBlock
 
 VOCAB, MAX_LEN, TEXT_LEN, IMAGE = 50, 12, 8, 16
@@ -58,7 +55,7 @@ def normal(shape, seed=0):
 
 
 def build(cfg, seed=0, image_size=IMAGE):
-    return DualEncoder(cfg, vocab_size=VOCAB, max_len=MAX_LEN, image_size=image_size, rngs=nnx.Rngs(seed))
+    return build_model(cfg, vocab_size=VOCAB, max_len=MAX_LEN, image_size=image_size, seed=seed)
 
 
 @nnx.jit
@@ -116,9 +113,7 @@ def test_demo_resnet_recipe_is_expressible():
     )
     cfg = make_config(image=image, embed_dim=64)
     spec = model_spec(cfg, image_size=32)
-    model = nnx.eval_shape(
-        lambda: DualEncoder(cfg, vocab_size=80, max_len=12, image_size=32, rngs=nnx.Rngs(0))
-    )
+    model = nnx.eval_shape(lambda: build_model(cfg, vocab_size=80, max_len=12, image_size=32, seed=0))
     tower = model.image_tower
     assert tower.final_size == 4 and tower.out_dim == 4 * 4 * 128
     assert model.image_proj.kernel.shape == (2048, 64)
@@ -279,7 +274,7 @@ def test_every_param_has_logical_names(image):
     cfg = make_config(image=IMAGE_TOWERS[image], logit_bias_init=-10.0)
     model = nnx.eval_shape(lambda: build(cfg))
     params = nnx.state(model, nnx.Param)
-    specs = logical_partition_specs(model)
+    specs = nnx.get_partition_spec(params)
     flat_params = dict(nnx.to_flat_state(params))
     flat_specs = dict(nnx.to_flat_state(specs))
     assert flat_params.keys() == flat_specs.keys()
@@ -298,7 +293,8 @@ def test_every_param_has_logical_names(image):
 def test_partition_specs_with_rules_and_mesh():
     rules = [(n, None) for n in LOGICAL_AXES if n != "mlp"] + [("mlp", "model")]
     model = nnx.eval_shape(lambda: build(make_config()))
-    specs = logical_partition_specs(model, rules)
+    with nnx.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
     assert tuple(specs.text_tower.encoder.blocks.mlp.fc1.kernel.get_value()) == (None, None, "model")
     # Built under a mesh with rules, parameters come out sharded.
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
@@ -348,9 +344,7 @@ def test_build_model_is_deterministic_in_seed():
 
 def test_vit_b16_abstract_param_count():
     cfg = make_config(image=dict(kind="vit", variant="B/16"), text=dict(variant="B"), embed_dim=512)
-    model = nnx.eval_shape(
-        lambda: DualEncoder(cfg, vocab_size=49408, max_len=77, image_size=224, rngs=nnx.Rngs(0))
-    )
+    model = nnx.eval_shape(lambda: build_model(cfg, vocab_size=49408, max_len=77, image_size=224, seed=0))
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     n_image = count_params(model.image_tower)
@@ -424,18 +418,18 @@ def test_fields_of_other_image_kind_are_tolerated():
     assert model_spec(cfg, image_size=IMAGE).image.widths == (16, 16)
 
 
-def test_unset_sentinels_take_the_variant():
-    # The base config lists every field; None, '' and 0 sizes mean "unset".
-    text = dict(variant="", width=0, depth=0, heads=0, mlp_dim=0, pool="mean", causal=False)
+def test_unset_fields_take_the_variant():
+    # The base config lists every field; None (a typed placeholder) means "unset".
+    text = dict(width=None, depth=None, heads=None, mlp_dim=None, pool="mean", causal=False)
     image = dict(
         kind="vit",
         variant="B/16",
-        patch_size=0,
-        width=0,
-        depth=0,
-        heads=0,
-        mlp_dim=0,
-        pool="cls",
+        patch_size=None,
+        width=None,
+        depth=None,
+        heads=None,
+        mlp_dim=None,
+        pool=None,
         stem_width=32,
         widths=(64, 128, 128),
         blocks_per_stage=0,
@@ -443,6 +437,7 @@ def test_unset_sentinels_take_the_variant():
     )
     spec = model_spec(make_config(image=image, text=text, logit_bias_init=None), image_size=224)
     assert (spec.image.width, spec.image.depth, spec.image.patch_size) == (768, 12, 16)
+    assert spec.image.pool == "cls"  # the ViT's own default for the shared `pool` field
     assert (spec.text.width, spec.text.depth, spec.text.variant) == (64, 2, "tiny")
     assert spec.logit_bias_init is None
     # For the resnet, 0 residual blocks is a real value, and widths alone
@@ -451,3 +446,11 @@ def test_unset_sentinels_take_the_variant():
     spec = model_spec(make_config(image=image), image_size=IMAGE)
     assert spec.image.blocks_per_stage == (0,) * 4
     assert spec.image.strides == (2,) * 4
+    # A variant alone takes all of its layout (the base config's unset fields do not override it).
+    from clipjax.config import default_config
+
+    base = default_config().model
+    base.image.variant = "RN50"
+    spec = model_spec(base, image_size=224)
+    assert spec.image.widths == (64, 128, 256, 512) and spec.image.pool == "attention"
+    assert spec.image.blocks_per_stage == (3, 4, 6, 3) and spec.image.groups == 32

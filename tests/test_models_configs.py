@@ -7,7 +7,7 @@ import pathlib
 import pytest
 from flax import nnx
 
-from clipjax.models import DualEncoder, count_params
+from clipjax.models import count_params, model_factory
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 CASES = [(path, arg) for path in sorted(CONFIG_DIR.glob("*.py")) for arg in ("", "tiny")]
@@ -23,13 +23,5 @@ def load_config(path, arg):
 @pytest.mark.parametrize("path,arg", CASES, ids=[f"{p.stem}:{a}" for p, a in CASES])
 def test_config_builds_abstract_model(path, arg):
     config = load_config(path, arg)
-    model = nnx.eval_shape(
-        lambda: DualEncoder(
-            config.model,
-            vocab_size=100,
-            max_len=config.data.tokenizer.max_len,
-            image_size=config.data.image_size,
-            rngs=nnx.Rngs(0),
-        )
-    )
+    model = nnx.eval_shape(model_factory(config, vocab_size=100))
     assert count_params(model) > 0

@@ -1,4 +1,5 @@
 """The trainer end to end at tiny sizes: exact sharded gradients, resume, every config runs."""
+
 import importlib.util
 import json
 import os
@@ -8,10 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from clipjax import train as train_lib
+from clipjax import trainer as train_lib
 from clipjax.checkpoint import Checkpointer
+from clipjax.config import apply_overrides
 from clipjax.parallel import host_batch_to_global, make_mesh
-from tests.helpers import rel_err
+from clipjax.trainer.state import init_train_state
+from clipjax.trainer.step import make_grad_fn, make_loss_fn
+from tests.helpers import rel_err, source_and_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
@@ -32,39 +36,32 @@ def data_dir(tfds_dir):
 def tiny_demo(data_dir, **overrides):
     c = load_config("demo.py")
     c.data.data_dir = data_dir
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return apply_overrides(c, overrides)
 
 
-
-
-@pytest.mark.parametrize("loss_name,impl", [("softmax", "gather"), ("sigmoid", "gather"),
-                                           ("softmax", "ring"), ("sigmoid", "ring")])
+@pytest.mark.parametrize(
+    "loss_name,impl", [("softmax", "gather"), ("sigmoid", "gather"), ("softmax", "ring"), ("sigmoid", "ring")]
+)
 def test_sharded_grads_equal_single_device(data_dir, loss_name, impl):
     """Loss and every parameter's gradient on 8 devices (FSDP x data) equal one device's."""
     config = tiny_demo(data_dir, **{"loss.name": loss_name, "loss.impl": impl})
     if loss_name == "sigmoid":
         config.model.logit_bias_init = -10.0
         config.model.logit_scale_init = float(np.log(10.0))
-    from clipjax.data import pipeline
-    pipeline.prepare(config.data)
-    tokenizer = train_lib.build_tokenizer(config)
-    batch = next(pipeline.make_train_iterator(config.data, tokenizer, seed=0))
+    source, tokenizer = source_and_tokenizer(config.data)
+    batch = next(source.train_iterator(tokenizer, seed=0))
     batch = {k: batch[k] for k in ("image", "text")}
 
     results = []
     for devices, shape in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (4, 2, 1))):
         config.mesh.shape = shape
         mesh = make_mesh(config.mesh, devices=devices)
-        setup = train_lib.init_state(config, mesh, tokenizer)
-        loss_fn = train_lib.make_loss_fn(config, setup.graphdef, mesh)
+        setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
+        loss_fn = make_loss_fn(config, setup.graphdef, mesh)
         global_batch = host_batch_to_global(batch, mesh)
-        (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(setup.state["params"], global_batch)
+        (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+            setup.state["params"], global_batch
+        )
         results.append((loss, jax.device_get(grads)))
 
     (loss_1, grads_1), (loss_8, grads_8) = results
@@ -103,10 +100,12 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     assert step_a == step_b == 6
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
     # Both runs saw the same batches: the logged losses agree step by step.
     def losses(workdir):
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
     a, b = losses(str(tmp_path / "straight")), losses(str(tmp_path / "resumed"))
     for step in set(a) & set(b):
         assert a[step] == pytest.approx(b[step], rel=1e-6)
@@ -133,8 +132,9 @@ def test_ring_training_matches_gather_training(data_dir, tmp_path):
     """The demo trained with the ring loss follows the default (gather) run's loss curve."""
     runs = {}
     for impl in ("gather", "ring"):
-        config = tiny_demo(data_dir, **{"evals.at_end": False, "log_every": 1, "loss.impl": impl,
-                                        "metrics.every": 0})
+        config = tiny_demo(
+            data_dir, **{"evals.at_end": False, "log_every": 1, "loss.impl": impl, "metrics.every": 0}
+        )
         config.steps = 6
         train_lib.train(config, str(tmp_path / impl))
         with open(tmp_path / impl / "metrics.jsonl") as f:
@@ -149,17 +149,16 @@ def test_microbatched_grads_equal_full_batch(data_dir, microbatches, loss_name):
     if loss_name == "sigmoid":
         config.model.logit_bias_init = -10.0
         config.model.logit_scale_init = float(np.log(10.0))
-    from clipjax.data import pipeline
-    tokenizer = train_lib.build_tokenizer(config)
-    batch = next(pipeline.make_train_iterator(config.data, tokenizer, seed=0))
+    source, tokenizer = source_and_tokenizer(config.data)
+    batch = next(source.train_iterator(tokenizer, seed=0))
     config.mesh.shape = (4, 2, 1)
     mesh = make_mesh(config.mesh)
-    setup = train_lib.init_state(config, mesh, tokenizer)
+    setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
     global_batch = host_batch_to_global({k: batch[k] for k in ("image", "text")}, mesh)
     results = []
     for k in (1, microbatches):
         config.microbatches = k
-        grad_fn = train_lib.make_grad_fn(config, setup.graphdef, mesh)
+        grad_fn = make_grad_fn(config, setup.graphdef, mesh)
         (loss, _), grads = jax.jit(grad_fn)(setup.state["params"], global_batch)
         results.append((float(loss), jax.device_get(grads)))
     (loss_1, grads_1), (loss_k, grads_k) = results
@@ -168,14 +167,17 @@ def test_microbatched_grads_equal_full_batch(data_dir, microbatches, loss_name):
     for (path, g1), gk in zip(jax.tree_util.tree_flatten_with_path(grads_1)[0], jax.tree.leaves(grads_k)):
         err = np.max(np.abs(np.asarray(gk, np.float64) - np.asarray(g1, np.float64)))
         assert err <= 1e-5 * max(float(np.max(np.abs(g1))), floor), jax.tree_util.keystr(path)
-    assert abs(float(grads_k["logit_scale"]) - float(grads_1["logit_scale"])) <= 1e-5 * abs(float(grads_1["logit_scale"]))
+    assert abs(float(grads_k["logit_scale"]) - float(grads_1["logit_scale"])) <= 1e-5 * abs(
+        float(grads_1["logit_scale"])
+    )
 
 
 def test_microbatched_training_matches_default(data_dir, tmp_path):
     runs = {}
     for k in (1, 4):
-        config = tiny_demo(data_dir, **{"evals.at_end": False, "log_every": 1, "microbatches": k,
-                                        "metrics.every": 0})
+        config = tiny_demo(
+            data_dir, **{"evals.at_end": False, "log_every": 1, "microbatches": k, "metrics.every": 0}
+        )
         config.steps = 6
         train_lib.train(config, str(tmp_path / str(k)))
         with open(tmp_path / str(k) / "metrics.jsonl") as f:

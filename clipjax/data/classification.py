@@ -29,7 +29,6 @@ small reader below (record framing only: lengths are trusted, CRCs are not check
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import os
 import re
 import struct
@@ -43,8 +42,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 from tensorflow_datasets.core import registered
 
-from clipjax.data import records
-from clipjax.data.images import square_rgb
+from clipjax.data import records, tfds_util
+from clipjax.data.images import decode_image, square_rgb
 
 # Generic prompts (a subset of CLIP's ImageNet ensemble), fine for photos of everyday classes.
 TEMPLATES = (
@@ -120,12 +119,6 @@ def zero_shot_task(name: str, data_dir: str, *, label_key: str = "label") -> tup
 # Reading records.
 
 
-def _check_split(builder, split: str) -> None:
-    available = list(builder.info.splits.keys())
-    if split.split("[")[0] not in available:
-        raise ValueError(f"dataset {builder.name} has no split {split!r}; available: {available}")
-
-
 def _read_tfrecord(path: str, skip: int, take: int) -> Iterator[bytes]:
     """Records [skip, skip + take) of one TFRecord file (framing only, CRCs unchecked)."""
     with epath.Path(path).open("rb") as f:
@@ -148,7 +141,7 @@ class _RawRecords:
     """Serialized records of one split, in chunks, whatever the file format."""
 
     def __init__(self, builder, split: str):
-        _check_split(builder, split)
+        tfds_util.check_split(builder, split)
         formats = builder.info.available_file_formats()
         self.source = None
         self.instructions = None
@@ -197,17 +190,6 @@ class _RawRecords:
 # Decoding.
 
 
-def _square_rgb(im: Image.Image, image_size: int) -> np.ndarray:
-    return square_rgb(im, image_size, Image.BILINEAR)
-
-
-def decode_encoded_image(data: bytes, image_size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        # JPEG decodes at a reduced scale directly (never below the size asked for): much faster.
-        im.draft("RGB", (image_size, image_size))
-        return _square_rgb(im, image_size)
-
-
 def array_image(array: np.ndarray, image_size: int) -> np.ndarray:
     """uint8 [H, W], [H, W, 1|3|4] -> uint8 [S, S, 3] (see the module docstring)."""
     array = np.asarray(array)
@@ -219,7 +201,7 @@ def array_image(array: np.ndarray, image_size: int) -> np.ndarray:
         return array
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(f"image tensors must be [H, W] or [H, W, 1|3|4], got {array.shape}")
-    return _square_rgb(Image.fromarray(array), image_size)
+    return square_rgb(Image.fromarray(array), image_size, Image.BILINEAR)
 
 
 def load_classification_split(
@@ -259,7 +241,7 @@ def load_classification_split(
         if not data:
             raise ValueError(f"{where}: record {index} has no image")
         try:
-            return decode_encoded_image(data, image_size)
+            return decode_image(data, image_size, Image.BILINEAR)
         except Exception as e:  # PIL raises many types for corrupt files.
             raise ValueError(f"{where}: record {index} has an undecodable image ({e})") from e
 

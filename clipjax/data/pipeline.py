@@ -1,4 +1,7 @@
-"""Input pipeline: tfds ArrayRecord files -> grain -> host batches of numpy arrays.
+"""Input pipeline: serialized records -> grain -> host batches of numpy arrays.
+
+Which records is the data source's business (`clipjax.data.sources`); this module turns a
+random-access record source (`len()`, `__getitems__`) into resumable per-process batches.
 
 Train batches are dicts with exactly these keys (b = batch_size // process_count):
   image   uint8 [b, S, S, 3]   not normalised
@@ -19,141 +22,31 @@ Layout of the grain graph, and why:
   .to_iter_dataset(prefetch threads)
   [.mp_prefetch(worker_count)]     decoding in worker processes if asked
   .map(DropCounter)                drop counts folded in, in the main process
+                                   (read back as TrainIterator.drop_counts)
   .filter(non-empty)
   RebatchIterDataset(b)            exactly b examples per batch after drops
   .map(key order)
 
-The iterator's get_state()/set_state() resume at exactly the next batch.
+The TrainIterator's get_state()/set_state() resume at exactly the next batch.
 """
 
 from __future__ import annotations
 
 import collections
-import io
-import os
 from typing import Any, Sequence
 
 from absl import flags
 import grain
 import numpy as np
-from PIL import Image
-import tensorflow_datasets as tfds
 
-from clipjax.data import folder_tfds
-from clipjax.data.images import square_rgb
-from clipjax.data import options
 from clipjax.data import records
-from clipjax.data import shapes
-from clipjax.data import shapes_tfds
-from clipjax.data import tokenizers
+from clipjax.data.images import decode_image
 
 BATCH_KEYS = ("image", "text", "text_id", "index", "label")
-SHAPES_ATTRIBUTE_KEYS = shapes.ATTRIBUTE_NAMES
-
-# Records dropped by every pipeline of this process, by reason. Each train
-# iterator also has its own `.drop_counts`.
-DROPPED: collections.Counter = collections.Counter()
 
 
-# ----------------------------------------------------------------------------
-# Datasets.
-
-
-def _data_dir(data_config) -> str:
-    data_dir = options.get(data_config, "data_dir", "")
-    if not data_dir:
-        raise ValueError("data.data_dir is not set")
-    return os.path.abspath(os.path.expanduser(data_dir))
-
-
-def prepare(data_config) -> tfds.core.DatasetBuilder:
-    """Prepares the dataset once (safe under concurrent processes); returns its builder."""
-    return get_builder(data_config)
-
-
-def get_builder(data_config) -> tfds.core.DatasetBuilder:
-    """The prepared tfds builder for `data_config` (prepares it if needed)."""
-    name = options.get(data_config, "name", "shapes")
-    data_dir = _data_dir(data_config)
-    if name == "shapes":
-        return shapes_tfds.prepare_shapes(
-            data_dir,
-            image_size=int(options.get(data_config, "image_size", 32)),
-            num_train=int(options.get(data_config, "num_train", 50_000)),
-            num_test=int(options.get(data_config, "num_test", 5_000)),
-            seed=int(options.get(data_config, "shapes_seed", 0)),
-        )
-    if name == "image_text_folder":
-        return folder_tfds.prepare_folder(
-            data_dir,
-            options.get(data_config, "source", ""),
-            test_fraction=float(options.get(data_config, "test_fraction", 0.0)),
-        )
-    raise ValueError(f"data.name must be 'shapes' or 'image_text_folder', got {name!r}")
-
-
-def _raw_source(builder: tfds.core.DatasetBuilder, split: str):
-    available = list(builder.info.splits.keys())
-    base = split.split("[")[0]
-    if base not in available:
-        hint = (
-            " (set data.test_fraction > 0 to hold out a test split)"
-            if builder.name == "image_text_folder"
-            else ""
-        )
-        raise ValueError(f"dataset {builder.name} has no split {base!r}; available: {available}{hint}")
-    return builder.as_data_source(split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-
-
-def zero_shot_tasks(data_config) -> dict[str, tuple[list[str], list[str]]]:
-    """{attribute: (class names, prompt templates)}; {} for folder data."""
-    if options.get(data_config, "name", "shapes") == "shapes":
-        return shapes.zero_shot_tasks()
-    return {}
-
-
-def dataset_texts(data_config, include_prompts: bool = True) -> list[str]:
-    """Training captions (valid ones, in split order), plus zero-shot prompts.
-
-    Meant for training the tokenizer, so the prompts' words are in its vocabulary.
-    """
-    source = _raw_source(get_builder(data_config), "train")
-    texts = []
-    step = 4096
-    for start in range(0, len(source), step):
-        raw = source.__getitems__(list(range(start, min(start + step, len(source)))))
-        for caption in records.parse(raw, (), ("caption",))["caption"]:
-            text = _decode_caption(caption)
-            if text is not None:
-                texts.append(text)
-    if include_prompts:
-        for classes, templates in zero_shot_tasks(data_config).values():
-            texts.extend(t.format(c) for c in classes for t in templates)
-    return texts
-
-
-def make_dataset_tokenizer(data_config, cache_dir: str | None = None):
-    """`tokenizers.make_tokenizer` for `data_config.tokenizer`, trained on this
-    dataset's texts when it needs training (cached under data_dir/tokenizers)."""
-    tok_config = options.get(data_config, "tokenizer", None)
-    texts = None
-    needs_texts = options.get(tok_config, "kind", "byte") == "sentencepiece" and not options.get(
-        tok_config, "model_file", ""
-    )
-    if needs_texts:
-        texts = dataset_texts(data_config)
-    return tokenizers.make_tokenizer(
-        tok_config,
-        texts_for_training=texts,
-        cache_dir=cache_dir or os.path.join(_data_dir(data_config), "tokenizers"),
-    )
-
-
-# ----------------------------------------------------------------------------
-# Decoding.
-
-
-def _decode_caption(caption: bytes | None) -> str | None:
+def decode_caption(caption: bytes | None) -> str | None:
+    """UTF-8 caption bytes -> stripped text; None when missing, empty or not UTF-8."""
     if caption is None:
         return None
     try:
@@ -161,14 +54,6 @@ def _decode_caption(caption: bytes | None) -> str | None:
     except UnicodeDecodeError:
         return None
     return text or None
-
-
-def decode_image_bytes(data: bytes, image_size: int) -> np.ndarray:
-    """Encoded image -> uint8 [S, S, 3]: shorter side resized to S, centre crop."""
-    with Image.open(io.BytesIO(data)) as im:
-        # JPEG can decode at a reduced scale directly, much faster for big photos.
-        im.draft("RGB", (image_size, image_size))
-        return square_rgb(im, image_size)
 
 
 class ChunkDecoder:
@@ -204,7 +89,7 @@ class ChunkDecoder:
                 return None, "bad_image_shape"
             return np.frombuffer(data, np.uint8).reshape(s, s, 3), ""
         try:
-            image = decode_image_bytes(data, s)
+            image = decode_image(data, s)
         except Exception:  # pylint: disable=broad-except
             # PIL raises many exception types for corrupt or truncated files
             # (OSError, SyntaxError, ValueError, DecompressionBombError, ...).
@@ -220,7 +105,7 @@ class ChunkDecoder:
         skipped: collections.Counter = collections.Counter()
         keep, images, captions = [], [], []
         for j in range(len(raw)):
-            caption = _decode_caption(fields["caption"][j])
+            caption = decode_caption(fields["caption"][j])
             if caption is None:
                 skipped["bad_caption"] += 1
                 continue
@@ -244,7 +129,7 @@ class ChunkDecoder:
 
 
 class DropCounter:
-    """Folds each chunk's '_skipped' counts into this counter and `DROPPED`.
+    """Folds each chunk's '_skipped' counts into `counts`.
 
     With `max_bad_fraction` set, raises once at least `min_seen` records have
     gone by and more than that fraction of them could not be decoded: a data
@@ -265,7 +150,6 @@ class DropCounter:
         chunk = dict(chunk)
         skipped = chunk.pop("_skipped")
         self.counts.update(skipped)
-        DROPPED.update(skipped)
         self.kept += len(chunk["index"])
         seen = self.kept + self.total
         if (
@@ -344,41 +228,56 @@ class IndexChunks:
         return out
 
 
-def _decoder(data_config, builder, split, tokenizer, **kwargs) -> ChunkDecoder:
-    return ChunkDecoder(
-        _raw_source(builder, split),
-        image_size=int(options.get(data_config, "image_size", 32)),
-        encoded_images=builder.name == "image_text_folder",
-        tokenizer=tokenizer,
-        **kwargs,
-    )
+class TrainIterator:
+    """The endless per-process batch iterator of a training run.
 
+    `next()` gives the next local batch (keys BATCH_KEYS), `get_state()` / `set_state()` save
+    and restore the position exactly (JSON-able state), `drop_counts` is {reason: records
+    skipped so far}. Data sources hand one of these to the trainer.
+    """
 
-# ----------------------------------------------------------------------------
-# Public entry points.
+    def __init__(self, iterator, drops: DropCounter):
+        self._iterator = iterator
+        self._drops = drops
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self):
+        return self._iterator.get_state()
+
+    def set_state(self, state) -> None:
+        self._iterator.set_state(state)
+
+    @property
+    def drop_counts(self) -> dict[str, int]:
+        return dict(self._drops.counts)
+
+    def close(self) -> None:
+        """Stop worker processes, if any (they also stop when the iterator is collected)."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
 
 
 def make_train_iterator(
-    data_config, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1
-) -> grain.DatasetIterator:
-    """Endless, shuffled, per-process iterator over local train batches.
+    decoder: ChunkDecoder, data_config, *, seed: int, process_index: int = 0, process_count: int = 1
+) -> TrainIterator:
+    """Endless, shuffled, per-process iterator over local train batches of `decoder.source`.
 
-    The order depends on `seed` and on data_config.shuffle_seed (default 0).
-    Other settings read from `data_config`: batch_size (global), image_size,
-    worker_count (0: decode in this process's prefetch threads), read_threads
-    (default 1), prefetch (chunks buffered ahead, default 4), max_bad_fraction
-    (default None: never fail on undecodable records), plus whatever
-    `get_builder` needs. The returned iterator carries `.drop_counts`, the
-    records it dropped as undecodable, by reason.
+    The order depends on `seed` and on data_config.shuffle_seed. Also read from the (complete)
+    `data_config`: batch_size (global), worker_count (0: decode in this process's prefetch
+    threads), read_threads, prefetch (chunks buffered ahead), max_bad_fraction.
     """
-    batch_size = int(options.get(data_config, "batch_size", 256))
+    batch_size = int(data_config.batch_size)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if batch_size % process_count:
         raise ValueError(f"data.batch_size {batch_size} is not divisible by process_count {process_count}")
     local_batch = batch_size // process_count
-    builder = get_builder(data_config)
-    decoder = _decoder(data_config, builder, "train", tokenizer)
     num_records = len(decoder.source)
     if num_records <= process_index:
         raise ValueError(
@@ -387,62 +286,49 @@ def make_train_iterator(
     chunks = IndexChunks(
         num_records,
         local_batch,
-        seed=(int(seed) % 2**32, int(options.get(data_config, "shuffle_seed", 0))),
+        seed=(int(seed) % 2**32, int(data_config.shuffle_seed)),
         process_index=process_index,
         process_count=process_count,
     )
     ds = grain.MapDataset.source(chunks).map(decoder)
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(
-            num_threads=int(options.get(data_config, "read_threads", 1)),
-            prefetch_buffer_size=int(options.get(data_config, "prefetch", 4)),
+            num_threads=int(data_config.read_threads), prefetch_buffer_size=int(data_config.prefetch)
         )
     )
-    worker_count = int(options.get(data_config, "worker_count", 0))
-    if worker_count > 0:
+    if data_config.worker_count > 0:
         # grain's worker processes read absl flags; outside an absl app they are
         # unparsed and reading them raises, so fall back to their defaults.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    max_bad = options.get(data_config, "max_bad_fraction", None)
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_config.worker_count)))
+    max_bad = data_config.max_bad_fraction
     counter = DropCounter(
         None if max_bad is None else float(max_bad), min_seen=min(1000, max(num_records // process_count, 1))
     )
     it_ds = it_ds.map(counter).filter(_non_empty)
     it_ds = grain.experimental.RebatchIterDataset(it_ds, batch_size=local_batch, drop_remainder=True)
     it_ds = it_ds.map(_batch_in_key_order)
-    iterator = iter(it_ds)
-    iterator.drop_counts = counter.counts
-    return iterator
+    return TrainIterator(iter(it_ds), counter)
 
 
 def load_split_arrays(
-    data_config, tokenizer, split: str = "test", max_examples: int | None = None
+    decoder: ChunkDecoder, max_examples: int | None = None, drops: DropCounter | None = None
 ) -> dict[str, np.ndarray]:
-    """A whole split (or its first `max_examples` records, if > 0) as numpy arrays.
+    """All records of `decoder.source` (or the first `max_examples`, if > 0) as numpy arrays.
 
-    Keys: image uint8 [n,S,S,3], text int32 [n,L], text_id/index/label int32 [n],
-    caption str [n], and for shapes also shape/color/size/position int32 [n].
-    Undecodable records are left out (and counted in `DROPPED`).
+    Keys: image uint8 [n,S,S,3], text int32 [n,L], text_id/index/label int32 [n], caption
+    str [n] (with keep_captions), and the decoder's extra int fields. Undecodable records are
+    left out and counted in `drops`.
     """
-    builder = get_builder(data_config)
-    is_shapes = builder.name == "shapes"
-    decoder = _decoder(
-        data_config,
-        builder,
-        split,
-        tokenizer,
-        keep_captions=True,
-        extra_int_fields=SHAPES_ATTRIBUTE_KEYS if is_shapes else (),
-    )
     n = len(decoder.source)
     if max_examples:  # None or 0: the whole split
         n = min(int(max_examples), n)
-    counter = DropCounter()
+    counter = drops if drops is not None else DropCounter()
     chunks = [counter(decoder(np.arange(start, min(start + 1024, n)))) for start in range(0, n, 1024)]
     if not chunks:
         chunks = [counter(decoder(np.zeros(0, np.int64)))]
     out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    out["caption"] = out["caption"].astype(str)
+    if "caption" in out:
+        out["caption"] = out["caption"].astype(str)
     return out

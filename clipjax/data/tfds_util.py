@@ -53,3 +53,12 @@ def prepare_once(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
             )
     # A builder made before the data existed has no split metadata.
     return make_builder()
+
+
+def check_split(builder: tfds.core.DatasetBuilder, split: str, hint: str = "") -> None:
+    """A one-line error when `split` ("test", "train[:10%]", ...) is not a split of the dataset."""
+    available = list(builder.info.splits.keys())
+    if split.split("[")[0] not in available:
+        raise ValueError(
+            f"dataset {builder.name} has no split {split.split('[')[0]!r}; available: {available}{hint}"
+        )

@@ -17,7 +17,7 @@ import numpy as np
 import sentencepiece as spm
 
 from clipjax.data import locking
-from clipjax.data import options
+from clipjax.schema import Field, Section
 
 PAD_ID = 0
 
@@ -157,6 +157,27 @@ def train_sentencepiece(
     return path
 
 
+# `data.tokenizer.*`.
+SECTION = Section(
+    {
+        "kind": Field(
+            "sentencepiece", "`byte` (no vocabulary) or `sentencepiece`", choices=("byte", "sentencepiece")
+        ),
+        "max_len": Field(12, "context length in tokens", minimum=1),
+        "vocab_size": Field(128, "sentencepiece: vocabulary size when trained on the captions", minimum=8),
+        "model_file": Field(
+            "", "sentencepiece: a trained .model file (empty: train on the captions, cached)"
+        ),
+        "model_type": Field(
+            "word",
+            "sentencepiece trained on the captions: `word` suits templated captions",
+            choices=("word", "unigram", "bpe"),
+        ),
+    },
+    doc="the tokenizer",
+)
+
+
 def default_cache_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "clipjax_tokenizers")
 
@@ -173,14 +194,13 @@ def make_tokenizer(
     derived from the texts and settings, so later runs and other processes reuse
     it.
     """
-    kind = options.get(tokenizer_config, "kind", "byte")
-    max_len = int(options.get(tokenizer_config, "max_len", 32))
+    values = SECTION.read(tokenizer_config, "data.tokenizer")
+    kind = values["kind"]
+    max_len = values["max_len"]
     if kind == "byte":
         return ByteTokenizer(max_len)
-    if kind != "sentencepiece":
-        raise ValueError(f"tokenizer.kind must be 'byte' or 'sentencepiece', got {kind!r}")
 
-    model_file = options.get(tokenizer_config, "model_file", "") or ""
+    model_file = values["model_file"]
     if model_file:
         model_file = os.path.abspath(os.path.expanduser(model_file))
         if not os.path.exists(model_file):
@@ -189,8 +209,8 @@ def make_tokenizer(
 
     if texts_for_training is None:
         raise ValueError("sentencepiece tokenizer without model_file needs texts_for_training")
-    vocab_size = int(options.get(tokenizer_config, "vocab_size", 1000))
-    model_type = options.get(tokenizer_config, "model_type", "word") or "word"
+    vocab_size = values["vocab_size"]
+    model_type = values["model_type"]
     texts = [_as_str(t) for t in texts_for_training]
     digest = hashlib.sha1(f"{model_type}|{vocab_size}|v1\n".encode())
     for t in texts:

@@ -1,4 +1,5 @@
 """Embeddings of an evaluation set, computed sharded over the mesh in fixed-size batches."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -10,8 +11,9 @@ from jax.experimental import multihost_utils
 from clipjax.parallel import batch_parallelism, batch_sharding
 
 
-def embed_in_batches(encode: Callable[[jax.Array], jax.Array], inputs: np.ndarray, *, mesh,
-                     batch_size: int) -> np.ndarray:
+def embed_in_batches(
+    encode: Callable[[jax.Array], jax.Array], inputs: np.ndarray, *, mesh, batch_size: int
+) -> np.ndarray:
     """Run `encode` over `inputs` in batches sharded over the mesh's batch axes.
 
     The last batch is padded to full size so every call has the same shape (one compile), and
@@ -22,7 +24,7 @@ def embed_in_batches(encode: Callable[[jax.Array], jax.Array], inputs: np.ndarra
     sharding = batch_sharding(mesh)
     outputs = []
     for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
+        chunk = inputs[start : start + batch_size]
         n = len(chunk)
         if n < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
@@ -32,3 +34,9 @@ def embed_in_batches(encode: Callable[[jax.Array], jax.Array], inputs: np.ndarra
         out = multihost_utils.process_allgather(encode(x), tiled=True)
         outputs.append(np.asarray(out)[:n])
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

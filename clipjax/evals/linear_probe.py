@@ -18,11 +18,15 @@ The protocol, step by step:
     refit on all training features with that lambda and score the test features.
   * The prediction is the argmax over classes of the regression output (ties: the lower index).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+
+from clipjax.evals.base import Evaluator, register_evaluator
+from clipjax.schema import Field
 
 _CHUNK = 8192
 _EPS = 1e-6
@@ -33,11 +37,11 @@ def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, d = x.shape
     mean = np.zeros(d)
     for start in range(0, n, _CHUNK):
-        mean += np.asarray(x[start:start + _CHUNK], np.float64).sum(axis=0)
+        mean += np.asarray(x[start : start + _CHUNK], np.float64).sum(axis=0)
     mean /= n
     var = np.zeros(d)
     for start in range(0, n, _CHUNK):
-        var += np.square(np.asarray(x[start:start + _CHUNK], np.float64) - mean).sum(axis=0)
+        var += np.square(np.asarray(x[start : start + _CHUNK], np.float64) - mean).sum(axis=0)
     std = np.sqrt(var / n)
     # A constant dimension carries nothing: leave it at zero rather than dividing by ~0.
     std = np.where(std > _EPS * max(float(std.max(initial=0.0)), 1.0), std, np.inf)
@@ -72,12 +76,12 @@ class _Ridge:
             cov = np.zeros((d, d))
             xty = np.zeros((d, num_classes))
             for start in range(0, n, _CHUNK):
-                xs = _standardise(x[start:start + _CHUNK], self.mean, self.std)
+                xs = _standardise(x[start : start + _CHUNK], self.mean, self.std)
                 cov += xs.T @ xs
                 # X is centred, so X^T (Y - mean Y) = X^T Y: per-class sums of rows.
-                xty += _class_sums(xs, labels[start:start + _CHUNK], num_classes).T
+                xty += _class_sums(xs, labels[start : start + _CHUNK], num_classes).T
             s, v = np.linalg.eigh(cov / n)
-            self._left = v                       # W = left @ diag(1/(s+lambda)) @ right
+            self._left = v  # W = left @ diag(1/(s+lambda)) @ right
             self._right = v.T @ (xty / n)
         else:
             # Dual: K = X X^T / n = U diag(s) U^T,  W = X^T U diag(1/(s+lambda)) U^T (Y - mean Y) / n.
@@ -97,9 +101,9 @@ class _Ridge:
         out = np.empty((len(regularizers), x.shape[0]), dtype=np.int64)
         weights = [self.weights(r) for r in regularizers]
         for start in range(0, x.shape[0], _CHUNK):
-            xs = _standardise(x[start:start + _CHUNK], self.mean, self.std)
+            xs = _standardise(x[start : start + _CHUNK], self.mean, self.std)
             for i, w in enumerate(weights):
-                out[i, start:start + len(xs)] = np.argmax(xs @ w + self.prior, axis=1)
+                out[i, start : start + len(xs)] = np.argmax(xs @ w + self.prior, axis=1)
         return out
 
 
@@ -107,19 +111,29 @@ def _check(features, labels, num_classes: int, what: str) -> tuple[np.ndarray, n
     features = np.asarray(features)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     if features.ndim != 2 or len(features) != len(labels):
-        raise ValueError(f"{what}: features must be [N, d] with one label each, got "
-                         f"{features.shape} and {labels.shape}")
+        raise ValueError(
+            f"{what}: features must be [N, d] with one label each, got {features.shape} and {labels.shape}"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{what}: labels must lie in [0, {num_classes}), got "
-                         f"[{labels.min()}, {labels.max()}]")
+        raise ValueError(
+            f"{what}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
     if not np.all(np.isfinite(features)):
         raise ValueError(f"{what}: features contain NaN or inf")
     return features, labels
 
 
-def linear_probe(train_features, train_labels, test_features, test_labels, *, num_classes: int,
-                 regularizers: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1, 10),
-                 val_fraction: float = 0.2, seed: int = 0) -> dict:
+def linear_probe(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    num_classes: int,
+    regularizers: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1, 10),
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict:
     """Ridge-regression linear probe; see the module docstring for the protocol.
 
     train_features [N, d], train_labels int [N] in [0, num_classes), likewise for test.
@@ -136,8 +150,10 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, nu
     n = len(x)
     num_val = round(n * val_fraction)
     if n < 2 or not 1 <= num_val < n:
-        raise ValueError(f"need at least 2 training examples and 0 < val_fraction < 1 "
-                         f"(got {n} examples, val_fraction={val_fraction})")
+        raise ValueError(
+            f"need at least 2 training examples and 0 < val_fraction < 1 "
+            f"(got {n} examples, val_fraction={val_fraction})"
+        )
 
     order = np.random.default_rng(seed).permutation(n)
     # Sorted indices keep reads sequential (cheap for memory-mapped features).
@@ -154,3 +170,17 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, nu
         "regularizer": regularizers[best],
         "val_top1": float(val_acc[best]),
     }
+
+
+@register_evaluator
+class LinearProbeEvaluator(Evaluator):
+    """Closed-form ridge linear probe on frozen image features, fitted on the first train examples."""
+
+    kind = "linear_probe"
+    FIELDS = {"train_examples": Field(5000, "train examples the probe is fitted on", minimum=1)}
+
+    def run(self, encoders):
+        f = self.data.frozen_features(encoders, self.settings["train_examples"])
+        if f is None:
+            return {}
+        return {"linear_probe": linear_probe(*f, num_classes=f.num_classes)}

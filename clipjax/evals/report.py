@@ -1,4 +1,4 @@
-"""The evaluation report: zero-shot per attribute and retrieval, as one nested dict.
+"""The evaluation report: what the evaluators returned, as report.json, report.md and summary lines.
 
 report.json format (stable; scripts read it):
   step: int, num_examples: int
@@ -8,54 +8,19 @@ report.json format (stable; scripts read it):
   retrieval.strict.image_to_text.*, retrieval.strict.text_to_image.*   (own pair only)
   linear_probe.top1|regularizer|val_top1, knn.top1@k1|top1@k10|top1@k20   (frozen image features, dataset labels)
   embedding.*   (spectrum metrics of the evaluation embeddings)
-  classification.<dataset>.zero_shot.top1|top5, .linear_probe.*, .knn.*   (evals.classification)
+  classification.<dataset>.zero_shot.top1|top5, .linear_probe.*, .knn.*   (classification evaluators)
+  timing.setup_s|train_s|eval_s   (end of training only)
+Each entry comes from the evaluator of the same name (clipjax.evals); `flatten_report` turns the
+numbers into 'eval/...' scalars for metrics.jsonl.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable
 
-import numpy as np
-
-from clipjax.logging import to_jsonable
-from clipjax.evals.zero_shot import class_embeddings, per_class_accuracy, zero_shot_accuracy
-from clipjax.evals.retrieval import retrieval_metrics
-
-
-def evaluate_embeddings(*, image_emb: np.ndarray, text_emb: np.ndarray, arrays: dict,
-                        encode_texts: Callable[[list[str]], np.ndarray], zero_shot_tasks: dict,
-                        evals_config) -> dict:
-    report: dict = {"num_examples": int(len(image_emb))}
-    if evals_config.zero_shot and zero_shot_tasks:
-        zs = {}
-        for attribute, (class_names, templates) in zero_shot_tasks.items():
-            classes = class_embeddings(encode_texts, class_names, templates)
-            labels = np.asarray(arrays[attribute])
-            zs[attribute] = zero_shot_accuracy(image_emb, classes, labels)
-            zs[attribute]["per_class"] = per_class_accuracy(image_emb, classes, labels, class_names)
-        zs["mean_top1"] = float(np.mean([v["top1"] for v in zs.values()]))
-        report["zero_shot"] = zs
-    if evals_config.retrieval:
-        report["retrieval"] = retrieval_metrics(image_emb, text_emb, arrays.get("label"))
-    return report
-
-
-def frozen_feature_metrics(*, train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                           test_labels: np.ndarray, evals_config) -> dict:
-    """Linear probe and kNN on frozen image features (labels must be non-negative class ids)."""
-    from clipjax.evals.knn import knn_accuracy
-    from clipjax.evals.linear_probe import linear_probe
-
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    out = {}
-    if evals_config.linear_probe:
-        out["linear_probe"] = linear_probe(train_features, train_labels, test_features, test_labels,
-                                           num_classes=num_classes)
-    if evals_config.knn:
-        out["knn"] = knn_accuracy(train_features, train_labels, test_features, test_labels,
-                                  num_classes=num_classes)
-    return out
+from clipjax.metric_writer import to_jsonable
+from clipjax.metrics.plot import plot_spectrum_history
 
 
 def write_report(report: dict, path: str) -> None:
@@ -74,16 +39,88 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(f"  zero-shot {attribute:<10} top-1 {result['top1']:.2%}{extra}")
     for name in ("linear_probe", "knn"):
         if name in report:
-            lines.append(f"  {name:<24} " + "  ".join(f"{k} {v:.2%}" for k, v in report[name].items() if "top1" in k))
+            lines.append(
+                f"  {name:<24} " + "  ".join(f"{k} {v:.2%}" for k, v in report[name].items() if "top1" in k)
+            )
     for dataset, result in report.get("classification", {}).items():
         parts = [f"zero-shot top-1 {result['zero_shot']['top1']:.2%}"]
-        parts += [f"{n} {v:.2%}" for n, v in (("probe", result.get("linear_probe", {}).get("top1")),
-                                              ("kNN@20", result.get("knn", {}).get("top1@k20"))) if v is not None]
+        parts += [
+            f"{n} {v:.2%}"
+            for n, v in (
+                ("probe", result.get("linear_probe", {}).get("top1")),
+                ("kNN@20", result.get("knn", {}).get("top1@k20")),
+            )
+            if v is not None
+        ]
         lines.append(f"  {dataset:<24} " + "  ".join(parts))
     retrieval = report.get("retrieval")
     if retrieval:
         for direction in ("image_to_text", "text_to_image"):
             r, s = retrieval[direction], retrieval["strict"][direction]
-            lines.append(f"  {direction:<14} R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  R@10 {r['R@10']:.3f}"
-                         f"   (strict R@1 {s['R@1']:.3f})")
+            lines.append(
+                f"  {direction:<14} R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  R@10 {r['R@10']:.3f}"
+                f"   (strict R@1 {s['R@1']:.3f})"
+            )
     return lines
+
+
+def write_markdown(report: dict, out: str, workdir: str) -> str:
+    """report.md: the same numbers as report.json, as tables, with the spectrum plots."""
+    lines = [
+        f"# Evaluation of {os.path.abspath(workdir)} at step {report['step']}",
+        "",
+        f"{report['num_examples']} held-out examples.",
+        "",
+    ]
+    zero_shot = {k: v for k, v in report.get("zero_shot", {}).items() if isinstance(v, dict)}
+    if zero_shot:
+        lines += ["## Zero-shot classification", "", "| attribute | top-1 | top-5 |", "| --- | --- | --- |"]
+        for name, r in zero_shot.items():
+            top5 = f"{r['top5']:.2%}" if "top5" in r else "-"
+            lines.append(f"| {name} | {r['top1']:.2%} | {top5} |")
+        lines.append(f"| mean | {report['zero_shot']['mean_top1']:.2%} | |")
+        lines.append("")
+    retrieval = report.get("retrieval")
+    if retrieval:
+        lines += [
+            "## Retrieval",
+            "",
+            "| direction | R@1 | R@5 | R@10 | median rank |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for label, r in (
+            ("image -> text (same concept)", retrieval["image_to_text"]),
+            ("text -> image (same concept)", retrieval["text_to_image"]),
+            ("image -> text (own caption)", retrieval["strict"]["image_to_text"]),
+            ("text -> image (own image)", retrieval["strict"]["text_to_image"]),
+        ):
+            lines.append(
+                f"| {label} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['R@10']:.3f} | {r['median_rank']:.0f} |"
+            )
+        lines.append("")
+    embedding = report.get("embedding")
+    if embedding:
+        lines += ["## Embedding space (held-out probe set)", "", "| metric | value |", "| --- | --- |"]
+        for key in sorted(k for k, v in embedding.items() if not isinstance(v, list)):
+            lines.append(f"| {key} | {embedding[key]:.4g} |")
+        probe = {"step": report["step"], **embedding}
+        plot_spectrum_history([probe], os.path.join(out, "probe_spectrum.png"))
+        lines += ["", "![probe-set spectrum](probe_spectrum.png)", ""]
+        if os.path.exists(os.path.join(workdir, "spectrum.png")):
+            rel = os.path.relpath(os.path.join(workdir, "spectrum.png"), out)
+            lines += ["Spectrum over training:", "", f"![training spectrum]({rel})", ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def flatten_report(report: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a report as 'prefix/a/b/c' scalars (for metrics.jsonl and TensorBoard)."""
+    out = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            out.update(flatten_report(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            out[f"{prefix}{key}"] = value
+    return out

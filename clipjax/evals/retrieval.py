@@ -4,11 +4,14 @@ Concept-aware: a retrieved item is a hit when it shows the same concept as the q
 concept labels), because a dataset with recurring captions has many correct answers per query.
 Strict: only the query's own paired item counts (the usual one-caption-per-image protocol).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+
+from clipjax.evals.base import Evaluator, register_evaluator
 
 
 def _ranks_of_first_hit(similarity: np.ndarray, is_hit: np.ndarray) -> np.ndarray:
@@ -25,8 +28,9 @@ def recall_at_k(similarity: np.ndarray, is_hit: np.ndarray, ks: Sequence[int] = 
     return out
 
 
-def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, concept: np.ndarray | None,
-                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+def retrieval_metrics(
+    image_emb: np.ndarray, text_emb: np.ndarray, concept: np.ndarray | None, ks: Sequence[int] = (1, 5, 10)
+) -> dict:
     """Row i of image_emb and text_emb are a pair; `concept` gives each pair's concept label."""
     similarity = image_emb @ text_emb.T
     n = similarity.shape[0]
@@ -45,3 +49,18 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, concept: np.n
         result["image_to_text"] = result["strict"]["image_to_text"]
         result["text_to_image"] = result["strict"]["text_to_image"]
     return result
+
+
+@register_evaluator
+class RetrievalEvaluator(Evaluator):
+    """Image <-> text recall@K on the held-out pairs, concept-aware and strict."""
+
+    kind = "retrieval"
+
+    def run(self, encoders):
+        image_emb, text_emb = self.data.heldout_embeddings(encoders)
+        concept = self.data.heldout.get("label")
+        return {
+            "num_examples": int(len(image_emb)),
+            "retrieval": retrieval_metrics(image_emb, text_emb, concept),
+        }

@@ -1,21 +1,22 @@
 """Zero-shot classification: class names x prompt templates, averaged into one classifier per class."""
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import numpy as np
 
+from clipjax.evals.base import Evaluator, register_evaluator
+from clipjax.evals.embed import l2_normalize
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
-
-def class_embeddings(encode_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str],
-                     templates: Sequence[str]) -> np.ndarray:
+def class_embeddings(
+    encode_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
     """[C, d]: the mean of each class's normalised prompt embeddings, renormalised (CLIP's recipe)."""
     prompts = [t.format(name) for name in class_names for t in templates]
-    emb = _normalize(encode_texts(prompts)).reshape(len(class_names), len(templates), -1)
-    return _normalize(emb.mean(axis=1))
+    emb = l2_normalize(encode_texts(prompts)).reshape(len(class_names), len(templates), -1)
+    return l2_normalize(emb.mean(axis=1))
 
 
 def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> dict:
@@ -28,8 +29,34 @@ def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.
     return result
 
 
-def per_class_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
-                       class_names: Sequence[str]) -> dict[str, float]:
+def per_class_accuracy(
+    image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
+) -> dict[str, float]:
     predicted = np.argmax(image_emb @ class_emb.T, axis=1)
-    return {name: float(np.mean(predicted[labels == c] == c)) for c, name in enumerate(class_names)
-            if np.any(labels == c)}
+    return {
+        name: float(np.mean(predicted[labels == c] == c))
+        for c, name in enumerate(class_names)
+        if np.any(labels == c)
+    }
+
+
+@register_evaluator
+class ZeroShotEvaluator(Evaluator):
+    """Zero-shot classification of each attribute the data source labels (class names x prompts)."""
+
+    kind = "zero_shot"
+
+    def run(self, encoders):
+        tasks = self.data.source.zero_shot_tasks()
+        if not tasks:
+            return {}
+        arrays = self.data.heldout
+        image_emb, _ = self.data.heldout_embeddings(encoders)
+        result = {}
+        for attribute, (class_names, templates) in tasks.items():
+            classes = class_embeddings(encoders.text, class_names, templates)
+            labels = np.asarray(arrays[attribute])
+            result[attribute] = zero_shot_accuracy(image_emb, classes, labels)
+            result[attribute]["per_class"] = per_class_accuracy(image_emb, classes, labels, class_names)
+        result["mean_top1"] = float(np.mean([v["top1"] for v in result.values()]))
+        return {"num_examples": int(len(image_emb)), "zero_shot": result}

@@ -1,42 +1,16 @@
-"""Model layer: image towers (ViT, ResNet), text tower, and the dual encoder."""
+"""Models: image towers (ViT, ResNet-style), the text Transformer, and the dual encoder,
+built from their `config.model` declaration (`spec.py`) and tagged with logical axis names."""
 
-from clipjax.models._config import ConfigError
-from clipjax.models.partitioning import LOGICAL_AXES, logical_partition_specs
-from clipjax.models.resnet import ResNet, ResNetSpec, resnet_spec
-from clipjax.models.text import TextSpec, TextTransformer, text_spec
-from clipjax.models.two_towers import (
-    CLIP_MEAN,
-    CLIP_STD,
-    DualEncoder,
-    DualEncoderSpec,
-    build_model,
-    count_params,
-    l2_normalize,
-    model_spec,
-    normalize_images,
-)
-from clipjax.models.vit import ViT, ViTSpec, vit_spec
+from clipjax.models.spec import IMAGE_TOWERS, DualEncoderSpec, model_section, model_spec
+from clipjax.models.two_towers import DualEncoder, build_model, count_params, model_factory
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "ConfigError",
+    "IMAGE_TOWERS",
     "DualEncoder",
     "DualEncoderSpec",
-    "LOGICAL_AXES",
-    "ResNet",
-    "ResNetSpec",
-    "TextSpec",
-    "TextTransformer",
-    "ViT",
-    "ViTSpec",
     "build_model",
     "count_params",
-    "l2_normalize",
-    "logical_partition_specs",
+    "model_factory",
+    "model_section",
     "model_spec",
-    "normalize_images",
-    "resnet_spec",
-    "text_spec",
-    "vit_spec",
 ]

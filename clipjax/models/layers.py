@@ -20,6 +20,19 @@ Array = jax.Array
 
 LAYERS = "layers"
 CONV_KERNEL_NAMES = ("conv_h", "conv_w", "conv_in", "conv_out")
+# Every logical axis name a parameter may carry; `config.sharding_rules` maps each to a mesh axis.
+LOGICAL_AXES = (
+    LAYERS,
+    "embed",
+    "mlp",
+    "heads",
+    "head_dim",
+    "vocab",
+    "patch",
+    *CONV_KERNEL_NAMES,
+    "proj",
+    "pos",
+)
 
 zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()

@@ -20,16 +20,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clipjax.models import _config as C
 from clipjax.models.layers import Attention, Conv, GroupNorm, LayerNorm, Stack, embed_normal, param, zeros
+from clipjax.schema import ConfigError, Field, positive_ints
 
-RESNET_PRESETS: dict[str, dict[str, Any]] = {
+# The variant table: every ResNet-style layout in one place.
+VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         stem_width=32,
         stem_stride=1,
         widths=(64, 128, 128),
         strides=(2, 2, 2),
         blocks_per_stage=0,
+        groups=8,
         pool="flatten",
     ),
     # RN50-scale compute with plain (non-bottleneck) blocks: the ResNet-34
@@ -43,26 +45,45 @@ RESNET_PRESETS: dict[str, dict[str, Any]] = {
         blocks_per_stage=(3, 4, 6, 3),
         groups=32,
         pool="attention",
-        attn_heads=8,
     ),
 }
-RESNET_DEFAULTS: dict[str, Any] = dict(
-    stem_stride=1, blocks_per_stage=0, groups=8, pool="flatten", attn_heads=None, conv_bias=False
-)
-RESNET_FIELDS = (
-    "kind",
-    "variant",
-    "stem_width",
-    "stem_stride",
-    "widths",
-    "strides",
-    "blocks_per_stage",
-    "groups",
-    "pool",
-    "attn_heads",
-    "conv_bias",
-)
-RESNET_POOLS = ("flatten", "mean", "attention")
+LAYOUT = ("stem_width", "stem_stride", "widths", "strides", "blocks_per_stage", "groups", "pool")
+
+
+def _blocks(value) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if value >= 0 else "expected a non-negative integer or a sequence of them"
+    if (
+        isinstance(value, (tuple, list))
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        return None
+    return "expected a non-negative integer or a sequence of them"
+
+
+# `model.image.*` as a ResNet reads it. Unset fields come from the variant.
+FIELDS: dict[str, Field] = {
+    "variant": Field("tiny", "preset layout", choices=tuple(VARIANTS)),
+    "stem_width": Field(None, "channels of the stem conv", type=int, minimum=1),
+    "stem_stride": Field(None, "stride of the stem conv", type=int, minimum=1),
+    "widths": Field(None, "channels of each stage", type=tuple, check=positive_ints),
+    "strides": Field(
+        None, "stride of each stage (unset with widths set: 2 each)", type=tuple, check=positive_ints
+    ),
+    "blocks_per_stage": Field(
+        None, "residual blocks after each stage's strided conv (int: every stage)", type=object, check=_blocks
+    ),
+    "groups": Field(None, "GroupNorm groups (at most one per channel)", type=int, minimum=1),
+    "pool": Field(
+        None,
+        "`flatten` keeps position, `mean`, or CLIP-RN `attention`",
+        type=str,
+        choices=("flatten", "mean", "attention"),
+    ),
+    "attn_heads": Field(None, "heads of the attention pool (unset: last width / 64)", type=int, minimum=1),
+    "conv_bias": Field(False, "biases in the convs (GroupNorm follows each)"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,63 +100,39 @@ class ResNetSpec:
     variant: str | None = None
 
 
-def _groups(width: int, groups: int, path: str) -> int:
-    """GroupNorm groups for a width: at most one group per channel."""
-    g = min(groups, width)
-    if width % g:
-        raise C.ConfigError(f"{path}.groups: {groups} groups do not divide a width of {width}")
-    return g
-
-
-def resnet_spec(
-    cfg: Any, image_size: int, *, path: str = "model.image", tolerated: tuple[str, ...] = ()
-) -> ResNetSpec:
-    """Resolves a ``kind='resnet'`` section (preset ``variant``, default 'tiny').
-
-    None or '' leave a field to the variant; 0 is a real value here
-    (``blocks_per_stage=0``: no residual blocks).
-    """
-    items = C.section_items(cfg)
-    C.check_known_keys(items, path, RESNET_FIELDS, tolerated, "a 'resnet' tower")
-    values = {**RESNET_DEFAULTS, **C.resolve_variant(items, path, RESNET_PRESETS, "tiny")}
-    widths = C.int_tuple(values, path, "widths")
+def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") -> ResNetSpec:
+    """The variant's layout overridden by every field that is set; cross-field checks."""
+    del image_size  # any size works: SAME padding, and the poolers size themselves
+    layout = {**VARIANTS[values["variant"]], **{k: values[k] for k in LAYOUT if values[k] is not None}}
+    widths = tuple(layout["widths"])
     n = len(widths)
-    if values.get("strides") is None or (
-        not C.is_unset("widths", items.get("widths")) and C.is_unset("strides", items.get("strides"))
-    ):
+    if values["widths"] is not None and values["strides"] is None:
         # Overriding the widths alone must not inherit the preset's stride count.
-        values["strides"] = (2,) * n
-    strides = C.int_tuple(values, path, "strides")
+        layout["strides"] = (2,) * n
+    strides = tuple(layout["strides"])
     if len(strides) != n:
-        raise C.ConfigError(f"{path}.strides: {len(strides)} entries for {n} widths")
-    blocks = values["blocks_per_stage"]
-    if isinstance(blocks, int) and not isinstance(blocks, bool):
-        values["blocks_per_stage"] = (blocks,) * n
-    blocks = C.int_tuple(values, path, "blocks_per_stage", allow_zero=True)
+        raise ConfigError(f"{path}.strides: {len(strides)} entries for {n} widths")
+    blocks = layout["blocks_per_stage"]
+    blocks = (blocks,) * n if isinstance(blocks, int) else tuple(blocks)
     if len(blocks) != n:
-        raise C.ConfigError(f"{path}.blocks_per_stage: {len(blocks)} entries for {n} widths")
-    stem_width = C.positive_int(values, path, "stem_width")
-    groups = C.positive_int(values, path, "groups")
-    for w in (stem_width,) + widths:
-        _groups(w, groups, path)
-    pool = C.choice(values, path, "pool", RESNET_POOLS)
-    heads = values.get("attn_heads")
-    if heads is None or heads == 0:
-        heads = max(1, widths[-1] // 64)
-        values["attn_heads"] = heads
-    heads = C.positive_int(values, path, "attn_heads")
-    if pool == "attention":
-        C.divisible(widths[-1], heads, path, "widths[-1]", "attn_heads")
+        raise ConfigError(f"{path}.blocks_per_stage: {len(blocks)} entries for {n} widths")
+    groups = layout["groups"]
+    for w in (layout["stem_width"],) + widths:
+        if w % min(groups, w):
+            raise ConfigError(f"{path}.groups: {groups} groups do not divide a width of {w}")
+    heads = values["attn_heads"] or max(1, widths[-1] // 64)
+    if layout["pool"] == "attention" and widths[-1] % heads:
+        raise ConfigError(f"{path}.widths[-1]: {widths[-1]} is not divisible by {path}.attn_heads={heads}")
     return ResNetSpec(
-        stem_width=stem_width,
+        stem_width=layout["stem_width"],
         widths=widths,
         strides=strides,
         blocks_per_stage=blocks,
-        stem_stride=C.positive_int(values, path, "stem_stride"),
+        stem_stride=layout["stem_stride"],
         groups=groups,
-        pool=pool,
+        pool=layout["pool"],
         attn_heads=heads,
-        conv_bias=C.boolean(values, path, "conv_bias"),
+        conv_bias=values["conv_bias"],
         variant=values["variant"],
     )
 
@@ -295,3 +292,7 @@ class ResNet(nnx.Module):
         if self.spec.pool == "mean":
             return self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
         return self.attn_pool(x)
+
+
+# The class `clipjax.models.spec.IMAGE_TOWERS` builds for kind "resnet".
+Tower = ResNet

@@ -9,21 +9,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clipjax.models import _config as C
 from clipjax.models.layers import LayerNorm, Stack, TransformerBlock, attention_mask, embed_normal, param
+from clipjax.schema import ConfigError, Field
 
 PAD_ID = 0
 
-TEXT_PRESETS: dict[str, dict[str, Any]] = {
+# The variant table of the text tower.
+VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(width=64, depth=2, heads=4, mlp_dim=256),
     "B": dict(width=512, depth=12, heads=8, mlp_dim=2048),
     "L": dict(width=768, depth=12, heads=12, mlp_dim=3072),
 }
-TEXT_DEFAULTS: dict[str, Any] = dict(pool="mean", causal=False)
-TEXT_FIELDS = ("variant", "width", "depth", "heads", "mlp_dim", "pool", "causal")
-TEXT_POOLS = ("mean", "first", "last")
-# 0 in these fields means "take it from the variant" (base-config sentinel).
-TEXT_SIZES = ("width", "depth", "heads", "mlp_dim")
+SIZES = ("width", "depth", "heads", "mlp_dim")
+
+# `model.text.*`. Unset sizes come from the variant.
+FIELDS: dict[str, Field] = {
+    "variant": Field("tiny", "preset sizes", choices=tuple(VARIANTS)),
+    "width": Field(None, "token width", type=int, minimum=1),
+    "depth": Field(None, "number of blocks", type=int, minimum=1),
+    "heads": Field(None, "attention heads", type=int, minimum=1),
+    "mlp_dim": Field(None, "hidden width of the MLP", type=int, minimum=1),
+    "pool": Field("mean", "pooling over the real (non-pad) tokens", choices=("mean", "first", "last")),
+    "causal": Field(False, "causal attention mask (CLIP's text tower)"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,30 +45,16 @@ class TextSpec:
     variant: str | None = None
 
 
-def text_spec(cfg: Any, *, path: str = "model.text") -> TextSpec:
-    """Resolves the text section: preset ``variant`` (default 'tiny'),
-    overridden field by field (None, '' or a 0 size = not set)."""
-    items = C.section_items(cfg)
-    C.check_known_keys(items, path, TEXT_FIELDS, what="the text tower")
-    values = {**TEXT_DEFAULTS, **C.resolve_variant(items, path, TEXT_PRESETS, "tiny", TEXT_SIZES)}
-    width = C.positive_int(values, path, "width")
-    heads = C.positive_int(values, path, "heads")
-    C.divisible(width, heads, path, "width", "heads")
-    pool = C.choice(values, path, "pool", TEXT_POOLS)
-    causal = C.boolean(values, path, "causal")
-    if causal and pool == "first":
-        raise C.ConfigError(
+def resolve(values: dict[str, Any], path: str = "model.text") -> TextSpec:
+    """The variant's sizes overridden by every size that is set; cross-field checks."""
+    sizes = {**VARIANTS[values["variant"]], **{k: values[k] for k in SIZES if values[k] is not None}}
+    if sizes["width"] % sizes["heads"]:
+        raise ConfigError(f"{path}.width: {sizes['width']} is not divisible by {path}.heads={sizes['heads']}")
+    if values["causal"] and values["pool"] == "first":
+        raise ConfigError(
             f"{path}.pool: 'first' with causal=True would see only the first token (use 'last' or 'mean')"
         )
-    return TextSpec(
-        width=width,
-        depth=C.positive_int(values, path, "depth"),
-        heads=heads,
-        mlp_dim=C.positive_int(values, path, "mlp_dim"),
-        pool=pool,
-        causal=causal,
-        variant=values["variant"],
-    )
+    return TextSpec(**sizes, pool=values["pool"], causal=values["causal"], variant=values["variant"])
 
 
 class TextTransformer(nnx.Module):

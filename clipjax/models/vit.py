@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clipjax.models import _config as C
 from clipjax.models.layers import (
     MLP,
     Attention,
@@ -22,19 +21,29 @@ from clipjax.models.layers import (
     lecun_normal,
     param,
 )
+from clipjax.schema import ConfigError, Field
 
-VIT_PRESETS: dict[str, dict[str, Any]] = {
+# The variant table: every ViT size in one place (big_vision's names).
+VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(width=64, depth=2, heads=4, mlp_dim=256, patch_size=4),
     "S/16": dict(width=384, depth=12, heads=6, mlp_dim=1536, patch_size=16),
     "B/16": dict(width=768, depth=12, heads=12, mlp_dim=3072, patch_size=16),
     "B/32": dict(width=768, depth=12, heads=12, mlp_dim=3072, patch_size=32),
     "L/14": dict(width=1024, depth=24, heads=16, mlp_dim=4096, patch_size=14),
 }
-VIT_DEFAULTS: dict[str, Any] = dict(pool="cls", patch_embed="conv")
-VIT_FIELDS = ("kind", "variant", "width", "depth", "heads", "mlp_dim", "patch_size", "pool", "patch_embed")
-VIT_POOLS = ("cls", "mean", "map")
-# 0 in these fields means "take it from the variant" (base-config sentinel).
-VIT_SIZES = ("width", "depth", "heads", "mlp_dim", "patch_size")
+SIZES = ("width", "depth", "heads", "mlp_dim", "patch_size")
+
+# `model.image.*` as a ViT reads it. Unset sizes come from the variant.
+FIELDS: dict[str, Field] = {
+    "variant": Field("tiny", "preset sizes", choices=tuple(VARIANTS)),
+    "patch_size": Field(None, "patch side in pixels", type=int, minimum=1),
+    "width": Field(None, "token width", type=int, minimum=1),
+    "depth": Field(None, "number of blocks", type=int, minimum=1),
+    "heads": Field(None, "attention heads", type=int, minimum=1),
+    "mlp_dim": Field(None, "hidden width of the MLP", type=int, minimum=1),
+    "pool": Field("cls", "pooling of the tokens", choices=("cls", "mean", "map")),
+    "patch_embed": Field("conv", "patch embedding", choices=("conv", "dense")),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,30 +58,16 @@ class ViTSpec:
     variant: str | None = None
 
 
-def vit_spec(
-    cfg: Any, image_size: int, *, path: str = "model.image", tolerated: tuple[str, ...] = ()
-) -> ViTSpec:
-    """Resolves a ``kind='vit'`` section: preset ``variant`` (default 'tiny'),
-    overridden field by field (None, '' or a 0 size = not set)."""
-    items = C.section_items(cfg)
-    C.check_known_keys(items, path, VIT_FIELDS, tolerated, "a 'vit' tower")
-    values = {**VIT_DEFAULTS, **C.resolve_variant(items, path, VIT_PRESETS, "tiny", VIT_SIZES)}
-    width = C.positive_int(values, path, "width")
-    heads = C.positive_int(values, path, "heads")
-    C.divisible(width, heads, path, "width", "heads")
-    patch = C.positive_int(values, path, "patch_size")
-    if image_size % patch:
-        raise C.ConfigError(f"{path}.patch_size: {patch} does not divide the image size {image_size}")
-    return ViTSpec(
-        width=width,
-        depth=C.positive_int(values, path, "depth"),
-        heads=heads,
-        mlp_dim=C.positive_int(values, path, "mlp_dim"),
-        patch_size=patch,
-        pool=C.choice(values, path, "pool", VIT_POOLS),
-        patch_embed=C.choice(values, path, "patch_embed", ("conv", "dense")),
-        variant=values["variant"],
-    )
+def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") -> ViTSpec:
+    """The variant's sizes overridden by every size that is set; cross-field checks."""
+    sizes = {**VARIANTS[values["variant"]], **{k: values[k] for k in SIZES if values[k] is not None}}
+    if sizes["width"] % sizes["heads"]:
+        raise ConfigError(f"{path}.width: {sizes['width']} is not divisible by {path}.heads={sizes['heads']}")
+    if image_size % sizes["patch_size"]:
+        raise ConfigError(
+            f"{path}.patch_size: {sizes['patch_size']} does not divide the image size {image_size}"
+        )
+    return ViTSpec(**sizes, pool=values["pool"], patch_embed=values["patch_embed"], variant=values["variant"])
 
 
 class MAPHead(nnx.Module):
@@ -162,3 +157,7 @@ class ViT(nnx.Module):
         if self.spec.pool == "mean":
             return jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
         return self.map_head(x)
+
+
+# The class `clipjax.models.spec.IMAGE_TOWERS` builds for kind "vit".
+Tower = ViT

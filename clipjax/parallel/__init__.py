@@ -1,4 +1,13 @@
+"""Parallelism: the device mesh, logical-axis shardings of parameters, host batches as global
+arrays, and multi-process start-up."""
+
 from clipjax.parallel.mesh import (  # noqa: F401
-    BATCH_AXES, batch_axes, batch_parallelism, batch_sharding, host_batch_to_global, make_mesh,
-    param_shardings, resolve_mesh_shape,
+    BATCH_AXES,
+    batch_axes,
+    batch_parallelism,
+    batch_sharding,
+    host_batch_to_global,
+    make_mesh,
+    param_shardings,
+    resolve_mesh_shape,
 )

@@ -1,4 +1,5 @@
-"""Run logs: metrics.jsonl, TensorBoard event files (no TensorFlow needed), a progress line."""
+"""Run logs (not the standard library's logging): metrics.jsonl, TensorBoard event files (no TensorFlow needed), a progress line."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from clipjax.metrics.plot import plot_spectrum_history
 
 
 def to_jsonable(value: Any) -> Any:
@@ -27,7 +30,12 @@ def to_jsonable(value: Any) -> Any:
 
 
 class MetricWriter:
-    """Writes each logged step to metrics.jsonl and TensorBoard; only the lead process writes."""
+    """Writes each logged step to metrics.jsonl and TensorBoard; only the lead process writes.
+
+    Several hooks may log at one step (training scalars, embedding metrics, evaluation): their
+    scalars are merged into one record per step, written when a later step is logged or on
+    `flush()` / `close()`.
+    """
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
@@ -35,16 +43,28 @@ class MetricWriter:
         self._spectra_path = os.path.join(workdir, "spectra.jsonl")
         self._tb = None
         self._jsonl = None
+        self._pending_step: int | None = None
+        self._pending: dict[str, Any] = {}
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), **to_jsonable(scalars)}
+        if self._pending_step is not None and int(step) != self._pending_step:
+            self.flush()
+        self._pending_step = int(step)
+        self._pending.update(to_jsonable(scalars))
+
+    def flush(self) -> None:
+        if not self.enabled or self._pending_step is None:
+            return
+        step, record = self._pending_step, {"step": self._pending_step, **self._pending}
+        self._pending_step, self._pending = None, {}
         self._jsonl.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -54,8 +74,11 @@ class MetricWriter:
         """Eigenvalue spectra to spectra.jsonl (for the PNG) and as TensorBoard histograms."""
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: np.asarray(v).tolist() for k, v in spectra.items()},
-                  **{k: to_jsonable(v) for k, v in scalars.items() if k.endswith("effective_rank")}}
+        record = {
+            "step": int(step),
+            **{k: np.asarray(v).tolist() for k, v in spectra.items()},
+            **{k: to_jsonable(v) for k, v in scalars.items() if k.endswith("effective_rank")},
+        }
         with open(self._spectra_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, values in spectra.items():
@@ -65,12 +88,12 @@ class MetricWriter:
         """Write spectrum.png (log spectrum over training, effective rank against step)."""
         if not self.enabled or not os.path.exists(self._spectra_path):
             return None
-        from clipjax.metrics.plot import plot_spectrum_history
         with open(self._spectra_path) as f:
             records = [json.loads(line) for line in f if line.strip()]
         return plot_spectrum_history(records, os.path.join(self.workdir, "spectrum.png")) if records else None
 
     def close(self) -> None:
+        self.flush()
         if self.enabled:
             self._jsonl.close()
             self._tb.flush()
@@ -97,7 +120,9 @@ class Progress:
             return
         remaining = (self.total - step) * (self._batch_time(step))
         eta = time.strftime("%H:%M:%S", time.gmtime(max(remaining, 0)))
-        self.stream.write(f"step {step}/{self.total}  loss {loss:.4f}  {samples_per_sec:,.0f} samples/s  ETA {eta}\n")
+        self.stream.write(
+            f"step {step}/{self.total}  loss {loss:.4f}  {samples_per_sec:,.0f} samples/s  ETA {eta}\n"
+        )
         self.stream.flush()
 
     def _batch_time(self, step: int) -> float:

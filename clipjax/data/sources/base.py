@@ -1,0 +1,124 @@
+"""The DataSource interface, the registry by `data.name`, and the `data.*` fields all share."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from clipjax.data import tokenizers
+from clipjax.schema import ConfigError, Field, Section, merge_kinds
+
+# `data.*` fields every source reads; a source declares its own in `FIELDS`.
+COMMON_FIELDS: dict[str, Field] = {
+    "name": Field("shapes", "the data source (`clipjax.data.sources`)"),
+    "data_dir": Field(
+        "data/tfds",
+        "where prepared datasets and trained tokenizers live",
+        check=lambda v: None if v.strip() else "must name a directory",
+    ),
+    "batch_size": Field(256, "the global batch", minimum=1),
+    "image_size": Field(32, "images are resized (shorter side) and centre-cropped to this", minimum=1),
+    "num_train": Field(
+        50_000, "training examples (shapes renders this many; `epochs` counts them)", minimum=1
+    ),
+    "shuffle_seed": Field(0, "mixed with `seed` into the data order"),
+    "worker_count": Field(0, "grain worker processes (0: batches built in a thread)", minimum=0),
+    "read_threads": Field(1, "prefetch threads reading and decoding", minimum=1),
+    "prefetch": Field(4, "batches buffered ahead", minimum=1),
+    "max_bad_fraction": Field(
+        0.01, "stop when more than this share of records cannot be decoded", type=float, minimum=0.0
+    ),
+}
+
+
+class DataSource:
+    """One dataset of image-text pairs, as clipjax trains and evaluates on it.
+
+    Constructed from the complete `config.data` section (defaults filled by the schema). A
+    subclass sets `name` (its `data.name`), declares the `data.*` fields only it reads in
+    `FIELDS`, and implements the methods below; `register_source` makes it selectable.
+    """
+
+    name: ClassVar[str] = ""
+    FIELDS: ClassVar[dict[str, Field]] = {}
+
+    def __init__(self, data_config: Any):
+        self.config = data_config
+
+    @classmethod
+    def check_config(cls, data_config: Any) -> None:
+        """Raise ConfigError (one line naming the key) for settings that cannot work here.
+
+        Runs in `clipjax.config.validate`, before anything is prepared or compiled.
+        """
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.abspath(os.path.expanduser(self.config.data_dir))
+
+    def prepare(self) -> None:
+        """One-time work before reading (rendering, converting); safe under concurrent processes."""
+
+    def train_iterator(self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1):
+        """An endless `clipjax.data.pipeline.TrainIterator` (or any object with its methods)
+        over this process's slice of each global batch."""
+        raise NotImplementedError(f"data source {self.name!r} has no train iterator")
+
+    def eval_arrays(self, tokenizer, split: str = "test", max_examples: int | None = None) -> dict:
+        """A held-out split as numpy arrays: image, text, text_id, label, caption, and the
+        attribute labels of `zero_shot_tasks()`."""
+        raise NotImplementedError(f"data source {self.name!r} has no evaluation split")
+
+    def caption_texts(self) -> list[str]:
+        """The training captions, for training a tokenizer on them."""
+        raise NotImplementedError(f"data source {self.name!r} lists no captions")
+
+    def zero_shot_tasks(self) -> dict[str, tuple[list[str], list[str]]]:
+        """{attribute: (class names in label order, prompt templates)}; labels in eval_arrays."""
+        return {}
+
+    def tokenizer(self):
+        """The tokenizer of `data.tokenizer`; a sentencepiece model without `model_file` is
+        trained on the captions and the zero-shot prompts, and cached under data_dir."""
+        config = self.config.tokenizer
+        texts = None
+        if config.kind == "sentencepiece" and not config.model_file:
+            texts = self.caption_texts()
+            # Evaluation tokenises the prompts too: their words must be in the vocabulary.
+            for classes, templates in self.zero_shot_tasks().values():
+                texts.extend(t.format(c) for c in classes for t in templates)
+        return tokenizers.make_tokenizer(
+            config, texts_for_training=texts, cache_dir=os.path.join(self.data_dir, "tokenizers")
+        )
+
+
+SOURCES: dict[str, type[DataSource]] = {}
+
+
+def register_source(cls: type[DataSource]) -> type[DataSource]:
+    """Class decorator: make `cls` selectable as `data.name = cls.name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no `name`")
+    SOURCES[cls.name] = cls
+    return cls
+
+
+def source_class(name: str) -> type[DataSource]:
+    if name not in SOURCES:
+        raise ConfigError(f"data.name: unknown data source {name!r} (known: {', '.join(sorted(SOURCES))})")
+    return SOURCES[name]
+
+
+def data_section() -> Section:
+    """`config.data`: the common fields, every registered source's fields, the tokenizer."""
+    fields = dict(COMMON_FIELDS)
+    fields["name"] = Field("shapes", COMMON_FIELDS["name"].doc, choices=tuple(SOURCES))
+    fields.update(merge_kinds({name: cls.FIELDS for name, cls in SOURCES.items()}))
+    fields["tokenizer"] = tokenizers.SECTION
+    return Section(fields, doc="the data source and input pipeline")
+
+
+def make_source(data_config: Any) -> DataSource:
+    """The registered source of `data_config.name`, given the complete section (checked here)."""
+    data_section().read(data_config, "data")
+    return source_class(data_config.name)(data_config)

@@ -1,0 +1,76 @@
+"""A data source over a tensorflow-datasets builder prepared (as ArrayRecord) in data.data_dir."""
+
+from __future__ import annotations
+
+import functools
+from typing import ClassVar
+
+import tensorflow_datasets as tfds
+
+from clipjax.data import pipeline, records, tfds_util
+from clipjax.data.sources.base import DataSource
+
+
+class TfdsRecordSource(DataSource):
+    """Shared by the sources that prepare a tfds builder and read its records back.
+
+    A subclass implements `make_builder()` (prepared when needed, safe under concurrent
+    processes) and says whether images are stored encoded (PNG/JPEG) or as raw uint8 pixels.
+    """
+
+    encoded_images: ClassVar[bool] = True
+    eval_int_fields: ClassVar[tuple[str, ...]] = ()  # extra per-example labels for evaluation
+    split_hint: ClassVar[str] = ""  # appended to the "no such split" error
+
+    def make_builder(self) -> tfds.core.DatasetBuilder:
+        raise NotImplementedError
+
+    @functools.cached_property
+    def builder(self) -> tfds.core.DatasetBuilder:
+        return self.make_builder()
+
+    def prepare(self) -> None:
+        self.builder  # noqa: B018 - preparing is a side effect of building
+
+    def records(self, split: str):
+        """Random-access serialized records of `split` (any tfds split string)."""
+        tfds_util.check_split(self.builder, split, self.split_hint)
+        return self.builder.as_data_source(
+            split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+        )
+
+    def decoder(self, split: str, tokenizer, **kwargs) -> pipeline.ChunkDecoder:
+        return pipeline.ChunkDecoder(
+            self.records(split),
+            image_size=self.config.image_size,
+            encoded_images=self.encoded_images,
+            tokenizer=tokenizer,
+            **kwargs,
+        )
+
+    def train_iterator(self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1):
+        return pipeline.make_train_iterator(
+            self.decoder("train", tokenizer),
+            self.config,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def eval_arrays(
+        self, tokenizer, split: str = "test", max_examples: int | None = None, drops=None
+    ) -> dict:
+        decoder = self.decoder(split, tokenizer, keep_captions=True, extra_int_fields=self.eval_int_fields)
+        return pipeline.load_split_arrays(decoder, max_examples, drops)
+
+    def caption_texts(self) -> list[str]:
+        source = self.records("train")
+        texts = []
+        step = 4096
+        for start in range(0, len(source), step):
+            raw = source.__getitems__(list(range(start, min(start + step, len(source)))))
+            for caption in records.parse(raw, (), ("caption",))["caption"]:
+                text = pipeline.decode_caption(caption)
+                if text is not None:
+                    texts.append(text)
+        return texts

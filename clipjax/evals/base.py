@@ -1,0 +1,112 @@
+"""The Evaluator interface, the registry of evaluator kinds, and the data they share.
+
+An evaluator is configured by a named section of `config.evals` (`kind` picks the class,
+`enabled` switches it, the rest are the class's `FIELDS`), built once per run, and called with
+the model's `Encoders` at each evaluation: `run(encoders) -> dict` of report entries, merged
+into report.json (big_vision's evaluator interface). Several sections may share a kind
+(two classification datasets, say).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from clipjax.evals.encoders import Encoders
+from clipjax.schema import ConfigError, Field, Section
+
+
+class FrozenFeatures(NamedTuple):
+    """Image features and labels for probes fitted on a frozen encoder."""
+
+    train: np.ndarray
+    train_labels: np.ndarray
+    test: np.ndarray
+    test_labels: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train_labels.max(), self.test_labels.max())) + 1
+
+
+class EvalData:
+    """What evaluators read from the training data source, loaded once per run and shared."""
+
+    def __init__(self, source, tokenizer, *, max_examples: int):
+        self.source, self.tokenizer, self.max_examples = source, tokenizer, max_examples
+
+    @functools.cached_property
+    def heldout(self) -> dict[str, np.ndarray]:
+        """The first `evals.max_examples` of the test split (image, text, text_id, label, caption, ...)."""
+        return self.source.eval_arrays(self.tokenizer, split="test", max_examples=self.max_examples)
+
+    @functools.cache
+    def train_examples(self, n: int) -> dict[str, np.ndarray]:
+        """The first n examples of the train split (for probes fitted on frozen features)."""
+        return self.source.eval_arrays(self.tokenizer, split="train", max_examples=n)
+
+    def heldout_embeddings(self, encoders: Encoders) -> tuple[np.ndarray, np.ndarray]:
+        """(image, text) embeddings of the held-out examples, computed once per `encoders`."""
+        arrays = self.heldout
+        return encoders.memo(
+            "heldout", lambda: (encoders.image(arrays["image"]), encoders.tokens(arrays["text"]))
+        )
+
+    def frozen_features(self, encoders: Encoders, train_examples: int) -> FrozenFeatures | None:
+        """Features for probes on the frozen image encoder, the held-out examples as the test
+        set; None when the data has no labels."""
+        test_labels = self.heldout["label"]
+        if not len(test_labels) or np.any(test_labels < 0):
+            return None
+        train = self.train_examples(train_examples)
+        train_emb = encoders.memo(("train", train_examples), lambda: encoders.image(train["image"]))
+        return FrozenFeatures(train_emb, train["label"], self.heldout_embeddings(encoders)[0], test_labels)
+
+
+class Evaluator:
+    """Subclasses set `kind`, declare their settings in `FIELDS`, and implement `run`."""
+
+    kind: ClassVar[str] = ""
+    FIELDS: ClassVar[dict[str, Field]] = {}
+
+    def __init__(self, name: str, settings: dict[str, Any], data: EvalData, config: Any):
+        self.name, self.settings, self.data, self.config = name, settings, data, config
+
+    @classmethod
+    def check(cls, settings: dict[str, Any], config: Any, path: str) -> None:
+        """Raise ConfigError for settings that cannot work (runs before anything compiles)."""
+
+    def run(self, encoders: Encoders) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+EVALUATORS: dict[str, type[Evaluator]] = {}
+
+
+def register_evaluator(cls: type[Evaluator]) -> type[Evaluator]:
+    """Class decorator: make `cls` usable as `kind` of a `config.evals` section."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} has no `kind`")
+    EVALUATORS[cls.kind] = cls
+    return cls
+
+
+def instance_section(kind: str, *, enabled: bool = True) -> Section:
+    """The declaration of one `config.evals.<name>` section of this kind."""
+    cls = EVALUATORS[kind]
+    fields = {
+        "kind": Field(kind, "the evaluator class", choices=tuple(EVALUATORS)),
+        "enabled": Field(enabled, "run it"),
+        **cls.FIELDS,
+    }
+    return Section(fields, doc=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
+
+
+def read_instance(name: str, values: Any, path: str) -> dict[str, Any]:
+    """Check a user-named `config.evals.<name>` section against its kind's declaration."""
+    kind = values.get("kind", name) if hasattr(values, "get") else name
+    if kind not in EVALUATORS:
+        raise ConfigError(f"{path}.kind: unknown evaluator {kind!r} (known: {', '.join(sorted(EVALUATORS))})")
+    return instance_section(kind).read(values, path)

@@ -1,0 +1,72 @@
+"""A model's encoders at one set of parameters, as evaluators and the Python API use them."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clipjax.evals.embed import embed_in_batches
+from clipjax.parallel import batch_axes
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_encoders(graphdef, mesh) -> tuple[Callable, Callable]:
+    """(encode_image(params, images), encode_text(params, tokens)), compiled once per model
+    structure and mesh: periodic evaluation reuses them instead of tracing new ones."""
+    rows = NamedSharding(mesh, P(batch_axes(mesh)))
+    encode_image = jax.jit(lambda params, x: nnx.merge(graphdef, params).encode_image(x), out_shardings=rows)
+    encode_text = jax.jit(lambda params, t: nnx.merge(graphdef, params).encode_text(t), out_shardings=rows)
+    return encode_image, encode_text
+
+
+class Encoders:
+    """numpy in, numpy out: unit-norm embeddings computed sharded over `mesh`.
+
+    `memo(key, fn)` keeps a value for the life of this object, so evaluators that need the
+    same embeddings (the held-out images, say) compute them once per evaluation.
+    """
+
+    def __init__(self, graphdef, params: Any, mesh, tokenizer, *, batch_size: int = 256):
+        self.graphdef, self.params, self.mesh, self.tokenizer = graphdef, params, mesh, tokenizer
+        self.batch_size = int(batch_size)
+        self._encode_image, self._encode_text = jitted_encoders(graphdef, mesh)
+        self._memo: dict = {}
+
+    def image(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] (or float in [0, 1]) at the model's resolution -> [N, d]."""
+        return embed_in_batches(
+            lambda x: self._encode_image(self.params, x),
+            np.asarray(images),
+            mesh=self.mesh,
+            batch_size=self.batch_size,
+        )
+
+    def tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """int32 token ids [N, L] -> [N, d]."""
+        return embed_in_batches(
+            lambda t: self._encode_text(self.params, t),
+            np.asarray(tokens),
+            mesh=self.mesh,
+            batch_size=self.batch_size,
+        )
+
+    def text(self, strings: Sequence[str]) -> np.ndarray:
+        return self.tokens(self.tokenizer.encode(list(strings)))
+
+    @property
+    def logit_scale(self):
+        return self.params["logit_scale"]
+
+    @property
+    def logit_bias(self):
+        return self.params.get("logit_bias")
+
+    def memo(self, key, compute: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]

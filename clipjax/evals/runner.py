@@ -1,0 +1,77 @@
+"""`config.evals` declared, and the runner that builds its evaluators and merges their reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clipjax.evals.base import EVALUATORS, EvalData, instance_section, read_instance
+from clipjax.evals.encoders import Encoders
+from clipjax.schema import Field, Section
+
+COMMON_FIELDS: dict[str, Field] = {
+    "at_end": Field(True, "evaluate at the end of training (report.json)"),
+    "every": Field(
+        0, "also evaluate every N steps, logged as eval/... scalars (0: only at the end)", minimum=0
+    ),
+    "batch_size": Field(500, "examples per encoder call", minimum=1),
+    "max_examples": Field(2000, "held-out examples evaluated (0: the whole test split)", minimum=0),
+}
+# The evaluators every config has (name = kind); users add more sections with their own names.
+DEFAULT_EVALUATORS = {
+    "zero_shot": True,
+    "retrieval": True,
+    "linear_probe": True,
+    "knn": True,
+    "embedding": True,
+    "classification": False,
+}
+
+
+def evals_section() -> Section:
+    fields: dict[str, Any] = dict(COMMON_FIELDS)
+    for name, enabled in DEFAULT_EVALUATORS.items():
+        fields[name] = instance_section(name, enabled=enabled)
+    return Section(
+        fields,
+        doc="evaluation; each named section is an evaluator (`kind`, `enabled`, its settings)",
+        open_sections=read_instance,
+    )
+
+
+def enabled_evaluators(evals_config: Any) -> dict[str, dict[str, Any]]:
+    """{section name: settings} of the enabled evaluators, checked against their declarations."""
+    values = evals_section().read(evals_config, "evals")
+    return {name: v for name, v in values.items() if isinstance(v, dict) and v["enabled"]}
+
+
+def check_evaluators(config: Any) -> None:
+    """Each enabled evaluator's own checks (a dataset that is not prepared, ...)."""
+    for name, settings in enabled_evaluators(config.evals).items():
+        EVALUATORS[settings["kind"]].check(settings, config, f"evals.{name}")
+
+
+def _merge(into: dict, other: dict) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+class EvalRunner:
+    """Builds the enabled evaluators once; `run(...)` evaluates one set of parameters."""
+
+    def __init__(self, config: Any, source, tokenizer):
+        self.config, self.tokenizer = config, tokenizer
+        self.data = EvalData(source, tokenizer, max_examples=config.evals.max_examples)
+        self.evaluators = [
+            EVALUATORS[settings["kind"]](name, settings, self.data, config)
+            for name, settings in enabled_evaluators(config.evals).items()
+        ]
+
+    def run(self, graphdef, params, mesh, step: int) -> dict:
+        encoders = Encoders(graphdef, params, mesh, self.tokenizer, batch_size=self.config.evals.batch_size)
+        report: dict = {"step": int(step)}
+        for evaluator in self.evaluators:
+            _merge(report, evaluator.run(encoders))
+        return report

@@ -1,0 +1,103 @@
+"""`config.model` declared once, and read into a `DualEncoderSpec` the builders use.
+
+Image towers are plug-ins: a module with `FIELDS` (its `model.image.*` fields), `resolve(values,
+image_size, path) -> spec` (its variant table plus cross-field checks) and `Tower` (the
+nnx.Module built from the spec). Adding one is a new file and a line in `IMAGE_TOWERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from clipjax.models import resnet, text, vit
+from clipjax.schema import ConfigError, Field, Section, merge_kinds, read_kind
+
+IMAGE_TOWERS = {
+    "vit": vit,
+    "resnet": resnet,
+}
+LN_1_OVER_0_07 = math.log(1 / 0.07)
+
+
+def _finite(value) -> str | None:
+    return None if math.isfinite(value) else "expected a finite number"
+
+
+def image_section() -> Section:
+    fields = {"kind": Field("resnet", "the image tower", choices=tuple(IMAGE_TOWERS))}
+    fields.update(merge_kinds({kind: module.FIELDS for kind, module in IMAGE_TOWERS.items()}))
+    return Section(fields, doc="the image tower; fields of another kind are tolerated")
+
+
+def model_section() -> Section:
+    return Section(
+        {
+            "embed_dim": Field(64, "the shared embedding dimension", minimum=1),
+            "dtype": Field(
+                "float32", "compute dtype; parameters stay float32", choices=("float32", "bfloat16")
+            ),
+            "remat": Field(False, "rematerialise each block in the backward pass"),
+            "logit_scale_init": Field(
+                LN_1_OVER_0_07, "initial log logit scale (CLIP: ln(1/0.07))", check=_finite
+            ),
+            "logit_scale_max": Field(
+                math.log(100.0), "the log scale is clamped to [0, this] after each step", check=_finite
+            ),
+            "logit_bias_init": Field(
+                None, "initial logit bias: unset for softmax, -10.0 for sigmoid", type=float, check=_finite
+            ),
+            "image": image_section(),
+            "text": Section(dict(text.FIELDS), doc="the text Transformer"),
+        },
+        doc="the dual encoder",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DualEncoderSpec:
+    """Resolved, validated model hyper-parameters (see `model_spec`)."""
+
+    image: Any  # the image tower's spec (vit.ViTSpec, resnet.ResNetSpec, ...)
+    image_kind: str
+    text: text.TextSpec
+    embed_dim: int
+    dtype: str
+    remat: bool
+    logit_scale_init: float
+    logit_bias_init: float | None
+
+
+def model_spec(model_config: Any, *, image_size: int, path: str = "model") -> DualEncoderSpec:
+    """Check `config.model` (a ConfigDict or a dict, missing fields take their defaults) and
+    resolve the towers' variants; raises ConfigError naming the key."""
+    section = model_section()
+    values = section.read(model_config, path)
+    kind = values["image"]["kind"]
+    tower = IMAGE_TOWERS[kind]
+    image_values = read_kind(
+        section.fields["image"], tower.FIELDS, kind, _get(model_config, "image"), f"{path}.image"
+    )
+    return DualEncoderSpec(
+        image=tower.resolve(image_values, image_size, f"{path}.image"),
+        image_kind=kind,
+        text=text.resolve(values["text"], f"{path}.text"),
+        embed_dim=values["embed_dim"],
+        dtype=values["dtype"],
+        remat=values["remat"],
+        logit_scale_init=values["logit_scale_init"],
+        logit_bias_init=values["logit_bias_init"],
+    )
+
+
+def _get(section, key):
+    if section is None:
+        return None
+    try:
+        return section[key]
+    except (KeyError, AttributeError):
+        return None
+
+
+__all__ = ["ConfigError", "DualEncoderSpec", "IMAGE_TOWERS", "image_section", "model_section", "model_spec"]

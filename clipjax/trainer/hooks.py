@@ -1,0 +1,147 @@
+"""The trainer's side work, each a hook for `Trainer.add_hook`: logging and throughput,
+embedding metrics and the collapse alarm, the non-finite guard, preemption, checkpoints,
+periodic evaluation."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from clipjax.evals.report import flatten_report, summary_lines
+from clipjax.trainer.loop import StepInfo
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def data_drop_metrics(drop_counts: dict[str, int]) -> dict[str, int]:
+    """Records the input pipeline skipped as undecodable so far, in total and by reason."""
+    return {
+        "data_dropped": int(sum(drop_counts.values())),
+        **{f"data_dropped/{reason}": int(n) for reason, n in sorted(drop_counts.items())},
+    }
+
+
+class LogHook:
+    """Train scalars, samples/s since the last call, and data drops to the writer; a progress line."""
+
+    def __init__(self, writer, progress, *, global_batch: int, data_iterator, start_step: int):
+        self.writer, self.progress, self.global_batch = writer, progress, global_batch
+        self.data_iterator = data_iterator
+        self._time, self._step = time.perf_counter(), start_step
+
+    def __call__(self, info: StepInfo) -> None:
+        scalars, _ = info.host_metrics()
+        now = time.perf_counter()
+        scalars = dict(scalars)
+        scalars["samples_per_sec"] = (
+            (info.step - self._step) * self.global_batch / max(now - self._time, 1e-9)
+        )
+        scalars.update(data_drop_metrics(self.data_iterator.drop_counts))
+        self.writer.write(info.step, scalars)
+        self.progress.update(info.step, float(scalars["loss"]), scalars["samples_per_sec"])
+        self._time, self._step = time.perf_counter(), info.step
+
+
+class EmbeddingMetricsHook:
+    """Embedding metrics of the step's global batch, spectra, and the collapse alarm."""
+
+    def __init__(self, writer, alarm, *, start_step: int, halt: bool, log: Callable[[str], None]):
+        self.writer, self.alarm, self.start_step, self.halt, self.log = writer, alarm, start_step, halt, log
+
+    def __call__(self, info: StepInfo) -> str | None:
+        if not info.with_embedding_metrics:
+            return None
+        scalars, spectra = info.host_metrics()
+        reason = None
+        if info.step >= self.start_step:
+            for line in self.alarm.update(info.step, scalars):
+                self.log(f"WARNING: {line}")
+            if self.halt and self.alarm.fired:
+                reason = f"embedding collapse ({', '.join(sorted(self.alarm.fired))}); metrics.halt_on_collapse is set"
+        scalars = {**scalars, "collapse_alarm": int(bool(self.alarm.fired))}
+        self.writer.write_spectra(info.step, spectra, scalars)
+        self.writer.write(info.step, scalars)
+        return reason
+
+
+def nonfinite_hook(max_streak: int) -> Callable[[StepInfo], str | None]:
+    """Stop after `max_streak` consecutive skipped (non-finite) steps.
+
+    Checked only where the hook runs (no per-step host sync); skipped steps leave the state
+    untouched, so stopping a few steps late loses nothing.
+    """
+
+    def check(info: StepInfo) -> str | None:
+        streak = int(info.host_metrics()[0]["nonfinite_streak"])
+        if streak >= max_streak > 0:
+            return (
+                f"{streak} consecutive steps had a non-finite loss or gradient "
+                f"(max_nonfinite_streak={max_streak}); the last good state is checkpointed"
+            )
+        return None
+
+    return check
+
+
+class PreemptionWatch:
+    """Turns SIGTERM into a request to checkpoint and stop at the end of the current step.
+
+    Every process must stop at the same step (a checkpoint is a collective), so with several
+    processes the request is agreed on with a tiny all-gather each step. Use as a context
+    manager; the instance is the hook.
+    """
+
+    def __enter__(self):
+        self._flag = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self._flag = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        flags = multihost_utils.process_allgather(np.array([self._flag], np.int32))
+        return bool(np.any(flags))
+
+    def __call__(self, info: StepInfo) -> str | None:
+        return "SIGTERM received (preemption)" if self.requested() else None
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def checkpoint_hook(checkpointer, data_iterator) -> Callable[[StepInfo], None]:
+    """Save the train state and the data position (asynchronously)."""
+
+    def save(info: StepInfo) -> None:
+        checkpointer.save(info.step, info.state, data_iterator.get_state())
+
+    return save
+
+
+def eval_hook(runner, writer, *, graphdef, mesh, total_steps: int, log: Callable[[str], None]):
+    """The end-of-run evaluators at an intermediate step, logged as eval/... scalars."""
+
+    def evaluate(info: StepInfo) -> None:
+        if info.step >= total_steps:
+            return  # the final evaluation is the run's report
+        report = runner.run(graphdef, info.state["params"], mesh, info.step)
+        writer.write(info.step, flatten_report(report, prefix="eval/"))
+        for line in summary_lines(report):
+            log(line)
+
+    return evaluate

@@ -1,0 +1,81 @@
+"""Train state: parameters and optimizer state created directly in their shardings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clipjax import optim
+from clipjax.config import total_steps
+from clipjax.models import model_factory
+from clipjax.parallel import param_shardings
+
+# state = {'step', 'params', 'opt_state', 'nonfinite_total', 'nonfinite_streak'}
+COUNTERS = ("step", "nonfinite_total", "nonfinite_streak")
+
+
+def create_train_state(
+    make_model: Callable[[], nnx.Module], abstract_model: nnx.Module, tx, mesh, sharding_rules
+) -> tuple[Any, dict, dict]:
+    """(graphdef, state, state_shardings): the model is never whole on one device.
+
+    `abstract_model` is `nnx.eval_shape(make_model)` (the caller has it for the optimizer).
+
+    Parameters are initialised inside `jax.jit` with their FSDP shardings as outputs; the
+    optimizer moments take the parameters' shardings, counters are replicated.
+    """
+    graphdef, _ = nnx.split(abstract_model)
+    p_shardings = param_shardings(abstract_model, mesh, sharding_rules)
+    params = jax.jit(
+        lambda: nnx.to_pure_dict(nnx.state(make_model(), nnx.Param)), out_shardings=p_shardings
+    )()
+    replicated = NamedSharding(mesh, P())
+    opt_shardings = _opt_shardings(jax.eval_shape(tx.init, params), params, p_shardings, replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    state = {"params": params, "opt_state": opt_state}
+    shardings = {"params": p_shardings, "opt_state": opt_shardings}
+    for name in COUNTERS:
+        state[name] = jax.device_put(jnp.int32(0), replicated)
+        shardings[name] = replicated
+    return graphdef, state, shardings
+
+
+def _opt_shardings(abstract_opt, params, p_shardings, replicated):
+    """Shard every sub-tree of the optimizer state that has the parameters' structure like them."""
+    params_def = jax.tree.structure(params)
+
+    def assign(node):
+        if jax.tree.structure(node) == params_def:
+            return p_shardings
+        return jax.tree.map(lambda _: replicated, node)
+
+    return jax.tree.map(assign, abstract_opt, is_leaf=lambda n: jax.tree.structure(n) == params_def)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """A run's model structure, its sharded state, and the optimizer that updates it."""
+
+    graphdef: Any
+    state: dict  # see COUNTERS, plus 'params' and 'opt_state'
+    shardings: dict
+    tx: Any  # optax.GradientTransformation
+    schedule: Any  # optax.Schedule
+
+
+def init_train_state(config, mesh, *, vocab_size: int) -> TrainState:
+    """The model of `config.model` and the optimizer of `config.optim`, initialised on `mesh`."""
+    make_model = model_factory(config, vocab_size=vocab_size)
+    abstract_model = nnx.eval_shape(make_model)
+    tx, schedule = optim.make_optimizer(
+        config.optim, total_steps(config), optim.weight_decay_mask(abstract_model)
+    )
+    graphdef, state, shardings = create_train_state(
+        make_model, abstract_model, tx, mesh, config.sharding_rules
+    )
+    return TrainState(graphdef, state, shardings, tx, schedule)

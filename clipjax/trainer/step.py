@@ -1,0 +1,175 @@
+"""The train step: loss over the global batch, gradients (optionally micro-batched), update."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clipjax.losses import contrastive_loss
+from clipjax.metrics import embedding_metrics
+from clipjax.parallel import batch_axes, batch_parallelism
+
+
+def make_loss_fn(config, graphdef, mesh):
+    """loss(params, batch) -> (loss, (img, txt)) over the global batch.
+
+    The towers run under jit's automatic partitioning; the loss inside a shard_map.
+    """
+    embedding_loss = make_embedding_loss(config, mesh)
+
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        img, txt = model(batch["image"], batch["text"])
+        return embedding_loss(img, txt, params["logit_scale"], params.get("logit_bias")), (img, txt)
+
+    return loss_fn
+
+
+def make_embedding_loss(config, mesh):
+    axes = batch_axes(mesh)
+
+    def embedding_loss(img, txt, logit_scale, logit_bias):
+        return contrastive_loss(
+            config.loss.name,
+            img,
+            txt,
+            logit_scale,
+            logit_bias,
+            mesh=mesh,
+            batch_axes=axes,
+            impl=config.loss.impl,
+            chunk=config.loss.chunk or None,
+        )
+
+    return embedding_loss
+
+
+def make_grad_fn(config, graphdef, mesh):
+    """grad_fn(params, batch) -> ((loss, (img, txt)), grads) over the global batch.
+
+    With `config.microbatches = k > 1` the towers see k micro-batches one at a time (GradCache):
+    embed every micro-batch without gradients, take the loss gradient with respect to all B
+    embeddings at once, then re-run each micro-batch under a VJP with its slice of that
+    gradient, accumulating parameter gradients in a `lax.scan`. The loss sees the whole global
+    batch, so the gradients are those of the un-split batch; activation memory is that of one
+    micro-batch. The temperature and bias enter only the loss, so their gradient is taken once.
+    """
+    k = int(config.microbatches)
+    if k <= 1:
+        return jax.value_and_grad(make_loss_fn(config, graphdef, mesh), has_aux=True)
+    axes = batch_axes(mesh)
+    shards = batch_parallelism(mesh)
+    embedding_loss = make_embedding_loss(config, mesh)
+    micro_sharding = NamedSharding(mesh, P(None, axes))
+    rows_sharding = NamedSharding(mesh, P(axes))
+
+    def split(x):
+        # [B, ...] -> [k, B/k, ...] where every micro-batch takes b/k rows from each device's
+        # block: a local reshuffle, and each micro-batch still spans the whole mesh.
+        b = x.shape[0] // shards
+        y = x.reshape(shards, k, b // k, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(y.reshape(k, shards * (b // k), *x.shape[1:]), micro_sharding)
+
+    def merge(y):
+        b = y.shape[0] * y.shape[1] // shards
+        x = y.reshape(k, shards, b // k, *y.shape[2:]).swapaxes(0, 1).reshape(shards * b, *y.shape[2:])
+        return jax.lax.with_sharding_constraint(x, rows_sharding)
+
+    def embed(params, micro):
+        return nnx.merge(graphdef, params)(micro["image"], micro["text"])
+
+    def grad_fn(params, batch):
+        micro = {key: split(batch[key]) for key in ("image", "text")}
+        img, txt = jax.lax.map(lambda mb: embed(jax.lax.stop_gradient(params), mb), micro)
+        img, txt = merge(img), merge(txt)
+        has_bias = "logit_bias" in params
+        bias = params["logit_bias"] if has_bias else jnp.zeros((), jnp.float32)
+        loss, (g_img, g_txt, g_scale, g_bias) = jax.value_and_grad(
+            lambda i, t, s, c: embedding_loss(i, t, s, c if has_bias else None), argnums=(0, 1, 2, 3)
+        )(img, txt, params["logit_scale"], bias)
+
+        def accumulate(total, xs):
+            mb, gi, gt = xs
+            _, vjp = jax.vjp(lambda p: embed(p, mb), params)
+            (g,) = vjp((gi, gt))
+            return jax.tree.map(jnp.add, total, g), None
+
+        grads, _ = jax.lax.scan(
+            accumulate, jax.tree.map(jnp.zeros_like, params), (micro, split(g_img), split(g_txt))
+        )
+        grads["logit_scale"] = grads["logit_scale"] + g_scale
+        if has_bias:
+            grads["logit_bias"] = grads["logit_bias"] + g_bias
+        return (loss, (img, txt)), grads
+
+    return grad_fn
+
+
+# The batch keys the step reads (the rest of a data batch stays on the host).
+STEP_INPUTS = ("image", "text", "text_id", "label")
+
+
+def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
+    """step(state, batch, with_metrics) -> (state, metrics); two compiled variants, by the flag."""
+    axes = batch_axes(mesh)
+    scale_max = float(config.model.logit_scale_max)
+    grad_fn = make_grad_fn(config, graphdef, mesh)
+
+    def train_step(state, batch, with_metrics):
+        (loss, (img, txt)), grads = grad_fn(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # CLIP clamps the learnable temperature after each step so logits never exceed 100x.
+        params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, scale_max)
+        metrics = {
+            "loss": loss,
+            "logit_scale": jnp.exp(params["logit_scale"]),
+            "temperature": jnp.exp(-params["logit_scale"]),
+            "lr": schedule(state["step"]),
+            "grad_norm": optax.tree.norm(grads),
+        }
+        if "logit_bias" in params:
+            metrics["logit_bias"] = params["logit_bias"]
+        if with_metrics:
+            # Measured on the embeddings this step trained on, with the temperature they saw.
+            keys = {"": batch["text_id"], "label_": batch["label"]}
+            metrics.update(
+                embedding_metrics(
+                    img,
+                    txt,
+                    keys,
+                    state["params"]["logit_scale"],
+                    state["params"].get("logit_bias"),
+                    mesh=mesh,
+                    batch_axes=axes,
+                )
+            )
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were: one
+        # bad batch must not poison the run. The counters let the host stop a run of them.
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        skipped = (~finite).astype(jnp.int32)
+        metrics["nonfinite_skipped"] = state["nonfinite_total"] + skipped
+        metrics["nonfinite_streak"] = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "nonfinite_total": state["nonfinite_total"] + skipped,
+            "nonfinite_streak": metrics["nonfinite_streak"],
+        }
+        metrics["param_norm"] = optax.tree.norm(new_state["params"])
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(axes))
+    return jax.jit(
+        train_step,
+        static_argnums=(2,),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
