@@ -6,12 +6,20 @@
 
 DRY_RUN=${DRY_RUN:-0}
 
-die() {  # one-line usage error on stderr, exit status 2
-  echo "$PROG: error: $*" >&2
+die() {  # one-line usage error on stderr, exit status 2 (a newline in it is shown as \n)
+  local msg="$*"
+  echo "$PROG: error: ${msg//$'\n'/\\n}" >&2
   exit 2
 }
 
+warn() {  # one-line warning on stderr
+  local msg="$*"
+  echo "$PROG: WARNING: ${msg//$'\n'/\\n}" >&2
+}
+
 q() {  # quote one word for the shell, leaving plain words (and the --flag= of --flag=value) bare
+  # A word with a newline or another control character is written as $'...' (bash), so that
+  # every quoted word stays on one line.
   local s=$1 prefix=""
   if [[ $s =~ ^(--[A-Za-z0-9][A-Za-z0-9_.-]*=)(.*)$ ]]; then
     prefix=${BASH_REMATCH[1]}
@@ -19,6 +27,8 @@ q() {  # quote one word for the shell, leaving plain words (and the --flag= of -
   fi
   if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
     printf '%s%s' "$prefix" "$s"
+  elif [[ $s == *[[:cntrl:]]* ]]; then
+    printf '%s%q' "$prefix" "$s"
   else
     printf "%s'%s'" "$prefix" "${s//\'/\'\\\'\'}"
   fi
@@ -47,6 +57,32 @@ need_value() {  # need_value OPTION ARGC [NEXT]: the option must be followed by 
 
 check_env_pair() {  # --env KEY=VALUE: KEY must be a shell variable name
   [[ $1 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects KEY=VALUE with KEY a variable name, got '$1'"
+}
+
+check_one_line() {  # check_one_line OPTION VALUE: the value goes on one line of a generated file
+  [[ $2 != *$'\n'* ]] || die "$1 must not contain a newline"
+}
+
+check_config_exists() {  # check_config_exists FILE[:ARG]: FILE exists (relative to the current directory)
+  [[ -f ${1%%:*} ]] || die "--config file not found: ${1%%:*}"
+}
+
+is_url() {  # is_url PATH: PATH has a URL scheme (gs://, s3://, ...) rather than being a file path
+  [[ $1 =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]
+}
+
+fs_type() {  # fs_type PATH: type of the file system holding PATH (or its nearest existing parent)
+  local p=$1
+  [[ $p == /* ]] || p="$PWD/$p"
+  while [[ ! -e $p ]]; do p=$(dirname "$p"); done
+  stat -f -c %T "$p" 2>/dev/null || true  # empty where stat differs (BSD)
+}
+
+is_node_local_fs() {  # is_node_local_fs TYPE: TYPE (from fs_type) is a file system only one host sees
+  case $1 in
+    ext2/ext3|ext4|xfs|btrfs|zfs|f2fs|jfs|reiserfs|tmpfs|ramfs|devtmpfs|overlayfs|overlay|vfat|msdos|exfat|squashfs) return 0 ;;
+    *) return 1 ;;
+  esac
 }
 
 check_positive_int() {  # check_positive_int OPTION VALUE

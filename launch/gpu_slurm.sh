@@ -27,9 +27,11 @@ Options:
   --account A            SLURM account to charge (default: yours)
   --time HH:MM:SS        time limit, in any format sbatch accepts (default: the partition's)
   --job-name NAME        job name (default: clipjax)
-  --config FILE[:ARG]    config file with an optional ':arg' (default: configs/clip_vit_b16.py)
+  --config FILE[:ARG]    config file with an optional ':arg', relative to the current directory
+                         (default: configs/clip_vit_b16.py); FILE must exist
   --workdir DIR          the trainer's --workdir, on storage every node shares
-                         (default: runs/NAME)
+                         (default: runs/NAME); with --nodes > 1, a warning when it is on a
+                         node-local file system (ext4, xfs, tmpfs, ...) here
   --mode per-gpu|per-node
                          per-gpu (default): one process per GPU (G tasks per node, each sees
                          only its GPU); per-node: one process per node that drives its G GPUs
@@ -39,13 +41,16 @@ Options:
   --setup COMMAND        shell command run in the job before the trainer starts, e.g.
                          "module load cuda/12.4; source .venv/bin/activate" (written as is)
   --sbatch-arg ARG       extra sbatch option written as an #SBATCH line, e.g. --sbatch-arg
-                         --qos=high; repeat for more
+                         --qos=high; one argument each (quoted as needed); repeat for more
   --script FILE          where to write the sbatch script; the job's output goes next to it as
                          NAME-JOBID.out (default: runs/slurm/NAME.sbatch)
   --dry-run              print the commands (and the sbatch script) that would run, each
                          command on one line prefixed with "+ ", and run nothing
   -h, --help             show this help and exit
   -- FLAGS...            everything after -- is passed to the trainer, e.g. --config.steps=1000
+
+Values are quoted in the script (#SBATCH lines as sbatch reads them); the values of --partition,
+--account, --time, --job-name, --sbatch-arg and --script must not contain a newline.
 
 Environment:
   CLIPJAX_TRAIN_CMD      trainer command used instead of "python -m clipjax.train"
@@ -67,18 +72,18 @@ while (($#)); do
     -h|--help) usage; exit 0 ;;
     --nodes) need_value "$1" $# "${2-}"; check_positive_int "$1" "$2"; nodes=$2; shift 2 ;;
     --gpus-per-node) need_value "$1" $# "${2-}"; check_positive_int "$1" "$2"; gpus=$2; shift 2 ;;
-    --partition) need_value "$1" $# "${2-}"; partition=$2; shift 2 ;;
-    --account) need_value "$1" $# "${2-}"; account=$2; shift 2 ;;
-    --time) need_value "$1" $# "${2-}"; time_limit=$2; shift 2 ;;
-    --job-name) need_value "$1" $# "${2-}"; job_name=$2; shift 2 ;;
+    --partition) need_value "$1" $# "${2-}"; check_one_line "$1" "$2"; partition=$2; shift 2 ;;
+    --account) need_value "$1" $# "${2-}"; check_one_line "$1" "$2"; account=$2; shift 2 ;;
+    --time) need_value "$1" $# "${2-}"; check_one_line "$1" "$2"; time_limit=$2; shift 2 ;;
+    --job-name) need_value "$1" $# "${2-}"; check_one_line "$1" "$2"; job_name=$2; shift 2 ;;
     --config) need_value "$1" $# "${2-}"; config=$2; shift 2 ;;
     --workdir) need_value "$1" $# "${2-}"; workdir=$2; shift 2 ;;
     --mode) need_value "$1" $# "${2-}"; mode=$2; shift 2 ;;
     --port) need_value "$1" $# "${2-}"; check_port "$2"; port=$2; shift 2 ;;
     --env) need_value "$1" $# "${2-}"; check_env_pair "$2"; envs+=("$2"); shift 2 ;;
     --setup) need_value "$1" $# "${2-}"; setup=$2; shift 2 ;;
-    --sbatch-arg) (($# >= 2)) || die "$1 needs a value"; sbatch_args+=("$2"); shift 2 ;;
-    --script) need_value "$1" $# "${2-}"; script=$2; shift 2 ;;
+    --sbatch-arg) (($# >= 2)) || die "$1 needs a value"; check_one_line "$1" "$2"; sbatch_args+=("$2"); shift 2 ;;
+    --script) need_value "$1" $# "${2-}"; check_one_line "$1" "$2"; script=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; extra=("$@"); break ;;
     -*) die "unknown option: $1 (see --help)" ;;
@@ -98,8 +103,16 @@ for a in ${sbatch_args[@]+"${sbatch_args[@]}"}; do
 done
 [[ -n $workdir ]] || workdir="runs/$job_name"
 [[ -n $script ]] || script="runs/slurm/$job_name.sbatch"
+check_config_exists "$config"  # the job runs in this directory, so the trainer reads it from here
 
 rundir=$(pwd -P)
+[[ $rundir != *$'\n'* ]] || die "the current directory (the job's --chdir) must not contain a newline"
+if ((nodes > 1)) && ! is_url "$workdir"; then
+  fs=$(fs_type "$workdir")
+  if is_node_local_fs "$fs"; then
+    warn "--workdir $workdir is on a node-local file system here ($fs), but all $nodes nodes write to it: use a shared file system"
+  fi
+fi
 script_dir=$(dirname "$script")
 case $script_dir in /*) out_dir=$script_dir ;; .) out_dir=$rundir ;; *) out_dir="$rundir/$script_dir" ;; esac
 if [[ -n $port ]]; then
@@ -109,19 +122,38 @@ else
 fi
 train="${CLIPJAX_TRAIN_CMD:-python -m clipjax.train}"
 
+sq() {  # quote one argument of an #SBATCH line as sbatch splits them: plain words (and the
+  # --flag= of --flag=value) bare, others in double quotes with \ and " escaped. sbatch expands
+  # nothing there; a newline cannot be written (the options refuse it).
+  local s=$1 prefix=""
+  if [[ $s =~ ^(--[A-Za-z0-9][A-Za-z0-9_.-]*=)(.*)$ ]]; then
+    prefix=${BASH_REMATCH[1]}
+    s=${BASH_REMATCH[2]}
+  fi
+  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s%s' "$prefix" "$s"
+  else
+    s=${s//\\/\\\\}
+    s=${s//\"/\\\"}
+    printf '%s"%s"' "$prefix" "$s"
+  fi
+}
+
+# Every value in the script is quoted: sq on the #SBATCH lines, q (shell quoting) below them.
+# --setup is the exception: it is a shell command, written as is.
 sbatch_script() {
   echo "#!/bin/bash"
-  echo "#SBATCH --job-name=$job_name"
+  echo "#SBATCH $(sq "--job-name=$job_name")"
   echo "#SBATCH --nodes=$nodes"
   echo "#SBATCH --ntasks-per-node=$tasks_per_node"
   echo "#SBATCH --gres=gpu:$gpus"
-  [[ -z $partition ]] || echo "#SBATCH --partition=$partition"
-  [[ -z $account ]] || echo "#SBATCH --account=$account"
-  [[ -z $time_limit ]] || echo "#SBATCH --time=$time_limit"
-  echo "#SBATCH --chdir=$rundir"
-  echo "#SBATCH --output=$out_dir/%x-%j.out"
+  [[ -z $partition ]] || echo "#SBATCH $(sq "--partition=$partition")"
+  [[ -z $account ]] || echo "#SBATCH $(sq "--account=$account")"
+  [[ -z $time_limit ]] || echo "#SBATCH $(sq "--time=$time_limit")"
+  echo "#SBATCH $(sq "--chdir=$rundir")"
+  echo "#SBATCH $(sq "--output=$out_dir/%x-%j.out")"
   for a in ${sbatch_args[@]+"${sbatch_args[@]}"}; do
-    echo "#SBATCH $a"
+    echo "#SBATCH $(sq "$a")"
   done
   echo "# Written by launch/$PROG: $nodes node(s) x $gpus GPU(s), $mode mode," \
     "$((nodes * tasks_per_node)) process(es)."
@@ -145,12 +177,14 @@ sbatch_script() {
   echo "' clipjax-task $(qjoin --config "$config" --workdir "$workdir" ${extra[@]+"${extra[@]}"})"
 }
 
+body=$(sbatch_script)
+delimiter=EOF  # ends the here-document of the printed command: a line the script does not have
+while grep -qxF -e "$delimiter" <<<"$body"; do delimiter+=_; done
 run "$(qjoin mkdir -p "$script_dir")"
-echo "+ cat > $(q "$script") <<'EOF'"
-sbatch_script
-echo "EOF"
+echo "+ cat > $(q "$script") <<'$delimiter'"
+printf '%s\n' "$body" "$delimiter"
 if [[ $DRY_RUN != 1 ]]; then
-  sbatch_script > "$script"
+  printf '%s\n' "$body" > "$script"
 fi
 run "$(qjoin sbatch "$script")"
 if [[ $DRY_RUN != 1 ]]; then

@@ -25,7 +25,8 @@ Options:
   --devices-per-process D    virtual CPU devices per process (default: 1); the run has N x D
                              devices, which the config's mesh and batch size must fit
   --port PORT                coordinator port on 127.0.0.1 (default: a free port)
-  --config FILE[:ARG]        config file with an optional ':arg' (default: configs/demo.py)
+  --config FILE[:ARG]        config file with an optional ':arg' (default: configs/demo.py);
+                             FILE must exist, relative to the current directory
   --workdir DIR              the trainer's --workdir, a local directory (default: runs/local)
   --env KEY=VALUE            set KEY=VALUE for every process; repeat for more variables
   --dry-run                  print the commands that would run, one per line prefixed with
@@ -67,6 +68,7 @@ while (($#)); do
 done
 [[ -n $n ]] || die "the number of processes N is required, e.g. $PROG 2 (see --help)"
 [[ $workdir != *://* ]] || die "--workdir must be a local directory here (logs go to WORKDIR/logs), got '$workdir'"
+check_config_exists "$config"  # the processes run in this directory
 
 python=$(default_python)
 if [[ -z $port ]]; then

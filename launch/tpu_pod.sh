@@ -25,7 +25,9 @@ Required:
   --tpu NAME             name of the TPU VM
   --zone ZONE            its zone, e.g. us-central2-b
   --workdir DIR          the trainer's --workdir: checkpoints, metrics, report.json. Every worker
-                         writes to it, so it must be storage that all of them share (gs://...).
+                         writes to it, so it must be storage that all of them share (gs://...);
+                         a path without a URL scheme gets a warning unless the slice created
+                         with --create has a single host (e.g. v4-8)
 
 Options:
   --project PROJECT      Google Cloud project (default: gcloud's configured project)
@@ -34,7 +36,7 @@ Options:
   --create               create the TPU VM first (gcloud compute tpus tpu-vm create); without
                          it the TPU VM must exist already and is reused
   --config FILE[:ARG]    config file inside this repository, with an optional ':arg'
-                         (default: configs/clip_vit_b16.py)
+                         (default: configs/clip_vit_b16.py); FILE must exist
   --env KEY=VALUE        export KEY=VALUE on every worker before the trainer starts; repeat for
                          more variables
   --remote-dir DIR       where the code goes on each worker, relative to the home directory
@@ -112,6 +114,22 @@ if [[ -f $config_file ]]; then
   abs="$(cd "$(dirname "$config_file")" && pwd -P)/$(basename "$config_file")"
   [[ $abs == "$REPO"/* ]] || die "--config $config_file is outside the repository, which is what gets copied to the workers"
   config="${abs#"$REPO"/}$config_arg"
+elif [[ $config_file == /* || ! -f $REPO/$config_file ]]; then
+  die "--config file not found: $config_file"
+fi
+
+# Every worker writes to the workdir: a path on a worker's own disk is not seen by the others.
+# The workers of a slice: one host up to 8 cores/chips (v4-8, v5litepod-8, ...), several above.
+# A TPU VM that is not created here may be of any size.
+if ! is_url "$workdir"; then
+  if ((!create)); then
+    hosts="the TPU VM may have several workers"
+  elif [[ $accelerator =~ -([0-9]+)$ ]] && ((BASH_REMATCH[1] <= 8)); then
+    hosts=""
+  else
+    hosts="a $accelerator slice has several workers"
+  fi
+  [[ -z $hosts ]] || warn "--workdir $workdir is not a bucket and $hosts, each with its own disk: use gs://BUCKET/DIR (or a file system mounted on every worker)"
 fi
 
 where=(--zone="$zone")

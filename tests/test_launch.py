@@ -98,6 +98,16 @@ def stub(tmp_path):
     return env, records
 
 
+@pytest.fixture
+def configs_here(tmp_path):
+    """The repository's config files under tmp_path/configs, for launchers run from tmp_path (the
+    trainer reads --config relative to the directory it runs in, so the launchers check it there)."""
+    (tmp_path / "configs").mkdir(exist_ok=True)
+    for path in (REPO / "configs").glob("*.py"):
+        (tmp_path / "configs" / path.name).write_text(path.read_text())
+    return tmp_path / "configs"
+
+
 # --- --help -------------------------------------------------------------------------------------
 
 OPTIONS = {
@@ -482,11 +492,12 @@ def test_tpu_bad_arguments(args, message):
 def sbatch_body(out: str) -> list[str]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("+ cat > "))
-    end = lines.index("EOF", start)
+    delimiter = lines[start].rsplit("<<", 1)[1].strip("'")  # EOF, unless the script has that line
+    end = lines.index(delimiter, start + 1)
     return lines[start + 1 : end]
 
 
-def test_slurm_dry_run_per_gpu(tmp_path):
+def test_slurm_dry_run_per_gpu(tmp_path, configs_here):
     r = sh(
         SLURM,
         "--nodes",
@@ -556,7 +567,7 @@ def test_slurm_dry_run_per_gpu(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
 
-def test_slurm_dry_run_per_node_and_port(tmp_path):
+def test_slurm_dry_run_per_node_and_port(tmp_path, configs_here):
     r = sh(
         SLURM,
         "--nodes",
@@ -609,8 +620,10 @@ FAKE_SRUN = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.parametrize("mode", ["per-gpu", "per-node"])
-def test_slurm_real_submission_with_stand_in_slurm(tmp_path, stub, mode):
+@pytest.fixture
+def fake_slurm(tmp_path, stub):
+    """Environment with stand-ins for sbatch, scontrol and srun (the job runs at once, its output
+    in tmp_path/job.out) and for the trainer."""
     env, records = stub
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -618,6 +631,12 @@ def test_slurm_real_submission_with_stand_in_slurm(tmp_path, stub, mode):
     make_executable(bin_dir / "scontrol", FAKE_SCONTROL)
     make_executable(bin_dir / "srun", FAKE_SRUN)
     env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_JOB_OUT": str(tmp_path / "job.out")}
+    return env, records
+
+
+@pytest.mark.parametrize("mode", ["per-gpu", "per-node"])
+def test_slurm_real_submission_with_stand_in_slurm(tmp_path, configs_here, fake_slurm, mode):
+    env, records = fake_slurm
     r = sh(
         SLURM,
         "--nodes",
@@ -679,7 +698,7 @@ def test_slurm_bad_arguments(tmp_path, args, message):
 # --- local multi-process ------------------------------------------------------------------------
 
 
-def test_local_dry_run(tmp_path):
+def test_local_dry_run(tmp_path, configs_here):
     r = sh(
         LOCAL,
         "3",
@@ -715,7 +734,7 @@ def test_local_dry_run(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_local_dry_run_picks_one_free_port(tmp_path):
+def test_local_dry_run_picks_one_free_port(tmp_path, configs_here):
     r = sh(LOCAL, "2", "--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     coordinators = {
@@ -727,7 +746,7 @@ def test_local_dry_run_picks_one_free_port(tmp_path):
     assert "--config configs/demo.py --workdir runs/local >" in r.stdout
 
 
-def test_local_runs_processes_and_logs_each(tmp_path, stub):
+def test_local_runs_processes_and_logs_each(tmp_path, configs_here, stub):
     env, records = stub
     r = sh(
         LOCAL,
@@ -757,7 +776,7 @@ def test_local_runs_processes_and_logs_each(tmp_path, stub):
         assert x["argv"] == ["--config", "configs/demo.py", "--workdir", "wd", "--config.steps=1"]
 
 
-def test_local_failure_stops_the_others_and_propagates_the_status(tmp_path, stub):
+def test_local_failure_stops_the_others_and_propagates_the_status(tmp_path, configs_here, stub):
     env, records = stub
     # Process 1 fails at once; process 0 would run for a minute (as a peer blocked in a
     # collective would, for ever).
@@ -774,7 +793,7 @@ def test_local_failure_stops_the_others_and_propagates_the_status(tmp_path, stub
     assert all(gone(x["pid"]) for x in runs)
 
 
-def test_local_interrupt_stops_every_process(tmp_path, stub):
+def test_local_interrupt_stops_every_process(tmp_path, configs_here, stub):
     env, records = stub
     env = {**env, "STUB_SLEEP_0": "60", "STUB_SLEEP_1": "60"}
     proc = subprocess.Popen(
@@ -815,3 +834,261 @@ def test_local_bad_arguments(tmp_path, args, message):
     assert r.stdout == ""
     assert len(r.stderr.splitlines()) == 1 and message in r.stderr
     assert r.stderr.startswith("local_multiprocess.sh: error: ")
+
+
+# --- values written into generated scripts; checks before anything is launched ------------------
+
+
+def sbatch_words(line: str) -> list[str]:
+    """The arguments sbatch takes from one '#SBATCH' line, split as sbatch does (src/sbatch/opt.c,
+    _get_argument): whitespace separates them, ' and " quote, a backslash escapes the next character
+    anywhere, and an unquoted # ends the line."""
+    assert line.startswith("#SBATCH ")
+    s, i, words = line.removeprefix("#SBATCH"), 0, []
+    while True:
+        while i < len(s) and s[i].isspace():
+            i += 1
+        if i == len(s):
+            return words
+        word: list[str] = []
+        quote, escape = "", False
+        while i < len(s) and (quote or not s[i].isspace()):
+            c = s[i]
+            i += 1
+            if escape:
+                escape = False
+            elif c == "\\":
+                escape = True
+                continue
+            elif quote:
+                if c == quote:
+                    quote = ""
+                    continue
+            elif c in "'\"":
+                quote = c
+                continue
+            elif c == "#":
+                return words + (["".join(word)] if word else [])
+            word.append(c)
+        assert not quote, f"sbatch would stop at an unmatched {quote} in {line!r}"
+        words.append("".join(word))
+
+
+def run_printed_dry_run(out: str, cwd, env) -> subprocess.CompletedProcess:
+    """Run a dry run's output as the shell script it claims to be: its "+ " lines are the commands,
+    the other lines the here-documents they read."""
+    script = "\n".join(line[2:] if line.startswith("+ ") else line for line in out.splitlines())
+    return subprocess.run(
+        ["bash", "-c", script], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    "option", ["--partition", "--account", "--time", "--job-name", "--sbatch-arg", "--script"]
+)
+def test_slurm_rejects_a_newline_in_a_value_of_the_job_script(tmp_path, configs_here, fake_slurm, option):
+    """An #SBATCH line cannot hold a newline: such a value is refused with one line naming the
+    option, before anything is written or submitted (no line of it reaches the job script)."""
+    env, records = fake_slurm
+    marker = tmp_path / "injected"
+    value = {
+        "--sbatch-arg": f"--qos=high\ntouch {marker}",
+        "--script": f"jobs\ntouch {marker}\n/job.sbatch",
+    }.get(option, f"gpu\ntouch {marker}")
+    for extra in ([], ["--dry-run"]):
+        r = sh(SLURM, option, value, *extra, cwd=tmp_path, env=env)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr == f"gpu_slurm.sh: error: {option} must not contain a newline\n"
+        assert r.stdout == ""
+        assert not marker.exists() and records() == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["bin", "configs", "stub_out", "stub_trainer.py"]
+        )
+
+
+EVIL = "a;b c $(touch {m}) `touch {m}`; touch {m} & 'q' \"dq\" \\back # not a comment"
+
+
+def test_slurm_values_with_shell_characters_reach_sbatch_and_the_trainer_literally(
+    tmp_path, configs_here, fake_slurm
+):
+    """Values with ; $( ) ` & quotes, backslashes and # are written quoted: sbatch reads each #SBATCH
+    value as one argument, the job runs none of them, and the trainer gets them byte for byte."""
+    env, records = fake_slurm
+    marker = tmp_path / "injected"
+    evil = EVIL.format(m=marker)
+    multi_line = f"line 1\nEOF\ntouch {marker}\nline 4"
+    r = sh(
+        SLURM,
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--partition",
+        f"gpu,{evil}",
+        "--account",
+        evil,
+        "--sbatch-arg",
+        f"--comment={evil}",
+        "--workdir",
+        f"w {evil}",
+        "--env",
+        f"MY_B={evil}",
+        "--",
+        f"--config.name={evil}",
+        f"--config.note={multi_line}",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not marker.exists()
+    body = (tmp_path / "runs" / "slurm" / "clipjax.sbatch").read_text().splitlines()
+    options = [sbatch_words(line) for line in body if line.startswith("#SBATCH")]
+    assert [f"--partition=gpu,{evil}"] in options
+    assert [f"--account={evil}"] in options
+    assert [f"--comment={evil}"] in options
+    assert all(len(words) == 1 for words in options), options
+    [record] = records()
+    assert record["argv"] == [
+        "--config",
+        "configs/clip_vit_b16.py",
+        "--workdir",
+        f"w {evil}",
+        f"--config.name={evil}",
+        f"--config.note={multi_line}",
+    ]
+    assert record["env"]["MY_B"] == evil
+    assert not marker.exists()
+
+    # The dry run prints the same script, and its output runs as shell: the here-document ends
+    # where the script does, not at a line of a value (nor at an EOF line of --setup).
+    dry = sh(
+        SLURM,
+        "--gpus-per-node",
+        "1",
+        "--partition",
+        evil,
+        "--setup",
+        "export MY_SETUP='x\nEOF\ny'",
+        "--script",
+        "dry/job.sbatch",
+        "--dry-run",
+        "--",
+        f"--config.note={multi_line}",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert dry.returncode == 0, dry.stderr
+    done = run_printed_dry_run(dry.stdout, tmp_path, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not marker.exists()
+    assert "\nEOF\n" in dry.stdout and "<<'EOF'" not in dry.stdout
+    assert (tmp_path / "dry" / "job.sbatch").read_text().splitlines() == sbatch_body(dry.stdout)
+    [from_dry_run] = [x for x in records() if "MY_SETUP" in x["env"]]
+    assert from_dry_run["env"]["MY_SETUP"] == "x\nEOF\ny"
+    assert from_dry_run["argv"][-1] == f"--config.note={multi_line}"
+
+
+MISSING_CONFIG = {
+    TPU: ["--tpu", "t", "--zone", "z", "--workdir", "gs://b/w"],
+    SLURM: [],
+    LOCAL: ["2"],
+}
+
+
+@pytest.mark.parametrize("script", list(MISSING_CONFIG), ids=lambda p: p.name)
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
+def test_missing_config_file_is_refused_before_launching(tmp_path, fake_tpu, script, dry_run):
+    """--config FILE[:ARG] whose FILE does not exist: one line naming the file, nothing run."""
+    env, records, home, fake_python = fake_tpu
+    bin_dir = tmp_path / "bin"
+    make_executable(bin_dir / "sbatch", FAKE_SBATCH)
+    make_executable(bin_dir / "srun", FAKE_SRUN)
+    make_executable(bin_dir / "scontrol", FAKE_SCONTROL)
+    env = {**env, "FAKE_JOB_OUT": str(tmp_path / "job.out")}
+    args = [*MISSING_CONFIG[script], "--config", "configs/nope.py:tiny"]
+    if dry_run:
+        args.append("--dry-run")
+    r = sh(script, *args, cwd=tmp_path, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout == ""
+    assert r.stderr == f"{script.name}: error: --config file not found: configs/nope.py\n"
+    assert records() == [] and not (tmp_path / "gcloud.log").exists() and not (tmp_path / "runs").exists()
+
+
+def tpu_dry_run(*args):
+    return sh(TPU, "--tpu", "t", "--zone", "z", "--skip-setup", "--dry-run", *args)
+
+
+@pytest.mark.parametrize(
+    "args, warned",
+    [
+        (["--workdir", "gs://b/w"], False),
+        (["--workdir", "s3://b/w"], False),
+        (["--workdir", "/home/me/run"], True),  # the TPU VM may have several workers
+        (["--workdir", "runs/x"], True),
+    ],
+)
+def test_tpu_warns_when_the_workers_may_not_share_the_workdir(args, warned):
+    r = tpu_dry_run(*args)
+    assert r.returncode == 0, r.stderr
+    if warned:
+        [line] = r.stderr.splitlines()
+        assert line.startswith("tpu_pod.sh: WARNING: --workdir ") and args[1] in line
+        assert "gs://" in line
+    else:
+        assert r.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "accelerator, warned", [("v4-8", False), ("v5litepod-8", False), ("v4-32", True), ("v5litepod-16", True)]
+)
+def test_tpu_workdir_warning_follows_the_number_of_hosts_created(accelerator, warned):
+    r = sh(
+        TPU,
+        "--tpu",
+        "t",
+        "--zone",
+        "z",
+        "--create",
+        "--accelerator",
+        accelerator,
+        "--workdir",
+        "/w",
+        "--dry-run",
+    )
+    assert r.returncode == 0, r.stderr
+    assert ("WARNING: --workdir /w" in r.stderr) == warned, r.stderr
+    assert len(r.stderr.splitlines()) == int(warned)
+
+
+def fs_type(path: str) -> str:
+    """The file system type of `path` as `stat -f` names it ("" when that cannot be told)."""
+    try:
+        done = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)
+    except OSError:
+        return ""
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(
+    fs_type("/dev/shm") != "tmpfs", reason="needs /dev/shm on tmpfs, a file system that is surely node-local"
+)
+@pytest.mark.parametrize(
+    "nodes, workdir, warned",
+    [
+        ("2", "/dev/shm/clipjax-test/run", True),
+        ("1", "/dev/shm/clipjax-test/run", False),
+        ("2", "gs://b/w", False),
+    ],
+)
+def test_slurm_warns_about_a_node_local_workdir_on_several_nodes(
+    tmp_path, configs_here, nodes, workdir, warned
+):
+    r = sh(SLURM, "--nodes", nodes, "--workdir", workdir, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    if warned:
+        [line] = r.stderr.splitlines()
+        assert line.startswith(f"gpu_slurm.sh: WARNING: --workdir {workdir} ") and "tmpfs" in line
+    else:
+        assert r.stderr == ""
