@@ -10,9 +10,12 @@ Records keep the encoded image bytes and the raw caption bytes as found: the
 input pipeline decodes them, so a corrupt image or an unreadable caption is
 skipped and counted there rather than failing the preparation. A missing image
 file or caption file is stored as empty bytes, which the pipeline skips too.
+The same holds for a CSV row whose bytes are not UTF-8: its caption keeps its
+bytes (and the pipeline skips it), the other rows are unaffected.
 
 The config name is derived from the source path and a fingerprint of its
-listing, so different sources (or a changed one) never share a directory.
+contents (the CSV's bytes and, for a CSV or a folder, every file's path, size
+and mtime), so different sources, or a changed one, never share a directory.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import os
 import re
 import zlib
@@ -59,21 +63,36 @@ def _list_folder(folder: str) -> list[str]:
     return found
 
 
+def _utf8(text: str) -> bytes:
+    """Text back to its bytes, even where it came from bytes that are not UTF-8 (file names, CSV)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _stat_line(key: str, path: str | None) -> bytes:
+    try:
+        st = os.stat(path) if path else None
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        st = None
+    found = f"{st.st_size}|{st.st_mtime_ns}" if st else "missing"
+    return _utf8(f"{key}|{found}\n")
+
+
 def _fingerprint(path: str) -> str:
-    """Changes when the CSV file, or the files in the folder, change."""
-    h = hashlib.sha1(path.encode())
+    """Changes when the CSV file, any image it names, or any file in the folder changes."""
+    h = hashlib.sha1(_utf8(path))
     if os.path.isdir(path):
         for root, dirs, files in os.walk(path):
             dirs.sort()
             for name in sorted(files):
-                st = os.stat(os.path.join(root, name))
-                h.update(
-                    f"{os.path.relpath(os.path.join(root, name), path)}|{st.st_size}|"
-                    f"{st.st_mtime_ns}\n".encode()
-                )
+                file = os.path.join(root, name)
+                h.update(_stat_line(os.path.relpath(file, path), file))
     else:
-        st = os.stat(path)
-        h.update(f"{st.st_size}|{st.st_mtime_ns}".encode())
+        # The bytes rather than size and mtime: the CSV is read here anyway. Images are only
+        # stat'ed, so a fixed or replaced image (same CSV) still makes a new directory.
+        with open(path, "rb") as f:
+            h.update(f.read())
+        for key, image, _ in _csv_pairs(path)[0]:
+            h.update(_stat_line(key, image))
     return h.hexdigest()[:12]
 
 
@@ -90,35 +109,80 @@ def make_config(source: str, test_fraction: float = 0.0) -> FolderConfig:
     )
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str | None) -> bytes:
+    if not path:
+        return b""
     try:
         with open(path, "rb") as f:
             return f.read()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return b""
 
 
-def _pairs(source: str) -> list[tuple[str, str | None, bytes | None]]:
+Pair = tuple[str, str | None, bytes | None]
+
+
+def _csv_rows(source: str):
+    """Yields (line number, cells) for the CSV's non-blank rows, whatever their bytes.
+
+    Bytes that are not UTF-8 become lone surrogates (surrogateescape), so one stray byte costs
+    only its row's caption instead of the whole file, and `_utf8` gives the bytes back exactly.
+    """
+    with open(source, "rb") as f:
+        text = f.read().decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # Excel's BOM
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        line = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # e.g. an unclosed quote running into the field size limit
+            raise ValueError(f"CSV {source!r} line {line}: {e}") from e
+        if cells:  # blank lines, as csv.DictReader skips them
+            yield line, cells
+
+
+def _csv_pairs(source: str) -> tuple[list[Pair], list[int]]:
+    """The pairs of a CSV, and the line numbers of the rows whose caption is not UTF-8."""
+    rows = _csv_rows(source)
+    header = [cell.strip() for cell in next(rows, (0, []))[1]]
+    missing = {"image", "caption"} - set(header)
+    if missing:
+        raise ValueError(
+            f"CSV {source!r} lacks column(s) {sorted(missing)}; "
+            "it needs a header with columns image,caption (UTF-8 text)"
+        )
+    column = {name: header.index(name) for name in ("image", "caption")}
+    base = os.path.dirname(source)
+    pairs, bad_lines = [], []
+    for line, cells in rows:
+        cell = lambda name: cells[column[name]] if column[name] < len(cells) else ""  # short rows
+        rel, caption = cell("image").strip(), cell("caption")
+        # No path is a missing image, not the CSV's folder (whose mtime would enter the fingerprint).
+        image = (rel if os.path.isabs(rel) else os.path.join(base, rel)) if rel else None
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError:
+            bad_lines.append(line)
+        pairs.append((rel, image, _utf8(caption)))
+    return pairs, bad_lines
+
+
+def _pairs(source: str) -> list[Pair]:
     """(key, image path, caption bytes or None when it comes from a .txt file)."""
     if os.path.isdir(source):
-        pairs = []
-        for image in _list_folder(source):
-            pairs.append((os.path.relpath(image, source), image, None))
-        return pairs
-    base = os.path.dirname(source)
-    with open(source, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"image", "caption"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(
-                f"CSV {source!r} lacks column(s) {sorted(missing)}; "
-                "it needs a header with columns image,caption"
-            )
-        pairs = []
-        for row in reader:
-            rel = (row["image"] or "").strip()
-            image = rel if os.path.isabs(rel) else os.path.join(base, rel)
-            pairs.append((rel, image, (row["caption"] or "").encode("utf-8")))
+        return [(os.path.relpath(image, source), image, None) for image in _list_folder(source)]
+    pairs, bad_lines = _csv_pairs(source)
+    if bad_lines:
+        shown = ", ".join(map(str, bad_lines[:20])) + (", ..." if len(bad_lines) > 20 else "")
+        logging.warning(
+            "image_text_folder: CSV %s: %d row(s) are not valid UTF-8 (line(s) %s); their records are "
+            "kept and the input pipeline will skip them as bad captions",
+            source,
+            len(bad_lines),
+            shown,
+        )
     return pairs
 
 
@@ -160,7 +224,7 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
             raise ValueError(f"data.source {config.source!r} holds no image-caption pairs")
         # Hash of the path, so adding files does not move old ones across splits.
         threshold = int(config.test_fraction * 2**32)
-        is_test = [zlib.crc32(key.encode()) < threshold for key, _, _ in pairs]
+        is_test = [zlib.crc32(_utf8(key)) < threshold for key, _, _ in pairs]
         splits = {"train": [p for p, t in zip(pairs, is_test) if not t]}
         if config.test_fraction:
             splits["test"] = [p for p, t in zip(pairs, is_test) if t]
@@ -170,7 +234,7 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
         missing = 0
         for i, (_, image_path, caption) in enumerate(pairs):
             image = _read_bytes(image_path)
-            if caption is None:
+            if caption is None:  # a folder: the caption file beside the image
                 caption = _read_bytes(os.path.splitext(image_path)[0] + ".txt")
             caption = caption.strip()
             missing += not image
