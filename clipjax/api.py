@@ -7,7 +7,10 @@
     probs = model.similarity(img, txt)               # cosine similarities x learned scale
     report = clipjax.api.evaluate_workdir("runs/demo", out="runs/demo/eval")
 
-Nothing here imports the trainer: a workdir is read through its config.json and checkpoints.
+Nothing here imports the trainer, and nothing reads the training data to use a checkpoint: the
+config, the tokenizer and the preprocessing come from the checkpoint itself (checkpoints of the
+first release, which lack them, fall back to config.json and the data). A checkpoint that cannot
+be read is skipped for the newest one that can, with a warning that says why.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from PIL import Image
 
-from clipjax.checkpoint import Checkpointer, abstract_with_shardings
+from clipjax.checkpoint import Checkpointer, abstract_with_shardings, newest_readable, one_line
 from clipjax.config import apply_overrides, config_from_dict
+from clipjax.data.images import square_rgb
 from clipjax.data.sources import make_source
+from clipjax.data.tokenizers import tokenizer_from_json
 from clipjax.evals.encoders import Encoders
 from clipjax.evals.report import summary_lines, write_markdown, write_report
 from clipjax.evals.runner import EvalRunner
@@ -36,14 +42,44 @@ class RestoreError(ValueError):
     """A workdir, step or config that cannot be restored; the message is one line."""
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+def _checked_workdir(workdir: str) -> Checkpointer:
     if not os.path.isdir(workdir):
         raise RestoreError(f"workdir {workdir!r} does not exist")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.path.exists(
+        os.path.join(workdir, "config.json")
+    ):
+        raise RestoreError(f"{workdir!r} is not a clipjax training workdir (no checkpoints/, no config.json)")
+    return Checkpointer(workdir)
+
+
+def latest_meta(workdir: str, *, log=print) -> dict | None:
+    """The `meta` of the newest checkpoint whose meta reads (None for first-release checkpoints)."""
+    checkpointer = _checked_workdir(workdir)
+    try:
+        return newest_readable(
+            checkpointer.all_steps(), checkpointer.meta, log=log, what="metadata of checkpoint"
+        )[1]
+    finally:
+        checkpointer.close()
+
+
+def load_run_config(workdir: str, *, log=print) -> ml_collections.ConfigDict:
+    """The run's config, as its newest readable checkpoint recorded it (or its config.json)."""
+    meta = latest_meta(workdir, log=log)
+    if meta is not None:
+        return config_from_dict(meta["config"])
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise RestoreError(f"{path} not found: {workdir!r} is not a clipjax training workdir")
     with open(path) as f:
         return config_from_dict(json.load(f))
+
+
+def run_tokenizer(workdir: str, config, *, log=print):
+    """The tokenizer the run was trained with: from its checkpoint, or (first-release
+    checkpoints) rebuilt from the training data."""
+    meta = latest_meta(workdir, log=log)
+    return tokenizer_from_json(meta["tokenizer"]) if meta else make_source(config.data).tokenizer()
 
 
 def eval_mesh(devices=None) -> jax.sharding.Mesh:
@@ -52,29 +88,46 @@ def eval_mesh(devices=None) -> jax.sharding.Mesh:
     return make_mesh(spec, devices=devices)
 
 
-def restore_params(workdir: str, config, tokenizer, mesh, step: int | None = None):
-    """(graphdef, params, step): parameters only, placed on `mesh` by the config's sharding rules."""
-    checkpointer = Checkpointer(workdir)
+def restore_params(workdir: str, config, tokenizer, mesh, step: int | None = None, *, log=print):
+    """(graphdef, params, step): parameters only, placed on `mesh` by the config's sharding rules.
+
+    Without `step`, the newest checkpoint that reads; unreadable ones are skipped with a warning.
+    A checkpoint whose parameters do not fit `config.model` is an error, never skipped.
+    """
+    checkpointer = _checked_workdir(workdir)
     try:
         steps = checkpointer.all_steps()
         if not steps:
             raise RestoreError(f"no checkpoint in {checkpointer.directory}")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise RestoreError(
-                f"no checkpoint at step {step} in {checkpointer.directory} (steps: {sorted(steps)})"
-            )
+        if step is not None and step not in steps:
+            raise RestoreError(f"no checkpoint at step {step} in {checkpointer.directory} (steps: {steps})")
         abstract_model = nnx.eval_shape(model_factory(config, vocab_size=tokenizer.vocab_size))
         graphdef, _ = nnx.split(abstract_model)
-        shardings = param_shardings(abstract_model, mesh, config.sharding_rules)
         expected = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
-        _check_compatible(checkpointer.params_metadata(step), expected, step)
-        target = abstract_with_shardings(expected, shardings)
-        params = checkpointer.restore_params(step, target)
+        target = abstract_with_shardings(
+            expected, param_shardings(abstract_model, mesh, config.sharding_rules)
+        )
+        for candidate in [step] if step is not None else reversed(steps):
+            try:
+                saved = checkpointer.params_metadata(candidate)
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
+                saved, error = None, e
+            if saved is not None:
+                _check_compatible(saved, expected, candidate)
+                try:
+                    return graphdef, checkpointer.restore_params(candidate, target), candidate
+                except Exception as e:  # noqa: BLE001 - unreadable arrays: a damaged checkpoint
+                    error = e
+            if step is not None:
+                raise RestoreError(
+                    f"checkpoint {step} in {checkpointer.directory} cannot be read ({one_line(error)})"
+                )
+            log(
+                f"WARNING: skipping checkpoint {candidate} in {checkpointer.directory}: it cannot be read ({one_line(error)})"
+            )
+        raise RestoreError(f"no checkpoint in {checkpointer.directory} can be read (steps: {steps})")
     finally:
         checkpointer.close()
-    return graphdef, params, step
 
 
 def _flat_by_name(tree) -> dict[str, Any]:
@@ -103,6 +156,52 @@ def _check_compatible(saved, expected, step: int) -> None:
             )
 
 
+def _texts(strings) -> list[str]:
+    if isinstance(strings, (str, bytes)):
+        return [strings]
+    texts = list(strings)
+    bad = [t for t in texts if not isinstance(t, (str, bytes))]
+    if bad:
+        raise TypeError(f"encode_text: expected strings, got {type(bad[0]).__name__} {bad[0]!r}")
+    return texts
+
+
+def prepare_images(images, image_size: int) -> np.ndarray:
+    """uint8 [N, S, S, 3] from the inputs `TrainedModel.encode_image` accepts (one-line errors)."""
+    x = np.asarray(images)
+    if x.dtype == bool or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise TypeError(
+            f"encode_image: images must be uint8 in [0, 255] or float in [0, 1], got dtype {x.dtype}"
+        )
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    # A 3-dim array ending in 3 is one RGB image; a grayscale batch of width 3 needs [N, H, 3, 1].
+    if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] == 3):
+        x = x[None]
+    if x.ndim == 3:  # [N, H, W] grayscale
+        x = np.repeat(x[..., None], 3, axis=-1)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(
+            f"encode_image: expected [N, H, W, 3], [N, H, W, 1], [N, H, W] or one image, got shape {x.shape}"
+        )
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.all(np.isfinite(x)):
+            raise ValueError("encode_image: images contain NaN or infinite values")
+        if x.size and (x.min() < 0.0 or x.max() > 1.0):
+            raise ValueError(
+                f"encode_image: float images must lie in [0, 1], got values in [{x.min():g}, {x.max():g}] "
+                "(pass uint8 for 0-255 pixels)"
+            )
+        x = np.round(x * 255.0)
+    elif x.size and (x.min() < 0 or x.max() > 255):
+        raise ValueError(f"encode_image: integer images must lie in [0, 255], got [{x.min()}, {x.max()}]")
+    x = x.astype(np.uint8)
+    if x.shape[1:3] == (image_size, image_size):
+        return x
+    resized = [square_rgb(Image.fromarray(im), image_size) for im in x]
+    return np.stack(resized) if resized else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
 @dataclasses.dataclass
 class TrainedModel:
     """A restored dual encoder. Inputs are numpy; outputs are numpy [N, d] unit-norm embeddings."""
@@ -120,15 +219,25 @@ class TrainedModel:
             self.graphdef, self.params, self.mesh, self.tokenizer, batch_size=self.batch_size
         )
 
-    def tokenize(self, strings: Sequence[str]) -> np.ndarray:
-        return self.tokenizer.encode(list(strings))
+    def tokenize(self, strings: str | Sequence[str]) -> np.ndarray:
+        return self.tokenizer.encode(_texts(strings))
 
-    def encode_image(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, H, W, 3] at the training resolution (or float in [0, 1])."""
-        return self.encoders.image(images)
+    def encode_image(self, images) -> np.ndarray:
+        """Images -> [N, d] unit-norm embeddings.
 
-    def encode_text(self, strings: Sequence[str]) -> np.ndarray:
-        return self.encoders.text(strings)
+        Accepted: uint8 (or other integers) in [0, 255], or float in [0, 1]; [N, H, W, 3] RGB,
+        [N, H, W, 1] or [N, H, W] grayscale, or one [H, W, 3] / [H, W] image; any size (resized like the
+        training data: shorter side to the training resolution, centre crop). NaN, infinite,
+        bool, or float values outside [0, 1] are rejected with one line.
+        """
+        return self.encoders.image(prepare_images(images, int(self.config.data.image_size)))
+
+    def encode_text(self, strings: str | Sequence[str]) -> np.ndarray:
+        """A string or a list of strings -> [N, d] unit-norm embeddings ([0, d] for none)."""
+        texts = _texts(strings)
+        if not texts:
+            return np.zeros((0, int(self.config.model.embed_dim)), np.float32)
+        return self.encoders.text(texts)
 
     @property
     def logit_scale(self) -> float:
@@ -148,7 +257,7 @@ def load(
     """Restore the parameters of a training run (latest checkpoint, or `step`) onto `devices`."""
     config = apply_overrides(load_run_config(workdir), config_overrides or {})
     mesh = eval_mesh(devices)
-    tokenizer = make_source(config.data).tokenizer()
+    tokenizer = run_tokenizer(workdir, config)
     graphdef, params, step = restore_params(workdir, config, tokenizer, mesh, step)
     return TrainedModel(
         config=config, step=step, tokenizer=tokenizer, mesh=mesh, graphdef=graphdef, params=params
@@ -162,10 +271,10 @@ def evaluate_workdir(
     (default: the workdir). `config` defaults to the run's own."""
     config = load_run_config(workdir) if config is None else config
     mesh = eval_mesh(devices)
-    source = make_source(config.data)
-    tokenizer = source.tokenizer()
-    graphdef, params, step = restore_params(workdir, config, tokenizer, mesh, step)
-    report = EvalRunner(config, source, tokenizer).run(graphdef, params, mesh, step)
+    tokenizer = run_tokenizer(workdir, config, log=log)
+    graphdef, params, step = restore_params(workdir, config, tokenizer, mesh, step, log=log)
+    # The data source is read only by the evaluators that need held-out data.
+    report = EvalRunner(config, make_source(config.data), tokenizer).run(graphdef, params, mesh, step)
     out = out or workdir
     if jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)

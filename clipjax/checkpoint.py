@@ -1,13 +1,37 @@
-"""Orbax checkpoints: train state, data-iterator state and step in one atomic, async checkpoint."""
+"""Orbax checkpoints: train state, data-iterator state and what a checkpoint needs to be used on
+its own, in one atomic, asynchronous checkpoint per step.
+
+    checkpoints/<step>/state   params, opt_state, step and counters (sharded arrays)
+    checkpoints/<step>/data    the data iterator's position (JSON)
+    checkpoints/<step>/meta    format version, the run's resolved config, the tokenizer (the
+                               sentencepiece model itself), image preprocessing, examples seen
+
+A save writes to a temporary folder that Orbax renames when complete, so a save interrupted by
+a crash is never listed; a failed write is raised (`CheckpointWriteError`) at the next save or
+wait, never left to fail later. A checkpoint that cannot be read is reported with its reason;
+the trainer moves it to `<workdir>/damaged_checkpoints/` so the step can be written again.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 2
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message is one line."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:limit] if text else ''}"
 
 
 def _iterator_state_to_json(state: Any) -> dict:
@@ -27,9 +51,14 @@ class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with the items clipjax stores."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            # Temporary folders of saves that a crash interrupted are removed, not tripped on.
+            cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -37,13 +66,31 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: Any | None = None, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_state: Any | None = None, meta: dict | None = None) -> bool:
+        """Start writing checkpoint `step`; raises CheckpointWriteError if this or the previous
+        (asynchronous) write failed."""
+        self.check_for_errors()
         items = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(_iterator_state_to_json(data_state))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if meta is not None:
+            items["meta"] = ocp.args.JsonSave(meta)
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - any failure to write stops the run with its reason
+            raise CheckpointWriteError(
+                f"checkpoint {step} could not be written to {self.directory} ({one_line(e)})"
+            ) from e
+
+    def check_for_errors(self) -> None:
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointWriteError(
+                f"a checkpoint write to {self.directory} failed ({one_line(e)})"
+            ) from e
 
     def restore(self, step: int, abstract_state: Any, *, with_data: bool = True) -> tuple[Any, Any]:
         """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs with sharding)."""
@@ -54,24 +101,41 @@ class Checkpointer:
         data = restored.get("data") if with_data else None
         return restored["state"], (_iterator_state_from_json(data) if data is not None else None)
 
-    def restore_latest(self, abstract_state: Any, *, log=print) -> tuple[int, Any, Any] | None:
-        """(step, state, data_state) of the newest checkpoint that restores, or None if there is none.
+    def meta(self, step: int) -> dict | None:
+        """The checkpoint's `meta` item, or None for checkpoints written before it existed."""
+        path = os.path.join(self.directory, str(step), "meta")
+        if not os.path.isdir(path):
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-        Orbax only lists checkpoints whose save finished (a save writes to a temporary folder
-        and renames it when complete), so an interrupted save is never picked. A finished one
-        that was damaged afterwards fails to restore and the previous one is tried.
+    def restore_latest(
+        self, abstract_state: Any, *, log=print
+    ) -> tuple[tuple[int, Any, Any] | None, list[int]]:
+        """((step, state, data_state) of the newest checkpoint that restores, or None; the newer
+        steps that could not be read).
+
+        Orbax only lists checkpoints whose save finished, so an interrupted save is never picked.
         """
-        for step in sorted(self.all_steps(), reverse=True):
+        damaged = []
+        for step in reversed(self.all_steps()):
             try:
                 state, data = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
-                log(
-                    f"WARNING: checkpoint {step} in {self.directory} cannot be restored "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying an older one"
-                )
+                damaged.append(step)
+                log(f"WARNING: checkpoint {step} in {self.directory} cannot be restored ({one_line(e)})")
                 continue
-            return step, state, data
-        return None
+            return (step, state, data), damaged
+        return None, damaged
+
+    def set_aside(self, step: int) -> str:
+        """Move checkpoint `step` out of the checkpoint folder (to damaged_checkpoints/), so the
+        step can be written again; nothing is deleted."""
+        target_dir = os.path.join(self.workdir, "damaged_checkpoints")
+        os.makedirs(target_dir, exist_ok=True)
+        target = os.path.join(target_dir, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.rename(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
+        return target
 
     def _state_path(self, step: int) -> str:
         path = os.path.join(self.directory, str(step), "state")
@@ -85,6 +149,8 @@ class Checkpointer:
     def params_metadata(self, step: int) -> Any:
         """The saved parameter tree as ShapeDtypeStructs (no sharding), read without restoring."""
         tree = ocp.PyTreeCheckpointer().metadata(self._state_path(step)).item_metadata
+        if tree is None or "params" not in tree:
+            raise ValueError(f"checkpoint {step} has no readable parameter metadata")
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree["params"])
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
@@ -103,11 +169,25 @@ class Checkpointer:
         return restored["params"]
 
     def wait(self) -> None:
+        """Block until the save in progress is written; raise CheckpointWriteError if it failed."""
         self.manager.wait_until_finished()
+        self.check_for_errors()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+
+
+def newest_readable(steps: list[int], read: Callable[[int], Any], *, log=print, what: str = "checkpoint"):
+    """(step, read(step)) for the newest step that reads, logging each one skipped and why."""
+    for step in reversed(sorted(steps)):
+        try:
+            return step, read(step)
+        except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+            log(f"WARNING: skipping {what} {step}: it cannot be read ({one_line(e)})")
+    return None, None
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

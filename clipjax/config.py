@@ -10,7 +10,7 @@ Where each section is declared: `model` in clipjax/models/spec.py (and the tower
 `data` in clipjax/data/sources/ (common fields, one set per source, the tokenizer's),
 `evals` in clipjax/evals/runner.py (and each evaluator's file), `loss` in losses/select.py,
 `optim` in optim.py, the collapse alarm's thresholds in metrics/collapse.py; the rest below.
-`python -m clipjax.config` prints the field table of docs/configs.md.
+`python -m clipjax.config` prints the field table of docs/configs.md (`--update FILE` rewrites it).
 """
 
 from __future__ import annotations
@@ -56,6 +56,17 @@ def schema() -> Section:
             ),
             "max_nonfinite_streak": Field(
                 20, "stop after this many consecutive non-finite steps (0: never)", minimum=0
+            ),
+            "init_from": Field(
+                "", "a workdir whose latest weights start this (new) run; optimizer state is fresh"
+            ),
+            "resume": Section(
+                {
+                    "allow_changes": Field(
+                        "", "comma-separated keys that may differ from the config of the run being resumed"
+                    ),
+                },
+                doc="resuming a workdir with a changed config (docs/checkpoints.md)",
             ),
             "mesh": Section(
                 {
@@ -261,5 +272,23 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+DOC_BEGIN, DOC_END = "<!-- fields: python -m clipjax.config -->\n", "<!-- end fields -->"
+
+
+def update_doc(path: str) -> None:
+    """Rewrite the field table between the markers of docs/configs.md."""
+    with open(path) as f:
+        text = f.read()
+    head, rest = text.split(DOC_BEGIN, 1)
+    with open(path, "w") as f:
+        f.write(head + DOC_BEGIN + markdown_table() + DOC_END + rest.split(DOC_END, 1)[1])
+
+
 if __name__ == "__main__":
-    print(markdown_table(), end="")
+    import sys
+
+    # `python -m clipjax.config` prints the table; `... --update docs/configs.md` rewrites it there.
+    if sys.argv[1:2] == ["--update"]:
+        update_doc(sys.argv[2])
+    else:
+        print(markdown_table(), end="")

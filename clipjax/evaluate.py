@@ -5,7 +5,8 @@
 
 Only the parameters are restored (no optimizer state), directly into the shardings of this
 machine's mesh, whatever mesh trained them. The config is the run's own (<workdir>/config.json);
-`--config.key=value` overrides any field, for example the evaluation set size.
+`--config.key=value` overrides any field, for example the evaluation set size. Mistakes are
+reported in one line (exit status 2); --verbose or CLIPJAX_VERBOSE=1 adds tracebacks.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 from clipjax.api import RestoreError, evaluate_workdir, load_run_config
-from clipjax.config import translate_legacy_flags
+from clipjax.cli import check_override_keys, fail, run_reporting_errors
+from clipjax.config import ConfigError, translate_legacy_flags
 from clipjax.parallel.distributed import initialize_from_environment
+
+PROG = "clipjax.evaluate"
 
 
 def _workdir_from_argv(argv) -> str | None:
@@ -34,23 +38,26 @@ def main():
     sys.argv = translate_legacy_flags(sys.argv)
     workdir = _workdir_from_argv(sys.argv)
     if workdir is None:
-        sys.exit("clipjax.evaluate: --workdir is required")
+        fail(PROG, "--workdir is required")
     try:
         # The run's own config is the base, so `--config.key=value` overrides work as in training.
-        base = load_run_config(workdir)
-    except RestoreError as e:
-        sys.exit(f"clipjax.evaluate: {e}")
+        base = load_run_config(workdir, log=lambda line: print(line, file=sys.stderr))
+        check_override_keys(sys.argv, base)
+    except (RestoreError, ConfigError) as e:
+        fail(PROG, str(e))
     config_flags.DEFINE_config_dict("config", base)
     flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable).")
     flags.DEFINE_string("out", None, "Where report.json and report.md go (default: the workdir).")
+    flags.DEFINE_bool("verbose", False, "Print tracebacks with errors.")
 
     def run(argv):
         del argv
         absl_logging.set_verbosity(absl_logging.WARNING)
-        initialize_from_environment()
-        lead = jax.process_index() == 0
-        try:
+
+        def body():
+            initialize_from_environment()
+            lead = jax.process_index() == 0
             evaluate_workdir(
                 flags.FLAGS.workdir,
                 step=flags.FLAGS.step,
@@ -58,8 +65,8 @@ def main():
                 config=flags.FLAGS.config,
                 log=print if lead else (lambda _: None),
             )
-        except RestoreError as e:
-            sys.exit(f"clipjax.evaluate: {e}")
+
+        run_reporting_errors(PROG, body)
 
     app.run(run)
 

@@ -3,7 +3,8 @@
     python -m clipjax.train --config configs/demo.py --workdir runs/demo [--config.steps=500]
 
 A restart with the same --workdir resumes from the latest checkpoint, data iterator included.
-At the end the held-out split is evaluated and written to <workdir>/report.json.
+At the end the held-out split is evaluated and written to <workdir>/report.json. Mistakes are
+reported in one line (exit status 2); --verbose or CLIPJAX_VERBOSE=1 adds tracebacks.
 """
 
 from __future__ import annotations
@@ -14,25 +15,51 @@ import jax
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from clipjax.config import translate_legacy_flags
+from clipjax.cli import (
+    check_override_keys,
+    config_file_argument,
+    fail,
+    load_config_file,
+    run_reporting_errors,
+)
+from clipjax.config import ConfigError, translate_legacy_flags
 from clipjax.parallel.distributed import initialize_from_environment
 from clipjax.trainer import train
+
+PROG = "clipjax.train"
 
 
 def main(argv):
     del argv
     # Orbax and tfds log every checkpoint operation at INFO; keep the console to our own lines.
     absl_logging.set_verbosity(absl_logging.WARNING)
-    initialize_from_environment()
-    lead = jax.process_index() == 0
-    train(flags.FLAGS.config, flags.FLAGS.workdir, log=print if lead else (lambda _: None))
+
+    def body():
+        initialize_from_environment()
+        lead = jax.process_index() == 0
+        train(flags.FLAGS.config, flags.FLAGS.workdir, log=print if lead else (lambda _: None))
+
+    run_reporting_errors(PROG, body)
+
+
+def _check_command_line(argv: list[str]) -> None:
+    """Config-file and override-key mistakes as one line, before absl parses (and traces) them."""
+    spec = config_file_argument(argv)
+    if spec is None:
+        fail(PROG, "--config is required (a configs/*.py file, optionally file.py:arg)")
+    try:
+        check_override_keys(argv, load_config_file(spec))
+    except ConfigError as e:
+        fail(PROG, str(e))
 
 
 if __name__ == "__main__":
     sys.argv = translate_legacy_flags(sys.argv)
+    _check_command_line(sys.argv)
     config_flags.DEFINE_config_file(
         "config", None, "A configs/*.py file (optionally file.py:arg).", lock_config=True
     )
     flags.DEFINE_string("workdir", None, "Where checkpoints, logs and report.json go.")
+    flags.DEFINE_bool("verbose", False, "Print tracebacks with errors.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

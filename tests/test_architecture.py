@@ -82,9 +82,10 @@ def test_every_package_says_its_job():
 
 
 def test_configs_doc_lists_exactly_the_schema_fields():
-    """docs/configs.md holds the table `python -m clipjax.config` prints (regenerate it with that)."""
+    """docs/configs.md holds the table `python -m clipjax.config` prints (regenerate it with
+    `python -m clipjax.config --update docs/configs.md`)."""
     doc = (ROOT / "docs" / "configs.md").read_text()
-    begin, end = "<!-- fields: python -m clipjax.config -->\n", "<!-- end fields -->"
+    begin, end = config_lib.DOC_BEGIN, config_lib.DOC_END
     assert begin in doc and end in doc
     table = doc.split(begin, 1)[1].split(end, 1)[0]
     assert table == config_lib.markdown_table()

@@ -64,8 +64,9 @@ def test_missing_data_directory(tmp_path):
     assert "data.source" in _error(c) and "nowhere.csv" in _error(c)
     (tmp_path / "captions.csv").write_text("image,caption\n")
     c.data.source = str(tmp_path / "captions.csv")
+    # A data_dir that does not exist yet is created when the data is prepared, as for shapes.
     c.data.data_dir = str(tmp_path / "missing_dir")
-    assert "data.data_dir" in _error(c) and "missing_dir" in _error(c)
+    validate(c, num_devices=8)
 
 
 def test_bad_choices():

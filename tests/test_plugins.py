@@ -68,11 +68,10 @@ class ToyColorSource(DataSource):
         n = self.config.num_train if split == "train" else self.config.toy_num_test
         return _examples(n, 0 if split == "train" else 1, self.config.image_size)
 
-    def train_iterator(self, tokenizer, *, seed, process_index=0, process_count=1):
+    def train_iterator(self, tokenizer, *, seed, process_index=0, process_count=1, start_example=0):
         local = self.config.batch_size // process_count
-        return _ArrayBatches(
-            self._split("train"), local, tokenizer, process_index * local, self.config.batch_size
-        )
+        offset = start_example + process_index * local
+        return _ArrayBatches(self._split("train"), local, tokenizer, offset, self.config.batch_size)
 
     def eval_arrays(self, tokenizer, split="test", max_examples=None):
         arrays = self._split(split)

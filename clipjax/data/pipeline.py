@@ -99,19 +99,20 @@ class ChunkDecoder:
         return image, ""
 
     def __call__(self, indices) -> dict[str, Any]:
-        raw = self.source.__getitems__([int(i) for i in np.asarray(indices).reshape(-1)])
+        ids = [int(i) for i in np.asarray(indices).reshape(-1)]
+        raw = self.source.__getitems__(ids)
         ints = ("text_id", "index", "label") + self.extra_int_fields
         fields = records.parse(raw, ints, ("image", "caption"))
         skipped: collections.Counter = collections.Counter()
+        examples: list[tuple[int, str]] = []  # a few (record, reason), for error messages
         keep, images, captions = [], [], []
         for j in range(len(raw)):
             caption = decode_caption(fields["caption"][j])
-            if caption is None:
-                skipped["bad_caption"] += 1
-                continue
-            image, reason = self._image(fields["image"][j])
+            image, reason = (None, "bad_caption") if caption is None else self._image(fields["image"][j])
             if image is None:
                 skipped[reason] += 1
+                if len(examples) < DropCounter.EXAMPLES:
+                    examples.append((ids[j], reason))
                 continue
             keep.append(j)
             images.append(image)
@@ -125,19 +126,25 @@ class ChunkDecoder:
         if self.keep_captions:
             out["caption"] = np.array(captions, dtype=object)
         out["_skipped"] = dict(skipped)
+        out["_skipped_examples"] = examples
         return out
 
 
 class DropCounter:
     """Folds each chunk's '_skipped' counts into `counts`.
 
-    With `max_bad_fraction` set, raises once at least `min_seen` records have
-    gone by and more than that fraction of them could not be decoded: a data
-    set that is mostly broken should stop training, not quietly shrink it.
+    With `max_bad_fraction` set, raises once at least `min_seen` records have gone by and more
+    than that fraction of them, and more than `MIN_ALLOWED` records, could not be decoded: a
+    data set that is mostly broken should stop training, not quietly shrink it, while a small
+    folder with a few bad files should not. The error says how many, why, and which records.
     """
+
+    MIN_ALLOWED = 20
+    EXAMPLES = 5
 
     def __init__(self, max_bad_fraction: float | None = None, min_seen: int = 1000):
         self.counts: collections.Counter = collections.Counter()
+        self.examples: list[tuple[int, str]] = []
         self.kept = 0
         self.max_bad_fraction = max_bad_fraction
         self.min_seen = min_seen
@@ -149,20 +156,25 @@ class DropCounter:
     def __call__(self, chunk: dict[str, Any]) -> dict[str, Any]:
         chunk = dict(chunk)
         skipped = chunk.pop("_skipped")
+        self.examples.extend(chunk.pop("_skipped_examples", [])[: self.EXAMPLES - len(self.examples)])
         self.counts.update(skipped)
         self.kept += len(chunk["index"])
         seen = self.kept + self.total
         if (
             self.max_bad_fraction is not None
             and seen >= self.min_seen
-            and self.total > self.max_bad_fraction * seen
+            and self.total > max(self.max_bad_fraction * seen, self.MIN_ALLOWED)
         ):
-            raise ValueError(
-                f"{self.total} of {seen} records could not be decoded "
-                f"({dict(self.counts)}), more than data.max_bad_fraction="
-                f"{self.max_bad_fraction}"
+            which = ", ".join(f"record {i} ({reason})" for i, reason in self.examples)
+            raise BadDataError(
+                f"{self.total} of {seen} records could not be decoded ({dict(self.counts)}), more than "
+                f"data.max_bad_fraction={self.max_bad_fraction} of them; first: {which}"
             )
         return chunk
+
+
+class BadDataError(ValueError):
+    """Too much of the data cannot be decoded; the message is one line."""
 
 
 def _non_empty(chunk: dict[str, Any]) -> bool:
@@ -196,11 +208,14 @@ class IndexChunks:
         seed: int | Sequence[int],
         process_index: int = 0,
         process_count: int = 1,
+        start_example: int = 0,
     ):
         self.num_records = int(num_records)
         self.chunk_size = int(chunk_size)
         self.global_size = self.chunk_size * int(process_count)
-        self.offset = self.chunk_size * int(process_index)
+        # `start_example` shifts the whole stream: a run resumed with another global batch size
+        # continues from the number of examples it had seen.
+        self.offset = self.chunk_size * int(process_index) + int(start_example)
         self.seed = [int(seed)] if np.isscalar(seed) else [int(s) for s in seed]
         self._cache: dict[int, np.ndarray] = {}
 
@@ -264,11 +279,18 @@ class TrainIterator:
 
 
 def make_train_iterator(
-    decoder: ChunkDecoder, data_config, *, seed: int, process_index: int = 0, process_count: int = 1
+    decoder: ChunkDecoder,
+    data_config,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    start_example: int = 0,
 ) -> TrainIterator:
     """Endless, shuffled, per-process iterator over local train batches of `decoder.source`.
 
-    The order depends on `seed` and on data_config.shuffle_seed. Also read from the (complete)
+    The order depends on `seed` and on data_config.shuffle_seed; the stream starts at its
+    `start_example`-th example (0 for a new run). Also read from the (complete)
     `data_config`: batch_size (global), worker_count (0: decode in this process's prefetch
     threads), read_threads, prefetch (chunks buffered ahead), max_bad_fraction.
     """
@@ -289,6 +311,7 @@ def make_train_iterator(
         seed=(int(seed) % 2**32, int(data_config.shuffle_seed)),
         process_index=process_index,
         process_count=process_count,
+        start_example=start_example,
     )
     ds = grain.MapDataset.source(chunks).map(decoder)
     it_ds = ds.to_iter_dataset(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import tempfile
 
 from etils import epath
 import tensorflow_datasets as tfds
@@ -35,6 +38,28 @@ def prepare_once(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
     tfds itself writes into a temporary folder and renames it at the end, so a
     crashed preparation never looks complete.
     """
+    with _no_stray_temp_dirs():
+        return _prepare_once(make_builder, data_dir)
+
+
+@contextlib.contextmanager
+def _no_stray_temp_dirs():
+    """Remove the empty `tmp*tfds` folders tfds makes while building an unprepared builder.
+
+    `DatasetInfo.initialize_from_bucket` creates a temporary folder before it finds that GCS
+    access is off, and never removes it: one stray folder per builder, per process.
+    """
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for path in set(glob.glob(pattern)) - before:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only if empty: never anything tfds actually used
+
+
+def _prepare_once(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
     builder = make_builder()
     if builder.is_prepared():
         return builder

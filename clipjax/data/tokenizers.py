@@ -7,6 +7,7 @@ and exposes `vocab_size`, `max_len`, `pad_id`, `bos_id`, `eos_id`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -153,6 +154,10 @@ def train_sentencepiece(
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(model.getvalue())
+    # mkstemp makes the file 0600; the cache is shared by everyone who shares the data_dir.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     return path
 
@@ -223,3 +228,23 @@ def make_tokenizer(
             if not os.path.exists(path):
                 train_sentencepiece(texts, prefix, vocab_size, model_type)
     return SentencePieceTokenizer(path, max_len)
+
+
+def tokenizer_to_json(tokenizer) -> dict[str, Any]:
+    """Everything needed to rebuild `tokenizer` without its training data or files (checkpoints
+    store this, so a moved or grown dataset cannot change what token ids mean)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"kind": "byte", "max_len": tokenizer.max_len}
+    return {
+        "kind": "sentencepiece",
+        "max_len": tokenizer.max_len,
+        "model_proto": base64.b64encode(tokenizer._proto).decode("ascii"),
+    }
+
+
+def tokenizer_from_json(saved: dict[str, Any]):
+    if saved["kind"] == "byte":
+        return ByteTokenizer(saved["max_len"])
+    return SentencePieceTokenizer(
+        max_len=saved["max_len"], model_proto=base64.b64decode(saved["model_proto"])
+    )

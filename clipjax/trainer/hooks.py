@@ -124,11 +124,16 @@ class PreemptionWatch:
         return False
 
 
-def checkpoint_hook(checkpointer, data_iterator) -> Callable[[StepInfo], None]:
-    """Save the train state and the data position (asynchronously)."""
+def checkpoint_hook(
+    checkpointer, data_iterator, meta_at: Callable[[int], dict]
+) -> Callable[[StepInfo], None]:
+    """Save the train state, the data position and the checkpoint's meta (asynchronously).
+
+    A failed write (this one or the previous, asynchronous one) raises CheckpointWriteError: the
+    run stops at once rather than train on without checkpoints."""
 
     def save(info: StepInfo) -> None:
-        checkpointer.save(info.step, info.state, data_iterator.get_state())
+        checkpointer.save(info.step, info.state, data_iterator.get_state(), meta_at(info.step))
 
     return save
 

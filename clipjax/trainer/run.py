@@ -1,7 +1,15 @@
-"""`train(config, workdir)`: build everything from the config, run the loop, evaluate."""
+"""`train(config, workdir)`: build everything from the config, run the loop, evaluate.
+
+Before anything is built, the workdir is locked (one trainer per workdir) and, when it already
+holds checkpoints, the config is checked against the run they belong to (`clipjax.resume`). A
+resumed run takes its tokenizer from the checkpoint, never from the data. Whatever goes wrong
+in the loop, the save in progress is finished (or fails with its reason) and the lock is
+released before the error propagates.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -10,18 +18,22 @@ from typing import Callable
 import jax
 
 from clipjax import optim
-from clipjax.checkpoint import Checkpointer, abstract_with_shardings
+from clipjax.api import latest_meta, restore_params
+from clipjax.checkpoint import Checkpointer, abstract_with_shardings, newest_readable
 from clipjax.config import total_steps, validate
 from clipjax.data.sources import make_source
+from clipjax.data.tokenizers import tokenizer_from_json
 from clipjax.evals.report import summary_lines, write_report
 from clipjax.evals.runner import EvalRunner
 from clipjax.metric_writer import MetricWriter, Progress
 from clipjax.metrics import ALARM_FIELDS, CollapseAlarm
 from clipjax.parallel import host_batch_to_global, make_mesh
+from clipjax.resume import ResumeError, check_resume, checkpoint_meta, resolve_paths
 from clipjax.trainer import hooks
 from clipjax.trainer.loop import Trainer
 from clipjax.trainer.state import init_train_state
 from clipjax.trainer.step import STEP_INPUTS, make_train_step
+from clipjax.workdir_lock import WorkdirLock
 
 
 def alarm_start_step(config, total: int) -> int:
@@ -38,16 +50,49 @@ def _global_batches(iterator, mesh):
         yield host_batch_to_global({k: batch[k] for k in STEP_INPUTS}, mesh)
 
 
+def _previous_run(checkpointer: Checkpointer, workdir: str, log) -> tuple[dict | None, dict | None]:
+    """(config, meta) of the run the workdir's checkpoints belong to; (None, None) without any."""
+    steps = checkpointer.all_steps()
+    if not steps:
+        return None, None
+    _, meta = newest_readable(steps, checkpointer.meta, log=log, what="checkpoint metadata of")
+    if meta is not None:
+        return meta["config"], meta
+    path = os.path.join(workdir, "config.json")  # checkpoints written before `meta` existed
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f), None
+    return None, None
+
+
 def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Train (resuming if workdir has a checkpoint), evaluate, and return the final report.
 
     `stop_at` ends this run early after that many total steps, with a checkpoint and no
     evaluation, as a preemption would; the learning-rate schedule still follows `config.steps`.
     """
-    t_start = time.perf_counter()
     validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    config = resolve_paths(config)
     lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    with contextlib.ExitStack() as cleanup:
+        if lead:
+            lock = WorkdirLock(workdir)
+            lock.acquire(log=log)
+            cleanup.callback(lock.release)
+        return _train(config, workdir, stop_at=stop_at, log=log, lead=lead, cleanup=cleanup)
+
+
+def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack) -> dict:
+    t_start = time.perf_counter()
+    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    cleanup.callback(checkpointer.close)
+    stored_config, meta = _previous_run(checkpointer, workdir, log)
+    if stored_config is not None:
+        for key, (old, new) in check_resume(stored_config, config, workdir).items():
+            log(f"resuming with {key} changed: {old!r} -> {new!r}")
+    elif config.init_from and os.path.abspath(config.init_from) == os.path.abspath(workdir):
+        raise ResumeError(f"init_from: {config.init_from!r} is this workdir; a run cannot start from itself")
     if lead:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
@@ -55,25 +100,54 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
     mesh = make_mesh(config.mesh)
     source = make_source(config.data)
     source.prepare()
-    tokenizer = source.tokenizer()
+    if meta is None and stored_config is None and config.init_from:
+        meta = latest_meta(config.init_from)  # a run started from weights keeps their token ids
+    # A resumed run keeps the token ids it was trained with, whatever the data says now.
+    tokenizer = tokenizer_from_json(meta["tokenizer"]) if meta else source.tokenizer()
     total = total_steps(config)
     initial = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
     graphdef, state, shardings = initial.graphdef, initial.state, initial.shardings
-    iterator = source.train_iterator(
-        tokenizer, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
-    )
 
-    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-    restored = checkpointer.restore_latest(abstract_with_shardings(state, shardings), log=log)
-    step = 0
-    if restored is not None:
+    # The data stream's offset, and the examples seen at `step` (for the checkpoints' meta).
+    step, data_state, data_offset, examples = 0, None, 0, 0
+    if stored_config is not None:
+        restored, damaged = checkpointer.restore_latest(abstract_with_shardings(state, shardings), log=log)
+        for bad in damaged:
+            # Set aside, not deleted: the step can be saved again, and nothing is lost.
+            log(f"WARNING: moved the unreadable checkpoint {bad} to {checkpointer.set_aside(bad)}")
+        if restored is None:
+            raise ResumeError(
+                f"no checkpoint in {checkpointer.directory} can be restored; see the warnings above"
+            )
         step, state, data_state = restored
-        if data_state is not None:
-            iterator.set_state(data_state)
+        meta = checkpointer.meta(step) or meta
+        old_batch = int(stored_config["data"]["batch_size"])
+        examples = int(meta["examples_seen"]) if meta else step * old_batch
+        data_offset = int(meta["data_offset"]) if meta else 0
+        if old_batch != config.data.batch_size:
+            # Same stream of examples, read on from where the old batch size left it.
+            data_offset, data_state = examples, None
+            log(
+                f"global batch {old_batch} -> {config.data.batch_size}: the data continues at example {examples}"
+            )
         log(f"resumed from {checkpointer.directory} at step {step}")
+    elif config.init_from:
+        _, params, init_step = restore_params(config.init_from, config, tokenizer, mesh)
+        state["params"] = jax.device_put(params, shardings["params"])
+        log(f"initialised from the weights of {config.init_from} at step {init_step}")
+    iterator = source.train_iterator(
+        tokenizer,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        start_example=data_offset,
+    )
+    if data_state is not None:
+        iterator.set_state(data_state)
 
     train_step = make_train_step(config, mesh, graphdef, shardings, initial.tx, initial.schedule)
     writer = MetricWriter(workdir, enabled=lead)
+    cleanup.callback(writer.close)
     progress = Progress(total, enabled=lead)
     evaluation = EvalRunner(config, source, tokenizer)
     t_prepared = time.perf_counter()
@@ -97,6 +171,12 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
         batch_size=config.data.batch_size,
         **{k: config.metrics[k] for k in ALARM_FIELDS},
     )
+    step_base, examples_base = step, examples
+
+    def meta_at(step: int) -> dict:
+        seen = examples_base + (step - step_base) * config.data.batch_size
+        return checkpoint_meta(config, tokenizer, examples_seen=seen, data_offset=data_offset)
+
     # Order matters: the hooks that may stop the run come before the checkpoint.
     trainer.add_hook(
         hooks.LogHook(
@@ -119,7 +199,9 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
     with hooks.PreemptionWatch() as preemption:
         trainer.add_hook(preemption, every=1)
         trainer.add_hook(
-            hooks.checkpoint_hook(checkpointer, iterator), every=config.checkpoint_every, at_stop=True
+            hooks.checkpoint_hook(checkpointer, iterator, meta_at),
+            every=config.checkpoint_every,
+            at_stop=True,
         )
         trainer.add_hook(
             hooks.eval_hook(evaluation, writer, graphdef=graphdef, mesh=mesh, total_steps=total, log=log),
@@ -127,7 +209,14 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
         )
         # Last: one metrics.jsonl record per step, written as soon as the step's hooks are done.
         trainer.add_hook(lambda info: writer.flush(), every=1)
-        state = trainer.run()
+        try:
+            state = trainer.run()
+        except BaseException:
+            # The real error propagates; first the save in progress is finished (or its own
+            # failure is dropped in favour of the original error), leaving no partial state.
+            with contextlib.suppress(Exception):
+                checkpointer.wait()
+            raise
     step, stop_reason = trainer.step, trainer.stop_reason
     if stop_reason:
         log(f"stopped at step {step}: {stop_reason}")
@@ -147,8 +236,6 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
             write_report(report, os.path.join(workdir, "report.json"))
             for line in summary_lines(report):
                 log(line)
-    checkpointer.close()
-    writer.close()
     if stop_reason and "non-finite" in stop_reason:
         raise hooks.NonFiniteError(f"stopped at step {step}: {stop_reason}")
     return report

@@ -59,9 +59,12 @@ class DataSource:
     def prepare(self) -> None:
         """One-time work before reading (rendering, converting); safe under concurrent processes."""
 
-    def train_iterator(self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1):
-        """An endless `clipjax.data.pipeline.TrainIterator` (or any object with its methods)
-        over this process's slice of each global batch."""
+    def train_iterator(
+        self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1, start_example: int = 0
+    ):
+        """An endless `clipjax.data.pipeline.TrainIterator` (or any object with `next()`,
+        `get_state()`, `set_state()`, `drop_counts`) over this process's slice of each global
+        batch, from the `start_example`-th example of the run's stream on."""
         raise NotImplementedError(f"data source {self.name!r} has no train iterator")
 
     def eval_arrays(self, tokenizer, split: str = "test", max_examples: int | None = None) -> dict:

@@ -34,8 +34,7 @@ class ImageTextFolderSource(TfdsRecordSource):
             raise ConfigError(
                 f"data.source: {source!r} does not exist (a folder or CSV of images and captions)"
             )
-        if not os.path.isdir(os.path.expanduser(data_config.data_dir)):
-            raise ConfigError(f"data.data_dir: directory {data_config.data_dir!r} does not exist")
+        # data_dir need not exist: it is created when the folder is prepared, as for every source.
 
     def make_builder(self):
         return folder_tfds.prepare_folder(

@@ -48,13 +48,16 @@ class TfdsRecordSource(DataSource):
             **kwargs,
         )
 
-    def train_iterator(self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1):
+    def train_iterator(
+        self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1, start_example: int = 0
+    ):
         return pipeline.make_train_iterator(
             self.decoder("train", tokenizer),
             self.config,
             seed=seed,
             process_index=process_index,
             process_count=process_count,
+            start_example=start_example,
         )
 
     def eval_arrays(

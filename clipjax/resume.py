@@ -1,0 +1,128 @@
+"""Whether a workdir's run may go on under a given config, and what a checkpoint records about it.
+
+A workdir belongs to one run. Restarting it with the same config resumes exactly. A config that
+differs only in how the run is carried out (logging, evaluation, the mesh, data-loading
+threads, the loss implementation: `RUN_CONTROL`) resumes too. Any other difference is refused
+with one line that names the keys and the three ways forward: a new workdir; `init_from` (a new
+run that starts from the old run's weights); or `resume.allow_changes` naming the keys that may
+change (the learning rate, the step count, ...). Checkpoints of a run are never deleted or
+overwritten by a run with another config.
+
+A changed global batch (`data.batch_size` in `resume.allow_changes`) continues from the same
+number of examples seen: the data order is the same endless stream, read from that position on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from clipjax.config import ConfigError, _flat
+from clipjax.data.tokenizers import tokenizer_to_json
+from clipjax.models.two_towers import CLIP_MEAN, CLIP_STD
+
+# Keys (or prefixes ending in '.') whose change leaves what is trained unchanged.
+RUN_CONTROL = (
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_nonfinite_streak",
+    "mesh.",
+    "sharding_rules",
+    "microbatches",
+    "loss.impl",
+    "loss.chunk",
+    "evals.",
+    "metrics.",
+    "data.data_dir",
+    "data.worker_count",
+    "data.read_threads",
+    "data.prefetch",
+    "data.max_bad_fraction",
+    "resume.",
+    "init_from",
+)
+# Fields holding paths, stored absolute so the run can be used from any directory.
+PATH_KEYS = ("data.data_dir", "data.source", "data.tokenizer.model_file")
+
+
+class ResumeError(ConfigError):
+    """The workdir holds a run that this config cannot continue; the message is one line."""
+
+
+def _normalised(values: Any) -> dict[str, Any]:
+    return _flat(
+        json.loads(json.dumps(values.to_dict() if hasattr(values, "to_dict") else values, default=str))
+    )
+
+
+def config_changes(stored: Any, config: Any) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (stored value, new value)} for every field that differs."""
+    old, new = _normalised(stored), _normalised(config)
+    missing = object()
+    return {
+        k: (old.get(k), new.get(k))
+        for k in sorted(set(old) | set(new))
+        if old.get(k, missing) != new.get(k, missing)
+    }
+
+
+def _is_run_control(key: str) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RUN_CONTROL)
+
+
+def allowed_changes(config) -> set[str]:
+    return {k.strip() for k in config.resume.allow_changes.split(",") if k.strip()}
+
+
+def check_resume(stored: Any, config: Any, workdir: str) -> dict[str, tuple[Any, Any]]:
+    """Raise ResumeError unless `config` may continue the run whose config was `stored`;
+    return the accepted changes."""
+    changes = config_changes(stored, config)
+    allowed = allowed_changes(config)
+    refused = {k: v for k, v in changes.items() if not _is_run_control(k) and k not in allowed}
+    if refused:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:4])
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        raise ResumeError(
+            f"workdir {workdir} holds a run with another config ({shown}{more}); use a new --workdir, "
+            f"or --config.init_from={workdir} to start a new run from its weights, or "
+            f"--config.resume.allow_changes={','.join(refused)} to continue this run with the change"
+        )
+    return changes
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy with every relative path field made absolute (against this directory)."""
+    config = copy.deepcopy(config)
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        section = config
+        for p in parents:
+            section = section[p]
+        value = section[leaf]
+        if value and "://" not in value:
+            section[leaf] = os.path.abspath(os.path.expanduser(value))
+    return config
+
+
+def checkpoint_meta(config, tokenizer, *, examples_seen: int, data_offset: int) -> dict:
+    """The `meta` item of a checkpoint: enough to use it without the training data."""
+    return {
+        "format_version": 2,
+        "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        "tokenizer": tokenizer_to_json(tokenizer),
+        "preprocessing": {
+            "image_size": int(config.data.image_size),
+            "resize": "shorter side to image_size (bicubic), centre crop",
+            "input": "RGB uint8 in [0, 255] (or float in [0, 1])",
+            "mean": CLIP_MEAN.tolist(),
+            "std": CLIP_STD.tolist(),
+        },
+        "examples_seen": int(examples_seen),
+        "data_offset": int(data_offset),
+    }
