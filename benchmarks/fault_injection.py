@@ -30,7 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from absl import logging as absl_logging  # noqa: E402
+
 from clipjax.checkpoint import Checkpointer  # noqa: E402
+
+absl_logging.set_verbosity(absl_logging.ERROR)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--kills", type=int, default=20)
@@ -64,7 +68,7 @@ def params(workdir, step=None):
     ckpt = Checkpointer(workdir)
     try:
         step = ckpt.latest_step() if step is None else step
-        return [np.asarray(x) for x in _leaves(ckpt.manager.restore(step)["state"]["params"])]
+        return [np.asarray(x) for x in _leaves(ckpt.read_everything(step)["state"]["params"])]
     finally:
         ckpt.close()
 
@@ -84,7 +88,7 @@ def unreadable_checkpoints(workdir) -> list[str]:
     try:
         for step in ckpt.all_steps():
             try:
-                restored = ckpt.manager.restore(step)
+                restored = ckpt.read_everything(step)
                 assert {"state", "data", "meta"} <= set(restored), sorted(restored)
             except Exception as e:  # noqa: BLE001
                 bad.append(f"{step}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")

@@ -113,7 +113,7 @@ def restore_params(workdir: str, config, tokenizer, mesh, step: int | None = Non
             except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
                 saved, error = None, e
             if saved is not None:
-                _check_compatible(saved, expected, candidate)
+                check_params_compatible(saved, expected, candidate)
                 try:
                     return graphdef, checkpointer.restore_params(candidate, target), candidate
                 except Exception as e:  # noqa: BLE001 - unreadable arrays: a damaged checkpoint
@@ -138,7 +138,8 @@ def _flat_by_name(tree) -> dict[str, Any]:
     return {name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _check_compatible(saved, expected, step: int) -> None:
+def check_params_compatible(saved, expected, step: int) -> None:
+    """RestoreError (one line) unless the saved parameter tree has the expected names and shapes."""
     flat_saved, flat_expected = _flat_by_name(saved), _flat_by_name(expected)
     for key in sorted(set(flat_saved) | set(flat_expected)):
         if key not in flat_saved:

@@ -101,6 +101,13 @@ class Checkpointer:
         data = restored.get("data") if with_data else None
         return restored["state"], (_iterator_state_from_json(data) if data is not None else None)
 
+    def read_everything(self, step: int) -> dict:
+        """Every item of checkpoint `step` read in full, arrays as saved: a check that it is whole."""
+        items = {"state": ocp.args.StandardRestore(), "data": ocp.args.JsonRestore()}
+        if os.path.isdir(os.path.join(self.directory, str(step), "meta")):
+            items["meta"] = ocp.args.JsonRestore()
+        return self.manager.restore(step, args=ocp.args.Composite(**items))
+
     def meta(self, step: int) -> dict | None:
         """The checkpoint's `meta` item, or None for checkpoints written before it existed."""
         path = os.path.join(self.directory, str(step), "meta")

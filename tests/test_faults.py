@@ -223,7 +223,7 @@ def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
         steps = checkpointer.all_steps()
         assert not steps or steps[-1] < 12
         for step in steps:  # whatever is listed restores in full
-            assert {"state", "data", "meta"} <= set(checkpointer.manager.restore(step))
+            assert {"state", "data", "meta"} <= set(checkpointer.read_everything(step))
         checkpointer.close()
     subprocess.run(
         _train_cli(tmp_path / "killed", tfds_dir, *args), cwd=ROOT, env=env, check=True, capture_output=True

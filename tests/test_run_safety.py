@@ -72,6 +72,12 @@ def test_resume_with_another_model_is_refused_and_loses_nothing(run, tmp_path):
         assert (
             "\n" not in message and key in message and "init_from" in message and "allow_changes" in message
         )
+    # Allowing a change of shapes does not make the checkpoints "damaged": still refused, untouched.
+    config = tiny_demo(run[1].data.data_dir, **{"evals.at_end": False, "model.embed_dim": 32})
+    config.resume.allow_changes = "model.embed_dim"
+    with pytest.raises(ResumeError, match="does not match the model config: .*shape"):
+        train_lib.train(config, str(workdir), **QUIET)
+    assert not (workdir / "damaged_checkpoints").exists()
     after = (
         sorted(os.listdir(workdir / "checkpoints")),
         (workdir / "config.json").read_text(),

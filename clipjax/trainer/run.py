@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 
 from clipjax import optim
-from clipjax.api import latest_meta, restore_params
+from clipjax.api import RestoreError, check_params_compatible, latest_meta, restore_params
 from clipjax.checkpoint import Checkpointer, abstract_with_shardings, newest_readable
 from clipjax.config import total_steps, validate
 from clipjax.data.sources import make_source
@@ -65,6 +65,23 @@ def _previous_run(checkpointer: Checkpointer, workdir: str, log) -> tuple[dict |
     return None, None
 
 
+def _refuse_other_shapes(checkpointer: Checkpointer, params) -> None:
+    """A model change allowed by `resume.allow_changes` that changes parameter shapes is refused
+    here, before restoring: such checkpoints are not damaged and must not be set aside."""
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            saved = checkpointer.params_metadata(step)
+        except Exception:  # noqa: BLE001 - unreadable: judged (and set aside) by the restore
+            continue
+        try:
+            check_params_compatible(saved, params, step)
+        except RestoreError as e:
+            raise ResumeError(
+                f"{e}; use a new --workdir (or --config.init_from for a compatible model)"
+            ) from None
+        return
+
+
 def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Train (resuming if workdir has a checkpoint), evaluate, and return the final report.
 
@@ -93,9 +110,6 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
             log(f"resuming with {key} changed: {old!r} -> {new!r}")
     elif config.init_from and os.path.abspath(config.init_from) == os.path.abspath(workdir):
         raise ResumeError(f"init_from: {config.init_from!r} is this workdir; a run cannot start from itself")
-    if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
 
     mesh = make_mesh(config.mesh)
     source = make_source(config.data)
@@ -111,6 +125,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     # The data stream's offset, and the examples seen at `step` (for the checkpoints' meta).
     step, data_state, data_offset, examples = 0, None, 0, 0
     if stored_config is not None:
+        _refuse_other_shapes(checkpointer, state["params"])
         restored, damaged = checkpointer.restore_latest(abstract_with_shardings(state, shardings), log=log)
         for bad in damaged:
             # Set aside, not deleted: the step can be saved again, and nothing is lost.
@@ -135,6 +150,9 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
         _, params, init_step = restore_params(config.init_from, config, tokenizer, mesh)
         state["params"] = jax.device_put(params, shardings["params"])
         log(f"initialised from the weights of {config.init_from} at step {init_step}")
+    if lead:  # only now: a refused or failed start leaves the previous run's config.json as it was
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, default=str)
     iterator = source.train_iterator(
         tokenizer,
         seed=config.seed,
