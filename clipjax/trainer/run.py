@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 import jax
+from jax.experimental import multihost_utils
 
 from clipjax import optim
 from clipjax.api import RestoreError, check_params_compatible, latest_meta, restore_params
@@ -128,8 +129,13 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
         _refuse_other_shapes(checkpointer, state["params"])
         restored, damaged = checkpointer.restore_latest(abstract_with_shardings(state, shardings), log=log)
         for bad in damaged:
-            # Set aside, not deleted: the step can be saved again, and nothing is lost.
-            log(f"WARNING: moved the unreadable checkpoint {bad} to {checkpointer.set_aside(bad)}")
+            # Set aside, not deleted: the step can be saved again, and nothing is lost. One
+            # process moves it; the others wait and see the folder without it.
+            if lead:
+                log(f"WARNING: moved the unreadable checkpoint {bad} to {checkpointer.set_aside(bad)}")
+        if damaged and jax.process_count() > 1:
+            multihost_utils.sync_global_devices("clipjax: damaged checkpoints set aside")
+            checkpointer.manager.reload()
         if restored is None:
             raise ResumeError(
                 f"no checkpoint in {checkpointer.directory} can be restored; see the warnings above"
