@@ -7,8 +7,8 @@ its own, in one atomic, asynchronous checkpoint per step.
                                sentencepiece model itself), image preprocessing, examples seen
 
 A save writes to a temporary folder that Orbax renames when complete, so a save interrupted by
-a crash is never listed; a failed write is raised (`CheckpointWriteError`) at the next save or
-wait, never left to fail later. A checkpoint that cannot be read is reported with its reason;
+a crash is never listed; a failed write is raised (`CheckpointWriteError`, naming its step) at
+the next save or wait, never left to fail later. A checkpoint that cannot be read is reported with its reason;
 the trainer moves it to `<workdir>/damaged_checkpoints/` so the step can be written again.
 """
 
@@ -61,6 +61,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writing: int | None = None  # the step of the save in progress, for error messages
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -69,27 +70,20 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: Any | None = None, meta: dict | None = None) -> bool:
-        """Start writing checkpoint `step`; raises CheckpointWriteError if this or the previous
-        (asynchronous) write failed."""
-        self.check_for_errors()
+        """Start writing checkpoint `step`; raises CheckpointWriteError if the previous
+        (asynchronous) write failed, or this one cannot start."""
+        self.wait()
         items = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(_iterator_state_to_json(data_state))
         if meta is not None:
             items["meta"] = ocp.args.JsonSave(meta)
+        self._writing = step
         try:
             return self.manager.save(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - any failure to write stops the run with its reason
             raise CheckpointWriteError(
                 f"checkpoint {step} could not be written to {self.directory} ({one_line(e)})"
-            ) from e
-
-    def check_for_errors(self) -> None:
-        try:
-            self.manager.check_for_errors()
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointWriteError(
-                f"a checkpoint write to {self.directory} failed ({one_line(e)})"
             ) from e
 
     def restore(self, step: int, abstract_state: Any, *, with_data: bool = True) -> tuple[Any, Any]:
@@ -176,9 +170,15 @@ class Checkpointer:
         return restored["params"]
 
     def wait(self) -> None:
-        """Block until the save in progress is written; raise CheckpointWriteError if it failed."""
-        self.manager.wait_until_finished()
-        self.check_for_errors()
+        """Block until the save in progress is written; CheckpointWriteError, naming its step,
+        if it failed. (Orbax itself would only raise it from a later save, under that save's step.)"""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointWriteError(
+                f"checkpoint {self._writing} could not be written to {self.directory} ({one_line(e)})"
+            ) from e
 
     def close(self) -> None:
         try:
