@@ -53,17 +53,22 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
 
 
 def weight_decay_mask(model: nnx.Module):
-    """True for matrices and kernels, False for biases, norm scales and the temperature.
+    """True for weight matrices, kernels and embedding tables; False for every bias (whatever its
+    rank: attention biases are [heads, head_dim]), norm scales, 1-D tokens and the temperature.
 
-    Decided from the logical axis names rather than the array rank, because blocks stacked for
-    `scan` give a bias a leading 'layers' axis and would otherwise look like a matrix.
+    Rank is read from the logical axis names rather than the array shape, because blocks stacked
+    for `scan` give a bias a leading 'layers' axis and would otherwise look like a matrix.
     """
     state = nnx.state(model, nnx.Param)
     names = nnx.to_pure_dict(nnx.get_partition_spec(state))
-    return jax.tree.map(
-        lambda spec: spec is not None and sum(n is not None and n != "layers" for n in spec) >= 2,
-        names,
-        is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec),
+
+    def decayed(path, spec) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        matrix = spec is not None and sum(n is not None and n != "layers" for n in spec) >= 2
+        return matrix and "bias" not in name and name != "scale"
+
+    return jax.tree_util.tree_map_with_path(
+        decayed, names, is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec)
     )
 
 

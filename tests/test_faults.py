@@ -66,6 +66,21 @@ def test_nonfinite_batch_is_skipped_and_counted(tfds_dir, tmp_path, monkeypatch)
     assert all(np.isfinite(r["param_norm"]) for r in records)
     _, params = _params(tmp_path)
     assert all(np.all(np.isfinite(p)) for p in params)
+    # One step count for schedule, logs and checkpoints: the skipped step still moved the
+    # schedule, so each logged lr is the one applied and the run ends on the schedule's end.
+    from clipjax import optim
+
+    schedule = optim.learning_rate_schedule(config.optim, config.steps)
+    assert [r["lr"] for r in records] == pytest.approx([float(schedule(s - 1)) for s in (1, 2, 3, 4)])
+    checkpointer = Checkpointer(str(tmp_path))
+    opt_state = checkpointer.read_everything(4)["state"]["opt_state"]
+    checkpointer.close()
+    counts = [
+        int(x)
+        for p, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+        if "count" in jax.tree_util.keystr(p)
+    ]
+    assert counts and set(counts) == {4}
 
 
 def test_stream_of_nonfinite_batches_stops_with_last_good_checkpoint(tfds_dir, tmp_path, monkeypatch):

@@ -193,3 +193,25 @@ def test_periodic_evaluation_during_training(data_dir, tmp_path):
     assert [r["step"] for r in interim] == [2]  # step 4 is the end-of-run report
     assert 0.0 <= interim[0]["eval/retrieval/image_to_text/R@1"] <= 1.0
     assert report["step"] == 4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", ["", "tiny"])
+def test_weight_decay_reaches_every_kernel_and_no_bias_norm_or_vector(name, arg):
+    from flax import nnx
+
+    from clipjax import optim
+    from clipjax.models import model_factory
+
+    config = load_config(name, arg)
+    model = nnx.eval_shape(model_factory(config, vocab_size=100))
+    mask = jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(model))[0]
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert len(mask) == len(params)
+    for path, decayed in mask:
+        key = jax.tree_util.keystr(path)
+        leaf = str(path[-1].key)
+        if "bias" in leaf or leaf == "scale" or leaf in ("logit_scale", "probe", "cls"):
+            assert not decayed, key
+        if leaf in ("kernel", "query", "key", "value", "out", "embed"):
+            assert decayed, key

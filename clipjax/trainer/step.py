@@ -108,6 +108,11 @@ def make_grad_fn(config, graphdef, mesh):
     return grad_fn
 
 
+def _is_counter(path) -> bool:
+    """The step counts inside optax states (`count` fields of Adam, schedules, ...)."""
+    return bool(path) and getattr(path[-1], "name", getattr(path[-1], "key", None)) == "count"
+
+
 # The batch keys the step reads (the rest of a data batch stays on the host).
 STEP_INPUTS = ("image", "text", "text_id", "label")
 
@@ -157,7 +162,13 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
         new_state = {
             "step": state["step"] + 1,
             "params": keep(params, state["params"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
+            # ...except the step counters: one step count drives the schedule, the logs and the
+            # checkpoints, so a skipped step still moves the learning rate along its curve.
+            "opt_state": jax.tree_util.tree_map_with_path(
+                lambda path, n, o: n if _is_counter(path) else jnp.where(finite, n, o),
+                opt_state,
+                state["opt_state"],
+            ),
             "nonfinite_total": state["nonfinite_total"] + skipped,
             "nonfinite_streak": metrics["nonfinite_streak"],
         }
