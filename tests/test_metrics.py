@@ -25,7 +25,7 @@ from clipjax.metrics import (
 from clipjax.metrics import geometry
 from clipjax.metrics.plot import plot_spectrum_history
 
-spectrum_of = jax.jit(lambda x: spectrum_metrics(covariance(x)[0]))
+spectrum_of = jax.jit(lambda x: spectrum_metrics(*covariance(x)))
 
 
 def _unit(x):
@@ -59,9 +59,35 @@ def test_rank_k_data_has_effective_rank_k():
     basis = np.linalg.qr(rng.normal(size=(d, k)))[0]
     x = rng.normal(size=(n, k)) @ basis.T + 2.0  # isotropic within a 5-dim subspace, off-center
     m = spectrum_of(jnp.asarray(x, jnp.float32))
-    assert abs(float(m["effective_rank"]) - k) < 0.1 * k
+    assert abs(float(m["effective_rank_centered"]) - k) < 0.1 * k
     assert int(m["dims_99"]) == k
     assert np.all(np.diff(np.asarray(m["spectrum"])) <= 0) and np.all(np.asarray(m["spectrum"]) >= 0)
+
+
+def test_rankme_equals_the_hand_computed_value_on_a_power_law_spectrum():
+    """Singular values sigma_k = k^-1.5 of the embeddings themselves (RankMe as published).
+
+    An implementation that used eigenvalues (sigma^2) in place of singular values, or that
+    centered the data, would give another value (both are computed below and must differ)."""
+    n, d = 256, 64
+    rng = np.random.default_rng(7)
+    sigma = np.arange(1, d + 1, dtype=np.float64) ** -1.5
+    # The first left singular vector is constant: the largest component is the rows' common
+    # offset, which the centered variant removes (so the two must differ).
+    u = np.linalg.qr(np.column_stack([np.ones(n), rng.normal(size=(n, d - 1))]))[0]
+    v = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    x = (u * sigma) @ v.T  # exactly these singular values
+    p = sigma / sigma.sum()
+    expected = float(np.exp(-np.sum(p * np.log(p))))
+    got = spectrum_of(jnp.asarray(x, jnp.float32))
+    assert float(got["effective_rank"]) == pytest.approx(expected, rel=2e-3)
+    squared = sigma**2 / np.sum(sigma**2)
+    assert abs(float(np.exp(-np.sum(squared * np.log(squared)))) - expected) > 0.3 * expected
+    centered = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    q = centered / centered.sum()
+    centered_rank = float(np.exp(-np.sum(q * np.log(q))))
+    assert float(got["effective_rank_centered"]) == pytest.approx(centered_rank, rel=2e-3)
+    assert abs(centered_rank - expected) > 1e-2 * expected
 
 
 @pytest.mark.parametrize("a", [1.5, 2.0])

@@ -76,7 +76,7 @@ def _per_device(img, txt, logit_scale, logit_bias, *key_arrays, key_prefixes, ax
     for prefix, keys in zip(key_prefixes, key_arrays):
         same = same_key_mask(keys, jax.lax.all_gather(keys, axes, tiled=True), off)
         out.update({prefix + k: psum(v) / n for k, v in collision_sums(same, z).items()})
-    return out, covs
+    return out, (covs, means)
 
 
 def embedding_metrics(
@@ -104,9 +104,9 @@ def embedding_metrics(
     def per_device(*args):
         return _per_device(*args, key_prefixes=tuple(keyed), axes=axes, n=n)
 
-    out, covs = jax.shard_map(per_device, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*operands)
+    out, (covs, means) = jax.shard_map(per_device, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*operands)
     for name in MODALITIES:
-        out.update(spectrum_metrics(covs[name], prefix=f"{name}_"))
+        out.update(spectrum_metrics(covs[name], means[name], prefix=f"{name}_"))
     return out
 
 
@@ -115,7 +115,7 @@ def reference_embedding_metrics(img, txt, keys, logit_scale, logit_bias=None) ->
     img, txt = jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32)
     out = {}
     for name, x in zip(MODALITIES, (img, txt)):
-        out.update(spectrum_metrics(covariance(x)[0], prefix=f"{name}_"))
+        out.update(spectrum_metrics(*covariance(x), prefix=f"{name}_"))
         out[f"{name}_uniformity"] = geometry.uniformity(x)
         out[f"{name}_mean_cosine"] = geometry.mean_pairwise_cosine(x)
     out["alignment"] = geometry.alignment(img, txt)

@@ -1,8 +1,16 @@
 """Eigen-spectrum of an embedding matrix: effective rank (RankMe), power-law decay, dims for 99%.
 
-Everything past `covariance` takes the d x d centered covariance or its eigenvalues rather than
-the [N, d] samples, so that the sharded path (which builds the covariance from per-device partial
-sums, see `embedding.py`) and the single-device reference share the same code from there on.
+Everything past `covariance` takes the d x d centered covariance (and the mean) or eigenvalues
+rather than the [N, d] samples, so that the sharded path (which builds the covariance from
+per-device partial sums, see `embedding.py`) and the single-device reference share the same code
+from there on.
+
+Two effective ranks are reported. `effective_rank` is RankMe as published (Garrido et al. 2023):
+the singular values of the embeddings themselves, X = U S V^T, whose squares are N times the
+eigenvalues of the second moment X^T X / N = C + mu mu^T. `effective_rank_centered` uses the
+centered X - mu instead (the eigenvalues of C): it ignores the shared offset of all embeddings
+(the "cone" of contrastive models) and so shows the spread around it. The spectrum, alpha and
+dims_99 describe the centered covariance.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # rounding of the covariance and of eigh is about 1e-6 of the largest eigenvalue, and a fit
 # reaching into that noise floor would flatten the slope.
 ALPHA_REL_FLOOR = 1e-4
+# Second-moment eigenvalues below this fraction of the largest count as zero in RankMe.
+RANK_REL_FLOOR = 1e-6
 
 
 def covariance(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -38,10 +48,10 @@ def eigenvalues(cov: jax.Array) -> jax.Array:
 
 
 def effective_rank(eigs: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """RankMe: exp(entropy of p), p = sigma / sum(sigma) over the singular values of the centered X.
+    """exp(entropy of p), p = sigma / sum(sigma), over singular values sigma_k = sqrt(N * eig_k)
+    of the matrix whose X^T X / N has eigenvalues `eigs` (the factor sqrt(N) cancels in p).
 
-    sigma_k = sqrt(N * eig_k); the factor sqrt(N) cancels in p. It is k for k equal singular values
-    and 0 elsewhere, and 1 for data that has collapsed to a point (all sigma = 0, p = 0).
+    It is k for k equal singular values and 0 elsewhere, and 1 when every sigma is 0.
     """
     sigma = jnp.sqrt(eigs)
     p = sigma / (jnp.sum(sigma) + eps)
@@ -75,12 +85,19 @@ def dims_for_variance(eigs: jax.Array, fraction: float = 0.99) -> jax.Array:
     return jnp.minimum(needed, eigs.shape[0]).astype(jnp.int32)
 
 
-def spectrum_metrics(cov: jax.Array, prefix: str = "") -> dict[str, jax.Array]:
-    """`{prefix}spectrum` (the d eigenvalues) and the scalars derived from it."""
+def spectrum_metrics(cov: jax.Array, mean: jax.Array, prefix: str = "") -> dict[str, jax.Array]:
+    """`{prefix}spectrum` (the d eigenvalues of the centered covariance `cov`) and the scalars
+    derived from it; RankMe from the second moment cov + mean mean^T (module docstring)."""
     eigs = eigenvalues(cov)
+    raw = eigenvalues(cov + jnp.outer(mean, mean))
+    # float32 rounding leaves ~1e-7 of the largest eigenvalue in the null space, and the square
+    # root in RankMe would turn that into visible mass: a point cloud collapsed to one point
+    # would read 1.005 rather than 1.
+    raw = jnp.where(raw >= RANK_REL_FLOOR * raw[0], raw, 0.0)
     return {
         f"{prefix}spectrum": eigs,
-        f"{prefix}effective_rank": effective_rank(eigs),
+        f"{prefix}effective_rank": effective_rank(raw),
+        f"{prefix}effective_rank_centered": effective_rank(eigs),
         f"{prefix}alpha": power_law_alpha(eigs),
         f"{prefix}dims_99": dims_for_variance(eigs, 0.99),
     }
