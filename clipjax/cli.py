@@ -59,11 +59,12 @@ def run_reporting_errors(prog: str, body: Callable[[], None]) -> None:
         sys.exit(1)
 
 
-def config_file_argument(argv: list[str]) -> str | None:
+def flag_value(argv: list[str], name: str) -> str | None:
+    """The value of `--name=V` or `--name V` on the command line, read before absl parses it."""
     for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
+        if arg.startswith(f"--{name}="):
             return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
             return argv[i + 1]
     return None
 

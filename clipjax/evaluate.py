@@ -18,25 +18,16 @@ from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 from clipjax.api import RestoreError, evaluate_workdir, load_run_config
-from clipjax.cli import check_override_keys, fail, run_reporting_errors
+from clipjax.cli import check_override_keys, fail, flag_value, run_reporting_errors
 from clipjax.config import ConfigError, translate_legacy_flags
 from clipjax.parallel.distributed import initialize_from_environment
 
 PROG = "clipjax.evaluate"
 
 
-def _workdir_from_argv(argv) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--workdir="):
-            return arg.split("=", 1)[1]
-        if arg == "--workdir" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
 def main():
     sys.argv = translate_legacy_flags(sys.argv)
-    workdir = _workdir_from_argv(sys.argv)
+    workdir = flag_value(sys.argv, "workdir")
     if workdir is None:
         fail(PROG, "--workdir is required")
     try:

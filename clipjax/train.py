@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from clipjax.cli import (
     check_override_keys,
-    config_file_argument,
+    flag_value,
     fail,
     load_config_file,
     run_reporting_errors,
@@ -44,7 +44,7 @@ def main(argv):
 
 def _check_command_line(argv: list[str]) -> None:
     """Config-file and override-key mistakes as one line, before absl parses (and traces) them."""
-    spec = config_file_argument(argv)
+    spec = flag_value(argv, "config")
     if spec is None:
         fail(PROG, "--config is required (a configs/*.py file, optionally file.py:arg)")
     try:

@@ -123,3 +123,30 @@ def test_ring_temp_memory_at_scale(global_batch, limit):
         ring, _, _ = _losses(loss_name, mesh, axes, None)
         temp = grad_temp_bytes(ring, global_batch, 512, mesh=mesh, batch_axes=axes)
         assert temp <= limit, f"{loss_name}: {temp / MiB:.0f} MiB"
+
+
+@pytest.mark.parametrize("impl", ["gather", "ring"])
+@pytest.mark.parametrize("name", ["softmax", "sigmoid"])
+def test_loss_matmuls_carry_the_configured_precision(impl, name):
+    """Forward and backward logit matmuls are HIGHEST by default (on TPU/GPU the default would be
+    bf16/TF32 passes); `default` leaves them to the backend. CPUs compute float32 exactly either
+    way, so what is checked is the compiled program's request, in the lowered StableHLO."""
+    from clipjax.losses import contrastive_loss
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    img, txt = paired_unit_embeddings(0, 64, 16)
+
+    def program(precision):
+        def loss(i, t, s, b):
+            return contrastive_loss(
+                name, i, t, s, b, mesh=mesh, batch_axes=("data",), impl=impl, precision=precision
+            )
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        return grad.lower(img, txt, jnp.float32(2.0), jnp.float32(-1.0)).as_text()
+
+    highest, default = program("highest"), program("default")
+    dots = [line for line in highest.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) >= 3  # the forward logits and both gradient products
+    assert all("HIGHEST" in line for line in dots), [line for line in dots if "HIGHEST" not in line]
+    assert "HIGHEST" not in default

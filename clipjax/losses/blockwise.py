@@ -132,13 +132,13 @@ def _online_lse(running_max, running_sum, logits, axis):
     return new_max, running_sum
 
 
-def _infonce_forward(img, txt, logit_scale, *, axes, ring_size, chunk, global_batch):
+def _infonce_forward(img, txt, logit_scale, *, axes, ring_size, chunk, global_batch, precision):
     scale = jnp.exp(logit_scale)
 
     def tile_fn(tile, acc, positive):
         x, col_max, col_sum = tile
         row_max, row_sum, pos = acc
-        logits = scale * (img @ x.T)
+        logits = scale * jnp.matmul(img, x.T, precision=precision)
         row_max, row_sum = _online_lse(row_max, row_sum, logits, axis=1)
         col_max, col_sum = _online_lse(col_max, col_sum, logits, axis=0)
         pos = pos + jnp.sum(jnp.where(positive, logits, 0.0), axis=1)
@@ -158,7 +158,7 @@ def _infonce_forward(img, txt, logit_scale, *, axes, ring_size, chunk, global_ba
     return jax.lax.psum(local, axes) / (2 * global_batch), stats
 
 
-def _infonce_backward(img, txt, logit_scale, stats, g, *, axes, ring_size, chunk, global_batch):
+def _infonce_backward(img, txt, logit_scale, stats, g, *, axes, ring_size, chunk, global_batch, precision):
     scale = jnp.exp(logit_scale)
     coef = g / (2 * global_batch)
     row_max, row_inv_sum, col_max, col_inv_sum, pos = stats
@@ -166,14 +166,14 @@ def _infonce_backward(img, txt, logit_scale, stats, g, *, axes, ring_size, chunk
     def tile_fn(tile, acc, positive):
         x, max_x, inv_sum_x, pos_x, dx = tile
         dimg, dscale = acc
-        logits = scale * (img @ x.T)
+        logits = scale * jnp.matmul(img, x.T, precision=precision)
         # softmax = exp(logit - max) / sum, as autodiff of the gather form's logsumexp computes
         # it: exp(logit - lse) would carry lse's rounding, |lse| * eps, into every probability.
         p_row = jnp.exp(logits - row_max[:, None]) * row_inv_sum[:, None]
         p_col = jnp.exp(logits - max_x[None, :]) * inv_sum_x[None, :]
         grad = coef * (p_row + p_col - jnp.where(positive, 2.0, 0.0))
-        dimg = dimg + scale * (grad @ x)
-        dx = dx + scale * (grad.T @ img)
+        dimg = dimg + scale * jnp.matmul(grad, x, precision=precision)
+        dx = dx + scale * jnp.matmul(grad.T, img, precision=precision)
         # sum_ij G_ij logit_ij is small next to its terms. Each softmax sums to one over its
         # row (column), so it equals the same sum with every logit measured from its row's
         # (column's) positive, where the -2 [i = j] terms vanish and nothing cancels.
@@ -195,12 +195,12 @@ def _infonce_backward(img, txt, logit_scale, stats, g, *, axes, ring_size, chunk
 # ---------------------------------------------------------------- sigmoid (SigLIP), per device
 
 
-def _sigmoid_forward(img, txt, logit_scale, logit_bias, *, axes, ring_size, chunk, global_batch):
+def _sigmoid_forward(img, txt, logit_scale, logit_bias, *, axes, ring_size, chunk, global_batch, precision):
     scale = jnp.exp(logit_scale)
 
     def tile_fn(tile, total, positive):
         (x,) = tile
-        logits = scale * (img @ x.T) + logit_bias
+        logits = scale * jnp.matmul(img, x.T, precision=precision) + logit_bias
         return tile, total - jnp.sum(jax.nn.log_sigmoid(jnp.where(positive, logits, -logits)))
 
     total, _ = _ring(
@@ -209,17 +209,19 @@ def _sigmoid_forward(img, txt, logit_scale, logit_bias, *, axes, ring_size, chun
     return jax.lax.psum(total, axes) / global_batch
 
 
-def _sigmoid_backward(img, txt, logit_scale, logit_bias, g, *, axes, ring_size, chunk, global_batch):
+def _sigmoid_backward(
+    img, txt, logit_scale, logit_bias, g, *, axes, ring_size, chunk, global_batch, precision
+):
     scale = jnp.exp(logit_scale)
     coef = g / global_batch
 
     def tile_fn(tile, acc, positive):
         x, dx = tile
         dimg, dscale, dbias = acc
-        logits = scale * (img @ x.T)
+        logits = scale * jnp.matmul(img, x.T, precision=precision)
         grad = coef * (jax.nn.sigmoid(logits + logit_bias) - jnp.where(positive, 1.0, 0.0))
-        dimg = dimg + scale * (grad @ x)
-        dx = dx + scale * (grad.T @ img)
+        dimg = dimg + scale * jnp.matmul(grad, x, precision=precision)
+        dx = dx + scale * jnp.matmul(grad.T, img, precision=precision)
         return (x, dx), (dimg, dscale + jnp.sum(grad * logits), dbias + jnp.sum(grad))
 
     zero = _varying(jnp.zeros((), img.dtype), axes)
@@ -237,7 +239,7 @@ def _sigmoid_backward(img, txt, logit_scale, logit_bias, g, *, axes, ring_size, 
 # ---------------------------------------------------------------- public API
 
 
-def _ring_options(img, mesh, batch_axes, chunk):
+def _ring_options(img, mesh, batch_axes, chunk, precision):
     axes = tuple(batch_axes)
     ring_size = _ring_size(mesh, axes)
     global_batch = img.shape[0]
@@ -247,18 +249,26 @@ def _ring_options(img, mesh, batch_axes, chunk):
     chunk = default_chunk(block, img.shape[1]) if chunk is None else chunk
     if chunk < 1 or block % chunk:
         raise ValueError(f"chunk={chunk} must divide the per-device batch {block}")
-    return dict(axes=axes, ring_size=ring_size, chunk=chunk, global_batch=global_batch)
+    return dict(axes=axes, ring_size=ring_size, chunk=chunk, global_batch=global_batch, precision=precision)
 
 
 def ring_infonce_loss(
-    img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequence[str], chunk: int | None = None
+    img,
+    txt,
+    logit_scale,
+    *,
+    mesh: Mesh,
+    batch_axes: Sequence[str],
+    chunk: int | None = None,
+    precision=jax.lax.Precision.HIGHEST,
 ):
     """`global_infonce_loss`, computed blockwise around a ring of the devices along batch_axes.
 
     img/txt are [B, d] sharded over batch_axes; `logit_scale` is the log of the scale; `chunk`
-    (columns per tile, a divisor of B / devices) defaults to `default_chunk`.
+    (columns per tile, a divisor of B / devices) defaults to `default_chunk`; `precision` of
+    the logit matmuls, forward and backward (see `clipjax.losses.select.PRECISIONS`).
     """
-    opts = _ring_options(img, mesh, batch_axes, chunk)
+    opts = _ring_options(img, mesh, batch_axes, chunk, precision)
     rows, scalar = P(opts["axes"]), P()
     forward = jax.shard_map(
         functools.partial(_infonce_forward, **opts),
@@ -289,14 +299,22 @@ def ring_infonce_loss(
 
 
 def ring_sigmoid_loss(
-    img, txt, logit_scale, logit_bias, *, mesh: Mesh, batch_axes: Sequence[str], chunk: int | None = None
+    img,
+    txt,
+    logit_scale,
+    logit_bias,
+    *,
+    mesh: Mesh,
+    batch_axes: Sequence[str],
+    chunk: int | None = None,
+    precision=jax.lax.Precision.HIGHEST,
 ):
     """`global_sigmoid_loss`, computed blockwise around a ring of the devices along batch_axes.
 
     img/txt are [B, d] sharded over batch_axes; `logit_scale` is the log of the scale and
-    `logit_bias` a scalar; `chunk` as in `ring_infonce_loss`.
+    `logit_bias` a scalar; `chunk` and `precision` as in `ring_infonce_loss`.
     """
-    opts = _ring_options(img, mesh, batch_axes, chunk)
+    opts = _ring_options(img, mesh, batch_axes, chunk, precision)
     rows, scalar = P(opts["axes"]), P()
     forward = jax.shard_map(
         functools.partial(_sigmoid_forward, **opts),

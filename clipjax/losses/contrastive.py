@@ -45,34 +45,41 @@ def reference_sigmoid_loss(img, txt, logit_scale, logit_bias):
     return sigmoid_pairs_loss(logits, jnp.arange(img.shape[0])) / img.shape[0]
 
 
-def _local_infonce_sum(img, txt, logit_scale, axes):
+def _local_infonce_sum(img, txt, logit_scale, axes, precision):
     b = img.shape[0]
     all_img = jax.lax.all_gather(img, axes, tiled=True)
     all_txt = jax.lax.all_gather(txt, axes, tiled=True)
     scale = jnp.exp(logit_scale)
     positive_col = jax.lax.axis_index(axes) * b + jnp.arange(b)
-    i2t = softmax_rows_loss(scale * img @ all_txt.T, positive_col)
-    t2i = softmax_rows_loss(scale * txt @ all_img.T, positive_col)
+    i2t = softmax_rows_loss(scale * jnp.matmul(img, all_txt.T, precision=precision), positive_col)
+    t2i = softmax_rows_loss(scale * jnp.matmul(txt, all_img.T, precision=precision), positive_col)
     return i2t + t2i
 
 
-def _local_sigmoid_sum(img, txt, logit_scale, logit_bias, axes):
+def _local_sigmoid_sum(img, txt, logit_scale, logit_bias, axes, precision):
     b = img.shape[0]
     # Rows are local images, columns the global texts: every (image, text) pair of the global
     # batch lands on exactly one device, so one direction covers the whole matrix.
     all_txt = jax.lax.all_gather(txt, axes, tiled=True)
     positive_col = jax.lax.axis_index(axes) * b + jnp.arange(b)
-    logits = jnp.exp(logit_scale) * img @ all_txt.T + logit_bias
+    logits = jnp.exp(logit_scale) * jnp.matmul(img, all_txt.T, precision=precision) + logit_bias
     return sigmoid_pairs_loss(logits, positive_col)
 
 
-def global_infonce_loss(img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequence[str]):
-    """Symmetric InfoNCE over the global batch; img/txt are [B, d] arrays sharded over batch_axes."""
+def global_infonce_loss(
+    img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequence[str], precision=jax.lax.Precision.HIGHEST
+):
+    """Symmetric InfoNCE over the global batch; img/txt are [B, d] arrays sharded over batch_axes.
+
+    `precision` of the logit matmuls (and, through autodiff, of their gradients): see
+    `clipjax.losses.select.PRECISIONS`."""
     axes = tuple(batch_axes)
     global_batch = img.shape[0]
 
     def per_device(img, txt, logit_scale):
-        return jax.lax.psum(_local_infonce_sum(img, txt, logit_scale, axes), axes) / (2 * global_batch)
+        return jax.lax.psum(_local_infonce_sum(img, txt, logit_scale, axes, precision), axes) / (
+            2 * global_batch
+        )
 
     return jax.shard_map(
         per_device,
@@ -82,13 +89,25 @@ def global_infonce_loss(img, txt, logit_scale, *, mesh: Mesh, batch_axes: Sequen
     )(img.astype(jnp.float32), txt.astype(jnp.float32), logit_scale)
 
 
-def global_sigmoid_loss(img, txt, logit_scale, logit_bias, *, mesh: Mesh, batch_axes: Sequence[str]):
+def global_sigmoid_loss(
+    img,
+    txt,
+    logit_scale,
+    logit_bias,
+    *,
+    mesh: Mesh,
+    batch_axes: Sequence[str],
+    precision=jax.lax.Precision.HIGHEST,
+):
     """SigLIP loss over the global batch (every image against every text of all devices)."""
     axes = tuple(batch_axes)
     global_batch = img.shape[0]
 
     def per_device(img, txt, logit_scale, logit_bias):
-        return jax.lax.psum(_local_sigmoid_sum(img, txt, logit_scale, logit_bias, axes), axes) / global_batch
+        return (
+            jax.lax.psum(_local_sigmoid_sum(img, txt, logit_scale, logit_bias, axes, precision), axes)
+            / global_batch
+        )
 
     return jax.shard_map(
         per_device,

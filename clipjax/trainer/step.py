@@ -42,6 +42,7 @@ def make_embedding_loss(config, mesh):
             batch_axes=axes,
             impl=config.loss.impl,
             chunk=config.loss.chunk or None,
+            precision=config.loss.precision,
         )
 
     return embedding_loss
