@@ -100,6 +100,15 @@ def schema() -> Section:
             "loss": LOSS_SECTION,
             "optim": optim.SECTION,
             "evals": evals_section(),
+            "profile": Section(
+                {
+                    "start_step": Field(
+                        0, "first step traced by jax.profiler into <workdir>/profile (0: off)", minimum=0
+                    ),
+                    "steps": Field(5, "steps traced", minimum=1),
+                },
+                doc="a profiler trace of a few steps (docs/performance.md)",
+            ),
             "metrics": Section(
                 {
                     "every": Field(

@@ -215,3 +215,12 @@ def test_weight_decay_reaches_every_kernel_and_no_bias_norm_or_vector(name, arg)
             assert not decayed, key
         if leaf in ("kernel", "query", "key", "value", "out", "embed"):
             assert decayed, key
+
+
+def test_profile_writes_a_trace_of_the_chosen_steps(data_dir, tmp_path):
+    config = tiny_demo(data_dir, **{"evals.at_end": False, "profile.start_step": 2, "profile.steps": 2})
+    lines = []
+    train_lib.train(config, str(tmp_path), log=lines.append)
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert any("profile of steps 2-3" in line for line in lines), lines

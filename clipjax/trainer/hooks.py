@@ -1,9 +1,10 @@
 """The trainer's side work, each a hook for `Trainer.add_hook`: logging and throughput,
 embedding metrics and the collapse alarm, the non-finite guard, preemption, checkpoints,
-periodic evaluation."""
+periodic evaluation, profiling."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -150,3 +151,28 @@ def eval_hook(runner, writer, *, graphdef, mesh, total_steps: int, log: Callable
             log(line)
 
     return evaluate
+
+
+class ProfileHook:
+    """A `jax.profiler` trace of steps [start, start + steps) in <workdir>/profile (TensorBoard's
+    profile plugin and Perfetto open it). Runs every step; only the two edges do anything."""
+
+    def __init__(self, workdir: str, *, start: int, steps: int, log: Callable[[str], None]):
+        self.directory = os.path.join(workdir, "profile")
+        self.start, self.stop, self.log = start, start + steps - 1, log
+        self.active = False
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.step == self.start - 1 and not self.active:
+            jax.block_until_ready(info.state["params"])  # the trace starts with the next step
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+        elif info.step >= self.stop and self.active:
+            jax.block_until_ready(info.metrics)
+            self.close()
+            self.log(f"profile of steps {self.start}-{self.stop} written to {self.directory}")
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False

@@ -220,6 +220,12 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
         every=config.metrics.every,
     )
     trainer.add_hook(hooks.nonfinite_hook(config.max_nonfinite_streak), every=config.log_every, at_stop=True)
+    if config.profile.start_step > 0 and lead:
+        profiler = hooks.ProfileHook(
+            workdir, start=config.profile.start_step, steps=config.profile.steps, log=log
+        )
+        cleanup.callback(profiler.close)
+        trainer.add_hook(profiler, every=1)
     with hooks.PreemptionWatch() as preemption:
         trainer.add_hook(preemption, every=1)
         trainer.add_hook(
