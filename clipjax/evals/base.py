@@ -9,6 +9,7 @@ into report.json (big_vision's evaluator interface). Several sections may share 
 
 from __future__ import annotations
 
+import abc
 import functools
 from typing import Any, ClassVar, NamedTuple
 
@@ -65,7 +66,7 @@ class EvalData:
         return FrozenFeatures(train_emb, train["label"], self.heldout_embeddings(encoders)[0], test_labels)
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
     """Subclasses set `kind`, declare their settings in `FIELDS`, and implement `run`."""
 
     kind: ClassVar[str] = ""
@@ -78,8 +79,9 @@ class Evaluator:
     def check(cls, settings: dict[str, Any], config: Any, path: str) -> None:
         """Raise ConfigError for settings that cannot work (runs before anything compiles)."""
 
+    @abc.abstractmethod
     def run(self, encoders: Encoders) -> dict[str, Any]:
-        raise NotImplementedError
+        """Report entries for the model behind `encoders` (merged into report.json)."""
 
 
 EVALUATORS: dict[str, type[Evaluator]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import os
 from typing import Any, ClassVar
 
@@ -31,7 +32,7 @@ COMMON_FIELDS: dict[str, Field] = {
 }
 
 
-class DataSource:
+class DataSource(abc.ABC):
     """One dataset of image-text pairs, as clipjax trains and evaluates on it.
 
     Constructed from the complete `config.data` section (defaults filled by the schema). A
@@ -59,22 +60,22 @@ class DataSource:
     def prepare(self) -> None:
         """One-time work before reading (rendering, converting); safe under concurrent processes."""
 
+    @abc.abstractmethod
     def train_iterator(
         self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1, start_example: int = 0
     ):
         """An endless `clipjax.data.pipeline.TrainIterator` (or any object with `next()`,
         `get_state()`, `set_state()`, `drop_counts`) over this process's slice of each global
         batch, from the `start_example`-th example of the run's stream on."""
-        raise NotImplementedError(f"data source {self.name!r} has no train iterator")
 
+    @abc.abstractmethod
     def eval_arrays(self, tokenizer, split: str = "test", max_examples: int | None = None) -> dict:
         """A held-out split as numpy arrays: image, text, text_id, label, caption, and the
         attribute labels of `zero_shot_tasks()`."""
-        raise NotImplementedError(f"data source {self.name!r} has no evaluation split")
 
+    @abc.abstractmethod
     def caption_texts(self) -> list[str]:
         """The training captions, for training a tokenizer on them."""
-        raise NotImplementedError(f"data source {self.name!r} lists no captions")
 
     def zero_shot_tasks(self) -> dict[str, tuple[list[str], list[str]]]:
         """{attribute: (class names in label order, prompt templates)}; labels in eval_arrays."""

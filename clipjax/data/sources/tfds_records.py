@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import functools
 from typing import ClassVar
 
@@ -22,8 +23,9 @@ class TfdsRecordSource(DataSource):
     eval_int_fields: ClassVar[tuple[str, ...]] = ()  # extra per-example labels for evaluation
     split_hint: ClassVar[str] = ""  # appended to the "no such split" error
 
+    @abc.abstractmethod
     def make_builder(self) -> tfds.core.DatasetBuilder:
-        raise NotImplementedError
+        """The prepared builder (prepared here if needed, safe under concurrent processes)."""
 
     @functools.cached_property
     def builder(self) -> tfds.core.DatasetBuilder:
