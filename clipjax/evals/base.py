@@ -37,16 +37,18 @@ class EvalData:
 
     def __init__(self, source, tokenizer, *, max_examples: int):
         self.source, self.tokenizer, self.max_examples = source, tokenizer, max_examples
+        self._train: dict[int, dict[str, np.ndarray]] = {}
 
     @functools.cached_property
     def heldout(self) -> dict[str, np.ndarray]:
         """The first `evals.max_examples` of the test split (image, text, text_id, label, caption, ...)."""
         return self.source.eval_arrays(self.tokenizer, split="test", max_examples=self.max_examples)
 
-    @functools.cache
     def train_examples(self, n: int) -> dict[str, np.ndarray]:
         """The first n examples of the train split (for probes fitted on frozen features)."""
-        return self.source.eval_arrays(self.tokenizer, split="train", max_examples=n)
+        if n not in self._train:
+            self._train[n] = self.source.eval_arrays(self.tokenizer, split="train", max_examples=n)
+        return self._train[n]
 
     def heldout_embeddings(self, encoders: Encoders) -> tuple[np.ndarray, np.ndarray]:
         """(image, text) embeddings of the held-out examples, computed once per `encoders`."""
