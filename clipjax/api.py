@@ -49,37 +49,51 @@ def _checked_workdir(workdir: str) -> Checkpointer:
         os.path.join(workdir, "config.json")
     ):
         raise RestoreError(f"{workdir!r} is not a clipjax training workdir (no checkpoints/, no config.json)")
-    return Checkpointer(workdir)
+    return Checkpointer(workdir, create=False)
 
 
-def latest_meta(workdir: str, *, log=print) -> dict | None:
-    """The `meta` of the newest checkpoint whose meta reads (None for first-release checkpoints)."""
+def run_record(checkpointer: Checkpointer, *, log=print) -> tuple[dict | None, dict | None]:
+    """(config dict, meta) of the run whose checkpoints these are: the newest checkpoint whose
+    meta reads, or config.json beside first-release checkpoints; (None, None) without checkpoints.
+    The trainer's resume check and the readers below share it."""
+    steps = checkpointer.all_steps()
+    if not steps:
+        return None, None
+    _, meta = newest_readable(steps, checkpointer.meta, log=log, what="metadata of checkpoint")
+    if meta is not None:
+        return meta["config"], meta
+    path = os.path.join(checkpointer.workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f), None
+    return None, None
+
+
+def read_run(workdir: str, *, log=print) -> tuple[ml_collections.ConfigDict, dict | None]:
+    """(config, meta) of a workdir's run; config.json alone serves a workdir without checkpoints."""
     checkpointer = _checked_workdir(workdir)
     try:
-        return newest_readable(
-            checkpointer.all_steps(), checkpointer.meta, log=log, what="metadata of checkpoint"
-        )[1]
+        stored, meta = run_record(checkpointer, log=log)
     finally:
         checkpointer.close()
+    if stored is None:
+        path = os.path.join(workdir, "config.json")
+        if not os.path.exists(path):
+            raise RestoreError(f"{path} not found: {workdir!r} is not a clipjax training workdir")
+        with open(path) as f:
+            stored = json.load(f)
+    return config_from_dict(stored), meta
 
 
 def load_run_config(workdir: str, *, log=print) -> ml_collections.ConfigDict:
     """The run's config, as its newest readable checkpoint recorded it (or its config.json)."""
-    meta = latest_meta(workdir, log=log)
-    if meta is not None:
-        return config_from_dict(meta["config"])
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise RestoreError(f"{path} not found: {workdir!r} is not a clipjax training workdir")
-    with open(path) as f:
-        return config_from_dict(json.load(f))
+    return read_run(workdir, log=log)[0]
 
 
-def run_tokenizer(workdir: str, config, *, log=print):
-    """The tokenizer the run was trained with: from its checkpoint, or (first-release
-    checkpoints) rebuilt from the training data."""
-    meta = latest_meta(workdir, log=log)
-    return tokenizer_from_json(meta["tokenizer"]) if meta else make_source(config.data).tokenizer()
+def run_tokenizer(meta: dict | None, source):
+    """The tokenizer the run was trained with: from its checkpoint's meta, whatever the data says
+    now, or (first-release checkpoints, `meta` None) rebuilt from the data `source`."""
+    return tokenizer_from_json(meta["tokenizer"]) if meta else source.tokenizer()
 
 
 def eval_mesh(devices=None) -> jax.sharding.Mesh:
@@ -256,9 +270,10 @@ def load(
     workdir: str, step: int | None = None, *, devices=None, config_overrides: dict | None = None
 ) -> TrainedModel:
     """Restore the parameters of a training run (latest checkpoint, or `step`) onto `devices`."""
-    config = apply_overrides(load_run_config(workdir), config_overrides or {})
+    config, meta = read_run(workdir)
+    config = apply_overrides(config, config_overrides or {})
     mesh = eval_mesh(devices)
-    tokenizer = run_tokenizer(workdir, config)
+    tokenizer = run_tokenizer(meta, make_source(config.data))  # the source is read only without meta
     graphdef, params, step = restore_params(workdir, config, tokenizer, mesh, step)
     return TrainedModel(
         config=config, step=step, tokenizer=tokenizer, mesh=mesh, graphdef=graphdef, params=params
@@ -270,12 +285,15 @@ def evaluate_workdir(
 ) -> dict:
     """Run the config's evaluators on a checkpoint; write report.json and report.md to `out`
     (default: the workdir). `config` defaults to the run's own."""
-    config = load_run_config(workdir) if config is None else config
+    stored, meta = read_run(workdir, log=log)
+    config = stored if config is None else config
     mesh = eval_mesh(devices)
-    tokenizer = run_tokenizer(workdir, config, log=log)
+    # The data source is read only by the evaluators that need held-out data (and, for
+    # first-release checkpoints, to rebuild the tokenizer).
+    source = make_source(config.data)
+    tokenizer = run_tokenizer(meta, source)
     graphdef, params, step = restore_params(workdir, config, tokenizer, mesh, step, log=log)
-    # The data source is read only by the evaluators that need held-out data.
-    report = EvalRunner(config, make_source(config.data), tokenizer).run(graphdef, params, mesh, step)
+    report = EvalRunner(config, source, tokenizer).run(graphdef, params, mesh, step)
     out = out or workdir
     if jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)

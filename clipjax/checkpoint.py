@@ -50,13 +50,13 @@ def _iterator_state_from_json(saved: dict) -> Any:
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with the items clipjax stores."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, create: bool = True):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=create,  # readers (load, evaluate) pass False: they write nothing
             # Temporary folders of saves that a crash interrupted are removed, not tripped on.
             cleanup_tmp_directories=True,
         )

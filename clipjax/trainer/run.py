@@ -19,11 +19,17 @@ import jax
 from jax.experimental import multihost_utils
 
 from clipjax import optim
-from clipjax.api import RestoreError, check_params_compatible, latest_meta, restore_params
-from clipjax.checkpoint import Checkpointer, abstract_with_shardings, newest_readable
+from clipjax.api import (
+    RestoreError,
+    check_params_compatible,
+    read_run,
+    restore_params,
+    run_record,
+    run_tokenizer,
+)
+from clipjax.checkpoint import Checkpointer, abstract_with_shardings
 from clipjax.config import total_steps, validate
 from clipjax.data.sources import make_source
-from clipjax.data.tokenizers import tokenizer_from_json
 from clipjax.evals.report import summary_lines, write_report
 from clipjax.evals.runner import EvalRunner
 from clipjax.metric_writer import MetricWriter, Progress
@@ -49,21 +55,6 @@ def _global_batches(iterator, mesh):
     while True:
         batch = next(iterator)
         yield host_batch_to_global({k: batch[k] for k in STEP_INPUTS}, mesh)
-
-
-def _previous_run(checkpointer: Checkpointer, workdir: str, log) -> tuple[dict | None, dict | None]:
-    """(config, meta) of the run the workdir's checkpoints belong to; (None, None) without any."""
-    steps = checkpointer.all_steps()
-    if not steps:
-        return None, None
-    _, meta = newest_readable(steps, checkpointer.meta, log=log, what="checkpoint metadata of")
-    if meta is not None:
-        return meta["config"], meta
-    path = os.path.join(workdir, "config.json")  # checkpoints written before `meta` existed
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f), None
-    return None, None
 
 
 def _refuse_other_shapes(checkpointer: Checkpointer, params) -> None:
@@ -105,7 +96,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     t_start = time.perf_counter()
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     cleanup.callback(checkpointer.close)
-    stored_config, meta = _previous_run(checkpointer, workdir, log)
+    stored_config, meta = run_record(checkpointer, log=log)
     if stored_config is not None:
         for key, (old, new) in check_resume(stored_config, config, workdir).items():
             log(f"resuming with {key} changed: {old!r} -> {new!r}")
@@ -116,9 +107,8 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     source = make_source(config.data)
     source.prepare()
     if meta is None and stored_config is None and config.init_from:
-        meta = latest_meta(config.init_from)  # a run started from weights keeps their token ids
-    # A resumed run keeps the token ids it was trained with, whatever the data says now.
-    tokenizer = tokenizer_from_json(meta["tokenizer"]) if meta else source.tokenizer()
+        meta = read_run(config.init_from, log=log)[1]  # a run started from weights keeps their token ids
+    tokenizer = run_tokenizer(meta, source)
     total = total_steps(config)
     initial = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
     graphdef, state, shardings = initial.graphdef, initial.state, initial.shardings
