@@ -16,7 +16,7 @@ from typing import Callable
 
 from clipjax.api import RestoreError
 from clipjax.checkpoint import CheckpointWriteError, one_line
-from clipjax.config import ConfigError, LEGACY_KEYS, _flat
+from clipjax.config import ConfigError, LEGACY_KEYS, flatten
 from clipjax.data.pipeline import BadDataError
 from clipjax.workdir_lock import WorkdirLockedError
 
@@ -84,7 +84,7 @@ def load_config_file(spec: str):
 
 def check_override_keys(argv: list[str], config) -> None:
     """Every `--config.a.b=...` names a field of `config`; else one line with the closest key."""
-    known = set(_flat(config))
+    known = set(flatten(config))
     sections = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
     for arg in argv:
         if not arg.startswith("--config."):

@@ -203,13 +203,14 @@ LEGACY_KEYS: dict[str, Callable[[Any], dict[str, Any]]] = {
 }
 
 
-def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b.c': value} for every leaf of a (nested) ConfigDict or dict."""
     out = {}
     items = values.items() if hasattr(values, "items") else ()
     for key, value in items:
         path = f"{prefix}{key}"
         if isinstance(value, (dict, ml_collections.ConfigDict)):
-            out.update(_flat(value, path + "."))
+            out.update(flatten(value, path + "."))
         else:
             out[path] = value
     return out
@@ -247,7 +248,7 @@ def apply_overrides(
 def config_from_dict(stored: dict) -> ml_collections.ConfigDict:
     """A config.json (of this or an older version) as a typed ConfigDict: the defaults with the
     stored values set over them, so command-line overrides of unset fields keep their types."""
-    flat = _flat(stored)
+    flat = flatten(stored)
     legacy = {k: v for k, v in flat.items() if k in LEGACY_KEYS}
     current = {k: v for k, v in flat.items() if k not in LEGACY_KEYS}
     config = default_config()

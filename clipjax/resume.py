@@ -21,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from clipjax.config import ConfigError, _flat
+from clipjax.config import ConfigError, flatten
 from clipjax.data.tokenizers import tokenizer_to_json
 from clipjax.models.two_towers import CLIP_MEAN, CLIP_STD
 
@@ -55,7 +55,7 @@ class ResumeError(ConfigError):
 
 
 def _normalised(values: Any) -> dict[str, Any]:
-    return _flat(
+    return flatten(
         json.loads(json.dumps(values.to_dict() if hasattr(values, "to_dict") else values, default=str))
     )
 

@@ -91,7 +91,7 @@ def test_configs_doc_lists_exactly_the_schema_fields():
     assert table == config_lib.markdown_table()
     # And the table covers every field of the schema, each with a meaning.
     documented = {row.split("`")[1] for row in table.splitlines() if row.startswith("| `")}
-    flat = config_lib._flat(config_lib.default_config())
+    flat = config_lib.flatten(config_lib.default_config())
     assert set(flat) <= documented, sorted(set(flat) - documented)
     for row in table.splitlines()[2:]:
         assert row.rstrip(" |").split("|")[-1].strip(), row

@@ -37,23 +37,18 @@ class Encoders:
         self._encode_image, self._encode_text = jitted_encoders(graphdef, mesh)
         self._memo: dict = {}
 
+    def _embed(self, encode, inputs) -> np.ndarray:
+        return embed_in_batches(
+            lambda x: encode(self.params, x), np.asarray(inputs), mesh=self.mesh, batch_size=self.batch_size
+        )
+
     def image(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] (or float in [0, 1]) at the model's resolution -> [N, d]."""
-        return embed_in_batches(
-            lambda x: self._encode_image(self.params, x),
-            np.asarray(images),
-            mesh=self.mesh,
-            batch_size=self.batch_size,
-        )
+        return self._embed(self._encode_image, images)
 
     def tokens(self, tokens: np.ndarray) -> np.ndarray:
         """int32 token ids [N, L] -> [N, d]."""
-        return embed_in_batches(
-            lambda t: self._encode_text(self.params, t),
-            np.asarray(tokens),
-            mesh=self.mesh,
-            batch_size=self.batch_size,
-        )
+        return self._embed(self._encode_text, tokens)
 
     def text(self, strings: Sequence[str]) -> np.ndarray:
         return self.tokens(self.tokenizer.encode(list(strings)))
