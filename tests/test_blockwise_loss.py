@@ -1,5 +1,9 @@
 """The ring losses equal the gather form and the single-device reference, and stay within memory."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +18,7 @@ from clipjax.losses import (
     ring_infonce_loss,
     ring_sigmoid_loss,
 )
-from clipjax.losses.blockwise import default_chunk, grad_temp_bytes
+from clipjax.losses.blockwise import MAX_TILE_ELEMENTS, default_chunk, grad_temp_bytes
 from tests.helpers import paired_unit_embeddings, rel_err
 
 B, D = 64, 16
@@ -45,8 +49,20 @@ def _losses(loss_name, mesh, axes, chunk):
     return ring, gather, reference_sigmoid_loss
 
 
-# (mesh shape, chunk): chunks equal to the per-device block (B / devices) and smaller ones.
-CASES = [((1,), 64), ((2,), 32), ((2,), 8), ((8,), 8), ((8,), 2), ((2, 4), None), ((2, 4), 4)]
+# (mesh shape, chunk): chunks equal to the per-device block (B / devices), smaller divisors, and
+# widths that leave a narrower last tile (48 of 64, 5 of 32, 3 of 8).
+CASES = [
+    ((1,), 64),
+    ((1,), 48),
+    ((2,), 32),
+    ((2,), 8),
+    ((2,), 5),
+    ((8,), 8),
+    ((8,), 3),
+    ((8,), 2),
+    ((2, 4), None),
+    ((2, 4), 4),
+]
 
 
 def _check_against_gather_and_reference(loss_name, mesh, axes, chunk, logit_scale, logit_bias):
@@ -106,13 +122,26 @@ def test_ring_loss_without_gradient_and_in_bfloat16():
     assert rel_err(value, expected) <= 1e-5
 
 
-def test_chunk_must_divide_the_local_block():
+def test_chunk_must_be_positive():
     mesh, axes = _mesh((8,))
     img, txt = _embeddings(0)
-    with pytest.raises(ValueError, match="chunk=3"):
-        ring_infonce_loss(img, txt, 1.0, mesh=mesh, batch_axes=axes, chunk=3)
-    assert default_chunk(8192, 512) == 512 and default_chunk(131072, 512) == 128
-    assert default_chunk(1024, 256) == 1024 and default_chunk(8, 16) == 8 and default_chunk(96, 512) == 96
+    with pytest.raises(ValueError, match="chunk=0"):
+        ring_infonce_loss(img, txt, 1.0, mesh=mesh, batch_axes=axes, chunk=0)
+
+
+@pytest.mark.parametrize("dim", [64, 512])
+def test_default_chunk_meets_its_documented_bounds(dim):
+    for block in range(1, 5001):
+        chunk = default_chunk(block, dim)
+        limit = max(1, min(block, 4 * dim, MAX_TILE_ELEMENTS // block))
+        tiles = -(-block // chunk)
+        assert 1 <= chunk <= limit, (block, chunk)
+        # The fewest tiles the caps allow, of equal width but for a last one short by < tiles columns.
+        assert tiles == -(-block // limit), (block, chunk)
+        assert tiles * chunk - block < tiles, (block, chunk)
+    # A million examples on 8 devices: the 4M-logit cap holds (no floor overrides it).
+    assert default_chunk(131_072, 512) * 131_072 <= MAX_TILE_ELEMENTS
+    assert default_chunk(2_053, 512) == 2_053 // 2 + 1  # prime: two tiles, not 2,053 of one column
 
 
 @pytest.mark.parametrize("global_batch,limit", [(65_536, 128 * MiB), (1_048_576, 1024 * MiB)])
@@ -150,3 +179,51 @@ def test_loss_matmuls_carry_the_configured_precision(impl, name):
     assert len(dots) >= 3  # the forward logits and both gradient products
     assert all("HIGHEST" in line for line in dots), [line for line in dots if "HIGHEST" not in line]
     assert "HIGHEST" not in default
+
+
+FOUR_MILLION_ON_32 = """
+import jax
+from jax.sharding import AxisType
+from clipjax.losses import ring_infonce_loss, ring_sigmoid_loss
+from clipjax.losses.blockwise import grad_temp_bytes
+
+mesh = jax.make_mesh((32,), ("data",), axis_types=(AxisType.Auto,))
+kw = dict(mesh=mesh, batch_axes=("data",))
+losses = {
+    "softmax": lambda i, t, s, b: ring_infonce_loss(i, t, s, **kw),
+    "sigmoid": lambda i, t, s, b: ring_sigmoid_loss(i, t, s, b, **kw),
+}
+for name, loss in losses.items():
+    print(name, grad_temp_bytes(loss, 4_194_304, 512, **kw))
+"""
+
+
+def test_ring_temp_memory_at_four_million_on_32_devices():
+    """docs/large_batches.md's largest row: 2^22 examples, d 512, 32 devices, <= 1 GiB each.
+
+    The device count is fixed when JAX starts, so this compiles in a fresh process."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=32", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", FOUR_MILLION_ON_32], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    temps = {name: int(n) for name, n in (line.split() for line in result.stdout.splitlines())}
+    assert set(temps) == {"softmax", "sigmoid"}
+    for name, temp in temps.items():
+        assert temp <= 1024 * MiB, f"{name}: {temp / MiB:.0f} MiB"
+
+
+@pytest.mark.parametrize("name", ["softmax", "sigmoid"])
+def test_ring_sends_whole_blocks_not_tiles(name):
+    """The travelling embeddings move a block per lap step (so the send can overlap the block's
+    scoring), never a tile per tile: every collective_permute moves b rows."""
+    mesh, axes = _mesh((8,))
+    img, txt = _embeddings(0)
+    block, chunk = B // 8, 3
+    ring, _, _ = _losses(name, mesh, axes, chunk)
+    text = jax.jit(jax.grad(ring, argnums=(0, 1, 2))).lower(img, txt, 2.0, -1.0).as_text()
+    sends = [line for line in text.splitlines() if "collective_permute" in line]
+    assert sends
+    shapes = [line.rsplit("->", 1)[-1] for line in sends]
+    assert all(f"tensor<{block}x" in s or f"tensor<{block}xf32>" in s for s in shapes), shapes
+    assert not any(f"tensor<{chunk}x" in s for s in shapes), shapes

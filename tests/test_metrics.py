@@ -22,7 +22,7 @@ from clipjax.metrics import (
     spectrum_metrics,
     split_spectra,
 )
-from clipjax.metrics import geometry
+from clipjax.metrics import embedding, geometry
 from clipjax.metrics.plot import plot_spectrum_history
 
 spectrum_of = jax.jit(lambda x: spectrum_metrics(*covariance(x)))
@@ -194,8 +194,13 @@ def _reference(with_extras):
     return jax.tree.map(np.asarray, jax.jit(reference_embedding_metrics)(img, txt, *args))
 
 
-@pytest.mark.parametrize("shape,with_extras", [((8, 1), True), ((2, 4), True), ((2, 4), False)])
-def test_sharded_equals_single_device(shape, with_extras):
+@pytest.mark.parametrize(
+    "shape,with_extras,tile",
+    [((8, 1), True, None), ((2, 4), True, None), ((2, 4), False, None), ((8, 1), True, 3)],
+)
+def test_sharded_equals_single_device(shape, with_extras, tile, monkeypatch):
+    if tile:  # tiles narrower than the block, the last one narrower still
+        monkeypatch.setattr(embedding, "_tile_width", lambda block, dim: min(block, tile))
     mesh = jax.make_mesh(shape, ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     axes = ("data", "fsdp")
     sharding = NamedSharding(mesh, P(axes))

@@ -44,12 +44,13 @@ differences of identically rounded numbers.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from clipjax.parallel.ring import after, ring_pass, ring_size as ring_size_of, varying
 
 
 # A tile of logits holds at most this many entries (16 MiB in float32) by default.
@@ -57,65 +58,18 @@ MAX_TILE_ELEMENTS = 2**22
 
 
 def default_chunk(block: int, dim: int) -> int:
-    """Columns per tile: the largest divisor of the local block within [d/4, 4d] and 4M logits.
+    """Columns per tile: the fewest tiles per block whose width stays within 4d and 4M logits.
 
-    Wide tiles make large matrix products (at 8,192 x 256 on 8 devices a whole-block tile is
-    as fast as the gathered loss, a d/4 one 30% slower); the cap on b x chunk logits keeps the
-    few live tiles of the backward pass near the size of one embedding block however large the
-    batch grows, and d/4 columns is the floor that keeps the tile products efficient at 1M.
+    The widest tile allowed is `limit = min(block, 4 d, 4M // block)` (at least 1): wide tiles
+    make large matrix products (at 8,192 x 256 on 8 devices a whole-block tile is as fast as the
+    gathered loss), and the cap on b x chunk logits keeps the few live tiles of the backward pass
+    small next to one embedding block however large the batch grows. The block is cut into
+    n = ceil(block / limit) tiles of equal width (the last one narrower by fewer than n columns,
+    see `clipjax.parallel.ring`), so no block size, prime or not, pays for narrow tiles.
     """
-    cap = min(4 * dim, max(1, MAX_TILE_ELEMENTS // max(block, 1)))
-    limit = max(1, min(block, max(8, dim // 4, cap)))
-    return max(c for c in range(1, limit + 1) if block % c == 0)
-
-
-def _ring_size(mesh: Mesh, axes: tuple[str, ...]) -> int:
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def _varying(x, axes):
-    # Loop carries must have the same varying-axes type on entry and exit; fresh constants are
-    # invariant, while anything computed from the local block is varying.
-    return jax.lax.pcast(x, axes, to="varying")
-
-
-def _ring(tile_fn: Callable, acc, travelling, *, axes, ring_size: int, chunk: int):
-    """Visit every column tile of every device's travelling block once.
-
-    `travelling` is a tuple of arrays with the local block size b as leading dimension;
-    `tile_fn(tile, acc, positive) -> (tile, acc)` sees `chunk` rows of each, and `positive`, the
-    b x chunk mask of the (local row, visiting column) pairs that are positives. A tile is passed
-    to the next device as soon as it has been used, and the received tile is written where it
-    came from: the ring moves tile by tile, so the in-flight copy is one tile, not a second
-    block. After ring_size * n steps every block (and whatever was accumulated in it) is back
-    with its owner.
-
-    `tile_fn` should not apply elementwise ops to the tile's b x d arrays directly (scale the
-    logits, not the embeddings): XLA fuses the slice into such an op, which then reads the
-    block behind the in-place write's back, and XLA answers by copying the whole block on every
-    step.
-    """
-    block = travelling[0].shape[0]
-    n = block // chunk
-    perm = [(j, (j + 1) % ring_size) for j in range(ring_size)]
-
-    def step(t, carry):
-        acc, travelling = carry
-        start = (t % n) * chunk
-        tile = tuple(jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in travelling)
-        # In the first n steps the visiting block is the device's own: column c is row start + c.
-        rows = jax.lax.broadcasted_iota(jnp.int32, (block, chunk), 0)
-        cols = jax.lax.broadcasted_iota(jnp.int32, (block, chunk), 1)
-        positive = (rows == cols + start) & (t < n)
-        tile, acc = tile_fn(tile, acc, positive)
-        if ring_size > 1:
-            tile = tuple(jax.lax.ppermute(x, axes, perm) for x in tile)
-        travelling = tuple(
-            jax.lax.dynamic_update_slice_in_dim(a, x, start, 0) for a, x in zip(travelling, tile)
-        )
-        return acc, travelling
-
-    return jax.lax.fori_loop(0, ring_size * n, step, (acc, travelling))
+    limit = max(1, min(block, 4 * dim, MAX_TILE_ELEMENTS // max(block, 1)))
+    tiles = -(-block // limit)
+    return max(1, -(-block // tiles))
 
 
 # ---------------------------------------------------------------- softmax (InfoNCE), per device
@@ -135,20 +89,21 @@ def _online_lse(running_max, running_sum, logits, axis):
 def _infonce_forward(img, txt, logit_scale, *, axes, ring_size, chunk, global_batch, precision):
     scale = jnp.exp(logit_scale)
 
-    def tile_fn(tile, acc, positive):
-        x, col_max, col_sum = tile
+    def tile_fn(tile, column_stats, acc, positive):
+        (x,) = tile
+        col_max, col_sum = column_stats
         row_max, row_sum, pos = acc
         logits = scale * jnp.matmul(img, x.T, precision=precision)
         row_max, row_sum = _online_lse(row_max, row_sum, logits, axis=1)
         col_max, col_sum = _online_lse(col_max, col_sum, logits, axis=0)
         pos = pos + jnp.sum(jnp.where(positive, logits, 0.0), axis=1)
-        return (x, col_max, col_sum), (row_max, row_sum, pos)
+        return (col_max, col_sum), (row_max, row_sum, pos)
 
     b = img.shape[0]
-    no_max = _varying(jnp.full((b,), -jnp.inf, img.dtype), axes)
-    zeros = _varying(jnp.zeros((b,), img.dtype), axes)
-    (row_max, row_sum, pos), (_, col_max, col_sum) = _ring(
-        tile_fn, (no_max, zeros, zeros), (txt, no_max, zeros), axes=axes, ring_size=ring_size, chunk=chunk
+    no_max = varying(jnp.full((b,), -jnp.inf, img.dtype), axes)
+    zeros = varying(jnp.zeros((b,), img.dtype), axes)
+    (row_max, row_sum, pos), (col_max, col_sum) = ring_pass(
+        tile_fn, (no_max, zeros, zeros), (txt,), (no_max, zeros), axes=axes, size=ring_size, chunk=chunk
     )
     # lse - logit_ii is small next to either term (both near exp(logit_scale)): take it as
     # (max - logit_ii) + log(sum), never through a rounded lse. Local column j's positive is
@@ -158,38 +113,50 @@ def _infonce_forward(img, txt, logit_scale, *, axes, ring_size, chunk, global_ba
     return jax.lax.psum(local, axes) / (2 * global_batch), stats
 
 
-def _infonce_backward(img, txt, logit_scale, stats, g, *, axes, ring_size, chunk, global_batch, precision):
-    scale = jnp.exp(logit_scale)
-    coef = g / (2 * global_batch)
-    row_max, row_inv_sum, col_max, col_inv_sum, pos = stats
+def _infonce_grad_pass(rows, rows_stats, visiting, visiting_stats, scale, coef, with_scale, opts):
+    """d rows (and optionally the partial d logit_scale) with `visiting` going round the ring.
 
-    def tile_fn(tile, acc, positive):
-        x, max_x, inv_sum_x, pos_x, dx = tile
-        dimg, dscale = acc
-        logits = scale * jnp.matmul(img, x.T, precision=precision)
+    Run once with the images as rows and the texts visiting, once the other way round: the
+    logit gradient (P + Q - 2I) / (2B) is symmetric in the two roles once each side brings its
+    own softmax statistics (max, 1 / sum, positive logit).
+    """
+    axes, precision = opts["axes"], opts["precision"]
+    row_max, row_inv_sum, row_pos = rows_stats
+
+    def tile_fn(tile, carried, acc, positive):
+        x, max_x, inv_sum_x, pos_x = tile
+        drows, dscale = acc
+        logits = scale * jnp.matmul(rows, x.T, precision=precision)
         # softmax = exp(logit - max) / sum, as autodiff of the gather form's logsumexp computes
         # it: exp(logit - lse) would carry lse's rounding, |lse| * eps, into every probability.
         p_row = jnp.exp(logits - row_max[:, None]) * row_inv_sum[:, None]
         p_col = jnp.exp(logits - max_x[None, :]) * inv_sum_x[None, :]
         grad = coef * (p_row + p_col - jnp.where(positive, 2.0, 0.0))
-        dimg = dimg + scale * jnp.matmul(grad, x, precision=precision)
-        dx = dx + scale * jnp.matmul(grad.T, img, precision=precision)
-        # sum_ij G_ij logit_ij is small next to its terms. Each softmax sums to one over its
-        # row (column), so it equals the same sum with every logit measured from its row's
-        # (column's) positive, where the -2 [i = j] terms vanish and nothing cancels.
-        centred = p_row * (logits - pos[:, None]) + p_col * (logits - pos_x[None, :])
-        return (x, max_x, inv_sum_x, pos_x, dx), (dimg, dscale + coef * jnp.sum(centred))
+        drows = drows + scale * jnp.matmul(grad, x, precision=precision)
+        if with_scale:
+            # sum_ij G_ij logit_ij is small next to its terms. Each softmax sums to one over its
+            # row (column), so it equals the same sum with every logit measured from its row's
+            # (column's) positive, where the -2 [i = j] terms vanish and nothing cancels.
+            centred = p_row * (logits - row_pos[:, None]) + p_col * (logits - pos_x[None, :])
+            dscale = dscale + coef * jnp.sum(centred)
+        return carried, (drows, dscale)
 
-    acc = (jnp.zeros_like(img), _varying(jnp.zeros((), img.dtype), axes))
-    (dimg, dscale), (*_, dtxt) = _ring(
-        tile_fn,
-        acc,
-        (txt, col_max, col_inv_sum, pos, jnp.zeros_like(txt)),
-        axes=axes,
-        ring_size=ring_size,
-        chunk=chunk,
+    acc = (jnp.zeros_like(rows), varying(jnp.zeros((), rows.dtype), axes))
+    (drows, dscale), _ = ring_pass(
+        tile_fn, acc, (visiting, *visiting_stats), axes=axes, size=opts["ring_size"], chunk=opts["chunk"]
     )
-    return dimg, dtxt, jax.lax.psum(dscale, axes)
+    return drows, dscale
+
+
+def _infonce_backward(img, txt, logit_scale, stats, g, **opts):
+    scale = jnp.exp(logit_scale)
+    coef = g / (2 * opts["global_batch"])
+    row_max, row_inv_sum, col_max, col_inv_sum, pos = stats
+    img_stats, txt_stats = (row_max, row_inv_sum, pos), (col_max, col_inv_sum, pos)
+    dimg, dscale = _infonce_grad_pass(img, img_stats, txt, txt_stats, scale, coef, True, opts)
+    img = after(img, dscale)
+    dtxt, _ = _infonce_grad_pass(txt, txt_stats, img, img_stats, scale, coef, False, opts)
+    return dimg, dtxt, jax.lax.psum(dscale, opts["axes"])
 
 
 # ---------------------------------------------------------------- sigmoid (SigLIP), per device
@@ -198,41 +165,53 @@ def _infonce_backward(img, txt, logit_scale, stats, g, *, axes, ring_size, chunk
 def _sigmoid_forward(img, txt, logit_scale, logit_bias, *, axes, ring_size, chunk, global_batch, precision):
     scale = jnp.exp(logit_scale)
 
-    def tile_fn(tile, total, positive):
+    def tile_fn(tile, carried, total, positive):
         (x,) = tile
         logits = scale * jnp.matmul(img, x.T, precision=precision) + logit_bias
-        return tile, total - jnp.sum(jax.nn.log_sigmoid(jnp.where(positive, logits, -logits)))
+        return carried, total - jnp.sum(jax.nn.log_sigmoid(jnp.where(positive, logits, -logits)))
 
-    total, _ = _ring(
-        tile_fn, _varying(jnp.zeros((), img.dtype), axes), (txt,), axes=axes, ring_size=ring_size, chunk=chunk
+    total, _ = ring_pass(
+        tile_fn, varying(jnp.zeros((), img.dtype), axes), (txt,), axes=axes, size=ring_size, chunk=chunk
     )
     return jax.lax.psum(total, axes) / global_batch
 
 
-def _sigmoid_backward(
-    img, txt, logit_scale, logit_bias, g, *, axes, ring_size, chunk, global_batch, precision
-):
-    scale = jnp.exp(logit_scale)
-    coef = g / global_batch
+def _sigmoid_grad_pass(rows, visiting, scale, logit_bias, coef, with_scalars, opts):
+    """d rows (and optionally the partial d logit_scale and d bias), `visiting` going round the
+    ring; the logit gradient (sigmoid(logit) - I) / B is symmetric in images and texts."""
+    axes, precision = opts["axes"], opts["precision"]
 
-    def tile_fn(tile, acc, positive):
-        x, dx = tile
-        dimg, dscale, dbias = acc
-        logits = scale * jnp.matmul(img, x.T, precision=precision)
+    def tile_fn(tile, carried, acc, positive):
+        (x,) = tile
+        drows, dscale, dbias = acc
+        logits = scale * jnp.matmul(rows, x.T, precision=precision)
         grad = coef * (jax.nn.sigmoid(logits + logit_bias) - jnp.where(positive, 1.0, 0.0))
-        dimg = dimg + scale * jnp.matmul(grad, x, precision=precision)
-        dx = dx + scale * jnp.matmul(grad.T, img, precision=precision)
-        return (x, dx), (dimg, dscale + jnp.sum(grad * logits), dbias + jnp.sum(grad))
+        drows = drows + scale * jnp.matmul(grad, x, precision=precision)
+        if with_scalars:
+            dscale, dbias = dscale + jnp.sum(grad * logits), dbias + jnp.sum(grad)
+        return carried, (drows, dscale, dbias)
 
-    zero = _varying(jnp.zeros((), img.dtype), axes)
-    (dimg, dscale, dbias), (_, dtxt) = _ring(
+    zero = varying(jnp.zeros((), rows.dtype), axes)
+    (drows, dscale, dbias), _ = ring_pass(
         tile_fn,
-        (jnp.zeros_like(img), zero, zero),
-        (txt, jnp.zeros_like(txt)),
+        (jnp.zeros_like(rows), zero, zero),
+        (visiting,),
         axes=axes,
-        ring_size=ring_size,
-        chunk=chunk,
+        size=opts["ring_size"],
+        chunk=opts["chunk"],
     )
+    return drows, dscale, dbias
+
+
+def _sigmoid_backward(img, txt, logit_scale, logit_bias, value, g, **opts):
+    scale = jnp.exp(logit_scale)
+    coef = g / opts["global_batch"]
+    # The forward lap's `value` is not needed here, but depending on it keeps XLA from running
+    # the forward and backward laps at once (holding both laps' travelling blocks).
+    dimg, dscale, dbias = _sigmoid_grad_pass(img, after(txt, value), scale, logit_bias, coef, True, opts)
+    img = after(img, dscale)
+    dtxt, _, _ = _sigmoid_grad_pass(txt, img, scale, logit_bias, coef, False, opts)
+    axes = opts["axes"]
     return dimg, dtxt, jax.lax.psum(dscale, axes), jax.lax.psum(dbias, axes)
 
 
@@ -241,14 +220,14 @@ def _sigmoid_backward(
 
 def _ring_options(img, mesh, batch_axes, chunk, precision):
     axes = tuple(batch_axes)
-    ring_size = _ring_size(mesh, axes)
+    ring_size = ring_size_of(mesh, axes)
     global_batch = img.shape[0]
     if global_batch % ring_size:
         raise ValueError(f"global batch {global_batch} does not split over {ring_size} devices")
     block = global_batch // ring_size
     chunk = default_chunk(block, img.shape[1]) if chunk is None else chunk
-    if chunk < 1 or block % chunk:
-        raise ValueError(f"chunk={chunk} must divide the per-device batch {block}")
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: columns per tile must be at least 1")
     return dict(axes=axes, ring_size=ring_size, chunk=chunk, global_batch=global_batch, precision=precision)
 
 
@@ -265,7 +244,7 @@ def ring_infonce_loss(
     """`global_infonce_loss`, computed blockwise around a ring of the devices along batch_axes.
 
     img/txt are [B, d] sharded over batch_axes; `logit_scale` is the log of the scale; `chunk`
-    (columns per tile, a divisor of B / devices) defaults to `default_chunk`; `precision` of
+    (columns per tile; need not divide B / devices) defaults to `default_chunk`; `precision` of
     the logit matmuls, forward and backward (see `clipjax.losses.select.PRECISIONS`).
     """
     opts = _ring_options(img, mesh, batch_axes, chunk, precision)
@@ -325,7 +304,7 @@ def ring_sigmoid_loss(
     backward = jax.shard_map(
         functools.partial(_sigmoid_backward, **opts),
         mesh=mesh,
-        in_specs=(rows, rows, scalar, scalar, scalar),
+        in_specs=(rows, rows, scalar, scalar, scalar, scalar),
         out_specs=(rows, rows, scalar, scalar),
     )
 
@@ -334,7 +313,8 @@ def ring_sigmoid_loss(
         return forward(img, txt, logit_scale, logit_bias)
 
     def loss_fwd(img, txt, logit_scale, logit_bias):
-        return forward(img, txt, logit_scale, logit_bias), (img, txt, logit_scale, logit_bias)
+        value = forward(img, txt, logit_scale, logit_bias)
+        return value, (img, txt, logit_scale, logit_bias, value)
 
     def loss_bwd(residuals, g):
         return backward(*residuals, g)
