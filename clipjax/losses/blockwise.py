@@ -2,8 +2,10 @@
 
 The `gather` form in `contrastive.py` holds b x B logits per device, which outgrows memory long
 before the embeddings do. Here each device keeps its local image block `img` [b, d] and text
-block `txt` [b, d]; the text blocks travel around a `ppermute` ring, and each device scores its
-local images against the visiting block one tile of `chunk` columns at a time:
+block `txt` [b, d]; the text blocks travel around a `ppermute` ring (`clipjax.parallel.ring`: a
+whole block per lap step, sent on while it is being scored, so communication overlaps compute),
+and each device scores its local images against the visiting block one tile of `chunk` columns
+at a time:
 
     logits[i, j] = exp(logit_scale) * <img_i, txt_j>     (b x chunk per tile, never b x B)
 
@@ -12,8 +14,8 @@ the device's own, so each tile knows its positives from the step number alone.
 
 Softmax (symmetric InfoNCE). Rows (image -> text) keep a running max and sum of exponentials
 (online log-sum-exp) on the device that owns them. Columns (text -> image) keep the same pair,
-but it travels with their text tile, so after a full lap it is home and complete: one matmul
-per tile serves both directions.
+but it travels with their text block (two vectors of length b), so after a full lap it is home
+and complete: one matmul per tile serves both directions.
 
     L = (sum_i (lse_row_i - logit_ii) + sum_j (lse_col_j - logit_jj)) / (2B)
 
@@ -34,11 +36,16 @@ For softmax, d logit_scale is summed in the equivalent centred form
 g / (2B) * sum_ij (P_ij (logit_ij - logit_ii) + Q_ij (logit_ij - logit_jj)), which avoids
 cancelling two large sums.
 
-d img accumulates on the owning device. d txt of a visiting tile is accumulated in a buffer
-that travels with the tile, so it reaches the text's owner at the end of the lap. The scalar
-gradients are per-device partial sums, psum-ed at the end. The positives are taken from the
-tile's own logits, as the gather form does, so that lse - logit_ii and P_ii - 1 are
-differences of identically rounded numbers.
+The backward runs two laps: one with the images as rows and the texts visiting (d img, and
+the scalar gradients), one the other way round (d txt), each side bringing its own softmax
+statistics; G is symmetric in the two roles. A single lap could carry d txt home in a buffer
+travelling with its block, but that buffer and its copy in flight would be two more b x d
+blocks, and memory is what the ring is for: the second lap costs one more b x chunk x d product
+per tile (5 logit products per step in all, against the gather form's 6) and keeps the
+backward at two travelling blocks. The laps are ordered (`clipjax.parallel.ring.after`) so XLA
+does not hold both at once. The scalar gradients are per-device partial sums, psum-ed at the
+end. The positives are taken from the tile's own logits, as the gather form does, so that
+lse - logit_ii and P_ii - 1 are differences of identically rounded numbers.
 """
 
 from __future__ import annotations
