@@ -3,8 +3,12 @@
     python -m clipjax.train --config configs/clip_vit_b16.py --workdir gs://BUCKET/clip_b16
     launch/tpu_pod.sh --config configs/clip_vit_b16.py --workdir gs://BUCKET/clip_b16
 
+The towers compute in bfloat16 (parameters, embeddings and the loss stay float32), keep only
+the dense layers' matmul outputs for the backward pass (`model.remat`) and run attention through
+`jax.nn.dot_product_attention`.
+
 Point `data.name`/`data.source` at an image-text dataset. `configs/clip_vit_b16.py:tiny` keeps
-the structure (ViT, FSDP mesh) at a size that runs one step on CPU.
+the structure (ViT, FSDP mesh, precision, remat, attention) at a size that runs one step on CPU.
 """
 
 import math
@@ -36,7 +40,11 @@ def get_config(arg: str = ""):
     c.model.text.pool = "last"
     c.model.embed_dim = 512
     c.model.dtype = "bfloat16"
-    c.model.remat = True
+    # Keeps each block's dense-layer outputs and recomputes the rest, attention included: about
+    # 44 MB of saved activations per example (both towers, bf16), against 7 MB for "full" (use it
+    # if memory runs short) and 230 MB for "none".
+    c.model.remat = "dots_with_no_batch_dims_saveable"
+    c.model.attention = "dot_product_attention"
     c.model.logit_scale_init = math.log(1 / 0.07)
     c.loss.name = "softmax"
     c.optim.lr = 5e-4
@@ -66,7 +74,6 @@ def _shrink(c):
     c.model.image.variant = "tiny"
     c.model.text.variant = "tiny"
     c.model.embed_dim = 32
-    c.model.remat = True
     c.optim.warmup_steps = 1
     c.evals.max_examples = 64
     c.evals.batch_size = 32

@@ -247,7 +247,7 @@ def test_remat_same_output_and_grads(kind):
 def test_model_remat_flag_reaches_every_stack():
     model = nnx.eval_shape(lambda: build(make_config(image=IMAGE_TOWERS["resnet-attention"], remat=True)))
     stacks = [m for _, m in nnx.iter_graph(model) if isinstance(m, Stack)]
-    assert len(stacks) == 3 and all(s.remat for s in stacks)
+    assert len(stacks) == 3 and all(s.remat == "full" for s in stacks)
 
 
 @pytest.mark.parametrize("image", ["vit-cls"])

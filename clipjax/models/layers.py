@@ -42,6 +42,31 @@ he_normal = nnx.initializers.he_normal()
 # CLIP and ViT, rather than fan-in scaling (fan-in of a table is meaningless).
 embed_normal = nnx.initializers.truncated_normal(stddev=0.02)
 
+# How `Attention` computes softmax(q k^T / sqrt(d)) v (`model.attention`): "xla" spells it out as
+# einsums; "dot_product_attention" hands it to `jax.nn.dot_product_attention` and lets JAX pick
+# the kernel (up to jax 0.10 that is its XLA path on every backend); "cudnn" asks that function
+# for cuDNN's fused flash attention by name (NVIDIA GPUs only, bf16/fp16 compute).
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
+# What a `Stack` keeps for the backward pass (`model.remat`): "none" keeps every activation;
+# "full" only each block's input, recomputing the rest; the other names are
+# `jax.checkpoint_policies` that also keep some intermediates (e.g. matmul outputs) to trade
+# memory for less recomputation. Only policies usable as they are: the others are factories.
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "nothing_saveable",
+    "everything_saveable",
+)
+
+
+def remat_name(value: Any) -> Any:
+    """The policy name of a `remat` setting: configs before the named policies said True/False."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    return value
+
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str]) -> nnx.Param:
     """A float32 Param annotated with one logical axis name per dimension.
@@ -274,11 +299,19 @@ def attention_mask(valid: Array | None, length: int, causal: bool = False) -> Ar
 
 
 class Attention(nnx.Module):
-    """Multi-head dot-product attention (self- or cross-) with a boolean mask."""
+    """Multi-head dot-product attention (self- or cross-) with a boolean mask.
 
-    def __init__(self, width: int, heads: int, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    ``impl`` (one of ``ATTENTION_IMPLS``) changes how the attention is computed, not its
+    parameters, so a model may be built with one and run with the other.
+    """
+
+    def __init__(
+        self, width: int, heads: int, *, dtype: Any = jnp.float32, impl: str = "xla", rngs: nnx.Rngs
+    ):
         if width % heads:
             raise ValueError(f"width {width} not divisible by heads {heads}")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl {impl!r} (expected one of {ATTENTION_IMPLS})")
         head_dim = width // heads
         qkv_init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
         out_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
@@ -294,6 +327,7 @@ class Attention(nnx.Module):
         self.out_bias = param(rngs, zeros, (width,), ("embed",))
         self.head_dim = head_dim
         self.dtype = jnp.dtype(dtype)
+        self.impl = impl
 
     def _project(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None = None) -> Array:
         dt = self.dtype
@@ -308,6 +342,24 @@ class Attention(nnx.Module):
         q = self._project(x_q, self.query, self.query_bias)
         k = self._project(x_kv, self.key)
         v = self._project(x_kv, self.value, self.value_bias)
+        if self.impl in ("dot_product_attention", "cudnn"):
+            # The projections are already in its [B, T, heads, head_dim] layout. Like the einsum
+            # path it takes the softmax in float32 and floors masked logits at a finite value, so
+            # fully masked rows stay finite. implementation=None leaves the kernel to JAX (up to
+            # jax 0.10 that is still its XLA path on every backend; cuDNN must be named).
+            ctx = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=None if mask is None else jnp.asarray(mask, bool),
+                implementation="cudnn" if self.impl == "cudnn" else None,
+            )
+        else:
+            ctx = self._einsum_attention(q, k, v, mask)
+        return jnp.einsum("bqhk,hkd->bqd", ctx, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+
+    def _einsum_attention(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+        dt = self.dtype
         q = q * jnp.asarray(self.head_dim**-0.5, dt)
         # Softmax in float32: bf16 logits lose too much precision in exp/sum.
         logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
@@ -315,8 +367,7 @@ class Attention(nnx.Module):
             # A finite floor (not -inf) keeps fully masked rows finite.
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(dt)
-        ctx = jnp.einsum("bhqs,bshk->bqhk", weights, v)
-        return jnp.einsum("bqhk,hkd->bqd", ctx, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+        return jnp.einsum("bhqs,bshk->bqhk", weights, v)
 
 
 class MLP(nnx.Module):
@@ -333,9 +384,18 @@ class MLP(nnx.Module):
 class TransformerBlock(nnx.Module):
     """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_dim: int, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_dim: int,
+        *,
+        dtype: Any = jnp.float32,
+        attention: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         self.ln1 = LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(width, heads, dtype=dtype, impl=attention, rngs=rngs)
         self.ln2 = LayerNorm(width, dtype=dtype, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -350,14 +410,23 @@ class Stack(nnx.Module):
     The blocks run under ``nnx.scan`` so the compiled program contains one block
     body regardless of depth (compile time stays flat as models grow), and the
     stacked axis can be sharded or offloaded as a unit. Extra call arguments
-    (e.g. an attention mask) are broadcast to every block. ``remat`` recomputes
-    each block's activations in the backward pass instead of storing them.
-    ``depth`` may be 0, in which case the stack is the identity.
+    (e.g. an attention mask) are broadcast to every block. ``remat`` (one of
+    ``REMAT_POLICIES``; True / False mean 'full' / 'none') recomputes each block's
+    activations in the backward pass instead of storing them, all of them or those
+    its policy does not save. ``depth`` may be 0, in which case the stack is the identity.
     """
 
     def __init__(
-        self, make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, *, remat: bool = False, rngs: nnx.Rngs
+        self,
+        make_block: Callable[[nnx.Rngs], nnx.Module],
+        depth: int,
+        *,
+        remat: str | bool = "none",
+        rngs: nnx.Rngs,
     ):
+        remat = remat_name(remat)
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {remat!r} (expected one of {REMAT_POLICIES})")
         self.depth = depth
         self.remat = remat
         if depth == 0:
@@ -378,10 +447,12 @@ class Stack(nnx.Module):
         def body(block: nnx.Module, carry: Array, *rest: Any) -> Array:
             return block(carry, *rest)
 
-        if self.remat:
+        if self.remat != "none":
+            # policy=None is jax.checkpoint's own default: save nothing but the inputs.
+            policy = None if self.remat == "full" else getattr(jax.checkpoint_policies, self.remat)
             # Inside scan the loop boundary already stops CSE across iterations, so
             # prevent_cse would only cost performance (per the jax.checkpoint docs).
-            body = nnx.remat(body, prevent_cse=False)
+            body = nnx.remat(body, prevent_cse=False, policy=policy)
         run = nnx.scan(
             body,
             in_axes=(0, nnx.Carry) + (None,) * len(args),

@@ -181,7 +181,7 @@ class Stage(nnx.Module):
         groups: int,
         use_bias: bool,
         dtype: Any,
-        remat: bool,
+        remat: str | bool,
         rngs: nnx.Rngs,
     ):
         self.down = ConvNormAct(
@@ -201,9 +201,18 @@ class Stage(nnx.Module):
 class AttentionPool(nnx.Module):
     """CLIP-RN style pooling: the mean token attends over all positions."""
 
-    def __init__(self, width: int, num_positions: int, heads: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        num_positions: int,
+        heads: int,
+        *,
+        dtype: Any,
+        attention: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         self.pos = param(rngs, embed_normal, (num_positions + 1, width), ("pos", "embed"))
-        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(width, heads, dtype=dtype, impl=attention, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
@@ -227,7 +236,8 @@ class ResNet(nnx.Module):
         *,
         image_size: int,
         dtype: Any = jnp.float32,
-        remat: bool = False,
+        remat: str | bool = "none",
+        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         g = spec.groups
@@ -275,7 +285,9 @@ class ResNet(nnx.Module):
         else:
             self.out_dim = cin
             self.norm = None
-            self.attn_pool = AttentionPool(cin, size * size, spec.attn_heads, dtype=dtype, rngs=rngs)
+            self.attn_pool = AttentionPool(
+                cin, size * size, spec.attn_heads, dtype=dtype, attention=attention, rngs=rngs
+            )
 
     def __call__(self, images: jax.Array) -> jax.Array:
         if images.shape[1:3] != (self.image_size, self.image_size):

@@ -2,7 +2,8 @@
 
 Image towers are plug-ins: a module with `FIELDS` (its `model.image.*` fields), `resolve(values,
 image_size, path) -> spec` (its variant table plus cross-field checks) and `Tower` (the
-nnx.Module built from the spec). Adding one is a new file and a line in `IMAGE_TOWERS`.
+nnx.Module built from the spec, called with `image_size`, `dtype`, `remat`, `attention`, `rngs`
+keywords). Adding one is a new file and a line in `IMAGE_TOWERS`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
+import ml_collections
+
 from clipjax.models import resnet, text, vit
+from clipjax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, remat_name
 from clipjax.schema import ConfigError, Field, Section, merge_kinds, read_kind
 
 IMAGE_TOWERS = {
@@ -21,8 +26,30 @@ IMAGE_TOWERS = {
 LN_1_OVER_0_07 = math.log(1 / 0.07)
 
 
+def _attention_backend(value) -> str | None:
+    if value == "cudnn" and jax.default_backend() != "gpu":
+        return f"'cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()!r}); use 'dot_product_attention'"
+    return None
+
+
 def _finite(value) -> str | None:
     return None if math.isfinite(value) else "expected a finite number"
+
+
+@dataclasses.dataclass(frozen=True)
+class _RematField(Field):
+    """`model.remat`: a policy name, or the True / False of configs written before the names.
+
+    Its ConfigDict slot is free-typed: a str slot would refuse `c.model.remat = True` in an old
+    config file, the stored `true` of an old run's config.json and `--config.model.remat=True`
+    (which ml_collections parses as a bool in a free-typed slot). The booleans become names here.
+    """
+
+    def config_value(self):
+        return ml_collections.FieldReference(self.default, field_type=object)
+
+    def validate(self, path: str, value: Any) -> Any:
+        return super().validate(path, remat_name(value))
 
 
 def image_section() -> Section:
@@ -38,7 +65,19 @@ def model_section() -> Section:
             "dtype": Field(
                 "float32", "compute dtype; parameters stay float32", choices=("float32", "bfloat16")
             ),
-            "remat": Field(False, "rematerialise each block in the backward pass"),
+            "remat": _RematField(
+                "none",
+                "what each block keeps for the backward pass: all (`none`), only its input (`full`), "
+                "or what a jax.checkpoint_policies name says; True / False mean `full` / `none`",
+                choices=REMAT_POLICIES,
+            ),
+            "attention": Field(
+                "xla",
+                "attention as einsums, through jax.nn.dot_product_attention, or its cuDNN kernel "
+                "(GPU only); same parameters",
+                choices=ATTENTION_IMPLS,
+                check=_attention_backend,
+            ),
             "logit_scale_init": Field(
                 LN_1_OVER_0_07, "initial log logit scale (CLIP: ln(1/0.07))", check=_finite
             ),
@@ -64,7 +103,8 @@ class DualEncoderSpec:
     text: text.TextSpec
     embed_dim: int
     dtype: str
-    remat: bool
+    remat: str  # one of layers.REMAT_POLICIES
+    attention: str  # one of layers.ATTENTION_IMPLS
     logit_scale_init: float
     logit_bias_init: float | None
 
@@ -86,6 +126,7 @@ def model_spec(model_config: Any, *, image_size: int, path: str = "model") -> Du
         embed_dim=values["embed_dim"],
         dtype=values["dtype"],
         remat=values["remat"],
+        attention=values["attention"],
         logit_scale_init=values["logit_scale_init"],
         logit_bias_init=values["logit_bias_init"],
     )

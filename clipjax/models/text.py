@@ -72,7 +72,8 @@ class TextTransformer(nnx.Module):
         vocab_size: int,
         max_len: int,
         dtype: Any = jnp.float32,
-        remat: bool = False,
+        remat: str | bool = "none",
+        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         w = spec.width
@@ -82,7 +83,7 @@ class TextTransformer(nnx.Module):
         self.embed = param(rngs, embed_normal, (vocab_size, w), ("vocab", "embed"))
         self.pos = param(rngs, embed_normal, (max_len, w), ("pos", "embed"))
         self.encoder = Stack(
-            lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype, rngs=r),
+            lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype, attention=attention, rngs=r),
             spec.depth,
             remat=remat,
             rngs=rngs,

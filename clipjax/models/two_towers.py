@@ -58,11 +58,13 @@ class DualEncoder(nnx.Module):
         max_len = _positive_arg(max_len, "max_len")
         image_size = _positive_arg(image_size, "image_size")
         self.spec = spec
+        # How the towers compute (not what): the keywords an image-tower plug-in's Tower takes too.
+        execution = dict(dtype=spec.dtype, remat=spec.remat, attention=spec.attention)
         self.image_tower = IMAGE_TOWERS[spec.image_kind].Tower(
-            spec.image, image_size=image_size, dtype=spec.dtype, remat=spec.remat, rngs=rngs
+            spec.image, image_size=image_size, **execution, rngs=rngs
         )
         self.text_tower = TextTransformer(
-            spec.text, vocab_size=vocab_size, max_len=max_len, dtype=spec.dtype, remat=spec.remat, rngs=rngs
+            spec.text, vocab_size=vocab_size, max_len=max_len, **execution, rngs=rngs
         )
         # Projections run in float32: they are cheap and feed the normalisation
         # and the similarity logits, where bf16 rounding would show.

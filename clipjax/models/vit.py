@@ -73,9 +73,11 @@ def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") 
 class MAPHead(nnx.Module):
     """Multihead attention pooling: one learned probe attends over all tokens."""
 
-    def __init__(self, width: int, heads: int, mlp_dim: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self, width: int, heads: int, mlp_dim: int, *, dtype: Any, attention: str = "xla", rngs: nnx.Rngs
+    ):
         self.probe = param(rngs, embed_normal, (width,), ("embed",))
-        self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(width, heads, dtype=dtype, impl=attention, rngs=rngs)
         self.norm = LayerNorm(width, dtype=dtype, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -93,7 +95,14 @@ class ViT(nnx.Module):
     """
 
     def __init__(
-        self, spec: ViTSpec, *, image_size: int, dtype: Any = jnp.float32, remat: bool = False, rngs: nnx.Rngs
+        self,
+        spec: ViTSpec,
+        *,
+        image_size: int,
+        dtype: Any = jnp.float32,
+        remat: str | bool = "none",
+        attention: str = "xla",
+        rngs: nnx.Rngs,
     ):
         p, w = spec.patch_size, spec.width
         self.spec = spec
@@ -118,14 +127,16 @@ class ViT(nnx.Module):
         num_tokens = num_patches + (1 if spec.pool == "cls" else 0)
         self.pos = param(rngs, embed_normal, (num_tokens, w), ("pos", "embed"))
         self.encoder = Stack(
-            lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype, rngs=r),
+            lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype, attention=attention, rngs=r),
             spec.depth,
             remat=remat,
             rngs=rngs,
         )
         self.norm = LayerNorm(w, dtype=dtype, rngs=rngs)
         self.map_head = (
-            MAPHead(w, spec.heads, spec.mlp_dim, dtype=dtype, rngs=rngs) if spec.pool == "map" else None
+            MAPHead(w, spec.heads, spec.mlp_dim, dtype=dtype, attention=attention, rngs=rngs)
+            if spec.pool == "map"
+            else None
         )
         self.out_dim = w
 
