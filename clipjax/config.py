@@ -9,7 +9,8 @@ and its checks: one clear line per mistake, before anything compiles.
 Where each section is declared: `model` in clipjax/models/spec.py (and the towers' files),
 `data` in clipjax/data/sources/ (common fields, one set per source, the tokenizer's),
 `evals` in clipjax/evals/runner.py (and each evaluator's file), `loss` in losses/select.py,
-`optim` in optim.py, the collapse alarm's thresholds in metrics/collapse.py; the rest below.
+`optim` in optim.py, the collapse alarm's thresholds in metrics/collapse.py, `logging` in
+wandb_writer.py; the rest below.
 `python -m clipjax.config` prints the field table of docs/configs.md (`--update FILE` rewrites it).
 """
 
@@ -30,6 +31,7 @@ from clipjax.metrics.collapse import ALARM_FIELDS
 from clipjax.models import model_section, model_spec
 from clipjax.parallel.mesh import BATCH_AXES, resolve_mesh_shape
 from clipjax.schema import ConfigError, Field, Section
+from clipjax.wandb_writer import SECTION as LOGGING_SECTION, check_config as check_logging
 
 __all__ = ["ConfigError", "apply_overrides", "config_from_dict", "default_config", "schema", "validate"]
 
@@ -49,6 +51,11 @@ def schema() -> Section:
             "steps": Field(1000, "train steps (0: use `epochs`)", minimum=0),
             "epochs": Field(0.0, "run length in passes over `data.num_train` when `steps` is 0", minimum=0.0),
             "log_every": Field(50, "write metrics.jsonl / TensorBoard every N steps", minimum=1),
+            "peak_tflops": Field(
+                0.0,
+                "peak TFLOP/s per device for `mfu` (0: from the device table in clipjax/flops.py)",
+                minimum=0.0,
+            ),
             "checkpoint_every": Field(500, "checkpoint every N steps (and at the end)", minimum=1),
             "keep_checkpoints": Field(3, "checkpoints kept", minimum=1),
             "microbatches": Field(
@@ -124,6 +131,7 @@ def schema() -> Section:
                 },
                 doc="embedding-spectrum metrics and the collapse alarm (docs/metrics.md)",
             ),
+            "logging": LOGGING_SECTION,
         }
     )
 
@@ -177,6 +185,7 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
     if model_file and not os.path.exists(os.path.expanduser(model_file)):
         raise ConfigError(f"data.tokenizer.model_file: {model_file!r} does not exist")
     check_evaluators(config)
+    check_logging(config.logging)
     return shape
 
 

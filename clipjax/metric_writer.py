@@ -1,4 +1,5 @@
-"""Run logs (not the standard library's logging): metrics.jsonl, TensorBoard event files (no TensorFlow needed), a progress line."""
+"""Run logs (not the standard library's logging): metrics.jsonl, TensorBoard event files (no TensorFlow
+needed), optionally Weights & Biases (clipjax.wandb_writer), a progress line."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from clipjax.metrics.plot import plot_spectrum_history
+from clipjax.wandb_writer import WandbWriter
 
 
 def to_jsonable(value: Any) -> Any:
@@ -30,45 +32,57 @@ def to_jsonable(value: Any) -> Any:
 
 
 class MetricWriter:
-    """Writes each logged step to metrics.jsonl and TensorBoard; only the lead process writes.
+    """Writes each logged step to metrics.jsonl and TensorBoard (and W&B when `config.logging.wandb`
+    is on); only the lead process writes.
 
     Several hooks may log at one step (training scalars, embedding metrics, evaluation): their
     scalars are merged into one record per step, written when a later step is logged or on
     `flush()` / `close()`.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, config=None):
         self.enabled = enabled
         self.workdir = workdir
         self._spectra_path = os.path.join(workdir, "spectra.jsonl")
         self._tb = None
         self._jsonl = None
+        self._wandb = None
         self._pending_step: int | None = None
         self._pending: dict[str, Any] = {}
+        self._pending_spectra: dict[str, np.ndarray] = {}
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if config is not None and config.logging.wandb:
+                self._wandb = WandbWriter(workdir, config)
+
+    def _start(self, step: int) -> None:
+        if self._pending_step is not None and int(step) != self._pending_step:
+            self.flush()
+        self._pending_step = int(step)
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if self._pending_step is not None and int(step) != self._pending_step:
-            self.flush()
-        self._pending_step = int(step)
+        self._start(step)
         self._pending.update(to_jsonable(scalars))
 
     def flush(self) -> None:
         if not self.enabled or self._pending_step is None:
             return
-        step, record = self._pending_step, {"step": self._pending_step, **self._pending}
-        self._pending_step, self._pending = None, {}
-        self._jsonl.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._tb.add_scalar(key, value, int(step))
+        step, scalars, spectra = self._pending_step, self._pending, self._pending_spectra
+        self._pending_step, self._pending, self._pending_spectra = None, {}, {}
+        record = {"step": step, **scalars}
+        if scalars or not spectra:
+            self._jsonl.write(json.dumps(record) + "\n")
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, int(step))
+        if self._wandb is not None:
+            self._wandb.log(step, record, spectra)
 
     def write_spectra(self, step: int, spectra: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
         """Eigenvalue spectra to spectra.jsonl (for the PNG) and as TensorBoard histograms."""
@@ -83,6 +97,10 @@ class MetricWriter:
             f.write(json.dumps(record) + "\n")
         for key, values in spectra.items():
             self._tb.add_histogram(f"{key}_log10", np.log10(np.maximum(np.asarray(values), 1e-12)), int(step))
+        if self._wandb is not None:
+            # Held for the step's one W&B record: a second log call at a step would commit it twice.
+            self._start(step)
+            self._pending_spectra.update({k: np.asarray(v) for k, v in spectra.items()})
 
     def plot_spectra(self) -> str | None:
         """Write spectrum.png (log spectrum over training, effective rank against step)."""
@@ -92,12 +110,16 @@ class MetricWriter:
             records = [json.loads(line) for line in f if line.strip()]
         return plot_spectrum_history(records, os.path.join(self.workdir, "spectrum.png")) if records else None
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """`failed`: the run ends with an error, and W&B marks it so."""
         self.flush()
         if self.enabled:
             self._jsonl.close()
             self._tb.flush()
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close(failed=failed)
+            self._wandb = None
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -36,8 +36,15 @@ RUN_CONTROL = (
     "microbatches",
     "loss.impl",
     "loss.chunk",
+    # How the towers compute (what is kept for the backward pass, which attention kernel), not
+    # what they compute; an old run's stored `remat: true` also reads as today's "full".
+    "model.remat",
+    "model.attention",
+    "peak_tflops",
+    "profile.",
     "evals.",
     "metrics.",
+    "logging.",
     "data.data_dir",
     "data.worker_count",
     "data.read_threads",

@@ -178,7 +178,8 @@ class Section:
             default = "unset" if item.default is None else f"`{item.default!r}`"
             extra = []
             if item.choices:
-                extra.append("one of " + ", ".join(f"`{c}`" for c in item.choices))
+                # An empty choice would print as two backticks, which Markdown does not show as ''.
+                extra.append("one of " + ", ".join(f"`{c}`" if c != "" else "`''`" for c in item.choices))
             if item.kinds:
                 extra.append("for " + ", ".join(item.kinds))
             doc = item.doc + (f" ({'; '.join(extra)})" if extra else "")

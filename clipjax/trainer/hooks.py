@@ -31,20 +31,41 @@ def data_drop_metrics(drop_counts: dict[str, int]) -> dict[str, int]:
 
 
 class LogHook:
-    """Train scalars, samples/s since the last call, and data drops to the writer; a progress line."""
+    """Train scalars, samples/s since the last call, and data drops to the writer; a progress line.
 
-    def __init__(self, writer, progress, *, global_batch: int, data_iterator, start_step: int):
+    With `flops_per_step` (the model FLOPs of one step, `clipjax.flops.train_flops_per_step`) it
+    also writes the achieved `tflops_per_device` over the same interval, and `mfu` against
+    `peak_flops` (FLOP/s per device) where that is known.
+    """
+
+    def __init__(
+        self,
+        writer,
+        progress,
+        *,
+        global_batch: int,
+        data_iterator,
+        start_step: int,
+        flops_per_step: float = 0.0,
+        peak_flops: float | None = None,
+        num_devices: int = 1,
+    ):
         self.writer, self.progress, self.global_batch = writer, progress, global_batch
         self.data_iterator = data_iterator
+        self.flops_per_step, self.peak_flops, self.num_devices = flops_per_step, peak_flops, num_devices
         self._time, self._step = time.perf_counter(), start_step
 
     def __call__(self, info: StepInfo) -> None:
         scalars, _ = info.host_metrics()
         now = time.perf_counter()
         scalars = dict(scalars)
-        scalars["samples_per_sec"] = (
-            (info.step - self._step) * self.global_batch / max(now - self._time, 1e-9)
-        )
+        steps_per_sec = (info.step - self._step) / max(now - self._time, 1e-9)
+        scalars["samples_per_sec"] = steps_per_sec * self.global_batch
+        if self.flops_per_step > 0:
+            flops_per_device = steps_per_sec * self.flops_per_step / self.num_devices
+            scalars["tflops_per_device"] = flops_per_device / 1e12
+            if self.peak_flops:
+                scalars["mfu"] = flops_per_device / self.peak_flops
         scalars.update(data_drop_metrics(self.data_iterator.drop_counts))
         self.writer.write(info.step, scalars)
         self.progress.update(info.step, float(scalars["loss"]), scalars["samples_per_sec"])

@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 from jax.experimental import multihost_utils
 
-from clipjax import optim
+from clipjax import flops, optim
 from clipjax.api import (
     RestoreError,
     check_params_compatible,
@@ -160,15 +160,18 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
         iterator.set_state(data_state)
 
     train_step = make_train_step(config, mesh, graphdef, shardings, initial.tx, initial.schedule)
-    writer = MetricWriter(workdir, enabled=lead)
-    cleanup.callback(writer.close)
+    writer = MetricWriter(workdir, enabled=lead, config=config)
+    # Told whether the run is ending in an error, so that W&B does not show a crash as finished.
+    cleanup.push(lambda exc_type, *_: writer.close(failed=exc_type is not None))
     progress = Progress(total, enabled=lead)
     evaluation = EvalRunner(config, source, tokenizer)
     t_prepared = time.perf_counter()
+    step_flops = flops.train_flops_per_step(config)
     log(
         f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} processes; "
         f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters; "
-        f"set-up {t_prepared - t_start:.1f} s"
+        f"{flops.forward_flops_per_example(config) / 1e9:.4g} GFLOP per example forward, "
+        f"{step_flops / 1e12:.4g} TFLOP per train step; set-up {t_prepared - t_start:.1f} s"
     )
 
     last_step = total if stop_at is None else min(stop_at, total)
@@ -194,7 +197,14 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     # Order matters: the hooks that may stop the run come before the checkpoint.
     trainer.add_hook(
         hooks.LogHook(
-            writer, progress, global_batch=config.data.batch_size, data_iterator=iterator, start_step=step
+            writer,
+            progress,
+            global_batch=config.data.batch_size,
+            data_iterator=iterator,
+            start_step=step,
+            flops_per_step=step_flops,
+            peak_flops=flops.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_tflops),
+            num_devices=mesh.size,
         ),
         every=config.log_every,
         at_stop=True,
