@@ -40,6 +40,7 @@ RUN_CONTROL = (
     # what they compute; an old run's stored `remat: true` also reads as today's "full".
     "model.remat",
     "model.attention",
+    "model.unroll",
     "peak_tflops",
     "profile.",
     "evals.",

@@ -250,3 +250,23 @@ def test_large_configs_compute_in_bf16_with_float32_params_and_embeddings(name):
         assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))
     np.testing.assert_allclose(np.linalg.norm(img, axis=-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("unroll", [0, 2])
+def test_unrolled_stacks_give_the_loss_and_gradients_of_the_rolled_loop(unroll):
+    """`model.unroll` changes the compiled loop, not the model: same parameters, same numbers."""
+    images, tokens = make_batch()
+    image, text = dict(TINY_VIT, depth=3), dict(TINY_TEXT, depth=3, pool="last", causal=True)
+    ref_loss, ref_grads = loss_and_grads(build(make_config(image, text)), images, tokens)
+    model = build(make_config(image, text, unroll=unroll))
+    stacks = [m for _, m in nnx.iter_graph(model) if isinstance(m, Stack)]
+    assert len(stacks) == 2 and all(s.unroll == unroll for s in stacks)
+    loss, grads = loss_and_grads(model, images, tokens)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+    assert max(jax.tree.leaves(jax.tree.map(rel_err, grads, ref_grads))) < 1e-5
+    # Unrolled means no loop over the blocks in the program (a rolled stack of 3 has one).
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda p: nnx.merge(graphdef, p)(images, tokens)).lower(params).as_text()
+    loops = forward.count("stablehlo.while")
+    assert loops == (0 if unroll == 0 else 2), loops

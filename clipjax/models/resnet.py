@@ -182,6 +182,7 @@ class Stage(nnx.Module):
         use_bias: bool,
         dtype: Any,
         remat: str | bool,
+        unroll: int,
         rngs: nnx.Rngs,
     ):
         self.down = ConvNormAct(
@@ -191,6 +192,7 @@ class Stage(nnx.Module):
             lambda r: ResidualBlock(cout, groups=groups, use_bias=use_bias, dtype=dtype, rngs=r),
             blocks,
             remat=remat,
+            unroll=unroll,
             rngs=rngs,
         )
 
@@ -238,6 +240,7 @@ class ResNet(nnx.Module):
         dtype: Any = jnp.float32,
         remat: str | bool = "none",
         attention: str = "xla",
+        unroll: int = 1,
         rngs: nnx.Rngs,
     ):
         g = spec.groups
@@ -267,6 +270,7 @@ class ResNet(nnx.Module):
                     use_bias=spec.conv_bias,
                     dtype=dtype,
                     remat=remat,
+                    unroll=unroll,
                     rngs=rngs,
                 )
             )

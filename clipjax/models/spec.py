@@ -2,7 +2,7 @@
 
 Image towers are plug-ins: a module with `FIELDS` (its `model.image.*` fields), `resolve(values,
 image_size, path) -> spec` (its variant table plus cross-field checks) and `Tower` (the
-nnx.Module built from the spec, called with `image_size`, `dtype`, `remat`, `attention`, `rngs`
+nnx.Module built from the spec, called with `image_size`, `dtype`, `remat`, `attention`, `unroll`, `rngs`
 keywords). Adding one is a new file and a line in `IMAGE_TOWERS`.
 """
 
@@ -78,6 +78,12 @@ def model_section() -> Section:
                 choices=ATTENTION_IMPLS,
                 check=_attention_backend,
             ),
+            "unroll": Field(
+                0,
+                "blocks per loop iteration of each layer stack (0: no loop, fastest; 1: a rolled loop, "
+                "compile time flat in depth); the parameters are the same",
+                minimum=0,
+            ),
             "logit_scale_init": Field(
                 LN_1_OVER_0_07, "initial log logit scale (CLIP: ln(1/0.07))", check=_finite
             ),
@@ -105,6 +111,7 @@ class DualEncoderSpec:
     dtype: str
     remat: str  # one of layers.REMAT_POLICIES
     attention: str  # one of layers.ATTENTION_IMPLS
+    unroll: int  # blocks per loop iteration of each layer stack; 0: all
     logit_scale_init: float
     logit_bias_init: float | None
 
@@ -127,6 +134,7 @@ def model_spec(model_config: Any, *, image_size: int, path: str = "model") -> Du
         dtype=values["dtype"],
         remat=values["remat"],
         attention=values["attention"],
+        unroll=values["unroll"],
         logit_scale_init=values["logit_scale_init"],
         logit_bias_init=values["logit_bias_init"],
     )

@@ -74,6 +74,7 @@ class TextTransformer(nnx.Module):
         dtype: Any = jnp.float32,
         remat: str | bool = "none",
         attention: str = "xla",
+        unroll: int = 1,
         rngs: nnx.Rngs,
     ):
         w = spec.width
@@ -86,6 +87,7 @@ class TextTransformer(nnx.Module):
             lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype, attention=attention, rngs=r),
             spec.depth,
             remat=remat,
+            unroll=unroll,
             rngs=rngs,
         )
         self.norm = LayerNorm(w, dtype=dtype, rngs=rngs)

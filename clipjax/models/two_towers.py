@@ -59,7 +59,7 @@ class DualEncoder(nnx.Module):
         image_size = _positive_arg(image_size, "image_size")
         self.spec = spec
         # How the towers compute (not what): the keywords an image-tower plug-in's Tower takes too.
-        execution = dict(dtype=spec.dtype, remat=spec.remat, attention=spec.attention)
+        execution = dict(dtype=spec.dtype, remat=spec.remat, attention=spec.attention, unroll=spec.unroll)
         self.image_tower = IMAGE_TOWERS[spec.image_kind].Tower(
             spec.image, image_size=image_size, **execution, rngs=rngs
         )

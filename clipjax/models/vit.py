@@ -102,6 +102,7 @@ class ViT(nnx.Module):
         dtype: Any = jnp.float32,
         remat: str | bool = "none",
         attention: str = "xla",
+        unroll: int = 1,
         rngs: nnx.Rngs,
     ):
         p, w = spec.patch_size, spec.width
@@ -130,6 +131,7 @@ class ViT(nnx.Module):
             lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype, attention=attention, rngs=r),
             spec.depth,
             remat=remat,
+            unroll=unroll,
             rngs=rngs,
         )
         self.norm = LayerNorm(w, dtype=dtype, rngs=rngs)
