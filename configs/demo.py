@@ -1,4 +1,4 @@
-"""Demo: CLIP on the embedded `shapes` dataset, sized for a 2-core CPU (about 4.5 minutes).
+"""Demo: CLIP on the embedded `shapes` dataset, sized for a 2-core CPU (about 4 minutes).
 
     python -m clipjax.train --config configs/demo.py --workdir runs/demo
 
@@ -10,7 +10,7 @@ from clipjax.config import default_config
 
 def get_config(arg: str = ""):
     c = default_config()
-    c.steps = 600
+    c.steps = 540
     c.log_every = 50
     c.checkpoint_every = 300
     c.data.name = "shapes"
