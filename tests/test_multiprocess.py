@@ -107,3 +107,49 @@ def test_two_processes_match_one_process(tfds_dir, tmp_path):
         abs(report_one["retrieval"]["image_to_text"]["R@1"] - report_two["retrieval"]["image_to_text"]["R@1"])
         < 0.02
     )
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step_with_a_checkpoint(tfds_dir, tmp_path):
+    """A preemption notice reaches one process; both stop at one agreed step and save it, with no
+    per-step collective to agree on it (JAX's coordination service does, in the background)."""
+    import signal
+    import time
+
+    port = _free_port()
+    workdir = tmp_path / "run"
+    command = [*_command(workdir, tfds_dir), "--config.steps=100000", "--config.evals.at_end=False"]
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(
+                CLIPJAX_LOCAL_DEVICES="4",
+                CLIPJAX_COORDINATOR=f"127.0.0.1:{port}",
+                CLIPJAX_NUM_PROCESSES="2",
+                CLIPJAX_PROCESS_ID=str(i),
+            ),
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 300
+        while not (workdir / "metrics.jsonl").exists() or len(_losses(workdir)) < 3:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    stopped = [line for line in outputs[0].splitlines() if line.startswith("stopped at step")]
+    assert stopped and "SIGTERM" in stopped[0], outputs[0]
+    step = int(stopped[0].split()[3].rstrip(":"))
+    assert 3 <= step < 100000
+    checkpointer = Checkpointer(str(workdir))
+    assert checkpointer.latest_step() == step
+    checkpointer.close()

@@ -11,7 +11,6 @@ import time
 from typing import Callable
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
 from clipjax.evals.report import flatten_report, summary_lines
@@ -114,31 +113,37 @@ def nonfinite_hook(max_streak: int) -> Callable[[StepInfo], str | None]:
 
 
 class PreemptionWatch:
-    """Turns SIGTERM into a request to checkpoint and stop at the end of the current step.
+    """Turns a preemption notice (SIGTERM) into a request to checkpoint and stop after a step.
 
-    Every process must stop at the same step (a checkpoint is a collective), so with several
-    processes the request is agreed on with a tiny all-gather each step. Use as a context
-    manager; the instance is the hook.
+    One process: a SIGTERM handler sets a flag, read after each step. Several processes must
+    all stop at the same step (a checkpoint is a collective), but agreeing on it with a
+    collective every step would stall a pod's asynchronous dispatch. JAX's coordination service
+    already catches SIGTERM on every host and, in the background, picks the first step all
+    hosts can still reach; `multihost_utils.reached_preemption_sync_point(step)` is a local
+    check that turns true on every host at that step. Use as a context manager; the instance
+    is the hook (it must run every step, as the sync point asks).
     """
 
     def __enter__(self):
         self._flag = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        self._multi_process = jax.process_count() > 1
+        # With several processes the coordination service owns SIGTERM; a Python handler here
+        # would take the notice away from it.
+        if not self._multi_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self._flag = True
 
-    def requested(self) -> bool:
-        if jax.process_count() == 1:
-            return self._flag
-        flags = multihost_utils.process_allgather(np.array([self._flag], np.int32))
-        return bool(np.any(flags))
+    def requested(self, step: int) -> bool:
+        if self._multi_process:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag
 
     def __call__(self, info: StepInfo) -> str | None:
-        return "SIGTERM received (preemption)" if self.requested() else None
+        return "SIGTERM received (preemption)" if self.requested(info.step) else None
 
     def __exit__(self, *exc):
         if self._previous is not None:
