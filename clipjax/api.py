@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from clipjax import paths
 from clipjax.checkpoint import Checkpointer, abstract_with_shardings, newest_readable, one_line
 from clipjax.config import apply_overrides, config_from_dict
 from clipjax.data.images import square_rgb
@@ -43,10 +43,11 @@ class RestoreError(ValueError):
 
 
 def _checked_workdir(workdir: str) -> Checkpointer:
-    if not os.path.isdir(workdir):
+    paths.refresh(workdir)  # a bucket's listings as they are now, not as this process last saw them
+    if not paths.isdir(workdir):
         raise RestoreError(f"workdir {workdir!r} does not exist")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")) and not os.path.exists(
-        os.path.join(workdir, "config.json")
+    if not paths.isdir(paths.join(workdir, "checkpoints")) and not paths.exists(
+        paths.join(workdir, "config.json")
     ):
         raise RestoreError(f"{workdir!r} is not a clipjax training workdir (no checkpoints/, no config.json)")
     return Checkpointer(workdir, create=False)
@@ -62,10 +63,9 @@ def run_record(checkpointer: Checkpointer, *, log=print) -> tuple[dict | None, d
     _, meta = newest_readable(steps, checkpointer.meta, log=log, what="metadata of checkpoint")
     if meta is not None:
         return meta["config"], meta
-    path = os.path.join(checkpointer.workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f), None
+    path = paths.join(checkpointer.workdir, "config.json")
+    if paths.exists(path):
+        return json.loads(paths.read_text(path)), None
     return None, None
 
 
@@ -77,11 +77,10 @@ def read_run(workdir: str, *, log=print) -> tuple[ml_collections.ConfigDict, dic
     finally:
         checkpointer.close()
     if stored is None:
-        path = os.path.join(workdir, "config.json")
-        if not os.path.exists(path):
+        path = paths.join(workdir, "config.json")
+        if not paths.exists(path):
             raise RestoreError(f"{path} not found: {workdir!r} is not a clipjax training workdir")
-        with open(path) as f:
-            stored = json.load(f)
+        stored = json.loads(paths.read_text(path))
     return config_from_dict(stored), meta
 
 
@@ -296,8 +295,8 @@ def evaluate_workdir(
     report = EvalRunner(config, source, tokenizer).run(graphdef, params, mesh, step)
     out = out or workdir
     if jax.process_index() == 0:
-        os.makedirs(out, exist_ok=True)
-        write_report(report, os.path.join(out, "report.json"))
+        paths.makedirs(out)
+        write_report(report, paths.join(out, "report.json"))
         write_markdown(report, out, workdir)
         for line in summary_lines(report):
             log(line)

@@ -10,6 +10,12 @@ A save writes to a temporary folder that Orbax renames when complete, so a save 
 a crash is never listed; a failed write is raised (`CheckpointWriteError`, naming its step) at
 the next save or wait, never left to fail later. A checkpoint that cannot be read is reported with its reason;
 the trainer moves it to `<workdir>/damaged_checkpoints/` so the step can be written again.
+
+The workdir may be a bucket (`gs://`, `s3://`; docs/checkpoints.md, "Buckets"). There a save
+writes in place and marks itself complete with a `commit_success.txt` written last, since an
+object store has no rename; Orbax lists only steps that have it. Orbax sends `gs://` arrays to
+tensorstore's gcs driver itself; `s3://` it only knows as a local path, so `_route_s3` hands
+those to tensorstore's s3 driver.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+
+from clipjax import paths
 
 FORMAT_VERSION = 2
 
@@ -47,20 +55,84 @@ def _iterator_state_from_json(saved: dict) -> Any:
     return saved
 
 
+def s3_kvstore(url: str) -> dict:
+    """tensorstore's kvstore spec of an s3:// URL. Unlike boto3 and s3fs, tensorstore does not read
+    the endpoint from the environment, so the same variables are passed on here."""
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    spec = {"driver": "s3", "bucket": bucket, "path": key}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        spec["endpoint"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        spec["aws_region"] = region
+    return spec
+
+
+_S3_ROUTED = False
+
+
+def _route_s3() -> None:
+    """Make Orbax write and read the arrays of s3:// checkpoints through tensorstore's s3 driver.
+
+    Orbax (0.12) builds a tensorstore kvstore for `gs://` paths and treats every other path as a
+    local file (it refuses `s3://...` as "not absolute"). Its three private helpers that decide
+    this are wrapped to treat `s3://` like `gs://` with the s3 spec; nothing changes for other
+    paths. Checked here, so a future Orbax without them fails with one line, only for s3.
+    """
+    global _S3_ROUTED
+    if _S3_ROUTED:
+        return
+    try:
+        from orbax.checkpoint._src.path import gcs_utils
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+        normalize, remote, gcs_kvstore = (
+            ts_utils._normalize_path,
+            ts_utils._use_gcs_driver,
+            gcs_utils.get_kvstore_for_gcs,
+        )
+    except (ImportError, AttributeError) as e:
+        raise CheckpointWriteError(
+            f"s3:// checkpoints need Orbax's tensorstore path helpers, which this Orbax "
+            f"({getattr(ocp, '__version__', '?')}) lacks ({one_line(e)}); use gs:// or a local workdir"
+        ) from None
+
+    def _normalize(path):
+        path = str(path)
+        # os.path.normpath would fold 's3://' into 's3:/'.
+        return "s3://" + os.path.normpath(path[5:]) if path.startswith("s3://") else normalize(path)
+
+    ts_utils._normalize_path = _normalize
+    ts_utils._use_gcs_driver = lambda directory: directory.startswith("s3://") or remote(directory)
+    gcs_utils.get_kvstore_for_gcs = lambda path: (
+        s3_kvstore(path) if path.startswith("s3://") else gcs_kvstore(path)
+    )
+    _S3_ROUTED = True
+
+
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with the items clipjax stores."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, create: bool = True):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        # A bucket URL stays a URL: made "absolute" it would become a local folder named 'gs:'.
+        self.workdir = paths.resolve(workdir)
+        self.directory = paths.join(self.workdir, "checkpoints")
+        remote = paths.is_remote(self.directory)
+        if self.directory.startswith("s3://"):
+            _route_s3()
+        if remote:
+            paths.refresh(self.directory)  # steps another process saved since this one last looked
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=create,  # readers (load, evaluate) pass False: they write nothing
             # Temporary folders of saves that a crash interrupted are removed, not tripped on.
             cleanup_tmp_directories=True,
+            # Orbax's default for gs:// only; an S3 "rename" is a copy of every object.
+            temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath if remote else None,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(paths.path(self.directory), options=options)
         self._writing: int | None = None  # the step of the save in progress, for error messages
 
     def latest_step(self) -> int | None:
@@ -98,14 +170,13 @@ class Checkpointer:
     def read_everything(self, step: int) -> dict:
         """Every item of checkpoint `step` read in full, arrays as saved: a check that it is whole."""
         items = {"state": ocp.args.StandardRestore(), "data": ocp.args.JsonRestore()}
-        if os.path.isdir(os.path.join(self.directory, str(step), "meta")):
+        if paths.isdir(paths.join(self.directory, str(step), "meta")):
             items["meta"] = ocp.args.JsonRestore()
         return self.manager.restore(step, args=ocp.args.Composite(**items))
 
     def meta(self, step: int) -> dict | None:
         """The checkpoint's `meta` item, or None for checkpoints written before it existed."""
-        path = os.path.join(self.directory, str(step), "meta")
-        if not os.path.isdir(path):
+        if not paths.isdir(paths.join(self.directory, str(step), "meta")):
             return None
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
@@ -131,16 +202,18 @@ class Checkpointer:
     def set_aside(self, step: int) -> str:
         """Move checkpoint `step` out of the checkpoint folder (to damaged_checkpoints/), so the
         step can be written again; nothing is deleted."""
-        target_dir = os.path.join(self.workdir, "damaged_checkpoints")
-        os.makedirs(target_dir, exist_ok=True)
-        target = os.path.join(target_dir, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
-        os.rename(os.path.join(self.directory, str(step)), target)
+        target_dir = paths.join(self.workdir, "damaged_checkpoints")
+        paths.makedirs(target_dir)
+        target = paths.join(target_dir, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+        # In a bucket this is a copy of each object, then a delete: no rename exists there.
+        paths.path(self.directory).joinpath(str(step)).rename(target)
+        paths.refresh(self.directory)
         self.manager.reload()
         return target
 
     def _state_path(self, step: int) -> str:
-        path = os.path.join(self.directory, str(step), "state")
-        if not os.path.isdir(path):
+        path = paths.join(self.directory, str(step), "state")
+        if not paths.isdir(path):
             steps = self.all_steps()
             raise FileNotFoundError(
                 f"no checkpoint at step {step} in {self.directory} (steps: {steps or 'none'})"

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
+from clipjax import paths
 from clipjax.metrics.plot import plot_spectrum_history
 from clipjax.wandb_writer import WandbWriter
 
@@ -31,6 +34,68 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+# How often a bucket workdir's logs are uploaded (and at close). A bucket has no append: each
+# upload rewrites the whole object, which keeps every reader's view whole (one PUT is atomic)
+# and costs O(file size), small for these files (one record per logged step). One object per
+# chunk would upload less but leave metrics.jsonl no longer one file for the tools that read it.
+# A crash loses at most this much of the log, and the resumed run logs those steps again.
+BUCKET_SYNC_S = 30.0
+
+
+class _Lines:
+    """A JSON-lines log that only grows: appended line by line to a local file; for a bucket,
+    held in memory (with what the object already held) and uploaded whole by `sync`."""
+
+    def __init__(self, path: str, *, keep_open: bool):
+        self.path, self.keep_open = path, keep_open
+        self.remote = paths.is_remote(path)
+        self._file = None
+        self._text: list[str] = []
+        self._dirty = False
+        if self.remote and paths.exists(path):
+            text = paths.read_text(path)
+            self._text = [text if not text or text.endswith("\n") else text + "\n"]
+        elif not self.remote and keep_open:
+            self._open()
+
+    def _open(self) -> None:
+        paths.makedirs(os.path.dirname(self.path))
+        self._file = open(self.path, "a", buffering=1)
+
+    def append(self, line: str) -> None:
+        if self.remote:
+            self._text.append(line + "\n")
+            self._dirty = True
+            return
+        if self._file is None:
+            self._open()
+        self._file.write(line + "\n")
+        if not self.keep_open:
+            self.close()
+
+    def records(self) -> list[dict]:
+        if self.remote:
+            text = "".join(self._text)
+        elif os.path.exists(self.path):
+            with open(self.path) as f:
+                text = f.read()
+        else:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def sync(self) -> None:
+        if self.remote and self._dirty:
+            self._text = ["".join(self._text)]
+            paths.write_atomic(self.path, self._text[0])
+            self._dirty = False
+
+    def close(self) -> None:
+        self.sync()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class MetricWriter:
     """Writes each logged step to metrics.jsonl and TensorBoard (and W&B when `config.logging.wandb`
     is on); only the lead process writes.
@@ -38,24 +103,39 @@ class MetricWriter:
     Several hooks may log at one step (training scalars, embedding metrics, evaluation): their
     scalars are merged into one record per step, written when a later step is logged or on
     `flush()` / `close()`.
+
+    In a bucket workdir the logs are uploaded every `BUCKET_SYNC_S` seconds and at close; the
+    TensorBoard event file is written to a local temporary folder and copied up with them
+    (tensorboardX's own S3 writer reads only `S3_ENDPOINT`, its GCS one needs another client:
+    one copy through `clipjax.paths` follows the settings every other file follows).
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True, config=None):
+    def __init__(
+        self, workdir: str, *, enabled: bool = True, config=None, sync_every_s: float = BUCKET_SYNC_S
+    ):
         self.enabled = enabled
         self.workdir = workdir
-        self._spectra_path = os.path.join(workdir, "spectra.jsonl")
+        self.remote = paths.is_remote(workdir)
+        self.sync_every_s = sync_every_s
+        self._last_sync = time.monotonic()
         self._tb = None
-        self._jsonl = None
+        self._tb_dir: str | None = None  # the local folder of a bucket workdir's event file
+        self._jsonl: _Lines | None = None
+        self._spectra: _Lines | None = None
         self._wandb = None
         self._pending_step: int | None = None
         self._pending: dict[str, Any] = {}
         self._pending_spectra: dict[str, np.ndarray] = {}
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            paths.makedirs(workdir)
+            self._jsonl = _Lines(paths.join(workdir, "metrics.jsonl"), keep_open=True)
+            # Written a few times a run: opened for each record.
+            self._spectra = _Lines(paths.join(workdir, "spectra.jsonl"), keep_open=False)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if self.remote:
+                self._tb_dir = tempfile.mkdtemp(prefix="clipjax-tensorboard-")
+            self._tb = SummaryWriter(self._tb_dir or paths.join(workdir, "tensorboard"))
             if config is not None and config.logging.wandb:
                 self._wandb = WandbWriter(workdir, config)
 
@@ -77,12 +157,24 @@ class MetricWriter:
         self._pending_step, self._pending, self._pending_spectra = None, {}, {}
         record = {"step": step, **scalars}
         if scalars or not spectra:
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.append(json.dumps(record))
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, int(step))
         if self._wandb is not None:
             self._wandb.log(step, record, spectra)
+        if self.remote and time.monotonic() - self._last_sync >= self.sync_every_s:
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload a bucket workdir's logs now (nothing to do for a local one)."""
+        if not (self.enabled and self.remote):
+            return
+        self._jsonl.sync()
+        self._spectra.sync()
+        self._tb.flush()
+        paths.upload_tree(self._tb_dir, paths.join(self.workdir, "tensorboard"))
+        self._last_sync = time.monotonic()
 
     def write_spectra(self, step: int, spectra: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
         """Eigenvalue spectra to spectra.jsonl (for the PNG) and as TensorBoard histograms."""
@@ -93,8 +185,7 @@ class MetricWriter:
             **{k: np.asarray(v).tolist() for k, v in spectra.items()},
             **{k: to_jsonable(v) for k, v in scalars.items() if k.endswith("effective_rank")},
         }
-        with open(self._spectra_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._spectra.append(json.dumps(record))
         for key, values in spectra.items():
             self._tb.add_histogram(f"{key}_log10", np.log10(np.maximum(np.asarray(values), 1e-12)), int(step))
         if self._wandb is not None:
@@ -104,27 +195,30 @@ class MetricWriter:
 
     def plot_spectra(self) -> str | None:
         """Write spectrum.png (log spectrum over training, effective rank against step)."""
-        if not self.enabled or not os.path.exists(self._spectra_path):
+        if not self.enabled:
             return None
-        with open(self._spectra_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        return plot_spectrum_history(records, os.path.join(self.workdir, "spectrum.png")) if records else None
+        records = self._spectra.records()
+        return plot_spectrum_history(records, paths.join(self.workdir, "spectrum.png")) if records else None
 
     def close(self, *, failed: bool = False) -> None:
         """`failed`: the run ends with an error, and W&B marks it so."""
         self.flush()
         if self.enabled:
-            self._jsonl.close()
             self._tb.flush()
             self._tb.close()
+            self.sync()
+            self._jsonl.close()
+            self._spectra.close()
+            if self._tb_dir is not None:
+                shutil.rmtree(self._tb_dir, ignore_errors=True)
         if self._wandb is not None:
             self._wandb.close(failed=failed)
             self._wandb = None
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = paths.read_text(paths.join(workdir, "metrics.jsonl"))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class Progress:

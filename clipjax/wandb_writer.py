@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import secrets
 import string
+import tempfile
 from typing import Any
 
 import numpy as np
 
+from clipjax import paths
 from clipjax.schema import ConfigError, Field, Section
 
 # `config.logging.*`.
@@ -50,16 +53,14 @@ def check_config(logging_config) -> None:
 
 def run_id(workdir: str) -> str:
     """The W&B run id of this workdir, created on first use."""
-    path = os.path.join(workdir, RUN_ID_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = f.read().strip()
+    path = paths.join(workdir, RUN_ID_FILE)
+    if paths.exists(path):
+        stored = paths.read_text(path).strip()
         if stored:
             return stored
     alphabet = string.ascii_lowercase + string.digits
     new = "".join(secrets.choice(alphabet) for _ in range(8))
-    with open(path, "w") as f:
-        f.write(new + "\n")
+    paths.write_atomic(path, new + "\n")
     return new
 
 
@@ -72,6 +73,16 @@ def _loggable(value: Any) -> float | int | None:
     if value in ("nan", "inf", "-inf"):
         return float(value)
     return None
+
+
+def _local_dir(workdir: str) -> str:
+    """Where wandb keeps its files: the workdir, or for a bucket workdir (wandb writes local files
+    only) WANDB_DIR if set, else a folder in the temporary directory, never the current one."""
+    if not paths.is_remote(workdir):
+        return workdir
+    directory = os.environ.get("WANDB_DIR") or os.path.join(tempfile.gettempdir(), "clipjax-wandb")
+    os.makedirs(directory, exist_ok=True)
+    return directory
 
 
 class WandbWriter:
@@ -89,9 +100,9 @@ class WandbWriter:
         self.run = wandb.init(
             project=settings.wandb_project or None,
             entity=settings.wandb_entity or None,
-            name=settings.wandb_name or os.path.basename(os.path.normpath(os.path.abspath(workdir))),
+            name=settings.wandb_name or posixpath.basename(paths.resolve(workdir)),
             mode=settings.wandb_mode or None,
-            dir=workdir,
+            dir=_local_dir(workdir),
             config=as_dict,
             id=run_id(workdir),
             resume="allow",

@@ -18,6 +18,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from clipjax import paths
 from clipjax.data import shapes
 from clipjax.data import tfds_util
 
@@ -135,7 +136,12 @@ def shapes_builder(
 def prepare_shapes(
     data_dir: str, image_size: int = 32, num_train: int = 50_000, num_test: int = 5_000, seed: int = 0
 ) -> Shapes:
-    """Returns the `shapes` builder for these parameters, prepared if needed."""
+    """Returns the `shapes` builder for these parameters, prepared if needed; `data_dir` may be a
+    bucket URL (`tfds_util.prepare_in_bucket`)."""
+    if paths.is_remote(data_dir):
+        return tfds_util.prepare_in_bucket(
+            lambda local: shapes_builder(local, image_size, num_train, num_test, seed), data_dir
+        )
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
     return tfds_util.prepare_once(
         lambda: shapes_builder(data_dir, image_size, num_train, num_test, seed), data_dir

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from clipjax import paths
 from clipjax.data import locking
 from clipjax.schema import Field, Section
 
@@ -76,10 +77,9 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_file: str | None = None, max_len: int = 32, *, model_proto: bytes | None = None):
         if model_proto is None:
-            if not model_file or not os.path.exists(model_file):
+            if not model_file or not paths.exists(model_file):
                 raise FileNotFoundError(f"sentencepiece model file {model_file!r} does not exist")
-            with open(model_file, "rb") as f:
-                model_proto = f.read()
+            model_proto = paths.read_bytes(model_file)  # a local file or a bucket URL
         self.max_len = int(max_len)
         self.model_file = model_file
         self._load(model_proto)
@@ -207,8 +207,8 @@ def make_tokenizer(
 
     model_file = values["model_file"]
     if model_file:
-        model_file = os.path.abspath(os.path.expanduser(model_file))
-        if not os.path.exists(model_file):
+        model_file = paths.resolve(model_file)
+        if not paths.exists(model_file):
             raise FileNotFoundError(f"tokenizer.model_file {model_file!r} does not exist")
         return SentencePieceTokenizer(model_file, max_len)
 
@@ -220,14 +220,36 @@ def make_tokenizer(
     digest = hashlib.sha1(f"{model_type}|{vocab_size}|v1\n".encode())
     for t in texts:
         digest.update(t.encode("utf-8", errors="replace") + b"\n")
+    name = f"spm_{model_type}_{vocab_size}_{digest.hexdigest()[:16]}"
+    if cache_dir and paths.is_remote(cache_dir):
+        return SentencePieceTokenizer(
+            _cached_in_bucket(paths.join(cache_dir, name + ".model"), texts, values), max_len
+        )
     cache_dir = locking.ensure_writable_dir(cache_dir or default_cache_dir(), "tokenizer cache_dir")
-    prefix = os.path.join(cache_dir, f"spm_{model_type}_{vocab_size}_{digest.hexdigest()[:16]}")
+    prefix = os.path.join(cache_dir, name)
     path = prefix + ".model"
     if not os.path.exists(path):
         with locking.file_lock(prefix + ".lock"):
             if not os.path.exists(path):
                 train_sentencepiece(texts, prefix, vocab_size, model_type)
     return SentencePieceTokenizer(path, max_len)
+
+
+def _cached_in_bucket(url: str, texts: Sequence[str], values: dict) -> str:
+    """The model at bucket `url`, trained (in a local temporary folder) and uploaded if missing.
+
+    No file lock reaches a bucket. Processes that both find it missing both train it; training
+    is deterministic (one thread, the full corpus), so they upload the same bytes, each in one
+    atomic write, and a reader never sees half a model.
+    """
+    if not paths.exists(url):
+        with tempfile.TemporaryDirectory(prefix="clipjax-spm-") as tmp:
+            local = train_sentencepiece(
+                texts, os.path.join(tmp, "model"), values["vocab_size"], values["model_type"]
+            )
+            with open(local, "rb") as f:
+                paths.write_atomic(url, f.read())
+    return url
 
 
 def tokenizer_to_json(tokenizer) -> dict[str, Any]:

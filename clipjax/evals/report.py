@@ -17,18 +17,15 @@ numbers into 'eval/...' scalars for metrics.jsonl.
 from __future__ import annotations
 
 import json
-import os
 
+from clipjax import paths
 from clipjax.metric_writer import to_jsonable
 from clipjax.metrics.plot import plot_spectrum_history
 
 
 def write_report(report: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_jsonable(report), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """Written whole (local or bucket): a script polling for report.json never reads half of it."""
+    paths.write_atomic(path, json.dumps(to_jsonable(report), indent=2, sort_keys=True))
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -67,7 +64,7 @@ def summary_lines(report: dict) -> list[str]:
 def write_markdown(report: dict, out: str, workdir: str) -> str:
     """report.md: the same numbers as report.json, as tables, with the spectrum plots."""
     lines = [
-        f"# Evaluation of {os.path.abspath(workdir)} at step {report['step']}",
+        f"# Evaluation of {paths.resolve(workdir)} at step {report['step']}",
         "",
         f"{report['num_examples']} held-out examples.",
         "",
@@ -104,14 +101,18 @@ def write_markdown(report: dict, out: str, workdir: str) -> str:
         for key in sorted(k for k, v in embedding.items() if not isinstance(v, list)):
             lines.append(f"| {key} | {embedding[key]:.4g} |")
         probe = {"step": report["step"], **embedding}
-        plot_spectrum_history([probe], os.path.join(out, "probe_spectrum.png"))
+        plot_spectrum_history([probe], paths.join(out, "probe_spectrum.png"))
         lines += ["", "![probe-set spectrum](probe_spectrum.png)", ""]
-        if os.path.exists(os.path.join(workdir, "spectrum.png")):
-            rel = os.path.relpath(os.path.join(workdir, "spectrum.png"), out)
-            lines += ["Spectrum over training:", "", f"![training spectrum]({rel})", ""]
-    path = os.path.join(out, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+        spectrum = paths.join(workdir, "spectrum.png")
+        if paths.exists(spectrum):
+            lines += [
+                "Spectrum over training:",
+                "",
+                f"![training spectrum]({paths.relative(spectrum, out)})",
+                "",
+            ]
+    path = paths.join(out, "report.md")
+    paths.write_atomic(path, "\n".join(lines))
     return path
 
 

@@ -6,11 +6,12 @@ nor changes the process-wide backend of a caller that plots too.
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from clipjax import paths
 from clipjax.metrics.embedding import MODALITIES
 
 _TITLES = {"img": "image", "txt": "text"}
@@ -65,6 +66,9 @@ def plot_spectrum_history(records: Sequence[Mapping[str, Any]], path: str) -> st
     ax.grid(alpha=0.3)
     ax.legend()
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    # Rendered in memory and written whole: the path may be a bucket, and a reader never sees
+    # half a PNG.
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    paths.write_atomic(path, png.getvalue())
     return path

@@ -4,8 +4,9 @@ periodic evaluation, profiling."""
 
 from __future__ import annotations
 
-import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from typing import Callable
@@ -13,6 +14,7 @@ from typing import Callable
 import jax
 from jax.experimental import multihost_utils
 
+from clipjax import paths
 from clipjax.evals.report import flatten_report, summary_lines
 from clipjax.trainer.loop import StepInfo
 
@@ -184,14 +186,16 @@ class ProfileHook:
     profile plugin and Perfetto open it). Runs every step; only the two edges do anything."""
 
     def __init__(self, workdir: str, *, start: int, steps: int, log: Callable[[str], None]):
-        self.directory = os.path.join(workdir, "profile")
+        self.directory = paths.join(workdir, "profile")
         self.start, self.stop, self.log = start, start + steps - 1, log
         self.active = False
+        # The profiler writes local files only: a bucket workdir gets them copied up at the end.
+        self._local = tempfile.mkdtemp(prefix="clipjax-profile-") if paths.is_remote(workdir) else None
 
     def __call__(self, info: StepInfo) -> None:
         if info.step == self.start - 1 and not self.active:
             jax.block_until_ready(info.state["params"])  # the trace starts with the next step
-            jax.profiler.start_trace(self.directory)
+            jax.profiler.start_trace(self._local or self.directory)
             self.active = True
         elif info.step >= self.stop and self.active:
             jax.block_until_ready(info.metrics)
@@ -202,3 +206,7 @@ class ProfileHook:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if self._local is not None:
+                paths.upload_tree(self._local, self.directory)
+        if self._local is not None:
+            shutil.rmtree(self._local, ignore_errors=True)

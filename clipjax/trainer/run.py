@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from typing import Callable
 
 import jax
 from jax.experimental import multihost_utils
 
-from clipjax import flops, optim
+from clipjax import flops, optim, paths
 from clipjax.api import (
     RestoreError,
     check_params_compatible,
@@ -83,7 +82,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[st
     validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     config = resolve_paths(config)
     lead = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     with contextlib.ExitStack() as cleanup:
         if lead:
             lock = WorkdirLock(workdir)
@@ -100,7 +99,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     if stored_config is not None:
         for key, (old, new) in check_resume(stored_config, config, workdir).items():
             log(f"resuming with {key} changed: {old!r} -> {new!r}")
-    elif config.init_from and os.path.abspath(config.init_from) == os.path.abspath(workdir):
+    elif config.init_from and paths.resolve(config.init_from) == paths.resolve(workdir):
         raise ResumeError(f"init_from: {config.init_from!r} is this workdir; a run cannot start from itself")
 
     mesh = make_mesh(config.mesh)
@@ -147,8 +146,9 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
         state["params"] = jax.device_put(params, shardings["params"])
         log(f"initialised from the weights of {config.init_from} at step {init_step}")
     if lead:  # only now: a refused or failed start leaves the previous run's config.json as it was
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        paths.write_atomic(
+            paths.join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, default=str)
+        )
     iterator = source.train_iterator(
         tokenizer,
         seed=config.seed,
@@ -263,7 +263,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
             "eval_s": time.perf_counter() - t_trained,
         }
         if lead:
-            write_report(report, os.path.join(workdir, "report.json"))
+            write_report(report, paths.join(workdir, "report.json"))
             for line in summary_lines(report):
                 log(line)
     if stop_reason and "non-finite" in stop_reason:
