@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import ast
 import math
-import os
 from typing import Any, Callable
 
 import ml_collections
 
-from clipjax import optim
+from clipjax import optim, paths
 from clipjax.data.sources import data_section, source_class
 from clipjax.evals.runner import check_evaluators, evals_section
 from clipjax.losses.select import SECTION as LOSS_SECTION
@@ -182,7 +181,7 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
         raise ConfigError(f"data.batch_size={batch} is not divisible by the {process_count} processes")
     source_class(config.data.name).check_config(config.data)
     model_file = config.data.tokenizer.model_file
-    if model_file and not os.path.exists(os.path.expanduser(model_file)):
+    if model_file and not paths.exists(model_file):  # a local file or a bucket URL
         raise ConfigError(f"data.tokenizer.model_file: {model_file!r} does not exist")
     check_evaluators(config)
     check_logging(config.logging)

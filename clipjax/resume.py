@@ -21,9 +21,8 @@ from typing import Any
 
 import ml_collections
 
-from clipjax.config import ConfigError, flatten
+from clipjax.config import ConfigError, default_config, flatten
 from clipjax.data.tokenizers import tokenizer_to_json
-from clipjax.models.two_towers import CLIP_MEAN, CLIP_STD
 
 # Keys (or prefixes ending in '.') whose change leaves what is trained unchanged.
 RUN_CONTROL = (
@@ -69,8 +68,13 @@ def _normalised(values: Any) -> dict[str, Any]:
 
 
 def config_changes(stored: Any, config: Any) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (stored value, new value)} for every field that differs."""
+    """{dotted key: (stored value, new value)} for every field that differs.
+
+    A key that the stored config lacks was added after the run started; it reads as its default,
+    which keeps what the code did before it existed (model.image_mean: CLIP's statistics).
+    """
     old, new = _normalised(stored), _normalised(config)
+    old = {**_normalised(default_config()), **old}
     missing = object()
     return {
         k: (old.get(k), new.get(k))
@@ -128,8 +132,9 @@ def checkpoint_meta(config, tokenizer, *, examples_seen: int, data_offset: int) 
             "image_size": int(config.data.image_size),
             "resize": "shorter side to image_size (bicubic), centre crop",
             "input": "RGB uint8 in [0, 255] (or float in [0, 1])",
-            "mean": CLIP_MEAN.tolist(),
-            "std": CLIP_STD.tolist(),
+            # What the model does to its input, (x - mean) / std; config.model holds the same.
+            "mean": [float(v) for v in config.model.image_mean],
+            "std": [float(v) for v in config.model.image_std],
         },
         "examples_seen": int(examples_seen),
         "data_offset": int(data_offset),

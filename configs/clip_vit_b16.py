@@ -30,6 +30,10 @@ def get_config(arg: str = ""):
     c.data.num_train = 400_000_000
     c.data.batch_size = 32_768
     c.data.image_size = 224
+    # CLIP-style augmentation: a random region of 90-100% of the image (evaluation centre-crops).
+    c.data.random_resized_crop = (0.9, 1.0)
+    # Decoding in one grain worker process per CPU core of the host (the default, spelled out).
+    c.data.worker_count = -1
     c.data.tokenizer.kind = "byte"
     c.data.tokenizer.max_len = 77
     c.model.image.kind = "vit"
@@ -70,6 +74,8 @@ def _shrink(c):
     c.data.num_train, c.data.num_test = 512, 128
     c.data.batch_size = 32
     c.data.image_size = 32
+    # 32 px shapes crop in microseconds: starting worker processes would cost more than they save.
+    c.data.worker_count = 0
     c.data.tokenizer.max_len = 32
     c.model.image.variant = "tiny"
     c.model.text.variant = "tiny"

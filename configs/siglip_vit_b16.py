@@ -3,8 +3,8 @@
     python -m clipjax.train --config configs/siglip_vit_b16.py --workdir gs://BUCKET/siglip_b16
     launch/tpu_pod.sh --config configs/siglip_vit_b16.py --workdir gs://BUCKET/siglip_b16
 
-Everything but the loss, its initialisation and the optimizer follows configs/clip_vit_b16.py;
-`:tiny` runs one step on CPU.
+Everything but the loss, its initialisation, the image statistics and the optimizer follows
+configs/clip_vit_b16.py; `:tiny` runs one step on CPU.
 """
 
 import importlib.util
@@ -27,6 +27,9 @@ def get_config(arg: str = ""):
     c.model.logit_scale_init = math.log(10.0)
     c.model.logit_bias_init = -10.0
     c.model.image.pool = "map"
+    # SigLIP's preprocessing maps pixels to [-1, 1]: (x - 0.5) / 0.5.
+    c.model.image_mean = (0.5, 0.5, 0.5)
+    c.model.image_std = (0.5, 0.5, 0.5)
     c.optim.lr = 1e-3
     c.optim.weight_decay = 1e-4
     return c

@@ -21,11 +21,15 @@ def rel_err(a, b):
 
 
 def data_config(**overrides):
-    """A complete `config.data` section (the schema's defaults) with dotted-key overrides."""
+    """A complete `config.data` section (the schema's defaults) with dotted-key overrides.
+
+    Decoding stays in the test's process unless `worker_count` is given: starting worker
+    processes (the default, one per core) costs seconds per iterator on a test machine.
+    """
     from clipjax.config import apply_overrides, default_config
 
     config = default_config()
-    apply_overrides(config, {f"data.{k}": v for k, v in overrides.items()})
+    apply_overrides(config, {f"data.{k}": v for k, v in {"worker_count": 0, **overrides}.items()})
     return config.data
 
 

@@ -226,8 +226,9 @@ def test_decoding_resizes_shorter_side_and_crops(tmp_path):
     rng = np.random.default_rng(0)
     wide = rng.integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
     expected = np.asarray(Image.fromarray(wide).resize((27, 16), Image.BILINEAR))[:, 5:21]
-    np.testing.assert_array_equal(decode_image(_png(wide), 16, Image.BILINEAR), expected)
-    np.testing.assert_array_equal(classification.array_image(wide, 16), expected)
+    # Only the kept square is resampled (same filter weights up to float rounding): within 1.
+    np.testing.assert_allclose(decode_image(_png(wide), 16, Image.BILINEAR), expected, atol=1)
+    np.testing.assert_allclose(classification.array_image(wide, 16), expected, atol=1)
     grey = rng.integers(0, 256, size=(16, 16), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(grey).save(buffer, format="JPEG", quality=95)

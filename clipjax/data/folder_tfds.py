@@ -169,8 +169,12 @@ def _csv_pairs(source: str) -> tuple[list[Pair], list[int]]:
     return pairs, bad_lines
 
 
+def source_pairs(source: str) -> list[Pair]:
+    """(key, image path, caption bytes or None when it comes from a .txt file) of a CSV or folder."""
+    return _pairs(_check_source(source))
+
+
 def _pairs(source: str) -> list[Pair]:
-    """(key, image path, caption bytes or None when it comes from a .txt file)."""
     if os.path.isdir(source):
         return [(os.path.relpath(image, source), image, None) for image in _list_folder(source)]
     pairs, bad_lines = _csv_pairs(source)
@@ -186,6 +190,53 @@ def _pairs(source: str) -> list[Pair]:
     return pairs
 
 
+def features() -> tfds.features.FeaturesDict:
+    """The records' features (also what `clipjax.data.convert` writes)."""
+    int32 = lambda: tfds.features.Tensor(shape=(), dtype=np.int32)
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+            "caption": tfds.features.Text(),
+            "text_id": int32(),
+            "index": int32(),
+            "label": int32(),
+        }
+    )
+
+
+def is_test(key: str, test_fraction: float) -> bool:
+    """Held out by a hash of the key (the path), so adding files does not move old ones across splits."""
+    return zlib.crc32(_utf8(key)) < int(test_fraction * 2**32)
+
+
+def split_pairs(pairs: list[Pair], test_fraction: float) -> dict[str, list[Pair]]:
+    """{'train': pairs, 'test': pairs (only with test_fraction > 0)}, each in the source's order."""
+    held_out = [is_test(key, test_fraction) for key, _, _ in pairs]
+    splits = {"train": [p for p, t in zip(pairs, held_out) if not t]}
+    if test_fraction:
+        splits["test"] = [p for p, t in zip(pairs, held_out) if t]
+    return splits
+
+
+def read_pair(image_path: str | None, caption: bytes | None) -> tuple[bytes, bytes]:
+    """The image file's bytes and the caption's (from the .txt file beside the image when
+    `caption` is None); b"" for a file that is missing or unreadable."""
+    image = _read_bytes(image_path)
+    if caption is None:  # a folder: the caption file beside the image
+        caption = _read_bytes(os.path.splitext(image_path)[0] + ".txt")
+    return image, caption
+
+
+def make_example(index: int, image: bytes, caption: bytes) -> dict:
+    """The record of one pair (`features()`): image bytes as found, the caption stripped."""
+    caption = caption.strip()
+    try:
+        text_id = shapes.caption_text_id(caption.decode("utf-8"))
+    except UnicodeDecodeError:
+        text_id = -1
+    return {"image": image, "caption": caption, "text_id": text_id, "index": index, "label": -1}
+
+
 class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
     """Image-text pairs from a CSV file or a folder; see module docstring."""
 
@@ -198,19 +249,10 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
     code_path = tfds_util.code_path_property(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        int32 = lambda: tfds.features.Tensor(shape=(), dtype=np.int32)
         return tfds.core.DatasetInfo(
             builder=self,
             description="User image-text pairs; images kept encoded.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-                    "caption": tfds.features.Text(),
-                    "text_id": int32(),
-                    "index": int32(),
-                    "label": int32(),
-                }
-            ),
+            features=features(),
             disable_shuffling=True,
         )
 
@@ -219,30 +261,18 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         if not isinstance(config, FolderConfig) or not config.source:
             raise ValueError("image_text_folder needs config=folder_tfds.make_config(source)")
-        pairs = _pairs(_check_source(config.source))
+        pairs = source_pairs(config.source)
         if not pairs:
             raise ValueError(f"data.source {config.source!r} holds no image-caption pairs")
-        # Hash of the path, so adding files does not move old ones across splits.
-        threshold = int(config.test_fraction * 2**32)
-        is_test = [zlib.crc32(_utf8(key)) < threshold for key, _, _ in pairs]
-        splits = {"train": [p for p, t in zip(pairs, is_test) if not t]}
-        if config.test_fraction:
-            splits["test"] = [p for p, t in zip(pairs, is_test) if t]
+        splits = split_pairs(pairs, config.test_fraction)
         return {name: self._generate_examples(items) for name, items in splits.items()}
 
     def _generate_examples(self, pairs):
         missing = 0
         for i, (_, image_path, caption) in enumerate(pairs):
-            image = _read_bytes(image_path)
-            if caption is None:  # a folder: the caption file beside the image
-                caption = _read_bytes(os.path.splitext(image_path)[0] + ".txt")
-            caption = caption.strip()
-            missing += not image
-            try:
-                text_id = shapes.caption_text_id(caption.decode("utf-8"))
-            except UnicodeDecodeError:
-                text_id = -1
-            yield i, {"image": image, "caption": caption, "text_id": text_id, "index": i, "label": -1}
+            example = make_example(i, *read_pair(image_path, caption))
+            missing += not example["image"]
+            yield i, example
         if missing:
             logging.warning(
                 "image_text_folder: %d image file(s) missing or unreadable; "

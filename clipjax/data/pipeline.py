@@ -11,36 +11,49 @@ Train batches are dicts with exactly these keys (b = batch_size // process_count
   label   int32 [b]            concept id for shapes, -1 for folder data
 
 Layout of the grain graph, and why:
-  MapDataset.source(IndexChunks)   chunk k = the k-th run of b record ids of
+  MapDataset.source(IndexChunks)[k:]
+                                   chunk k = the k-th run of b record ids of
                                    this process's shard, in an order reshuffled
                                    every epoch (vectorised: grain's per-element
-                                   shuffle costs ~3 ms per 256 ids)
-  .map(ChunkDecoder)               one batched ArrayRecord read, parse, decode,
-                                   tokenize; bad records are dropped here
-                                   (per-record reads plus tfds' generic decoder
-                                   would cost ~100 us per record)
+                                   shuffle costs ~3 ms per 256 ids), with each
+                                   id's epoch when the decoder crops at random
+  .map(ChunkDecoder)               one batched ArrayRecord read, parse, decode
+                                   (`clipjax.data.images`), tokenize; bad records
+                                   are dropped here (per-record reads plus tfds'
+                                   generic decoder would cost ~100 us per record)
   .to_iter_dataset(prefetch threads)
-  [.mp_prefetch(worker_count)]     decoding in worker processes if asked
-  .map(DropCounter)                drop counts folded in, in the main process
-                                   (read back as TrainIterator.drop_counts)
-  .filter(non-empty)
-  RebatchIterDataset(b)            exactly b examples per batch after drops
-  .map(key order)
+  [.mp_prefetch(workers)]          the two steps above in worker processes, one
+                                   per core by default (`data.worker_count`);
+                                   grain hands the arrays back in shared memory
+  ChunkBatches(b)                  in the main process: drop counts folded in
+                                   (DropCounter, read back as
+                                   TrainIterator.drop_counts), then exactly b
+                                   examples per batch after drops, keys in order
 
-The TrainIterator's get_state()/set_state() resume at exactly the next batch.
+The TrainIterator's get_state()/set_state() resume at exactly the next batch. The state is
+ChunkBatches' position in the stream of chunks ({'chunk': k, 'offset': j}), not grain's, so it
+does not depend on the number of worker processes: a run resumes on a host with other cores
+(the graph is rebuilt from chunk k). Random crops (`data.random_resized_crop`) are drawn
+from a generator seeded by (seed, shuffle_seed, epoch, record id): the same example gets the same
+crop whatever the batch size, the process count, the number of workers or a resumption, and
+another crop every epoch.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
+import functools
+import os
 from typing import Any, Sequence
 
 from absl import flags
 import grain
 import numpy as np
+from PIL import Image
 
 from clipjax.data import records
-from clipjax.data.images import decode_image
+from clipjax.data.images import check_crop_scale, decode_image, random_resized_crop_box, square_rgb
 
 BATCH_KEYS = ("image", "text", "text_id", "index", "label")
 
@@ -59,10 +72,18 @@ def decode_caption(caption: bytes | None) -> str | None:
 class ChunkDecoder:
     """Reads and decodes the records at a batch of indices; drops bad ones.
 
-    Returns the valid examples as arrays plus '_skipped', a {reason: count}
-    dict that the main process folds into the drop counters. A module-level
-    class rather than a closure so grain worker processes can unpickle it.
+    Called with an array of record ids, or with {'index': ids, 'epoch': epochs} (what
+    `IndexChunks(with_epochs=True)` gives), which random crops need for their seeds. Returns the
+    valid examples as arrays plus '_skipped', a {reason: count} dict that the main process folds
+    into the drop counters. A module-level class rather than a closure so grain worker processes
+    can unpickle it.
+
+    Images are centre-cropped unless `with_random_crop` made a training copy: evaluation never
+    crops at random.
     """
+
+    random_crop: tuple[float, float] | None = None  # the share of the area a crop covers
+    crop_seed: tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -80,16 +101,41 @@ class ChunkDecoder:
         self.extra_int_fields = tuple(extra_int_fields)
         self.keep_captions = keep_captions
 
-    def _image(self, data: bytes | None) -> tuple[np.ndarray | None, str]:
+    def with_random_crop(self, scale: Sequence[float], seed: Sequence[int]) -> ChunkDecoder:
+        """A copy that crops a random region covering a share `scale` = (low, high) of the area
+        (`clipjax.data.images.random_resized_crop_box`), seeded per (seed, epoch, record id)."""
+        problem = check_crop_scale(tuple(scale)) or (None if len(scale) else "expected (low, high)")
+        if problem:
+            raise ValueError(f"random crop scale: {problem}, got {tuple(scale)}")
+        low, high = (float(v) for v in scale)
+        decoder = copy.copy(self)
+        decoder.random_crop = (low, high)
+        decoder.crop_seed = tuple(int(v) for v in seed)
+        return decoder
+
+    def _crop(self, record: int, epoch: int | None):
+        """None (centre crop), or the crop function of one example in one epoch."""
+        if self.random_crop is None:
+            return None
+        if epoch is None:
+            raise ValueError("a random-cropping ChunkDecoder needs each record's epoch ({'index', 'epoch'})")
+        # The trailing 1 keeps this stream apart from the epoch permutation's ([*seed, epoch]).
+        rng = np.random.default_rng([*self.crop_seed, int(epoch), int(record), 1])
+        return functools.partial(random_resized_crop_box, rng=rng, scale=self.random_crop)
+
+    def _image(self, data: bytes | None, crop=None) -> tuple[np.ndarray | None, str]:
         s = self.image_size
         if not data:
             return None, "missing_image"
         if not self.encoded_images:
             if len(data) != s * s * 3:
                 return None, "bad_image_shape"
-            return np.frombuffer(data, np.uint8).reshape(s, s, 3), ""
+            image = np.frombuffer(data, np.uint8).reshape(s, s, 3)
+            if crop is not None:
+                image = square_rgb(Image.fromarray(image), s, box=crop(s, s))
+            return image, ""
         try:
-            image = decode_image(data, s)
+            image = decode_image(data, s, crop=crop)
         except Exception:  # pylint: disable=broad-except
             # PIL raises many exception types for corrupt or truncated files
             # (OSError, SyntaxError, ValueError, DecompressionBombError, ...).
@@ -99,6 +145,9 @@ class ChunkDecoder:
         return image, ""
 
     def __call__(self, indices) -> dict[str, Any]:
+        epochs = None
+        if isinstance(indices, dict):
+            indices, epochs = indices["index"], np.asarray(indices["epoch"]).reshape(-1)
         ids = [int(i) for i in np.asarray(indices).reshape(-1)]
         raw = self.source.__getitems__(ids)
         ints = ("text_id", "index", "label") + self.extra_int_fields
@@ -108,7 +157,11 @@ class ChunkDecoder:
         keep, images, captions = [], [], []
         for j in range(len(raw)):
             caption = decode_caption(fields["caption"][j])
-            image, reason = (None, "bad_caption") if caption is None else self._image(fields["image"][j])
+            if caption is None:
+                image, reason = None, "bad_caption"
+            else:
+                crop = self._crop(ids[j], None if epochs is None else epochs[j])
+                image, reason = self._image(fields["image"][j], crop)
             if image is None:
                 skipped[reason] += 1
                 if len(examples) < DropCounter.EXAMPLES:
@@ -177,6 +230,8 @@ class BadDataError(ValueError):
     """Too much of the data cannot be decoded; the message is one line."""
 
 
+# The two steps below are no longer in this module's graph (`ChunkBatches` does both); sources that
+# assemble their own grain graph use them.
 def _non_empty(chunk: dict[str, Any]) -> bool:
     return len(chunk["index"]) > 0
 
@@ -196,6 +251,8 @@ class IndexChunks:
     at each step is the same whatever the number of processes: a run on 2 hosts
     sees exactly the batches a run on 1 host sees. Chunks run across epoch
     boundaries, so no example is ever skipped.
+
+    With `with_epochs` a chunk is {'index': record ids, 'epoch': the epoch of each}.
     """
 
     # Effectively endless: ~1e18 examples.
@@ -209,7 +266,9 @@ class IndexChunks:
         process_index: int = 0,
         process_count: int = 1,
         start_example: int = 0,
+        with_epochs: bool = False,
     ):
+        self.with_epochs = with_epochs
         self.num_records = int(num_records)
         self.chunk_size = int(chunk_size)
         self.global_size = self.chunk_size * int(process_count)
@@ -232,7 +291,7 @@ class IndexChunks:
             self._cache[epoch] = order
         return order
 
-    def __getitem__(self, k: int) -> np.ndarray:
+    def __getitem__(self, k: int) -> np.ndarray | dict[str, np.ndarray]:
         start = int(k) * self.global_size + self.offset
         positions = np.arange(start, start + self.chunk_size)
         epochs, offsets = np.divmod(positions, self.num_records)
@@ -240,7 +299,7 @@ class IndexChunks:
         for e in np.unique(epochs):
             sel = epochs == e
             out[sel] = self._epoch_order(int(e))[offsets[sel]]
-        return out
+        return {"index": out, "epoch": epochs} if self.with_epochs else out
 
 
 class TrainIterator:
@@ -278,6 +337,109 @@ class TrainIterator:
             close()
 
 
+class ChunkBatches:
+    """Exactly `batch_size` examples per batch (keys BATCH_KEYS) from decoded chunks of any size.
+
+    `decoded_chunks(k)` iterates over the decoded chunks k, k + 1, ... of the stream (after drops
+    a chunk may hold fewer examples, or none). The position is {'chunk': the first chunk not yet
+    given out in full, 'offset': how many of its examples were}: plain numbers, so a run resumes
+    exactly whether the chunks were decoded in threads or in any number of worker processes.
+    Each chunk's drops are folded into `counter` in this process.
+    """
+
+    def __init__(self, decoded_chunks, batch_size: int, counter: DropCounter):
+        self._decoded_chunks = decoded_chunks
+        self._batch_size = int(batch_size)
+        self._counter = counter
+        self._chunk, self._offset = 0, 0
+        self._iterator = None
+        self._head = None  # the decoded chunk `self._chunk`, once read
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._decoded_chunks(self._chunk)
+        parts, needed = [], self._batch_size
+        while needed:
+            if self._head is None:
+                self._head = self._count(next(self._iterator))
+            size = len(self._head["index"])
+            if size == 0:
+                # Every record of the chunk was dropped. The offset stays: it counts examples of
+                # the next chunk that has any (so grain's states of earlier versions read alike).
+                self._head, self._chunk = None, self._chunk + 1
+                continue
+            take = min(needed, size - self._offset)
+            parts.append({k: self._head[k][self._offset : self._offset + take] for k in BATCH_KEYS})
+            needed -= take
+            self._offset += take
+            if self._offset == size:
+                self._head, self._chunk, self._offset = None, self._chunk + 1, 0
+        # Always copies: a chunk from a worker process lives in shared memory, which a batch the
+        # trainer keeps (or an exception's frames) must not hold on to.
+        return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+
+    def _count(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._counter(chunk)
+        except BadDataError as e:
+            error = e
+        # Too much bad data ends the run. Worker processes hand chunks over in shared memory:
+        # let go of them (this chunk, the error's frames, the prefetched ones) first, or Python
+        # warns of leaked shared memory at exit.
+        del chunk
+        self.close()
+        raise error.with_traceback(None)
+
+    def get_state(self) -> dict[str, int]:
+        return {"chunk": self._chunk, "offset": self._offset}
+
+    def set_state(self, state: dict) -> None:
+        """Continue from `state`: this class's, or grain's rebatching state of earlier versions
+        ({'parent': the chunk iterator's state, 'batch_idx': examples of it given out})."""
+        if "chunk" in state:
+            chunk, offset = int(state["chunk"]), int(state["offset"])
+        else:
+            parent = state["parent"]
+            if "next_index" in parent:  # chunks decoded in threads
+                chunk = int(parent["next_index"])
+            else:  # worker processes: each worker's count of the chunks it handed over
+                chunk = sum(int(w["next_index"]) for w in parent["iterators_in_use_states"])
+            offset = int(state["batch_idx"])
+        self.close()
+        self._chunk, self._offset, self._head = chunk, offset, None
+
+    def close(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+        self._iterator = self._head = None
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_processes(worker_count: int, decoder=None) -> int:
+    """`data.worker_count` as a number of grain worker processes.
+
+    -1: one per available core, when there is work to spread: images to decode (JPEG, PNG) or
+    random crops. Raw stored pixels (the shapes data) only need copying, which worker processes
+    would slow down with the hand-over, so they stay in this process (0). 0: this process's
+    prefetch threads. n > 0: n processes.
+    """
+    if worker_count >= 0:
+        return int(worker_count)
+    decodes = getattr(decoder, "encoded_images", True) or getattr(decoder, "random_crop", None) is not None
+    return available_cores() if decodes else 0
+
+
 def make_train_iterator(
     decoder: ChunkDecoder,
     data_config,
@@ -291,8 +453,10 @@ def make_train_iterator(
 
     The order depends on `seed` and on data_config.shuffle_seed; the stream starts at its
     `start_example`-th example (0 for a new run). Also read from the (complete)
-    `data_config`: batch_size (global), worker_count (0: decode in this process's prefetch
-    threads), read_threads, prefetch (chunks buffered ahead), max_bad_fraction.
+    `data_config`: batch_size (global), worker_count (`worker_processes`), read_threads,
+    prefetch (chunks buffered ahead), max_bad_fraction, random_resized_crop (() or a
+    (low, high) share of the area: random crops, for this iterator only). A decoder with
+    `needs_epochs = True` is called with {'index', 'epoch'} chunks, as a cropping one is.
     """
     batch_size = int(data_config.batch_size)
     if not 0 <= process_index < process_count:
@@ -305,34 +469,48 @@ def make_train_iterator(
         raise ValueError(
             f"process {process_index} of {process_count} gets no records (train split has {num_records})"
         )
+    stream_seed = (int(seed) % 2**32, int(data_config.shuffle_seed))
+    crop_scale = tuple(getattr(data_config, "random_resized_crop", ()) or ())
+    if crop_scale:
+        if not hasattr(decoder, "with_random_crop"):
+            raise ValueError(
+                f"data.random_resized_crop: the decoder of data.name={data_config.name!r} "
+                f"({type(decoder).__name__}) cannot crop at random"
+            )
+        decoder = decoder.with_random_crop(crop_scale, stream_seed)
     chunks = IndexChunks(
         num_records,
         local_batch,
-        seed=(int(seed) % 2**32, int(data_config.shuffle_seed)),
+        seed=stream_seed,
         process_index=process_index,
         process_count=process_count,
         start_example=start_example,
+        with_epochs=bool(crop_scale) or bool(getattr(decoder, "needs_epochs", False)),
     )
-    ds = grain.MapDataset.source(chunks).map(decoder)
-    it_ds = ds.to_iter_dataset(
-        grain.ReadOptions(
-            num_threads=int(data_config.read_threads), prefetch_buffer_size=int(data_config.prefetch)
-        )
-    )
-    if data_config.worker_count > 0:
+    workers = worker_processes(int(data_config.worker_count), decoder)
+    threads, prefetch = int(data_config.read_threads), int(data_config.prefetch)
+    if workers > 0:
         # grain's worker processes read absl flags; outside an absl app they are
         # unparsed and reading them raises, so fall back to their defaults.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_config.worker_count)))
+        # Each worker decodes ahead on its own: split `prefetch` among them, or dozens of
+        # workers would hold dozens of batches each.
+        prefetch = -(-prefetch // workers)
+
+    def decoded_chunks(first: int):
+        """The decoded chunks first, first + 1, ... (worker processes start on the first next())."""
+        ds = grain.MapDataset.source(chunks)[first:].map(decoder)
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+        if workers > 0:
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        return iter(it_ds)
+
     max_bad = data_config.max_bad_fraction
     counter = DropCounter(
         None if max_bad is None else float(max_bad), min_seen=min(1000, max(num_records // process_count, 1))
     )
-    it_ds = it_ds.map(counter).filter(_non_empty)
-    it_ds = grain.experimental.RebatchIterDataset(it_ds, batch_size=local_batch, drop_remainder=True)
-    it_ds = it_ds.map(_batch_in_key_order)
-    return TrainIterator(iter(it_ds), counter)
+    return TrainIterator(ChunkBatches(decoded_chunks, local_batch, counter), counter)
 
 
 def load_split_arrays(

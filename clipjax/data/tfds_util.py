@@ -10,6 +10,7 @@ import tempfile
 from etils import epath
 import tensorflow_datasets as tfds
 
+from clipjax import paths
 from clipjax.data import locking
 
 
@@ -59,14 +60,21 @@ def _no_stray_temp_dirs():
                 os.rmdir(path)  # only if empty: never anything tfds actually used
 
 
+def lock_path(builder: tfds.core.DatasetBuilder, data_dir: str) -> str:
+    """The file lock of preparing `builder` in data_dir (also taken by `clipjax.data.convert`)."""
+    config = builder.builder_config.name if builder.builder_config else "default"
+    return os.path.join(data_dir, f".{builder.name}-{config}.lock")
+
+
 def _prepare_once(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
     builder = make_builder()
-    if builder.is_prepared():
+    # Several JAX processes all go to `run_once`'s barrier, even where the data is there: a host
+    # that skipped it would leave the others waiting.
+    if builder.is_prepared() and locking.job_processes()[1] == 1:
         return builder
     locking.ensure_writable_dir(data_dir, "data_dir")
-    config = builder.builder_config.name if builder.builder_config else "default"
-    lock = os.path.join(data_dir, f".{builder.name}-{config}.lock")
-    with locking.file_lock(lock):
+
+    def prepare():
         builder = make_builder()
         if not builder.is_prepared():
             builder.download_and_prepare(
@@ -76,8 +84,45 @@ def _prepare_once(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
                     compute_stats=tfds.download.ComputeStatsMode.SKIP
                 ),
             )
+
+    name = f"{builder.name}/{builder.builder_config.name if builder.builder_config else 'default'}"
+    locking.run_once(prepare, lock_path(builder, data_dir), barrier=f"clipjax: prepared {name}")
     # A builder made before the data existed has no split metadata.
     return make_builder()
+
+
+# Written last to a bucket, and looked for there: tfds takes a folder holding both as prepared.
+_COMPLETE_MARKERS = ("features.json", "dataset_info.json")
+
+
+def prepare_in_bucket(make_builder_at, url: str) -> tfds.core.DatasetBuilder:
+    """The builder of a dataset kept in bucket folder `url` (gs://, s3://), read from a local copy.
+
+    `make_builder_at(data_dir)` makes the builder for a data_dir. ArrayRecord opens its files
+    by local path (its reader has no s3 support), and reading records at random over HTTP
+    would be slow, so the prepared dataset is copied once to `paths.local_cache(url)` and read
+    there. A dataset the bucket lacks is prepared locally, then uploaded, its tfds metadata
+    last, so a reader never takes a partial upload for a prepared dataset.
+    """
+    local_root = paths.local_cache(url)
+    builder = make_builder_at(local_root)
+    rel = os.path.relpath(os.fspath(builder.data_path), local_root).split(os.sep)
+    remote = paths.join(url, *rel)
+    if not builder.is_prepared():
+        locking.ensure_writable_dir(local_root, "the local copy of data_dir")
+        with locking.file_lock(os.path.join(local_root, f".{'-'.join(rel)}.copy.lock")):
+            builder = make_builder_at(local_root)
+            if not builder.is_prepared() and all(
+                paths.exists(paths.join(remote, m)) for m in _COMPLETE_MARKERS
+            ):
+                paths.download_tree(remote, os.fspath(builder.data_path))
+    builder = prepare_once(lambda: make_builder_at(local_root), local_root)
+    # One uploader per job; two jobs that race upload the same files, the markers last.
+    if locking.job_processes()[0] == 0 and not all(
+        paths.exists(paths.join(remote, m)) for m in _COMPLETE_MARKERS
+    ):
+        paths.upload_tree(os.fspath(builder.data_path), remote, last=_COMPLETE_MARKERS)
+    return builder
 
 
 def check_split(builder: tfds.core.DatasetBuilder, split: str, hint: str = "") -> None:

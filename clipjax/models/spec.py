@@ -24,6 +24,9 @@ IMAGE_TOWERS = {
     "resnet": resnet,
 }
 LN_1_OVER_0_07 = math.log(1 / 0.07)
+# CLIP's RGB statistics (the original OpenAI preprocessing), in [0, 1] units.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _attention_backend(value) -> str | None:
@@ -34,6 +37,18 @@ def _attention_backend(value) -> str | None:
 
 def _finite(value) -> str | None:
     return None if math.isfinite(value) else "expected a finite number"
+
+
+def _rgb(positive: bool):
+    def check(value) -> str | None:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if len(value) != 3 or not numbers or not all(math.isfinite(v) for v in value):
+            return "expected three finite numbers (R, G, B) in [0, 1] units"
+        if positive and min(value) <= 0:
+            return "expected positive values"
+        return None
+
+    return check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +108,18 @@ def model_section() -> Section:
             "logit_bias_init": Field(
                 None, "initial logit bias: unset for softmax, -10.0 for sigmoid", type=float, check=_finite
             ),
+            # With the model, not the data: a checkpoint's weights expect the statistics they were
+            # trained with, and `clipjax.load` and evaluation read them from the stored config.
+            "image_mean": Field(
+                CLIP_MEAN,
+                "RGB mean subtracted from the [0, 1] pixels inside the model (CLIP's; SigLIP: 0.5s)",
+                check=_rgb(positive=False),
+            ),
+            "image_std": Field(
+                CLIP_STD,
+                "RGB standard deviation the pixels are divided by after the mean (CLIP's; SigLIP: 0.5s)",
+                check=_rgb(positive=True),
+            ),
             "image": image_section(),
             "text": Section(dict(text.FIELDS), doc="the text Transformer"),
         },
@@ -114,6 +141,9 @@ class DualEncoderSpec:
     unroll: int  # blocks per loop iteration of each layer stack; 0: all
     logit_scale_init: float
     logit_bias_init: float | None
+    # The image input's standardisation, (pixels / 255 - mean) / std per RGB channel.
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
 
 
 def model_spec(model_config: Any, *, image_size: int, path: str = "model") -> DualEncoderSpec:
@@ -137,6 +167,8 @@ def model_spec(model_config: Any, *, image_size: int, path: str = "model") -> Du
         unroll=values["unroll"],
         logit_scale_init=values["logit_scale_init"],
         logit_bias_init=values["logit_bias_init"],
+        image_mean=tuple(float(v) for v in values["image_mean"]),
+        image_std=tuple(float(v) for v in values["image_std"]),
     )
 
 

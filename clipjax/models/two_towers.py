@@ -11,12 +11,14 @@ import numpy as np
 from flax import nnx
 
 from clipjax.models.layers import Dense
+from clipjax.models import spec as spec_lib
 from clipjax.models.spec import IMAGE_TOWERS, DualEncoderSpec, model_spec
 from clipjax.models.text import TextTransformer
 
-# CLIP's RGB statistics (the original OpenAI preprocessing), in [0, 1] units.
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+# CLIP's RGB statistics (the original OpenAI preprocessing), in [0, 1] units: the default of
+# `model.image_mean` / `model.image_std`, which a model uses (`DualEncoderSpec`).
+CLIP_MEAN = np.array(spec_lib.CLIP_MEAN, np.float32)
+CLIP_STD = np.array(spec_lib.CLIP_STD, np.float32)
 
 
 def _positive_arg(value: Any, name: str) -> int:
@@ -25,8 +27,8 @@ def _positive_arg(value: Any, name: str) -> int:
     return int(value)
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] or float [0, 1] RGB -> float32 standardised by CLIP stats.
+def normalize_images(images: jax.Array, mean=CLIP_MEAN, std=CLIP_STD) -> jax.Array:
+    """uint8 [0, 255] or float [0, 1] RGB -> float32 (x - mean) / std, per channel.
 
     Both input kinds map the same picture to the same tensor, so a float
     augmentation pipeline and the uint8 data path are interchangeable.
@@ -35,7 +37,7 @@ def normalize_images(images: jax.Array) -> jax.Array:
         x = images.astype(jnp.float32) / 255.0
     else:
         x = images.astype(jnp.float32)
-    return (x - CLIP_MEAN) / CLIP_STD
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -83,7 +85,8 @@ class DualEncoder(nnx.Module):
 
     def image_features(self, images: jax.Array) -> jax.Array:
         """Tower output before projection, float32 [B, image_tower.out_dim]."""
-        return self.image_tower(normalize_images(images)).astype(jnp.float32)
+        x = normalize_images(images, self.spec.image_mean, self.spec.image_std)
+        return self.image_tower(x).astype(jnp.float32)
 
     def text_features(self, tokens: jax.Array) -> jax.Array:
         """Tower output before projection, float32 [B, text_tower.out_dim]."""

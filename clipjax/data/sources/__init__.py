@@ -17,5 +17,7 @@ from clipjax.data.sources.base import (
 # Built-in sources: one line each (importing a module registers its source).
 from clipjax.data.sources import shapes as _shapes  # noqa: E402,F401
 from clipjax.data.sources import image_text_folder as _image_text_folder  # noqa: E402,F401
+from clipjax.data.sources import tfds_dataset as _tfds_dataset  # noqa: E402,F401
+from clipjax.data.sources import webdataset as _webdataset  # noqa: E402,F401
 
 __all__ = ["SOURCES", "DataSource", "data_section", "make_source", "register_source", "source_class"]

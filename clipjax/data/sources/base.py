@@ -6,7 +6,9 @@ import abc
 import os
 from typing import Any, ClassVar
 
+from clipjax import paths
 from clipjax.data import tokenizers
+from clipjax.data.images import check_crop_scale
 from clipjax.schema import ConfigError, Field, Section, merge_kinds
 
 # `data.*` fields every source reads; a source declares its own in `FIELDS`.
@@ -19,11 +21,23 @@ COMMON_FIELDS: dict[str, Field] = {
     ),
     "batch_size": Field(256, "the global batch", minimum=1),
     "image_size": Field(32, "images are resized (shorter side) and centre-cropped to this", minimum=1),
+    "random_resized_crop": Field(
+        (),
+        "training crops: () the centre crop; (low, high) a random region of that share of the area "
+        "(aspect 3/4..4/3) resized to image_size, e.g. (0.9, 1.0) CLIP-style, (0.08, 1.0) SimCLR-style; "
+        "evaluation always centre-crops",
+        check=check_crop_scale,
+    ),
     "num_train": Field(
         50_000, "training examples (shapes renders this many; `epochs` counts them)", minimum=1
     ),
     "shuffle_seed": Field(0, "mixed with `seed` into the data order"),
-    "worker_count": Field(0, "grain worker processes (0: batches built in a thread)", minimum=0),
+    "worker_count": Field(
+        -1,
+        "grain worker processes decoding batches (-1: one per CPU core available, if there are "
+        "images to decode or crop; 0: in this process's threads)",
+        minimum=-1,
+    ),
     "read_threads": Field(1, "prefetch threads reading and decoding", minimum=1),
     "prefetch": Field(4, "batches buffered ahead", minimum=1),
     "max_bad_fraction": Field(
@@ -55,7 +69,8 @@ class DataSource(abc.ABC):
 
     @property
     def data_dir(self) -> str:
-        return os.path.abspath(os.path.expanduser(self.config.data_dir))
+        """Absolute, or a bucket URL (gs://, s3://) as given: never a local folder named 'gs:'."""
+        return paths.resolve(self.config.data_dir)
 
     def prepare(self) -> None:
         """One-time work before reading (rendering, converting); safe under concurrent processes."""

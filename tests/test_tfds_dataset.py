@@ -1,0 +1,317 @@
+"""`data.name = 'tfds'`: a coco_captions-shaped dataset, prepared here, trains and evaluates.
+
+`tfds.testing.mock_data` cannot stand in for coco_captions here: the coco_captions builder code
+imports TensorFlow (not installed), the mock's random `Image` features need TensorFlow to be
+encoded, and its random `Sequence({'text', 'id'})` values get different lengths per leaf, which
+tfds refuses to serialize. So a tiny real builder with coco_captions' features is prepared into a
+temporary directory as ArrayRecord (no download) and read back by name, from its files.
+"""
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from clipjax.data import pipeline, records
+from clipjax.data.shapes import caption_text_id
+from clipjax.data.sources import make_source
+from clipjax.data.sources import tfds_dataset
+from clipjax.data import tfds_util
+from clipjax.schema import ConfigError
+from tests.helpers import data_config
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
+NUM = {"train": 48, "val": 8, "test": 16}
+NO_CAPTIONS = 5  # a train example whose captions are all missing or blank
+_SKIP_STATS = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+
+
+def _jpeg(color, size) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((*size, 3), color, np.uint8)).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def captions_of(split: str, i: int) -> list[str]:
+    """1 to 3 captions, all naming the image's colour; example NO_CAPTIONS has only a blank one."""
+    color = list(COLORS)[i % len(COLORS)]
+    if split == "train" and i == NO_CAPTIONS:
+        return ["   "]
+    return [f"a {color} picture {take} of {split} {i}" for take in range(1 + i % 3)]
+
+
+class TinyCocoCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """coco_captions' features (image, image/filename, image/id, objects, captions) in miniature."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Test data."}
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="2014")]
+    code_path = tfds_util.code_path_property(__file__)
+
+    def __init__(self, **kwargs):
+        super().__init__(file_format="array_record", **kwargs)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(encoding_format="jpeg"),
+                    "image/filename": tfds.features.Text(),
+                    "image/id": np.int64,
+                    "objects": tfds.features.Sequence(
+                        {
+                            "bbox": tfds.features.BBoxFeature(),
+                            "label": tfds.features.ClassLabel(num_classes=4),
+                        }
+                    ),
+                    "captions": tfds.features.Sequence({"text": tfds.features.Text(), "id": np.int64}),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split, n) for split, n in NUM.items()}
+
+    def _generate_examples(self, split, num):
+        for i in range(num):
+            color = i % len(COLORS)
+            texts = captions_of(split, i)
+            yield (
+                f"{split}{i}",
+                {
+                    "image": _jpeg(list(COLORS.values())[color], (24 + i % 5, 40 - i % 7)),
+                    "image/filename": f"{split}_{i}.jpg",
+                    "image/id": i,
+                    "objects": {"bbox": [tfds.features.BBox(0.1, 0.2, 0.5, 0.6)], "label": [color]},
+                    "captions": {"text": texts, "id": list(range(len(texts)))},
+                },
+            )
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tfds_source")
+    TinyCocoCaptions(data_dir=str(root)).download_and_prepare(download_config=_SKIP_STATS)
+    return str(root)
+
+
+def _config(data_dir, **overrides):
+    values = {
+        "name": "tfds",
+        "data_dir": data_dir,
+        "tfds_name": "tiny_coco_captions/2014",
+        "batch_size": 16,
+        "image_size": 16,
+        "tokenizer.kind": "byte",
+        "tokenizer.max_len": 48,
+    }
+    values.update(overrides)
+    return data_config(**values)
+
+
+def _source(data_dir, **overrides):
+    source = make_source(_config(data_dir, **overrides))
+    source.prepare()
+    return source
+
+
+def _captions_by_record(source, split="train") -> list[list[str]]:
+    """The non-blank captions of each record (tfds stores the examples in a shuffled order)."""
+    raw = source.raw_records(split)
+    _, captions = tfds_dataset.read_pairs(raw.__getitems__(list(range(len(raw)))), *source.keys)
+    return [[c.decode() for c in texts] for texts in captions]
+
+
+def _caption(record: bytes) -> str:
+    return records.parse([record], (), ("caption",))["caption"][0].decode()
+
+
+def test_fast_parse_agrees_with_tfds_generic_decoder(data_dir):
+    source = _source(data_dir)
+    raw = source.raw_records("train")
+    got_images, got_captions = tfds_dataset.read_pairs(raw.__getitems__(list(range(len(raw)))), *source.keys)
+    features = source.builder.info.features
+    for i in range(len(raw)):
+        example = features.deserialize_example_np(raw[i], decoders={"image": tfds.decode.SkipDecoding()})
+        assert got_images[i] == example["image"]
+        assert got_captions[i] == [t for t in example["captions"]["text"] if t.strip()]
+    # The records the pipeline reads: first caption, index = record, text_id of that caption.
+    first = source.records("train")
+    parsed = records.parse(first.__getitems__([0, 1, 2]), ("text_id", "index", "label"), ("caption", "image"))
+    for j in range(3):
+        assert parsed["image"][j] == got_images[j] and parsed["caption"][j] == got_captions[j][0]
+        assert parsed["index"][j] == j and parsed["label"][j] == -1
+        assert parsed["text_id"][j] == caption_text_id(got_captions[j][0].decode())
+
+
+def test_eval_arrays_take_the_first_caption_of_each_image(data_dir):
+    source = _source(data_dir, image_size=20)
+    arrays = source.eval_arrays(source.tokenizer(), split="test")
+    assert arrays["image"].shape == (NUM["test"], 20, 20, 3)
+    raw = source.raw_records("test")
+    _, captions = tfds_dataset.read_pairs(raw.__getitems__(list(range(NUM["test"]))), *source.keys)
+    assert list(arrays["caption"]) == [c[0].decode() for c in captions]
+    np.testing.assert_array_equal(arrays["index"], np.arange(NUM["test"]))
+    assert np.all(arrays["label"] == -1)
+    # The JPEG's colour survives decoding and resizing (non-square images, centre-cropped).
+    for image, caption in zip(arrays["image"], arrays["caption"]):
+        color = COLORS[caption.split()[1]]
+        assert np.abs(image.reshape(-1, 3).mean(0) - color).max() < 12
+    assert source.zero_shot_tasks() == {}
+
+
+def _drawn(source, seed, epochs, ids) -> list[str]:
+    """The captions training draws for records `ids` in `epochs` (through the decoder's view)."""
+    ids = np.asarray(ids)
+    draws = tfds_dataset.caption_hash(seed, epochs, ids)
+    return [_caption(r) for r in source.records("train").read(ids, draws)]
+
+
+def test_captions_are_drawn_per_epoch_deterministically(data_dir):
+    source = _source(data_dir)
+    captions = _captions_by_record(source)
+    record = next(i for i, texts in enumerate(captions) if len(texts) == 3)
+    epochs = np.arange(30)
+    by_epoch = _drawn(source, (3, 0), epochs, np.full(30, record))
+    # Every caption gets its turn over the epochs, and each draw is a pure function of
+    # (seed, epoch, record): asked again, among other records, in another order, it is the same.
+    assert set(by_epoch) == set(captions[record])
+    again = _drawn(source, (3, 0), np.r_[epochs[::-1], 0, 0], np.r_[np.full(30, record), 7, 8])
+    assert again[:30] == by_epoch[::-1]
+    assert _drawn(source, (4, 0), epochs, np.full(30, record)) != by_epoch
+    assert _drawn(source, (3, 1), epochs, np.full(30, record)) != by_epoch
+    # Uniform over the captions.
+    draws = tfds_dataset.caption_hash((1, 2), np.arange(30000) // 100, np.arange(30000) % 100)
+    assert np.all(np.abs(np.bincount((draws % np.uint64(3)).astype(int)) / 30000 - 1 / 3) < 0.02)
+
+
+def _batches(iterator, k):
+    return [next(iterator) for _ in range(k)]
+
+
+def test_train_iterator_draws_captions_and_resumes(data_dir):
+    source = _source(data_dir)
+    tokenizer = source.tokenizer()
+    n = NUM["train"]
+    captions = _captions_by_record(source)
+    no_captions = captions.index([])
+    it = source.train_iterator(tokenizer, seed=0)
+    batches = _batches(it, 12)  # 4 epochs of 48 records, 16 per batch
+    text_ids = {}
+    for batch in batches:
+        assert set(batch) == set(pipeline.BATCH_KEYS) and batch["image"].shape == (16, 16, 16, 3)
+        for index, text_id in zip(batch["index"], batch["text_id"]):
+            options = {caption_text_id(c) for c in captions[int(index)]}
+            assert int(text_id) in options
+            text_ids.setdefault(int(index), []).append(int(text_id))
+    assert no_captions not in text_ids and it.drop_counts["bad_caption"] >= 4  # (and prefetched ones)
+    assert set(it.drop_counts) == {"bad_caption"}
+    assert sorted(text_ids) == sorted(set(range(n)) - {no_captions})
+    # Records with several captions train on more than one of them across the epochs.
+    several = [i for i in text_ids if len(captions[i]) > 1]
+    varied = [i for i in several if len(set(text_ids[i])) > 1]
+    assert len(varied) > 0.5 * len(several)
+    # Resuming from a saved state gives the same batches.
+    again = source.train_iterator(tokenizer, seed=0)
+    _batches(again, 5)
+    resumed = source.train_iterator(tokenizer, seed=0)
+    resumed.set_state(again.get_state())
+    for want, got in zip(batches[5:], _batches(resumed, 7)):
+        for key in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_two_processes_split_each_global_batch(data_dir):
+    source = _source(data_dir, batch_size=16)
+    tokenizer = source.tokenizer()
+    whole = _batches(source.train_iterator(tokenizer, seed=1), 3)
+    parts = [
+        _batches(source.train_iterator(tokenizer, seed=1, process_index=p, process_count=2), 3)
+        for p in (0, 1)
+    ]
+    no_captions = _captions_by_record(source).index([])
+    for k in range(3):
+        if no_captions in whole[k]["index"]:
+            continue  # a drop shifts the rebatching differently per process
+        joined = np.concatenate([parts[0][k]["text_id"], parts[1][k]["text_id"]])
+        np.testing.assert_array_equal(np.sort(joined), np.sort(whole[k]["text_id"]))
+
+
+def test_training_decoder_reads_its_chunk_and_reports_records_by_number(data_dir):
+    source = _source(data_dir)
+    captions = _captions_by_record(source)
+    no_captions = captions.index([])
+    good = next(i for i, texts in enumerate(captions) if len(texts) == 3)
+    decoder = tfds_dataset.CaptionDrawingDecoder(
+        pipeline.ChunkDecoder(
+            source.records("train"), image_size=16, encoded_images=True, keep_captions=True
+        ),
+        seed=(0, 0),
+    )
+    out = decoder({"index": np.array([no_captions, good]), "epoch": np.array([3, 3])})
+    assert out["_skipped_examples"] == [(no_captions, "bad_caption")] and list(out["index"]) == [good]
+    assert list(out["caption"]) == _drawn(source, (0, 0), [3], [good])
+    with pytest.raises(TypeError, match="epoch"):
+        decoder(np.array([good]))
+    # Random crops (per record and epoch) come through the wrapper.
+    cropping = decoder.with_random_crop((0.3, 0.5), (0, 0))
+    assert isinstance(cropping, tfds_dataset.CaptionDrawingDecoder)
+    assert cropping({"index": np.array([good]), "epoch": np.array([1])})["image"].shape == (1, 16, 16, 3)
+
+
+def test_splits_keys_and_missing_datasets_are_one_clear_line(data_dir, tmp_path):
+    source = _source(data_dir, tfds_train_split="train+val", tfds_eval_split="val[:4]")
+    assert len(source.records("train")) == NUM["train"] + NUM["val"] and len(source.records("test")) == 4
+    assert source.tfds_split("test") == "val[:4]"
+
+    def error(exc, where=data_dir, **overrides):
+        with pytest.raises(exc) as e:
+            _source(where, **overrides)
+        message = str(e.value)
+        assert "\n" not in message
+        return message
+
+    assert "'image/filename'" in error(ConfigError, tfds_caption_key="image")
+    assert "image features: ['image']" in error(ConfigError, tfds_image_key="image/filename")
+    message = error(ConfigError, tfds_caption_key="captions")
+    assert "captions/text" in message and "image/filename" in message
+    assert "available" in error(ConfigError, tfds_train_split="restval")
+    message = error(FileNotFoundError, tfds_name="coco_captions")
+    assert "tfds build coco_captions --data_dir" in message and "--file_format array_record" in message
+    with pytest.raises(ConfigError, match="data.tfds_name"):
+        tfds_dataset.TfdsSource.check_config(_config(data_dir, tfds_name=" "))
+
+    # Stored as TFRecord (what tfds writes by default): a pointer to the conversion.
+    version_dir = os.path.join(data_dir, "tiny_coco_captions", "2014", "1.0.0")
+    copy = tmp_path / "tiny_coco_captions" / "2014" / "1.0.0"
+    shutil.copytree(version_dir, copy)
+    info = json.loads((copy / "dataset_info.json").read_text())
+    info["fileFormat"] = "tfrecord"
+    (copy / "dataset_info.json").write_text(json.dumps(info))
+    message = error(ConfigError, str(tmp_path))
+    assert "tfds convert_format" in message and "array_record" in message
+
+
+def test_demo_trains_and_evaluates_on_a_tfds_dataset_with_one_config_change(data_dir, tmp_path):
+    from clipjax import trainer as train_lib
+    from clipjax.config import apply_overrides
+    from tests.test_train import load_config
+
+    config = load_config("demo.py")
+    config.data.data_dir = data_dir
+    config = apply_overrides(config, {"data.name": "tfds", "data.tfds_name": "tiny_coco_captions/2014"})
+    report = train_lib.train(config, str(tmp_path / "run"), log=lambda _: None)
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert metrics[-1]["step"] == config.steps and np.isfinite(metrics[-1]["loss"])
+    assert report["num_examples"] == NUM["test"]
+    retrieval = report["retrieval"]
+    assert 0.0 <= retrieval["image_to_text"]["R@1"] <= 1.0
+    assert retrieval["image_to_text"] == retrieval["strict"]["image_to_text"]  # labels are -1
+    assert not report.get("zero_shot")
