@@ -158,8 +158,9 @@ def _state():
 
 @pytest.mark.parametrize("store", ["s3", "gcs"])
 def test_checkpoints_and_logs_in_a_bucket(store, request):
-    """Orbax's arrays (tensorstore's s3 or gcs driver), the JSON items, the logs and the report
-    all land in the bucket; readers see them."""
+    """Orbax's arrays (tensorstore's s3 or gcs driver), the JSON items, metrics.jsonl and the
+    TensorBoard events all land in the bucket, and readers see them. (On gcp-storage-emulator
+    only a checkpoint this small: docs/checkpoints.md, "Buckets".)"""
     bucket = request.getfixturevalue(store)
     workdir = f"{bucket}/unit"
     state, abstract = _state()
