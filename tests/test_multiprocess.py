@@ -43,6 +43,27 @@ def _env(**extra):
     return {**env, "JAX_PLATFORMS": "cpu", **extra}
 
 
+def _launch_two_processes(command):
+    """`command` as processes 0 and 1 of a 2 x 4-device run on loopback, output piped."""
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(
+                CLIPJAX_LOCAL_DEVICES="4",
+                CLIPJAX_COORDINATOR=f"127.0.0.1:{port}",
+                CLIPJAX_NUM_PROCESSES="2",
+                CLIPJAX_PROCESS_ID=str(i),
+            ),
+        )
+        for i in range(2)
+    ]
+
+
 def _losses(workdir):
     with open(workdir / "metrics.jsonl") as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
@@ -72,23 +93,7 @@ def test_two_processes_match_one_process(tfds_dir, tmp_path):
     )
     assert single.returncode == 0, single.stdout + single.stderr
 
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            _command(tmp_path / "two", tfds_dir),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_env(
-                CLIPJAX_LOCAL_DEVICES="4",
-                CLIPJAX_COORDINATOR=f"127.0.0.1:{port}",
-                CLIPJAX_NUM_PROCESSES="2",
-                CLIPJAX_PROCESS_ID=str(i),
-            ),
-        )
-        for i in range(2)
-    ]
+    procs = _launch_two_processes(_command(tmp_path / "two", tfds_dir))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out
@@ -115,25 +120,9 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step_with_a_checkpoint(tfds_
     import signal
     import time
 
-    port = _free_port()
     workdir = tmp_path / "run"
     command = [*_command(workdir, tfds_dir), "--config.steps=100000", "--config.evals.at_end=False"]
-    procs = [
-        subprocess.Popen(
-            command,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_env(
-                CLIPJAX_LOCAL_DEVICES="4",
-                CLIPJAX_COORDINATOR=f"127.0.0.1:{port}",
-                CLIPJAX_NUM_PROCESSES="2",
-                CLIPJAX_PROCESS_ID=str(i),
-            ),
-        )
-        for i in range(2)
-    ]
+    procs = _launch_two_processes(command)
     try:
         deadline = time.monotonic() + 300
         while not (workdir / "metrics.jsonl").exists() or len(_losses(workdir)) < 3:
