@@ -32,6 +32,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from clipjax import paths
 from clipjax.data import shapes
 from clipjax.data import tfds_util
 
@@ -286,7 +287,12 @@ def folder_builder(data_dir: str, source: str, test_fraction: float = 0.0) -> Im
 
 
 def prepare_folder(data_dir: str, source: str, test_fraction: float = 0.0) -> ImageTextFolder:
-    """Returns the `image_text_folder` builder for `source`, prepared if needed."""
-    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    """Returns the `image_text_folder` builder for `source`, prepared if needed; `data_dir` may be
+    a bucket URL (`tfds_util.prepare_in_bucket`), as for the shapes builder."""
     config = make_config(source, test_fraction)
+    if paths.is_remote(data_dir):
+        return tfds_util.prepare_in_bucket(
+            lambda local: ImageTextFolder(data_dir=local, config=config), data_dir
+        )
+    data_dir = paths.resolve(data_dir)
     return tfds_util.prepare_once(lambda: ImageTextFolder(data_dir=data_dir, config=config), data_dir)

@@ -12,7 +12,6 @@ different directories under one data_dir. Any such name is accepted, also by
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 
 import numpy as np
@@ -142,7 +141,7 @@ def prepare_shapes(
         return tfds_util.prepare_in_bucket(
             lambda local: shapes_builder(local, image_size, num_train, num_test, seed), data_dir
         )
-    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    data_dir = paths.resolve(data_dir)
     return tfds_util.prepare_once(
         lambda: shapes_builder(data_dir, image_size, num_train, num_test, seed), data_dir
     )

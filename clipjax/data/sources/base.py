@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import os
 from typing import Any, ClassVar
 
 from clipjax import paths
@@ -107,7 +106,7 @@ class DataSource(abc.ABC):
             for classes, templates in self.zero_shot_tasks().values():
                 texts.extend(t.format(c) for c in classes for t in templates)
         return tokenizers.make_tokenizer(
-            config, texts_for_training=texts, cache_dir=os.path.join(self.data_dir, "tokenizers")
+            config, texts_for_training=texts, cache_dir=paths.join(self.data_dir, "tokenizers")
         )
 
 
