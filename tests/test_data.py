@@ -256,6 +256,24 @@ def _write_folder(root):
     return good
 
 
+def folder_config(source, data_dir, **overrides):
+    """An image_text_folder data config over `_write_folder`'s pairs: no test split, the bad third
+    tolerated, byte tokens."""
+    cfg = {
+        "name": "image_text_folder",
+        "data_dir": str(data_dir),
+        "source": str(source),
+        "test_fraction": 0.0,
+        "max_bad_fraction": 0.5,
+        "batch_size": 4,
+        "image_size": 8,
+        "tokenizer.kind": "byte",
+        "tokenizer.max_len": 16,
+    }
+    cfg.update(overrides)
+    return data_config(**cfg)
+
+
 def test_folder_builder_and_pipeline_skip_bad_records(tmp_path):
     good = _write_folder(tmp_path / "pairs")
     cfg = {
@@ -328,17 +346,7 @@ def test_folder_builder_and_pipeline_skip_bad_records(tmp_path):
 
 def test_worker_processes_decode_and_report_drops(tmp_path):
     _write_folder(tmp_path / "pairs")
-    cfg = data_config(
-        name="image_text_folder",
-        data_dir=str(tmp_path / "tfds"),
-        source=str(tmp_path / "pairs"),
-        test_fraction=0.0,
-        max_bad_fraction=0.5,
-        batch_size=4,
-        image_size=8,
-        worker_count=1,
-        **{"tokenizer.kind": "byte", "tokenizer.max_len": 16},
-    )
+    cfg = folder_config(tmp_path / "pairs", tmp_path / "tfds", worker_count=1)
     tok = tokenizers.make_tokenizer(cfg.tokenizer)
     it = make_source(cfg).train_iterator(tok, seed=1)
     try:
@@ -485,6 +493,80 @@ def test_iterator_state_resumes_at_the_same_batch(shapes_dir, sp_tokenizer):
     ):
         it3 = make_source(other).train_iterator(sp_tokenizer, seed=seed)
         assert not np.array_equal(next(it3)["index"], first)
+
+
+def _thread_gathers(count):
+    """One `gather` per simulated process, meeting like a collective: each call waits for all."""
+    slots, barrier = [None] * count, threading.Barrier(count)
+
+    def gather_of(p):
+        def gather(own):
+            slots[p] = own
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+
+        return gather
+
+    return [gather_of(p) for p in range(count)]
+
+
+def _states_together(iterators):
+    """get_state() of every simulated process, called at once as JAX processes would."""
+    out = [None] * len(iterators)
+
+    def run(p):
+        out[p] = iterators[p].get_state()
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(len(iterators))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_each_process_resumes_at_its_own_position_when_drops_differ(tmp_path):
+    # A third of the records is bad, so the two processes drop different numbers and drift
+    # apart in the stream of chunks: one position for both would repeat or skip examples.
+    _write_folder(tmp_path / "pairs")
+    cfg = folder_config(tmp_path / "pairs", tmp_path / "tfds")
+    source = make_source(cfg)
+    source.prepare()
+    tok = source.tokenizer()
+
+    def processes():
+        gathers = _thread_gathers(2)
+        return [
+            source.train_iterator(tok, seed=2, process_index=p, process_count=2) for p in range(2)
+        ], gathers
+
+    def start():
+        its, gathers = processes()
+        for it, gather in zip(its, gathers):
+            it._iterator._gather = gather  # what process_gather gives on a real 2-process run
+        return its
+
+    reference = start()
+    expected = [[next(it)["index"].tolist() for _ in range(12)] for it in reference]
+    resumed_somewhere_uneven = False
+    for stop in range(1, 8):
+        first = start()
+        for it in first:
+            for _ in range(stop):
+                next(it)
+        states = _states_together(first)
+        assert states[0] == states[1]  # one gathered state, saved by process 0
+        positions = states[0]["processes"]
+        resumed_somewhere_uneven |= positions["0"] != positions["1"]
+        again = start()
+        for it in again:
+            it.set_state(states[0])
+        for p, it in enumerate(again):
+            got = [next(it)["index"].tolist() for _ in range(12 - stop)]
+            assert got == expected[p][stop:], (stop, p)
+    assert resumed_somewhere_uneven  # the case the per-process positions exist for
 
 
 def test_load_split_arrays_and_texts(shapes_dir, sp_tokenizer):

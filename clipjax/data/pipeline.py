@@ -33,7 +33,9 @@ Layout of the grain graph, and why:
 The TrainIterator's get_state()/set_state() resume at exactly the next batch. The state is
 ChunkBatches' position in the stream of chunks ({'chunk': k, 'offset': j}), not grain's, so it
 does not depend on the number of worker processes: a run resumes on a host with other cores
-(the graph is rebuilt from chunk k). Random crops (`data.random_resized_crop`) are drawn
+(the graph is rebuilt from chunk k). With several JAX processes each has its own position (they
+drop different records, so one may be a chunk ahead of another): get_state() gathers all of them
+(a collective) and set_state() gives each process its own. Random crops (`data.random_resized_crop`) are drawn
 from a generator seeded by (seed, shuffle_seed, epoch, record id): the same example gets the same
 crop whatever the batch size, the process count, the number of workers or a resumption, and
 another crop every epoch.
@@ -44,10 +46,11 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from absl import flags
+from absl import flags, logging
 import grain
 import numpy as np
 from PIL import Image
@@ -331,10 +334,58 @@ class TrainIterator:
         return dict(self._drops.counts)
 
     def close(self) -> None:
-        """Stop worker processes, if any (they also stop when the iterator is collected)."""
+        """Stop worker processes, if any (they also stop when the iterator is collected), and
+        hand back the shared memory of the batches they had prefetched."""
         close = getattr(self._iterator, "close", None)
         if close is not None:
             close()
+            release_shared_memory()
+
+
+def release_shared_memory() -> None:
+    """Free the shared memory of worker batches nothing refers to any more, now.
+
+    grain's prefetched arrays sit in reference cycles inside its iterators and are unlinked on
+    a background thread when collected: a process that exits right after closing an iterator
+    (a run stopped by bad data) would leave them to Python's resource tracker, which warns of
+    leaked shared memory. So collect them, then wait for grain's deletion thread."""
+    import gc
+
+    gc.collect()
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:  # another grain layout: the arrays are still freed, only later
+        return
+    deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if deleter is not None:
+        # One thread, first in first out: once this no-op ran, the deletions queued before it did.
+        deleter.apply(int)
+
+
+PROCESS_STATES_FORMAT = "clipjax.chunk_positions/1"
+
+
+def jax_gather(own: dict) -> list[dict]:
+    """Every JAX process's JSON-able `own`, in process order (a collective: all must call it)."""
+    from jax.experimental import multihost_utils  # only runs with several JAX processes
+
+    data = np.frombuffer(json.dumps(own).encode("utf-8"), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(data)] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(rows, sizes)]
+
+
+def process_gather(process_count: int) -> Callable[[dict], list[dict]] | None:
+    """`jax_gather` when `process_count` is this run's number of JAX processes (> 1): each
+    process reads its own part of the data, so a checkpoint must hold every process's position.
+    None otherwise (one process, or several simulated in one process by tests and tools)."""
+    if process_count <= 1:
+        return None
+    import jax
+
+    return jax_gather if jax.process_count() == process_count else None
 
 
 class ChunkBatches:
@@ -347,10 +398,21 @@ class ChunkBatches:
     Each chunk's drops are folded into `counter` in this process.
     """
 
-    def __init__(self, decoded_chunks, batch_size: int, counter: DropCounter):
+    def __init__(
+        self,
+        decoded_chunks,
+        batch_size: int,
+        counter: DropCounter,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        gather: Callable[[dict], list[dict]] | None = None,
+    ):
         self._decoded_chunks = decoded_chunks
         self._batch_size = int(batch_size)
         self._counter = counter
+        self._process_index, self._process_count = int(process_index), int(process_count)
+        self._gather = gather
         self._chunk, self._offset = 0, 0
         self._iterator = None
         self._head = None  # the decoded chunk `self._chunk`, once read
@@ -364,7 +426,11 @@ class ChunkBatches:
         parts, needed = [], self._batch_size
         while needed:
             if self._head is None:
-                self._head = self._count(next(self._iterator))
+                try:
+                    self._head = self._count(next(self._iterator))
+                except BadDataError:
+                    parts.clear()  # views of shared memory, else kept alive by the traceback
+                    raise
             size = len(self._head["index"])
             if size == 0:
                 # Every record of the chunk was dropped. The offset stays: it counts examples of
@@ -393,12 +459,39 @@ class ChunkBatches:
         self.close()
         raise error.with_traceback(None)
 
-    def get_state(self) -> dict[str, int]:
-        return {"chunk": self._chunk, "offset": self._offset}
+    def get_state(self) -> dict:
+        """{'chunk', 'offset'} of this process; with `gather` (several JAX processes), every
+        process's under 'processes' (a collective: all processes call it at the same step)."""
+        own = {"chunk": self._chunk, "offset": self._offset}
+        if self._gather is None:
+            return own
+        states = self._gather(own)
+        return {
+            "format": PROCESS_STATES_FORMAT,
+            "process_count": len(states),
+            "processes": {str(p): state for p, state in enumerate(states)},
+        }
 
     def set_state(self, state: dict) -> None:
-        """Continue from `state`: this class's, or grain's rebatching state of earlier versions
-        ({'parent': the chunk iterator's state, 'batch_idx': examples of it given out})."""
+        """Continue from `state`: this class's (one process's, or every process's), or grain's
+        rebatching state of earlier versions ({'parent': the chunk iterator's state,
+        'batch_idx': examples of it given out})."""
+        if state.get("format") == PROCESS_STATES_FORMAT:
+            processes = state["processes"]
+            own = processes.get(str(self._process_index))
+            if own is None or int(state["process_count"]) != self._process_count:
+                # Chunk k is global batch k whatever the number of processes, but the offsets
+                # into it are per process: restart the earliest unfinished global batch.
+                chunk = min(int(s["chunk"]) for s in processes.values())
+                logging.warning(
+                    "data state of %s processes restored in %s: continuing at global batch %s, "
+                    "which some processes had partly read",
+                    state["process_count"],
+                    self._process_count,
+                    chunk,
+                )
+                own = {"chunk": chunk, "offset": 0}
+            state = own
         if "chunk" in state:
             chunk, offset = int(state["chunk"]), int(state["offset"])
         else:
@@ -448,6 +541,7 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     start_example: int = 0,
+    gather: Callable[[dict], list[dict]] | None = None,
 ) -> TrainIterator:
     """Endless, shuffled, per-process iterator over local train batches of `decoder.source`.
 
@@ -457,6 +551,8 @@ def make_train_iterator(
     prefetch (chunks buffered ahead), max_bad_fraction, random_resized_crop (() or a
     (low, high) share of the area: random crops, for this iterator only). A decoder with
     `needs_epochs = True` is called with {'index', 'epoch'} chunks, as a cropping one is.
+    `gather(own_position) -> [position of each process]` makes get_state() hold every
+    process's position; by default `process_gather(process_count)`.
     """
     batch_size = int(data_config.batch_size)
     if not 0 <= process_index < process_count:
@@ -510,7 +606,15 @@ def make_train_iterator(
     counter = DropCounter(
         None if max_bad is None else float(max_bad), min_seen=min(1000, max(num_records // process_count, 1))
     )
-    return TrainIterator(ChunkBatches(decoded_chunks, local_batch, counter), counter)
+    batches = ChunkBatches(
+        decoded_chunks,
+        local_batch,
+        counter,
+        process_index=process_index,
+        process_count=process_count,
+        gather=gather if gather is not None else process_gather(process_count),
+    )
+    return TrainIterator(batches, counter)
 
 
 def load_split_arrays(

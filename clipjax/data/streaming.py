@@ -968,15 +968,3 @@ def make_train_iterator(
         gather=gather,
     )
     return pipeline.TrainIterator(iterator, drops)
-
-
-def jax_gather(own: dict) -> list[dict]:
-    """Every JAX process's JSON-able `own`, in process order (a collective: all must call it)."""
-    from jax.experimental import multihost_utils  # only runs with several JAX processes
-
-    data = np.frombuffer(json.dumps(own).encode("utf-8"), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: len(data)] = data
-    rows = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(rows, sizes)]

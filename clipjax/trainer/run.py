@@ -156,6 +156,8 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
         process_count=jax.process_count(),
         start_example=data_offset,
     )
+    # Worker processes stop, and hand back their shared memory, however the run ends.
+    cleanup.callback(getattr(iterator, "close", lambda: None))
     if data_state is not None:
         iterator.set_state(data_state)
 

@@ -113,13 +113,6 @@ class WebDatasetSource(DataSource):
         num_epochs: int | None = None,
     ):
         """See DataSource; `num_epochs` ends the stream after that many epochs (tests, tools)."""
-        gather = None
-        if process_count > 1:
-            import jax
-
-            if jax.process_count() == process_count:
-                # Each process reads its own shards: the checkpoint keeps every process's position.
-                gather = streaming.jax_gather
         return streaming.make_train_iterator(
             self.train_shards,
             self.decoder(tokenizer),
@@ -131,7 +124,8 @@ class WebDatasetSource(DataSource):
             process_count=process_count,
             start_example=start_example,
             num_epochs=num_epochs,
-            gather=gather,
+            # Each process reads its own shards: the checkpoint keeps every process's position.
+            gather=pipeline.process_gather(process_count),
         )
 
     def eval_arrays(
