@@ -167,6 +167,35 @@ def files_under(p) -> list[str]:
     return sorted(found)
 
 
+def _content_version(info: dict) -> str:
+    """Size and what changes with an object's content, from an fsspec listing entry."""
+    for key in ("ETag", "etag", "generation", "md5Hash", "LastModified", "updated", "mtime"):
+        if info.get(key) is not None:
+            return f"{info.get('size')}|{info[key]}"
+    return str(info.get("size"))
+
+
+def versions_under(p) -> dict[str, str]:
+    """{path relative to bucket folder `p`: size and content version} of every object below it,
+    in one listing (for fingerprints: a replaced object gets another version)."""
+    root = resolve(p)
+    scheme, prefix = root.split("://", 1)
+    out = {}
+    for key, info in _fs(root).find(root, detail=True).items():
+        key = key.split("://", 1)[1] if key.startswith(f"{scheme}://") else key
+        if key.startswith(prefix + "/"):
+            out[key[len(prefix) + 1 :]] = _content_version(info)
+    return dict(sorted(out.items()))
+
+
+def content_version(p) -> str | None:
+    """Size and content version of bucket object `p`, None when it does not exist."""
+    try:
+        return _content_version(_fs(p).info(resolve(p)))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
 def local_cache(url: str) -> str:
     """The local folder that mirrors bucket folder `url`: under $CLIPJAX_CACHE_DIR, else
     ~/.cache/clipjax, at buckets/<scheme>/<bucket>/<path>."""

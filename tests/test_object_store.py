@@ -328,3 +328,49 @@ def test_kill_resume_load_and_evaluate_in_a_bucket(s3, tmp_path):
     assert paths.exists(f"{out}/probe_spectrum.png")
 
     assert sorted(os.listdir(cwd)) == []  # every file went to the bucket (or the cache, or /tmp)
+
+
+def test_folder_source_and_converter_in_a_bucket(s3, tmp_path, monkeypatch):
+    """Own data kept in a bucket: a folder of images + captions and a CSV naming them, read
+    from the bucket, prepared into a bucket data_dir, and converted into one by the converter;
+    every path reads the same records as the local copy of the folder."""
+    from clipjax.data import convert, folder_tfds, tokenizers
+    from tests.test_data import _write_folder, folder_config
+
+    local = tmp_path / "pairs"
+    good = _write_folder(local)
+    paths.upload_tree(str(local), f"{s3}/own/pairs")
+    rows = ["image,caption"] + [f'pairs/{name},"{caption}"' for name, caption in sorted(good.items())]
+    paths.write_atomic(f"{s3}/own/pairs.csv", "\n".join(rows) + "\n")
+
+    def arrays(source, data_dir):
+        cfg = folder_config(source, data_dir, image_size=12)
+        out = make_source(cfg).eval_arrays(tokenizers.make_tokenizer(cfg.tokenizer), split="train")
+        return {k: out[k] for k in ("image", "text", "caption")}
+
+    def same(a, b):
+        assert sorted(a["caption"].tolist()) == sorted(b["caption"].tolist()) == sorted(good.values())
+        order_a, order_b = np.argsort(a["caption"]), np.argsort(b["caption"])
+        for key in ("image", "text"):
+            np.testing.assert_array_equal(a[key][order_a], b[key][order_b])
+
+    reference = arrays(str(local), str(tmp_path / "tfds"))
+    same(arrays(f"{s3}/own/pairs", f"{s3}/own/tfds"), reference)
+    assert any(k.endswith("dataset_info.json") for k in _keys(f"{s3}/own/tfds"))
+    same(arrays(f"{s3}/own/pairs.csv", str(tmp_path / "tfds")), reference)
+
+    # The fingerprint sees an object replaced in the bucket: another dataset version folder.
+    before = folder_tfds.make_config(f"{s3}/own/pairs").name
+    paths.write_atomic(f"{s3}/own/pairs/img0.txt", "A photo, replaced.\n")
+    assert folder_tfds.make_config(f"{s3}/own/pairs").name != before
+    paths.write_atomic(f"{s3}/own/pairs/img0.txt", good["img0.png"] + "\n")
+
+    result = convert.convert(
+        f"{s3}/own/pairs", f"{s3}/converted", test_fraction=0.0, workers=1, progress=False
+    )
+    assert result.version_dir.startswith(f"{s3}/converted/") and result.records == {"train": 6}
+    assert sorted(result.skipped.items()) == [("bad_caption", 2), ("bad_image", 1)]
+    # Another host: an empty local cache, so the dataset comes from the bucket.
+    monkeypatch.setenv("CLIPJAX_CACHE_DIR", str(tmp_path / "other_host_cache"))
+    same(arrays(f"{s3}/own/pairs", f"{s3}/converted"), reference)
+    assert not pathlib.Path("s3:").exists()

@@ -42,6 +42,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 from tensorflow_datasets.core import registered
 
+from clipjax import paths
 from clipjax.data import records, tfds_util
 from clipjax.data.images import decode_image, square_rgb
 
@@ -63,7 +64,7 @@ _FileFormat = tfds.core.FileFormat
 
 
 def _expand(data_dir: str) -> str:
-    return os.path.abspath(os.path.expanduser(str(data_dir)))
+    return paths.resolve(data_dir)
 
 
 def get_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:

@@ -51,6 +51,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming
 from tqdm import tqdm
 
+from clipjax import paths
 from clipjax.data import folder_tfds, locking, pipeline, streaming, tfds_util
 from clipjax.data.images import decode_image
 
@@ -183,14 +184,21 @@ def _load(path: str):
 
 
 def is_webdataset(source: str) -> bool:
-    """Tar shards rather than a CSV or an image folder: a brace pattern, a .tar file, a URL, or a
-    folder holding .tar files and no images."""
-    if "{" in source or source.endswith(".tar") or "://" in source:
+    """Tar shards rather than a CSV or an image folder: a brace pattern, a .tar file, a bucket
+    object other than a .csv (a list of shards), or a folder holding .tar files and no images."""
+    if "{" in source or source.endswith(".tar"):
         return True
-    path = os.path.expanduser(source)
-    if not os.path.isdir(path):
-        return False
-    names = [n.lower() for n in os.listdir(path)]
+    if paths.is_remote(source):
+        if source.lower().endswith(".csv"):
+            return False
+        if not paths.isdir(source):
+            return True
+        names = [n.lower() for n in paths.files_under(source)]
+    else:
+        path = os.path.expanduser(source)
+        if not os.path.isdir(path):
+            return False
+        names = [n.lower() for n in os.listdir(path)]
     return any(n.endswith(".tar") for n in names) and not any(
         n.endswith(folder_tfds.IMAGE_EXTENSIONS) for n in names
     )
@@ -305,16 +313,34 @@ def convert(
     """Converts `source` into the image_text_folder dataset in data_dir (see the module docstring).
 
     workers: processes (0: one per available core). webdataset: None detects tar shards.
+    A bucket `data_dir` (gs://, s3://) gets the dataset converted in its local copy
+    (`paths.local_cache`, where training reads it) and uploaded, its tfds metadata last.
     """
+    if paths.is_remote(data_dir):
+        local_root = paths.local_cache(data_dir)
+        result = convert(
+            source,
+            local_root,
+            test_fraction=test_fraction,
+            shard_size=shard_size,
+            workers=workers,
+            webdataset=webdataset,
+            progress=progress,
+        )
+        remote = paths.join(data_dir, *os.path.relpath(result.version_dir, local_root).split(os.sep))
+        tfds_util.upload_prepared(result.version_dir, remote)
+        return dataclasses.replace(result, version_dir=remote)
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"--test_fraction must be in [0, 1), got {test_fraction}")
     if shard_size < 1:
         raise ValueError(f"--shard_size must be positive, got {shard_size}")
     webdataset = is_webdataset(source) if webdataset is None else webdataset
-    if "://" not in source:  # the config name and the plan hold the full path
-        source = os.path.abspath(os.path.expanduser(source))
-        if not webdataset and not os.path.exists(source):
+    if not webdataset:  # the config name and the plan hold the full path
+        source = paths.resolve(source)
+        if not paths.exists(source):
             raise FileNotFoundError(f"{source!r} does not exist (a CSV, a folder of images, or tar shards)")
+    elif "://" not in source:
+        source = os.path.abspath(os.path.expanduser(source))
     data_dir = locking.ensure_writable_dir(data_dir, "--data_dir")
     config, units, total = plan(
         source, test_fraction=test_fraction, shard_size=shard_size, webdataset=webdataset
@@ -438,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
             f"convert: wrote {sum(result.records.values())} records ({counts}) to {result.version_dir}; "
             f"{len(result.converted)} unit(s) converted now, {len(result.done_before)} by an earlier run"
         )
-    data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    data_dir = paths.resolve(args.data_dir)
     if args.webdataset or is_webdataset(args.source):
         flags = (
             f"--config.data.name=tfds --config.data.tfds_name=image_text_folder/{result.config} "
@@ -448,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
             flags += " --config.data.tfds_eval_split=test"
     else:
         flags = (
-            f"--config.data.name=image_text_folder --config.data.source={os.path.abspath(args.source)} "
+            f"--config.data.name=image_text_folder --config.data.source={paths.resolve(args.source)} "
             f"--config.data.test_fraction={args.test_fraction}"
         )
     print(f"convert: train on it with {flags} --config.data.data_dir={data_dir}")

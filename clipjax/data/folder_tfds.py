@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import posixpath
 import re
 import zlib
 
@@ -46,8 +47,9 @@ class FolderConfig(tfds.core.BuilderConfig):
 
 
 def _check_source(source: str) -> str:
-    path = os.path.abspath(os.path.expanduser(source))
-    if not source or not os.path.exists(path):
+    """The source as an absolute path or bucket URL; FileNotFoundError if it is not there."""
+    path = paths.resolve(source) if source else ""
+    if not source or not paths.exists(path):
         raise FileNotFoundError(
             f"data.source {path!r} does not exist (expected a CSV file or a folder of images)"
         )
@@ -55,6 +57,9 @@ def _check_source(source: str) -> str:
 
 
 def _list_folder(folder: str) -> list[str]:
+    if paths.is_remote(folder):
+        names = paths.files_under(folder)
+        return [paths.join(folder, name) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
     found = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -70,6 +75,9 @@ def _utf8(text: str) -> bytes:
 
 
 def _stat_line(key: str, path: str | None) -> bytes:
+    if path and paths.is_remote(path):
+        found = paths.content_version(path) or "missing"
+        return _utf8(f"{key}|{found}\n")
     try:
         st = os.stat(path) if path else None
     except (OSError, ValueError):  # ValueError: a NUL byte in the path
@@ -81,7 +89,10 @@ def _stat_line(key: str, path: str | None) -> bytes:
 def _fingerprint(path: str) -> str:
     """Changes when the CSV file, any image it names, or any file in the folder changes."""
     h = hashlib.sha1(_utf8(path))
-    if os.path.isdir(path):
+    if paths.is_remote(path) and paths.isdir(path):
+        for rel, version in paths.versions_under(path).items():
+            h.update(_utf8(f"{rel}|{version}\n"))
+    elif os.path.isdir(path):
         for root, dirs, files in os.walk(path):
             dirs.sort()
             for name in sorted(files):
@@ -90,8 +101,7 @@ def _fingerprint(path: str) -> str:
     else:
         # The bytes rather than size and mtime: the CSV is read here anyway. Images are only
         # stat'ed, so a fixed or replaced image (same CSV) still makes a new directory.
-        with open(path, "rb") as f:
-            h.update(f.read())
+        h.update(paths.read_bytes(path))
         for key, image, _ in _csv_pairs(path)[0]:
             h.update(_stat_line(key, image))
     return h.hexdigest()[:12]
@@ -114,6 +124,8 @@ def _read_bytes(path: str | None) -> bytes:
     if not path:
         return b""
     try:
+        if paths.is_remote(path):
+            return paths.read_bytes(path)
         with open(path, "rb") as f:
             return f.read()
     except (OSError, ValueError):  # ValueError: a NUL byte in the path
@@ -129,8 +141,7 @@ def _csv_rows(source: str):
     Bytes that are not UTF-8 become lone surrogates (surrogateescape), so one stray byte costs
     only its row's caption instead of the whole file, and `_utf8` gives the bytes back exactly.
     """
-    with open(source, "rb") as f:
-        text = f.read().decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # Excel's BOM
+    text = paths.read_bytes(source).decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # Excel's BOM
     reader = csv.reader(io.StringIO(text, newline=""))
     while True:
         line = reader.line_num + 1
@@ -161,7 +172,16 @@ def _csv_pairs(source: str) -> tuple[list[Pair], list[int]]:
         cell = lambda name: cells[column[name]] if column[name] < len(cells) else ""  # short rows
         rel, caption = cell("image").strip(), cell("caption")
         # No path is a missing image, not the CSV's folder (whose mtime would enter the fingerprint).
-        image = (rel if os.path.isabs(rel) else os.path.join(base, rel)) if rel else None
+        # A path in a bucket CSV is a key below the CSV's folder; a URL is taken as it is.
+        image = (
+            (
+                rel
+                if os.path.isabs(rel) or paths.is_remote(rel)
+                else (posixpath if paths.is_remote(base) else os.path).join(base, rel)
+            )
+            if rel
+            else None
+        )
         try:
             caption.encode("utf-8")
         except UnicodeEncodeError:
@@ -176,8 +196,8 @@ def source_pairs(source: str) -> list[Pair]:
 
 
 def _pairs(source: str) -> list[Pair]:
-    if os.path.isdir(source):
-        return [(os.path.relpath(image, source), image, None) for image in _list_folder(source)]
+    if paths.isdir(source):
+        return [(paths.relative(image, source), image, None) for image in _list_folder(source)]
     pairs, bad_lines = _csv_pairs(source)
     if bad_lines:
         shown = ", ".join(map(str, bad_lines[:20])) + (", ..." if len(bad_lines) > 20 else "")

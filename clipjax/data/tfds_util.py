@@ -117,12 +117,18 @@ def prepare_in_bucket(make_builder_at, url: str) -> tfds.core.DatasetBuilder:
             ):
                 paths.download_tree(remote, os.fspath(builder.data_path))
     builder = prepare_once(lambda: make_builder_at(local_root), local_root)
-    # One uploader per job; two jobs that race upload the same files, the markers last.
+    upload_prepared(os.fspath(builder.data_path), remote)
+    return builder
+
+
+def upload_prepared(version_dir: str, remote: str) -> None:
+    """Copy the prepared dataset version folder `version_dir` to bucket folder `remote` unless
+    it is complete there, its tfds metadata last. One uploader per job; two jobs that race
+    upload the same files, the markers last."""
     if locking.job_processes()[0] == 0 and not all(
         paths.exists(paths.join(remote, m)) for m in _COMPLETE_MARKERS
     ):
-        paths.upload_tree(os.fspath(builder.data_path), remote, last=_COMPLETE_MARKERS)
-    return builder
+        paths.upload_tree(version_dir, remote, last=_COMPLETE_MARKERS)
 
 
 def check_split(builder: tfds.core.DatasetBuilder, split: str, hint: str = "") -> None:

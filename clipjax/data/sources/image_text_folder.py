@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+from clipjax import paths
 from clipjax.data import folder_tfds
 from clipjax.data.sources.base import register_source
 from clipjax.data.sources.tfds_records import TfdsRecordSource
@@ -30,7 +29,7 @@ class ImageTextFolderSource(TfdsRecordSource):
     @classmethod
     def check_config(cls, data_config) -> None:
         source = data_config.source
-        if not source or not os.path.exists(os.path.expanduser(source)):
+        if not source or not paths.exists(source):
             raise ConfigError(
                 f"data.source: {source!r} does not exist (a folder or CSV of images and captions)"
             )
