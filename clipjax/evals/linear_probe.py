@@ -123,6 +123,19 @@ def _check(features, labels, num_classes: int, what: str) -> tuple[np.ndarray, n
     return features, labels
 
 
+def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(validation, rest) indices: a seeded random `fraction` of range(n) held out, each sorted
+    (sequential reads, cheap for memory-mapped features)."""
+    num_val = round(n * fraction)
+    if n < 2 or not 1 <= num_val < n:
+        raise ValueError(
+            f"need at least 2 training examples and 0 < validation fraction < 1 "
+            f"(got {n} examples, fraction {fraction})"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[:num_val]), np.sort(order[num_val:])
+
+
 def linear_probe(
     train_features,
     train_labels,
@@ -147,17 +160,7 @@ def linear_probe(
         raise ValueError(f"regularizers must be a non-empty list of positive values, got {regularizers}")
     if xt.shape[1] != x.shape[1]:
         raise ValueError(f"train features have dimension {x.shape[1]}, test features {xt.shape[1]}")
-    n = len(x)
-    num_val = round(n * val_fraction)
-    if n < 2 or not 1 <= num_val < n:
-        raise ValueError(
-            f"need at least 2 training examples and 0 < val_fraction < 1 "
-            f"(got {n} examples, val_fraction={val_fraction})"
-        )
-
-    order = np.random.default_rng(seed).permutation(n)
-    # Sorted indices keep reads sequential (cheap for memory-mapped features).
-    val_idx, fit_idx = np.sort(order[:num_val]), np.sort(order[num_val:])
+    val_idx, fit_idx = validation_split(len(x), val_fraction, seed)
     ridge = _Ridge(x[fit_idx], y[fit_idx], num_classes)
     val_pred = ridge.predict(x[val_idx], regularizers)
     val_acc = np.mean(val_pred == y[val_idx], axis=1)
@@ -181,6 +184,4 @@ class LinearProbeEvaluator(Evaluator):
 
     def run(self, encoders):
         f = self.data.frozen_features(encoders, self.settings["train_examples"])
-        if f is None:
-            return {}
         return {"linear_probe": linear_probe(*f, num_classes=f.num_classes)}
