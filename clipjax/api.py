@@ -292,7 +292,7 @@ def evaluate_workdir(
     source = make_source(config.data)
     tokenizer = run_tokenizer(meta, source)
     graphdef, params, step = restore_params(workdir, config, tokenizer, mesh, step, log=log)
-    report = EvalRunner(config, source, tokenizer).run(graphdef, params, mesh, step)
+    report = EvalRunner(config, source, tokenizer, log=log).run(graphdef, params, mesh, step)
     out = out or workdir
     if jax.process_index() == 0:
         paths.makedirs(out)

@@ -156,29 +156,73 @@ def test_evaluate_on_a_tfds_classification_dataset(trained, tmp_path):
         validate(config, num_devices=8)
 
 
-def test_evaluate_cli_takes_old_and_new_evaluator_flags(trained, tmp_path):
-    workdir, train_report = trained
-    out = tmp_path / "cli"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clipjax.evaluate",
-            "--workdir",
-            str(workdir),
-            "--out",
-            str(out),
-            "--config.evals.zero_shot=False",
-            "--config.evals.knn.enabled=False",
-            "--config.evals.probe_train_examples=64",
-        ],
+def _evaluate_cli(workdir, out, *flags):
+    return subprocess.run(
+        [sys.executable, "-m", "clipjax.evaluate", "--workdir", str(workdir), "--out", str(out), *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_evaluate_cli_takes_old_and_new_evaluator_flags(trained, tmp_path):
+    workdir, train_report = trained
+    out = tmp_path / "cli"
+    result = _evaluate_cli(
+        workdir,
+        out,
+        "--config.evals.zero_shot=False",
+        "--config.evals.knn.enabled=False",
+        "--config.evals.probe_train_examples=64",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.load(open(out / "report.json"))
     assert "zero_shot" not in report and "knn" not in report
     assert report["retrieval"] == train_report["retrieval"]
     assert "linear_probe" in report
+
+
+def test_one_evaluate_call_runs_two_classification_benchmarks_and_coco(trained, tmp_path):
+    """The published benchmarks are config sections: one command line switches on CIFAR-10,
+    ImageNet-V2 and COCO retrieval (stand-ins with the real features, tests/benchmark_data.py),
+    and one report holds them all."""
+    from tests.benchmark_data import write_captions_like, write_classification_like
+
+    data = tmp_path / "benchmarks"
+    write_classification_like(
+        "cifar10",
+        str(data),
+        {"test": list(range(10)) * 2, "train": list(range(10))},
+        scratch=str(tmp_path / "s"),
+    )
+    write_classification_like("imagenet_v2", str(data), {"test": [0, 5, 999]}, scratch=str(tmp_path / "s"))
+    write_captions_like(str(data), {"test": [[f"a picture {i}", f"another picture {i}"] for i in range(6)]})
+    workdir, _ = trained
+    out = tmp_path / "out"
+    flags = []
+    for section in ("cifar10", "imagenet_v2", "coco"):
+        flags += [f"--config.evals.{section}.enabled=True", f"--config.evals.{section}.data_dir={data}"]
+    result = _evaluate_cli(
+        workdir,
+        out,
+        *flags,
+        "--config.evals.imagenet_v2.templates=stl10",  # 2 of the 80 prompts per class: faster
+        "--config.evals.cifar10.max_examples=15",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(out / "report.json"))
+    cifar, imagenet = report["classification"]["cifar10"], report["classification"]["imagenet_v2"]
+    assert (cifar["split"], cifar["num_examples"]) == ("test", 15)
+    assert (imagenet["split"], imagenet["num_examples"], imagenet["zero_shot"]["num_classes"]) == (
+        "test",
+        3,
+        1000,
+    )
+    for r in (cifar, imagenet):
+        assert 0.0 <= r["zero_shot"]["top1"] <= r["zero_shot"]["top5"] <= 1.0
+    coco = report["caption_retrieval"]["coco_captions"]
+    assert (coco["num_images"], coco["num_captions"]) == (6, 12)
+    markdown = (out / "report.md").read_text()
+    assert "| cifar10 | test | 15 |" in markdown and "| coco_captions | test | 6 | 12 |" in markdown
+    assert "evals.cifar10: cifar10 test 15/15 images" in result.stdout + result.stderr

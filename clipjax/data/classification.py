@@ -28,6 +28,7 @@ small reader below (record framing only: lengths are trusted, CRCs are not check
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import re
@@ -138,7 +139,7 @@ def _read_tfrecord(path: str, skip: int, take: int) -> Iterator[bytes]:
             yield data
 
 
-class _RawRecords:
+class RawRecords:
     """Serialized records of one split, in chunks, whatever the file format."""
 
     def __init__(self, builder, split: str):
@@ -163,11 +164,11 @@ class _RawRecords:
                 "tfrecord files can be read"
             )
 
-    def chunks(self, n: int) -> Iterator[list[bytes]]:
-        """The first n records, in lists of at most _CHUNK."""
+    def chunks(self, n: int, size: int = _CHUNK) -> Iterator[list[bytes]]:
+        """The first n records, in lists of at most `size`."""
         if self.source is not None:
-            for start in range(0, n, _CHUNK):
-                yield list(self.source.__getitems__(list(range(start, min(start + _CHUNK, n)))))
+            for start in range(0, n, size):
+                yield list(self.source.__getitems__(list(range(start, min(start + size, n)))))
             return
         chunk: list[bytes] = []
         left = n
@@ -180,7 +181,7 @@ class _RawRecords:
                 continue
             for record in _read_tfrecord(fi.filename, fi.skip, take):
                 chunk.append(record)
-                if len(chunk) == _CHUNK:
+                if len(chunk) == size:
                     yield chunk
                     chunk = []
         if chunk:
@@ -205,6 +206,113 @@ def array_image(array: np.ndarray, image_size: int) -> np.ndarray:
     return square_rgb(Image.fromarray(array), image_size, Image.BILINEAR)
 
 
+def classification_batches(
+    name: str,
+    data_dir: str,
+    split: str,
+    image_size: int,
+    *,
+    batch_size: int = _CHUNK,
+    max_examples: int | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    num_threads: int | None = None,
+    drops=None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """{'image': uint8 [b, S, S, 3], 'label': int32 [b], 'index': int32 [b]} batches of a split
+    (its first `max_examples` records when that is > 0), b <= batch_size, read and decoded one
+    batch at a time: host memory holds a batch, never the split. Encoded images are decoded on
+    `num_threads` threads (default: up to 8, one per CPU). A record whose image cannot be
+    decoded or that has no label is skipped and counted in `drops` (a
+    `clipjax.data.pipeline.DropCounter`: 'bad_image', 'no_label'); without `drops` it raises
+    ValueError naming the record."""
+    image_size = int(image_size)
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    builder = get_builder(name, data_dir)
+    image_feature = _feature(
+        builder, image_key, (tfds.features.Image, tfds.features.Tensor), "Image or Tensor"
+    )
+    _feature(builder, label_key, (tfds.features.ClassLabel, tfds.features.Tensor), "label")
+    encoded = isinstance(image_feature, tfds.features.Image)
+    raw = RawRecords(builder, split)
+    n = raw.size if not max_examples else min(int(max_examples), raw.size)
+    threads = num_threads or min(8, os.cpu_count() or 1)
+    where = f"dataset {name} split {split!r}"
+
+    skipped: list[tuple[int, str]] = []  # this batch's
+
+    def bad(reason: str, index: int, message: str) -> None:
+        if drops is None:
+            raise ValueError(f"{where}: record {index} {message}")
+        skipped.append((index, reason))
+
+    def decode(index_and_bytes) -> np.ndarray | None:
+        index, data = index_and_bytes
+        if not data:
+            bad("bad_image", index, "has no image")
+            return None
+        try:
+            return decode_image(data, image_size, Image.BILINEAR)
+        except Exception as e:  # PIL raises many types for corrupt files.
+            bad("bad_image", index, f"has an undecodable image ({e})")
+            return None
+
+    pool = concurrent.futures.ThreadPoolExecutor(threads) if encoded and threads > 1 else None
+    try:
+        start = 0
+        for chunk in raw.chunks(n, max(1, int(batch_size))):
+            indices = range(start, start + len(chunk))
+            if encoded:
+                fields = records.parse(chunk, (label_key,), (image_key,))
+                items = list(zip(indices, fields[image_key]))
+                images = list(pool.map(decode, items) if pool else map(decode, items))
+                labels = fields[label_key]
+            else:
+                images, labels = [], []
+                for index, record in zip(indices, chunk):
+                    example = builder.info.features.deserialize_example_np(record)
+                    try:
+                        images.append(array_image(example[image_key], image_size))
+                    except ValueError as e:
+                        bad("bad_image", index, f"has an unusable image tensor ({e})")
+                        images.append(None)
+                    labels.append(example.get(label_key))
+            keep = []
+            for index, image, label in zip(indices, images, labels):
+                if image is None:
+                    continue
+                if label is None:
+                    bad("no_label", index, "has no label")
+                    continue
+                keep.append((index, image, int(label)))
+            start += len(chunk)
+            batch = {
+                "image": np.stack([k[1] for k in keep])
+                if keep
+                else np.zeros((0, image_size, image_size, 3), np.uint8),
+                "label": np.asarray([k[2] for k in keep], np.int32),
+                "index": np.asarray([k[0] for k in keep], np.int32),
+            }
+            if drops is not None:
+                batch["_skipped"] = collections.Counter(reason for _, reason in skipped)
+                batch["_skipped_examples"] = list(skipped)
+                batch = drops(batch)
+            skipped.clear()
+            if keep:
+                yield batch
+    finally:
+        if pool:
+            pool.shutdown()
+    if start != n:
+        raise ValueError(f"{where}: read {start} records, expected {n}")
+
+
+def split_size(name: str, data_dir: str, split: str) -> int:
+    """The number of records of `split` ("test", "train[:10%]", ...)."""
+    return RawRecords(get_builder(name, data_dir), split).size
+
+
 def load_classification_split(
     name: str,
     data_dir: str,
@@ -215,59 +323,40 @@ def load_classification_split(
     image_key: str = "image",
     label_key: str = "label",
     num_threads: int | None = None,
+    drops=None,
 ) -> dict[str, np.ndarray]:
     """{'image': uint8 [N, S, S, 3], 'label': int32 [N]} for a split (its first `max_examples`
-    records when that is > 0). Encoded images are decoded on `num_threads` threads (default:
-    up to 8, one per CPU). An image that cannot be decoded raises ValueError naming its record.
-    """
-    image_size = int(image_size)
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    builder = get_builder(name, data_dir)
-    image_feature = _feature(
-        builder, image_key, (tfds.features.Image, tfds.features.Tensor), "Image or Tensor"
+    records when that is > 0): `classification_batches` gathered in memory, for the small sets
+    (probe training examples) that are needed whole. Bad records as there."""
+    batches = list(
+        classification_batches(
+            name,
+            data_dir,
+            split,
+            image_size,
+            max_examples=max_examples,
+            image_key=image_key,
+            label_key=label_key,
+            num_threads=num_threads,
+            drops=drops,
+        )
     )
-    _feature(builder, label_key, (tfds.features.ClassLabel, tfds.features.Tensor), "label")
-    encoded = isinstance(image_feature, tfds.features.Image)
-    raw = _RawRecords(builder, split)
+    if not batches:
+        return {
+            "image": np.zeros((0, int(image_size), int(image_size), 3), np.uint8),
+            "label": np.zeros((0,), np.int32),
+        }
+    return {key: np.concatenate([b[key] for b in batches]) for key in ("image", "label")}
+
+
+def split_labels(
+    name: str, data_dir: str, split: str, *, max_examples: int | None = None, label_key: str = "label"
+) -> np.ndarray:
+    """int32 labels of a split's first `max_examples` records (all when 0/None), read without
+    decoding any image; records without a label are left out."""
+    raw = RawRecords(get_builder(name, data_dir), split)
     n = raw.size if not max_examples else min(int(max_examples), raw.size)
-    images = np.empty((n, image_size, image_size, 3), np.uint8)
-    labels = np.empty((n,), np.int32)
-    threads = num_threads or min(8, os.cpu_count() or 1)
-    pool = concurrent.futures.ThreadPoolExecutor(threads) if encoded and threads > 1 else None
-    where = f"dataset {name} split {split!r}"
-
-    def decode(index_and_bytes) -> np.ndarray:
-        index, data = index_and_bytes
-        if not data:
-            raise ValueError(f"{where}: record {index} has no image")
-        try:
-            return decode_image(data, image_size, Image.BILINEAR)
-        except Exception as e:  # PIL raises many types for corrupt files.
-            raise ValueError(f"{where}: record {index} has an undecodable image ({e})") from e
-
-    try:
-        start = 0
-        for chunk in raw.chunks(n):
-            stop = start + len(chunk)
-            if encoded:
-                fields = records.parse(chunk, (label_key,), (image_key,))
-                if any(v is None for v in fields[label_key]):
-                    raise ValueError(f"{where}: a record in [{start}, {stop}) has no label")
-                labels[start:stop] = fields[label_key]
-                items = list(enumerate(fields[image_key], start))
-                decoded = pool.map(decode, items) if pool else map(decode, items)
-                for i, image in enumerate(decoded, start):
-                    images[i] = image
-            else:
-                for i, record in enumerate(chunk, start):
-                    example = builder.info.features.deserialize_example_np(record)
-                    images[i] = array_image(example[image_key], image_size)
-                    labels[i] = int(example[label_key])
-            start = stop
-    finally:
-        if pool:
-            pool.shutdown()
-    if start != n:
-        raise ValueError(f"{where}: read {start} records, expected {n}")
-    return {"image": images, "label": labels}
+    labels = []
+    for chunk in raw.chunks(n):  # a ClassLabel is an int64 in the record, whatever the image
+        labels += [v for v in records.parse(chunk, (label_key,), ())[label_key] if v is not None]
+    return np.asarray(labels, np.int32)

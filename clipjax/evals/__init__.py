@@ -12,7 +12,9 @@ from clipjax.evals import zero_shot as _zero_shot  # noqa: E402,F401
 from clipjax.evals import retrieval as _retrieval  # noqa: E402,F401
 from clipjax.evals import linear_probe as _linear_probe  # noqa: E402,F401
 from clipjax.evals import knn as _knn  # noqa: E402,F401
+from clipjax.evals import logistic_probe as _logistic_probe  # noqa: E402,F401
 from clipjax.evals import classification as _classification  # noqa: E402,F401
+from clipjax.evals import caption_retrieval as _caption_retrieval  # noqa: E402,F401
 from clipjax.evals import spectrum as _spectrum  # noqa: E402,F401
 
 __all__ = ["EVALUATORS", "EvalData", "Encoders", "Evaluator", "register_evaluator"]

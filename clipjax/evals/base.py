@@ -10,6 +10,7 @@ into report.json (big_vision's evaluator interface). Several sections may share 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 from typing import Any, ClassVar, NamedTuple
 
@@ -57,25 +58,37 @@ class EvalData:
             "heldout", lambda: (encoders.image(arrays["image"]), encoders.tokens(arrays["text"]))
         )
 
-    def frozen_features(self, encoders: Encoders, train_examples: int) -> FrozenFeatures | None:
+    def frozen_features(self, encoders: Encoders, train_examples: int) -> FrozenFeatures:
         """Features for probes on the frozen image encoder, the held-out examples as the test
-        set; None when the data has no labels."""
+        set. Raises SkipEvaluation when the held-out examples have no labels."""
         test_labels = self.heldout["label"]
-        if not len(test_labels) or np.any(test_labels < 0):
-            return None
+        if not len(test_labels):
+            raise SkipEvaluation("there are no held-out examples")
+        if np.any(test_labels < 0):
+            raise SkipEvaluation(
+                f"the held-out examples of data.name={self.source.config.name!r} have no class labels"
+            )
         train = self.train_examples(train_examples)
         train_emb = encoders.memo(("train", train_examples), lambda: encoders.image(train["image"]))
         return FrozenFeatures(train_emb, train["label"], self.heldout_embeddings(encoders)[0], test_labels)
 
 
+class SkipEvaluation(Exception):
+    """Raised by `Evaluator.run` when it cannot evaluate this model or data; the message says
+    why in one line, and the runner names the evaluator and the reason in the log and the report."""
+
+
 class Evaluator(abc.ABC):
-    """Subclasses set `kind`, declare their settings in `FIELDS`, and implement `run`."""
+    """Subclasses set `kind`, declare their settings in `FIELDS`, and implement `run`.
+
+    `log(line)` prints progress (the runner's log; silent by default)."""
 
     kind: ClassVar[str] = ""
     FIELDS: ClassVar[dict[str, Field]] = {}
 
-    def __init__(self, name: str, settings: dict[str, Any], data: EvalData, config: Any):
+    def __init__(self, name: str, settings: dict[str, Any], data: EvalData, config: Any, log=None):
         self.name, self.settings, self.data, self.config = name, settings, data, config
+        self.log = log or (lambda line: None)
 
     @classmethod
     def check(cls, settings: dict[str, Any], config: Any, path: str) -> None:
@@ -97,14 +110,17 @@ def register_evaluator(cls: type[Evaluator]) -> type[Evaluator]:
     return cls
 
 
-def instance_section(kind: str, *, enabled: bool = True) -> Section:
-    """The declaration of one `config.evals.<name>` section of this kind."""
+def instance_section(kind: str, *, enabled: bool = True, defaults: dict[str, Any] | None = None) -> Section:
+    """The declaration of one `config.evals.<name>` section of this kind; `defaults` replaces
+    some of the kind's default settings (a benchmark section's dataset and split, say)."""
     cls = EVALUATORS[kind]
     fields = {
         "kind": Field(kind, "the evaluator class", choices=tuple(EVALUATORS)),
         "enabled": Field(enabled, "run it"),
         **cls.FIELDS,
     }
+    for key, value in (defaults or {}).items():
+        fields[key] = dataclasses.replace(fields[key], default=value)
     return Section(fields, doc=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
 
 

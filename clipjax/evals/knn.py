@@ -122,7 +122,5 @@ class KnnEvaluator(Evaluator):
 
     def run(self, encoders):
         f = self.data.frozen_features(encoders, self.settings["train_examples"])
-        if f is None:
-            return {}
         k, temperature = self.settings["k"], self.settings["temperature"]
         return {"knn": knn_accuracy(*f, k=k, temperature=temperature, num_classes=f.num_classes)}

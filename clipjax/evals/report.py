@@ -8,7 +8,12 @@ report.json format (stable; scripts read it):
   retrieval.strict.image_to_text.*, retrieval.strict.text_to_image.*   (own pair only)
   linear_probe.top1|regularizer|val_top1, knn.top1@k1|top1@k10|top1@k20   (frozen image features, dataset labels)
   embedding.*   (spectrum metrics of the evaluation embeddings)
-  classification.<dataset>.zero_shot.top1|top5, .linear_probe.*, .knn.*   (classification evaluators)
+  classification.<dataset>.dataset|split|num_examples, .zero_shot.top1|top5|num_classes,
+      .linear_probe.*, .logistic_probe.*, .few_shot.*, .knn.*, .skipped.<reason>   (classification evaluators)
+  caption_retrieval.<dataset>.split|num_images|num_captions, .image_to_text.R@1|R@5|R@10|median_rank|mean_rank,
+      .text_to_image.*, .skipped.<reason>   (caption_retrieval evaluators: COCO, Flickr30k, own data)
+  logistic_probe.top1|regularizer|validation_top1, few_shot.<k>shot   (probes on the held-out data)
+  skipped.<evaluator section>: why it did not run (no labels, no class names, ...)
   timing.setup_s|train_s|eval_s   (end of training only)
 Each entry comes from the evaluator of the same name (clipjax.evals); `flatten_report` turns the
 numbers into 'eval/...' scalars for metrics.jsonl.
@@ -40,16 +45,18 @@ def summary_lines(report: dict) -> list[str]:
                 f"  {name:<24} " + "  ".join(f"{k} {v:.2%}" for k, v in report[name].items() if "top1" in k)
             )
     for dataset, result in report.get("classification", {}).items():
-        parts = [f"zero-shot top-1 {result['zero_shot']['top1']:.2%}"]
-        parts += [
+        parts = [
             f"{n} {v:.2%}"
             for n, v in (
+                ("zero-shot top-1", result.get("zero_shot", {}).get("top1")),
+                ("top-5", result.get("zero_shot", {}).get("top5")),
                 ("probe", result.get("linear_probe", {}).get("top1")),
+                ("logistic", result.get("logistic_probe", {}).get("top1")),
                 ("kNN@20", result.get("knn", {}).get("top1@k20")),
             )
             if v is not None
         ]
-        lines.append(f"  {dataset:<24} " + "  ".join(parts))
+        lines.append(f"  {dataset:<24} " + "  ".join(parts) + f"  ({result.get('num_examples')} images)")
     retrieval = report.get("retrieval")
     if retrieval:
         for direction in ("image_to_text", "text_to_image"):
@@ -58,7 +65,58 @@ def summary_lines(report: dict) -> list[str]:
                 f"  {direction:<14} R@1 {r['R@1']:.3f}  R@5 {r['R@5']:.3f}  R@10 {r['R@10']:.3f}"
                 f"   (strict R@1 {s['R@1']:.3f})"
             )
+    for dataset, r in report.get("caption_retrieval", {}).items():
+        i2t, t2i = r["image_to_text"], r["text_to_image"]
+        lines.append(
+            f"  {dataset:<24} image->text R@1 {i2t['R@1']:.3f} R@5 {i2t['R@5']:.3f}  "
+            f"text->image R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f}  "
+            f"({r['num_images']} images, {r['num_captions']} captions)"
+        )
+    for name, reason in report.get("skipped", {}).items():
+        lines.append(f"  skipped {name}: {reason}")
     return lines
+
+
+def _caption_retrieval_table(report: dict) -> list[str]:
+    results = report.get("caption_retrieval", {})
+    if not results:
+        return []
+    lines = [
+        "## Retrieval benchmarks (several captions per image)",
+        "",
+        "| dataset | split | images | captions | image->text R@1 | R@5 | R@10 | text->image R@1 | R@5 | R@10 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for dataset, r in results.items():
+        i2t, t2i = r["image_to_text"], r["text_to_image"]
+        lines.append(
+            f"| {dataset} | {r.get('split', '')} | {r['num_images']} | {r['num_captions']} "
+            + "".join(f"| {i2t[k]:.3f} " for k in ("R@1", "R@5", "R@10"))
+            + "".join(f"| {t2i[k]:.3f} " for k in ("R@1", "R@5", "R@10"))
+            + "|"
+        )
+    return lines + [""]
+
+
+def _classification_table(report: dict) -> list[str]:
+    results = report.get("classification", {})
+    if not results:
+        return []
+    lines = [
+        "## Classification benchmarks",
+        "",
+        "| dataset | split | images | zero-shot top-1 | top-5 | linear probe | logistic probe | kNN@20 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
+    for dataset, r in results.items():
+        lines.append(
+            f"| {dataset} | {r.get('split', '')} | {r.get('num_examples')} "
+            f"| {pct(r.get('zero_shot', {}).get('top1'))} | {pct(r.get('zero_shot', {}).get('top5'))} "
+            f"| {pct(r.get('linear_probe', {}).get('top1'))} | {pct(r.get('logistic_probe', {}).get('top1'))} "
+            f"| {pct(r.get('knn', {}).get('top1@k20'))} |"
+        )
+    return lines + [""]
 
 
 def write_markdown(report: dict, out: str, workdir: str) -> str:
@@ -95,6 +153,8 @@ def write_markdown(report: dict, out: str, workdir: str) -> str:
                 f"| {label} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['R@10']:.3f} | {r['median_rank']:.0f} |"
             )
         lines.append("")
+    lines += _classification_table(report)
+    lines += _caption_retrieval_table(report)
     embedding = report.get("embedding")
     if embedding:
         lines += ["## Embedding space (held-out probe set)", "", "| metric | value |", "| --- | --- |"]
@@ -111,6 +171,12 @@ def write_markdown(report: dict, out: str, workdir: str) -> str:
                 f"![training spectrum]({paths.relative(spectrum, out)})",
                 "",
             ]
+    skipped = report.get("skipped", {})
+    if skipped:
+        lines += ["## Not evaluated", ""] + [
+            f"- `evals.{name}`: {reason}" for name, reason in skipped.items()
+        ]
+        lines.append("")
     path = paths.join(out, "report.md")
     paths.write_atomic(path, "\n".join(lines))
     return path

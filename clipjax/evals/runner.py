@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clipjax.evals.base import EVALUATORS, EvalData, instance_section, read_instance
+from clipjax.evals.base import EVALUATORS, EvalData, SkipEvaluation, instance_section, read_instance
 from clipjax.evals.encoders import Encoders
 from clipjax.schema import Field, Section
 
@@ -28,9 +28,18 @@ DEFAULT_EVALUATORS = {
 
 
 def evals_section() -> Section:
+    from clipjax.evals import caption_retrieval, classification
+
     fields: dict[str, Any] = dict(COMMON_FIELDS)
     for name, enabled in DEFAULT_EVALUATORS.items():
         fields[name] = instance_section(name, enabled=enabled)
+    # The published benchmarks, off until enabled (`evals.cifar10.enabled=True`, `evals.coco...`).
+    for kind, sections in (
+        ("classification", classification.benchmark_sections()),
+        ("caption_retrieval", caption_retrieval.benchmark_sections()),
+    ):
+        for name, defaults in sections.items():
+            fields[name] = instance_section(kind, enabled=False, defaults=defaults)
     return Section(
         fields,
         doc="evaluation; each named section is an evaluator (`kind`, `enabled`, its settings)",
@@ -59,13 +68,18 @@ def _merge(into: dict, other: dict) -> None:
 
 
 class EvalRunner:
-    """Builds the enabled evaluators once; `run(...)` evaluates one set of parameters."""
+    """Builds the enabled evaluators once; `run(...)` evaluates one set of parameters.
 
-    def __init__(self, config: Any, source, tokenizer):
+    An evaluator that cannot evaluate (no labels, no class names: `SkipEvaluation`) is named
+    with its reason in the log and under `skipped` in the report, never dropped in silence."""
+
+    def __init__(self, config: Any, source, tokenizer, *, log=None):
         self.config, self.tokenizer = config, tokenizer
+        self.log = log or (lambda line: None)
+        self._skips_logged: set[str] = set()
         self.data = EvalData(source, tokenizer, max_examples=config.evals.max_examples)
         self.evaluators = [
-            EVALUATORS[settings["kind"]](name, settings, self.data, config)
+            EVALUATORS[settings["kind"]](name, settings, self.data, config, log=self.log)
             for name, settings in enabled_evaluators(config.evals).items()
         ]
 
@@ -73,5 +87,11 @@ class EvalRunner:
         encoders = Encoders(graphdef, params, mesh, self.tokenizer, batch_size=self.config.evals.batch_size)
         report: dict = {"step": int(step)}
         for evaluator in self.evaluators:
-            _merge(report, evaluator.run(encoders))
+            try:
+                _merge(report, evaluator.run(encoders))
+            except SkipEvaluation as skip:
+                if evaluator.name not in self._skips_logged:  # periodic evaluations: once
+                    self._skips_logged.add(evaluator.name)
+                    self.log(f"evals.{evaluator.name} skipped: {skip}")
+                report.setdefault("skipped", {})[evaluator.name] = str(skip)
         return report

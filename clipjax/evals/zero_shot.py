@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from clipjax.evals.base import Evaluator, register_evaluator
+from clipjax.evals.base import Evaluator, SkipEvaluation, register_evaluator
 from clipjax.evals.embed import l2_normalize
 
 
@@ -49,7 +49,7 @@ class ZeroShotEvaluator(Evaluator):
     def run(self, encoders):
         tasks = self.data.source.zero_shot_tasks()
         if not tasks:
-            return {}
+            raise SkipEvaluation(f"data.name={self.data.source.config.name!r} names no classes to classify")
         arrays = self.data.heldout
         image_emb, _ = self.data.heldout_embeddings(encoders)
         result = {}

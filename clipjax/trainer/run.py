@@ -166,7 +166,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     # Told whether the run is ending in an error, so that W&B does not show a crash as finished.
     cleanup.push(lambda exc_type, *_: writer.close(failed=exc_type is not None))
     progress = Progress(total, enabled=lead)
-    evaluation = EvalRunner(config, source, tokenizer)
+    evaluation = EvalRunner(config, source, tokenizer, log=log)
     t_prepared = time.perf_counter()
     step_flops = flops.train_flops_per_step(config)
     log(
