@@ -196,7 +196,8 @@ def test_a_killed_conversion_finishes_the_rest_with_the_same_output(tmp_path):
     command += ["--shard_size", "1", "--workers", "1", "--test_fraction", "0.1", "--quiet"]
     run = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL)
     config_dir = os.path.dirname(straight.version_dir).replace(str(tmp_path / "straight"), str(data_dir))
-    work_dir = os.path.join(config_dir, "incomplete.convert_1.0.0")
+    version = os.path.basename(straight.version_dir)
+    work_dir = os.path.join(config_dir, f"incomplete.convert_{version}")
     markers = lambda: [n for n in os.listdir(work_dir) if n.endswith(".json") and n.startswith("unit-")]
     try:
         _wait_for(lambda: os.path.isdir(work_dir) and len(markers()) >= 5, 120, "five converted units")
@@ -206,7 +207,7 @@ def test_a_killed_conversion_finishes_the_rest_with_the_same_output(tmp_path):
     done = sorted(int(n[5:11]) for n in markers())
     units = len(list(folder.glob("*.png")))  # one pair each, bad ones included
     assert 5 <= len(done) < units - 10, "the run was to be killed part-way"
-    assert not os.path.exists(os.path.join(config_dir, "1.0.0"))
+    assert not os.path.exists(os.path.join(config_dir, version))
     # A restart with other settings would not mix two plans: it starts afresh (on a copy here).
     shutil.copytree(data_dir, tmp_path / "copy")
     other = convert.convert(str(folder), str(tmp_path / "copy"), shard_size=2, workers=1, test_fraction=0.1)
@@ -217,7 +218,7 @@ def test_a_killed_conversion_finishes_the_rest_with_the_same_output(tmp_path):
     assert sorted(resumed.converted + resumed.done_before) == list(range(units))
     assert resumed.skipped == straight.skipped == {"bad_image": 2, "bad_caption": 2}
     assert _records(resumed.version_dir) == _records(straight.version_dir)
-    assert sorted(os.listdir(config_dir)) == ["1.0.0"]  # no work folder or temporary file left
+    assert sorted(os.listdir(config_dir)) == [version]  # no work folder or temporary file left
 
 
 def test_command_line_prints_how_to_train_on_the_output(tmp_path):

@@ -569,7 +569,7 @@ def test_each_process_resumes_at_its_own_position_when_drops_differ(tmp_path):
     assert resumed_somewhere_uneven  # the case the per-process positions exist for
 
 
-def test_load_split_arrays_and_texts(shapes_dir, sp_tokenizer):
+def test_load_split_arrays_and_texts(shapes_dir, sp_tokenizer, tmp_path):
     source = _source(shapes_dir)
     arrays = source.eval_arrays(sp_tokenizer, split="test")
     expected = shapes.generate_split(NUM_TEST, shapes_tfds._test_seed(SEED))
@@ -594,7 +594,9 @@ def test_load_split_arrays_and_texts(shapes_dir, sp_tokenizer):
 
     assert source.caption_texts() == shapes.generate_captions(NUM_TRAIN, SEED)
     assert source.zero_shot_tasks() == shapes.zero_shot_tasks()
-    folder = make_source(data_config(name="image_text_folder", source="x.csv"))
+    unlabelled = tmp_path / "pairs.csv"
+    unlabelled.write_text("image,caption\nx.png,a photo\n")
+    folder = make_source(data_config(name="image_text_folder", source=str(unlabelled)))
     assert folder.zero_shot_tasks() == {}
 
 

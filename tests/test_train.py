@@ -186,13 +186,17 @@ def test_microbatched_training_matches_default(data_dir, tmp_path):
 
 
 def test_periodic_evaluation_during_training(data_dir, tmp_path):
-    config = tiny_demo(data_dir, **{"evals.every": 2})
+    # Every 2 steps, except kNN, on its own cadence of 3.
+    config = tiny_demo(data_dir, **{"evals.every": 2, "evals.knn.every": 3})
     report = train_lib.train(config, str(tmp_path))
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     interim = [r for r in records if "eval/zero_shot/shape/top1" in r]
     assert [r["step"] for r in interim] == [2]  # step 4 is the end-of-run report
     assert 0.0 <= interim[0]["eval/retrieval/image_to_text/R@1"] <= 1.0
-    assert report["step"] == 4
+    assert not any(k.startswith("eval/knn/") for k in interim[0])
+    knn = [r for r in records if "eval/knn/top1@k1" in r]
+    assert [r["step"] for r in knn] == [3] and not any(k.startswith("eval/zero_shot/") for k in knn[0])
+    assert report["step"] == 4 and "knn" in report and "zero_shot" in report
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -27,7 +27,7 @@ tar shard), converted by worker processes, each unit into its own ArrayRecord fi
 a temporary name and renamed when complete, then a small JSON marker saying so. A run killed at
 any point and started again with the same arguments converts only the units without a marker.
 When all are done, the files are renamed to tfds' shard names, dataset_info.json is written, and
-the folder is renamed into place (`<config>/1.0.0`): a dataset is there complete or not at all.
+the folder is renamed into place (`<config>/1.1.0`): a dataset is there complete or not at all.
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ from clipjax.data import folder_tfds, locking, pipeline, streaming, tfds_util
 from clipjax.data.images import decode_image
 
 _PLAN = "plan.json"
-_FORMAT = 1  # of the plan and markers; a partial conversion of another format starts afresh
+_FORMAT = 2  # of the plan and markers; a partial conversion of another format starts afresh
 _EXAMPLES = 10  # skipped records named in the summary
 
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One worker's job: `pairs` (index, image path, caption or None) of one split of a CSV or
+    """One worker's job: `pairs` (index, image path, caption or None, label) of one split of a CSV or
     folder, or one tar `shard` (whose samples go to both splits)."""
 
     number: int
@@ -85,8 +85,8 @@ class Unit:
 def _examples(unit: Unit, test_fraction: float) -> Iterator[tuple[str, str, dict | None, str]]:
     """(split, name, record or None, why not) of every pair of `unit`."""
     if not unit.shard:
-        for index, image_path, caption in unit.pairs:
-            record = folder_tfds.make_example(index, *folder_tfds.read_pair(image_path, caption))
+        for index, image_path, caption, label in unit.pairs:
+            record = folder_tfds.make_example(index, *folder_tfds.read_pair(image_path, caption), label)
             yield unit.split, image_path or f"#{index}", record, ""
         return
     for sample in streaming.read_in_order([unit.shard]):
@@ -233,13 +233,14 @@ def plan(source: str, *, test_fraction: float, shard_size: int, webdataset: bool
             raise FileNotFoundError(f"webdataset {source!r} names no tar shards")
         config = _webdataset_config(shards, source, test_fraction)
         return config, [Unit(number=k, shard=shard) for k, shard in enumerate(shards)], None
-    config = folder_tfds.make_config(source, test_fraction)
-    pairs = folder_tfds.source_pairs(source)
+    names = folder_tfds.label_names(source)
+    config = folder_tfds.make_config(source, test_fraction, names)
+    pairs = folder_tfds.source_pairs(source, names)
     if not pairs:
         raise ValueError(f"{source!r} holds no image-caption pairs")
     units = []
     for split, items in folder_tfds.split_pairs(pairs, test_fraction).items():
-        numbered = [(i, image, caption) for i, (_, image, caption) in enumerate(items)]
+        numbered = [(i, image, caption, label) for i, (_, image, caption, label) in enumerate(items)]
         for start in range(0, len(numbered), shard_size):
             units.append(
                 Unit(number=len(units), split=split, pairs=tuple(numbered[start : start + shard_size]))

@@ -27,6 +27,7 @@ import io
 import os
 import posixpath
 import re
+from typing import Sequence
 import zlib
 
 from absl import logging
@@ -44,6 +45,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 class FolderConfig(tfds.core.BuilderConfig):
     source: str = ""
     test_fraction: float = 0.0
+    label_names: tuple[str, ...] = ()  # class names in label order, when the labels are names
 
 
 def _check_source(source: str) -> str:
@@ -102,12 +104,15 @@ def _fingerprint(path: str) -> str:
         # The bytes rather than size and mtime: the CSV is read here anyway. Images are only
         # stat'ed, so a fixed or replaced image (same CSV) still makes a new directory.
         h.update(paths.read_bytes(path))
-        for key, image, _ in _csv_pairs(path)[0]:
+        for key, image, _, _ in _csv_pairs(path)[0]:
             h.update(_stat_line(key, image))
     return h.hexdigest()[:12]
 
 
-def make_config(source: str, test_fraction: float = 0.0) -> FolderConfig:
+def make_config(source: str, test_fraction: float = 0.0, label_names: Sequence[str] = ()) -> FolderConfig:
+    """The config of `source`'s dataset, named after the source, a fingerprint of its files and,
+    when the labels are names, of the name list that numbers them (an evaluation CSV numbered
+    with the training CSV's names is another dataset than the same CSV numbered alone)."""
     path = _check_source(source)
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
@@ -115,8 +120,15 @@ def make_config(source: str, test_fraction: float = 0.0) -> FolderConfig:
     name = f"{slug}_{_fingerprint(path)}"
     if test_fraction:
         name += f"_test{round(test_fraction * 1e4)}"
+    label_names = tuple(label_names)
+    if label_names:
+        name += "_labels" + hashlib.sha1(_utf8("\n".join(label_names))).hexdigest()[:8]
     return FolderConfig(
-        name=name, source=path, test_fraction=test_fraction, description=f"image-text pairs from {path}"
+        name=name,
+        source=path,
+        test_fraction=test_fraction,
+        label_names=label_names,
+        description=f"image-text pairs from {path}",
     )
 
 
@@ -132,7 +144,10 @@ def _read_bytes(path: str | None) -> bytes:
         return b""
 
 
-Pair = tuple[str, str | None, bytes | None]
+# (key, image path, caption bytes or None for a .txt beside the image, label text or None)
+RawPair = tuple[str, str | None, bytes | None, str | None]
+# The same with the label as a number: -1 for none.
+Pair = tuple[str, str | None, bytes | None, int]
 
 
 def _csv_rows(source: str):
@@ -155,8 +170,9 @@ def _csv_rows(source: str):
             yield line, cells
 
 
-def _csv_pairs(source: str) -> tuple[list[Pair], list[int]]:
-    """The pairs of a CSV, and the line numbers of the rows whose caption is not UTF-8."""
+def _csv_pairs(source: str) -> tuple[list[RawPair], list[int]]:
+    """The pairs of a CSV (with the optional `label` column's text), and the line numbers of the
+    rows whose caption is not UTF-8."""
     rows = _csv_rows(source)
     header = [cell.strip() for cell in next(rows, (0, []))[1]]
     missing = {"image", "caption"} - set(header)
@@ -165,11 +181,11 @@ def _csv_pairs(source: str) -> tuple[list[Pair], list[int]]:
             f"CSV {source!r} lacks column(s) {sorted(missing)}; "
             "it needs a header with columns image,caption (UTF-8 text)"
         )
-    column = {name: header.index(name) for name in ("image", "caption")}
+    column = {name: header.index(name) for name in ("image", "caption", "label") if name in header}
     base = os.path.dirname(source)
     pairs, bad_lines = [], []
     for line, cells in rows:
-        cell = lambda name: cells[column[name]] if column[name] < len(cells) else ""  # short rows
+        cell = lambda name: cells[column[name]] if column.get(name, len(cells)) < len(cells) else ""
         rel, caption = cell("image").strip(), cell("caption")
         # No path is a missing image, not the CSV's folder (whose mtime would enter the fingerprint).
         # A path in a bucket CSV is a key below the CSV's folder; a URL is taken as it is.
@@ -186,20 +202,58 @@ def _csv_pairs(source: str) -> tuple[list[Pair], list[int]]:
             caption.encode("utf-8")
         except UnicodeEncodeError:
             bad_lines.append(line)
-        pairs.append((rel, image, _utf8(caption)))
+        pairs.append((rel, image, _utf8(caption), cell("label").strip() or None))
     return pairs, bad_lines
 
 
-def source_pairs(source: str) -> list[Pair]:
-    """(key, image path, caption bytes or None when it comes from a .txt file) of a CSV or folder."""
-    return _pairs(_check_source(source))
+def _is_number(text: str) -> bool:
+    return text.lstrip("-").isdigit()
 
 
-def _pairs(source: str) -> list[Pair]:
+def label_names(*sources: str) -> tuple[str, ...]:
+    """The class names that number the labels of `sources` (a training CSV and its evaluation
+    CSV, say), sorted: () when they have no labels or their labels are numbers already.
+
+    Labels come from a CSV's optional `label` column (numbers, or names), or, for a folder whose
+    images all sit in class subfolders (at least two; the ImageFolder layout), from the name of
+    each image's subfolder."""
+    texts = {label for source in sources for *_, label in _pairs(_check_source(source), warn=False) if label}
+    if not texts or all(_is_number(t) for t in texts):
+        return ()
+    return tuple(sorted(texts))
+
+
+def source_pairs(source: str, names: Sequence[str] = ()) -> list[Pair]:
+    """(key, image path, caption bytes or None when it comes from a .txt file, label) of a CSV or
+    folder: the label is the index of its text in `names` (`label_names`), the number written in
+    a `label` column when the labels are numbers, and -1 when there is none."""
+    index = {name: i for i, name in enumerate(names)}
+    out = []
+    for key, image, caption, text in _pairs(_check_source(source)):
+        if text is None:
+            label = -1
+        elif text in index:
+            label = index[text]
+        elif _is_number(text):
+            label = int(text)
+        else:
+            raise ValueError(f"{source!r}: label {text!r} of {key!r} is not one of the class names")
+        out.append((key, image, caption, label))
+    return out
+
+
+def _pairs(source: str, warn: bool = True) -> list[RawPair]:
     if paths.isdir(source):
-        return [(paths.relative(image, source), image, None) for image in _list_folder(source)]
+        keys = [(paths.relative(image, source), image) for image in _list_folder(source)]
+        classes = [
+            key.replace(os.sep, "/").split("/")[0] if "/" in key.replace(os.sep, "/") else None
+            for key, _ in keys
+        ]
+        if None in classes or len(set(classes)) < 2:
+            classes = [None] * len(keys)  # not the class-subfolder layout: no labels
+        return [(key, image, None, label) for (key, image), label in zip(keys, classes)]
     pairs, bad_lines = _csv_pairs(source)
-    if bad_lines:
+    if bad_lines and warn:
         shown = ", ".join(map(str, bad_lines[:20])) + (", ..." if len(bad_lines) > 20 else "")
         logging.warning(
             "image_text_folder: CSV %s: %d row(s) are not valid UTF-8 (line(s) %s); their records are "
@@ -232,7 +286,7 @@ def is_test(key: str, test_fraction: float) -> bool:
 
 def split_pairs(pairs: list[Pair], test_fraction: float) -> dict[str, list[Pair]]:
     """{'train': pairs, 'test': pairs (only with test_fraction > 0)}, each in the source's order."""
-    held_out = [is_test(key, test_fraction) for key, _, _ in pairs]
+    held_out = [is_test(pair[0], test_fraction) for pair in pairs]
     splits = {"train": [p for p, t in zip(pairs, held_out) if not t]}
     if test_fraction:
         splits["test"] = [p for p, t in zip(pairs, held_out) if t]
@@ -248,21 +302,24 @@ def read_pair(image_path: str | None, caption: bytes | None) -> tuple[bytes, byt
     return image, caption
 
 
-def make_example(index: int, image: bytes, caption: bytes) -> dict:
+def make_example(index: int, image: bytes, caption: bytes, label: int = -1) -> dict:
     """The record of one pair (`features()`): image bytes as found, the caption stripped."""
     caption = caption.strip()
     try:
         text_id = shapes.caption_text_id(caption.decode("utf-8"))
     except UnicodeDecodeError:
         text_id = -1
-    return {"image": image, "caption": caption, "text_id": text_id, "index": index, "label": -1}
+    return {"image": image, "caption": caption, "text_id": text_id, "index": index, "label": int(label)}
 
 
 class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
     """Image-text pairs from a CSV file or a folder; see module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Labels from a CSV `label` column or class subfolders (-1 without).",
+    }
 
     def __init__(self, *, file_format: str | None = "array_record", **kwargs):
         super().__init__(file_format=file_format, **kwargs)
@@ -282,7 +339,7 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         if not isinstance(config, FolderConfig) or not config.source:
             raise ValueError("image_text_folder needs config=folder_tfds.make_config(source)")
-        pairs = source_pairs(config.source)
+        pairs = source_pairs(config.source, config.label_names)
         if not pairs:
             raise ValueError(f"data.source {config.source!r} holds no image-caption pairs")
         splits = split_pairs(pairs, config.test_fraction)
@@ -290,8 +347,8 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, pairs):
         missing = 0
-        for i, (_, image_path, caption) in enumerate(pairs):
-            example = make_example(i, *read_pair(image_path, caption))
+        for i, (_, image_path, caption, label) in enumerate(pairs):
+            example = make_example(i, *read_pair(image_path, caption), label)
             missing += not example["image"]
             yield i, example
         if missing:
@@ -302,14 +359,12 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
             )
 
 
-def folder_builder(data_dir: str, source: str, test_fraction: float = 0.0) -> ImageTextFolder:
-    return ImageTextFolder(data_dir=data_dir, config=make_config(source, test_fraction))
-
-
-def prepare_folder(data_dir: str, source: str, test_fraction: float = 0.0) -> ImageTextFolder:
+def prepare_folder(
+    data_dir: str, source: str, test_fraction: float = 0.0, label_names: Sequence[str] = ()
+) -> ImageTextFolder:
     """Returns the `image_text_folder` builder for `source`, prepared if needed; `data_dir` may be
     a bucket URL (`tfds_util.prepare_in_bucket`), as for the shapes builder."""
-    config = make_config(source, test_fraction)
+    config = make_config(source, test_fraction, label_names)
     if paths.is_remote(data_dir):
         return tfds_util.prepare_in_bucket(
             lambda local: ImageTextFolder(data_dir=local, config=config), data_dir

@@ -117,6 +117,7 @@ def instance_section(kind: str, *, enabled: bool = True, defaults: dict[str, Any
     fields = {
         "kind": Field(kind, "the evaluator class", choices=tuple(EVALUATORS)),
         "enabled": Field(enabled, "run it"),
+        "every": Field(0, "during training, run it every N steps (0: every evals.every steps)", minimum=0),
         **cls.FIELDS,
     }
     for key, value in (defaults or {}).items():

@@ -11,7 +11,10 @@ from clipjax.schema import Field, Section
 COMMON_FIELDS: dict[str, Field] = {
     "at_end": Field(True, "evaluate at the end of training (report.json)"),
     "every": Field(
-        0, "also evaluate every N steps, logged as eval/... scalars (0: only at the end)", minimum=0
+        0,
+        "also evaluate every N steps, logged as eval/... scalars (0: only at the end); "
+        "evals.<name>.every sets one evaluator's own cadence",
+        minimum=0,
     ),
     "batch_size": Field(500, "examples per encoder call", minimum=1),
     "max_examples": Field(2000, "held-out examples evaluated (0: the whole test split)", minimum=0),
@@ -83,10 +86,23 @@ class EvalRunner:
             for name, settings in enabled_evaluators(config.evals).items()
         ]
 
-    def run(self, graphdef, params, mesh, step: int) -> dict:
+    def _every(self, evaluator) -> int:
+        return evaluator.settings["every"] or self.config.evals.every
+
+    @property
+    def periodic(self) -> bool:
+        """Whether any evaluator runs during training."""
+        return any(self._every(e) for e in self.evaluators)
+
+    def due(self, step: int) -> list:
+        """The evaluators whose cadence (`evals.<name>.every`, else `evals.every`) falls on `step`."""
+        return [e for e in self.evaluators if self._every(e) and step % self._every(e) == 0]
+
+    def run(self, graphdef, params, mesh, step: int, evaluators=None) -> dict:
+        """The report of `evaluators` (default: all enabled ones) on `params`."""
         encoders = Encoders(graphdef, params, mesh, self.tokenizer, batch_size=self.config.evals.batch_size)
         report: dict = {"step": int(step)}
-        for evaluator in self.evaluators:
+        for evaluator in self.evaluators if evaluators is None else evaluators:
             try:
                 _merge(report, evaluator.run(encoders))
             except SkipEvaluation as skip:

@@ -49,14 +49,25 @@ class ZeroShotEvaluator(Evaluator):
     def run(self, encoders):
         tasks = self.data.source.zero_shot_tasks()
         if not tasks:
-            raise SkipEvaluation(f"data.name={self.data.source.config.name!r} names no classes to classify")
+            raise SkipEvaluation(
+                f"data.name={self.data.source.config.name!r} names no classes to classify "
+                "(own data: a CSV `label` column of class names, class subfolders, or data.class_names)"
+            )
         arrays = self.data.heldout
         image_emb, _ = self.data.heldout_embeddings(encoders)
         result = {}
         for attribute, (class_names, templates) in tasks.items():
-            classes = class_embeddings(encoders.text, class_names, templates)
             labels = np.asarray(arrays[attribute])
-            result[attribute] = zero_shot_accuracy(image_emb, classes, labels)
-            result[attribute]["per_class"] = per_class_accuracy(image_emb, classes, labels, class_names)
+            labelled = labels >= 0  # own data may label only some images
+            if not labelled.any():
+                raise SkipEvaluation(f"no held-out example has a {attribute!r} label")
+            if labels.max() >= len(class_names):
+                raise SkipEvaluation(
+                    f"held-out label {int(labels.max())} has no class name ({len(class_names)} names given)"
+                )
+            classes = class_embeddings(encoders.text, class_names, templates)
+            emb, labels = image_emb[labelled], labels[labelled]
+            result[attribute] = zero_shot_accuracy(emb, classes, labels)
+            result[attribute]["per_class"] = per_class_accuracy(emb, classes, labels, class_names)
         result["mean_top1"] = float(np.mean([v["top1"] for v in result.values()]))
         return {"num_examples": int(len(image_emb)), "zero_shot": result}

@@ -168,12 +168,15 @@ def checkpoint_hook(
 
 
 def eval_hook(runner, writer, *, graphdef, mesh, total_steps: int, log: Callable[[str], None]):
-    """The end-of-run evaluators at an intermediate step, logged as eval/... scalars."""
+    """The evaluators due at an intermediate step (`EvalRunner.due`), logged as eval/... scalars."""
 
     def evaluate(info: StepInfo) -> None:
         if info.step >= total_steps:
             return  # the final evaluation is the run's report
-        report = runner.run(graphdef, info.state["params"], mesh, info.step)
+        due = runner.due(info.step)
+        if not due:
+            return
+        report = runner.run(graphdef, info.state["params"], mesh, info.step, evaluators=due)
         writer.write(info.step, flatten_report(report, prefix="eval/"))
         for line in summary_lines(report):
             log(line)

@@ -237,7 +237,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
         )
         trainer.add_hook(
             hooks.eval_hook(evaluation, writer, graphdef=graphdef, mesh=mesh, total_steps=total, log=log),
-            every=config.evals.every,
+            every=1 if evaluation.periodic else 0,  # each evaluator's own cadence: EvalRunner.due
         )
         # Last: one metrics.jsonl record per step, written as soon as the step's hooks are done.
         trainer.add_hook(lambda info: writer.flush(), every=1)
