@@ -226,3 +226,44 @@ def test_one_evaluate_call_runs_two_classification_benchmarks_and_coco(trained, 
     markdown = (out / "report.md").read_text()
     assert "| cifar10 | test | 15 |" in markdown and "| coco_captions | test | 6 | 12 |" in markdown
     assert "evals.cifar10: cifar10 test 15/15 images" in result.stdout + result.stderr
+
+
+def test_logistic_probe_on_the_demo_features_matches_ridge_and_scikit_learn(trained, tmp_path):
+    """On the trained demo's frozen image features: the logistic probe reaches at least the ridge
+    probe's top-1, and scikit-learn's LogisticRegression with the chosen L2 weight (when
+    installed) lands within a point of it."""
+    from clipjax.api import load_run_config
+    from clipjax.evals.linear_probe import _moments, _standardise
+
+    workdir, _ = trained
+    config = load_run_config(str(workdir))
+    apply_overrides(
+        config,
+        {
+            "evals.logistic_probe.enabled": True,
+            "evals.logistic_probe.train_examples": 400,
+            "evals.linear_probe.train_examples": 400,
+            "evals.zero_shot.enabled": False,
+            "evals.knn.enabled": False,
+            "evals.retrieval.enabled": False,
+            "evals.embedding.enabled": False,
+        },
+    )
+    report = evaluate(str(workdir), out=str(tmp_path / "out"), config=config, devices=jax.devices()[:1])
+    logistic, ridge = report["logistic_probe"], report["linear_probe"]
+    assert logistic["top1"] >= ridge["top1"], (logistic, ridge)
+
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    model = clipjax.load(str(workdir), devices=jax.devices()[:1])
+    source = make_source(config.data)
+    train = source.eval_arrays(model.tokenizer, split="train", max_examples=400)
+    test = source.eval_arrays(model.tokenizer, split="test", max_examples=config.evals.max_examples)
+    x, xt = model.encode_image(train["image"]), model.encode_image(test["image"])
+    mean, std = _moments(np.asarray(x))
+    x, xt = _standardise(np.asarray(x), mean, std), _standardise(np.asarray(xt), mean, std)
+    reference = sklearn.LogisticRegression(
+        C=1.0 / (logistic["regularizer"] * len(x)), max_iter=10000, tol=1e-8
+    )
+    reference.fit(x, train["label"])
+    sklearn_top1 = float(np.mean(reference.predict(xt) == test["label"]))
+    assert abs(sklearn_top1 - logistic["top1"]) <= 0.01, (sklearn_top1, logistic)

@@ -121,12 +121,9 @@ def _classification_table(report: dict) -> list[str]:
 
 def write_markdown(report: dict, out: str, workdir: str) -> str:
     """report.md: the same numbers as report.json, as tables, with the spectrum plots."""
-    lines = [
-        f"# Evaluation of {paths.resolve(workdir)} at step {report['step']}",
-        "",
-        f"{report['num_examples']} held-out examples.",
-        "",
-    ]
+    lines = [f"# Evaluation of {paths.resolve(workdir)} at step {report['step']}", ""]
+    if "num_examples" in report:  # set by the evaluators of the held-out data
+        lines += [f"{report['num_examples']} held-out examples.", ""]
     zero_shot = {k: v for k, v in report.get("zero_shot", {}).items() if isinstance(v, dict)}
     if zero_shot:
         lines += ["## Zero-shot classification", "", "| attribute | top-1 | top-5 |", "| --- | --- | --- |"]
