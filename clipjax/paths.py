@@ -60,11 +60,27 @@ def makedirs(p) -> None:
 
 
 def read_text(p) -> str:
-    return path(p).read_text()
+    return read_bytes(p).decode("utf-8")
+
+
+def _replaced_while_read(error: OSError) -> bool:
+    # s3fs pins the version it found when opening (If-Match on the ETag): an object rewritten in
+    # between (a lock's heartbeat, metrics.jsonl) fails the read with FileExpired.
+    return type(error).__name__ == "FileExpired" or "pre-conditions you specified" in str(error)
 
 
 def read_bytes(p) -> bytes:
-    return path(p).read_bytes()
+    """The whole file; a bucket object replaced while it was read is read again, whole."""
+    if not is_remote(p):
+        return path(p).read_bytes()
+    for attempt in range(5):
+        try:
+            return path(p).read_bytes()
+        except OSError as e:
+            if attempt == 4 or not _replaced_while_read(e):
+                raise
+            refresh(p)
+    raise AssertionError("unreachable")
 
 
 def write_atomic(p, data: str | bytes) -> None:

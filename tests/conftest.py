@@ -11,7 +11,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+# Compiled programs are cached per user, outside the checkout, so that a fresh checkout on the
+# same machine (CI) reuses them: JAX keys each entry by the program, the jax/XLA versions and the
+# device, so a stale entry is never used. CLIPJAX_TEST_JAX_CACHE moves it.
+_CACHE = pathlib.Path(
+    os.environ.get("CLIPJAX_TEST_JAX_CACHE") or pathlib.Path.home() / ".cache" / "clipjax" / "jax_test_cache"
+)
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

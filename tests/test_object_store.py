@@ -214,8 +214,7 @@ def _env(tmp_path: pathlib.Path):
     # Local temporary files (the TensorBoard staging folder a killed run leaves) stay in the test's.
     (tmp_path / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(tmp_path / "tmp")}
-    # The subprocesses reuse the compilations of the tests (tests/conftest.py's cache).
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
+    # (The subprocesses reuse the compilations of the tests: tests/conftest.py sets the cache.)
     return env
 
 
