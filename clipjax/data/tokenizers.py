@@ -1,16 +1,27 @@
 """Text tokenizers with one interface: `.encode(list[str]) -> int32 [N, max_len]`.
 
-Every tokenizer here pads with id 0, wraps each text as [bos] tokens [eos]
-(truncating the tokens, never the eos, so the last real token is always eos)
-and exposes `vocab_size`, `max_len`, `pad_id`, `bos_id`, `eos_id`.
+Every tokenizer here exposes `vocab_size`, `max_len`, `pad_id`, `bos_id`, `eos_id` (None where
+the tokenizer adds no such token) and truncates a text's tokens, never its end-of-text token.
+
+The tokenizers of this repo (`byte`, `sentencepiece` in the default `clipjax` style) pad with id 0
+and wrap each text as [bos] tokens [eos]. The pretrained-model tokenizers give the ids the
+published models were trained with, padding included:
+
+  * `clip_bpe` (`clipjax.data.clip_bpe.ClipBpeTokenizer`): OpenAI CLIP / open_clip.
+  * `hf` (`HfTokenizer`): any Hugging Face `tokenizer.json`, as transformers pads and truncates it.
+  * `sentencepiece` with `style='siglip'` (`SiglipSentencePieceTokenizer`): transformers'
+    `SiglipTokenizer` on SigLIP's `spiece.model`.
 """
 
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import os
+import re
+import string
 import tempfile
 from typing import Any, Sequence
 
@@ -19,7 +30,7 @@ import sentencepiece as spm
 
 from clipjax import paths
 from clipjax.data import locking
-from clipjax.schema import Field, Section
+from clipjax.schema import ConfigError, Field, Section
 
 PAD_ID = 0
 
@@ -119,6 +130,189 @@ class SentencePieceTokenizer:
         return shifted + [self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size())]
 
 
+SIGLIP_EOS = "</s>"
+SIGLIP_UNK = "<unk>"
+_SPIECE_SPACE = "\u2581"  # sentencepiece's word-boundary mark
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+class SiglipSentencePieceTokenizer(SentencePieceTokenizer):
+    """SigLIP's conventions on its `spiece.model`: the ids of transformers' `SiglipTokenizer`
+    called with `padding="max_length", truncation=True, max_length=max_len` (SigLIP: 64).
+
+    The model's own ids (no shift); no start token; `</s>` appended unless the tokens already
+    end with it; padding with `pad_token` (SigLIP's: `</s>`, so `pad_id == eos_id`). Each text is
+    canonicalised: lower case, ASCII punctuation removed, whitespace runs collapsed. `</s>` and
+    `<unk>` written in the text are those tokens, and the spaces around them are dropped.
+    """
+
+    style = "siglip"
+
+    def __init__(
+        self,
+        model_file: str | None = None,
+        max_len: int = 64,
+        *,
+        model_proto: bytes | None = None,
+        pad_token: str = "",
+    ):
+        self.pad_token = pad_token or SIGLIP_EOS
+        super().__init__(model_file, max_len, model_proto=model_proto)
+
+    def _load(self, model_proto: bytes) -> None:
+        self._proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self._shift = 0
+        self._special_ids = {}
+        for piece in (SIGLIP_EOS, SIGLIP_UNK, self.pad_token):
+            i = self._sp.piece_to_id(piece)
+            if self._sp.id_to_piece(i) != piece:
+                raise ValueError(
+                    f"sentencepiece model has no {piece!r} piece, which SigLIP's tokenizer needs"
+                )
+            self._special_ids[piece] = i
+        self.vocab_size = self._sp.get_piece_size()
+        self.pad_id = self._special_ids[self.pad_token]
+        self.bos_id = None
+        self.eos_id = self._special_ids[SIGLIP_EOS]
+        self.unk_id = self._special_ids[SIGLIP_UNK]
+        self._unk_len = len(self._sp.encode(SIGLIP_UNK, out_type=str))
+        longest_first = sorted(self._special_ids, key=lambda t: (-len(t), t))
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in longest_first) + ")")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(super().__getstate__(), pad_token=self.pad_token)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.pad_token = state["pad_token"]
+        super().__setstate__(state)
+
+    def _chunk_pieces(self, text: str) -> list[str]:
+        text = re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
+        # Encoded behind `<unk>` (whose pieces are then dropped), so that a chunk that does not
+        # start a word gets no word-boundary mark of its own.
+        pieces = self._sp.encode(SIGLIP_UNK + text, out_type=str)
+        return pieces[self._unk_len :] if len(pieces) >= self._unk_len else pieces
+
+    def tokens(self, text: str) -> list[int]:
+        """The ids of `text` alone: no `</s>`, no truncation."""
+        # Odd places hold the special tokens. (They swallow the whitespace beside them, as the
+        # canonicalisation's strip does anyway.)
+        parts = self._split.split(_SPIECE_SPACE + text.replace(_SPIECE_SPACE, " "))
+        pieces: list[str] = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                pieces.append(part)
+            elif part:
+                pieces.extend(self._chunk_pieces(part))
+        if len(pieces) > 1 and pieces[0] == _SPIECE_SPACE and pieces[1] in self._special_ids:
+            pieces = pieces[1:]
+        return [self._special_ids[p] if p in self._special_ids else self._sp.piece_to_id(p) for p in pieces]
+
+    def encode(self, texts: Sequence[str | bytes]) -> np.ndarray:
+        out = np.full((len(texts), self.max_len), self.pad_id, dtype=np.int32)
+        for row, text in enumerate(texts):
+            ids = self.tokens(_as_str(text))[: self.max_len - 1]
+            if not ids or ids[-1] != self.eos_id:
+                ids.append(self.eos_id)
+            out[row, : len(ids)] = ids
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self._sp.decode([i for i in ids if i != self.pad_id])
+
+
+class HfTokenizer:
+    """A Hugging Face `tokenizer.json` (the `tokenizers` library), used as transformers does with
+    `padding="max_length", truncation=True, max_length=max_len`.
+
+    The file's normalizer, pre-tokenizer, model and post-processor (its special tokens) make the
+    ids; the tokens are cut from the side the file's truncation names (default right) to leave
+    room for the special tokens; padding to `max_len` with `pad_token` (default: the file's
+    padding token; a file without one needs it) on the side the file's padding names.
+    `bos_id` / `eos_id`: the special tokens the post-processor puts first / last, if any.
+    """
+
+    def __init__(
+        self,
+        tokenizer_file: str | None = None,
+        max_len: int = 77,
+        *,
+        pad_token: str = "",
+        tokenizer_json: str | None = None,
+    ):
+        if tokenizer_json is None:
+            if not tokenizer_file or not paths.exists(tokenizer_file):
+                raise FileNotFoundError(f"tokenizer.json file {tokenizer_file!r} does not exist")
+            tokenizer_json = paths.read_bytes(tokenizer_file).decode("utf-8")
+        self.tokenizer_file = tokenizer_file
+        self.max_len = int(max_len)
+        self.pad_token = pad_token
+        self._load(tokenizer_json)
+
+    def _load(self, tokenizer_json: str) -> None:
+        import tokenizers as hf_tokenizers  # the library (only this tokenizer needs it)
+
+        self._json = tokenizer_json
+        tok = hf_tokenizers.Tokenizer.from_str(tokenizer_json)
+        padding, truncation = tok.padding, tok.truncation
+        tok.no_padding()
+        tok.no_truncation()
+        probe = tok.encode("a")
+        mask = probe.special_tokens_mask
+        self.bos_id = probe.ids[0] if mask and mask[0] else None
+        self.eos_id = probe.ids[-1] if mask and mask[-1] else None
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        pad_token = self.pad_token or (padding or {}).get("pad_token")
+        if not pad_token:
+            raise ValueError(
+                "tokenizer.json names no padding token: set pad_token (data.tokenizer.pad_token)"
+            )
+        pad_id = tok.token_to_id(pad_token)
+        if pad_id is None:
+            raise ValueError(f"padding token {pad_token!r} is not in the tokenizer.json vocabulary")
+        self.pad_id = pad_id
+        tok.enable_truncation(
+            self.max_len,
+            strategy="longest_first",
+            direction=(truncation or {}).get("direction", "right").lower(),
+        )
+        tok.enable_padding(
+            direction=(padding or {}).get("direction", "right").lower(),
+            pad_id=pad_id,
+            pad_type_id=(padding or {}).get("pad_type_id", 0),
+            pad_token=pad_token,
+            length=self.max_len,
+        )
+        self._tok = tok
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "tokenizer_json": self._json,
+            "max_len": self.max_len,
+            "pad_token": self.pad_token,
+            "tokenizer_file": self.tokenizer_file,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.max_len = state["max_len"]
+        self.pad_token = state["pad_token"]
+        self.tokenizer_file = state["tokenizer_file"]
+        self._load(state["tokenizer_json"])
+
+    def encode(self, texts: Sequence[str | bytes]) -> np.ndarray:
+        # One text at a time: no thread pool in the data loader's worker processes.
+        return np.array([self._tok.encode(_as_str(t)).ids for t in texts], dtype=np.int32).reshape(
+            len(texts), self.max_len
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id], skip_special_tokens=True)
+
+
 def train_sentencepiece(
     texts: Sequence[str], model_prefix: str, vocab_size: int, model_type: str = "word"
 ) -> str:
@@ -166,9 +360,12 @@ def train_sentencepiece(
 SECTION = Section(
     {
         "kind": Field(
-            "sentencepiece", "`byte` (no vocabulary) or `sentencepiece`", choices=("byte", "sentencepiece")
+            "sentencepiece",
+            "`byte` (no vocabulary), `sentencepiece`, `clip_bpe` (OpenAI CLIP / open_clip's tokenizer) "
+            "or `hf` (a Hugging Face tokenizer.json)",
+            choices=("byte", "sentencepiece", "clip_bpe", "hf"),
         ),
-        "max_len": Field(12, "context length in tokens", minimum=1),
+        "max_len": Field(12, "context length in tokens (CLIP: 77, SigLIP: 64)", minimum=1),
         "vocab_size": Field(128, "sentencepiece: vocabulary size when trained on the captions", minimum=8),
         "model_file": Field(
             "", "sentencepiece: a trained .model file (empty: train on the captions, cached)"
@@ -178,8 +375,21 @@ SECTION = Section(
             "sentencepiece trained on the captions: `word` suits templated captions",
             choices=("word", "unigram", "bpe"),
         ),
+        "style": Field(
+            "clipjax",
+            "sentencepiece: `clipjax` (pad 0, bos/eos of the model) or `siglip` (the ids of "
+            "transformers' SiglipTokenizer on SigLIP's spiece.model, given as `model_file`)",
+            choices=("clipjax", "siglip"),
+        ),
+        "vocab_file": Field("", "clip_bpe: CLIP's merges file, bpe_simple_vocab_16e6.txt.gz"),
+        "tokenizer_file": Field("", "hf: the tokenizer.json file"),
+        "pad_token": Field(
+            "",
+            "hf and sentencepiece `siglip`: the padding token (empty: hf the file's padding token, "
+            "siglip `</s>`)",
+        ),
     },
-    doc="the tokenizer",
+    doc="the tokenizer; files may be local or bucket URLs, and checkpoints embed them",
 )
 
 
@@ -197,20 +407,30 @@ def make_tokenizer(
     is an error); otherwise trains on `texts_for_training` (model_type from the
     config, default 'word') and caches the model in `cache_dir` under a name
     derived from the texts and settings, so later runs and other processes reuse
-    it.
+    it. With style='siglip': SiglipSentencePieceTokenizer(model_file), which must be given.
+    kind='clip_bpe': ClipBpeTokenizer(vocab_file). kind='hf': HfTokenizer(tokenizer_file).
+    A missing file is a FileNotFoundError naming its key; a file not given, a ConfigError.
     """
     values = SECTION.read(tokenizer_config, "data.tokenizer")
     kind = values["kind"]
     max_len = values["max_len"]
     if kind == "byte":
         return ByteTokenizer(max_len)
+    if kind == "clip_bpe":
+        from clipjax.data.clip_bpe import ClipBpeTokenizer
+
+        return ClipBpeTokenizer(_given_file(values, "vocab_file", kind), max_len)
+    if kind == "hf":
+        return HfTokenizer(
+            _given_file(values, "tokenizer_file", kind), max_len, pad_token=values["pad_token"]
+        )
+    if values["style"] == "siglip":
+        model_file = _given_file(values, "model_file", "sentencepiece with style 'siglip'")
+        return SiglipSentencePieceTokenizer(model_file, max_len, pad_token=values["pad_token"])
 
     model_file = values["model_file"]
     if model_file:
-        model_file = paths.resolve(model_file)
-        if not paths.exists(model_file):
-            raise FileNotFoundError(f"tokenizer.model_file {model_file!r} does not exist")
-        return SentencePieceTokenizer(model_file, max_len)
+        return SentencePieceTokenizer(_existing(model_file, "model_file"), max_len)
 
     if texts_for_training is None:
         raise ValueError("sentencepiece tokenizer without model_file needs texts_for_training")
@@ -235,6 +455,19 @@ def make_tokenizer(
     return SentencePieceTokenizer(path, max_len)
 
 
+def _existing(path: str, key: str) -> str:
+    path = paths.resolve(path)
+    if not paths.exists(path):  # a local file or a bucket URL
+        raise FileNotFoundError(f"data.tokenizer.{key}: {path!r} does not exist")
+    return path
+
+
+def _given_file(values: dict, key: str, what: str) -> str:
+    if not values[key]:
+        raise ConfigError(f"data.tokenizer.{key}: must be set for tokenizer kind {what}")
+    return _existing(values[key], key)
+
+
 def _cached_in_bucket(url: str, texts: Sequence[str], values: dict) -> str:
     """The model at bucket `url`, trained (in a local temporary folder) and uploaded if missing.
 
@@ -252,21 +485,66 @@ def _cached_in_bucket(url: str, texts: Sequence[str], values: dict) -> str:
     return url
 
 
+def _packed(data: bytes) -> str:
+    return base64.b64encode(gzip.compress(data, mtime=0)).decode("ascii")
+
+
+def _unpacked(text: str) -> bytes:
+    return gzip.decompress(base64.b64decode(text))
+
+
 def tokenizer_to_json(tokenizer) -> dict[str, Any]:
     """Everything needed to rebuild `tokenizer` without its training data or files (checkpoints
     store this, so a moved or grown dataset cannot change what token ids mean)."""
     if isinstance(tokenizer, ByteTokenizer):
         return {"kind": "byte", "max_len": tokenizer.max_len}
-    return {
-        "kind": "sentencepiece",
-        "max_len": tokenizer.max_len,
-        "model_proto": base64.b64encode(tokenizer._proto).decode("ascii"),
-    }
+    if isinstance(tokenizer, HfTokenizer):
+        return {
+            "kind": "hf",
+            "max_len": tokenizer.max_len,
+            "pad_token": tokenizer.pad_token,
+            "tokenizer_json_gz": _packed(tokenizer._json.encode("utf-8")),
+        }
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        saved = {
+            "kind": "sentencepiece",
+            "max_len": tokenizer.max_len,
+            "model_proto": base64.b64encode(tokenizer._proto).decode("ascii"),
+        }
+        if isinstance(tokenizer, SiglipSentencePieceTokenizer):
+            saved.update(style="siglip", pad_token=tokenizer.pad_token)
+        return saved
+    from clipjax.data.clip_bpe import ClipBpeTokenizer
+
+    if isinstance(tokenizer, ClipBpeTokenizer):
+        # The merges in use only (the file's tail is never read): about 200 KB.
+        return {
+            "kind": "clip_bpe",
+            "max_len": tokenizer.max_len,
+            "merges_gz": _packed(tokenizer.merges_text.encode("utf-8")),
+        }
+    raise TypeError(f"cannot store a tokenizer of type {type(tokenizer).__name__}")
 
 
 def tokenizer_from_json(saved: dict[str, Any]):
-    if saved["kind"] == "byte":
+    kind = saved["kind"]
+    if kind == "byte":
         return ByteTokenizer(saved["max_len"])
-    return SentencePieceTokenizer(
-        max_len=saved["max_len"], model_proto=base64.b64decode(saved["model_proto"])
-    )
+    if kind == "clip_bpe":
+        from clipjax.data.clip_bpe import ClipBpeTokenizer
+
+        return ClipBpeTokenizer(
+            max_len=saved["max_len"], merges_text=_unpacked(saved["merges_gz"]).decode("utf-8")
+        )
+    if kind == "hf":
+        return HfTokenizer(
+            max_len=saved["max_len"],
+            pad_token=saved["pad_token"],
+            tokenizer_json=_unpacked(saved["tokenizer_json_gz"]).decode("utf-8"),
+        )
+    proto = base64.b64decode(saved["model_proto"])
+    if saved.get("style", "clipjax") == "siglip":
+        return SiglipSentencePieceTokenizer(
+            max_len=saved["max_len"], model_proto=proto, pad_token=saved["pad_token"]
+        )
+    return SentencePieceTokenizer(max_len=saved["max_len"], model_proto=proto)

@@ -100,7 +100,11 @@ class DataSource(abc.ABC):
         trained on the captions and the zero-shot prompts, and cached under data_dir."""
         config = self.config.tokenizer
         texts = None
-        if config.kind == "sentencepiece" and not config.model_file:
+        trains = config.kind == "sentencepiece" and not config.model_file
+        if trains and config.get("style", "clipjax") == "siglip":
+            # Before reading every caption: a SigLIP-style tokenizer is the published model's.
+            raise ConfigError("data.tokenizer.model_file: style='siglip' needs SigLIP's spiece.model")
+        if trains:
             texts = self.caption_texts()
             # Evaluation tokenises the prompts too: their words must be in the vocabulary.
             for classes, templates in self.zero_shot_tasks().values():
