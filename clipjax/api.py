@@ -101,11 +101,17 @@ def eval_mesh(devices=None) -> jax.sharding.Mesh:
     return make_mesh(spec, devices=devices)
 
 
-def restore_params(workdir: str, config, tokenizer, mesh, step: int | None = None, *, log=print):
+def restore_params(
+    workdir: str, config, tokenizer, mesh, step: int | None = None, *, parts: Sequence[str] = (), log=print
+):
     """(graphdef, params, step): parameters only, placed on `mesh` by the config's sharding rules.
 
     Without `step`, the newest checkpoint that reads; unreadable ones are skipped with a warning.
     A checkpoint whose parameters do not fit `config.model` is an error, never skipped.
+
+    `parts` (top-level names of the parameter tree: 'image_tower', 'image_proj', ...): only those
+    are read, checked and returned (`params` then holds just them); the rest of the checkpoint
+    may belong to another model.
     """
     checkpointer = _checked_workdir(workdir)
     try:
@@ -120,12 +126,29 @@ def restore_params(workdir: str, config, tokenizer, mesh, step: int | None = Non
         target = abstract_with_shardings(
             expected, param_shardings(abstract_model, mesh, config.sharding_rules)
         )
+        parts = tuple(dict.fromkeys(parts))
+        unknown = [p for p in parts if p not in expected]
+        if unknown:
+            raise RestoreError(
+                f"{unknown[0]!r} is not a part of the model (parts: {', '.join(sorted(expected))})"
+            )
+        if parts:
+            expected = {p: expected[p] for p in parts}
+            target = {p: target[p] for p in parts}
         for candidate in [step] if step is not None else reversed(steps):
             try:
                 saved = checkpointer.params_metadata(candidate)
             except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
                 saved, error = None, e
             if saved is not None:
+                if parts:
+                    missing = [p for p in parts if p not in saved]
+                    if missing:
+                        raise RestoreError(
+                            f"checkpoint {candidate} in {checkpointer.directory} has no part {missing[0]!r} "
+                            f"(it has: {', '.join(sorted(saved))})"
+                        )
+                    saved = {p: saved[p] for p in parts}
                 check_params_compatible(saved, expected, candidate)
                 try:
                     return graphdef, checkpointer.restore_params(candidate, target), candidate

@@ -105,8 +105,10 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     mesh = make_mesh(config.mesh)
     source = make_source(config.data)
     source.prepare()
-    if meta is None and stored_config is None and config.init_from:
-        meta = read_run(config.init_from, log=log)[1]  # a run started from weights keeps their token ids
+    towers = tuple(config.init_from_towers)
+    if meta is None and stored_config is None and config.init_from and (not towers or "text_tower" in towers):
+        # A run started from weights keeps their token ids (unless its text tower starts afresh).
+        meta = read_run(config.init_from, log=log)[1]
     tokenizer = run_tokenizer(meta, source)
     total = total_steps(config)
     initial = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
@@ -142,9 +144,15 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
             )
         log(f"resumed from {checkpointer.directory} at step {step}")
     elif config.init_from:
-        _, params, init_step = restore_params(config.init_from, config, tokenizer, mesh)
-        state["params"] = jax.device_put(params, shardings["params"])
-        log(f"initialised from the weights of {config.init_from} at step {init_step}")
+        _, params, init_step = restore_params(config.init_from, config, tokenizer, mesh, parts=towers)
+        if towers:  # those parts from the old run, the rest as initialised above
+            params = jax.device_put(params, {p: shardings["params"][p] for p in params})
+            state["params"] = {**state["params"], **params}
+            names = ", ".join(dict.fromkeys(towers))
+            log(f"initialised {names} from the weights of {config.init_from} at step {init_step}")
+        else:
+            state["params"] = jax.device_put(params, shardings["params"])
+            log(f"initialised from the weights of {config.init_from} at step {init_step}")
     if lead:  # only now: a refused or failed start leaves the previous run's config.json as it was
         paths.write_atomic(
             paths.join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, default=str)
@@ -169,9 +177,13 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     evaluation = EvalRunner(config, source, tokenizer, log=log)
     t_prepared = time.perf_counter()
     step_flops = flops.train_flops_per_step(config)
+    trainable = ""
+    if config.optim.frozen:
+        params = optim.split_trainable(state["params"], config.optim.frozen)[0]
+        trainable = f" ({sum(x.size for x in jax.tree.leaves(params)):,} trainable)"
     log(
         f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} processes; "
-        f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters; "
+        f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters{trainable}; "
         f"{flops.forward_flops_per_example(config) / 1e9:.4g} GFLOP per example forward, "
         f"{step_flops / 1e12:.4g} TFLOP per train step; set-up {t_prepared - t_start:.1f} s"
     )

@@ -20,14 +20,15 @@ COUNTERS = ("step", "nonfinite_total", "nonfinite_streak")
 
 
 def create_train_state(
-    make_model: Callable[[], nnx.Module], abstract_model: nnx.Module, tx, mesh, sharding_rules
+    make_model: Callable[[], nnx.Module], abstract_model: nnx.Module, tx, mesh, sharding_rules, frozen=()
 ) -> tuple[Any, dict, dict]:
     """(graphdef, state, state_shardings): the model is never whole on one device.
 
     `abstract_model` is `nnx.eval_shape(make_model)` (the caller has it for the optimizer).
 
     Parameters are initialised inside `jax.jit` with their FSDP shardings as outputs; the
-    optimizer moments take the parameters' shardings, counters are replicated.
+    optimizer moments take the parameters' shardings, counters are replicated. The optimizer
+    state covers only the parameters that train: those the `frozen` patterns leave out.
     """
     graphdef, _ = nnx.split(abstract_model)
     p_shardings = param_shardings(abstract_model, mesh, sharding_rules)
@@ -35,8 +36,10 @@ def create_train_state(
         lambda: nnx.to_pure_dict(nnx.state(make_model(), nnx.Param)), out_shardings=p_shardings
     )()
     replicated = NamedSharding(mesh, P())
-    opt_shardings = _opt_shardings(jax.eval_shape(tx.init, params), params, p_shardings, replicated)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    trainable, _ = optim.split_trainable(params, frozen)
+    t_shardings, _ = optim.split_trainable(p_shardings, frozen)
+    opt_shardings = _opt_shardings(jax.eval_shape(tx.init, trainable), trainable, t_shardings, replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
     state = {"params": params, "opt_state": opt_state}
     shardings = {"params": p_shardings, "opt_state": opt_shardings}
     for name in COUNTERS:
@@ -72,10 +75,14 @@ def init_train_state(config, mesh, *, vocab_size: int) -> TrainState:
     """The model of `config.model` and the optimizer of `config.optim`, initialised on `mesh`."""
     make_model = model_factory(config, vocab_size=vocab_size)
     abstract_model = nnx.eval_shape(make_model)
-    tx, schedule = optim.make_optimizer(
-        config.optim, total_steps(config), optim.weight_decay_mask(abstract_model)
-    )
+    frozen = tuple(config.optim.frozen)
+    if frozen or config.optim.lr_multipliers:
+        names = optim.param_names(nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)))
+        optim.check_patterns(config.optim, names)
+    decay_mask, _ = optim.split_trainable(optim.weight_decay_mask(abstract_model), frozen)
+    factors = optim.multiplier_factors(decay_mask, config.optim.lr_multipliers)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps(config), decay_mask, factors)
     graphdef, state, shardings = create_train_state(
-        make_model, abstract_model, tx, mesh, config.sharding_rules
+        make_model, abstract_model, tx, mesh, config.sharding_rules, frozen
     )
     return TrainState(graphdef, state, shardings, tx, schedule)

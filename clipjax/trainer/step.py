@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from clipjax import optim
 from clipjax.losses import contrastive_loss
 from clipjax.metrics import embedding_metrics
 from clipjax.parallel import batch_axes, batch_parallelism
@@ -57,10 +58,25 @@ def make_grad_fn(config, graphdef, mesh):
     gradient, accumulating parameter gradients in a `lax.scan`. The loss sees the whole global
     batch, so the gradients are those of the un-split batch; activation memory is that of one
     micro-batch. The temperature and bias enter only the loss, so their gradient is taken once.
+
+    With `config.optim.frozen` patterns, `grads` holds only the trainable parameters
+    (`optim.split_trainable`): the frozen ones are closed over as constants, so the program has
+    no backward pass for them at all (a frozen image tower runs forward only).
     """
     k = int(config.microbatches)
+    frozen_patterns = tuple(config.optim.frozen)
     if k <= 1:
-        return jax.value_and_grad(make_loss_fn(config, graphdef, mesh), has_aux=True)
+        loss_fn = make_loss_fn(config, graphdef, mesh)
+        if not frozen_patterns:
+            return jax.value_and_grad(loss_fn, has_aux=True)
+
+        def frozen_grad_fn(params, batch):
+            trainable, frozen = optim.split_trainable(params, frozen_patterns)
+            return jax.value_and_grad(lambda t: loss_fn(optim.combine(t, frozen), batch), has_aux=True)(
+                trainable
+            )
+
+        return frozen_grad_fn
     axes = batch_axes(mesh)
     shards = batch_parallelism(mesh)
     embedding_loss = make_embedding_loss(config, mesh)
@@ -83,6 +99,7 @@ def make_grad_fn(config, graphdef, mesh):
         return nnx.merge(graphdef, params)(micro["image"], micro["text"])
 
     def grad_fn(params, batch):
+        trainable, frozen = optim.split_trainable(params, frozen_patterns)
         micro = {key: split(batch[key]) for key in ("image", "text")}
         img, txt = jax.lax.map(lambda mb: embed(jax.lax.stop_gradient(params), mb), micro)
         img, txt = merge(img), merge(txt)
@@ -94,15 +111,16 @@ def make_grad_fn(config, graphdef, mesh):
 
         def accumulate(total, xs):
             mb, gi, gt = xs
-            _, vjp = jax.vjp(lambda p: embed(p, mb), params)
+            _, vjp = jax.vjp(lambda t: embed(optim.combine(t, frozen), mb), trainable)
             (g,) = vjp((gi, gt))
             return jax.tree.map(jnp.add, total, g), None
 
         grads, _ = jax.lax.scan(
-            accumulate, jax.tree.map(jnp.zeros_like, params), (micro, split(g_img), split(g_txt))
+            accumulate, jax.tree.map(jnp.zeros_like, trainable), (micro, split(g_img), split(g_txt))
         )
-        grads["logit_scale"] = grads["logit_scale"] + g_scale
-        if has_bias:
+        if "logit_scale" in grads:
+            grads["logit_scale"] = grads["logit_scale"] + g_scale
+        if has_bias and "logit_bias" in grads:
             grads["logit_bias"] = grads["logit_bias"] + g_bias
         return (loss, (img, txt)), grads
 
@@ -123,13 +141,19 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
     axes = batch_axes(mesh)
     scale_max = float(config.model.logit_scale_max)
     grad_fn = make_grad_fn(config, graphdef, mesh)
+    frozen_patterns = tuple(config.optim.frozen)
 
     def train_step(state, batch, with_metrics):
         (loss, (img, txt)), grads = grad_fn(state["params"], batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        # Only the trainable parameters reach the optimizer; the frozen ones pass through as
+        # they are (no update, no weight decay, no optimizer state), bit for bit.
+        old, frozen = optim.split_trainable(state["params"], frozen_patterns)
+        updates, opt_state = tx.update(grads, state["opt_state"], old)
+        trainable = optax.apply_updates(old, updates)
         # CLIP clamps the learnable temperature after each step so logits never exceed 100x.
-        params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, scale_max)
+        if "logit_scale" in trainable:
+            trainable["logit_scale"] = jnp.clip(trainable["logit_scale"], 0.0, scale_max)
+        params = optim.combine(trainable, frozen)
         metrics = {
             "loss": loss,
             "logit_scale": jnp.exp(params["logit_scale"]),
@@ -162,7 +186,7 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
         metrics["nonfinite_streak"] = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
         new_state = {
             "step": state["step"] + 1,
-            "params": keep(params, state["params"]),
+            "params": optim.combine(keep(trainable, old), frozen),
             # ...except the step counters: one step count drives the schedule, the logs and the
             # checkpoints, so a skipped step still moves the learning rate along its curve.
             "opt_state": jax.tree_util.tree_map_with_path(
