@@ -18,6 +18,7 @@ from clipjax.api import RestoreError
 from clipjax.checkpoint import CheckpointWriteError, one_line
 from clipjax.config import ConfigError, LEGACY_KEYS, flatten
 from clipjax.data.pipeline import BadDataError
+from clipjax.pretrained.layouts import ConversionError
 from clipjax.workdir_lock import WorkdirLockedError
 
 # Errors whose message is the whole story: no traceback helps the user.
@@ -27,7 +28,9 @@ USER_ERRORS = (
     WorkdirLockedError,
     CheckpointWriteError,
     BadDataError,
+    ConversionError,
     FileNotFoundError,
+    FileExistsError,
 )
 
 

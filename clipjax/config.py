@@ -21,13 +21,14 @@ import math
 from typing import Any, Callable
 
 import ml_collections
+from flax import nnx
 
 from clipjax import optim, paths
 from clipjax.data.sources import data_section, source_class
 from clipjax.evals.runner import check_evaluators, evals_section
 from clipjax.losses.select import SECTION as LOSS_SECTION
 from clipjax.metrics.collapse import ALARM_FIELDS
-from clipjax.models import model_section, model_spec
+from clipjax.models import model_factory, model_section, model_spec
 from clipjax.parallel.mesh import BATCH_AXES, resolve_mesh_shape
 from clipjax.schema import ConfigError, Field, Section
 from clipjax.wandb_writer import SECTION as LOGGING_SECTION, check_config as check_logging
@@ -40,6 +41,34 @@ MESH_AXES = ("data", "fsdp", "model")
 def _known_axes(axes) -> str | None:
     unknown = [a for a in axes if a not in MESH_AXES]
     return f"unknown axis {unknown[0]!r} (use 'data', 'fsdp', 'model')" if unknown else None
+
+
+def _part_names(value) -> str | None:
+    bad = [v for v in value if not isinstance(v, str) or not v or "/" in v]
+    return f"expected names of top-level parts of the model, not {bad[0]!r}" if bad else None
+
+
+def param_names(config) -> list[str]:
+    """The '/'-joined path of every parameter of `config.model` (from an abstract model: cheap)."""
+    model = nnx.eval_shape(model_factory(config, vocab_size=256))  # names do not depend on the vocabulary
+    return optim.param_names(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _check_parameter_choices(config) -> None:
+    """`optim.frozen`, `optim.lr_multipliers` and `init_from_towers` name parameters that exist."""
+    names = param_names(config)
+    optim.check_patterns(config.optim, names)
+    parts = sorted({n.split("/")[0] for n in names})
+    for part in config.init_from_towers:
+        if part not in parts:
+            raise ConfigError(
+                f"init_from_towers: {part!r} is not a part of the model (parts: {', '.join(parts)})"
+            )
+    if config.init_from_towers and not config.init_from:
+        raise ConfigError(
+            f"init_from_towers: {tuple(config.init_from_towers)!r} are taken from `init_from`, which is not set "
+            "(give --config.init_from=WORKDIR)"
+        )
 
 
 def schema() -> Section:
@@ -65,6 +94,13 @@ def schema() -> Section:
             ),
             "init_from": Field(
                 "", "a workdir whose latest weights start this (new) run; optimizer state is fresh"
+            ),
+            "init_from_towers": Field(
+                (),
+                "top-level parts of the model taken from `init_from` (`('image_tower', 'image_proj')`); "
+                "the others keep their fresh initialisation; empty: all of them",
+                type=tuple,
+                check=_part_names,
             ),
             "resume": Section(
                 {
@@ -180,11 +216,18 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
     if batch % process_count:
         raise ConfigError(f"data.batch_size={batch} is not divisible by the {process_count} processes")
     source_class(config.data.name).check_config(config.data)
-    model_file = config.data.tokenizer.model_file
-    if model_file and not paths.exists(model_file):  # a local file or a bucket URL
-        raise ConfigError(f"data.tokenizer.model_file: {model_file!r} does not exist")
+    tokenizer = config.data.tokenizer
+    used = {"sentencepiece": "model_file", "clip_bpe": "vocab_file", "hf": "tokenizer_file"}.get(
+        tokenizer.kind
+    )
+    for key in ("model_file", "vocab_file", "tokenizer_file"):
+        path = tokenizer.get(key, "")
+        if key == used and path and not paths.exists(path):  # a local file or a bucket URL
+            raise ConfigError(f"data.tokenizer.{key}: {path!r} does not exist")
     check_evaluators(config)
     check_logging(config.logging)
+    if config.optim.frozen or config.optim.lr_multipliers or config.init_from_towers:
+        _check_parameter_choices(config)
     return shape
 
 

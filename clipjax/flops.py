@@ -197,7 +197,9 @@ def model_forward_flops(spec: DualEncoderSpec, *, image_size: int, text_len: int
     parts = {
         "image": tower_forward_flops(spec.image_kind, spec.image, image_size),
         "text": tower_forward_flops("text", spec.text, text_len),
-        "projections": dense_flops(1, image_out, spec.embed_dim)
+        "projections": (
+            dense_flops(1, image_out, spec.embed_dim) if spec.image_projection == "linear" else 0.0
+        )
         + dense_flops(1, spec.text.width, spec.embed_dim),
     }
     parts["total"] = sum(parts.values())
@@ -237,8 +239,22 @@ def forward_flops_per_example(config) -> float:
 def train_flops_per_step(config) -> float:
     """Model FLOPs of one train step of `config` at its global batch (`config.data.batch_size`):
     both towers and their projections forward and backward (4x the forward with micro-batches,
-    3x without), plus the loss (`loss_flops`)."""
+    3x without), plus the loss (`loss_flops`). A tower frozen whole (`optim.frozen`, LiT) has
+    no backward pass: its forward counts once (twice with micro-batches, which run it again in
+    each micro-batch's gradient pass)."""
+    from clipjax.optim import matches
+
     batch = int(config.data.batch_size)
-    passes = 4 if int(config.microbatches) > 1 else 3
-    towers = passes * forward_flops_per_example(config) * batch
+    micro = int(config.microbatches) > 1
+    passes = 4 if micro else 3
+    spec = model_spec(config.model, image_size=config.data.image_size)
+    parts = model_forward_flops(
+        spec, image_size=int(config.data.image_size), text_len=int(config.data.tokenizer.max_len)
+    )
+    frozen = tuple(config.optim.get("frozen", ()) or ())
+    towers = 0.0
+    for part, tower in (("image", "image_tower"), ("text", "text_tower")):
+        whole = any(matches(p, tower) for p in frozen)
+        towers += (2 if micro else 1) * parts[part] if whole else passes * parts[part]
+    towers = (towers + passes * parts["projections"]) * batch
     return towers + loss_flops(config.loss.name, config.loss.impl, batch, int(config.model.embed_dim))

@@ -5,8 +5,9 @@ differs only in how the run is carried out (logging, evaluation, the mesh, data-
 threads, the loss implementation: `RUN_CONTROL`) resumes too. Any other difference is refused
 with one line that names the keys and the three ways forward: a new workdir; `init_from` (a new
 run that starts from the old run's weights); or `resume.allow_changes` naming the keys that may
-change (the learning rate, the step count, ...). Checkpoints of a run are never deleted or
-overwritten by a run with another config.
+change (the learning rate, the step count, `optim.lr_multipliers`, ...). `optim.frozen` never
+changes within a run (`FIXED`): which parameters have optimizer state is part of the checkpoint.
+Checkpoints of a run are never deleted or overwritten by a run with another config.
 
 A changed global batch (`data.batch_size` in `resume.allow_changes`) continues from the same
 number of examples seen: the data order is the same endless stream, read from that position on.
@@ -51,10 +52,23 @@ RUN_CONTROL = (
     "data.prefetch",
     "data.max_bad_fraction",
     "resume.",
+    # Read only when a run starts: a resumed run takes its weights from its own checkpoint.
     "init_from",
+    "init_from_towers",
 )
+# Keys that a run can never change, `resume.allow_changes` or not: the optimizer state holds
+# moments only for the parameters that train, so another `optim.frozen` would not restore. (The
+# learning-rate multipliers leave that state as it is: `optim.lr_multipliers` may be allowed.)
+FIXED = ("optim.frozen",)
 # Fields holding paths, stored absolute so the run can be used from any directory.
-PATH_KEYS = ("data.data_dir", "data.source", "data.tokenizer.model_file")
+PATH_KEYS = (
+    "data.data_dir",
+    "data.source",
+    "data.eval_source",
+    "data.tokenizer.model_file",
+    "data.tokenizer.vocab_file",
+    "data.tokenizer.tokenizer_file",
+)
 
 
 class ResumeError(ConfigError):
@@ -95,6 +109,14 @@ def check_resume(stored: Any, config: Any, workdir: str) -> dict[str, tuple[Any,
     """Raise ResumeError unless `config` may continue the run whose config was `stored`;
     return the accepted changes."""
     changes = config_changes(stored, config)
+    fixed = [k for k in FIXED if k in changes]
+    if fixed:
+        old, new = changes[fixed[0]]
+        raise ResumeError(
+            f"workdir {workdir} holds a run with {fixed[0]}={old!r}, which cannot change when resuming "
+            f"(to {new!r}): the optimizer state is that of the parameters that trained; use a new --workdir "
+            f"with --config.init_from={workdir} to start a new run from its weights"
+        )
     allowed = allowed_changes(config)
     refused = {k: v for k, v in changes.items() if not _is_run_control(k) and k not in allowed}
     if refused:

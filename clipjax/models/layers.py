@@ -61,6 +61,16 @@ REMAT_POLICIES = (
 )
 
 
+# The MLP's non-linearity (`model.image.activation`, `model.text.activation`): GELU by its tanh
+# approximation (the default, as big_vision and SigLIP compute it), exact GELU (open_clip's
+# nn.GELU), or OpenAI CLIP's QuickGELU, x * sigmoid(1.702 x).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
 def remat_name(value: Any) -> Any:
     """The policy name of a `remat` setting: configs before the named policies said True/False."""
     if isinstance(value, bool):
@@ -371,14 +381,25 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Two dense layers with GELU in between."""
+    """Two dense layers with a GELU (`ACTIVATIONS`) in between."""
 
-    def __init__(self, width: int, mlp_dim: int, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        mlp_dim: int,
+        *,
+        activation: str = "gelu_tanh",
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} (expected one of {tuple(ACTIVATIONS)})")
         self.fc1 = Dense(width, mlp_dim, names=("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.fc2 = Dense(mlp_dim, width, names=("mlp", "embed"), dtype=dtype, rngs=rngs)
+        self.activation = activation
 
     def __call__(self, x: Array) -> Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x)))
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
 
 
 class TransformerBlock(nnx.Module):
@@ -392,12 +413,14 @@ class TransformerBlock(nnx.Module):
         *,
         dtype: Any = jnp.float32,
         attention: str = "xla",
+        activation: str = "gelu_tanh",
+        norm_eps: float = 1e-6,
         rngs: nnx.Rngs,
     ):
-        self.ln1 = LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.ln1 = LayerNorm(width, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(width, heads, dtype=dtype, impl=attention, rngs=rngs)
-        self.ln2 = LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(width, mlp_dim, dtype=dtype, rngs=rngs)
+        self.ln2 = LayerNorm(width, epsilon=norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, activation=activation, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         x = x + self.attn(self.ln1(x), mask=mask)

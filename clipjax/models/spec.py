@@ -110,6 +110,13 @@ def model_section() -> Section:
             ),
             # With the model, not the data: a checkpoint's weights expect the statistics they were
             # trained with, and `clipjax.load` and evaluation read them from the stored config.
+            "image_projection": Field(
+                "linear",
+                "from the image tower to the shared space: `linear`, or `none` (SigLIP; needs embed_dim "
+                "equal to the tower's width)",
+                choices=("linear", "none"),
+            ),
+            "text_projection_bias": Field(False, "the text projection has a bias (SigLIP's head)"),
             "image_mean": Field(
                 CLIP_MEAN,
                 "RGB mean subtracted from the [0, 1] pixels inside the model (CLIP's; SigLIP: 0.5s)",
@@ -144,6 +151,8 @@ class DualEncoderSpec:
     # The image input's standardisation, (pixels / 255 - mean) / std per RGB channel.
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    image_projection: str = "linear"
+    text_projection_bias: bool = False
 
 
 def model_spec(model_config: Any, *, image_size: int, path: str = "model") -> DualEncoderSpec:
@@ -169,6 +178,8 @@ def model_spec(model_config: Any, *, image_size: int, path: str = "model") -> Du
         logit_bias_init=values["logit_bias_init"],
         image_mean=tuple(float(v) for v in values["image_mean"]),
         image_std=tuple(float(v) for v in values["image_std"]),
+        image_projection=values["image_projection"],
+        text_projection_bias=values["text_projection_bias"],
     )
 
 

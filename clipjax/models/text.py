@@ -9,7 +9,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clipjax.models.layers import LayerNorm, Stack, TransformerBlock, attention_mask, embed_normal, param
+from clipjax.models.layers import (
+    ACTIVATIONS,
+    LayerNorm,
+    Stack,
+    TransformerBlock,
+    attention_mask,
+    embed_normal,
+    param,
+)
 from clipjax.schema import ConfigError, Field
 
 PAD_ID = 0
@@ -19,6 +27,7 @@ VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(width=64, depth=2, heads=4, mlp_dim=256),
     "B": dict(width=512, depth=12, heads=8, mlp_dim=2048),
     "L": dict(width=768, depth=12, heads=12, mlp_dim=3072),
+    "So400m": dict(width=1152, depth=27, heads=16, mlp_dim=4304),
 }
 SIZES = ("width", "depth", "heads", "mlp_dim")
 
@@ -29,8 +38,22 @@ FIELDS: dict[str, Field] = {
     "depth": Field(None, "number of blocks", type=int, minimum=1),
     "heads": Field(None, "attention heads", type=int, minimum=1),
     "mlp_dim": Field(None, "hidden width of the MLP", type=int, minimum=1),
-    "pool": Field("mean", "pooling over the real (non-pad) tokens", choices=("mean", "first", "last")),
+    "pool": Field(
+        "mean",
+        "pooling: mean, first or last of the real (non-pad) tokens; `argmax`: the token of highest id "
+        "(CLIP's end-of-text); `final`: the last position, pads or not (SigLIP's)",
+        choices=("mean", "first", "last", "argmax", "final"),
+    ),
     "causal": Field(False, "causal attention mask (CLIP's text tower)"),
+    "pad_mask": Field(
+        True,
+        "hide pad tokens (id 0) from attention; off for published towers that attend to everything "
+        "(CLIP, where id 0 is a word, and SigLIP)",
+    ),
+    "activation": Field(
+        "gelu_tanh", "the MLPs' non-linearity (CLIP: quick_gelu)", choices=tuple(ACTIVATIONS)
+    ),
+    "norm_eps": Field(1e-6, "LayerNorm epsilon (CLIP: 1e-5)", minimum=0.0),
 }
 
 
@@ -43,6 +66,9 @@ class TextSpec:
     pool: str = "mean"
     causal: bool = False
     variant: str | None = None
+    pad_mask: bool = True
+    activation: str = "gelu_tanh"
+    norm_eps: float = 1e-6
 
 
 def resolve(values: dict[str, Any], path: str = "model.text") -> TextSpec:
@@ -54,7 +80,20 @@ def resolve(values: dict[str, Any], path: str = "model.text") -> TextSpec:
         raise ConfigError(
             f"{path}.pool: 'first' with causal=True would see only the first token (use 'last' or 'mean')"
         )
-    return TextSpec(**sizes, pool=values["pool"], causal=values["causal"], variant=values["variant"])
+    if values["pool"] in ("mean", "first", "last") and not values["pad_mask"]:
+        raise ConfigError(
+            f"{path}.pool: {values['pool']!r} pools the real tokens, which needs {path}.pad_mask=True "
+            "(use 'argmax' or 'final' without it)"
+        )
+    return TextSpec(
+        **sizes,
+        pool=values["pool"],
+        causal=values["causal"],
+        variant=values["variant"],
+        pad_mask=values["pad_mask"],
+        activation=values["activation"],
+        norm_eps=values["norm_eps"],
+    )
 
 
 class TextTransformer(nnx.Module):
@@ -83,14 +122,15 @@ class TextTransformer(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.embed = param(rngs, embed_normal, (vocab_size, w), ("vocab", "embed"))
         self.pos = param(rngs, embed_normal, (max_len, w), ("pos", "embed"))
+        block = dict(activation=spec.activation, norm_eps=spec.norm_eps, dtype=dtype, attention=attention)
         self.encoder = Stack(
-            lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype, attention=attention, rngs=r),
+            lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, **block, rngs=r),
             spec.depth,
             remat=remat,
             unroll=unroll,
             rngs=rngs,
         )
-        self.norm = LayerNorm(w, dtype=dtype, rngs=rngs)
+        self.norm = LayerNorm(w, epsilon=spec.norm_eps, dtype=dtype, rngs=rngs)
         self.out_dim = w
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -100,10 +140,16 @@ class TextTransformer(nnx.Module):
         valid = tokens != PAD_ID
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         x = x + self.pos[:length].astype(self.dtype)
-        x = self.encoder(x, attention_mask(valid, length, self.spec.causal))
+        x = self.encoder(x, attention_mask(valid if self.spec.pad_mask else None, length, self.spec.causal))
         x = self.norm(x)
         if self.spec.pool == "first":
             return x[:, 0]
+        if self.spec.pool == "final":
+            return x[:, -1]
+        if self.spec.pool == "argmax":
+            # CLIP's end-of-text token has the vocabulary's highest id; the first one wins ties.
+            eot = jnp.argmax(tokens, axis=1)
+            return jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
         if self.spec.pool == "last":
             # Position of the last real token, wherever pads sit.
             last = length - 1 - jnp.argmax(valid[:, ::-1], axis=1)

@@ -70,11 +70,23 @@ class DualEncoder(nnx.Module):
         )
         # Projections run in float32: they are cheap and feed the normalisation
         # and the similarity logits, where bf16 rounding would show.
-        self.image_proj = Dense(
-            self.image_tower.out_dim, spec.embed_dim, names=("embed", "proj"), use_bias=False, rngs=rngs
-        )
+        if spec.image_projection == "none":
+            if self.image_tower.out_dim != spec.embed_dim:
+                raise ValueError(
+                    f"model.image_projection='none' needs model.embed_dim ({spec.embed_dim}) equal to the "
+                    f"image tower's width ({self.image_tower.out_dim})"
+                )
+            self.image_proj = None
+        else:
+            self.image_proj = Dense(
+                self.image_tower.out_dim, spec.embed_dim, names=("embed", "proj"), use_bias=False, rngs=rngs
+            )
         self.text_proj = Dense(
-            self.text_tower.out_dim, spec.embed_dim, names=("embed", "proj"), use_bias=False, rngs=rngs
+            self.text_tower.out_dim,
+            spec.embed_dim,
+            names=("embed", "proj"),
+            use_bias=spec.text_projection_bias,
+            rngs=rngs,
         )
         self.logit_scale = nnx.Param(jnp.asarray(spec.logit_scale_init, jnp.float32))
         self.logit_bias = (
@@ -94,7 +106,8 @@ class DualEncoder(nnx.Module):
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """uint8 [B,H,W,3] (or float in [0,1]) -> unit-norm float32 [B, embed]."""
-        return l2_normalize(self.image_proj(self.image_features(images)))
+        features = self.image_features(images)
+        return l2_normalize(features if self.image_proj is None else self.image_proj(features))
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """int32 [B, L] token ids (pad 0) -> unit-norm float32 [B, embed]."""

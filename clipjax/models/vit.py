@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clipjax.models.layers import (
+    ACTIVATIONS,
     MLP,
     Attention,
     Conv,
@@ -30,6 +31,8 @@ VARIANTS: dict[str, dict[str, int]] = {
     "B/16": dict(width=768, depth=12, heads=12, mlp_dim=3072, patch_size=16),
     "B/32": dict(width=768, depth=12, heads=12, mlp_dim=3072, patch_size=32),
     "L/14": dict(width=1024, depth=24, heads=16, mlp_dim=4096, patch_size=14),
+    # SigLIP's shape-optimised ViT (Alabdulmohsin et al., 2023).
+    "So400m/14": dict(width=1152, depth=27, heads=16, mlp_dim=4304, patch_size=14),
 }
 SIZES = ("width", "depth", "heads", "mlp_dim", "patch_size")
 
@@ -43,6 +46,12 @@ FIELDS: dict[str, Field] = {
     "mlp_dim": Field(None, "hidden width of the MLP", type=int, minimum=1),
     "pool": Field("cls", "pooling of the tokens", choices=("cls", "mean", "map")),
     "patch_embed": Field("conv", "patch embedding", choices=("conv", "dense")),
+    "patch_bias": Field(True, "the patch embedding has a bias (CLIP's has none)"),
+    "ln_pre": Field(False, "a LayerNorm on the tokens before the blocks (CLIP's ln_pre)"),
+    "activation": Field(
+        "gelu_tanh", "the MLPs' non-linearity (CLIP: quick_gelu)", choices=tuple(ACTIVATIONS)
+    ),
+    "norm_eps": Field(1e-6, "LayerNorm epsilon (CLIP: 1e-5)", minimum=0.0),
 }
 
 
@@ -56,6 +65,10 @@ class ViTSpec:
     pool: str = "cls"
     patch_embed: str = "conv"
     variant: str | None = None
+    patch_bias: bool = True
+    ln_pre: bool = False
+    activation: str = "gelu_tanh"
+    norm_eps: float = 1e-6
 
 
 def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") -> ViTSpec:
@@ -67,19 +80,37 @@ def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") 
         raise ConfigError(
             f"{path}.patch_size: {sizes['patch_size']} does not divide the image size {image_size}"
         )
-    return ViTSpec(**sizes, pool=values["pool"], patch_embed=values["patch_embed"], variant=values["variant"])
+    return ViTSpec(
+        **sizes,
+        pool=values["pool"],
+        patch_embed=values["patch_embed"],
+        variant=values["variant"],
+        patch_bias=values["patch_bias"],
+        ln_pre=values["ln_pre"],
+        activation=values["activation"],
+        norm_eps=values["norm_eps"],
+    )
 
 
 class MAPHead(nnx.Module):
     """Multihead attention pooling: one learned probe attends over all tokens."""
 
     def __init__(
-        self, width: int, heads: int, mlp_dim: int, *, dtype: Any, attention: str = "xla", rngs: nnx.Rngs
+        self,
+        width: int,
+        heads: int,
+        mlp_dim: int,
+        *,
+        dtype: Any,
+        attention: str = "xla",
+        activation: str = "gelu_tanh",
+        norm_eps: float = 1e-6,
+        rngs: nnx.Rngs,
     ):
         self.probe = param(rngs, embed_normal, (width,), ("embed",))
         self.attn = Attention(width, heads, dtype=dtype, impl=attention, rngs=rngs)
-        self.norm = LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(width, mlp_dim, dtype=dtype, rngs=rngs)
+        self.norm = LayerNorm(width, epsilon=norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, activation=activation, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
@@ -118,27 +149,30 @@ class ViT(nnx.Module):
                 stride=p,
                 padding="VALID",
                 names=("conv_h", "conv_w", "conv_in", "embed"),
+                use_bias=spec.patch_bias,
                 kernel_init=lecun_normal,
                 dtype=dtype,
                 rngs=rngs,
             )
         else:
-            self.patch = Dense(p * p * 3, w, names=("patch", "embed"), dtype=dtype, rngs=rngs)
+            self.patch = Dense(
+                p * p * 3, w, names=("patch", "embed"), use_bias=spec.patch_bias, dtype=dtype, rngs=rngs
+            )
         self.cls = param(rngs, embed_normal, (w,), ("embed",)) if spec.pool == "cls" else None
         num_tokens = num_patches + (1 if spec.pool == "cls" else 0)
         self.pos = param(rngs, embed_normal, (num_tokens, w), ("pos", "embed"))
+        block = dict(activation=spec.activation, norm_eps=spec.norm_eps, dtype=dtype, attention=attention)
+        self.ln_pre = LayerNorm(w, epsilon=spec.norm_eps, dtype=dtype, rngs=rngs) if spec.ln_pre else None
         self.encoder = Stack(
-            lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, dtype=dtype, attention=attention, rngs=r),
+            lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, **block, rngs=r),
             spec.depth,
             remat=remat,
             unroll=unroll,
             rngs=rngs,
         )
-        self.norm = LayerNorm(w, dtype=dtype, rngs=rngs)
+        self.norm = LayerNorm(w, epsilon=spec.norm_eps, dtype=dtype, rngs=rngs)
         self.map_head = (
-            MAPHead(w, spec.heads, spec.mlp_dim, dtype=dtype, attention=attention, rngs=rngs)
-            if spec.pool == "map"
-            else None
+            MAPHead(w, spec.heads, spec.mlp_dim, **block, rngs=rngs) if spec.pool == "map" else None
         )
         self.out_dim = w
 
@@ -164,6 +198,8 @@ class ViT(nnx.Module):
             cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
         x = x + self.pos[...].astype(self.dtype)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
         x = self.norm(self.encoder(x))
         if self.spec.pool == "cls":
             return x[:, 0]

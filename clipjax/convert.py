@@ -1,0 +1,95 @@
+"""Published CLIP / SigLIP checkpoints in, Hugging Face checkpoints out.
+
+    python -m clipjax.convert import --format open_clip --checkpoint ViT-B-32.pt \\
+        --tokenizer bpe_simple_vocab_16e6.txt.gz --arch ViT-B-32-quickgelu --out runs/clip_b32
+    python -m clipjax.convert import --format hf_clip --checkpoint clip-vit-base-patch16/ --out runs/hf_b16
+    python -m clipjax.convert import --format hf_siglip --checkpoint siglip-base-patch16-224/ --out runs/siglip
+    python -m clipjax.convert export --format hf_clip --workdir runs/clip_b32 --out exported/
+
+`import` writes a clipjax workdir (config.json, a step-0 Orbax checkpoint, the tokenizer in its
+metadata) that `clipjax.load`, `python -m clipjax.evaluate` and `--config.init_from` read.
+open_clip checkpoints are .pt/.bin (read with torch) or .safetensors (read without it); Hugging
+Face folders hold config.json and model.safetensors (or pytorch_model.bin) and usually their
+tokenizer (tokenizer.json, spiece.model), which is taken unless --tokenizer names another.
+`export` writes model.safetensors and config.json that transformers' CLIPModel / SiglipModel
+load. Mistakes are one line (exit status 2); --verbose adds the traceback. docs/pretrained.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from clipjax.cli import run_reporting_errors
+from clipjax.pretrained.layouts import EXPORTERS, IMPORTERS
+
+PROG = "clipjax.convert"
+
+
+def _import(args) -> None:
+    from clipjax.pretrained import workdir
+
+    keys, params, vocab = workdir.read_source(
+        args.format, args.checkpoint, activation=args.activation, head_width=args.head_width, arch=args.arch
+    )
+    tokenizer_file = args.tokenizer or workdir.find_tokenizer(args.checkpoint)
+    if not tokenizer_file:
+        raise FileNotFoundError(
+            "--tokenizer: name the model's tokenizer file (CLIP: bpe_simple_vocab_16e6.txt.gz; "
+            "Hugging Face: tokenizer.json; SigLIP: spiece.model)"
+        )
+    keys.update(workdir.tokenizer_keys(tokenizer_file, args.format))
+    config, _, params = workdir.assemble(keys, params, vocab)
+    workdir.write_workdir(args.out, config, params, vocab_size=vocab)
+    print(
+        f"{PROG}: wrote {args.out} ({args.format} {args.checkpoint}); try: python -m clipjax.evaluate "
+        f"--workdir {args.out} --config.evals.imagenet.enabled=True --config.evals.imagenet.data_dir=..."
+    )
+
+
+def _export(args) -> None:
+    import jax
+
+    from clipjax.api import load
+    from clipjax.pretrained import workdir
+
+    model = load(args.workdir, args.step, devices=jax.devices()[:1])
+    workdir.export(args.format, model.config, model.params, model.tokenizer, args.out)
+    print(f"{PROG}: wrote {args.out} (model.safetensors, config.json) from {args.workdir} step {model.step}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks with errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    imp = commands.add_parser("import", help="a published checkpoint -> a clipjax workdir")
+    imp.add_argument("--format", required=True, choices=sorted(IMPORTERS))
+    imp.add_argument("--checkpoint", required=True, help="a file (open_clip) or a Hugging Face model folder")
+    imp.add_argument("--tokenizer", help="the tokenizer file (default: the one in the Hugging Face folder)")
+    imp.add_argument(
+        "--activation",
+        choices=("quick_gelu", "gelu", "gelu_tanh"),
+        help="the MLP non-linearity; open_clip files do not record it: OpenAI's models (open_clip's "
+        "-quickgelu names) use quick_gelu, open_clip-trained ones gelu (the default)",
+    )
+    imp.add_argument(
+        "--arch",
+        default="",
+        help="open_clip: the model name (ViT-B-32-quickgelu, ViT-H-14, ...), for what the file does not "
+        "record: the activation and the image tower's channels per head",
+    )
+    imp.add_argument(
+        "--head_width", type=int, default=None, help="open_clip: image channels per attention head"
+    )
+    imp.add_argument("--out", required=True, help="the new clipjax workdir")
+    exp = commands.add_parser("export", help="a clipjax workdir -> a Hugging Face model folder")
+    exp.add_argument("--format", required=True, choices=sorted(EXPORTERS))
+    exp.add_argument("--workdir", required=True)
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    exp.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    run_reporting_errors(PROG, lambda: (_import if args.command == "import" else _export)(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

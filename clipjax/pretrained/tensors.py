@@ -1,0 +1,142 @@
+"""Checkpoint files as {name: numpy array}: safetensors without torch, PyTorch files with it.
+
+safetensors (`.safetensors`) is a plain header plus raw little-endian arrays, read here with the
+`safetensors` package's numpy API. PyTorch's `.pt` / `.bin` files are Python pickles of torch
+tensors (or, for OpenAI's original CLIP releases, TorchScript archives) and need torch to read;
+that is the only place torch is imported. bfloat16 tensors come back as float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from clipjax import paths
+
+
+def _local(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """A local file for `path`: itself, or a temporary copy of a bucket object."""
+    if not paths.is_remote(path):
+        return paths.resolve(path), None
+    tmp = tempfile.TemporaryDirectory(prefix="clipjax-convert-")
+    local = os.path.join(tmp.name, os.path.basename(path))
+    with open(local, "wb") as f:
+        f.write(paths.read_bytes(path))
+    return local, tmp
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    local, tmp = _local(path)
+    try:
+        out = {}
+        # framework="numpy" cannot hold bfloat16: read those through their raw bits.
+        with safe_open(local, framework="numpy") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name)
+        return out
+    except (TypeError, ValueError) as e:
+        if "bfloat16" not in str(e) and "bf16" not in str(e).lower():
+            raise
+        return _read_safetensors_raw(local)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
+
+
+def _read_safetensors_raw(local: str) -> dict[str, np.ndarray]:
+    """safetensors by its format (8-byte header length, JSON header, data), bf16 widened."""
+    with open(local, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        data = f.read()
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = entry["data_offsets"]
+        raw = data[start:stop]
+        if entry["dtype"] == "BF16":
+            bits = np.frombuffer(raw, np.uint16).astype(np.uint32) << 16
+            out[name] = bits.view(np.float32).reshape(entry["shape"])
+        else:
+            out[name] = np.frombuffer(raw, _DTYPES[entry["dtype"]]).reshape(entry["shape"]).copy()
+    return out
+
+
+def read_torch(path: str) -> dict[str, np.ndarray]:
+    """A PyTorch state dict (or a TorchScript archive's) as numpy; needs torch."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{path}: reading a PyTorch .pt/.bin checkpoint needs torch (pip install torch); "
+            "safetensors files are read without it"
+        ) from None
+    local, tmp = _local(path)
+    try:
+        try:
+            state = torch.load(local, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - not a plain pickle: OpenAI's releases are TorchScript
+            state = torch.jit.load(local, map_location="cpu").state_dict()
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]  # open_clip training checkpoints wrap it
+        out = {}
+        for name, value in state.items():
+            if not hasattr(value, "detach"):
+                out[name] = np.asarray(value)
+                continue
+            value = value.detach().cpu()
+            if value.dtype == torch.bfloat16:
+                value = value.float()
+            out[name.removeprefix("module.")] = value.numpy()
+        return out
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+    """The tensors of one checkpoint file, by its extension."""
+    if not paths.exists(path):
+        raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(path)
+    if str(path).endswith((".pt", ".pth", ".bin")):
+        return read_torch(path)
+    raise ValueError(f"--checkpoint {path!r}: expected a .safetensors, .pt, .pth or .bin file")
+
+
+def read_hf_directory(directory: str) -> tuple[dict[str, np.ndarray], dict]:
+    """(tensors, config.json) of a Hugging Face model folder (model.safetensors, else
+    pytorch_model.bin; sharded safetensors through their index)."""
+    config_path = paths.join(directory, "config.json")
+    if not paths.exists(config_path):
+        raise FileNotFoundError(f"--checkpoint {directory!r}: no config.json (a Hugging Face model folder)")
+    config = json.loads(paths.read_text(config_path))
+    index = paths.join(directory, "model.safetensors.index.json")
+    if paths.exists(index):
+        files = sorted(set(json.loads(paths.read_text(index))["weight_map"].values()))
+        tensors = {}
+        for name in files:
+            tensors.update(read_safetensors(paths.join(directory, name)))
+        return tensors, config
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if paths.exists(paths.join(directory, name)):
+            return read_checkpoint(paths.join(directory, name)), config
+    raise FileNotFoundError(f"--checkpoint {directory!r}: no model.safetensors or pytorch_model.bin")
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
+    from safetensors.numpy import save
+
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them [1]).
+    data = save({k: np.require(v, requirements="C") for k, v in tensors.items()}, metadata={"format": "pt"})
+    paths.write_atomic(path, data)
