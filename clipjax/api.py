@@ -203,7 +203,7 @@ def _texts(strings) -> list[str]:
     return texts
 
 
-def prepare_images(images, image_size: int) -> np.ndarray:
+def prepare_images(images, image_size: int, resize: str = "crop") -> np.ndarray:
     """uint8 [N, S, S, 3] from the inputs `TrainedModel.encode_image` accepts (one-line errors)."""
     x = np.asarray(images)
     if x.dtype == bool or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
@@ -235,7 +235,11 @@ def prepare_images(images, image_size: int) -> np.ndarray:
     x = x.astype(np.uint8)
     if x.shape[1:3] == (image_size, image_size):
         return x
-    resized = [square_rgb(Image.fromarray(im), image_size) for im in x]
+    whole = resize == "squash"  # the model's `image_resize`: the whole image, or the centre square
+    resized = [
+        square_rgb(Image.fromarray(im), image_size, box=(0, 0, im.shape[1], im.shape[0]) if whole else None)
+        for im in x
+    ]
     return np.stack(resized) if resized else np.zeros((0, image_size, image_size, 3), np.uint8)
 
 
@@ -267,7 +271,11 @@ class TrainedModel:
         training data: shorter side to the training resolution, centre crop). NaN, infinite,
         bool, or float values outside [0, 1] are rejected with one line.
         """
-        return self.encoders.image(prepare_images(images, int(self.config.data.image_size)))
+        return self.encoders.image(
+            prepare_images(
+                images, int(self.config.data.image_size), self.config.model.get("image_resize", "crop")
+            )
+        )
 
     def encode_text(self, strings: str | Sequence[str]) -> np.ndarray:
         """A string or a list of strings -> [N, d] unit-norm embeddings ([0, d] for none)."""

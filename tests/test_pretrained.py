@@ -279,3 +279,16 @@ def test_open_clip_names_supply_what_the_file_does_not_record():
         2,
         1,
     )
+
+
+def test_siglip_models_see_the_whole_image_and_clip_models_the_centre():
+    from clipjax.api import prepare_images
+
+    image = np.zeros((20, 60, 3), np.uint8)
+    image[:, :10] = (255, 0, 0)  # a red band on the left sixth, the rest blue
+    image[:, 10:] = (0, 0, 255)
+    crop, squash = prepare_images(image, 8, "crop")[0], prepare_images(image, 8, "squash")[0]
+    assert crop[:, :, 0].max() == 0  # the centre square holds no red
+    assert squash[:, 0, 0].min() > 200 and squash[:, -1, 2].min() > 200  # the whole width kept
+    keys, _, _ = _import("hf_siglip")
+    assert keys["model.image_resize"] == "squash" and "model.image_resize" not in _import("hf_clip")[0]

@@ -45,7 +45,7 @@ from tensorflow_datasets.core import registered
 
 from clipjax import paths
 from clipjax.data import records, tfds_util
-from clipjax.data.images import decode_image, square_rgb
+from clipjax.data.images import decode_image, fit_crop, square_rgb
 
 # Generic prompts (a subset of CLIP's ImageNet ensemble), fine for photos of everyday classes.
 TEMPLATES = (
@@ -192,7 +192,7 @@ class RawRecords:
 # Decoding.
 
 
-def array_image(array: np.ndarray, image_size: int) -> np.ndarray:
+def array_image(array: np.ndarray, image_size: int, resize: str = "crop") -> np.ndarray:
     """uint8 [H, W], [H, W, 1|3|4] -> uint8 [S, S, 3] (see the module docstring)."""
     array = np.asarray(array)
     if array.dtype != np.uint8:
@@ -203,7 +203,8 @@ def array_image(array: np.ndarray, image_size: int) -> np.ndarray:
         return array
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(f"image tensors must be [H, W] or [H, W, 1|3|4], got {array.shape}")
-    return square_rgb(Image.fromarray(array), image_size, Image.BILINEAR)
+    box = (0, 0, array.shape[1], array.shape[0]) if resize == "squash" else None
+    return square_rgb(Image.fromarray(array), image_size, Image.BILINEAR, box=box)
 
 
 def classification_batches(
@@ -218,6 +219,7 @@ def classification_batches(
     label_key: str = "label",
     num_threads: int | None = None,
     drops=None,
+    resize: str = "crop",
 ) -> Iterator[dict[str, np.ndarray]]:
     """{'image': uint8 [b, S, S, 3], 'label': int32 [b], 'index': int32 [b]} batches of a split
     (its first `max_examples` records when that is > 0), b <= batch_size, read and decoded one
@@ -253,7 +255,7 @@ def classification_batches(
             bad("bad_image", index, "has no image")
             return None
         try:
-            return decode_image(data, image_size, Image.BILINEAR)
+            return decode_image(data, image_size, Image.BILINEAR, crop=fit_crop(resize))
         except Exception as e:  # PIL raises many types for corrupt files.
             bad("bad_image", index, f"has an undecodable image ({e})")
             return None
@@ -273,7 +275,7 @@ def classification_batches(
                 for index, record in zip(indices, chunk):
                     example = builder.info.features.deserialize_example_np(record)
                     try:
-                        images.append(array_image(example[image_key], image_size))
+                        images.append(array_image(example[image_key], image_size, resize))
                     except ValueError as e:
                         bad("bad_image", index, f"has an unusable image tensor ({e})")
                         images.append(None)

@@ -138,6 +138,14 @@ def check_crop_scale(scale) -> str | None:
     return None
 
 
+def fit_crop(resize: str):
+    """The `crop(width, height)` of `decode_image` for `model.image_resize`: None (the centre
+    square, the default) for 'crop'; the whole image for 'squash'."""
+    if resize == "squash":
+        return lambda width, height: (0, 0, width, height)
+    return None
+
+
 def square_rgb(
     im: Image.Image, image_size: int, resample=Image.BICUBIC, box: Box | None = None
 ) -> np.ndarray:

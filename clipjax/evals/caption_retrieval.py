@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from clipjax.data import classification as tfds_files
-from clipjax.data.images import decode_image
+from clipjax.data.images import decode_image, fit_crop
 from clipjax.data.sources.tfds_dataset import feature_keys, read_pairs
 from clipjax.evals.base import Evaluator, SkipEvaluation, register_evaluator
 from clipjax.evals.retrieval import multi_caption_retrieval
@@ -76,6 +76,7 @@ class CaptionRetrievalEvaluator(Evaluator):
         batch = s["batch_size"] or self.config.evals.batch_size
         size = self.config.data.image_size
 
+        crop = fit_crop(self.config.model.get("image_resize", "crop"))
         image_of_hash: dict[bytes, int] = {}
         caption_image: list[int] = []
         pending_images, pending_texts = [], []
@@ -105,7 +106,7 @@ class CaptionRetrievalEvaluator(Evaluator):
                 index = image_of_hash.get(key)
                 if index is None:
                     try:
-                        pending_images.append(decode_image(image, size, Image.BICUBIC))
+                        pending_images.append(decode_image(image, size, Image.BICUBIC, crop=crop))
                     except Exception:  # PIL raises many types for corrupt files
                         skipped["bad_image"] += 1
                         continue

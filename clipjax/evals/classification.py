@@ -170,6 +170,7 @@ class ClassificationEvaluator(Evaluator):
             image_key=s["image_key"],
             label_key=s["label_key"],
             drops=drops,
+            resize=self.config.model.get("image_resize", "crop"),
         )
 
     # -- the evaluation ------------------------------------------------------------------------

@@ -110,6 +110,12 @@ def model_section() -> Section:
             ),
             # With the model, not the data: a checkpoint's weights expect the statistics they were
             # trained with, and `clipjax.load` and evaluation read them from the stored config.
+            "image_resize": Field(
+                "crop",
+                "how evaluation and clipjax.load fit an image to image_size: `crop` (shorter side, centre "
+                "square; CLIP's) or `squash` (the whole image, aspect not kept; SigLIP's)",
+                choices=("crop", "squash"),
+            ),
             "image_projection": Field(
                 "linear",
                 "from the image tower to the shared space: `linear`, or `none` (SigLIP; needs embed_dim "
