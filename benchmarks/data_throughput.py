@@ -30,9 +30,8 @@ from PIL import Image, JpegImagePlugin
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clipjax.config import apply_overrides, default_config  # noqa: E402
-from clipjax.data import pipeline, tokenizers  # noqa: E402
+from clipjax.data import pipeline, records, tokenizers  # noqa: E402
 from clipjax.data.images import decode_image  # noqa: E402
-from tensorflow_datasets.proto import tf_example_pb2  # noqa: E402
 
 
 def photo_jpeg(rng: np.random.Generator, low: int, high: int) -> bytes:
@@ -47,14 +46,8 @@ def photo_jpeg(rng: np.random.Generator, low: int, high: int) -> bytes:
 
 
 def record(image: bytes, caption: str, index: int) -> bytes:
-    """One record as clipjax's prepared datasets store it (a tf.train.Example)."""
-    example = tf_example_pb2.Example()
-    feature = example.features.feature
-    feature["image"].bytes_list.value.append(image)
-    feature["caption"].bytes_list.value.append(caption.encode())
-    for key, value in (("text_id", index), ("index", index), ("label", -1)):
-        feature[key].int64_list.value.append(value)
-    return example.SerializeToString()
+    """One record as clipjax's prepared datasets store it (text_id: the index)."""
+    return records.pair_record(image, caption.encode(), index, text_id=index)
 
 
 class MemoryRecords:

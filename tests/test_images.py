@@ -8,10 +8,9 @@ import grain
 import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
-from tensorflow_datasets.proto import tf_example_pb2
 
 from clipjax.config import apply_overrides, config_from_dict, default_config
-from clipjax.data import pipeline, tokenizers
+from clipjax.data import pipeline, records, tokenizers
 from clipjax.data.images import (
     center_crop_box,
     decode_image,
@@ -199,13 +198,8 @@ def test_random_resized_crop_box_stays_in_range():
 
 
 def _record(image: bytes, caption: str, index: int) -> bytes:
-    example = tf_example_pb2.Example()
-    feature = example.features.feature
-    feature["image"].bytes_list.value.append(image)
-    feature["caption"].bytes_list.value.append(caption.encode())
-    for key, value in (("text_id", index), ("index", index), ("label", -1)):
-        feature[key].int64_list.value.append(value)
-    return example.SerializeToString()
+    """One record as clipjax's prepared datasets store it (text_id: the index)."""
+    return records.pair_record(image, caption.encode(), index, text_id=index)
 
 
 class MemoryRecords:

@@ -36,7 +36,7 @@ from tensorflow_datasets.core import read_only_builder, registered
 from tensorflow_datasets.core.utils import dtype_utils
 from tensorflow_datasets.proto import tf_example_pb2
 
-from clipjax.data import pipeline
+from clipjax.data import pipeline, records
 from clipjax.data.shapes import caption_text_id
 from clipjax.data.sources.base import register_source
 from clipjax.data.sources.tfds_records import TfdsRecordSource
@@ -143,23 +143,15 @@ def caption_hash(seed: tuple[int, ...], epochs, records) -> np.ndarray:
 
 
 def _record(image: bytes | None, caption: bytes | None, index: int) -> bytes:
-    """The record `pipeline.ChunkDecoder` parses (`clipjax.data.records`); a missing image or
-    caption is left out, which the decoder counts as missing_image or bad_caption."""
-    example = _Example()
-    feature = example.features.feature
+    """`records.pair_record` with the caption's text id (-1 when it is not UTF-8: the decoder
+    drops it as bad_caption)."""
     text_id = -1
-    if image is not None:
-        feature["image"].bytes_list.value.append(image)
     if caption is not None:
-        feature["caption"].bytes_list.value.append(caption)
         try:
             text_id = caption_text_id(caption.decode("utf-8").strip())
         except UnicodeDecodeError:
-            pass  # the decoder drops it as bad_caption
-    feature["text_id"].int64_list.value.append(text_id)
-    feature["index"].int64_list.value.append(index)
-    feature["label"].int64_list.value.append(-1)  # no concept labels: retrieval is strict
-    return example.SerializeToString()
+            pass
+    return records.pair_record(image, caption, index, text_id)
 
 
 class PairRecords:
