@@ -363,6 +363,12 @@ def test_folder_source_and_converter_in_a_bucket(s3, tmp_path, monkeypatch):
     paths.write_atomic(f"{s3}/own/pairs/img0.txt", "A photo, replaced.\n")
     assert folder_tfds.make_config(f"{s3}/own/pairs").name != before
     paths.write_atomic(f"{s3}/own/pairs/img0.txt", good["img0.png"] + "\n")
+    # And so does a CSV's, for an image it names (one listing of the CSV's folder, not a request each).
+    before = folder_tfds.make_config(f"{s3}/own/pairs.csv").name
+    original = paths.read_bytes(f"{s3}/own/pairs/img1.png")
+    paths.write_atomic(f"{s3}/own/pairs/img1.png", original + b"\0")
+    assert folder_tfds.make_config(f"{s3}/own/pairs.csv").name != before
+    paths.write_atomic(f"{s3}/own/pairs/img1.png", original)
 
     result = convert.convert(
         f"{s3}/own/pairs", f"{s3}/converted", test_fraction=0.0, workers=1, progress=False

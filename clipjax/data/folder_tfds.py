@@ -76,9 +76,11 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _stat_line(key: str, path: str | None) -> bytes:
+def _stat_line(key: str, path: str | None, listed: dict[str, str] | None = None) -> bytes:
+    """`key|size|version` of one file; `listed` ({url: version}, from one listing of a bucket
+    folder) saves a request per object."""
     if path and paths.is_remote(path):
-        found = paths.content_version(path) or "missing"
+        found = (listed or {}).get(paths.resolve(path)) or paths.content_version(path) or "missing"
         return _utf8(f"{key}|{found}\n")
     try:
         st = os.stat(path) if path else None
@@ -103,9 +105,14 @@ def _fingerprint(path: str) -> str:
     else:
         # The bytes rather than size and mtime: the CSV is read here anyway. Images are only
         # stat'ed, so a fixed or replaced image (same CSV) still makes a new directory.
-        h.update(paths.read_bytes(path))
-        for key, image, _, _ in _csv_pairs(path)[0]:
-            h.update(_stat_line(key, image))
+        data = paths.read_bytes(path)
+        h.update(data)
+        listed = None
+        if paths.is_remote(path):  # one listing of the CSV's folder, not a request per image
+            folder = posixpath.dirname(path)
+            listed = {posixpath.join(folder, rel): v for rel, v in paths.versions_under(folder).items()}
+        for key, image, _, _ in _csv_pairs(path, data)[0]:
+            h.update(_stat_line(key, image, listed))
     return h.hexdigest()[:12]
 
 
@@ -150,13 +157,14 @@ RawPair = tuple[str, str | None, bytes | None, str | None]
 Pair = tuple[str, str | None, bytes | None, int]
 
 
-def _csv_rows(source: str):
+def _csv_rows(source: str, data: bytes | None = None):
     """Yields (line number, cells) for the CSV's non-blank rows, whatever their bytes.
 
     Bytes that are not UTF-8 become lone surrogates (surrogateescape), so one stray byte costs
     only its row's caption instead of the whole file, and `_utf8` gives the bytes back exactly.
     """
-    text = paths.read_bytes(source).decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # Excel's BOM
+    data = paths.read_bytes(source) if data is None else data
+    text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # Excel's BOM
     reader = csv.reader(io.StringIO(text, newline=""))
     while True:
         line = reader.line_num + 1
@@ -170,10 +178,10 @@ def _csv_rows(source: str):
             yield line, cells
 
 
-def _csv_pairs(source: str) -> tuple[list[RawPair], list[int]]:
+def _csv_pairs(source: str, data: bytes | None = None) -> tuple[list[RawPair], list[int]]:
     """The pairs of a CSV (with the optional `label` column's text), and the line numbers of the
     rows whose caption is not UTF-8."""
-    rows = _csv_rows(source)
+    rows = _csv_rows(source, data)
     header = [cell.strip() for cell in next(rows, (0, []))[1]]
     missing = {"image", "caption"} - set(header)
     if missing:
