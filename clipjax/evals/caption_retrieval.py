@@ -26,6 +26,7 @@ from PIL import Image
 
 from clipjax.data import classification as tfds_files
 from clipjax.data.images import decode_image, fit_crop
+from clipjax.data.pipeline import decode_caption
 from clipjax.data.sources.tfds_dataset import feature_keys, read_pairs
 from clipjax.evals.base import Evaluator, SkipEvaluation, register_evaluator
 from clipjax.evals.retrieval import multi_caption_retrieval
@@ -95,7 +96,7 @@ class CaptionRetrievalEvaluator(Evaluator):
         for chunk in raw.chunks(n, batch):
             images, captions = read_pairs(chunk, s["image_key"], s["caption_key"])
             for image, texts in zip(images, captions):
-                texts = [t for t in (_utf8(t) for t in texts) if t]
+                texts = [t for t in map(decode_caption, texts) if t]
                 if image is None:
                     skipped["no_image"] += 1
                     continue
@@ -126,13 +127,6 @@ class CaptionRetrievalEvaluator(Evaluator):
         if skipped:
             result["skipped"] = dict(skipped)
         return {"caption_retrieval": {name: result}}
-
-
-def _utf8(text: bytes) -> str | None:
-    try:
-        return text.decode("utf-8").strip() or None
-    except UnicodeDecodeError:
-        return None
 
 
 def benchmark_sections() -> dict[str, dict]:

@@ -121,7 +121,7 @@ class ClassificationEvaluator(Evaluator):
             builder = datasets.get_builder(settings["dataset"], data_dir)
             split = settings["split"] or eval_split(settings["dataset"], list(builder.info.splits))
             datasets.split_size(settings["dataset"], data_dir, split)
-            if _probes(settings):
+            if _any_probe(settings):
                 datasets.split_size(settings["dataset"], data_dir, settings["train_split"])
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{path}.dataset: {str(e).splitlines()[0]}") from None
@@ -178,7 +178,7 @@ class ClassificationEvaluator(Evaluator):
     def run(self, encoders):
         s = self.settings
         name, split = s["dataset"], self.split()
-        if not (s["zero_shot"] or _probes(s)):
+        if not (s["zero_shot"] or _any_probe(s)):
             raise SkipEvaluation("zero_shot, the probes and knn are all off")
         classes = present = None
         if s["zero_shot"]:
@@ -195,7 +195,7 @@ class ClassificationEvaluator(Evaluator):
         for batch in self.batches(split, s["max_examples"], drops):
             emb = encoders.image(batch["image"])
             seen += len(emb)
-            if _probes(s):
+            if _any_probe(s):
                 embeddings.append(emb)
                 labels.append(batch["label"])
             if classes is not None:
@@ -221,7 +221,7 @@ class ClassificationEvaluator(Evaluator):
             result["zero_shot"] = {"top1": hits1 / seen, "num_classes": int(num_classes)}
             if num_classes > 5:
                 result["zero_shot"]["top5"] = hits5 / seen
-        if _probes(s) and seen:
+        if _any_probe(s) and seen:
             result.update(self._probes(encoders, np.concatenate(embeddings), np.concatenate(labels)))
         return {"classification": {name: result}}
 
@@ -263,7 +263,7 @@ class ClassificationEvaluator(Evaluator):
         return out
 
 
-def _probes(settings) -> bool:
+def _any_probe(settings) -> bool:
     return any(settings[k] for k in ("linear_probe", "logistic_probe", "few_shot", "knn"))
 
 

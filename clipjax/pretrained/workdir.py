@@ -101,7 +101,7 @@ def assemble(keys: dict[str, Any], params: dict, vocab_size: int, config=None):
     config = config if config is not None else default_config()
     apply_overrides(config, keys)
     model = nnx.eval_shape(model_factory(config, vocab_size=vocab_size))
-    graphdef, state = nnx.split(model)
+    graphdef, _ = nnx.split(model)
     expected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat_expected = dict(_flatten(expected))
     flat_params = dict(_flatten(params))
