@@ -9,6 +9,17 @@ Everything is a pure function of a seed. The split is generated in fixed-size
 chunks, each with its own generators derived from (seed, chunk), so a shorter
 split is a prefix of a longer one with the same seed, and captions can be made
 without rendering images.
+
+Two options, both off by default (and then without any effect on the output):
+
+* `nuisance=True`: each image also draws five nuisance factors that change its
+  pixels but not its concept or caption (`NUISANCE_FACTORS`: background light,
+  illumination gradient, background texture, sensor noise, vignette), each
+  returned as an int32 label. They come from a third generator stream, so the
+  attributes, captions, object geometry and the noise field are those of the
+  same seed without nuisance.
+* `concepts=K` (1..320): only the K concepts of `concept_subset(K)` are drawn,
+  uniformly. `label` stays the full concept id; `concept_index` maps it to 0..K-1.
 """
 
 from __future__ import annotations
@@ -61,6 +72,33 @@ _NOISE_STD = 8.0
 
 _CHUNK = 1024
 
+# Nuisance factors: {name: class names in label order}. Geometry is given for a
+# 32 px image and scales with image_size; gray levels are in 0..255.
+NUISANCE_FACTORS: dict[str, tuple[str, ...]] = {
+    "light": ("dark", "dim", "medium", "bright"),
+    "gradient": ("none", "horizontal", "vertical"),
+    "texture": ("flat", "stripes", "checker"),
+    "noise": ("low", "medium", "high"),
+    "vignette": ("none", "vignette"),
+}
+NUISANCE_NAMES = tuple(NUISANCE_FACTORS)
+# 40 gray levels apart, far more than the jitter, so a background mean names its
+# class; the brightest stays well below white objects (>= 238).
+_LIGHT_LEVELS = (55.0, 95.0, 135.0, 175.0)
+_LIGHT_JITTER = 5.0
+# A ramp from -A to +A across the image along one axis, in a random direction:
+# the class is the axis, so a horizontal flip keeps the class.
+_GRADIENT_AMPLITUDE = 25.0
+# Square waves of +-A: vertical stripes 2 px wide (period 4 px), or a checker of
+# 4 px squares, at a random phase. Low contrast against objects, but at fixed
+# frequencies, so they stand out in the spectrum even under the strongest noise.
+_TEXTURE_AMPLITUDE = 8.0
+_STRIPE_WIDTH = 2.0
+_CHECKER_SQUARE = 4.0
+_NOISE_STDS = (2.0, 8.0, 16.0)
+# The background is multiplied by 1 - strength * (r / r_corner)^2.
+_VIGNETTE_STRENGTH = 0.45
+
 # Caption vocabulary. Each word belongs to exactly one attribute (or to the
 # template glue), so a caption can be parsed back into labels.
 _SIZE_WORDS = (("small", "little", "tiny"), ("large", "big"))
@@ -87,6 +125,48 @@ def concept_attributes(label):
     label, size = divmod(label, len(SIZES))
     shape, color = divmod(label, len(COLORS))
     return shape, color, size, position
+
+
+def concept_order() -> np.ndarray:
+    """All 320 concept ids in the order `concept_subset` takes them.
+
+    Entry i is shape i mod 5, color i mod 8 (5 and 8 are coprime, so each run of 40
+    holds every shape-color pair once), and (size, position) from
+    s = (color + shape + i // 40) mod 8 as size = s // 4, position = s mod 4. Each
+    run of 40 then gives every shape all 8 size-position pairs and every color 5
+    of them, and the shift by i // 40 makes the whole a permutation. In every
+    prefix each attribute's classes are within 3 of one another in count (shape
+    and color within 1).
+    """
+    i = np.arange(NUM_CONCEPTS)
+    shape, color = i % len(SHAPES), i % len(COLORS)
+    s = (color + shape + i // (len(SHAPES) * len(COLORS))) % (len(SIZES) * len(POSITIONS))
+    return concept_id(shape, color, s // len(POSITIONS), s % len(POSITIONS))
+
+
+def check_concepts(concepts: int) -> int:
+    """`concepts` as an int in [0, 320] (0: all), or ValueError."""
+    if isinstance(concepts, bool) or int(concepts) != concepts or not 0 <= concepts <= NUM_CONCEPTS:
+        raise ValueError(f"concepts must be an integer in [0, {NUM_CONCEPTS}] (0: all), got {concepts!r}")
+    return int(concepts)
+
+
+def concept_subset(concepts: int) -> np.ndarray:
+    """The sorted concept ids drawn with `concepts=K`: the first K of `concept_order()`
+    (all 320 for K = 0). Subsets are nested, and from K = 40 on they hold every
+    shape-color pair; see `concept_order` for how balanced they are."""
+    k = check_concepts(concepts) or NUM_CONCEPTS
+    return np.sort(concept_order()[:k])
+
+
+def concept_index(label, concepts: int):
+    """Maps concept ids of `concept_subset(concepts)` to 0..K-1 (their rank in it)."""
+    subset = concept_subset(concepts)
+    label = np.asarray(label)
+    index = np.searchsorted(subset, label)
+    if np.any(index >= len(subset)) or np.any(subset[np.minimum(index, len(subset) - 1)] != label):
+        raise ValueError(f"labels outside the {len(subset)} concepts of concept_subset({concepts})")
+    return index
 
 
 # ----------------------------------------------------------------------------
@@ -303,13 +383,74 @@ def _masks(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(kind)
 
 
+def draw_nuisance(rng: np.random.Generator, n: int, *, draws: int | None = None) -> dict[str, np.ndarray]:
+    """Independent, uniform nuisance factors of n images: an int32 label per factor of
+    `NUISANCE_FACTORS`, and the continuous parameters `nuisance_background` uses.
+
+    `draws` (>= n) sizes every draw, as in `render`, so a prefix is stable.
+    """
+    m = n if draws is None else max(int(draws), n)
+    out = {k: rng.integers(0, len(c), m)[:n].astype(np.int32) for k, c in NUISANCE_FACTORS.items()}
+    out["light_jitter"] = rng.uniform(-_LIGHT_JITTER, _LIGHT_JITTER, m)[:n]
+    out["gradient_sign"] = np.where(rng.random(m)[:n] < 0.5, -1.0, 1.0)
+    # Fractions of a texture period; the pixel offset depends on the image size.
+    out["texture_phase"] = rng.random((m, 2))[:n]
+    return out
+
+
+def nuisance_background(nuisance: dict[str, np.ndarray], image_size: int = 32) -> np.ndarray:
+    """float32 [n, S, S] gray background of the images described by `draw_nuisance`'s output:
+    light level, plus gradient, plus texture, times vignette."""
+    s = image_size
+    scale = s / 32.0
+    c = (np.arange(s, dtype=np.float32) + 0.5) / s * 2.0 - 1.0  # pixel centres in [-1, 1]
+    level = np.asarray(_LIGHT_LEVELS)[nuisance["light"]] + nuisance["light_jitter"]
+    bg = np.repeat(level.astype(np.float32)[:, None, None], s, axis=1).repeat(s, axis=2)
+
+    ramp = (_GRADIENT_AMPLITUDE * nuisance["gradient_sign"]).astype(np.float32)
+    gradient = nuisance["gradient"]
+    bg += np.where(gradient == 1, ramp, 0.0).astype(np.float32)[:, None, None] * c[None, None, :]
+    bg += np.where(gradient == 2, ramp, 0.0).astype(np.float32)[:, None, None] * c[None, :, None]
+
+    px = np.arange(s)
+    band = max(1, round(_STRIPE_WIDTH * scale))
+    square = max(1, round(_CHECKER_SQUARE * scale))
+    phase = nuisance["texture_phase"]
+    # Offsets within one period (2 bands, 2 squares), so every phase is equally likely.
+    ox = (phase[:, 0] * 2 * band).astype(np.int64)[:, None, None]
+    stripes = ((px[None, None, :] + ox) // band) % 2
+    sx = (phase[:, 0] * 2 * square).astype(np.int64)[:, None, None]
+    sy = (phase[:, 1] * 2 * square).astype(np.int64)[:, None, None]
+    checker = ((px[None, None, :] + sx) // square + (px[None, :, None] + sy) // square) % 2
+    texture = nuisance["texture"][:, None, None]
+    pattern = np.where(texture == 1, 2 * stripes - 1, np.where(texture == 2, 2 * checker - 1, 0))
+    bg += _TEXTURE_AMPLITUDE * pattern.astype(np.float32)
+
+    r2 = (c[None, :] ** 2 + c[:, None] ** 2) / (2.0 * c[0] ** 2)  # 1 at the corner pixels
+    vignette = nuisance["vignette"].astype(np.float32)[:, None, None]
+    bg *= 1.0 - _VIGNETTE_STRENGTH * vignette * r2[None]
+    return bg
+
+
 def render(
-    shape, color, size, position, rng: np.random.Generator, image_size: int = 32, *, draws: int | None = None
+    shape,
+    color,
+    size,
+    position,
+    rng: np.random.Generator,
+    image_size: int = 32,
+    *,
+    draws: int | None = None,
+    nuisance: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Renders uint8 [n, S, S, 3] images for the given attribute arrays.
 
     `draws` (>= n) sizes the random draws for the per-object parameters, so
     rendering a prefix of a chunk consumes the generator like the whole chunk.
+    `nuisance` (`draw_nuisance`'s output for these n images) replaces the flat
+    background with `nuisance_background` and sets each image's noise level; the
+    object is drawn over the background unchanged, the noise over everything.
+    `rng` is consumed the same either way.
     """
     shape = np.asarray(shape)
     n = len(shape)
@@ -341,9 +482,19 @@ def render(
         if sel.size:
             inside[sel] = _masks(kind, u[sel], v[sel])
 
-    image = np.where(inside[..., None], rgb[:, None, None, :].astype(np.float32), gray[:, None, None, None])
-    # Noise last: its stream is filled in order, so a prefix gets the same noise.
-    image += rng.standard_normal(image.shape, dtype=np.float32) * _NOISE_STD
+    if nuisance is None:
+        image = np.where(
+            inside[..., None], rgb[:, None, None, :].astype(np.float32), gray[:, None, None, None]
+        )
+        # Noise last: its stream is filled in order, so a prefix gets the same noise.
+        image += rng.standard_normal(image.shape, dtype=np.float32) * _NOISE_STD
+    else:
+        # `gray` above is drawn but unused, so the object and the noise field stay
+        # those of the same seed without nuisance.
+        background = nuisance_background(nuisance, image_size)[..., None]
+        image = np.where(inside[..., None], rgb[:, None, None, :].astype(np.float32), background)
+        std = np.asarray(_NOISE_STDS, np.float32)[nuisance["noise"]][:, None, None, None]
+        image += rng.standard_normal(image.shape, dtype=np.float32) * std
     return np.clip(image, 0.0, 255.0).astype(np.uint8)
 
 
@@ -353,37 +504,60 @@ def _chunk_rngs(seed: int, chunk: int):
     return (np.random.default_rng([seed, chunk, 0]), np.random.default_rng([seed, chunk, 1]))
 
 
-def _chunk_attributes(rng: np.random.Generator, draws: int, n: int):
-    label = rng.integers(0, NUM_CONCEPTS, draws)[:n]
+def _nuisance_rng(seed: int, chunk: int):
+    # A third stream: turning nuisance on leaves the other two untouched.
+    return np.random.default_rng([seed, chunk, 2])
+
+
+def _chunk_attributes(rng: np.random.Generator, draws: int, n: int, concepts: int = 0):
+    if concepts:
+        # concept_subset(320) is arange(320): the same labels as concepts=0.
+        label = concept_subset(concepts)[rng.integers(0, concepts, draws)[:n]]
+    else:
+        label = rng.integers(0, NUM_CONCEPTS, draws)[:n]
     return label, concept_attributes(label)
 
 
 def generate_split(
-    num_examples: int, seed: int, image_size: int = 32, *, with_images: bool = True
+    num_examples: int,
+    seed: int,
+    image_size: int = 32,
+    *,
+    with_images: bool = True,
+    nuisance: bool = False,
+    concepts: int = 0,
 ) -> dict[str, np.ndarray]:
     """Generates a split deterministically from `seed`.
 
     Returns numpy arrays: image uint8 [N,S,S,3] (unless with_images=False),
-    caption str [N], text_id/index/label/shape/color/size/position int32 [N].
+    caption str [N], text_id/index/label/shape/color/size/position int32 [N],
+    and with `nuisance` the int32 [N] labels of NUISANCE_NAMES. `concepts=K`
+    draws only the concepts of `concept_subset(K)` (0: all 320).
     """
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-    parts = {k: [] for k in ("label", "shape", "color", "size", "position", "caption")}
+    concepts = check_concepts(concepts)
+    label_names = ("label", "shape", "color", "size", "position") + (NUISANCE_NAMES if nuisance else ())
+    parts = {k: [] for k in label_names + ("caption",)}
     images = []
     for chunk, start in enumerate(range(0, num_examples, _CHUNK)):
         n = min(_CHUNK, num_examples - start)
         attr_rng, pixel_rng = _chunk_rngs(seed, chunk)
-        label, (shp, col, siz, pos) = _chunk_attributes(attr_rng, _CHUNK, n)
+        label, (shp, col, siz, pos) = _chunk_attributes(attr_rng, _CHUNK, n, concepts)
         parts["label"].append(label)
         parts["shape"].append(shp)
         parts["color"].append(col)
         parts["size"].append(siz)
         parts["position"].append(pos)
         parts["caption"].extend(_make_captions(shp, col, siz, pos, attr_rng, _CHUNK))
+        factors = draw_nuisance(_nuisance_rng(seed, chunk), n, draws=_CHUNK) if nuisance else None
+        if nuisance:
+            for k in NUISANCE_NAMES:
+                parts[k].append(factors[k])
         if with_images:
-            images.append(render(shp, col, siz, pos, pixel_rng, image_size, draws=_CHUNK))
+            images.append(render(shp, col, siz, pos, pixel_rng, image_size, draws=_CHUNK, nuisance=factors))
     out: dict[str, np.ndarray] = {}
-    for k in ("label", "shape", "color", "size", "position"):
+    for k in label_names:
         out[k] = (np.concatenate(parts[k]) if parts[k] else np.zeros(0)).astype(np.int32)
     out["caption"] = np.array(parts["caption"], dtype=object)
     out["text_id"] = np.array([caption_text_id(c) for c in parts["caption"]], dtype=np.int32)
@@ -395,6 +569,6 @@ def generate_split(
     return out
 
 
-def generate_captions(num_examples: int, seed: int) -> list[str]:
-    """The captions `generate_split` would produce, without rendering images."""
-    return list(generate_split(num_examples, seed, with_images=False)["caption"])
+def generate_captions(num_examples: int, seed: int, *, concepts: int = 0) -> list[str]:
+    """The captions `generate_split` would produce (with or without nuisance), without rendering."""
+    return list(generate_split(num_examples, seed, with_images=False, concepts=concepts)["caption"])

@@ -5,7 +5,10 @@ read back with `tfds.data_source` / `builder.as_data_source`.
 
 The config name encodes every generation parameter, e.g.
 `s32_train50000_test5000_seed0`, so datasets of different sizes live in
-different directories under one data_dir. Any such name is accepted, also by
+different directories under one data_dir. The options away from their defaults
+add a suffix: `_nuis` (nuisance factors, stored as int32 features light,
+gradient, texture, noise, vignette) and `_k32` (32 concepts), in that order, e.g.
+`s32_train50000_test5000_seed0_nuis_k32`. Any such name is accepted, also by
 `tfds.data_source('shapes/s32_train1000_test100_seed3', data_dir=...)`.
 """
 
@@ -21,11 +24,24 @@ from clipjax import paths
 from clipjax.data import shapes
 from clipjax.data import tfds_util
 
-_NAME = re.compile(r"^s(\d+)_train(\d+)_test(\d+)_seed(\d+)$")
+_NAME = re.compile(r"^s(\d+)_train(\d+)_test(\d+)_seed(\d+)(_nuis)?(?:_k(\d+))?$")
 
 
-def config_name(image_size: int, num_train: int, num_test: int, seed: int) -> str:
-    return f"s{image_size}_train{num_train}_test{num_test}_seed{seed}"
+def _canonical_concepts(concepts: int) -> int:
+    # All 320 concepts draw exactly the data of the default, so they share its name.
+    concepts = shapes.check_concepts(concepts)
+    return 0 if concepts == shapes.NUM_CONCEPTS else concepts
+
+
+def config_name(
+    image_size: int, num_train: int, num_test: int, seed: int, nuisance: bool = False, concepts: int = 0
+) -> str:
+    name = f"s{image_size}_train{num_train}_test{num_test}_seed{seed}"
+    if nuisance:
+        name += "_nuis"
+    if concepts := _canonical_concepts(concepts):
+        name += f"_k{concepts}"
+    return name
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -34,29 +50,51 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_train: int = 50_000
     num_test: int = 5_000
     seed: int = 0
+    nuisance: bool = False
+    concepts: int = 0  # 0: all 320
 
     def __reduce__(self):
         # Unpickle (e.g. in grain worker processes) to the one cached instance per
         # name, which is what tfds insists on for known config names.
-        return make_config, (self.image_size, self.num_train, self.num_test, self.seed)
+        return make_config, (
+            self.image_size,
+            self.num_train,
+            self.num_test,
+            self.seed,
+            self.nuisance,
+            self.concepts,
+        )
 
 
 _CONFIGS: dict[str, ShapesConfig] = {}
 
 
 def make_config(
-    image_size: int = 32, num_train: int = 50_000, num_test: int = 5_000, seed: int = 0
+    image_size: int = 32,
+    num_train: int = 50_000,
+    num_test: int = 5_000,
+    seed: int = 0,
+    nuisance: bool = False,
+    concepts: int = 0,
 ) -> ShapesConfig:
     """One config object per name (tfds rejects two distinct objects with one name)."""
-    name = config_name(image_size, num_train, num_test, seed)
+    nuisance, concepts = bool(nuisance), _canonical_concepts(concepts)
+    name = config_name(image_size, num_train, num_test, seed, nuisance, concepts)
     if name not in _CONFIGS:
+        description = f"{num_train} train / {num_test} test images of {image_size}px, seed {seed}"
+        if nuisance:
+            description += ", nuisance factors"
+        if concepts:
+            description += f", {concepts} concepts"
         _CONFIGS[name] = ShapesConfig(
             name=name,
             image_size=image_size,
             num_train=num_train,
             num_test=num_test,
             seed=seed,
-            description=f"{num_train} train / {num_test} test images of {image_size}px, seed {seed}",
+            nuisance=nuisance,
+            concepts=concepts,
+            description=description,
         )
     return _CONFIGS[name]
 
@@ -82,29 +120,37 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     def get_builder_config(cls, name, version=None):
         config = super().get_builder_config(name, version)
         if config is None and (m := _NAME.match(name)):
-            config = make_config(*(int(g) for g in m.groups()))
+            size, train, test, seed, nuis, k = m.groups()
+            try:
+                config = make_config(int(size), int(train), int(test), int(seed), bool(nuis), int(k or 0))
+            except ValueError:
+                return None  # e.g. more concepts than there are
+            if config.name != name:
+                return None  # a non-canonical spelling, e.g. _k320 or _k007
         return config
 
     def _info(self) -> tfds.core.DatasetInfo:
-        s = self.builder_config.image_size
+        c = self.builder_config
+        s = c.image_size
         int32 = lambda: tfds.features.Tensor(shape=(), dtype=np.int32)
+        features = {
+            # Raw bytes: tf.Example would otherwise store each uint8 as int64.
+            "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8, encoding="bytes"),
+            "caption": tfds.features.Text(),
+            "text_id": int32(),
+            "index": int32(),
+            "label": int32(),
+            "shape": int32(),
+            "color": int32(),
+            "size": int32(),
+            "position": int32(),
+        }
+        if c.nuisance:
+            features.update({k: int32() for k in shapes.NUISANCE_NAMES})
         return tfds.core.DatasetInfo(
             builder=self,
             description="One coloured shape on a noisy gray background, captioned.",
-            features=tfds.features.FeaturesDict(
-                {
-                    # Raw bytes: tf.Example would otherwise store each uint8 as int64.
-                    "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8, encoding="bytes"),
-                    "caption": tfds.features.Text(),
-                    "text_id": int32(),
-                    "index": int32(),
-                    "label": int32(),
-                    "shape": int32(),
-                    "color": int32(),
-                    "size": int32(),
-                    "position": int32(),
-                }
-            ),
+            features=tfds.features.FeaturesDict(features),
             # Record i of a split is example i of generate_split.
             disable_shuffling=True,
         )
@@ -118,7 +164,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, num: int, seed: int):
-        data = shapes.generate_split(num, seed, self.builder_config.image_size)
+        c = self.builder_config
+        data = shapes.generate_split(num, seed, c.image_size, nuisance=c.nuisance, concepts=c.concepts)
         keys = [k for k in data if k != "caption"]
         for i in range(num):
             example = {k: data[k][i] for k in keys}
@@ -127,21 +174,37 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
 
 def shapes_builder(
-    data_dir: str, image_size: int = 32, num_train: int = 50_000, num_test: int = 5_000, seed: int = 0
+    data_dir: str,
+    image_size: int = 32,
+    num_train: int = 50_000,
+    num_test: int = 5_000,
+    seed: int = 0,
+    *,
+    nuisance: bool = False,
+    concepts: int = 0,
 ) -> Shapes:
-    return Shapes(data_dir=data_dir, config=make_config(image_size, num_train, num_test, seed))
+    config = make_config(image_size, num_train, num_test, seed, nuisance, concepts)
+    return Shapes(data_dir=data_dir, config=config)
 
 
 def prepare_shapes(
-    data_dir: str, image_size: int = 32, num_train: int = 50_000, num_test: int = 5_000, seed: int = 0
+    data_dir: str,
+    image_size: int = 32,
+    num_train: int = 50_000,
+    num_test: int = 5_000,
+    seed: int = 0,
+    *,
+    nuisance: bool = False,
+    concepts: int = 0,
 ) -> Shapes:
     """Returns the `shapes` builder for these parameters, prepared if needed; `data_dir` may be a
     bucket URL (`tfds_util.prepare_in_bucket`)."""
+    options = dict(nuisance=nuisance, concepts=concepts)
     if paths.is_remote(data_dir):
         return tfds_util.prepare_in_bucket(
-            lambda local: shapes_builder(local, image_size, num_train, num_test, seed), data_dir
+            lambda local: shapes_builder(local, image_size, num_train, num_test, seed, **options), data_dir
         )
     data_dir = paths.resolve(data_dir)
     return tfds_util.prepare_once(
-        lambda: shapes_builder(data_dir, image_size, num_train, num_test, seed), data_dir
+        lambda: shapes_builder(data_dir, image_size, num_train, num_test, seed, **options), data_dir
     )

@@ -14,9 +14,25 @@ class ShapesSource(TfdsRecordSource):
     FIELDS = {
         "num_test": Field(5_000, "held-out images rendered", minimum=1),
         "shapes_seed": Field(0, "the seed the dataset is rendered from"),
+        "shapes_nuisance": Field(
+            False,
+            "draw per-image nuisance factors (light, gradient, texture, noise, vignette; docs/data.md), "
+            "each an int32 label in the records and the eval arrays",
+        ),
+        "shapes_concepts": Field(
+            0,
+            "draw only this many of the 320 concepts (`shapes.concept_subset`), uniformly; 0: all",
+            minimum=0,
+            check=lambda v: None if v <= shapes.NUM_CONCEPTS else f"at most {shapes.NUM_CONCEPTS}",
+        ),
     }
     encoded_images = False
-    eval_int_fields = shapes.ATTRIBUTE_NAMES
+
+    @property
+    def eval_int_fields(self) -> tuple[str, ...]:
+        # The nuisance labels only exist (as record features) when rendered.
+        nuisance = shapes.NUISANCE_NAMES if self.config.shapes_nuisance else ()
+        return shapes.ATTRIBUTE_NAMES + nuisance
 
     def make_builder(self):
         return shapes_tfds.prepare_shapes(
@@ -25,6 +41,8 @@ class ShapesSource(TfdsRecordSource):
             num_train=self.config.num_train,
             num_test=self.config.num_test,
             seed=self.config.shapes_seed,
+            nuisance=self.config.shapes_nuisance,
+            concepts=self.config.shapes_concepts,
         )
 
     def zero_shot_tasks(self):
