@@ -45,10 +45,12 @@ def ints(values: list, default: int = -1) -> np.ndarray:
     return np.array([default if v is None else v for v in values], dtype=np.int32)
 
 
-def pair_record(image: bytes | None, caption: bytes | None, index: int, text_id: int = -1) -> bytes:
+def pair_record(
+    image: bytes | None, caption: bytes | None, index: int, text_id: int = -1, label: int = -1
+) -> bytes:
     """One image-caption record as the pipeline parses it (fields image, caption, text_id, index,
-    label = -1); a missing image or caption is left out, which the decoder counts as
-    missing_image or bad_caption."""
+    label); a missing image or caption is left out, which the decoder counts as missing_image or
+    bad_caption."""
     example = _Example()
     feature = example.features.feature
     if image is not None:
@@ -57,5 +59,5 @@ def pair_record(image: bytes | None, caption: bytes | None, index: int, text_id:
         feature["caption"].bytes_list.value.append(caption)
     feature["text_id"].int64_list.value.append(text_id)
     feature["index"].int64_list.value.append(index)
-    feature["label"].int64_list.value.append(-1)  # no concept labels: retrieval is strict
+    feature["label"].int64_list.value.append(label)  # -1: no concept labels, retrieval is strict
     return example.SerializeToString()

@@ -15,12 +15,21 @@ one on more hosts, or with more workers) draws what the uninterrupted one would 
 takes the first caption of each image: the retrieval evaluator pairs row i of the image
 embeddings with row i of the text embeddings, one caption per image.
 
+Class-labelled datasets (imagenet2012, cifar10, ...): `data.tfds_label_key` names an integer
+feature (a ClassLabel, or an int scalar) that becomes each record's `label`, in training batches
+and evaluation arrays alike. With `data.tfds_caption_key = ""` the caption is the class's name
+(`names[label]`; the decimal number for an int feature without names), so the tokenizer,
+`text_id` (equal ids: same class) and everything downstream work unchanged; a record whose label
+is negative (unlabelled, as in imagenet2012's test split) then has no caption and is dropped as
+bad_caption. Without a label key every record's label is -1, as before.
+
 Decoding: records are `tf.train.Example` protos of all the dataset's features. Only the two keys
-are read from the proto (`read_pair`) and rewritten as the records every source's pipeline parses
-(`clipjax.data.records`), so `pipeline.ChunkDecoder` decodes, crops and counts drops as for the
-other sources. For a COCO-like record (a 60 KB JPEG, 5 captions, 7 boxes) that adds ~30 us to the
-pipeline's own ~60 us per record; tfds' generic decoder (`deserialize_example_np`, image left
-encoded) would add ~190 us. Decoding the JPEG to 224 px costs ~2.5 ms either way.
+(three with a label key) are read from the proto (`read_record`) and rewritten as the records
+every source's pipeline parses (`clipjax.data.records`), so `pipeline.ChunkDecoder` decodes, crops
+and counts drops as for the other sources. For a COCO-like record (a 60 KB JPEG, 5 captions, 7
+boxes) that adds ~30 us to the pipeline's own ~60 us per record; tfds' generic decoder
+(`deserialize_example_np`, image left encoded) would add ~190 us. Decoding the JPEG to 224 px
+costs ~2.5 ms either way.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ _ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 
 
 # ----------------------------------------------------------------------------
-# Which proto keys hold the image and the captions.
+# Which proto keys hold the image, the captions and the label.
 
 
 def _leaves(feature, path: str = "", depth: int = 0):
@@ -85,8 +94,11 @@ def _is_encoded_image(feature) -> bool:
     return isinstance(feature, tfds.features.Tensor) and not isinstance(feature, tfds.features.Text)
 
 
-def feature_keys(builder, image_key: str, caption_key: str) -> tuple[str, str]:
-    """Checks the two feature paths against the dataset's features; one line naming the choices."""
+def feature_keys(builder, image_key: str, caption_key: str, label_key: str = "") -> tuple[str, str]:
+    """Checks the two feature paths against the dataset's features; one line naming the choices.
+
+    The caption key may be "" when there is a label key: captions are then the class names.
+    """
     strings = _string_leaves(builder.info.features)
     images = [k for k, (f, rank) in strings.items() if rank == 0 and _is_encoded_image(f)]
     name = builder.info.full_name
@@ -96,20 +108,68 @@ def feature_keys(builder, image_key: str, caption_key: str) -> tuple[str, str]:
             f"its image features: {images or 'none'}"
         )
     texts = [k for k in strings if k not in images]
-    if caption_key not in texts:
+    if caption_key not in texts and not (label_key and not caption_key):
+        hint = "; empty: captions are the label's class names" if label_key else ""
         raise ConfigError(
             f"data.tfds_caption_key: {caption_key!r} is not a text feature of {name}; "
-            f"its text features: {texts or 'none'} (a nested one as 'outer/inner', e.g. captions/text)"
+            f"its text features: {texts or 'none'} (a nested one as 'outer/inner', e.g. captions/text{hint})"
         )
     return image_key, caption_key
 
 
-def read_pair(raw: bytes, image_key: str, caption_key: str) -> tuple[bytes | None, list[bytes]]:
-    """The image bytes (None when missing) and the non-blank captions of a serialized record."""
+def _int_leaves(features) -> dict[str, object]:
+    """{key: feature} of the features stored as one integer per record (ClassLabel, int scalars)."""
+    out = {}
+    for key, feature, depth in _leaves(features):
+        info = feature.get_serialized_info()
+        if (
+            depth == 0
+            and isinstance(info, tfds.features.TensorInfo)
+            and not info.shape
+            and dtype_utils.is_integer(info.np_dtype)
+        ):
+            out[key] = feature
+    return out
+
+
+def label_feature(builder, label_key: str) -> tuple[str, tuple[str, ...] | None]:
+    """(label key, its class names, None for an int feature without them), checked against the
+    dataset's features; one line naming its integer features when wrong."""
+    ints = _int_leaves(builder.info.features)
+    feature = ints.get(label_key)
+    if feature is None:
+        raise ConfigError(
+            f"data.tfds_label_key: {label_key!r} is not an integer feature (a ClassLabel or int scalar) "
+            f"of {builder.info.full_name}; its integer features: {sorted(ints) or 'none'}"
+        )
+    names = None
+    # A ClassLabel of `num_classes` only names its classes by number itself; one of unknown size
+    # cannot list them, and takes the numbers as for an int feature.
+    if isinstance(feature, tfds.features.ClassLabel) and feature.num_classes is not None:
+        names = tuple(feature.names)
+    return label_key, names
+
+
+def read_record(
+    raw: bytes, image_key: str, caption_key: str, label_key: str = ""
+) -> tuple[bytes | None, list[bytes], int]:
+    """The image bytes (None when missing), the non-blank captions and the label (-1 when there
+    is no label key or the record lacks it) of a serialized record."""
     feature = _Example.FromString(raw).features.feature
     image = feature[image_key].bytes_list.value if image_key in feature else ()
     texts = feature[caption_key].bytes_list.value if caption_key in feature else ()
-    return (image[0] if len(image) == 1 else None), [t for t in texts if t.strip()]
+    label = -1
+    if label_key in feature:  # "" never is: no label key costs one dict probe
+        values = feature[label_key].int64_list.value
+        if len(values) == 1:
+            label = values[0]
+    return (image[0] if len(image) == 1 else None), [t for t in texts if t.strip()], label
+
+
+def read_pair(raw: bytes, image_key: str, caption_key: str) -> tuple[bytes | None, list[bytes]]:
+    """The image bytes (None when missing) and the non-blank captions of a serialized record."""
+    image, texts, _ = read_record(raw, image_key, caption_key)
+    return image, texts
 
 
 def read_pairs(raw_records, image_key: str, caption_key: str) -> tuple[list, list[list[bytes]]]:
@@ -142,27 +202,61 @@ def caption_hash(seed: tuple[int, ...], epochs, records) -> np.ndarray:
     return h
 
 
-def _record(image: bytes | None, caption: bytes | None, index: int) -> bytes:
-    """`records.pair_record` with the caption's text id (-1 when it is not UTF-8: the decoder
-    drops it as bad_caption)."""
-    text_id = -1
+def _text_id(caption: bytes | None) -> int:
+    """The caption's text id (-1 when it is not UTF-8: the decoder drops it as bad_caption)."""
     if caption is not None:
         try:
-            text_id = caption_text_id(caption.decode("utf-8").strip())
+            return caption_text_id(caption.decode("utf-8").strip())
         except UnicodeDecodeError:
             pass
-    return records.pair_record(image, caption, index, text_id)
+    return -1
+
+
+def _record(
+    image: bytes | None, caption: bytes | None, index: int, text_id: int | None = None, label: int = -1
+) -> bytes:
+    """`records.pair_record`, by default with the caption's text id."""
+    return records.pair_record(
+        image, caption, index, _text_id(caption) if text_id is None else text_id, label
+    )
 
 
 class PairRecords:
     """A tfds split as the random-access records the input pipeline reads.
 
-    Record i comes back with its image, its first caption, text_id, index=i and label=-1;
-    `read(records, draws)` takes caption `draw % count` instead.
+    Record i comes back with its image, its first caption, text_id, index=i and its label (-1
+    without a label key); `read(records, draws)` takes caption `draw % count` instead. Without a
+    caption key the caption is the label's class name (`class_names[label]`, else its number).
     """
 
-    def __init__(self, raw, image_key: str, caption_key: str):
+    def __init__(self, raw, image_key: str, caption_key: str, label_key: str = "", class_names=None):
         self.raw, self.image_key, self.caption_key = raw, image_key, caption_key
+        self.label_key, self.class_names = label_key, class_names
+        # Class name captions and their text ids, hashed once per class rather than per record.
+        self._class_captions: dict[int, tuple[bytes | None, int]] = {}
+
+    def class_caption(self, label: int) -> bytes | None:
+        """The caption of a class: its name, else its number; None for no class (label < 0)."""
+        return self._class_record_fields(label)[0]
+
+    def _class_record_fields(self, label: int) -> tuple[bytes | None, int]:
+        fields = self._class_captions.get(label)
+        if fields is None:
+            caption = None
+            if label >= 0 and self.class_names is None:
+                caption = str(label).encode()
+            elif 0 <= label < len(self.class_names or ()):
+                caption = self.class_names[label].encode("utf-8")
+            fields = self._class_captions[label] = (caption, _text_id(caption))
+        return fields
+
+    def captions(self, raw: bytes) -> tuple[bytes | None, list[bytes], int]:
+        """A serialized record's image, captions (its class's name without a caption key), label."""
+        image, texts, label = read_record(raw, self.image_key, self.caption_key, self.label_key)
+        if not self.caption_key:
+            caption = self.class_caption(label)
+            texts = [caption] if caption is not None and caption.strip() else []
+        return image, texts, label
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -180,9 +274,13 @@ class PairRecords:
         # One record at a time: each image's intermediate copies are freed before the next is
         # read, so they reuse warm memory (keeping a batch of them costs ~80 us per COCO image).
         for raw, draw, record in zip(self.raw.__getitems__(records.tolist()), draws, records):
-            image, texts = read_pair(raw, self.image_key, self.caption_key)
-            caption = texts[int(draw % np.uint64(len(texts)))] if texts else None
-            out.append(_record(image, caption, int(record)))
+            image, texts, label = read_record(raw, self.image_key, self.caption_key, self.label_key)
+            if self.caption_key:
+                caption = texts[int(draw % np.uint64(len(texts)))] if texts else None
+                text_id = None
+            else:
+                caption, text_id = self._class_record_fields(label)
+            out.append(_record(image, caption, int(record), text_id, label))
         return out
 
 
@@ -241,6 +339,13 @@ def _split_names(split: str) -> list[str]:
     return [re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")]
 
 
+def _no_caption_nor_label() -> ConfigError:
+    return ConfigError(
+        "data.tfds_caption_key, data.tfds_label_key: set at least one (a text feature for captions, "
+        "or an integer class feature whose class names become the captions)"
+    )
+
+
 @register_source
 class TfdsSource(TfdsRecordSource):
     name = "tfds"
@@ -254,7 +359,12 @@ class TfdsSource(TfdsRecordSource):
         "tfds_caption_key": Field(
             "captions/text",
             "its caption feature: text or a sequence of texts (one drawn per example per epoch); "
-            "nested as outer/inner",
+            "nested as outer/inner; empty with tfds_label_key: the label's class name",
+        ),
+        "tfds_label_key": Field(
+            "",
+            "an integer class feature (a ClassLabel, or an int scalar) whose value is each record's "
+            "label (e.g. label in imagenet2012, cifar10); empty: every label is -1",
         ),
         "tfds_train_split": Field("train", "the split trained on (a tfds split string: train+restval, ...)"),
         "tfds_eval_split": Field("", "the held-out split (empty: test, else validation, else val)"),
@@ -271,9 +381,11 @@ class TfdsSource(TfdsRecordSource):
     def check_config(cls, data_config) -> None:
         if not data_config.tfds_name.strip():
             raise ConfigError("data.tfds_name: name the prepared tfds dataset to read (e.g. coco_captions)")
-        for key in ("tfds_image_key", "tfds_caption_key", "tfds_train_split"):
+        for key in ("tfds_image_key", "tfds_train_split"):
             if not getattr(data_config, key).strip():
                 raise ConfigError(f"data.{key}: must not be empty")
+        if not data_config.tfds_caption_key.strip() and not data_config.tfds_label_key.strip():
+            raise _no_caption_nor_label()
 
     def make_builder(self):
         name, data_dir = self.config.tfds_name.strip(), self.data_dir
@@ -299,12 +411,26 @@ class TfdsSource(TfdsRecordSource):
 
     def prepare(self) -> None:
         self.keys  # noqa: B018 - opens the dataset and checks the feature keys
+        self.label  # noqa: B018
         self.tfds_split("train")
         self.tfds_split("test")
 
     @functools.cached_property
     def keys(self) -> tuple[str, str]:
-        return feature_keys(self.builder, self.config.tfds_image_key, self.config.tfds_caption_key)
+        """(image key, caption key), the caption key "" when captions are class names."""
+        caption_key = self.config.tfds_caption_key if self.config.tfds_caption_key.strip() else ""
+        if not caption_key and not self.label_key:  # (a config not validated by check_config)
+            raise _no_caption_nor_label()
+        return feature_keys(self.builder, self.config.tfds_image_key, caption_key, self.label_key)
+
+    @functools.cached_property
+    def label(self) -> tuple[str, tuple[str, ...] | None]:
+        """(label key, class names): ("", None) without a label key."""
+        return label_feature(self.builder, self.label_key) if self.label_key else ("", None)
+
+    @property
+    def label_key(self) -> str:
+        return self.config.tfds_label_key.strip()
 
     def tfds_split(self, split: str) -> str:
         """The tfds split behind clipjax's "train" and "test" (other names are passed through)."""
@@ -335,7 +461,7 @@ class TfdsSource(TfdsRecordSource):
         )
 
     def records(self, split: str) -> PairRecords:
-        return PairRecords(self.raw_records(split), *self.keys)
+        return PairRecords(self.raw_records(split), *self.keys, *self.label)
 
     def train_iterator(
         self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1, start_example: int = 0
@@ -360,10 +486,11 @@ class TfdsSource(TfdsRecordSource):
         ids = np.linspace(0, n - 1, take).round().astype(np.int64) if take else np.zeros(0, np.int64)
         if take < n:
             logging.info("tfds: training the tokenizer on the captions of %d of %d records", take, n)
+        pairs = PairRecords(raw, *self.keys, *self.label)
         texts = []
         for start in range(0, take, 1024):
-            _, captions = read_pairs(raw.__getitems__(ids[start : start + 1024].tolist()), *self.keys)
-            for caption in (c for cs in captions for c in cs):
+            chunk = raw.__getitems__(ids[start : start + 1024].tolist())
+            for caption in (c for r in chunk for c in pairs.captions(r)[1]):
                 text = pipeline.decode_caption(caption)
                 if text is not None:
                     texts.append(text)
