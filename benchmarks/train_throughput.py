@@ -275,7 +275,7 @@ class ClipjaxRunner:
             config, mesh, initial.graphdef, initial.shardings, initial.tx, initial.schedule
         )
         self.state = initial.state
-        self.batch = host_batch_to_global({k: batch[k] for k in STEP_INPUTS}, mesh)
+        self.batch = host_batch_to_global({k: batch[k] for k in STEP_INPUTS if k in batch}, mesh)
         self.params = count(self.state["params"])
         self.devices = mesh.size
         self.label = "clipjax train step"

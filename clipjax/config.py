@@ -7,7 +7,8 @@ and its checks: one clear line per mistake, before anything compiles.
     apply_overrides(c, {...})   dotted-key overrides, as the command line gives them
 
 Where each section is declared: `model` in clipjax/models/spec.py (and the towers' files),
-`data` in clipjax/data/sources/ (common fields, one set per source, the tokenizer's),
+`data` in clipjax/data/sources/ (common fields, one set per source, the tokenizer's), `augment`
+(image-image views) in clipjax/data/augment.py,
 `evals` in clipjax/evals/runner.py (and each evaluator's file), `loss` in losses/select.py,
 `optim` in optim.py, the collapse alarm's thresholds in metrics/collapse.py, `logging` in
 wandb_writer.py; the rest below.
@@ -24,11 +25,13 @@ import ml_collections
 from flax import nnx
 
 from clipjax import optim, paths
+from clipjax.data.augment import SECTION as AUGMENT_SECTION
 from clipjax.data.sources import data_section, source_class
 from clipjax.evals.runner import check_evaluators, evals_section
 from clipjax.losses.select import SECTION as LOSS_SECTION
 from clipjax.metrics.collapse import ALARM_FIELDS
-from clipjax.models import model_factory, model_section, model_spec
+from clipjax.models import model_factory, model_section
+from clipjax.models.spec import TASKS, config_model_spec
 from clipjax.parallel.mesh import BATCH_AXES, resolve_mesh_shape
 from clipjax.schema import ConfigError, Field, Section
 from clipjax.wandb_writer import SECTION as LOGGING_SECTION, check_config as check_logging
@@ -76,6 +79,12 @@ def schema() -> Section:
     return Section(
         {
             "seed": Field(0, "parameter initialisation and data order"),
+            "task": Field(
+                "image_text",
+                "`image_text`: CLIP's two towers; `image_image`: SimCLR, two augmented views of each image "
+                "(`augment`), the image tower and `model.projector` (docs/false_negatives.md)",
+                choices=TASKS,
+            ),
             "steps": Field(1000, "train steps (0: use `epochs`)", minimum=0),
             "epochs": Field(0.0, "run length in passes over `data.num_train` when `steps` is 0", minimum=0.0),
             "log_every": Field(50, "write metrics.jsonl / TensorBoard every N steps", minimum=1),
@@ -138,6 +147,7 @@ def schema() -> Section:
                 "logical parameter axis -> mesh axis pairs",
             ),
             "data": data_section(),
+            "augment": AUGMENT_SECTION,
             "model": model_section(),
             "loss": LOSS_SECTION,
             "optim": optim.SECTION,
@@ -187,9 +197,20 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
     """Raise ConfigError on the first mistake; return the resolved mesh shape."""
     schema().read(config)
     total_steps(config)
-    model_spec(config.model, image_size=config.data.image_size)
-    if config.loss.name == "sigmoid" and config.model.logit_bias_init is None:
+    config_model_spec(config)
+    if config.loss.name in ("sigmoid", "multi_positive_sigmoid") and config.model.logit_bias_init is None:
         raise ConfigError("model.logit_bias_init: the sigmoid loss needs a bias (SigLIP uses -10.0)")
+    if config.task == "image_image":
+        if (
+            config.loss.name in ("multi_positive", "multi_positive_sigmoid")
+            and config.loss.positives == "text_id"
+        ):
+            raise ConfigError(
+                "loss.positives: image-image views have no captions to share; 'label' (the oracle) "
+                f"is what makes {config.loss.name!r} differ from plain NT-Xent"
+            )
+        if config.loss.name == "alignment":
+            raise ConfigError("loss.name: 'alignment' is an image-text ablation (task='image_text')")
 
     axes = tuple(config.mesh.axes)
     try:

@@ -37,7 +37,7 @@ import re
 from typing import Any
 
 from clipjax.models.resnet import ResNetSpec
-from clipjax.models.spec import DualEncoderSpec, model_spec
+from clipjax.models.spec import DualEncoderSpec, config_model_spec
 from clipjax.models.text import TextSpec
 from clipjax.models.vit import ViTSpec
 
@@ -194,6 +194,17 @@ def tower_forward_flops(kind: str, spec: Any, size: int) -> float:
 def model_forward_flops(spec: DualEncoderSpec, *, image_size: int, text_len: int) -> dict[str, float]:
     """Forward FLOPs per example of each part of the dual encoder, and their `total`."""
     image_out = _image_tower(spec.image_kind)[1](spec.image, image_size)
+    if spec.task == "image_image":
+        # Two views of each example through the tower and the projector; no text.
+        hidden = spec.projector_hidden or image_out
+        widths = [image_out] + [hidden] * (spec.projector_layers - 1) + [spec.embed_dim]
+        parts = {
+            "image": 2 * tower_forward_flops(spec.image_kind, spec.image, image_size),
+            "text": 0.0,
+            "projections": 2 * sum(dense_flops(1, a, b) for a, b in zip(widths[:-1], widths[1:])),
+        }
+        parts["total"] = sum(parts.values())
+        return parts
     parts = {
         "image": tower_forward_flops(spec.image_kind, spec.image, image_size),
         "text": tower_forward_flops("text", spec.text, text_len),
@@ -221,7 +232,7 @@ def loss_flops(name: str, impl: str, batch: int, dim: int) -> float:
         return 0.0
     if impl == "ring":
         products = 5
-    elif name == "softmax":
+    elif name not in ("sigmoid", "multi_positive_sigmoid"):  # the softmax family: both directions
         products = 6
     else:
         products = 3
@@ -230,7 +241,7 @@ def loss_flops(name: str, impl: str, batch: int, dim: int) -> float:
 
 def forward_flops_per_example(config) -> float:
     """Forward FLOPs of one example through the model of `config` (towers and projections)."""
-    spec = model_spec(config.model, image_size=config.data.image_size)
+    spec = config_model_spec(config)
     return model_forward_flops(
         spec, image_size=int(config.data.image_size), text_len=int(config.data.tokenizer.max_len)
     )["total"]
@@ -247,7 +258,7 @@ def train_flops_per_step(config) -> float:
     batch = int(config.data.batch_size)
     micro = int(config.microbatches) > 1
     passes = 4 if micro else 3
-    spec = model_spec(config.model, image_size=config.data.image_size)
+    spec = config_model_spec(config)
     parts = model_forward_flops(
         spec, image_size=int(config.data.image_size), text_len=int(config.data.tokenizer.max_len)
     )
@@ -257,4 +268,6 @@ def train_flops_per_step(config) -> float:
         whole = any(matches(p, tower) for p in frozen)
         towers += (2 if micro else 1) * parts[part] if whole else passes * parts[part]
     towers = (towers + passes * parts["projections"]) * batch
-    return towers + loss_flops(config.loss.name, config.loss.impl, batch, int(config.model.embed_dim))
+    # Image-image: the 2B views are compared among themselves, (2B)^2 pairs.
+    views = 2 * batch if spec.task == "image_image" else batch
+    return towers + loss_flops(config.loss.name, config.loss.impl, views, int(config.model.embed_dim))

@@ -51,17 +51,27 @@ class EvalData:
             self._train[n] = self.source.eval_arrays(self.tokenizer, split="train", max_examples=n)
         return self._train[n]
 
+    def heldout_image_embeddings(self, encoders: Encoders) -> np.ndarray:
+        """Image embeddings of the held-out examples, computed once per `encoders` (image-image
+        models, which have no text tower, have these alone)."""
+        return encoders.memo("heldout_image", lambda: encoders.image(self.heldout["image"]))
+
     def heldout_embeddings(self, encoders: Encoders) -> tuple[np.ndarray, np.ndarray]:
         """(image, text) embeddings of the held-out examples, computed once per `encoders`."""
-        arrays = self.heldout
-        return encoders.memo(
-            "heldout", lambda: (encoders.image(arrays["image"]), encoders.tokens(arrays["text"]))
-        )
+        text = encoders.memo("heldout_text", lambda: encoders.tokens(self.heldout["text"]))
+        return self.heldout_image_embeddings(encoders), text
 
-    def frozen_features(self, encoders: Encoders, train_examples: int) -> FrozenFeatures:
+    def frozen_features(
+        self, encoders: Encoders, train_examples: int, field: str = "label"
+    ) -> FrozenFeatures:
         """Features for probes on the frozen image encoder, the held-out examples as the test
-        set. Raises SkipEvaluation when the held-out examples have no labels."""
-        test_labels = self.heldout["label"]
+        set, labelled by `field` (`label`, or an attribute the source records: `shape`, a
+        nuisance factor, ...). Raises SkipEvaluation when the held-out examples have no labels."""
+        if field not in self.heldout:
+            raise SkipEvaluation(
+                f"the held-out examples of data.name={self.source.config.name!r} have no {field!r}"
+            )
+        test_labels = self.heldout[field]
         if not len(test_labels):
             raise SkipEvaluation("there are no held-out examples")
         if np.any(test_labels < 0):
@@ -70,7 +80,7 @@ class EvalData:
             )
         train = self.train_examples(train_examples)
         train_emb = encoders.memo(("train", train_examples), lambda: encoders.image(train["image"]))
-        return FrozenFeatures(train_emb, train["label"], self.heldout_embeddings(encoders)[0], test_labels)
+        return FrozenFeatures(train_emb, train[field], self.heldout_image_embeddings(encoders), test_labels)
 
 
 class SkipEvaluation(Exception):

@@ -118,9 +118,19 @@ class KnnEvaluator(Evaluator):
         "train_examples": Field(5000, "train examples the neighbours come from", minimum=1),
         "k": Field((1, 10, 20), "neighbour counts reported", type=tuple, check=positive_ints),
         "temperature": Field(0.07, "vote weight exp(similarity / temperature)", minimum=1e-6),
+        "fields": Field(
+            (),
+            "more label fields classified, each on its own: report `fields.<name>` (largest k)",
+            type=tuple,
+        ),
     }
 
     def run(self, encoders):
         f = self.data.frozen_features(encoders, self.settings["train_examples"])
         k, temperature = self.settings["k"], self.settings["temperature"]
-        return {"knn": knn_accuracy(*f, k=k, temperature=temperature, num_classes=f.num_classes)}
+        report = knn_accuracy(*f, k=k, temperature=temperature, num_classes=f.num_classes)
+        for field in self.settings["fields"]:
+            g = self.data.frozen_features(encoders, self.settings["train_examples"], field)
+            scores = knn_accuracy(*g, k=(max(k),), temperature=temperature, num_classes=g.num_classes)
+            report.setdefault("fields", {})[field] = scores[f"top1@k{max(k)}"]
+        return {"num_examples": int(len(f.test_labels)), "knn": report}

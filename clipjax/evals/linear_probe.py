@@ -180,8 +180,19 @@ class LinearProbeEvaluator(Evaluator):
     """Closed-form ridge linear probe on frozen image features, fitted on the first train examples."""
 
     kind = "linear_probe"
-    FIELDS = {"train_examples": Field(5000, "train examples the probe is fitted on", minimum=1)}
+    FIELDS = {
+        "train_examples": Field(5000, "train examples the probe is fitted on", minimum=1),
+        "fields": Field(
+            (),
+            "more label fields probed, each on its own (`('shape', 'light')`): report `fields.<name>`",
+            type=tuple,
+        ),
+    }
 
     def run(self, encoders):
         f = self.data.frozen_features(encoders, self.settings["train_examples"])
-        return {"linear_probe": linear_probe(*f, num_classes=f.num_classes)}
+        report = linear_probe(*f, num_classes=f.num_classes)
+        for field in self.settings["fields"]:
+            g = self.data.frozen_features(encoders, self.settings["train_examples"], field)
+            report.setdefault("fields", {})[field] = linear_probe(*g, num_classes=g.num_classes)["top1"]
+        return {"num_examples": int(len(f.test_labels)), "linear_probe": report}

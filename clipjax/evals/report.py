@@ -7,6 +7,7 @@ report.json format (stable; scripts read it):
   retrieval.text_to_image.R@1|R@5|R@10|median_rank
   retrieval.strict.image_to_text.*, retrieval.strict.text_to_image.*   (own pair only)
   linear_probe.top1|regularizer|val_top1, knn.top1@k1|top1@k10|top1@k20   (frozen image features, dataset labels)
+  linear_probe.fields.<field>, knn.fields.<field>   (top-1 on another label field: `evals.<name>.fields`)
   embedding.*   (spectrum metrics of the evaluation embeddings)
   classification.<dataset>.dataset|split|num_examples, .zero_shot.top1|top5|num_classes,
       .linear_probe.*, .logistic_probe.*, .few_shot.*, .knn.*, .skipped.<reason>   (classification evaluators)
@@ -44,6 +45,8 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(
                 f"  {name:<24} " + "  ".join(f"{k} {v:.2%}" for k, v in report[name].items() if "top1" in k)
             )
+            for field, value in report[name].get("fields", {}).items():
+                lines.append(f"  {name + ' ' + field:<24} top1 {value:.2%}")
     for dataset, result in report.get("classification", {}).items():
         parts = [
             f"{n} {v:.2%}"

@@ -6,6 +6,7 @@ from typing import Any
 
 from clipjax.evals.base import EVALUATORS, EvalData, SkipEvaluation, instance_section, read_instance
 from clipjax.evals.encoders import Encoders
+from clipjax.models.two_towers import NoTextTower
 from clipjax.schema import Field, Section
 
 COMMON_FIELDS: dict[str, Field] = {
@@ -105,7 +106,7 @@ class EvalRunner:
         for evaluator in self.evaluators if evaluators is None else evaluators:
             try:
                 _merge(report, evaluator.run(encoders))
-            except SkipEvaluation as skip:
+            except (SkipEvaluation, NoTextTower) as skip:
                 if evaluator.name not in self._skips_logged:  # periodic evaluations: once
                     self._skips_logged.add(evaluator.name)
                     self.log(f"evals.{evaluator.name} skipped: {skip}")

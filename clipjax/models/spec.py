@@ -135,6 +135,14 @@ def model_section() -> Section:
             ),
             "image": image_section(),
             "text": Section(dict(text.FIELDS), doc="the text Transformer"),
+            "projector": Section(
+                {
+                    "layers": Field(2, "dense layers from the image tower to the loss's space", minimum=1),
+                    "hidden": Field(0, "width of the hidden layers (0: the image tower's width)", minimum=0),
+                },
+                doc="`task = 'image_image'` only: the SimCLR MLP head (ReLU between layers; its output, "
+                "of size embed_dim, feeds the loss; evaluation reads the tower before it)",
+            ),
         },
         doc="the dual encoder",
     )
@@ -159,11 +167,23 @@ class DualEncoderSpec:
     image_std: tuple[float, float, float] = CLIP_STD
     image_projection: str = "linear"
     text_projection_bias: bool = False
+    # `config.task`: 'image_text' (two towers) or 'image_image' (SimCLR: the image tower and an
+    # MLP projector of `projector_layers` layers, `projector_hidden` wide; no text tower).
+    task: str = "image_text"
+    projector_layers: int = 2
+    projector_hidden: int = 0
 
 
-def model_spec(model_config: Any, *, image_size: int, path: str = "model") -> DualEncoderSpec:
+TASKS = ("image_text", "image_image")
+
+
+def model_spec(
+    model_config: Any, *, image_size: int, path: str = "model", task: str = "image_text"
+) -> DualEncoderSpec:
     """Check `config.model` (a ConfigDict or a dict, missing fields take their defaults) and
-    resolve the towers' variants; raises ConfigError naming the key."""
+    resolve the towers' variants; raises ConfigError naming the key. `task` is `config.task`."""
+    if task not in TASKS:
+        raise ConfigError(f"task: unknown task {task!r} (expected one of {TASKS})")
     section = model_section()
     values = section.read(model_config, path)
     kind = values["image"]["kind"]
@@ -186,7 +206,15 @@ def model_spec(model_config: Any, *, image_size: int, path: str = "model") -> Du
         image_std=tuple(float(v) for v in values["image_std"]),
         image_projection=values["image_projection"],
         text_projection_bias=values["text_projection_bias"],
+        task=task,
+        projector_layers=values["projector"]["layers"],
+        projector_hidden=values["projector"]["hidden"],
     )
+
+
+def config_model_spec(config: Any) -> DualEncoderSpec:
+    """`model_spec` of a whole run config (its model section, image size and task)."""
+    return model_spec(config.model, image_size=config.data.image_size, task=config.get("task", "image_text"))
 
 
 def _get(section, key):
@@ -198,4 +226,13 @@ def _get(section, key):
         return None
 
 
-__all__ = ["ConfigError", "DualEncoderSpec", "IMAGE_TOWERS", "image_section", "model_section", "model_spec"]
+__all__ = [
+    "ConfigError",
+    "DualEncoderSpec",
+    "IMAGE_TOWERS",
+    "TASKS",
+    "config_model_spec",
+    "image_section",
+    "model_section",
+    "model_spec",
+]

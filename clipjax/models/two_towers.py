@@ -1,4 +1,5 @@
-"""The CLIP dual encoder: image tower + text tower -> shared unit-norm space."""
+"""The CLIP dual encoder: image tower + text tower -> shared unit-norm space; or, with
+`config.task = 'image_image'`, SimCLR's image tower + MLP projector (no text tower)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from flax import nnx
 
 from clipjax.models.layers import Dense
 from clipjax.models import spec as spec_lib
-from clipjax.models.spec import IMAGE_TOWERS, DualEncoderSpec, model_spec
+from clipjax.models.spec import IMAGE_TOWERS, DualEncoderSpec, config_model_spec, model_spec
 from clipjax.models.text import TextTransformer
 
 # CLIP's RGB statistics (the original OpenAI preprocessing), in [0, 1] units: the default of
@@ -45,6 +46,32 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps))
 
 
+class NoTextTower(ValueError):
+    """Raised (when traced) by `encode_text` of an image-image model: evaluators that need text
+    (zero-shot, retrieval) report themselves skipped."""
+
+
+class Projector(nnx.Module):
+    """SimCLR's head: `layers` dense layers with ReLU between them, float32.
+
+    The loss is taken after it and evaluation before it: the head absorbs the invariances the
+    augmentations demand, so the tower's features keep more of what a probe can read."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int, *, rngs: nnx.Rngs):
+        widths = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+        self.layers = nnx.List(
+            [
+                Dense(a, b, names=("embed", "proj"), use_bias=True, rngs=rngs)
+                for a, b in zip(widths[:-1], widths[1:])
+            ]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, layer in enumerate(self.layers):
+            x = layer(jax.nn.relu(x) if i else x)
+        return x
+
+
 class DualEncoder(nnx.Module):
     """Image and text towers with linear projections to a shared space.
 
@@ -65,6 +92,20 @@ class DualEncoder(nnx.Module):
         self.image_tower = IMAGE_TOWERS[spec.image_kind].Tower(
             spec.image, image_size=image_size, **execution, rngs=rngs
         )
+        self.logit_scale = nnx.Param(jnp.asarray(spec.logit_scale_init, jnp.float32))
+        self.logit_bias = (
+            nnx.Param(jnp.asarray(spec.logit_bias_init, jnp.float32))
+            if spec.logit_bias_init is not None
+            else None
+        )
+        if spec.task == "image_image":
+            width = self.image_tower.out_dim
+            self.projector = Projector(
+                width, spec.projector_hidden or width, spec.embed_dim, spec.projector_layers, rngs=rngs
+            )
+            self.text_tower = self.image_proj = self.text_proj = None
+            return
+        self.projector = None
         self.text_tower = TextTransformer(
             spec.text, vocab_size=vocab_size, max_len=max_len, **execution, rngs=rngs
         )
@@ -88,12 +129,6 @@ class DualEncoder(nnx.Module):
             use_bias=spec.text_projection_bias,
             rngs=rngs,
         )
-        self.logit_scale = nnx.Param(jnp.asarray(spec.logit_scale_init, jnp.float32))
-        self.logit_bias = (
-            nnx.Param(jnp.asarray(spec.logit_bias_init, jnp.float32))
-            if spec.logit_bias_init is not None
-            else None
-        )
 
     def image_features(self, images: jax.Array) -> jax.Array:
         """Tower output before projection, float32 [B, image_tower.out_dim]."""
@@ -105,13 +140,24 @@ class DualEncoder(nnx.Module):
         return self.text_tower(tokens).astype(jnp.float32)
 
     def encode_image(self, images: jax.Array) -> jax.Array:
-        """uint8 [B,H,W,3] (or float in [0,1]) -> unit-norm float32 [B, embed]."""
+        """uint8 [B,H,W,3] (or float in [0,1]) -> unit-norm float32 [B, embed].
+
+        An image-image model gives its representation: the tower's features before the
+        projector, normalised (what SimCLR evaluates)."""
         features = self.image_features(images)
-        return l2_normalize(features if self.image_proj is None else self.image_proj(features))
+        if self.projector is not None or self.image_proj is None:
+            return l2_normalize(features)
+        return l2_normalize(self.image_proj(features))
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """int32 [B, L] token ids (pad 0) -> unit-norm float32 [B, embed]."""
+        if self.text_tower is None:
+            raise NoTextTower("an image-image model (task='image_image') has no text tower")
         return l2_normalize(self.text_proj(self.text_features(tokens)))
+
+    def project_image(self, images: jax.Array) -> jax.Array:
+        """Image-image models: images -> unit-norm projector outputs, the space the loss sees."""
+        return l2_normalize(self.projector(self.image_features(images)))
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.encode_image(images), self.encode_text(tokens)
@@ -143,7 +189,7 @@ def model_factory(config: Any, *, vocab_size: int):
     directly into its shardings inside `jax.jit`.
     """
     image_size = _positive_arg(config.data.image_size, "data.image_size")
-    spec = model_spec(config.model, image_size=image_size)
+    spec = config_model_spec(config)
     max_len, seed = config.data.tokenizer.max_len, config.seed
     return lambda: DualEncoder(
         spec, vocab_size=vocab_size, max_len=max_len, image_size=image_size, rngs=nnx.Rngs(params=seed)

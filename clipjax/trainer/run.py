@@ -53,7 +53,7 @@ def _global_batches(iterator, mesh):
     # Only `next()` is part of the data-source contract (see pipeline.TrainIterator).
     while True:
         batch = next(iterator)
-        yield host_batch_to_global({k: batch[k] for k in STEP_INPUTS}, mesh)
+        yield host_batch_to_global({k: batch[k] for k in STEP_INPUTS if k in batch}, mesh)
 
 
 def _refuse_other_shapes(checkpointer: Checkpointer, params) -> None:

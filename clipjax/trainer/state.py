@@ -12,10 +12,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import optim
 from clipjax.config import total_steps
+from clipjax.losses import init_loss_state
 from clipjax.models import model_factory
-from clipjax.parallel import param_shardings
+from clipjax.parallel import batch_axes, param_shardings
 
-# state = {'step', 'params', 'opt_state', 'nonfinite_total', 'nonfinite_streak'}
+# state = {'step', 'params', 'opt_state', 'nonfinite_total', 'nonfinite_streak'}, plus
+# 'loss_state' when the loss keeps per-sample estimates (`loss.name = 'sogclr'`)
 COUNTERS = ("step", "nonfinite_total", "nonfinite_streak")
 
 
@@ -85,4 +87,10 @@ def init_train_state(config, mesh, *, vocab_size: int) -> TrainState:
     graphdef, state, shardings = create_train_state(
         make_model, abstract_model, tx, mesh, config.sharding_rules, frozen
     )
+    # Per-sample loss estimates (SogCLR's moving averages), sharded over the batch axes like
+    # the data, and saved in every checkpoint with the rest of the state.
+    loss_state = init_loss_state(config.loss, int(config.data.num_train), mesh, batch_axes(mesh))
+    if loss_state:
+        state["loss_state"] = loss_state
+        shardings["loss_state"] = jax.tree.map(lambda x: x.sharding, loss_state)
     return TrainState(graphdef, state, shardings, tx, schedule)

@@ -9,48 +9,89 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import optim
-from clipjax.losses import contrastive_loss
+from clipjax.losses import objective_loss
 from clipjax.metrics import embedding_metrics
 from clipjax.parallel import batch_axes, batch_parallelism
 
 
 def make_loss_fn(config, graphdef, mesh):
-    """loss(params, batch) -> (loss, (img, txt)) over the global batch.
+    """loss(params, batch, loss_state=None, step=0) -> (loss, (a, b, new_loss_state)) over the
+    global batch.
 
-    The towers run under jit's automatic partitioning; the loss inside a shard_map.
+    (a, b) are the embeddings the loss compares: images and texts, or (`task = 'image_image'`)
+    the projections of two augmented views of each image. The towers run under jit's automatic
+    partitioning; the loss inside a shard_map.
     """
     embedding_loss = make_embedding_loss(config, mesh)
+    embed = make_embed_fn(config, graphdef)
 
-    def loss_fn(params, batch):
-        model = nnx.merge(graphdef, params)
-        img, txt = model(batch["image"], batch["text"])
-        return embedding_loss(img, txt, params["logit_scale"], params.get("logit_bias")), (img, txt)
+    def loss_fn(params, batch, loss_state=None, step=0):
+        a, b = embed(params, batch, step)
+        loss, new_state = embedding_loss(
+            a, b, params["logit_scale"], params.get("logit_bias"), batch, loss_state or {}
+        )
+        return loss, (a, b, new_state)
 
     return loss_fn
 
 
-def make_embedding_loss(config, mesh):
-    axes = batch_axes(mesh)
+def make_embed_fn(config, graphdef):
+    """embed(params, batch, step) -> (a, b): the pair of embedding sets the loss compares.
 
-    def embedding_loss(img, txt, logit_scale, logit_bias):
-        return contrastive_loss(
-            config.loss.name,
-            img,
-            txt,
+    Image-image: both views are drawn on device from (seed, step, each example's `index`), so a
+    resumed run, another mesh or another micro-batching sees the same views."""
+    if config.task != "image_image":
+        return lambda params, batch, step: nnx.merge(graphdef, params)(batch["image"], batch["text"])
+    from clipjax.data.augment import augment_views
+
+    def embed(params, batch, step):
+        model = nnx.merge(graphdef, params)
+        views = augment_views(
+            batch["image"], _index(batch), seed=config.seed, step=step, config=config.augment
+        )
+        return tuple(model.project_image(v) for v in views)
+
+    return embed
+
+
+def _index(batch):
+    # Sources without a dataset position (a synthetic benchmark batch) count the batch's rows.
+    if "index" in batch:
+        return batch["index"]
+    return jnp.arange(batch["image"].shape[0], dtype=jnp.int32)
+
+
+def make_embedding_loss(config, mesh):
+    """embedding_loss(a, b, logit_scale, logit_bias, batch, loss_state) -> (loss, new_loss_state)."""
+    axes = batch_axes(mesh)
+    intra = config.task == "image_image"
+
+    def embedding_loss(a, b, logit_scale, logit_bias, batch, loss_state):
+        index = _index(batch)
+        # Equal ids are the same caption (a true positive); two views of one image share nothing
+        # with the other images but their position in the dataset.
+        ids = index if intra else batch.get("text_id", index)
+        return objective_loss(
+            config.loss,
+            a,
+            b,
             logit_scale,
             logit_bias,
+            ids=ids,
+            labels=batch.get("label", index),
+            index=index,
+            loss_state=loss_state,
             mesh=mesh,
             batch_axes=axes,
-            impl=config.loss.impl,
-            chunk=config.loss.chunk or None,
-            precision=config.loss.precision,
+            intra=intra,
         )
 
     return embedding_loss
 
 
 def make_grad_fn(config, graphdef, mesh):
-    """grad_fn(params, batch) -> ((loss, (img, txt)), grads) over the global batch.
+    """grad_fn(params, batch, loss_state=None, step=0) -> ((loss, (a, b, new_loss_state)), grads)
+    over the global batch.
 
     With `config.microbatches = k > 1` the towers see k micro-batches one at a time (GradCache):
     embed every micro-batch without gradients, take the loss gradient with respect to all B
@@ -68,20 +109,26 @@ def make_grad_fn(config, graphdef, mesh):
     if k <= 1:
         loss_fn = make_loss_fn(config, graphdef, mesh)
         if not frozen_patterns:
-            return jax.value_and_grad(loss_fn, has_aux=True)
 
-        def frozen_grad_fn(params, batch):
+            def full_grad_fn(params, batch, loss_state=None, step=0):
+                return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, loss_state, step)
+
+            return full_grad_fn
+
+        def frozen_grad_fn(params, batch, loss_state=None, step=0):
             trainable, frozen = optim.split_trainable(params, frozen_patterns)
-            return jax.value_and_grad(lambda t: loss_fn(optim.combine(t, frozen), batch), has_aux=True)(
-                trainable
-            )
+            return jax.value_and_grad(
+                lambda t: loss_fn(optim.combine(t, frozen), batch, loss_state, step), has_aux=True
+            )(trainable)
 
         return frozen_grad_fn
     axes = batch_axes(mesh)
     shards = batch_parallelism(mesh)
     embedding_loss = make_embedding_loss(config, mesh)
+    embed_fn = make_embed_fn(config, graphdef)
     micro_sharding = NamedSharding(mesh, P(None, axes))
     rows_sharding = NamedSharding(mesh, P(axes))
+    tower_inputs = ("image", "index") if config.task == "image_image" else ("image", "text")
 
     def split(x):
         # [B, ...] -> [k, B/k, ...] where every micro-batch takes b/k rows from each device's
@@ -95,34 +142,34 @@ def make_grad_fn(config, graphdef, mesh):
         x = y.reshape(k, shards, b // k, *y.shape[2:]).swapaxes(0, 1).reshape(shards * b, *y.shape[2:])
         return jax.lax.with_sharding_constraint(x, rows_sharding)
 
-    def embed(params, micro):
-        return nnx.merge(graphdef, params)(micro["image"], micro["text"])
-
-    def grad_fn(params, batch):
+    def grad_fn(params, batch, loss_state=None, step=0):
         trainable, frozen = optim.split_trainable(params, frozen_patterns)
-        micro = {key: split(batch[key]) for key in ("image", "text")}
-        img, txt = jax.lax.map(lambda mb: embed(jax.lax.stop_gradient(params), mb), micro)
-        img, txt = merge(img), merge(txt)
+        batch = {**batch, "index": _index(batch)}
+        micro = {key: split(batch[key]) for key in tower_inputs}
+        a, b = jax.lax.map(lambda mb: embed_fn(jax.lax.stop_gradient(params), mb, step), micro)
+        a, b = merge(a), merge(b)
         has_bias = "logit_bias" in params
         bias = params["logit_bias"] if has_bias else jnp.zeros((), jnp.float32)
-        loss, (g_img, g_txt, g_scale, g_bias) = jax.value_and_grad(
-            lambda i, t, s, c: embedding_loss(i, t, s, c if has_bias else None), argnums=(0, 1, 2, 3)
-        )(img, txt, params["logit_scale"], bias)
+        (loss, new_state), (g_a, g_b, g_scale, g_bias) = jax.value_and_grad(
+            lambda i, t, s, c: embedding_loss(i, t, s, c if has_bias else None, batch, loss_state or {}),
+            argnums=(0, 1, 2, 3),
+            has_aux=True,
+        )(a, b, params["logit_scale"], bias)
 
         def accumulate(total, xs):
-            mb, gi, gt = xs
-            _, vjp = jax.vjp(lambda t: embed(optim.combine(t, frozen), mb), trainable)
-            (g,) = vjp((gi, gt))
+            mb, ga, gb = xs
+            _, vjp = jax.vjp(lambda t: embed_fn(optim.combine(t, frozen), mb, step), trainable)
+            (g,) = vjp((ga, gb))
             return jax.tree.map(jnp.add, total, g), None
 
         grads, _ = jax.lax.scan(
-            accumulate, jax.tree.map(jnp.zeros_like, trainable), (micro, split(g_img), split(g_txt))
+            accumulate, jax.tree.map(jnp.zeros_like, trainable), (micro, split(g_a), split(g_b))
         )
         if "logit_scale" in grads:
             grads["logit_scale"] = grads["logit_scale"] + g_scale
         if has_bias and "logit_bias" in grads:
             grads["logit_bias"] = grads["logit_bias"] + g_bias
-        return (loss, (img, txt)), grads
+        return (loss, (a, b, new_state)), grads
 
     return grad_fn
 
@@ -132,8 +179,9 @@ def _is_counter(path) -> bool:
     return bool(path) and getattr(path[-1], "name", getattr(path[-1], "key", None)) == "count"
 
 
-# The batch keys the step reads (the rest of a data batch stays on the host).
-STEP_INPUTS = ("image", "text", "text_id", "label")
+# The batch keys the step reads (the rest of a data batch stays on the host). `index` (the
+# example's position in the dataset) seeds image-image views and keys per-sample loss state.
+STEP_INPUTS = ("image", "text", "text_id", "label", "index")
 
 
 def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
@@ -144,7 +192,8 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
     frozen_patterns = tuple(config.optim.frozen)
 
     def train_step(state, batch, with_metrics):
-        (loss, (img, txt)), grads = grad_fn(state["params"], batch)
+        loss_state = state.get("loss_state", {})
+        (loss, (img, txt, loss_state)), grads = grad_fn(state["params"], batch, loss_state, state["step"])
         # Only the trainable parameters reach the optimizer; the frozen ones pass through as
         # they are (no update, no weight decay, no optimizer state), bit for bit.
         old, frozen = optim.split_trainable(state["params"], frozen_patterns)
@@ -165,7 +214,8 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
             metrics["logit_bias"] = params["logit_bias"]
         if with_metrics:
             # Measured on the embeddings this step trained on, with the temperature they saw.
-            keys = {"": batch["text_id"], "label_": batch["label"]}
+            ids = batch["index"] if config.task == "image_image" else batch["text_id"]
+            keys = {"": ids, "label_": batch["label"]}
             metrics.update(
                 embedding_metrics(
                     img,
@@ -197,6 +247,8 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
             "nonfinite_total": state["nonfinite_total"] + skipped,
             "nonfinite_streak": metrics["nonfinite_streak"],
         }
+        if "loss_state" in state:  # per-sample estimates (SogCLR): kept as they were on a bad step
+            new_state["loss_state"] = keep(loss_state, state["loss_state"])
         metrics["param_norm"] = optax.tree.norm(new_state["params"])
         return new_state, metrics
 

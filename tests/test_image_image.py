@@ -1,0 +1,180 @@
+"""Image-image (SimCLR) mode through the one trainer: exact sharded gradients through the on-device
+views and the projector, micro-batching, SogCLR's per-sample state in checkpoints and resume,
+and what the model offers evaluation."""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from clipjax import trainer as train_lib
+from clipjax.checkpoint import Checkpointer
+from clipjax.config import ConfigError, apply_overrides, validate
+from clipjax.evals.runner import EvalRunner
+from clipjax.losses import objective_loss
+from clipjax.parallel import batch_axes, host_batch_to_global, make_mesh
+from clipjax.trainer.state import init_train_state
+from clipjax.trainer.step import make_grad_fn, make_loss_fn
+from tests.helpers import rel_err, source_and_tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def simclr_tiny(data_dir, **overrides):
+    spec = importlib.util.spec_from_file_location("simclr_demo", ROOT / "configs" / "simclr_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("tiny")
+    c.data.data_dir = data_dir
+    return apply_overrides(c, overrides)
+
+
+def _step_inputs(batch):
+    return {k: batch[k] for k in ("image", "text", "text_id", "label", "index")}
+
+
+def _assert_grads_close(grads_ref, grads, tol=1e-5):
+    flat_ref = jax.tree_util.tree_flatten_with_path(grads_ref)[0]
+    flat = jax.tree.leaves(grads)
+    assert len(flat_ref) == len(flat)
+    floor = 1e-4 * max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_ref))
+    for (path, g_ref), g in zip(flat_ref, flat):
+        err = np.max(np.abs(np.asarray(g, np.float64) - np.asarray(g_ref, np.float64)))
+        assert err <= tol * max(float(np.max(np.abs(g_ref))), floor), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("loss_name", ["softmax", "sogclr"])
+def test_sharded_image_image_grads_equal_single_device(tfds_dir, loss_name):
+    """NT-Xent (and SogCLR) through augment -> tower -> projector: 8 devices equal one device,
+    and the loss equals `objective_loss` on the projections the model gives."""
+    config = simclr_tiny(tfds_dir, **{"loss.name": loss_name})
+    source, tokenizer = source_and_tokenizer(config.data)
+    batch = _step_inputs(next(source.train_iterator(tokenizer, seed=0)))
+    results = []
+    for devices, shape in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (4, 2, 1))):
+        config.mesh.shape = shape
+        mesh = make_mesh(config.mesh, devices=devices)
+        setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
+        loss_fn = make_loss_fn(config, setup.graphdef, mesh)
+        global_batch = host_batch_to_global(batch, mesh)
+        loss_state = setup.state.get("loss_state", {})
+        (loss, (a, b, new_state)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+            setup.state["params"], global_batch, loss_state, 3
+        )
+        # The same loss from the embeddings alone: the step adds nothing of its own.
+        direct, _ = objective_loss(
+            config.loss,
+            a,
+            b,
+            setup.state["params"]["logit_scale"],
+            None,
+            ids=global_batch["index"],
+            labels=global_batch["label"],
+            index=global_batch["index"],
+            loss_state=loss_state,
+            mesh=mesh,
+            batch_axes=batch_axes(mesh),
+            intra=True,
+        )
+        assert rel_err(direct, loss) <= 1e-6
+        # The two views differ (they are different augmentations of one image).
+        assert float(np.mean(np.sum(np.asarray(a) * np.asarray(b), axis=1))) < 0.999
+        results.append((loss, jax.device_get(grads), jax.device_get(new_state)))
+    (loss_1, grads_1, state_1), (loss_8, grads_8, state_8) = results
+    assert rel_err(loss_8, loss_1) <= 1e-5
+    _assert_grads_close(grads_1, grads_8)
+    assert abs(float(grads_1["projector"]["layers"][0]["kernel"].sum())) > 0
+    if loss_name == "sogclr":
+        visited = np.isfinite(state_1["log_u"])
+        assert visited.sum() == 2 * len(batch["index"])  # one estimate per view-anchor of the batch
+        np.testing.assert_allclose(state_8["log_u"][visited], state_1["log_u"][visited], rtol=1e-5)
+
+
+def test_microbatched_image_image_grads_equal_full_batch(tfds_dir):
+    config = simclr_tiny(tfds_dir)
+    source, tokenizer = source_and_tokenizer(config.data)
+    batch = _step_inputs(next(source.train_iterator(tokenizer, seed=0)))
+    config.mesh.shape = (4, 2, 1)
+    mesh = make_mesh(config.mesh)
+    setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
+    global_batch = host_batch_to_global(batch, mesh)
+    results = []
+    for k in (1, 2):
+        config.microbatches = k
+        (loss, _), grads = jax.jit(make_grad_fn(config, setup.graphdef, mesh))(
+            setup.state["params"], global_batch, {}, 5
+        )
+        results.append((float(loss), jax.device_get(grads)))
+    (loss_1, grads_1), (loss_2, grads_2) = results
+    assert abs(loss_2 - loss_1) <= 1e-5 * abs(loss_1)
+    _assert_grads_close(grads_1, grads_2)
+
+
+def test_sogclr_state_is_sharded_checkpointed_and_resumed_exactly(tfds_dir, tmp_path):
+    """A SimCLR run with SogCLR stopped at step 3 and resumed ends where the uninterrupted run
+    ends: parameters, the per-sample estimates and every step's loss; the estimates are stored
+    sharded over the batch axes, never replicated."""
+    config = simclr_tiny(tfds_dir, **{"loss.name": "sogclr", "evals.at_end": False, "mesh.shape": (4, 2, 1)})
+    config.steps = 6
+    config.checkpoint_every = 100
+    train_lib.train(config, str(tmp_path / "straight"))
+    train_lib.train(config, str(tmp_path / "resumed"), stop_at=3)
+    train_lib.train(config, str(tmp_path / "resumed"))
+
+    def final_state(workdir):
+        ckpt = Checkpointer(workdir)
+        restored = ckpt.manager.restore(ckpt.latest_step())
+        ckpt.close()
+        return restored["state"]
+
+    a, b = final_state(str(tmp_path / "straight")), final_state(str(tmp_path / "resumed"))
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    log_u = np.asarray(a["loss_state"]["log_u"])
+    np.testing.assert_array_equal(log_u, np.asarray(b["loss_state"]["log_u"]))
+    # 6 steps of 32 views-pairs over 512 examples: each step's examples got estimates.
+    assert 6 * 32 * 2 >= np.isfinite(log_u).sum() >= 4 * 32 * 2
+
+    mesh = make_mesh(config.mesh)
+    setup = init_train_state(config, mesh, vocab_size=300)
+    sharding = setup.shardings["loss_state"]["log_u"]
+    shards = setup.state["loss_state"]["log_u"].addressable_shards
+    assert tuple(sharding.spec) == (None, ("data", "fsdp"))
+    assert {s.data.shape for s in shards} == {(2, log_u.shape[1] // 8)}
+
+
+def test_image_image_model_offers_features_not_text(tfds_dir):
+    """Evaluation reads the tower's features (before the projector); evaluators that need text
+    report themselves skipped instead of failing the run."""
+    config = simclr_tiny(tfds_dir, **{"evals.zero_shot.enabled": True})
+    source, tokenizer = source_and_tokenizer(config.data)
+    mesh = make_mesh(config.mesh)
+    setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
+    from flax import nnx
+
+    model = nnx.merge(setup.graphdef, setup.state["params"])
+    images = next(source.train_iterator(tokenizer, seed=0))["image"][:4]
+    features = np.asarray(model.encode_image(images))
+    assert features.shape[1] == model.image_tower.out_dim != config.model.embed_dim
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
+    assert np.asarray(model.project_image(images)).shape[1] == config.model.embed_dim
+    assert "text_tower" not in nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    report = EvalRunner(config, source, tokenizer).run(setup.graphdef, setup.state["params"], mesh, 0)
+    assert "no text tower" in report["skipped"]["zero_shot"]
+    assert set(report["linear_probe"]["fields"]) == set(config.evals.linear_probe.fields)
+
+
+def test_image_image_config_mistakes_fail_before_compiling(tfds_dir):
+    config = simclr_tiny(tfds_dir, **{"loss.name": "multi_positive"})
+    with pytest.raises(ConfigError, match="loss.positives"):
+        validate(config, num_devices=1)
+    config = simclr_tiny(tfds_dir, **{"loss.name": "multi_positive", "loss.positives": "label"})
+    validate(config, num_devices=1)
+    config = simclr_tiny(tfds_dir, **{"task": "image_txt"})
+    with pytest.raises(ConfigError, match="task"):
+        validate(config, num_devices=1)
+    config = simclr_tiny(tfds_dir, **{"augment.flip": 1.5})
+    with pytest.raises(ConfigError, match="augment.flip"):
+        validate(config, num_devices=1)
