@@ -400,15 +400,16 @@ def plot(results: list[dict], path: str) -> None:
                 by_batch = sorted(_group(cell, ("batch",)).items())
                 xs = [b for (b,), _ in by_batch]
                 ys = [_mean(c, key)[0] for _, c in by_batch]
-                ax.plot(
-                    xs, [100 * y if y is not None else np.nan for y in ys], marker="o", label=objective[0]
-                )
+                # One colour per objective on every panel, whichever objectives a block runs.
+                color = f"C{ALL_OBJECTIVES.index(objective[0])}"
+                ys = [100 * y if y is not None else np.nan for y in ys]
+                ax.plot(xs, ys, marker="o", color=color, label=objective[0])
             ax.set_xscale("log", base=2)
             ax.set_xlabel("global batch B")
             ax.set_ylabel(label + " (%)")
             kind, amount = budget
             ax.set_title(f"{mode}, K={concepts}, {amount} {kind}")
-            if row == 0 and col == 0:
+            if row == 0:
                 ax.legend(fontsize=7)
     fig.savefig(path, dpi=90)
 
