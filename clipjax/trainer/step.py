@@ -61,6 +61,15 @@ def _index(batch):
     return jnp.arange(batch["image"].shape[0], dtype=jnp.int32)
 
 
+def _item_ids(config, batch):
+    """Equal ids mark the same item: the same caption (a true positive) in image-text mode; in
+    image-image mode two views of one image share nothing with the other images but their
+    position in the dataset."""
+    if config.task == "image_image":
+        return _index(batch)
+    return batch.get("text_id", _index(batch))
+
+
 def make_embedding_loss(config, mesh):
     """embedding_loss(a, b, logit_scale, logit_bias, batch, loss_state) -> (loss, new_loss_state)."""
     axes = batch_axes(mesh)
@@ -68,16 +77,13 @@ def make_embedding_loss(config, mesh):
 
     def embedding_loss(a, b, logit_scale, logit_bias, batch, loss_state):
         index = _index(batch)
-        # Equal ids are the same caption (a true positive); two views of one image share nothing
-        # with the other images but their position in the dataset.
-        ids = index if intra else batch.get("text_id", index)
         return objective_loss(
             config.loss,
             a,
             b,
             logit_scale,
             logit_bias,
-            ids=ids,
+            ids=_item_ids(config, batch),
             labels=batch.get("label", index),
             index=index,
             loss_state=loss_state,
@@ -214,8 +220,7 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
             metrics["logit_bias"] = params["logit_bias"]
         if with_metrics:
             # Measured on the embeddings this step trained on, with the temperature they saw.
-            ids = batch["index"] if config.task == "image_image" else batch["text_id"]
-            keys = {"": ids, "label_": batch["label"]}
+            keys = {"": _item_ids(config, batch), "label_": batch["label"]}
             metrics.update(
                 embedding_metrics(
                     img,
