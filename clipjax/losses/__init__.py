@@ -18,6 +18,5 @@ from clipjax.losses.select import (  # noqa: F401
     LOSS_NAMES,
     contrastive_loss,
     init_loss_state,
-    loss_state_shardings,
     objective_loss,
 )

@@ -3,8 +3,8 @@
 `contrastive_loss` computes the plain image-text losses; `objective_loss` is the train step's
 entry point for every objective, in both modes (image-text, and image-image SimCLR with
 `intra=True`), delegating the plain image-text ones to `contrastive_loss` so they stay exactly
-as they were. `init_loss_state` and `loss_state_shardings` give the state the stateful
-objectives (sogclr) carry from step to step.
+as they were. `init_loss_state` creates, in its sharding, the state the stateful objectives
+(sogclr) carry from step to step; its arrays' shardings are the ones to restore it into.
 """
 
 from __future__ import annotations
@@ -224,11 +224,4 @@ def init_loss_state(loss_config, num_examples: int, mesh, batch_axes) -> dict:
     """The state `objective_loss` carries between steps, created in its sharding ({} if none)."""
     if SECTION.read(loss_config, "loss")["name"] == "sogclr":
         return sogclr.init_state(num_examples, mesh, batch_axes)
-    return {}
-
-
-def loss_state_shardings(loss_config, num_examples: int, mesh, batch_axes) -> dict:
-    """A tree of NamedSharding matching `init_loss_state` (for restoring a checkpoint)."""
-    if SECTION.read(loss_config, "loss")["name"] == "sogclr":
-        return sogclr.state_shardings(num_examples, mesh, batch_axes)
     return {}

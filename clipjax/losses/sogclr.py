@@ -51,12 +51,6 @@ def _log_u_sharding(mesh: Mesh, batch_axes: Sequence[str]) -> NamedSharding:
     return NamedSharding(mesh, P(None, tuple(batch_axes)))
 
 
-def state_shardings(num_examples: int, mesh: Mesh, batch_axes: Sequence[str]) -> dict:
-    """The state's shardings; they do not depend on num_examples (the callers pass it anyway)."""
-    del num_examples
-    return {"log_u": _log_u_sharding(mesh, batch_axes)}
-
-
 def init_state(num_examples: int, mesh: Mesh, batch_axes: Sequence[str]) -> dict:
     """{"log_u": -inf [2, N_padded]}, created in its sharding (never whole on one device)."""
     shape = (2, padded_size(num_examples, mesh, batch_axes))
