@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -39,11 +38,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
+from clipjax.data import shapes  # noqa: E402
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SEMANTIC = ("shape", "color", "size")
-NUISANCE = ("light", "gradient", "texture", "noise", "vignette")
-NUISANCE_CLASSES = {"light": 4, "gradient": 3, "texture": 3, "noise": 3, "vignette": 2}
-SEMANTIC_CLASSES = {"shape": 5, "color": 8, "size": 2}
+NUISANCE = shapes.NUISANCE_NAMES
+NUISANCE_CLASSES = {name: len(classes) for name, classes in shapes.NUISANCE_FACTORS.items()}
 
 
 def objectives(k: int) -> dict[str, dict]:
@@ -125,11 +125,10 @@ PLANS = {
 }
 
 
-def load_config(name: str, arg: str = ""):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+def load_config(name: str):
+    from clipjax.cli import load_config_file
+
+    return load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def cell_config(mode, budget, batch, concepts, objective, seed, plan, data_dir):
@@ -171,8 +170,6 @@ def cell_config(mode, budget, batch, concepts, objective, seed, plan, data_dir):
         }
     )
     overrides.update(objectives(concepts)[objective])
-    if mode == "image_text" and objective == "multi_positive_oracle":
-        pass  # by label, as in image-image mode: the oracle knows the concepts
     return apply_overrides(config, overrides), overrides
 
 
@@ -236,24 +233,25 @@ def run_cell(cell, plan, data_dir) -> dict:
     return result
 
 
-def random_tower_probe(plan, data_dir, concepts) -> dict:
-    """The same probes on the untrained tower: the floor a trained one must clear."""
-    import jax
-
+def untrained_report(config) -> dict:
+    """The evaluation report of `config`'s evaluators on the parameters it initialises (step 0)."""
     from clipjax.data.sources import make_source
     from clipjax.evals.runner import EvalRunner
     from clipjax.parallel import make_mesh
     from clipjax.trainer.state import init_train_state
 
-    config, _ = cell_config("image_image", ("steps", 1), 64, concepts, "infonce", 0, plan, data_dir)
     source = make_source(config.data)
     source.prepare()
     tokenizer = source.tokenizer()
     mesh = make_mesh(config.mesh)
     setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
-    report = EvalRunner(config, source, tokenizer).run(setup.graphdef, setup.state["params"], mesh, 0)
-    del jax
-    return summarise(report, [], 64, concepts)
+    return EvalRunner(config, source, tokenizer).run(setup.graphdef, setup.state["params"], mesh, 0)
+
+
+def random_tower_probe(plan, data_dir, concepts) -> dict:
+    """The same probes on the untrained tower: the floor a trained one must clear."""
+    config, _ = cell_config("image_image", ("steps", 1), 64, concepts, "infonce", 0, plan, data_dir)
+    return summarise(untrained_report(config), [], 64, concepts)
 
 
 def cell_key(cell) -> str:
@@ -458,7 +456,6 @@ def main():
     t0 = time.perf_counter()
     todo = list(cells(plan))
     results = []
-    baseline = None
     for i, cell in enumerate(todo):
         key = cell_key(cell)
         if key in done:
@@ -495,8 +492,6 @@ def main():
     wall = sum(r["wall_s"] for r in results)
     with open(results_path, "w") as f:
         json.dump({"plan": plan_name, "cells": results, "untrained": baseline, "wall_s": wall}, f, indent=1)
-    for r in results:  # cells stored before the shape column existed
-        r.setdefault("shape_probe", r.get("probe", {}).get("shape"))
     missing = len(todo) - len(results)
     section = markdown(results, baseline, plan_name, wall)
     if missing:

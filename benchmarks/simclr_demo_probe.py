@@ -12,7 +12,6 @@ and prints both side by side: semantic labels (shape, color, size, position) and
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -20,15 +19,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from false_negatives import load_config, untrained_report  # noqa: E402  (this folder)
 
-
-def load_config():
-    path = os.path.join(ROOT, "configs", "simclr_demo.py")
-    spec = importlib.util.spec_from_file_location("simclr_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from clipjax.data import shapes  # noqa: E402
 
 
 def main():
@@ -38,14 +31,9 @@ def main():
     parser.add_argument("--data_dir", default="", help="override data.data_dir")
     args = parser.parse_args()
 
-    from clipjax.data.sources import make_source
-    from clipjax.evals.runner import EvalRunner
-    from clipjax.parallel import make_mesh
     from clipjax.trainer.run import train
-    from clipjax.trainer.state import init_train_state
 
-    module = load_config()
-    config = module.get_config()
+    config = load_config("simclr_demo")
     if args.steps:
         config.steps = args.steps
     if args.data_dir:
@@ -54,14 +42,9 @@ def main():
     trained = train(config, args.workdir)
     t_train = time.perf_counter() - t0
 
-    source = make_source(config.data)
-    source.prepare()
-    tokenizer = source.tokenizer()
-    mesh = make_mesh(config.mesh)
-    setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
-    untrained = EvalRunner(config, source, tokenizer).run(setup.graphdef, setup.state["params"], mesh, 0)
+    untrained = untrained_report(config)
 
-    fields = tuple(module.SEMANTIC) + tuple(module.NUISANCE)
+    fields = tuple(config.evals.linear_probe.fields)
     rows = [("concept (label)", "linear_probe", "top1"), ("concept kNN@20", "knn", "top1@k20")]
     print(
         f"\nconfigs/simclr_demo.py, {config.steps} steps of batch {config.data.batch_size} ({t_train:.0f} s)"
@@ -75,7 +58,7 @@ def main():
         print(f"| {name} | {100 * a:.1f} | {100 * b:.1f} |")
     for field in fields:
         a, b = untrained["linear_probe"]["fields"][field], trained["linear_probe"]["fields"][field]
-        kind = "semantic" if field in module.SEMANTIC else "nuisance"
+        kind = "nuisance" if field in shapes.NUISANCE_NAMES else "semantic"
         results[field] = (a, b)
         print(f"| {field} ({kind}), linear probe | {100 * a:.1f} | {100 * b:.1f} |")
     with open(os.path.join(args.workdir, "probe_vs_untrained.json"), "w") as f:

@@ -10,9 +10,10 @@ vignette): docs/false_negatives.md. `:tiny` shrinks it to a few steps (the tests
 """
 
 from clipjax.config import default_config
+from clipjax.data import shapes
 
-SEMANTIC = ("shape", "color", "size", "position")
-NUISANCE = ("light", "gradient", "texture", "noise", "vignette")
+SEMANTIC = shapes.ATTRIBUTE_NAMES  # shape, color, size, position
+NUISANCE = shapes.NUISANCE_NAMES  # light, gradient, texture, noise, vignette
 # LARS (trust coefficient 1e-3) per 256 examples of global batch; of 0.6 and 2.4 the better at 256.
 BASE_LR = 2.4
 
