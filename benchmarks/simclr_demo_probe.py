@@ -7,6 +7,11 @@ then runs the config's evaluators (linear probe and kNN on the tower's features,
 field) on the trained parameters and on the parameters the same config initialises (step 0),
 and prints both side by side: semantic labels (shape, color, size, position) and nuisance ones
 (light, gradient, texture, noise, vignette).
+
+    python benchmarks/simclr_demo_probe.py --variant NAME --workdir runs/NAME
+
+runs one of the `VARIANTS` of the demo instead: the rows of the variant table in
+docs/false_negatives.md (one run each, stored in benchmarks/results/simclr_demo_variants.jsonl).
 """
 
 from __future__ import annotations
@@ -19,9 +24,33 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from false_negatives import load_config, untrained_report  # noqa: E402  (this folder)
+from false_negatives import ROOT, load_config, untrained_report  # noqa: E402  (this folder)
 
 from clipjax.data import shapes  # noqa: E402
+
+
+_MEAN_POOL = {"model.image.pool": "mean", "model.image.widths": (32, 64, 128)}
+_BRIGHTNESS_CONTRAST = {"augment.color_jitter": 0.8, "augment.saturation": 0.0, "augment.hue": 0.0}
+_NO_NUISANCE = {
+    "data.shapes_nuisance": False,
+    "evals.linear_probe.fields": shapes.ATTRIBUTE_NAMES,
+    "evals.knn.fields": shapes.ATTRIBUTE_NAMES,
+}
+# name -> (config arg, overrides): what docs/false_negatives.md compares with the default.
+VARIANTS = {
+    "default": ("", {}),
+    "keep_nuisance": ("keep_nuisance", {}),
+    "mean_pool_crop_flip": ("keep_nuisance", _MEAN_POOL),
+    "brightness_contrast_blur": (
+        "keep_nuisance",
+        {**_MEAN_POOL, **_BRIGHTNESS_CONTRAST, "augment.blur": 0.5},
+    ),
+    "grayscale": ("", {"augment.grayscale": 0.2}),
+    "temperature_0.1": ("", {"model.logit_scale_init": 2.302585092994046}),
+    "crop_0.2": ("", {"augment.crop_scale": (0.2, 1.0)}),
+    "residual_blocks": ("", {"model.image.blocks_per_stage": 1}),
+    "no_nuisance_data": ("", _NO_NUISANCE),
+}
 
 
 def main():
@@ -29,11 +58,14 @@ def main():
     parser.add_argument("--workdir", default="runs/simclr_demo")
     parser.add_argument("--steps", type=int, default=0, help="override config.steps (0: the config's)")
     parser.add_argument("--data_dir", default="", help="override data.data_dir")
+    parser.add_argument("--variant", choices=tuple(VARIANTS), default="default")
     args = parser.parse_args()
 
+    from clipjax.config import apply_overrides
     from clipjax.trainer.run import train
 
-    config = load_config("simclr_demo")
+    config_arg, overrides = VARIANTS[args.variant]
+    config = apply_overrides(load_config("simclr_demo", config_arg), overrides)
     if args.steps:
         config.steps = args.steps
     if args.data_dir:
@@ -61,8 +93,11 @@ def main():
         kind = "nuisance" if field in shapes.NUISANCE_NAMES else "semantic"
         results[field] = (a, b)
         print(f"| {field} ({kind}), linear probe | {100 * a:.1f} | {100 * b:.1f} |")
+    record = {"variant": args.variant, "steps": int(config.steps), "train_s": t_train, "results": results}
     with open(os.path.join(args.workdir, "probe_vs_untrained.json"), "w") as f:
-        json.dump({"steps": int(config.steps), "train_s": t_train, "results": results}, f, indent=1)
+        json.dump(record, f, indent=1)
+    with open(os.path.join(ROOT, "benchmarks", "results", "simclr_demo_variants.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,17 @@ def test_summary_and_hypothesis_numbers(bench):
     ]
     lines = "\n".join(bench.hypothesis_lines(rows))
     assert "+30.0 points" in lines  # 0.55 - mean(0.20, 0.30)
-    assert "(multi_positive_oracle) minus InfoNCE, semantic probe: +6.0 points" in lines
+    assert (
+        "objective at B >= 1024 (multi_positive_oracle) minus InfoNCE, semantic probe: +6.0 points" in lines
+    )
+    assert "label-free" not in lines  # no label-free objective ran at B >= 1024
+    rows.append(result("dcl", 1024, 0.72, 0.5))
+    lines = "\n".join(bench.hypothesis_lines(rows))
+    assert (
+        "objective at B >= 1024 (multi_positive_oracle) minus InfoNCE, semantic probe: +6.0 points" in lines
+    )
+    assert "label-free objective at B >= 1024 (dcl) minus InfoNCE, semantic probe: +2.0 points" in lines
+    rows.pop()
     assert "SogCLR at B = 64 minus InfoNCE at B >= 1024, semantic probe: -1.0 points" in lines
     table = bench.markdown(rows, None, "quick", 60.0)
     assert table.count("| infonce |") == 3 and "| multi_positive_oracle | 1024 | 10 | 76.0 |" in table

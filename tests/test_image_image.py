@@ -89,7 +89,9 @@ def test_sharded_image_image_grads_equal_single_device(tfds_dir, loss_name):
     if loss_name == "sogclr":
         visited = np.isfinite(state_1["log_u"])
         assert visited.sum() == 2 * len(batch["index"])  # one estimate per view-anchor of the batch
-        np.testing.assert_allclose(state_8["log_u"][visited], state_1["log_u"][visited], rtol=1e-5)
+        # log u is the log of a sum of order one: float32 rounding is absolute there, and a
+        # relative tolerance alone fails the entries that land near log u = 0.
+        np.testing.assert_allclose(state_8["log_u"][visited], state_1["log_u"][visited], rtol=1e-5, atol=1e-5)
 
 
 def test_microbatched_image_image_grads_equal_full_batch(tfds_dir):
