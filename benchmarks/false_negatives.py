@@ -367,8 +367,9 @@ def hypothesis_lines(rows: list[dict]) -> list[str]:
     # The oracle reads the labels, so the best objective a user without labels can run is
     # reported on its own line too.
     label_free = {o: v for o, v in others.items() if "oracle" not in o}
-    for what, pool in (("objective", others), ("label-free objective", label_free)):
-        if plain is not None and pool and (what == "objective" or len(pool) < len(others)):
+    pools = [("objective", others)] + ([("label-free objective", label_free)] if label_free != others else [])
+    for what, pool in pools:
+        if plain is not None and pool:
             best = max(pool, key=pool.get)
             out.append(
                 f"- Best {what} at B >= 1024 ({best}) minus InfoNCE, semantic probe: "
