@@ -10,8 +10,9 @@ vignette): docs/false_negatives.md.
 
     python benchmarks/simclr_demo_probe.py   # trains it, then the same probes on the untrained tower
 
-`:keep_nuisance` is the setting of the false-negative study (augmentations that keep the
-nuisance factors, the study's flattened tower); `:tiny` shrinks the demo to a few steps (tests).
+The default's augmentations vary every nuisance factor between the two views (SimCLR's ops and
+a random illumination). `:keep_nuisance` is the setting of the false-negative study
+(augmentations that keep the nuisance factors, the study's flattened tower); `:tiny` shrinks the demo to a few steps (tests).
 """
 
 from clipjax.config import default_config
@@ -37,15 +38,20 @@ def get_config(arg: str = ""):
     c.data.tokenizer.kind = "byte"
     c.data.tokenizer.max_len = 8  # captions are read but unused in image-image mode
     # SimCLR's colour jitter (brightness, contrast, saturation, hue; p = 0.8) and blur (p = 0.5)
-    # on top of the crop and flip: they change the background light level, noise and texture
-    # between the two views, so those stop telling the views apart and the tower has to read the
-    # object. No grayscale: colour is a semantic label here (it cost 10 points of the concept
-    # probe). A mean-pooled tower (128 features): its position-free random features are a weak
+    # on top of the crop and flip change the background light level, noise and texture between
+    # the two views; a random illumination (a light ramp and a radial falloff, p = 0.8) changes
+    # the gradient and the vignette, which no SimCLR op does. Then no nuisance factor tells the
+    # views apart and the tower has to read the object (shape 51% -> 60% with the illumination).
+    # No grayscale: colour is a semantic label here (it cost 10 points of the concept probe).
+    # A mean-pooled tower (128 features): its position-free random features are a weak
     # baseline, which a flattened map is not (59% on the 320 concepts untrained).
     c.augment.crop_scale = (0.4, 1.0)
     c.augment.color_jitter = 0.8
     c.augment.grayscale = 0.0
     c.augment.blur = 0.5
+    c.augment.illumination = 0.8
+    c.augment.ramp = 0.2  # twice the data's gradient (+-25 of 255)
+    c.augment.falloff = 0.45  # the data's vignette
     c.model.image.kind = "resnet"
     c.model.image.stem_width = 16
     c.model.image.widths = (32, 64, 128)
@@ -80,6 +86,7 @@ def get_config(arg: str = ""):
         # is the study's: the same CNN a width narrower at the top, its 4x4 map flattened.
         c.augment.color_jitter = 0.0
         c.augment.blur = 0.0
+        c.augment.illumination = 0.0
         c.model.image.widths = (32, 64, 64)
         c.model.image.pool = "flatten"
     elif arg == "tiny":

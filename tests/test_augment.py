@@ -34,6 +34,9 @@ STRONG = dict(
     blur=1.0,
     blur_sigma=(1.0, 8.0),
     solarize=0.5,
+    illumination=0.5,
+    ramp=0.5,
+    falloff=0.9,
 )
 
 _COMPILED = {}
@@ -89,6 +92,9 @@ def test_section_defaults_are_the_simclr_recipe_and_bad_values_are_refused():
         "blur": 0.5,
         "blur_sigma": (0.1, 2.0),
         "solarize": 0.0,
+        "illumination": 0.0,
+        "ramp": 0.1,
+        "falloff": 0.45,
     }
     assert augment.settings(augment.SECTION.to_config()) == values
     for bad in (
@@ -101,6 +107,8 @@ def test_section_defaults_are_the_simclr_recipe_and_bad_values_are_refused():
         {"blur_sigma": (0.0, 2.0)},
         {"hue": 0.6},
         {"brightness": -1.0},
+        {"illumination": 2.0},
+        {"ramp": -0.1},
         {"flips": 0.5},
     ):
         with pytest.raises(ConfigError, match=r"augment\."):
@@ -365,6 +373,54 @@ def test_brightness_jitter_draws_one_factor_per_example_in_its_range():
     np.testing.assert_allclose(factors, np.broadcast_to(factors[:, :1], factors.shape), rtol=1e-5)
     assert factors.min() >= 0.6 - 1e-5 and factors.max() <= 1.4 + 1e-5
     assert np.std(factors[:, 0]) > 0.1
+
+
+def _illuminated(x, angle, ramp, falloff):
+    """numpy: (x + ramp * d) * (1 - falloff * r^2), clipped; d and r from pixel centres."""
+    h, w = x.shape[-3], x.shape[-2]
+    yy, xx = np.meshgrid((np.arange(h) + 0.5) / h * 2 - 1, (np.arange(w) + 0.5) / w * 2 - 1, indexing="ij")
+    d = np.cos(angle) * xx + np.sin(angle) * yy
+    r2 = (xx**2 + yy**2) / (xx[0, 0] ** 2 + yy[0, 0] ** 2)
+    return np.clip((x + ramp * d[..., None]) * (1 - falloff * r2)[..., None], 0, 1)
+
+
+def test_illuminate_is_a_ramp_along_the_angle_times_a_radial_falloff():
+    x = np.random.default_rng(16).random((6, 10, 3)).astype(np.float32)
+    fn = jax.jit(augment.illuminate)
+    for angle, ramp, falloff in ((0.0, 0.3, 0.0), (0.5 * np.pi, 0.2, 0.5), (2.0, 0.7, 0.9), (4.0, 0.0, 0.3)):
+        np.testing.assert_allclose(
+            fn(x, angle, ramp, falloff), _illuminated(x, angle, ramp, falloff), atol=1e-6
+        )
+    # Along +x the light rises to the right; the falloff darkens the corners by the whole factor.
+    flat = np.full((8, 8, 3), 0.5, np.float32)
+    lit = np.asarray(fn(flat, 0.0, 0.2, 0.0))
+    assert lit[0, -1, 0] > lit[0, 0, 0] and np.allclose(lit[:, 0], lit[0, 0])
+    np.testing.assert_allclose(np.asarray(fn(flat, 0.0, 0.0, 0.4))[0, 0], 0.3, atol=1e-6)
+
+
+def test_illumination_draws_its_own_numbers_and_its_own_light_per_view():
+    images = np.full((256, 8, 8, 3), 128, np.uint8)
+    crop = dict(OFF, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=0.5, grayscale=0.3)
+    # Switched on at zero strength it is the identity, and the crop, flip and grayscale keep
+    # their draws: the illumination's numbers come from a key of their own.
+    textured = _images(8, size=8, seed=17)
+    base = _views(textured, np.arange(8), seed=3, config=crop, num_views=1)[0]
+    noop = _views(textured, np.arange(8), seed=3, config=dict(crop, illumination=1.0, ramp=0.0, falloff=0.0))
+    np.testing.assert_allclose(noop[0], base, atol=1e-6)
+    # On a flat gray image each lit view is the formula at one (angle, ramp, falloff) in range;
+    # the ramp alone makes a plane whose slope and direction can be read back.
+    config = dict(OFF, illumination=0.75, ramp=0.2, falloff=0.0)
+    first, second = _views(images, np.arange(256), seed=4, step=2, config=config)
+    slopes = []
+    for view in (first, second):
+        gx = view[:, :, -1, 0].mean(axis=1) - view[:, :, 0, 0].mean(axis=1)
+        gy = view[:, -1, :, 0].mean(axis=1) - view[:, 0, :, 0].mean(axis=1)
+        slopes.append(np.hypot(gx, gy) / (2 * (1 - 1 / 8)))  # per unit of d, edge centres at +-7/8
+    lit = slopes[0] > 1e-4
+    assert abs(lit.mean() - 0.75) < 4 * np.sqrt(0.75 * 0.25 / 256)
+    assert slopes[0].max() <= 0.2 + 1e-5 and np.percentile(slopes[0][lit], 90) > 0.15
+    # The two views of an image are lit independently.
+    assert np.mean(np.abs(first - second).max(axis=(1, 2, 3)) > 1e-4) > 0.5
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ computed for every example and kept or dropped with `jnp.where` (under vmap a `l
 batched predicate is the same select); only the config, which is static, removes ops at trace
 time.
 
-The ops, in SimCLR's order, each clipping its output to [0, 1]:
+The ops, in the order they run (SimCLR's), each clipping its output to [0, 1]:
 
   * random resized crop: a box of a share of the area uniform in `crop_scale` and a
     log-uniform aspect ratio in `crop_ratio`, placed uniformly; ten candidates are drawn at
@@ -40,6 +40,12 @@ The ops, in SimCLR's order, each clipping its output to [0, 1]:
     blend). The hue shift goes through HSV, as torchvision's `adjust_hue`: hue from RGB,
     shifted, RGB rebuilt from (hue, max, chroma). It keeps value and saturation, leaves grays
     unchanged and is the identity (to float rounding) for a shift of 0 or a full turn.
+  * illumination (probability `illumination`, off by default; not one of SimCLR's ops): a light
+    ramp added along a uniform direction, from -a to +a across the image with a uniform in
+    [0, `ramp`], times a radial falloff 1 - f r^2 (r = 1 at the corners) with f uniform in
+    [0, `falloff`]. It varies what a lamp and a lens do to a picture, the gradient and the
+    vignette of the embedded data's nuisance factors, which no SimCLR op changes. Its four
+    uniforms come from fold_in(key, 1), so switching it on leaves every other op's draws alone.
   * grayscale (probability `grayscale`): 0.299 R + 0.587 G + 0.114 B on all three channels.
   * Gaussian blur (probability `blur`): separable, reflect padding, a kernel of 2r+1 taps with
     r = int(0.1 * side) // 2 (23 taps at 224 px, 3 at 32 px), side the shorter image side. The
@@ -124,6 +130,15 @@ SECTION = Section(
             (0.1, 2.0), "blur sigma range, in pixels at 224 px (scaled by side/224)", check=_positive_range
         ),
         "solarize": _p(0.0, "probability of solarizing (x >= 0.5 becomes 1 - x)"),
+        "illumination": _p(
+            0.0, "probability of a random illumination: a linear ramp and a radial falloff (not SimCLR's)"
+        ),
+        "ramp": Field(
+            0.1, "illumination: ramp from -a to +a across the image, a uniform in [0, s]", minimum=0.0
+        ),
+        "falloff": Field(
+            0.45, "illumination: x * (1 - f * r^2), r = 1 at the corners, f uniform in [0, s]", minimum=0.0
+        ),
     },
     doc="SimCLR augmentations of the image-image mode, drawn on device per (seed, step, index, view)",
 )
@@ -305,6 +320,20 @@ def solarize(image, threshold=0.5):
     return jnp.where(image >= threshold, 1.0 - image, image)
 
 
+def illuminate(image, angle, ramp, falloff):
+    """clip((x + ramp * d) * (1 - falloff * r^2)): a light ramp of slope `ramp` per half side
+    along the direction `angle` (radians; d is -1..1 across the image along it, through the
+    centre) and a radial falloff, r^2 = 1 at the corner pixels' centres. Elementwise: no sum."""
+    h, w = image.shape[0], image.shape[1]
+    y = ((jnp.arange(h, dtype=jnp.float32) + 0.5) / h * 2.0 - 1.0)[:, None]
+    x = ((jnp.arange(w, dtype=jnp.float32) + 0.5) / w * 2.0 - 1.0)[None, :]
+    direction = jnp.cos(angle) * x + jnp.sin(angle) * y
+    corner = (1.0 / h - 1.0) ** 2 + (1.0 / w - 1.0) ** 2
+    r2 = (jnp.square(x) + jnp.square(y)) / corner
+    light = (1.0 - falloff * r2)[..., None]
+    return _clip((image + ramp * direction[..., None]) * light)
+
+
 # ---------------------------------------------------------------------------------------------
 # The random pipeline.
 
@@ -332,6 +361,8 @@ _GRAY = _JITTER + 9
 _BLUR = _GRAY + 1  # the coin, then sigma
 _SOLARIZE = _BLUR + 2
 _NUM_DRAWS = _SOLARIZE + 1
+# fold_in(key, this) draws the illumination's four uniforms (coin, angle, ramp, falloff).
+_ILLUMINATION_KEY = 1
 
 
 _IDENTITY = (1.0, 0.0, 0.0)
@@ -388,6 +419,12 @@ def augment_one(image, key, config):
     if s["color_jitter"] > 0:
         jittered = _jitter(image, u[_JITTER + 1 :], s)
         image = jnp.where(u[_JITTER] < s["color_jitter"], jittered, image)
+    if s["illumination"] > 0:
+        # Its own draws, from a key of its own: SimCLR's ops keep the uniforms they had before
+        # this op existed, so runs without it are unchanged to the bit.
+        v = jax.random.uniform(jax.random.fold_in(key, _ILLUMINATION_KEY), (4,))
+        lit = illuminate(image, 2.0 * math.pi * v[1], s["ramp"] * v[2], s["falloff"] * v[3])
+        image = jnp.where(v[0] < s["illumination"], lit, image)
     if s["grayscale"] > 0:
         image = jnp.where(u[_GRAY] < s["grayscale"], to_grayscale(image), image)
     if s["blur"] > 0:
