@@ -174,15 +174,18 @@ def test_few_shot_probes():
 
 
 class _FakeData:
+    """EvalData's `frozen_features`; the field `parity` labels each example by its label mod 2."""
+
     def __init__(self, features):
         self.features = features
 
-    def frozen_features(self, encoders, train_examples):
+    def frozen_features(self, encoders, train_examples, field="label"):
         if self.features is None:
             raise SkipEvaluation("no labels")  # as EvalData does
         f = self.features
+        relabel = (lambda y: y % 2) if field == "parity" else (lambda y: y)
         return FrozenFeatures(
-            f.train[:train_examples], f.train_labels[:train_examples], f.test, f.test_labels
+            f.train[:train_examples], relabel(f.train_labels[:train_examples]), f.test, relabel(f.test_labels)
         )
 
 
@@ -201,6 +204,16 @@ def test_evaluators():
     assert set(report) == {"logistic_probe"}
     assert report["logistic_probe"]["num_examples"] == len(x)
     assert report["logistic_probe"]["top1"] > 0.8
+    assert "fields" not in report["logistic_probe"]
+
+    # More label fields: each its own probe, on that field's labels.
+    settings = instance_section("logistic_probe").read(
+        {"max_iterations": 200, "fields": ["parity"]}, "evals.lp"
+    )
+    fields = lg.LogisticProbeEvaluator("lp", settings, data, None).run(None)["logistic_probe"]["fields"]
+    parity = data.frozen_features(None, 5000, "parity")
+    assert fields == {"parity": lg.logistic_probe(*parity, num_classes=2, max_iterations=200)["top1"]}
+    assert fields["parity"] != report["logistic_probe"]["top1"]
 
     settings = instance_section("few_shot").read({"shots": [2, 10], "train_examples": 100}, "evals.fs")
     assert settings["shots"] == (2, 10)

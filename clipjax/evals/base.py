@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -107,6 +107,24 @@ class Evaluator(abc.ABC):
     @abc.abstractmethod
     def run(self, encoders: Encoders) -> dict[str, Any]:
         """Report entries for the model behind `encoders` (merged into report.json)."""
+
+    def per_field(self, encoders: Encoders, top1: Callable[[FrozenFeatures], float]) -> dict[str, float]:
+        """`top1` of the frozen features labelled by each of `settings['fields']` (see
+        `label_fields`), by field name: what a probe reports as `fields.<name>`."""
+        train_examples = self.settings["train_examples"]
+        return {
+            field: top1(self.data.frozen_features(encoders, train_examples, field))
+            for field in self.settings["fields"]
+        }
+
+
+def label_fields(what: str) -> Field:
+    """The `fields` setting of a probe on frozen features: more label fields, each its own probe."""
+    return Field(
+        (),
+        f"more label fields {what}, each on its own (`('shape', 'light')`): report `fields.<name>`",
+        type=tuple,
+    )
 
 
 EVALUATORS: dict[str, type[Evaluator]] = {}

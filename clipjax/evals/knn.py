@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clipjax.evals.base import Evaluator, register_evaluator
+from clipjax.evals.base import Evaluator, label_fields, register_evaluator
 from clipjax.evals.embed import l2_normalize
 from clipjax.schema import Field, positive_ints
 
@@ -118,19 +118,19 @@ class KnnEvaluator(Evaluator):
         "train_examples": Field(5000, "train examples the neighbours come from", minimum=1),
         "k": Field((1, 10, 20), "neighbour counts reported", type=tuple, check=positive_ints),
         "temperature": Field(0.07, "vote weight exp(similarity / temperature)", minimum=1e-6),
-        "fields": Field(
-            (),
-            "more label fields classified, each on its own: report `fields.<name>` (largest k)",
-            type=tuple,
-        ),
+        "fields": label_fields("classified (at the largest k)"),
     }
 
     def run(self, encoders):
         f = self.data.frozen_features(encoders, self.settings["train_examples"])
         k, temperature = self.settings["k"], self.settings["temperature"]
         report = knn_accuracy(*f, k=k, temperature=temperature, num_classes=f.num_classes)
-        for field in self.settings["fields"]:
-            g = self.data.frozen_features(encoders, self.settings["train_examples"], field)
+
+        def top1(g):
             scores = knn_accuracy(*g, k=(max(k),), temperature=temperature, num_classes=g.num_classes)
-            report.setdefault("fields", {})[field] = scores[f"top1@k{max(k)}"]
+            return scores[f"top1@k{max(k)}"]
+
+        fields = self.per_field(encoders, top1)
+        if fields:
+            report["fields"] = fields
         return {"num_examples": int(len(f.test_labels)), "knn": report}

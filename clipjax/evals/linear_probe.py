@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clipjax.evals.base import Evaluator, register_evaluator
+from clipjax.evals.base import Evaluator, label_fields, register_evaluator
 from clipjax.schema import Field
 
 _CHUNK = 8192
@@ -182,17 +182,13 @@ class LinearProbeEvaluator(Evaluator):
     kind = "linear_probe"
     FIELDS = {
         "train_examples": Field(5000, "train examples the probe is fitted on", minimum=1),
-        "fields": Field(
-            (),
-            "more label fields probed, each on its own (`('shape', 'light')`): report `fields.<name>`",
-            type=tuple,
-        ),
+        "fields": label_fields("probed"),
     }
 
     def run(self, encoders):
         f = self.data.frozen_features(encoders, self.settings["train_examples"])
         report = linear_probe(*f, num_classes=f.num_classes)
-        for field in self.settings["fields"]:
-            g = self.data.frozen_features(encoders, self.settings["train_examples"], field)
-            report.setdefault("fields", {})[field] = linear_probe(*g, num_classes=g.num_classes)["top1"]
+        fields = self.per_field(encoders, lambda g: linear_probe(*g, num_classes=g.num_classes)["top1"])
+        if fields:
+            report["fields"] = fields
         return {"num_examples": int(len(f.test_labels)), "linear_probe": report}

@@ -51,7 +51,7 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-from clipjax.evals.base import Evaluator, register_evaluator
+from clipjax.evals.base import Evaluator, label_fields, register_evaluator
 from clipjax.evals.linear_probe import _check, _moments, _Ridge, _standardise, validation_split
 from clipjax.schema import Field, positive_ints
 
@@ -288,11 +288,19 @@ class LogisticProbeEvaluator(Evaluator):
     FIELDS = {
         "train_examples": Field(5000, "train examples the probe is fitted on", minimum=1),
         "max_iterations": Field(1000, "L-BFGS iterations per fit at most", minimum=1),
+        "fields": label_fields("probed"),
     }
 
     def run(self, encoders):
         f = self.data.frozen_features(encoders, self.settings["train_examples"])
-        result = logistic_probe(*f, num_classes=f.num_classes, max_iterations=self.settings["max_iterations"])
+        iterations = self.settings["max_iterations"]
+        result = logistic_probe(*f, num_classes=f.num_classes, max_iterations=iterations)
+        fields = self.per_field(
+            encoders,
+            lambda g: logistic_probe(*g, num_classes=g.num_classes, max_iterations=iterations)["top1"],
+        )
+        if fields:
+            result["fields"] = fields
         return {"logistic_probe": {**result, "num_examples": len(f.train_labels)}}
 
 

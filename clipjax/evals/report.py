@@ -7,7 +7,8 @@ report.json format (stable; scripts read it):
   retrieval.text_to_image.R@1|R@5|R@10|median_rank
   retrieval.strict.image_to_text.*, retrieval.strict.text_to_image.*   (own pair only)
   linear_probe.top1|regularizer|val_top1, knn.top1@k1|top1@k10|top1@k20   (frozen image features, dataset labels)
-  linear_probe.fields.<field>, knn.fields.<field>   (top-1 on another label field: `evals.<name>.fields`)
+  linear_probe.fields.<field>, knn.fields.<field>, logistic_probe.fields.<field>
+      (top-1 on another label field: `evals.<name>.fields`)
   embedding.*   (spectrum metrics of the evaluation embeddings)
   classification.<dataset>.dataset|split|num_examples, .zero_shot.top1|top5|num_classes,
       .linear_probe.*, .logistic_probe.*, .few_shot.*, .knn.*, .skipped.<reason>   (classification evaluators)
@@ -40,7 +41,7 @@ def summary_lines(report: dict) -> list[str]:
         if isinstance(result, dict):
             extra = f"  top-5 {result['top5']:.2%}" if "top5" in result else ""
             lines.append(f"  zero-shot {attribute:<10} top-1 {result['top1']:.2%}{extra}")
-    for name in ("linear_probe", "knn"):
+    for name in ("linear_probe", "logistic_probe", "knn"):
         if name in report:
             lines.append(
                 f"  {name:<24} " + "  ".join(f"{k} {v:.2%}" for k, v in report[name].items() if "top1" in k)
