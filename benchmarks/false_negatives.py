@@ -102,6 +102,19 @@ PLANS = {
                 ("infonce", "multi_positive_oracle", "fnc_eliminate", "sogclr"),
             ),
             block("image_image", STUDY_SAMPLES, 320, FIVE_OBJECTIVES, seeds=(1,)),
+            # Then the second seed of those two, and B = 4,096 where a CPU can afford it: the
+            # fixed-steps block (32 steps of 4,096 is 131,072 samples, eight epochs).
+            block("image_image", STUDY_SAMPLES, 320, ("fnc_attract", "soft_targets"), seeds=(1,)),
+            block(
+                "image_image",
+                ("steps", 32),
+                32,
+                ("infonce", "multi_positive_oracle", "sogclr"),
+                batches=(4096,),
+            ),
+            # Image-text at a fixed step count: does nuisance still rise with B once the large
+            # batch is not also the under-trained one?
+            block("image_text", ("steps", 96), 320, ("infonce",)),
         ],
         num_train=16_384,
         probe_examples=4096,
@@ -264,6 +277,29 @@ def cells(plan):
                     yield (block["mode"], block["budget"], batch, block["concepts"], objective, seed)
 
 
+def cell_samples(budget, batch) -> int:
+    """Examples a cell trains on: its steps (as `cell_config` sets them) times the batch."""
+    kind, amount = budget
+    return (max(1, amount // batch) if kind == "samples" else amount) * batch
+
+
+def estimated_hours(plan, results: list[dict]) -> dict[str, float]:
+    """Hours a plan would take on the machine that ran `results`, per mode: each mode's cell time
+    fitted as a fixed part (set-up, compile, probes) plus a part per training example, by least
+    squares over the cells run, then summed over the plan's cells. None for a mode never run."""
+    hours = {}
+    for mode in sorted({block["mode"] for block in plan["blocks"]}):
+        run = [r for r in results if r["mode"] == mode and "wall_s" in r]
+        if len({r["steps"] * r["batch"] for r in run}) < 2:
+            hours[mode] = None
+            continue
+        design = np.array([[1.0, r["steps"] * r["batch"]] for r in run])
+        (fixed, per_sample), *_ = np.linalg.lstsq(design, np.array([r["wall_s"] for r in run]), rcond=None)
+        todo = [cell_samples(c[1], c[2]) for c in cells(plan) if c[0] == mode]
+        hours[mode] = (len(todo) * max(fixed, 0.0) + per_sample * sum(todo)) / 3600
+    return hours
+
+
 # ------------------------------------------------------------------------------------- output
 
 
@@ -293,6 +329,18 @@ def markdown(results: list[dict], baseline: list[dict] | None, plan_name: str, w
         f"on this machine (`python benchmarks/false_negatives.py --plan {plan_name} --markdown`).",
         "",
     ]
+    others = [name for name in PLANS if name not in (plan_name, "quick")]
+    for name in others:
+        hours = estimated_hours(PLANS[name], results)
+        if all(h is not None for h in hours.values()):
+            lines += [
+                f"Plan `{name}` ({sum(1 for _ in cells(PLANS[name]))} runs) would take about "
+                f"{sum(hours.values()):.0f} hours on the same machine ("
+                + ", ".join(f"{mode} {h:.0f}" for mode, h in hours.items())
+                + "), at each mode's time per run fitted to the runs above as a fixed part plus a part "
+                "per training example.",
+                "",
+            ]
     for floor in baseline or []:
         lines += [
             f"Untrained tower (image-image, K = {floor['concepts']}): semantic probe "

@@ -84,3 +84,21 @@ def test_summary_and_hypothesis_numbers(bench):
     assert "SogCLR at B = 64 minus InfoNCE at B >= 1024, semantic probe: -1.0 points" in lines
     table = bench.markdown(rows, None, "quick", 60.0)
     assert table.count("| infonce |") == 3 and "| multi_positive_oracle | 1024 | 10 | 76.0 |" in table
+
+
+def test_run_time_estimate_of_a_plan_fits_a_fixed_and_a_per_example_cost(bench):
+    # Runs that took exactly 30 s + 2 ms per training example, in one mode only.
+    results = [
+        dict(mode="image_image", steps=steps, batch=batch, wall_s=30 + 0.002 * steps * batch)
+        for steps, batch in ((384, 64), (96, 256), (32, 1024), (32, 64))
+    ]
+    plan = dict(
+        blocks=[bench.block("image_image", ("steps", 10), 32, ("infonce", "dcl"), batches=(64, 4096))]
+        + [bench.block("image_text", ("samples", 1000), 32, ("infonce",))]
+    )
+    hours = bench.estimated_hours(plan, results)
+    # Four image-image runs of 10 steps at B = 64 and 4,096 (two objectives); no image-text run yet.
+    expected = (4 * 30 + 0.002 * 2 * 10 * (64 + 4096)) / 3600
+    assert hours["image_image"] == pytest.approx(expected, rel=1e-9)
+    assert hours["image_text"] is None
+    assert bench.cell_samples(("samples", 1000), 64) == 15 * 64
