@@ -141,11 +141,16 @@ def load_config(name: str, arg: str = ""):
     return load_config_file(f"{path}:{arg}" if arg else path)
 
 
+def cell_steps(budget, batch) -> int:
+    """A cell's train steps: `samples` / B (at least one), or the `steps` budget itself."""
+    kind, amount = budget
+    return max(1, amount // batch) if kind == "samples" else amount
+
+
 def cell_config(mode, budget, batch, concepts, objective, seed, plan, data_dir):
     from clipjax.config import apply_overrides
 
-    kind, amount = budget
-    steps = max(1, amount // batch) if kind == "samples" else amount
+    steps = cell_steps(budget, batch)
     if mode == "image_image":
         config = load_config("simclr_demo", "keep_nuisance")
         overrides = {"optim.lr": config.optim.lr * batch / config.data.batch_size}
@@ -277,12 +282,6 @@ def cells(plan):
                     yield (block["mode"], block["budget"], batch, block["concepts"], objective, seed)
 
 
-def cell_samples(budget, batch) -> int:
-    """Examples a cell trains on: its steps (as `cell_config` sets them) times the batch."""
-    kind, amount = budget
-    return (max(1, amount // batch) if kind == "samples" else amount) * batch
-
-
 def estimated_hours(plan, results: list[dict]) -> dict[str, float]:
     """Hours a plan would take on the machine that ran `results`, per mode: each mode's cell time
     fitted as a fixed part (set-up, compile, probes) plus a part per training example, by least
@@ -295,7 +294,7 @@ def estimated_hours(plan, results: list[dict]) -> dict[str, float]:
             continue
         design = np.array([[1.0, r["steps"] * r["batch"]] for r in run])
         (fixed, per_sample), *_ = np.linalg.lstsq(design, np.array([r["wall_s"] for r in run]), rcond=None)
-        todo = [cell_samples(c[1], c[2]) for c in cells(plan) if c[0] == mode]
+        todo = [cell_steps(c[1], c[2]) * c[2] for c in cells(plan) if c[0] == mode]
         hours[mode] = (len(todo) * max(fixed, 0.0) + per_sample * sum(todo)) / 3600
     return hours
 

@@ -12,7 +12,8 @@ vignette): docs/false_negatives.md.
 
 The default's augmentations vary every nuisance factor between the two views (SimCLR's ops and
 a random illumination). `:keep_nuisance` is the setting of the false-negative study
-(augmentations that keep the nuisance factors, the study's flattened tower); `:tiny` shrinks the demo to a few steps (tests).
+(augmentations that keep the nuisance factors, the study's flattened tower); `:tiny` shrinks the
+demo to a few steps (tests).
 """
 
 from clipjax.config import default_config

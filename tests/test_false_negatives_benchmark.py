@@ -101,4 +101,4 @@ def test_run_time_estimate_of_a_plan_fits_a_fixed_and_a_per_example_cost(bench):
     expected = (4 * 30 + 0.002 * 2 * 10 * (64 + 4096)) / 3600
     assert hours["image_image"] == pytest.approx(expected, rel=1e-9)
     assert hours["image_text"] is None
-    assert bench.cell_samples(("samples", 1000), 64) == 15 * 64
+    assert bench.cell_steps(("samples", 1000), 64) == 15
