@@ -72,6 +72,21 @@ def flag_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+def check_config_command_line(prog: str, argv: list[str], required: dict[str, str] | None = None) -> None:
+    """Config-file and override-key mistakes (and missing `required` flags: name -> what to give)
+    as one line, before absl parses (and traces) them."""
+    spec = flag_value(argv, "config")
+    if spec is None:
+        fail(prog, "--config is required (a configs/*.py file, optionally file.py:arg)")
+    for name, hint in (required or {}).items():
+        if flag_value(argv, name) is None:
+            fail(prog, f"--{name} is required ({hint})")
+    try:
+        check_override_keys(argv, load_config_file(spec))
+    except ConfigError as e:
+        fail(prog, str(e))
+
+
 def load_config_file(spec: str):
     """`configs/x.py` or `configs/x.py:arg` -> its get_config(arg); one-line errors."""
     path, arg = spec, ""

@@ -32,6 +32,7 @@ from clipjax.losses.select import SECTION as LOSS_SECTION
 from clipjax.metrics.collapse import ALARM_FIELDS
 from clipjax.models import model_factory, model_section
 from clipjax.models.spec import TASKS, config_model_spec
+from clipjax.parallel.activations import DEFAULT_ACTIVATION_RULES, check_rules as check_activation_rules
 from clipjax.parallel.mesh import BATCH_AXES, resolve_mesh_shape
 from clipjax.schema import ConfigError, Field, Section
 from clipjax.wandb_writer import SECTION as LOGGING_SECTION, check_config as check_logging
@@ -145,6 +146,14 @@ def schema() -> Section:
                     ("pos", None),
                 ),
                 "logical parameter axis -> mesh axis pairs",
+            ),
+            # Logical activation axes -> mesh axes (clipjax/parallel/activations.py): the batch is
+            # split over data x fsdp at every block boundary, so adding chips spreads it.
+            "activation_rules": Field(
+                DEFAULT_ACTIVATION_RULES,
+                "logical activation axis -> mesh axis pairs (batch, length, act_embed, act_heads, act_mlp); "
+                "empty: every activation layout left to the compiler (docs/scaling.md)",
+                check=check_activation_rules,
             ),
             "data": data_section(),
             "augment": AUGMENT_SECTION,
@@ -288,6 +297,11 @@ def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _tuples(value: Any) -> Any:
+    """JSON's lists back into the tuples a config holds, at every depth (rules nest them)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     target = config
@@ -300,7 +314,7 @@ def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
                 raise ConfigError(f"{'.'.join(parents[: i + 1])}: unknown section in override {key!r}")
         target = target[part]
     if isinstance(value, list):
-        value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        value = _tuples(value)
     try:
         target[leaf] = value
     except TypeError as e:

@@ -33,6 +33,7 @@ RUN_CONTROL = (
     "max_nonfinite_streak",
     "mesh.",
     "sharding_rules",
+    "activation_rules",
     "microbatches",
     "loss.impl",
     "loss.chunk",

@@ -15,14 +15,8 @@ import jax
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from clipjax.cli import (
-    check_override_keys,
-    flag_value,
-    fail,
-    load_config_file,
-    run_reporting_errors,
-)
-from clipjax.config import ConfigError, translate_legacy_flags
+from clipjax.cli import check_config_command_line, run_reporting_errors
+from clipjax.config import translate_legacy_flags
 from clipjax.parallel.distributed import initialize_from_environment
 from clipjax.trainer import train
 
@@ -42,20 +36,9 @@ def main(argv):
     run_reporting_errors(PROG, body)
 
 
-def _check_command_line(argv: list[str]) -> None:
-    """Config-file and override-key mistakes as one line, before absl parses (and traces) them."""
-    spec = flag_value(argv, "config")
-    if spec is None:
-        fail(PROG, "--config is required (a configs/*.py file, optionally file.py:arg)")
-    try:
-        check_override_keys(argv, load_config_file(spec))
-    except ConfigError as e:
-        fail(PROG, str(e))
-
-
 if __name__ == "__main__":
     sys.argv = translate_legacy_flags(sys.argv)
-    _check_command_line(sys.argv)
+    check_config_command_line(PROG, sys.argv)
     config_flags.DEFINE_config_file(
         "config", None, "A configs/*.py file (optionally file.py:arg).", lock_config=True
     )

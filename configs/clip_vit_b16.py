@@ -9,6 +9,9 @@ the dense layers' matmul outputs for the backward pass (`model.remat`) and run a
 
 Point `data.name`/`data.source` at an image-text dataset. `configs/clip_vit_b16.py:tiny` keeps
 the structure (ViT, FSDP mesh, precision, remat, attention) at a size that runs one step on CPU.
+
+Pod: v5p:4x4x4 (64 chips; Cloud TPU accelerator type v5p-128, which counts TensorCores), 512
+examples per chip; checked by `python -m clipjax.plan` (docs/scaling.md).
 """
 
 import math

@@ -11,6 +11,9 @@ shuffles samples in a buffer, and decodes in one grain worker process per core
 (docs/data.md). Set `data.num_train` to the number of samples in the shards (img2dataset's
 stats files give it) so that `epochs` counts right. `:tiny` is `configs/clip_vit_b16.py:tiny`
 (CPU size, embedded data), for the tests.
+
+Pod: v5p:4x4x4 (64 chips; Cloud TPU v5p-128), as configs/clip_vit_b16.py; checked by `python -m
+clipjax.plan` (docs/scaling.md).
 """
 
 import importlib.util

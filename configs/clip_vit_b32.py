@@ -10,6 +10,9 @@ A model trained with it exports to Hugging Face (`python -m clipjax.convert expo
 hf_clip`), and a converted OpenAI / open_clip B/32 has the same parameters (docs/pretrained.md).
 The rest (batch 32k, bf16, remat, optimizer) follows configs/clip_vit_b16.py. `:tiny` runs two
 steps on CPU with the same layout at a tiny size.
+
+Pod: v5p:4x4x4 (64 chips; Cloud TPU accelerator type v5p-128, which counts TensorCores), 512
+examples per chip; checked by `python -m clipjax.plan` (docs/scaling.md).
 """
 
 import importlib.util

@@ -9,6 +9,10 @@ image statistics are taken over and its weights initialise the run (`init_from`)
 yours (`data.name=image_text_folder` by default, any source works), trained with a small
 learning rate and short warm-up, evaluated on its held-out split as any run is. `:tiny` (and the
 empty arg, for the tests) gives the same settings on the demo's tiny model without a checkpoint.
+
+Pod: none of its own: the pod of the converted model's architecture (docs/scaling.md lists the
+shipped ones; `python -m clipjax.plan --config configs/finetune_pretrained.py:WORKDIR --topology
+...` checks it).
 """
 
 import os

@@ -15,6 +15,9 @@ tokenizer, since none of the demo's text side is kept.
 
 `--config configs/lit_demo.py:tiny` is a few steps without `init_from` (the tests run every
 config without a trained demo): the image tower is then a frozen random initialisation.
+
+Pod: v5e:2x2 (4 chips, the smallest slice; the demo itself runs on a CPU); checked by `python -m
+clipjax.plan` (docs/scaling.md).
 """
 
 import importlib.util

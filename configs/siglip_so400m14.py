@@ -10,6 +10,9 @@ projects to the image width, with a bias), a non-causal text tower read at its l
 tanh-GELU, SigLIP's sentencepiece tokenizer (64 tokens) and [-1, 1] pixels. It exports to
 Hugging Face's SiglipModel (`python -m clipjax.convert export --format hf_siglip`). `:tiny` runs
 two steps on CPU with the same layout at a tiny size.
+
+Pod: v5p:4x4x8 (128 chips; Cloud TPU v5p-256), 256 examples per chip; checked by `python -m
+clipjax.plan` (docs/scaling.md).
 """
 
 import importlib.util

@@ -5,6 +5,9 @@
 
 Everything but the loss, its initialisation, the image statistics and the optimizer follows
 configs/clip_vit_b16.py; `:tiny` runs one step on CPU.
+
+Pod: v5e:16x16 (256 chips, a full v5e pod: v5litepod-256), 128 examples per chip; checked by `python
+-m clipjax.plan` (docs/scaling.md).
 """
 
 import importlib.util

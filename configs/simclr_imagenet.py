@@ -13,6 +13,9 @@ LARS with lr = 0.3 x batch / 256, weight decay 1e-6, 10 warm-up epochs and a cos
 `--config.loss.positives=label` with `multi_positive` is the oracle that knows the classes.
 Evaluation probes the tower's features on the validation split. `:tiny` keeps its structure at CPU
 size on the embedded data (the tests use it).
+
+Pod: v5e:4x4 (16 chips: v5litepod-16), 256 images (512 views) per chip; checked by `python -m
+clipjax.plan` (docs/scaling.md).
 """
 
 import math

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax.evals.embed import embed_in_batches
 from clipjax.parallel import batch_axes
+from clipjax.parallel.activations import activation_sharding
 
 
 @functools.lru_cache(maxsize=8)
@@ -19,9 +20,16 @@ def jitted_encoders(graphdef, mesh) -> tuple[Callable, Callable]:
     """(encode_image(params, images), encode_text(params, tokens)), compiled once per model
     structure and mesh: periodic evaluation reuses them instead of tracing new ones."""
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
-    encode_image = jax.jit(lambda params, x: nnx.merge(graphdef, params).encode_image(x), out_shardings=rows)
-    encode_text = jax.jit(lambda params, t: nnx.merge(graphdef, params).encode_text(t), out_shardings=rows)
-    return encode_image, encode_text
+
+    def encode(method: str):
+        def run(params, x):
+            # Each device embeds its own rows, whatever layout the parameters have.
+            with activation_sharding(mesh):
+                return getattr(nnx.merge(graphdef, params), method)(x)
+
+        return jax.jit(run, out_shardings=rows)
+
+    return encode("encode_image"), encode("encode_text")
 
 
 class Encoders:

@@ -15,8 +15,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clipjax.parallel.activations import constrain
+
 Initializer = Callable[..., jax.Array]
 Array = jax.Array
+
+# Logical layouts of the activations (clipjax/parallel/activations.py): a token sequence, its
+# attention heads, and one vector per example.
+TOKENS = ("batch", "length", "act_embed")
+HEADS = ("batch", "length", "act_heads", None)
+POOLED = ("batch", "act_embed")
 
 LAYERS = "layers"
 CONV_KERNEL_NAMES = ("conv_h", "conv_w", "conv_in", "conv_out")
@@ -342,7 +350,7 @@ class Attention(nnx.Module):
     def _project(self, x: Array, kernel: nnx.Param, bias: nnx.Param | None = None) -> Array:
         dt = self.dtype
         y = jnp.einsum("bld,dhk->blhk", x.astype(dt), kernel[...].astype(dt))
-        return y if bias is None else y + bias[...].astype(dt)
+        return constrain(y if bias is None else y + bias[...].astype(dt), HEADS)
 
     def __call__(self, x_q: Array, x_kv: Array | None = None, mask: Array | None = None) -> Array:
         """x_q [B, Lq, D], x_kv [B, Lk, D] (defaults to x_q), mask -> [B,Lq,D]."""
@@ -366,13 +374,15 @@ class Attention(nnx.Module):
             )
         else:
             ctx = self._einsum_attention(q, k, v, mask)
-        return jnp.einsum("bqhk,hkd->bqd", ctx, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+        ctx = constrain(ctx, HEADS)
+        y = jnp.einsum("bqhk,hkd->bqd", ctx, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+        return constrain(y, TOKENS)
 
     def _einsum_attention(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
         dt = self.dtype
         q = q * jnp.asarray(self.head_dim**-0.5, dt)
         # Softmax in float32: bf16 logits lose too much precision in exp/sum.
-        logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
+        logits = constrain(jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32), ("batch", "act_heads"))
         if mask is not None:
             # A finite floor (not -inf) keeps fully masked rows finite.
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -399,7 +409,10 @@ class MLP(nnx.Module):
         self.activation = activation
 
     def __call__(self, x: Array) -> Array:
-        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+        # [batch, (tokens,) width]: the MLP also runs on pooled vectors (the MAP head's probe).
+        middle = ("length",) * (x.ndim - 2)
+        hidden = constrain(ACTIVATIONS[self.activation](self.fc1(x)), ("batch", *middle, "act_mlp"))
+        return constrain(self.fc2(hidden), ("batch", *middle, "act_embed"))
 
 
 class TransformerBlock(nnx.Module):
@@ -423,8 +436,12 @@ class TransformerBlock(nnx.Module):
         self.mlp = MLP(width, mlp_dim, activation=activation, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        x = x + self.attn(self.ln1(x), mask=mask)
-        return x + self.mlp(self.ln2(x))
+        # The block's input and output are where the layout is fixed: without this the
+        # compiler carries the FSDP weights' layout into the residual stream (see
+        # clipjax/parallel/activations.py), and adding chips stops spreading the batch.
+        x = constrain(x, TOKENS)
+        x = constrain(x + self.attn(self.ln1(x), mask=mask), TOKENS)
+        return constrain(x + self.mlp(self.ln2(x)), TOKENS)
 
 
 class Stack(nnx.Module):

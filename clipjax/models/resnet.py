@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clipjax.models.layers import Attention, Conv, GroupNorm, LayerNorm, Stack, embed_normal, param, zeros
+from clipjax.parallel.activations import constrain
 from clipjax.schema import ConfigError, Field, positive_ints
 
 # The variant table: every ResNet-style layout in one place.
@@ -137,6 +138,11 @@ def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") 
     )
 
 
+# A conv tower's activations are [batch, height, width, channels]: split by example, as the
+# transformers' tokens are (clipjax/parallel/activations.py); channels follow the MLP's rule.
+FEATURE_MAP = ("batch", None, None, "act_mlp")
+
+
 class ConvNormAct(nnx.Module):
     """3x3 conv -> GroupNorm -> GELU."""
 
@@ -147,7 +153,7 @@ class ConvNormAct(nnx.Module):
         self.norm = GroupNorm(cout, groups, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.gelu(self.norm(self.conv(x)))
+        return constrain(jax.nn.gelu(self.norm(self.conv(x))), FEATURE_MAP)
 
 
 class ResidualBlock(nnx.Module):
@@ -164,8 +170,9 @@ class ResidualBlock(nnx.Module):
         self.norm2 = GroupNorm(width, groups, scale_init=zeros, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.nn.gelu(self.norm1(self.conv1(x)))
-        return jax.nn.gelu(x + self.norm2(self.conv2(y)))
+        x = constrain(x, FEATURE_MAP)
+        y = constrain(jax.nn.gelu(self.norm1(self.conv1(x))), FEATURE_MAP)
+        return constrain(jax.nn.gelu(x + self.norm2(self.conv2(y))), FEATURE_MAP)
 
 
 class Stage(nnx.Module):
@@ -304,10 +311,12 @@ class ResNet(nnx.Module):
         for stage in self.stages:
             x = stage(x)
         if self.spec.pool == "flatten":
-            return self.norm(x.reshape(x.shape[0], math.prod(x.shape[1:])))
-        if self.spec.pool == "mean":
-            return self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
-        return self.attn_pool(x)
+            pooled = self.norm(x.reshape(x.shape[0], math.prod(x.shape[1:])))
+        elif self.spec.pool == "mean":
+            pooled = self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+        else:
+            pooled = self.attn_pool(x)
+        return constrain(pooled, ("batch", "act_embed"))
 
 
 # The class `clipjax.models.spec.IMAGE_TOWERS` builds for kind "resnet".

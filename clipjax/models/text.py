@@ -11,6 +11,8 @@ from flax import nnx
 
 from clipjax.models.layers import (
     ACTIVATIONS,
+    POOLED,
+    TOKENS,
     LayerNorm,
     Stack,
     TransformerBlock,
@@ -18,6 +20,7 @@ from clipjax.models.layers import (
     embed_normal,
     param,
 )
+from clipjax.parallel.activations import constrain
 from clipjax.schema import ConfigError, Field
 
 PAD_ID = 0
@@ -138,10 +141,16 @@ class TextTransformer(nnx.Module):
         if length > self.max_len:
             raise ValueError(f"text of length {length} exceeds max_len {self.max_len}")
         valid = tokens != PAD_ID
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        # Each chip looks up its own examples' tokens; the table is gathered like any FSDP weight.
+        tokens = constrain(tokens, ("batch", "length"))
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype), TOKENS)
         x = x + self.pos[:length].astype(self.dtype)
         x = self.encoder(x, attention_mask(valid if self.spec.pad_mask else None, length, self.spec.causal))
-        x = self.norm(x)
+        x = constrain(self.norm(x), TOKENS)
+        return constrain(self._pool(x, tokens, valid), POOLED)
+
+    def _pool(self, x: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+        length = x.shape[1]
         if self.spec.pool == "first":
             return x[:, 0]
         if self.spec.pool == "final":

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clipjax.models.layers import Dense
+from clipjax.models.layers import POOLED, Dense
 from clipjax.models import spec as spec_lib
 from clipjax.models.spec import IMAGE_TOWERS, DualEncoderSpec, config_model_spec, model_spec
 from clipjax.models.text import TextTransformer
+from clipjax.parallel.activations import constrain
 
 # CLIP's RGB statistics (the original OpenAI preprocessing), in [0, 1] units: the default of
 # `model.image_mean` / `model.image_std`, which a model uses (`DualEncoderSpec`).
@@ -68,7 +69,7 @@ class Projector(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, layer in enumerate(self.layers):
-            x = layer(jax.nn.relu(x) if i else x)
+            x = constrain(layer(jax.nn.relu(x) if i else x), POOLED)
         return x
 
 
@@ -132,12 +133,14 @@ class DualEncoder(nnx.Module):
 
     def image_features(self, images: jax.Array) -> jax.Array:
         """Tower output before projection, float32 [B, image_tower.out_dim]."""
+        # Each chip normalises (and the tower embeds) only its own examples.
+        images = constrain(images, ("batch",))
         x = normalize_images(images, self.spec.image_mean, self.spec.image_std)
-        return self.image_tower(x).astype(jnp.float32)
+        return constrain(self.image_tower(x).astype(jnp.float32), POOLED)
 
     def text_features(self, tokens: jax.Array) -> jax.Array:
         """Tower output before projection, float32 [B, text_tower.out_dim]."""
-        return self.text_tower(tokens).astype(jnp.float32)
+        return constrain(self.text_tower(tokens).astype(jnp.float32), POOLED)
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """uint8 [B,H,W,3] (or float in [0,1]) -> unit-norm float32 [B, embed].
@@ -147,13 +150,13 @@ class DualEncoder(nnx.Module):
         features = self.image_features(images)
         if self.projector is not None or self.image_proj is None:
             return l2_normalize(features)
-        return l2_normalize(self.image_proj(features))
+        return constrain(l2_normalize(self.image_proj(features)), POOLED)
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """int32 [B, L] token ids (pad 0) -> unit-norm float32 [B, embed]."""
         if self.text_tower is None:
             raise NoTextTower("an image-image model (task='image_image') has no text tower")
-        return l2_normalize(self.text_proj(self.text_features(tokens)))
+        return constrain(l2_normalize(self.text_proj(self.text_features(tokens))), POOLED)
 
     def project_image(self, images: jax.Array) -> jax.Array:
         """Image-image models: images -> unit-norm projector outputs, the space the loss sees."""

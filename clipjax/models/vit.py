@@ -12,6 +12,8 @@ from flax import nnx
 from clipjax.models.layers import (
     ACTIVATIONS,
     MLP,
+    POOLED,
+    TOKENS,
     Attention,
     Conv,
     Dense,
@@ -22,6 +24,7 @@ from clipjax.models.layers import (
     lecun_normal,
     param,
 )
+from clipjax.parallel.activations import constrain
 from clipjax.schema import ConfigError, Field
 
 # The variant table: every ViT size in one place (big_vision's names).
@@ -116,7 +119,7 @@ class MAPHead(nnx.Module):
         probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
         y = self.attn(probe, x)
         y = y + self.mlp(self.norm(y))
-        return y[:, 0]
+        return constrain(y[:, 0], POOLED)
 
 
 class ViT(nnx.Module):
@@ -193,18 +196,18 @@ class ViT(nnx.Module):
                 f"ViT built for {self.image_size}x{self.image_size} images, got "
                 f"{images.shape[1]}x{images.shape[2]}"
             )
-        x = self._patchify(images.astype(self.dtype))
+        x = constrain(self._patchify(images.astype(self.dtype)), TOKENS)
         if self.cls is not None:
             cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
         x = x + self.pos[...].astype(self.dtype)
         if self.ln_pre is not None:
             x = self.ln_pre(x)
-        x = self.norm(self.encoder(x))
+        x = constrain(self.norm(self.encoder(x)), TOKENS)
         if self.spec.pool == "cls":
-            return x[:, 0]
+            return constrain(x[:, 0], POOLED)
         if self.spec.pool == "mean":
-            return jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
+            return constrain(jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype), POOLED)
         return self.map_head(x)
 
 

@@ -22,7 +22,14 @@ COUNTERS = ("step", "nonfinite_total", "nonfinite_streak")
 
 
 def create_train_state(
-    make_model: Callable[[], nnx.Module], abstract_model: nnx.Module, tx, mesh, sharding_rules, frozen=()
+    make_model: Callable[[], nnx.Module],
+    abstract_model: nnx.Module,
+    tx,
+    mesh,
+    sharding_rules,
+    frozen=(),
+    *,
+    abstract: bool = False,
 ) -> tuple[Any, dict, dict]:
     """(graphdef, state, state_shardings): the model is never whole on one device.
 
@@ -31,21 +38,30 @@ def create_train_state(
     Parameters are initialised inside `jax.jit` with their FSDP shardings as outputs; the
     optimizer moments take the parameters' shardings, counters are replicated. The optimizer
     state covers only the parameters that train: those the `frozen` patterns leave out.
+    `abstract=True` gives the same tree as `jax.ShapeDtypeStruct`s carrying those shardings and
+    allocates nothing: what `clipjax.plan` compiles against a TPU topology it does not own.
     """
+    # The same jitted initialisers either way, so the abstract state cannot drift from the real.
+    build = jax.eval_shape if abstract else (lambda f, *args: f(*args))
     graphdef, _ = nnx.split(abstract_model)
     p_shardings = param_shardings(abstract_model, mesh, sharding_rules)
-    params = jax.jit(
-        lambda: nnx.to_pure_dict(nnx.state(make_model(), nnx.Param)), out_shardings=p_shardings
-    )()
+    params = build(
+        jax.jit(lambda: nnx.to_pure_dict(nnx.state(make_model(), nnx.Param)), out_shardings=p_shardings)
+    )
     replicated = NamedSharding(mesh, P())
     trainable, _ = optim.split_trainable(params, frozen)
     t_shardings, _ = optim.split_trainable(p_shardings, frozen)
     opt_shardings = _opt_shardings(jax.eval_shape(tx.init, trainable), trainable, t_shardings, replicated)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+    opt_state = build(jax.jit(tx.init, out_shardings=opt_shardings), trainable)
     state = {"params": params, "opt_state": opt_state}
     shardings = {"params": p_shardings, "opt_state": opt_shardings}
     for name in COUNTERS:
-        state[name] = jax.device_put(jnp.int32(0), replicated)
+        zero = jnp.int32(0)
+        state[name] = (
+            jax.ShapeDtypeStruct((), zero.dtype, sharding=replicated)
+            if abstract
+            else jax.device_put(zero, replicated)
+        )
         shardings[name] = replicated
     return graphdef, state, shardings
 
@@ -73,8 +89,9 @@ class TrainState:
     schedule: Any  # optax.Schedule
 
 
-def init_train_state(config, mesh, *, vocab_size: int) -> TrainState:
-    """The model of `config.model` and the optimizer of `config.optim`, initialised on `mesh`."""
+def init_train_state(config, mesh, *, vocab_size: int, abstract: bool = False) -> TrainState:
+    """The model of `config.model` and the optimizer of `config.optim`, initialised on `mesh`;
+    with `abstract=True`, their shapes, dtypes and shardings only (`create_train_state`)."""
     make_model = model_factory(config, vocab_size=vocab_size)
     abstract_model = nnx.eval_shape(make_model)
     frozen = tuple(config.optim.frozen)
@@ -85,11 +102,12 @@ def init_train_state(config, mesh, *, vocab_size: int) -> TrainState:
     factors = optim.multiplier_factors(decay_mask, config.optim.lr_multipliers)
     tx, schedule = optim.make_optimizer(config.optim, total_steps(config), decay_mask, factors)
     graphdef, state, shardings = create_train_state(
-        make_model, abstract_model, tx, mesh, config.sharding_rules, frozen
+        make_model, abstract_model, tx, mesh, config.sharding_rules, frozen, abstract=abstract
     )
     # Per-sample loss estimates (SogCLR's moving averages), sharded over the batch axes like
     # the data, and saved in every checkpoint with the rest of the state.
-    loss_state = init_loss_state(config.loss, int(config.data.num_train), mesh, batch_axes(mesh))
+    make_loss_state = lambda: init_loss_state(config.loss, int(config.data.num_train), mesh, batch_axes(mesh))
+    loss_state = jax.eval_shape(make_loss_state) if abstract else make_loss_state()
     if loss_state:
         state["loss_state"] = loss_state
         shardings["loss_state"] = jax.tree.map(lambda x: x.sharding, loss_state)

@@ -12,6 +12,7 @@ from clipjax import optim
 from clipjax.losses import objective_loss
 from clipjax.metrics import embedding_metrics
 from clipjax.parallel import batch_axes, batch_parallelism
+from clipjax.parallel.activations import activation_sharding
 
 
 def make_loss_fn(config, graphdef, mesh):
@@ -198,6 +199,12 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
     frozen_patterns = tuple(config.optim.frozen)
 
     def train_step(state, batch, with_metrics):
+        # Traced with the towers' activations pinned to the batch axes (the context is read
+        # while jit traces this function, not when the compiled step runs).
+        with activation_sharding(mesh, config.activation_rules):
+            return sharded_train_step(state, batch, with_metrics)
+
+    def sharded_train_step(state, batch, with_metrics):
         loss_state = state.get("loss_state", {})
         (loss, (img, txt, loss_state)), grads = grad_fn(state["params"], batch, loss_state, state["step"])
         # Only the trainable parameters reach the optimizer; the frozen ones pass through as

@@ -1,0 +1,93 @@
+"""A config and a topology in, a `Plan` out; and the largest global batch that fits."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from clipjax.config import ConfigError, validate
+from clipjax.parallel import batch_parallelism
+from clipjax.planning.compile import (
+    compile_embed_steps,
+    compile_train_steps,
+    plan_mesh,
+    planned_vocab_size,
+    topology_devices,
+)
+from clipjax.planning.report import IMAGES_PER_CORE, Plan, find_batch, model_flops_per_step
+
+
+def build_plan(
+    config,
+    topology: str,
+    *,
+    config_name: str = "",
+    vocab_size: int = 0,
+    embed: bool = True,
+    images_per_core: float = IMAGES_PER_CORE,
+    log=lambda _: None,
+) -> Plan:
+    """Compile the run's train step, metrics step and (with `embed`) evaluation encoders for
+    `topology` and collect what `render` prints. The config is checked first, as `train` does."""
+    chip, devices = topology_devices(topology)
+    validate(config, num_devices=len(devices))
+    mesh = plan_mesh(config, devices)
+    vocab = planned_vocab_size(config, vocab_size)
+    log(f"compiling the train and metrics steps for {topology} ({len(devices)} chips)...")
+    train = compile_train_steps(config, mesh, vocab_size=vocab)
+    steps = {"train": train[False], "metrics": train[True]}
+    if embed:
+        log("compiling the evaluation encoders...")
+        for name, step in compile_embed_steps(config, devices, vocab_size=vocab).items():
+            steps[f"embed {name}s"] = step
+    return Plan(
+        config_name=config_name,
+        topology=topology,
+        chip=chip,
+        chips=len(devices),
+        mesh=dict(mesh.shape),
+        batch_size=int(config.data.batch_size),
+        steps=steps,
+        model_flops_per_step=model_flops_per_step(config),
+        images_per_core=images_per_core,
+    )
+
+
+def _granule(config) -> int:
+    """Per-shard batches must be multiples of the micro-batch count and of a set loss chunk."""
+    parts = [int(config.microbatches)]
+    if config.loss.impl == "ring" and config.loss.chunk:
+        parts.append(int(config.loss.chunk))
+    return math.lcm(*parts)
+
+
+def largest_batch(config, topology: str, *, vocab_size: int = 0, resolution: int = 8, log=print) -> int:
+    """The largest global batch whose train step *and* metrics step fit each chip's HBM, for the
+    config as given: doubling from the config's batch, then bisection down to 1/`resolution` of
+    the answer (a per-shard multiple of `_granule`)."""
+    chip, devices = topology_devices(topology)
+    validate(config, num_devices=len(devices))
+    mesh = plan_mesh(config, devices)
+    ways = batch_parallelism(mesh)
+    vocab = planned_vocab_size(config, vocab_size)
+    start = max(1, int(config.data.batch_size) // ways)
+    granule = _granule(config)
+
+    def fits(per_shard: int) -> bool:
+        trial = copy.deepcopy(config)
+        trial.data.batch_size = per_shard * ways
+        try:
+            validate(trial, num_devices=len(devices))
+        except ConfigError:
+            return False
+        # The cheaper train step first: a batch that fails it needs no metrics compile.
+        for flag in (False, True):
+            step = compile_train_steps(trial, mesh, vocab_size=vocab, metrics=(flag,))[flag]
+            if not step.fits or step.memory.total > chip.hbm_bytes:
+                return False
+        return True
+
+    # Bisect to a granule that is a fraction of the start: a few compiles, not dozens.
+    coarse = max(granule, (start // resolution) // granule * granule)
+    per_shard = find_batch(fits, start=start, granule=coarse, log=log)
+    return per_shard * ways

@@ -1,0 +1,310 @@
+"""A plan of a run on a pod: memory per chip against HBM, FLOPs, collectives, a roofline estimate
+of the step time, and what the input pipeline of each host must deliver; and the largest batch
+that fits (`find_batch`).
+
+The step-time estimate is a roofline, not a measurement: the larger of
+  * compute: the model FLOPs of the step per chip (`clipjax.flops`, which counts every layer of a
+    scanned stack) at the chip's bf16 peak;
+  * HBM: XLA's "bytes accessed" of the program at the chip's HBM bandwidth (XLA counts a loop
+    body once, so with `model.unroll` > 0 it is a lower bound);
+  * ICI: the bytes each chip sends per step in its collectives (`hlo.Collective.moved_bytes`,
+    every run of a loop counted) at one direction of the chip's ICI bandwidth.
+It assumes perfect overlap of the three and no host or input stalls; the MFU it implies is an
+upper bound on what the run can reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+from clipjax import flops as flops_lib
+from clipjax.planning.chips import GiB, Chip
+from clipjax.planning.compile import CompiledStep
+from clipjax.planning.hlo import COLLECTIVES, summarize
+
+# Images per second one CPU core decodes and crops to 224 px in clipjax's input pipeline, as
+# docs/data.md measures it (benchmarks/data_throughput.py, two workers on this project's 2-core
+# machine: 424 per core). A TPU host's cores differ: pass --images_per_core with your own figure.
+IMAGES_PER_CORE = 424.0
+
+
+@dataclasses.dataclass
+class Roofline:
+    compute_s: float
+    hbm_s: float
+    ici_s: float
+
+    @property
+    def step_s(self) -> float:
+        return max(self.compute_s, self.hbm_s, self.ici_s)
+
+    @property
+    def bound(self) -> str:
+        return max(
+            ("compute", self.compute_s), ("HBM", self.hbm_s), ("ICI", self.ici_s), key=lambda kv: kv[1]
+        )[0]
+
+    @property
+    def mfu(self) -> float:
+        return self.compute_s / self.step_s if self.step_s > 0 else 0.0
+
+
+def roofline(step: CompiledStep, chip: Chip, model_flops_per_chip: float) -> Roofline:
+    moved = (
+        sum(row["moved"] for row in summarize(step.program.collectives()).values()) if step.program else 0.0
+    )
+    return Roofline(
+        compute_s=model_flops_per_chip / chip.peak_flops,
+        hbm_s=step.bytes_accessed / chip.hbm_bandwidth,
+        ici_s=moved / chip.ici_bandwidth,
+    )
+
+
+@dataclasses.dataclass
+class Plan:
+    config_name: str
+    topology: str
+    chip: Chip
+    chips: int
+    mesh: dict[str, int]
+    batch_size: int
+    steps: dict[str, CompiledStep]  # 'train', 'metrics', 'embed images', 'embed texts'
+    model_flops_per_step: float
+    images_per_core: float = IMAGES_PER_CORE
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits and s.memory.total <= self.chip.hbm_bytes for s in self.steps.values())
+
+    @property
+    def model_flops_per_chip(self) -> float:
+        return self.model_flops_per_step / self.chips
+
+    def roofline(self) -> Roofline | None:
+        train = self.steps.get("train")
+        return roofline(train, self.chip, self.model_flops_per_chip) if train and train.fits else None
+
+    def input_side(self) -> dict[str, float] | None:
+        estimate = self.roofline()
+        if estimate is None or estimate.step_s <= 0:
+            return None
+        hosts = max(1, self.chips // self.chip.chips_per_host)
+        per_host = self.batch_size / estimate.step_s / hosts
+        return {
+            "hosts": hosts,
+            "images_per_s_per_host": per_host,
+            "cores_per_host": math.ceil(per_host / self.images_per_core),
+            "host_vcpus": self.chip.host_vcpus,
+        }
+
+
+def plan_record(plan: Plan) -> dict:
+    """The plan as plain JSON: what docs/scaling.md's tables are made from."""
+    steps = {}
+    for name, step in plan.steps.items():
+        steps[name] = {
+            "compile_s": round(step.seconds, 1),
+            "fits": step.fits,
+            "refusal": step.refusal,
+            "required_bytes": step.required_bytes,
+            "memory": dataclasses.asdict(step.memory) if step.memory else None,
+            "total_bytes": step.memory.total if step.memory else None,
+            "xla_flops": step.flops,
+        }
+    record = {
+        "config": plan.config_name,
+        "topology": plan.topology,
+        "chips": plan.chips,
+        "mesh": plan.mesh,
+        "batch_size": plan.batch_size,
+        "hbm_bytes": plan.chip.hbm_bytes,
+        "fits": plan.fits,
+        "model_flops_per_chip": plan.model_flops_per_chip,
+        "steps": steps,
+    }
+    train = plan.steps.get("train")
+    if train and train.program:
+        record["collectives"] = summarize(train.program.collectives())
+    estimate = plan.roofline()
+    if estimate:
+        record["roofline"] = {
+            "compute_s": estimate.compute_s,
+            "hbm_s": estimate.hbm_s,
+            "ici_s": estimate.ici_s,
+            "step_s": estimate.step_s,
+            "bound": estimate.bound,
+            "mfu": estimate.mfu,
+        }
+        record["input"] = plan.input_side()
+    return record
+
+
+def gib(n: float) -> str:
+    """GiB to two decimals; MiB below a tenth of a GiB, where two decimals of a GiB say nothing."""
+    if abs(n) < GiB / 10:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / GiB:.2f} GiB"
+
+
+def _si(n: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def memory_table(plan: Plan) -> list[str]:
+    names = [n for n in ("train", "metrics", "embed images", "embed texts") if n in plan.steps]
+    rows = [
+        ("parameters", "params"),
+        ("optimizer state", "opt_state"),
+        ("batch", "batch"),
+        ("other state (counters, loss state)", "other_state"),
+        ("argument layout padding", "layout_padding"),
+        ("temporaries", "temporaries"),
+        ("outputs not donated", "outputs"),
+    ]
+    lines = ["| per chip | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for label, field in rows:
+        cells = [gib(getattr(plan.steps[n].memory, field)) if plan.steps[n].fits else "-" for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    totals = []
+    for n in names:
+        step = plan.steps[n]
+        totals.append(
+            f"**{gib(step.memory.total)}**" if step.fits else f"refused ({gib(step.required_bytes)} needed)"
+        )
+    lines.append("| **total** | " + " | ".join(totals) + " |")
+    lines.append(
+        f"| HBM of a {plan.chip.name} chip | " + " | ".join(gib(plan.chip.hbm_bytes) for _ in names) + " |"
+    )
+    lines.append("| compile time | " + " | ".join(f"{plan.steps[n].seconds:.1f} s" for n in names) + " |")
+    return lines
+
+
+def collectives_table(step: CompiledStep) -> list[str]:
+    if not step.program:
+        return []
+    table = summarize(step.program.collectives())
+    lines = [
+        "| collective | instructions | runs per step | bytes per step (per chip) | sent per step (per chip) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for kind in COLLECTIVES:
+        row = table.get(kind)
+        if row:
+            lines.append(
+                f"| {kind} | {row['ops']:.0f} | {row['runs']:.0f} | {_si(row['bytes'], 'B')} | {_si(row['moved'], 'B')} |"
+            )
+    if len(lines) == 2:
+        lines.append("| (none) | 0 | 0 | 0 B | 0 B |")
+    return lines
+
+
+def render(plan: Plan) -> str:
+    """The plan as the text `python -m clipjax.plan` prints (markdown tables)."""
+    out = [
+        f"# {plan.config_name} on {plan.topology}: {plan.chips} {plan.chip.name} chips, mesh "
+        + " x ".join(f"{a}={s}" for a, s in plan.mesh.items())
+        + f", global batch {plan.batch_size:,} ({plan.batch_size // max(1, _batch_ways(plan)):,} per batch shard)",
+        "",
+        "## Memory per chip",
+        "",
+        *memory_table(plan),
+        "",
+    ]
+    if plan.fits:
+        out.append(
+            f"**Fits**: every program stays within the {gib(plan.chip.hbm_bytes)} of HBM of a {plan.chip.name} chip."
+        )
+    else:
+        over = [n for n, s in plan.steps.items() if not s.fits or s.memory.total > plan.chip.hbm_bytes]
+        out.append(
+            f"**Does not fit**: {', '.join(over)} exceed{'s' if len(over) == 1 else ''} the {gib(plan.chip.hbm_bytes)} of HBM of a {plan.chip.name} chip."
+        )
+    train = plan.steps.get("train")
+    out += ["", "## FLOPs per chip per step", ""]
+    out.append(
+        f"- model FLOPs (clipjax.flops, every layer counted): {_si(plan.model_flops_per_chip, 'FLOP')}"
+    )
+    if train and train.fits:
+        out.append(f"- XLA's count (cost_analysis; a loop body counted once): {_si(train.flops, 'FLOP')}")
+        out += ["", "## Collectives of the train step", "", *collectives_table(train)]
+    estimate = plan.roofline()
+    if estimate:
+        out += [
+            "",
+            "## Step time (a roofline estimate, not a measurement)",
+            "",
+            f"- compute: {estimate.compute_s * 1e3:.1f} ms (model FLOPs at {_si(plan.chip.peak_flops, 'FLOP/s')} bf16 peak)",
+            f"- HBM: {estimate.hbm_s * 1e3:.1f} ms (XLA's bytes accessed, {_si(train.bytes_accessed, 'B')}, at {_si(plan.chip.hbm_bandwidth, 'B/s')})",
+            f"- ICI: {estimate.ici_s * 1e3:.1f} ms (bytes sent in collectives at {_si(plan.chip.ici_bandwidth, 'B/s')} one way)",
+            f"- estimate: {estimate.step_s * 1e3:.1f} ms per step, {estimate.bound}-bound, MFU at most {estimate.mfu:.0%} "
+            "(assumes compute, memory and communication overlap perfectly and no input stalls)",
+        ]
+        side = plan.input_side()
+        out += [
+            "",
+            "## Input pipeline per host",
+            "",
+            f"- {side['hosts']:.0f} host{'s' if side['hosts'] > 1 else ''} of {plan.chip.chips_per_host} chips: each must decode "
+            f"{side['images_per_s_per_host']:,.0f} images/s at the estimated step time",
+            f"- at {plan.images_per_core:.0f} images/s per core (docs/data.md, 224 px JPEGs; --images_per_core to change): "
+            f"{side['cores_per_host']:.0f} cores per host, of the {side['host_vcpus']} vCPUs of a {plan.chip.name} host",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def _batch_ways(plan: Plan) -> int:
+    return math.prod(s for a, s in plan.mesh.items() if a in ("data", "fsdp"))
+
+
+def model_flops_per_step(config) -> float:
+    return flops_lib.train_flops_per_step(config)
+
+
+def find_batch(
+    fits: Callable[[int], bool], *, start: int, granule: int, limit: int = 1 << 22, log=print
+) -> int:
+    """The largest per-shard batch (a multiple of `granule`) for which `fits` holds: doubling from
+    `start` until it fails, then bisection. 0 if not even `granule` fits."""
+    start = max(granule, start // granule * granule)
+    cache: dict[int, bool] = {}
+
+    def check(b: int) -> bool:
+        if b not in cache:
+            cache[b] = fits(b)
+            log(f"  per-shard batch {b:,}: {'fits' if cache[b] else 'does not fit'}")
+        return cache[b]
+
+    if check(start):
+        low, high = start, None
+        while high is None:
+            nxt = low * 2
+            if nxt > limit:
+                return low
+            if check(nxt):
+                low = nxt
+            else:
+                high = nxt
+    else:
+        low, high = 0, start
+        while low == 0:
+            half = high // 2 // granule * granule
+            if half < granule:
+                return granule if check(granule) else 0
+            if check(half):
+                low = half
+            else:
+                high = half
+    while high - low > granule:
+        mid = (low + high) // 2 // granule * granule
+        if mid in (low, high):
+            break
+        if check(mid):
+            low = mid
+        else:
+            high = mid
+    return low
