@@ -47,6 +47,8 @@ SHIPPED = (
 )
 # Vocabulary sizes of tokenizers whose files live in the user's bucket.
 VOCAB = {"siglip_so400m14.py": 32_000}
+# Settings that only say where weights come from: the compiled program does not depend on them.
+OVERRIDES = {"lit_demo.py": {"init_from_towers": ()}}
 # Adding chips at a fixed global batch: CLIP B/32 at 4,096 (the measurement).
 POD_SCALE_CONFIG, POD_SCALE_BATCH = "clip_vit_b32.py", 4096
 POD_SCALE_TOPOLOGIES = ("v5p:2x2x2", "v5p:4x4x4")
@@ -93,6 +95,7 @@ def run_row(name: str) -> dict:
 
     topology = config_pod(name)
     config = load_config_file(str(ROOT / "configs" / name))
+    apply_overrides(config, OVERRIDES.get(name, {}))
     start = time.perf_counter()
     plan = build_plan(
         config, topology, config_name=f"configs/{name}", vocab_size=VOCAB.get(name, 0), log=print
@@ -151,7 +154,7 @@ def render_pod_scale(results: dict) -> str:
     lines = [
         "| layer loop | "
         + " | ".join(f"{t} temporaries per chip" for t in POD_SCALE_TOPOLOGIES)
-        + " | ratio (ideal 1/8) | all-to-alls | global token-id arrays | compile |",
+        + " | ratio (ideal 0.125) | all-to-all instructions | instructions on all 4,096 token-id rows | compile |",
         "| --- |" + " ---: |" * (len(POD_SCALE_TOPOLOGIES) + 4),
     ]
     for variant, label, _ in POD_SCALE_VARIANTS:
@@ -163,7 +166,7 @@ def render_pod_scale(results: dict) -> str:
         lines.append(
             f"| {label} | "
             + " | ".join(f"{_gib(c['temporaries'])} GiB" for c in cells)
-            + f" | 1/{1 / ratio:.1f} | {', '.join(str(c['all_to_all']) for c in cells)} | "
+            + f" | {ratio:.3f} | {', '.join(str(c['all_to_all']) for c in cells)} | "
             + f"{', '.join(str(c['global_token_arrays']) for c in cells)} | "
             + ", ".join(f"{c['compile_s']:.0f} s" for c in cells)
             + " |"

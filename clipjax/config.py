@@ -202,8 +202,10 @@ def total_steps(config) -> int:
     raise ConfigError("steps: give a positive config.steps or config.epochs")
 
 
-def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
-    """Raise ConfigError on the first mistake; return the resolved mesh shape."""
+def validate(config, *, num_devices: int, process_count: int = 1, check_data: bool = True) -> tuple[int, ...]:
+    """Raise ConfigError on the first mistake; return the resolved mesh shape. `check_data=False`
+    skips what concerns this host's files (the data source, tokenizer files): what `clipjax.plan`
+    compiles for a pod does not read them."""
     schema().read(config)
     total_steps(config)
     config_model_spec(config)
@@ -245,6 +247,16 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
         )
     if batch % process_count:
         raise ConfigError(f"data.batch_size={batch} is not divisible by the {process_count} processes")
+    if check_data:
+        _check_data_files(config)
+    check_evaluators(config)
+    check_logging(config.logging)
+    if config.optim.frozen or config.optim.lr_multipliers or config.init_from_towers:
+        _check_parameter_choices(config)
+    return shape
+
+
+def _check_data_files(config) -> None:
     source_class(config.data.name).check_config(config.data)
     tokenizer = config.data.tokenizer
     used = {"sentencepiece": "model_file", "clip_bpe": "vocab_file", "hf": "tokenizer_file"}.get(
@@ -254,11 +266,6 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> tuple[int, 
         path = tokenizer.get(key, "")
         if key == used and path and not paths.exists(path):  # a local file or a bucket URL
             raise ConfigError(f"data.tokenizer.{key}: {path!r} does not exist")
-    check_evaluators(config)
-    check_logging(config.logging)
-    if config.optim.frozen or config.optim.lr_multipliers or config.init_from_towers:
-        _check_parameter_choices(config)
-    return shape
 
 
 # ----------------------------------------------------------------------------------------------

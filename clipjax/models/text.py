@@ -141,7 +141,9 @@ class TextTransformer(nnx.Module):
         if length > self.max_len:
             raise ValueError(f"text of length {length} exceeds max_len {self.max_len}")
         valid = tokens != PAD_ID
-        # Each chip looks up its own examples' tokens; the table is gathered like any FSDP weight.
+        # The looked-up tokens end up split by example like every activation; how the lookup
+        # reaches that (it may send each chip every token id and all-to-all the result rather
+        # than gather the table: docs/scaling.md) is the compiler's choice.
         tokens = constrain(tokens, ("batch", "length"))
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype), TOKENS)
         x = x + self.pos[:length].astype(self.dtype)

@@ -30,7 +30,7 @@ def build_plan(
     """Compile the run's train step, metrics step and (with `embed`) evaluation encoders for
     `topology` and collect what `render` prints. The config is checked first, as `train` does."""
     chip, devices = topology_devices(topology)
-    validate(config, num_devices=len(devices))
+    validate(config, num_devices=len(devices), check_data=False)
     mesh = plan_mesh(config, devices)
     vocab = planned_vocab_size(config, vocab_size)
     log(f"compiling the train and metrics steps for {topology} ({len(devices)} chips)...")
@@ -66,7 +66,7 @@ def largest_batch(config, topology: str, *, vocab_size: int = 0, resolution: int
     config as given: doubling from the config's batch, then bisection down to 1/`resolution` of
     the answer (a per-shard multiple of `_granule`)."""
     chip, devices = topology_devices(topology)
-    validate(config, num_devices=len(devices))
+    validate(config, num_devices=len(devices), check_data=False)
     mesh = plan_mesh(config, devices)
     ways = batch_parallelism(mesh)
     vocab = planned_vocab_size(config, vocab_size)
@@ -77,7 +77,7 @@ def largest_batch(config, topology: str, *, vocab_size: int = 0, resolution: int
         trial = copy.deepcopy(config)
         trial.data.batch_size = per_shard * ways
         try:
-            validate(trial, num_devices=len(devices))
+            validate(trial, num_devices=len(devices), check_data=False)
         except ConfigError:
             return False
         # The cheaper train step first: a batch that fails it needs no metrics compile.
