@@ -118,6 +118,7 @@ ENTRY %main (a: f32[8,4]) -> f32[8,4] {
   %a = f32[8,4]{1,0} parameter(0)
   %w = (s32[], f32[8,4]) while(%init), condition=%cond, body=%body
   %ar = f32[8,4]{1,0} all-reduce(%a), replica_groups={{0,1,2,3}}, to_apply=%add
+  %rs = f32[2,4]{1,0} reduce-scatter(%a), replica_groups=[1,4]<=[4], dimensions={0}, to_apply=%add
   ROOT %r = f32[8,4]{1,0} get-tuple-element(%w), index=1
 }
 """
@@ -130,6 +131,9 @@ def test_collectives_inside_a_loop_count_once_per_iteration():
     assert gather["runs"] == 12 and gather["bytes"] == 12 * 32 * 4 * 4
     assert gather["moved"] == pytest.approx(12 * 32 * 4 * 4 * 3 / 4)  # (n-1)/n of each result
     assert reduce["runs"] == 1 and reduce["moved"] == pytest.approx(2 * 8 * 4 * 4 * 3 / 4)
+    # A reduce-scatter counts the whole array it reduces (each chip keeps a quarter of it).
+    scatter = table["reduce-scatter"]
+    assert scatter["bytes"] == 8 * 4 * 4 and scatter["moved"] == pytest.approx(8 * 4 * 4 * 3 / 4)
 
 
 def test_find_batch_bisects_to_the_largest_that_fits():

@@ -69,7 +69,7 @@ class Collective:
 
     kind: str  # one of COLLECTIVES
     name: str
-    bytes: int  # of the array it produces (per chip)
+    bytes: int  # of the whole array it gathers, reduces or sends (per chip, per run)
     group: int  # participants in each group (1 where unknown)
     runs: int  # times per step
     op_name: str  # the JAX operation it came from (metadata), for the reader
@@ -193,17 +193,11 @@ class Program:
             else:
                 result = arrays[0]
             size = sum(a.bytes for a in arrays) if result is None else result.bytes
+            group = _group_size(instruction.rest)
+            if kind == "reduce-scatter":
+                size *= group  # the full array reduced, of which each chip keeps 1/n
             meta = re.search(r'op_name="([^"]*)"', instruction.rest)
-            found.append(
-                Collective(
-                    kind,
-                    instruction.name,
-                    size,
-                    _group_size(instruction.rest),
-                    runs,
-                    meta.group(1) if meta else "",
-                )
-            )
+            found.append(Collective(kind, instruction.name, size, group, runs, meta.group(1) if meta else ""))
         return found
 
     def largest_arrays(self, count: int = 10) -> list[tuple[Array, str]]:
