@@ -230,9 +230,11 @@ def render(results: dict) -> tuple[str, str]:
 
 def write_doc(results: dict) -> None:
     configs, frontier = render(results)
+    example = results["rows"].get(FRONTIER_CONFIG, {}).get("text", "(not yet compiled)\n")
     text = DOC.read_text()
     for key, table in (
         ("pod_scale", render_pod_scale(results)),
+        ("example", "```\n" + example.strip("\n") + "\n```\n"),
         ("configs", configs),
         ("frontier", frontier),
     ):
