@@ -247,14 +247,16 @@ def write_doc(results: dict) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="", help="rows whose config file name contains this")
+    parser.add_argument(
+        "--only", default="", help="only the rows whose config file name contains this (no pod-scale table)"
+    )
     parser.add_argument("--redo", action="store_true", help="recompile rows already in the results")
     parser.add_argument("--frontier", action="store_true", help="also search the largest batches")
     parser.add_argument("--pod_scale", action="store_true", help="only the fixed-batch scaling table")
     parser.add_argument("--markdown", action="store_true", help="only rewrite docs/scaling.md")
     args = parser.parse_args()
     results = load_results()
-    if not args.markdown:
+    if not args.markdown and (args.pod_scale or not args.only):
         for variant, label, overrides in POD_SCALE_VARIANTS:
             for topology in POD_SCALE_TOPOLOGIES:
                 key = f"{variant}/{topology}"
