@@ -12,7 +12,8 @@ and the evaluation encoders for that topology (libtpu's deviceless compiler: no 
 records memory per chip, fit, FLOPs, collectives, the roofline estimate and compile times in
 benchmarks/results/scaling.json. Rows already there are kept (the compiles take minutes each on
 a 2-core host); `--redo` recompiles them. The frontier rows search the largest global batch of
-CLIP B/16 that fits each topology with the ring loss and with the gather loss.
+CLIP B/16 that fits each topology with the ring loss and with the gather loss, as shipped and
+with micro-batches of 128 examples per chip (GradCache: the towers hold one micro-batch).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ POD_SCALE_VARIANTS = (
 )
 FRONTIER_CONFIG = "clip_vit_b16.py"
 FRONTIER_TOPOLOGIES = ("v5p:4x4x4", "v5e:16x16", "v6e:16x16")
+# Examples per chip in each micro-batch of the micro-batched search (0: the config as shipped).
+FRONTIER_MICRO = (0, 128)
+FRONTIER_IMPLS = ("ring", "gather")
 _POD = re.compile(r"^Pod:\s*(\S+)", re.MULTILINE)
 
 
@@ -135,13 +139,17 @@ def run_pod_scale(topology: str, overrides: dict) -> dict:
     }
 
 
-def run_frontier(topology: str, impl: str) -> dict:
+def frontier_key(topology: str, impl: str, micro: int) -> str:
+    return f"{topology}/{impl}" + (f"/micro{micro}" if micro else "")
+
+
+def run_frontier(topology: str, impl: str, micro: int) -> dict:
     from clipjax.planning.planner import largest_batch
 
     config = load_config_file(str(ROOT / "configs" / FRONTIER_CONFIG))
     apply_overrides(config, {"loss.impl": impl, "loss.chunk": 0})
     start = time.perf_counter()
-    batch = largest_batch(config, topology, log=print)
+    batch = largest_batch(config, topology, micro_per_chip=micro, log=print)
     return {
         "batch": batch,
         "wall_s": round(time.perf_counter() - start, 1),
@@ -210,21 +218,24 @@ def render(results: dict) -> tuple[str, str]:
             )
         )
     frontier = results.get("frontier", {})
+    columns = [(impl, micro) for micro in FRONTIER_MICRO for impl in FRONTIER_IMPLS]
+
+    def heading(impl, micro):
+        return f"{impl} loss" + (f", micro-batches of {micro} per chip" if micro else " (as shipped)")
+
     flines = [
-        "| topology | chips | ring loss: largest global batch | gather loss: largest global batch | search time |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| topology | chips | " + " | ".join(heading(*c) for c in columns) + " | search time |",
+        "| --- | ---: |" + " ---: |" * (len(columns) + 1),
     ]
     for topology in FRONTIER_TOPOLOGIES:
-        ring, gather = frontier.get(f"{topology}/ring"), frontier.get(f"{topology}/gather")
-        if not ring and not gather:
-            flines.append(f"| {topology} | | not yet searched | not yet searched | |")
-            continue
-        cell = lambda r: f"{r['batch']:,}" if r else "not yet searched"
-        took = sum(r["wall_s"] for r in (ring, gather) if r)
+        found = [frontier.get(frontier_key(topology, impl, micro)) for impl, micro in columns]
         chips = 1
         for d in topology.split(":")[1].split("x"):
             chips *= int(d)
-        flines.append(f"| {topology} | {chips} | {cell(ring)} | {cell(gather)} | {took / 60:.0f} min |")
+        cells = [f"{r['batch']:,}" if r else "not yet searched" for r in found]
+        took = sum(r["wall_s"] for r in found if r)
+        took_cell = f"{took / 60:.0f} min" if any(found) else "-"
+        flines.append(f"| {topology} | {chips} | " + " | ".join(cells) + f" | {took_cell} |")
     return "\n".join(lines) + "\n", "\n".join(flines) + "\n"
 
 
@@ -276,13 +287,14 @@ def main():
             save_results(results)
         if args.frontier:
             for topology in FRONTIER_TOPOLOGIES:
-                for impl in ("ring", "gather"):
-                    key = f"{topology}/{impl}"
-                    if key in results["frontier"] and not args.redo:
-                        continue
-                    print(f"== frontier: {FRONTIER_CONFIG} on {topology}, loss.impl={impl}", flush=True)
-                    results["frontier"][key] = run_frontier(topology, impl)
-                    save_results(results)
+                for micro in FRONTIER_MICRO:
+                    for impl in FRONTIER_IMPLS:
+                        key = frontier_key(topology, impl, micro)
+                        if key in results["frontier"] and not args.redo:
+                            continue
+                        print(f"== frontier: {FRONTIER_CONFIG} on {topology}, {key}", flush=True)
+                        results["frontier"][key] = run_frontier(topology, impl, micro)
+                        save_results(results)
     write_doc(results)
     print(f"wrote {DOC.relative_to(ROOT)}")
 

@@ -65,7 +65,13 @@ def main(argv):
                 if impl != "ring":
                     trial.loss.chunk = 0
                 log(f"searching the largest batch with loss.impl={impl}...")
-                batch = largest_batch(trial, topology, vocab_size=flags.FLAGS.vocab_size, log=log)
+                batch = largest_batch(
+                    trial,
+                    topology,
+                    vocab_size=flags.FLAGS.vocab_size,
+                    micro_per_chip=flags.FLAGS.micro_batch_per_chip,
+                    log=log,
+                )
                 print(
                     f"- loss.impl={impl}: {batch:,}"
                     if batch
@@ -83,6 +89,11 @@ if __name__ == "__main__":
     )
     flags.DEFINE_string("topology", None, "A TPU slice: GENERATION:AxBxC (v5p) or GENERATION:AxB (v5e, v6e).")
     flags.DEFINE_bool("find_batch", False, "Also search the largest global batch that fits.")
+    flags.DEFINE_integer(
+        "micro_batch_per_chip",
+        0,
+        "With --find_batch: run every trial batch as micro-batches of this many examples per chip.",
+    )
     flags.DEFINE_bool("skip_embed", False, "Do not compile the evaluation encoders.")
     flags.DEFINE_integer(
         "vocab_size", 0, "The tokenizer's vocabulary size, where its file is not readable here."

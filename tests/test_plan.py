@@ -177,3 +177,38 @@ def test_every_config_that_trains_at_scale_names_a_pod_plan_can_parse():
         chip, shape = parse_topology(config_pod(name))
         assert chip.name in CHIPS and shape, name
     assert set(SHIPPED) <= set(names) - NO_POD
+
+
+def test_largest_batch_checks_both_steps_and_sets_the_micro_batches(monkeypatch):
+    """The search's wiring, with a stand-in compiler: the memory model says what fits."""
+    from clipjax.planning import planner
+    from clipjax.planning.compile import CompiledStep, MemoryParts
+
+    seen = []
+    hbm = CHIPS["v5e"].hbm_bytes
+
+    def fake_compile(config, mesh, *, vocab_size, metrics):
+        per_chip = config.data.batch_size // mesh.size
+        micro = per_chip // config.microbatches
+        seen.append((per_chip, int(config.microbatches), metrics))
+        # 10 MiB per example the towers hold at once, 1 MiB per example of the whole block
+        # (embeddings, loss), and the metrics step 5% more.
+        total = (10 * micro + per_chip) * 2**20 * (1.05 if metrics == (True,) else 1.0)
+        memory = MemoryParts(0, 0, 0, 0, 0, int(total), 0)
+        return {metrics[0]: CompiledStep("step", 0.0, memory, 0.0, 0.0, None)}
+
+    monkeypatch.setattr(planner, "compile_train_steps", fake_compile)
+    config = load_config_file(TINY)
+    apply_overrides(config, {"mesh.shape": (1, -1, 1), "data.batch_size": 256})
+    found = planner.largest_batch(config, "v5e:2x2", vocab_size=300, log=lambda _: None)
+    per_chip = found // 4
+    # Without micro-batches: 11 MiB per example, metrics step 5% more: 16 GiB / 11.55 MiB.
+    assert 0.85 * hbm / (11.55 * 2**20) <= per_chip <= hbm / (11.55 * 2**20)
+    assert {m for _, _, m in seen} == {(False,), (True,)} and all(k == 1 for _, k, _ in seen)
+    seen.clear()
+    found = planner.largest_batch(config, "v5e:2x2", vocab_size=300, micro_per_chip=16, log=lambda _: None)
+    per_chip = found // 4
+    # Micro-batches of 16: the towers' 160 MiB is fixed, the block's 1 MiB per example grows.
+    limit = (hbm / 1.05 / 2**20) - 160
+    assert 0.85 * limit <= per_chip <= limit and per_chip % 16 == 0
+    assert all(k == b // 16 for b, k, _ in seen)

@@ -53,29 +53,41 @@ def build_plan(
     )
 
 
-def _granule(config) -> int:
-    """Per-shard batches must be multiples of the micro-batch count and of a set loss chunk."""
-    parts = [int(config.microbatches)]
+def _granule(config, micro_per_chip: int = 0) -> int:
+    """Per-shard batches must be multiples of the micro-batch count (or, with a fixed micro-batch
+    size, of that size) and of a set loss chunk."""
+    parts = [int(micro_per_chip) if micro_per_chip else int(config.microbatches)]
     if config.loss.impl == "ring" and config.loss.chunk:
         parts.append(int(config.loss.chunk))
     return math.lcm(*parts)
 
 
-def largest_batch(config, topology: str, *, vocab_size: int = 0, resolution: int = 8, log=print) -> int:
+def largest_batch(
+    config, topology: str, *, vocab_size: int = 0, resolution: int = 8, micro_per_chip: int = 0, log=print
+) -> int:
     """The largest global batch whose train step *and* metrics step fit each chip's HBM, for the
     config as given: doubling from the config's batch, then bisection down to 1/`resolution` of
-    the answer (a per-shard multiple of `_granule`)."""
+    the answer (a per-shard multiple of `_granule`). With `micro_per_chip`, every trial batch
+    runs as micro-batches of that many examples per chip (`microbatches` = per-chip batch / it):
+    the towers then hold one micro-batch, and the loss's memory is what grows."""
     chip, devices = topology_devices(topology)
-    validate(config, num_devices=len(devices), check_data=False)
     mesh = plan_mesh(config, devices)
     ways = batch_parallelism(mesh)
     vocab = planned_vocab_size(config, vocab_size)
-    start = max(1, int(config.data.batch_size) // ways)
-    granule = _granule(config)
+    granule = _granule(config, micro_per_chip)
+    start = max(granule, int(config.data.batch_size) // ways // granule * granule)
 
-    def fits(per_shard: int) -> bool:
+    def trial_config(per_shard: int):
         trial = copy.deepcopy(config)
         trial.data.batch_size = per_shard * ways
+        if micro_per_chip:
+            trial.microbatches = per_shard // micro_per_chip
+        return trial
+
+    validate(trial_config(start), num_devices=len(devices), check_data=False)
+
+    def fits(per_shard: int) -> bool:
+        trial = trial_config(per_shard)
         try:
             validate(trial, num_devices=len(devices), check_data=False)
         except ConfigError:
