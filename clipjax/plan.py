@@ -26,8 +26,7 @@ from absl import app, flags, logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from clipjax.cli import check_config_command_line, flag_value, run_reporting_errors  # noqa: E402
-from clipjax.config import ConfigError, translate_legacy_flags  # noqa: E402
-from clipjax.planning.chips import TopologyError  # noqa: E402
+from clipjax.config import translate_legacy_flags  # noqa: E402
 from clipjax.planning.report import IMAGES_PER_CORE  # noqa: E402
 
 PROG = "clipjax.plan"
@@ -44,18 +43,15 @@ def main(argv):
         name = flag_value(sys.argv, "config") or ""
         topology = flags.FLAGS.topology
         log = lambda line: print(line, file=sys.stderr, flush=True)
-        try:
-            plan = build_plan(
-                config,
-                topology,
-                config_name=name,
-                vocab_size=flags.FLAGS.vocab_size,
-                embed=not flags.FLAGS.skip_embed,
-                images_per_core=flags.FLAGS.images_per_core,
-                log=log,
-            )
-        except TopologyError as e:
-            raise ConfigError(str(e)) from None
+        plan = build_plan(
+            config,
+            topology,
+            config_name=name,
+            vocab_size=flags.FLAGS.vocab_size,
+            embed=not flags.FLAGS.skip_embed,
+            images_per_core=flags.FLAGS.images_per_core,
+            log=log,
+        )
         print(render(plan), flush=True)
         if flags.FLAGS.find_batch:
             print("## Largest global batch that fits (train and metrics steps)\n")

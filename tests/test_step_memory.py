@@ -1,17 +1,12 @@
 """The real train step with the embedding metrics on stays within 2x the memory of the step
 without them at a batch the ring loss exists for (compiled only: nothing is allocated)."""
 
-import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 import pathlib
 
 from clipjax.cli import load_config_file
 from clipjax.config import apply_overrides
-from clipjax.parallel import batch_axes, make_mesh
-from clipjax.trainer.state import init_train_state
-from clipjax.trainer.step import make_train_step
+from clipjax.parallel import make_mesh
+from clipjax.planning.compile import compile_train_steps
 
 GLOBAL_BATCH, DIM = 65_536, 512
 GiB = 2**30
@@ -19,20 +14,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _temp_bytes(config, with_metrics: bool) -> int:
+    # The train step on the abstract state, as `clipjax.plan` compiles it: nothing is allocated.
     mesh = make_mesh(config.mesh)
-    initial = init_train_state(config, mesh, vocab_size=64)
-    step = make_train_step(config, mesh, initial.graphdef, initial.shardings, initial.tx, initial.schedule)
-    rows = NamedSharding(mesh, P(batch_axes(mesh)))
-    size, length = config.data.image_size, config.data.tokenizer.max_len
-    batch = {
-        "image": jax.ShapeDtypeStruct((GLOBAL_BATCH, size, size, 3), jnp.uint8, sharding=rows),
-        "text": jax.ShapeDtypeStruct((GLOBAL_BATCH, length), jnp.int32, sharding=rows),
-        "text_id": jax.ShapeDtypeStruct((GLOBAL_BATCH,), jnp.int32, sharding=rows),
-        "label": jax.ShapeDtypeStruct((GLOBAL_BATCH,), jnp.int32, sharding=rows),
-    }
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), initial.state)
-    compiled = step.lower(state, batch, with_metrics).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    step = compile_train_steps(config, mesh, vocab_size=64, metrics=(with_metrics,))[with_metrics]
+    return step.memory.temporaries
 
 
 def test_metrics_step_memory_at_65536_by_512_on_8_devices():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from clipjax.flops import PEAK_FLOPS
+from clipjax.schema import ConfigError
 
 GiB = 2**30
 
@@ -42,7 +43,7 @@ CHIPS: dict[str, Chip] = {
 }
 
 
-class TopologyError(ValueError):
+class TopologyError(ConfigError):
     """A topology name `plan` cannot use; the message is one line."""
 
 

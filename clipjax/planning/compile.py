@@ -27,9 +27,6 @@ from clipjax.parallel import batch_axes, batch_parallelism, make_mesh
 from clipjax.planning.chips import Chip, TopologyError, parse_topology
 from clipjax.planning.hlo import Program
 
-# The keys of a batch the train step reads, with their per-example shapes and dtypes.
-_INT = jnp.int32
-
 
 class LibtpuMissing(ConfigError):
     """The TPU compiler is not installed; the message says how to install it."""
@@ -117,12 +114,12 @@ def abstract_batch(config, mesh, batch_size: int | None = None) -> dict[str, jax
     size, length = int(config.data.image_size), int(config.data.tokenizer.max_len)
     batch = {
         "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=rows),
-        "text_id": jax.ShapeDtypeStruct((b,), _INT, sharding=rows),
-        "label": jax.ShapeDtypeStruct((b,), _INT, sharding=rows),
-        "index": jax.ShapeDtypeStruct((b,), _INT, sharding=rows),
+        "text_id": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows),
+        "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows),
+        "index": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows),
     }
     if config.task != "image_image":
-        batch["text"] = jax.ShapeDtypeStruct((b, length), _INT, sharding=rows)
+        batch["text"] = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=rows)
     return batch
 
 
@@ -150,14 +147,20 @@ def _refusal(error: Exception) -> tuple[str, int] | None:
     return line[:300], required
 
 
-def compile_program(name: str, lowered_fn, argument_parts: dict[str, int]) -> CompiledStep:
-    """Compile `lowered_fn()` (a `jax.stages.Lowered`) and measure it; a refusal for want of
-    memory is a result (the program does not fit), not an error."""
+def deviceless(mesh) -> bool:
+    """Whether `mesh` holds devices of a topology description (no backend of this process)."""
+    return next(iter(mesh.devices.flat)).platform != jax.default_backend()
+
+
+def compile_program(name: str, lowered_fn, argument_parts: dict[str, int], *, mesh) -> CompiledStep:
+    """Compile `lowered_fn()` (a `jax.stages.Lowered`) for `mesh` and measure it; a refusal for
+    want of memory is a result (the program does not fit), not an error."""
     start = time.perf_counter()
     # A deviceless executable cannot be read back from JAX's persistent cache (it needs a TPU
-    # client, and a later read warns), so it is never written there.
+    # client, and a later read warns), so it is never written there; CPU programs are.
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+    if deviceless(mesh):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
     try:
         compiled = lowered_fn().compile()
     except Exception as e:  # noqa: BLE001 - only the HBM refusal is expected; others re-raise
@@ -211,7 +214,10 @@ def compile_train_steps(
     }
     return {
         flag: compile_program(
-            "metrics step" if flag else "train step", lambda flag=flag: step.lower(state, batch, flag), parts
+            "metrics step" if flag else "train step",
+            lambda flag=flag: step.lower(state, batch, flag),
+            parts,
+            mesh=mesh,
         )
         for flag in metrics
     }
@@ -246,6 +252,7 @@ def compile_embed_steps(config, devices, *, vocab_size: int) -> dict[str, Compil
             "embed images",
             lambda: encode_image.lower(params, batch["image"]),
             {"params": per_chip_bytes(image_side), "batch": per_chip_bytes(batch["image"])},
+            mesh=mesh,
         )
     }
     if config.task != "image_image":
@@ -253,6 +260,7 @@ def compile_embed_steps(config, devices, *, vocab_size: int) -> dict[str, Compil
             "embed texts",
             lambda: encode_text.lower(params, batch["text"]),
             {"params": per_chip_bytes(text_side), "batch": per_chip_bytes(batch["text"])},
+            mesh=mesh,
         )
     return steps
 

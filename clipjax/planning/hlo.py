@@ -118,6 +118,7 @@ class Program:
                 name, shape, opcode, rest = match.groups()
                 self.computations[current].append(Instruction(name, opcode, shape, rest, current))
         self.runs = self._runs()
+        self._collectives: list[Collective] | None = None
 
     def instructions(self):
         for body in self.computations.values():
@@ -174,7 +175,12 @@ class Program:
 
     def collectives(self) -> list[Collective]:
         """Every collective that runs, with its size and runs per step (async pairs counted once,
-        at their start)."""
+        at their start). Read once: the plan's tables, roofline and record all ask for them."""
+        if self._collectives is None:
+            self._collectives = self._read_collectives()
+        return self._collectives
+
+    def _read_collectives(self) -> list[Collective]:
         found = []
         for instruction in self.instructions():
             kind = instruction.opcode.removesuffix("-start")
@@ -199,14 +205,6 @@ class Program:
             meta = re.search(r'op_name="([^"]*)"', instruction.rest)
             found.append(Collective(kind, instruction.name, size, group, runs, meta.group(1) if meta else ""))
         return found
-
-    def largest_arrays(self, count: int = 10) -> list[tuple[Array, str]]:
-        """The largest array shapes any instruction produces, with one instruction's name."""
-        best: dict[Array, str] = {}
-        for instruction in self.instructions():
-            for array in instruction.arrays():
-                best.setdefault(array, instruction.name)
-        return sorted(best.items(), key=lambda item: -item[0].bytes)[:count]
 
 
 def _group_size(attributes: str) -> int:

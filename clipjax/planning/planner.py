@@ -6,6 +6,7 @@ import copy
 import math
 
 from clipjax.config import ConfigError, validate
+from clipjax.flops import train_flops_per_step
 from clipjax.parallel import batch_parallelism
 from clipjax.planning.compile import (
     compile_embed_steps,
@@ -14,7 +15,7 @@ from clipjax.planning.compile import (
     planned_vocab_size,
     topology_devices,
 )
-from clipjax.planning.report import IMAGES_PER_CORE, Plan, find_batch, model_flops_per_step
+from clipjax.planning.report import IMAGES_PER_CORE, Plan, find_batch
 
 
 def build_plan(
@@ -48,7 +49,7 @@ def build_plan(
         mesh=dict(mesh.shape),
         batch_size=int(config.data.batch_size),
         steps=steps,
-        model_flops_per_step=model_flops_per_step(config),
+        model_flops_per_step=train_flops_per_step(config),
         images_per_core=images_per_core,
     )
 

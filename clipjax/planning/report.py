@@ -19,7 +19,6 @@ import dataclasses
 import math
 from typing import Callable
 
-from clipjax import flops as flops_lib
 from clipjax.planning.chips import GiB, Chip
 from clipjax.planning.compile import CompiledStep
 from clipjax.planning.hlo import COLLECTIVES, summarize
@@ -259,10 +258,6 @@ def render(plan: Plan) -> str:
 
 def _batch_ways(plan: Plan) -> int:
     return math.prod(s for a, s in plan.mesh.items() if a in ("data", "fsdp"))
-
-
-def model_flops_per_step(config) -> float:
-    return flops_lib.train_flops_per_step(config)
 
 
 def find_batch(
