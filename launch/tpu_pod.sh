@@ -16,8 +16,8 @@ Train clipjax on every worker of a Cloud TPU VM (one host or a multi-host pod sl
   1. create the TPU VM (--create), or check that it exists;
   2. pack this checkout (tracked files and untracked files that git does not ignore) into a
      tarball and copy it to every worker (gcloud compute tpus tpu-vm scp --worker=all);
-  3. unpack it on every worker and install it: pip install -e ".[tpu]" (the pinned jax and libtpu,
-     those python -m clipjax.plan compiles with);
+  3. unpack it on every worker and install it: pip install -e ".[tpu,buckets]" (the pinned jax
+     and libtpu that python -m clipjax.plan compiles with, and gcsfs for the gs:// workdir);
   4. run the trainer on every worker at once (gcloud compute tpus tpu-vm ssh --worker=all).
 On a multi-host slice the trainer joins the other workers with jax.distributed.initialize(),
 which finds them by itself. Every step is printed, prefixed with "+ ", before it runs.
@@ -175,7 +175,7 @@ if ((!skip_setup)); then
   fi
   install+="$python -c \"import sys; sys.exit(sys.version_info < (3, 11))\" || "
   install+="{ echo \"clipjax needs Python >= 3.11 (use --python, --setup)\" >&2; exit 1; }; "
-  install+="$python -m pip install -e \".[tpu]\""
+  install+="$python -m pip install -e \".[tpu,buckets]\""
   run "$(qjoin "${tpuvm[@]}" ssh "$tpu" "${where[@]}" --worker=all --command="$install")"
   run "$(qjoin rm -f "$local_tar")"
 fi

@@ -231,7 +231,7 @@ def test_tpu_dry_run_create_copies_installs_and_runs_on_all_workers(tmp_path):
     assert install.startswith(f"gcloud compute tpus tpu-vm ssh my-tpu {where} --worker=all --command=")
     install_cmd = shlex.split(install)[-1].removeprefix("--command=")
     assert "tar -xzf clipjax-code.tar.gz -C clipjax" in install_cmd
-    assert install_cmd.endswith('python3 -m pip install -e ".[tpu]"')
+    assert install_cmd.endswith('python3 -m pip install -e ".[tpu,buckets]"')
     assert cleanup == f"rm -f {tarball}"
     assert train.startswith(f"gcloud compute tpus tpu-vm ssh my-tpu {where} --worker=all --command=")
     train_cmd = shlex.split(train)[-1].removeprefix("--command=")
@@ -420,7 +420,7 @@ def test_tpu_real_run_with_a_stand_in_gcloud(tmp_path, fake_tpu):
     assert not (code / ".venv").exists() and not (code / ".git").exists()
     assert not (home / "clipjax-code.tar.gz").exists() and not (tmp_path / "clipjax-code-t.tar.gz").exists()
     assert (code / "setup.txt").read_text() == "ran\n"
-    assert (tmp_path / "pip.log").read_text().split() == ["-m", "pip", "install", "-e", ".[tpu]"]
+    assert (tmp_path / "pip.log").read_text().split() == ["-m", "pip", "install", "-e", ".[tpu,buckets]"]
     [record] = records()
     assert record["cwd"] == str(code)
     assert record["argv"] == [
