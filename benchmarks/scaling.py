@@ -145,16 +145,31 @@ def frontier_key(topology: str, impl: str, micro: int) -> str:
     return f"{topology}/{impl}" + (f"/micro{micro}" if micro else "")
 
 
-def run_frontier(topology: str, impl: str, micro: int) -> dict:
+def run_frontier(topology: str, impl: str, micro: int, results: dict) -> dict:
     from clipjax.planning.planner import largest_batch
 
     config = load_config_file(str(ROOT / "configs" / FRONTIER_CONFIG))
     apply_overrides(config, {"loss.impl": impl, "loss.chunk": 0})
-    start = time.perf_counter()
-    batch = largest_batch(config, topology, micro_per_chip=micro, log=print)
+    key = frontier_key(topology, impl, micro)
+    # Every probe is stored as it finishes (with its compile time), so a search that is stopped
+    # resumes where it was: the whole table is hours of compiling on a 2-core host.
+    probes = results.setdefault("frontier_probes", {}).setdefault(key, {})
+    seconds = results.setdefault("frontier_probe_seconds", {}).setdefault(key, {})
+    last = [time.perf_counter()]
+
+    def log(message):
+        print(message, flush=True)
+        now = time.perf_counter()
+        for batch in probes:
+            seconds.setdefault(batch, round(now - last[0], 1))
+        last[0] = now
+        save_results(results)
+
+    batch = largest_batch(config, topology, micro_per_chip=micro, probes=probes, log=log)
     return {
         "batch": batch,
-        "wall_s": round(time.perf_counter() - start, 1),
+        "probes": len(probes),
+        "wall_s": round(sum(seconds.values()), 1),
         "measured": datetime.date.today().isoformat(),
     }
 
@@ -270,6 +285,7 @@ def main():
     parser.add_argument("--frontier", action="store_true", help="also search the largest batches")
     parser.add_argument("--pod_scale", action="store_true", help="only the fixed-batch scaling table")
     parser.add_argument("--markdown", action="store_true", help="only rewrite docs/scaling.md")
+    parser.add_argument("--topology", default="", help="with --frontier: only this topology's row")
     args = parser.parse_args()
     results = load_results()
     if not args.markdown and (args.pod_scale or not args.only):
@@ -295,13 +311,16 @@ def main():
             save_results(results)
         if args.frontier:
             for topology in FRONTIER_TOPOLOGIES:
-                for micro in FRONTIER_MICRO:
+                if args.topology and args.topology != topology:
+                    continue
+                # Micro-batched first: those columns are where the two losses differ.
+                for micro in sorted(FRONTIER_MICRO, reverse=True):
                     for impl in FRONTIER_IMPLS:
                         key = frontier_key(topology, impl, micro)
                         if key in results["frontier"] and not args.redo:
                             continue
                         print(f"== frontier: {FRONTIER_CONFIG} on {topology}, {key}", flush=True)
-                        results["frontier"][key] = run_frontier(topology, impl, micro)
+                        results["frontier"][key] = run_frontier(topology, impl, micro, results)
                         save_results(results)
     write_doc(results)
     print(f"wrote {DOC.relative_to(ROOT)}")

@@ -149,6 +149,20 @@ def test_find_batch_bisects_to_the_largest_that_fits():
     assert find_batch(lambda b: False, start=64, granule=8, log=lambda _: None) == 0
 
 
+def test_find_batch_stops_within_its_resolution_of_the_answer():
+    calls = []
+
+    def fits(b):
+        calls.append(b)
+        return b <= 100_000
+
+    found = find_batch(fits, start=512, granule=8, resolution=8, log=lambda _: None)
+    # Doubling 512 -> 131,072 (9 probes), then bisection only until the bracket is an eighth of
+    # the answer: 3 probes, where a granule of 8 would take 13.
+    assert 100_000 * 7 / 8 <= found <= 100_000 and found % 8 == 0
+    assert len(calls) <= 12
+
+
 def test_a_refusal_for_memory_is_a_result():
     error = RuntimeError(
         "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "

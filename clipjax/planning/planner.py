@@ -64,13 +64,22 @@ def _granule(config, micro_per_chip: int = 0) -> int:
 
 
 def largest_batch(
-    config, topology: str, *, vocab_size: int = 0, resolution: int = 8, micro_per_chip: int = 0, log=print
+    config,
+    topology: str,
+    *,
+    vocab_size: int = 0,
+    resolution: int = 8,
+    micro_per_chip: int = 0,
+    probes: dict | None = None,
+    log=print,
 ) -> int:
     """The largest global batch whose train step *and* metrics step fit each chip's HBM, for the
     config as given: doubling from the config's batch, then bisection down to 1/`resolution` of
     the answer (a per-shard multiple of `_granule`). With `micro_per_chip`, every trial batch
     runs as micro-batches of that many examples per chip (`microbatches` = per-chip batch / it):
-    the towers then hold one micro-batch, and the loss's memory is what grows."""
+    the towers then hold one micro-batch, and the loss's memory is what grows. `probes` (per-shard
+    batch -> fits), when given, is read before compiling and filled after: a search stopped
+    part-way resumes from the probes it had done."""
     chip, devices = topology_devices(topology)
     mesh = plan_mesh(config, devices)
     ways = batch_parallelism(mesh)
@@ -87,7 +96,15 @@ def largest_batch(
 
     validate(trial_config(start), num_devices=len(devices), check_data=False)
 
+    probes = {} if probes is None else probes
+
     def fits(per_shard: int) -> bool:
+        if str(per_shard) in probes:
+            return probes[str(per_shard)]
+        probes[str(per_shard)] = answer = compiled_fits(per_shard)
+        return answer
+
+    def compiled_fits(per_shard: int) -> bool:
         trial = trial_config(per_shard)
         try:
             validate(trial, num_devices=len(devices), check_data=False)
@@ -100,7 +117,6 @@ def largest_batch(
                 return False
         return True
 
-    # Bisect to a granule that is a fraction of the start: a few compiles, not dozens.
-    coarse = max(granule, (start // resolution) // granule * granule)
-    per_shard = find_batch(fits, start=start, granule=coarse, log=log)
+    # Bisect to a fraction of the answer: a few compiles, not dozens.
+    per_shard = find_batch(fits, start=start, granule=granule, resolution=resolution, log=log)
     return per_shard * ways

@@ -261,10 +261,18 @@ def _batch_ways(plan: Plan) -> int:
 
 
 def find_batch(
-    fits: Callable[[int], bool], *, start: int, granule: int, limit: int = 1 << 22, log=print
+    fits: Callable[[int], bool],
+    *,
+    start: int,
+    granule: int,
+    resolution: int = 0,
+    limit: int = 1 << 22,
+    log=print,
 ) -> int:
     """The largest per-shard batch (a multiple of `granule`) for which `fits` holds: doubling from
-    `start` until it fails, then bisection. 0 if not even `granule` fits."""
+    `start` until it fails, then bisection. 0 if not even `granule` fits. With `resolution`, the
+    bisection stops once the bracket is within 1/`resolution` of the batch found (each probe is
+    a compile of minutes, and at large batches a granule of the start would cost many more)."""
     start = max(granule, start // granule * granule)
     cache: dict[int, bool] = {}
 
@@ -294,7 +302,7 @@ def find_batch(
                 low = half
             else:
                 high = half
-    while high - low > granule:
+    while high - low > max(granule, low // resolution if resolution else 0):
         mid = (low + high) // 2 // granule * granule
         if mid in (low, high):
             break
