@@ -25,7 +25,7 @@ from clipjax.evals import prompts
 from clipjax.evals.base import Evaluator, FrozenFeatures, SkipEvaluation, register_evaluator
 from clipjax.evals.knn import knn_accuracy
 from clipjax.evals.linear_probe import linear_probe
-from clipjax.evals.zero_shot import class_embeddings
+from clipjax.evals.zero_shot import class_embeddings, warn_unreadable_class_names
 from clipjax.schema import ConfigError, Field
 
 
@@ -183,6 +183,7 @@ class ClassificationEvaluator(Evaluator):
         classes = present = None
         if s["zero_shot"]:
             names, templates = self.zero_shot_task()
+            warn_unreadable_class_names(self.data.tokenizer, names, templates, f"evals.{self.name}", self.log)
             classes = class_embeddings(encoders.text, names, templates)
             if base_name(name) in _PRESENT_ONLY:
                 present = self._present_labels(split)

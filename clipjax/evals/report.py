@@ -3,6 +3,7 @@
 report.json format (stable; scripts read it):
   step: int, num_examples: int
   zero_shot.<attribute>.top1 (and .top5 with more than 5 classes, .per_class.<name>), zero_shot.mean_top1
+  zero_shot.<attribute>.class_names_unknown_to_tokenizer: [names]   (only when some prompt cannot read them)
   retrieval.image_to_text.R@1|R@5|R@10|median_rank   (concept-aware: same concept counts as a hit)
   retrieval.text_to_image.R@1|R@5|R@10|median_rank
   retrieval.strict.image_to_text.*, retrieval.strict.text_to_image.*   (own pair only)

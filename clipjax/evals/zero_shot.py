@@ -19,6 +19,47 @@ def class_embeddings(
     return l2_normalize(emb.mean(axis=1))
 
 
+def unreadable_class_names(tokenizer, class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """The class names that a tokenizer with an unknown token (sentencepiece) does not read in
+    some prompt: the name alone holds the unknown token (a word the captions that trained the
+    tokenizer never contain), or a prompt does not hold the name's tokens in a row (the name
+    merged with the template's text into one unknown word, such as "seven." once was, or cut
+    off at `max_len`). Such prompts differ from class to class by nothing the model learnt, so
+    zero-shot cannot tell those classes apart: below chance, not near it."""
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None or not class_names:
+        return []
+    special = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
+
+    def words(row) -> list[int]:
+        return [i for i in row if i not in special]
+
+    unreadable = []
+    for name, alone in zip(class_names, tokenizer.encode(list(class_names)).tolist()):
+        own = words(alone)
+        prompts = tokenizer.encode([t.format(name) for t in templates]).tolist()
+        if not own or unk in own or not all(_holds(words(p), own) for p in prompts):
+            unreadable.append(name)
+    return unreadable
+
+
+def warn_unreadable_class_names(tokenizer, class_names, templates, where: str, log) -> list[str]:
+    """`unreadable_class_names`, and one warning line through `log` when there are any."""
+    unknown = unreadable_class_names(tokenizer, class_names, templates)
+    if unknown:
+        log(
+            f"{where}: warning: {len(unknown)} of {len(class_names)} class names are unknown to the "
+            f"tokenizer in some prompt (words the training captions never contain, or cut off): "
+            f"{', '.join(map(repr, unknown[:5]))}{', ...' if len(unknown) > 5 else ''}; zero-shot "
+            "cannot tell them apart there (name the classes as the captions do)"
+        )
+    return unknown
+
+
+def _holds(seq: list[int], part: list[int]) -> bool:
+    return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
 def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> dict:
     """top-1, top-5 (when there are more than 5 classes) and per-class top-1 accuracy."""
     scores = image_emb @ class_emb.T
@@ -65,9 +106,14 @@ class ZeroShotEvaluator(Evaluator):
                 raise SkipEvaluation(
                     f"held-out label {int(labels.max())} has no class name ({len(class_names)} names given)"
                 )
+            unknown = warn_unreadable_class_names(
+                self.data.tokenizer, class_names, templates, f"evals.{self.name} ({attribute})", self.log
+            )
             classes = class_embeddings(encoders.text, class_names, templates)
             emb, labels = image_emb[labelled], labels[labelled]
             result[attribute] = zero_shot_accuracy(emb, classes, labels)
             result[attribute]["per_class"] = per_class_accuracy(emb, classes, labels, class_names)
+            if unknown:
+                result[attribute]["class_names_unknown_to_tokenizer"] = unknown
         result["mean_top1"] = float(np.mean([v["top1"] for v in result.values()]))
         return {"num_examples": int(len(image_emb)), "zero_shot": result}
