@@ -1092,3 +1092,23 @@ def test_slurm_warns_about_a_node_local_workdir_on_several_nodes(
         assert line.startswith(f"gpu_slurm.sh: WARNING: --workdir {workdir} ") and "tmpfs" in line
     else:
         assert r.stderr == ""
+
+
+def test_the_pod_install_line_brings_the_bucket_client_and_the_tested_jax():
+    """Every pod worker installs what the script's own line names: the gs:// workdir it requires
+    needs gcsfs there (its absence stopped every worker with 'Please install gcsfs'), and the TPU
+    jax must be the one the project is tested with."""
+    import re
+    import tomllib
+
+    import jax
+
+    extras = re.search(r'pip install -e \\"\.\[([a-z,_-]+)\]\\"', TPU.read_text())
+    assert extras, "launch/tpu_pod.sh installs the project with no extras"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    installed = list(project["dependencies"])
+    for extra in extras.group(1).split(","):
+        installed += project["optional-dependencies"][extra]
+    names = {re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower() for r in installed}
+    assert "gcsfs" in names, installed
+    assert f"jax[tpu]=={jax.__version__}" in installed, installed
