@@ -3,6 +3,9 @@
     python -m clipjax.convert import --format hf_clip --checkpoint clip-vit-base-patch16/ --out runs/clip_b16
     python -m clipjax.train --config configs/finetune_pretrained.py:runs/clip_b16 --workdir runs/ft \
         --config.data.source=~/photos/captions.csv --config.data.data_dir=~/clipjax_data
+    # the same on the embedded dataset, no CSV of your own needed:
+    python -m clipjax.train --config configs/finetune_pretrained.py:runs/clip_b16 --workdir runs/ft_shapes \
+        --config.data.name=shapes --config.data.data_dir=~/clipjax_data
 
 `arg` is the converted workdir (docs/pretrained.md): its architecture, tokenizer, image size and
 image statistics are taken over and its weights initialise the run (`init_from`); the data is
