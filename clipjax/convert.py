@@ -30,7 +30,12 @@ def _import(args) -> None:
     from clipjax.pretrained import workdir
 
     keys, params, vocab = workdir.read_source(
-        args.format, args.checkpoint, activation=args.activation, head_width=args.head_width, arch=args.arch
+        args.format,
+        args.checkpoint,
+        activation=args.activation,
+        head_width=args.head_width,
+        arch=args.arch,
+        log=lambda note: print(f"{PROG}: note: {note}", file=sys.stderr),
     )
     tokenizer_file = args.tokenizer or workdir.find_tokenizer(args.checkpoint)
     if not tokenizer_file:
@@ -70,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         "--activation",
         choices=("quick_gelu", "gelu", "gelu_tanh"),
         help="the MLP non-linearity; open_clip files do not record it: OpenAI's models (open_clip's "
-        "-quickgelu names) use quick_gelu, open_clip-trained ones gelu (the default)",
+        "-quickgelu names) use quick_gelu, open_clip-trained ones gelu. Default: quick_gelu for a file "
+        "recognised as OpenAI's (a TorchScript archive), else what --arch implies; one of the two is needed",
     )
     imp.add_argument(
         "--arch",

@@ -214,6 +214,40 @@ _OPENAI_METADATA = ("input_resolution", "context_length", "vocab_size")
 OPEN_CLIP_HEAD_WIDTHS = {"ViT-H-14": 80, "ViT-H-16": 80, "ViT-g-14": 88, "ViT-bigG-14": 104}
 
 
+# The ViTs OpenAI released, by their open_clip names: weights under these names come from OpenAI
+# (QuickGELU, `-quickgelu`) or from open_clip's own training (GELU), and only the file can tell.
+OPENAI_VIT_NAMES = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336")
+
+
+def open_clip_activation(
+    *, arch: str, activation: str | None, openai_file: str | None, log: Callable[[str], None]
+) -> str:
+    """The MLP activation of an open_clip file, which the file does not record: `activation` when
+    given; QuickGELU for a file recognised as one of OpenAI's (`openai_file` says why); else what
+    the `arch` name implies. With none of these the import is refused rather than guessed: GELU
+    in place of QuickGELU moves the embeddings by about 1% (and the reverse as much)."""
+    if activation:
+        return activation
+    if openai_file:
+        if arch and not arch.endswith("-quickgelu"):
+            log(
+                f"the checkpoint is {openai_file}: it imports with QuickGELU (OpenAI's models use it), "
+                f"not the GELU that --arch {arch} implies; --activation overrides"
+            )
+        return "quick_gelu"
+    if not arch:
+        raise ConversionError(
+            "--arch: open_clip files do not record the MLP activation; name the model (OpenAI's weights: "
+            "--arch ViT-B-32-quickgelu; open_clip-trained: --arch ViT-B-32) or give --activation"
+        )
+    if arch in OPENAI_VIT_NAMES:
+        log(
+            f"--arch {arch} imports with GELU, as open_clip-trained {arch} weights need; OpenAI's own {arch} "
+            f"weights use QuickGELU: --arch {arch}-quickgelu"
+        )
+    return open_clip_arch(arch)["activation"]
+
+
 def open_clip_arch(name: str) -> dict[str, Any]:
     """What an open_clip model name (`--arch`, e.g. ViT-B-32-quickgelu) says that the weights do
     not: the activation and the image tower's channels per head."""
@@ -316,6 +350,38 @@ def _activation(hf_config: dict, what: str) -> str:
     return _HF_ACTIVATIONS[act]
 
 
+def _hf_config(config: dict) -> dict:
+    """config.json as transformers reads it: older CLIP files also carry `text_config_dict` /
+    `vision_config_dict`, whose values take precedence over `text_config` / `vision_config`."""
+    config = dict(config)
+    for tower in ("text_config", "vision_config"):
+        if config.get(f"{tower}_dict"):
+            config[tower] = {**(config.get(tower) or {}), **config[f"{tower}_dict"]}
+    return config
+
+
+def _check_config(what: str, config: dict, checks: list[tuple[str, Any]]) -> None:
+    """Each `section.field` that config.json states against the value the tensors give: the file
+    describes the model to transformers, and one that contradicts the weights is not the model's
+    (transformers itself refuses most of these). A field config.json leaves out is not checked."""
+    for path, actual in checks:
+        *sections, field = path.split(".")
+        section = config
+        for name in sections:
+            section = section.get(name) or {}
+        stated = section.get(field)
+        if stated is not None and stated != actual:
+            raise ConversionError(f"{what}: config.json says {path} {stated!r}, the tensors give {actual!r}")
+
+
+def _tower_config_checks(prefix: str, blocks: dict, width: int) -> list[tuple[str, Any]]:
+    return [
+        (f"{prefix}.hidden_size", int(width)),
+        (f"{prefix}.num_hidden_layers", int(blocks["ln1"]["scale"].shape[0])),
+        (f"{prefix}.intermediate_size", int(blocks["mlp"]["fc1"]["kernel"].shape[-1])),
+    ]
+
+
 def _position_ids(name: str) -> bool:
     return name.endswith("embeddings.position_ids")  # a buffer of older transformers versions
 
@@ -323,6 +389,7 @@ def _position_ids(name: str) -> bool:
 def from_hf_clip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int]:
     """Hugging Face `CLIPModel` tensors + config.json -> (config keys, params, vocab size)."""
     t = Tensors(tensors, "hf_clip checkpoint", ignored=_position_ids)
+    config = _hf_config(config)
     v_cfg, t_cfg = config.get("vision_config", {}), config.get("text_config", {})
     conv = t.take("vision_model.embeddings.patch_embedding.weight")
     v_pos = t.take("vision_model.embeddings.position_embedding.weight")
@@ -350,6 +417,19 @@ def from_hf_clip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int
         "logit_scale": t.take("logit_scale").reshape(()),
     }
     t.check_all_used()
+    _check_config(
+        "hf_clip checkpoint",
+        config,
+        [
+            *_tower_config_checks("vision_config", params["image_tower"]["encoder"]["blocks"], conv.shape[0]),
+            ("vision_config.patch_size", int(conv.shape[-1])),
+            ("vision_config.image_size", int(grid * conv.shape[-1])),
+            *_tower_config_checks("text_config", params["text_tower"]["encoder"]["blocks"], tok.shape[1]),
+            ("text_config.vocab_size", int(tok.shape[0])),
+            ("text_config.max_position_embeddings", int(t_pos.shape[0])),
+            ("projection_dim", int(params["image_proj"]["kernel"].shape[1])),
+        ],
+    )
     v_act, t_act = _activation(v_cfg, "hf_clip vision_config"), _activation(t_cfg, "hf_clip text_config")
     keys = _clip_architecture(
         embed=params["image_proj"]["kernel"].shape[1],
@@ -375,6 +455,7 @@ def from_hf_clip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int
 def from_hf_siglip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int]:
     """Hugging Face `SiglipModel` tensors + config.json -> (config keys, params, vocab size)."""
     t = Tensors(tensors, "hf_siglip checkpoint", ignored=_position_ids)
+    config = _hf_config(config)
     v_cfg, t_cfg = config.get("vision_config", {}), config.get("text_config", {})
     v_heads, t_heads = int(v_cfg["num_attention_heads"]), int(t_cfg["num_attention_heads"])
     conv = t.take("vision_model.embeddings.patch_embedding.weight")
@@ -414,6 +495,19 @@ def from_hf_siglip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, i
     blocks = params["image_tower"]["encoder"]["blocks"]
     text_blocks = params["text_tower"]["encoder"]["blocks"]
     v_width = conv.shape[0]
+    _check_config(
+        "hf_siglip checkpoint",
+        config,
+        [
+            *_tower_config_checks("vision_config", blocks, v_width),
+            ("vision_config.patch_size", int(conv.shape[-1])),
+            ("vision_config.image_size", int(grid * conv.shape[-1])),
+            *_tower_config_checks("text_config", text_blocks, tok.shape[1]),
+            ("text_config.vocab_size", int(tok.shape[0])),
+            ("text_config.max_position_embeddings", int(t_pos.shape[0])),
+            ("text_config.projection_size", int(params["text_proj"]["kernel"].shape[1])),
+        ],
+    )
     if params["text_proj"]["kernel"].shape[1] != v_width:
         raise ConversionError(
             f"hf_siglip checkpoint: text head projects to {params['text_proj']['kernel'].shape[1]}, the image "

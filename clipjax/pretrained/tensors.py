@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -112,6 +113,36 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     if str(path).endswith((".pt", ".pth", ".bin")):
         return read_torch(path)
     raise ValueError(f"--checkpoint {path!r}: expected a .safetensors, .pt, .pth or .bin file")
+
+
+def is_torchscript(local: str) -> bool:
+    """Whether a local file is a TorchScript archive (`torch.jit.save`: a zip holding the module's
+    code/ and constants.pkl beside its data; a `torch.save` state dict has neither), read with
+    zipfile alone. OpenAI's original CLIP releases are the TorchScript files of this family."""
+    if not zipfile.is_zipfile(local):
+        return False
+    with zipfile.ZipFile(local) as archive:
+        names = archive.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def read_open_clip_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str | None]:
+    """(tensors, why the file is one of OpenAI's own releases, or None) of an open_clip / OpenAI
+    checkpoint file. OpenAI's files are TorchScript archives whose state dict also holds the
+    entries input_resolution, context_length and vocab_size, which open_clip's own files never do."""
+    if not paths.exists(path):
+        raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
+    local, tmp = _local(path)  # a bucket object is copied once, for both looks
+    try:
+        tensors = read_checkpoint(local)
+        if is_torchscript(local):
+            return tensors, "a TorchScript archive, as OpenAI's releases are"
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if all(name in tensors for name in ("input_resolution", "context_length", "vocab_size")):
+        return tensors, "it holds OpenAI's input_resolution, context_length and vocab_size entries"
+    return tensors, None
 
 
 def read_hf_directory(directory: str) -> tuple[dict[str, np.ndarray], dict]:

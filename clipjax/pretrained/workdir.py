@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,18 +74,26 @@ def find_tokenizer(checkpoint: str) -> str | None:
 
 
 def read_source(
-    fmt: str, checkpoint: str, *, activation: str | None = None, head_width: int | None = None, arch: str = ""
+    fmt: str,
+    checkpoint: str,
+    *,
+    activation: str | None = None,
+    head_width: int | None = None,
+    arch: str = "",
+    log: Callable[[str], None] = lambda _: None,
 ):
     """(config keys, params, vocab size) of a published checkpoint in format `fmt`; for
-    open_clip, `arch` (an open_clip model name) supplies what the file does not record, and
-    `activation` / `head_width` override it."""
+    open_clip, `arch` (an open_clip model name) and the file's origin (OpenAI's releases are
+    recognised) supply what the file does not record, and `activation` / `head_width` override
+    them. `log` gets a note where the choice may surprise."""
     if fmt == "open_clip":
-        source = tensors.read_checkpoint(checkpoint)
-        known = layouts.open_clip_arch(arch) if arch else {"activation": "gelu", "head_width": 64}
+        source, openai_file = tensors.read_open_clip_checkpoint(checkpoint)
         return layouts.from_open_clip(
             source,
-            activation=activation or known["activation"],
-            head_width=head_width or known["head_width"],
+            activation=layouts.open_clip_activation(
+                arch=arch, activation=activation, openai_file=openai_file, log=log
+            ),
+            head_width=head_width or (layouts.open_clip_arch(arch)["head_width"] if arch else 64),
         )
     source, hf_config = tensors.read_hf_directory(checkpoint)
     keys, params, vocab = layouts.IMPORTERS[fmt](source, hf_config)
