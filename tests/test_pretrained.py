@@ -443,3 +443,75 @@ def test_text_config_dict_is_read_as_transformers_reads_it(tmp_path):
         ConversionError, match=r"config.json says text_config.num_hidden_layers 12, the tensors give 2"
     ):
         workdir.read_source("hf_clip", str(folder))
+
+
+def test_open_clip_export_is_open_clips_state_dict_and_config(tmp_path):
+    """`export --to open_clip` of the imported open_clip fixture: the state dict has exactly the
+    names and shapes of open_clip's own (the fixture file is open_clip's `state_dict()`, so
+    `load_state_dict(strict=True)` takes it), every tensor but the key bias (zeros: module
+    docstring of layouts) equals open_clip's bit for bit, open_clip_config.json describes the
+    model open_clip builds for it, and open_clip's embeddings of the export equal clipjax's."""
+    import json
+
+    config, params, model = _model("open_clip")
+    tokenizer = type("Sizes", (), {"vocab_size": 64, "max_len": 12})()
+    workdir.export("open_clip", config, params, tokenizer, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
+    original = tensors.read_checkpoint(str(FIXTURES / "open_clip" / "model.safetensors"))
+    exported = tensors.read_checkpoint(str(tmp_path / "open_clip_model.safetensors"))
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in original.items()}
+    for name, value in original.items():
+        if name.endswith("in_proj_bias"):
+            width = value.shape[0] // 3
+            np.testing.assert_array_equal(exported[name][width : 2 * width], 0.0)
+            value = np.concatenate([value[:width], 0 * value[width : 2 * width], value[2 * width :]])
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    assert json.loads((tmp_path / "open_clip_config.json").read_text()) == {
+        "model_cfg": {
+            "embed_dim": 48,
+            "quick_gelu": True,
+            "vision_cfg": {
+                "width": 64,
+                "layers": 2,
+                "mlp_ratio": 4.0,
+                "head_width": 32,
+                "patch_size": 16,
+                "image_size": 32,
+            },
+            "text_cfg": {
+                "width": 64,
+                "layers": 2,
+                "mlp_ratio": 4.0,
+                "heads": 2,
+                "context_length": 12,
+                "vocab_size": 64,
+            },
+        },  # fmt: skip
+        "preprocess_cfg": {
+            "mean": list(config.model.image_mean),
+            "std": list(config.model.image_std),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+    }
+    # What open_clip computes from the exported folder (the fixture script loads it strictly).
+    reference, from_export = np.load(FIXTURES / "open_clip.npz"), np.load(FIXTURES / "open_clip_export.npz")
+    image_emb, text_emb, logits = _outputs(model, params, reference["images"], reference["tokens"])
+    assert _relative_error(image_emb, from_export["image_emb"]) <= 1e-4
+    assert _relative_error(text_emb, from_export["text_emb"]) <= 1e-4
+    assert _relative_error(logits, from_export["logits"]) <= 1e-4
+
+
+def test_open_clip_export_refuses_what_open_clip_cannot_build():
+    keys, params, vocab = _import("hf_siglip")
+    config, _, params = workdir.assemble(keys, params, vocab)
+    tokenizer = type("Sizes", (), {"vocab_size": 64, "max_len": 12})()
+    with pytest.raises(ConversionError, match=r"^--format open_clip cannot express model.image.pool='map'"):
+        workdir.export("open_clip", config, params, tokenizer, "unused")
+    config, params, _ = _model("open_clip")
+    config.model.text.activation = "gelu"
+    with pytest.raises(ConversionError, match="QuickGELU is one flag for both towers in open_clip"):
+        workdir.export("open_clip", config, params, tokenizer, "unused")

@@ -578,16 +578,21 @@ def _inv_attention(attn: dict, prefix: str, out: dict, *, fused: bool) -> None:
     out[f"{prefix}.out_proj.weight"], out[f"{prefix}.out_proj.bias"] = o, attn["out_bias"]
 
 
-def _inv_hf_blocks(stacked: dict, prefix: str, out: dict) -> None:
-    depth = stacked["ln1"]["scale"].shape[0]
-    for i in range(depth):
+# A block's tensor names in each export layout: ln1, attention, ln2, fc1, fc2, fused q/k/v.
+_HF_BLOCK = ("layer_norm1", "self_attn", "layer_norm2", "mlp.fc1", "mlp.fc2", False)
+_OPEN_CLIP_BLOCK = ("ln_1", "attn", "ln_2", "mlp.c_fc", "mlp.c_proj", True)
+
+
+def _inv_blocks(stacked: dict, prefix: str, out: dict, names: tuple = _HF_BLOCK) -> None:
+    ln1, attn, ln2, fc1, fc2, fused = names
+    for i in range(stacked["ln1"]["scale"].shape[0]):
         block = jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
         p = f"{prefix}{i}"
-        _inv_ln(block["ln1"], f"{p}.layer_norm1", out)
-        _inv_attention(block["attn"], f"{p}.self_attn", out, fused=False)
-        _inv_ln(block["ln2"], f"{p}.layer_norm2", out)
-        _inv_dense(block["mlp"]["fc1"], f"{p}.mlp.fc1", out)
-        _inv_dense(block["mlp"]["fc2"], f"{p}.mlp.fc2", out)
+        _inv_ln(block["ln1"], f"{p}.{ln1}", out)
+        _inv_attention(block["attn"], f"{p}.{attn}", out, fused=fused)
+        _inv_ln(block["ln2"], f"{p}.{ln2}", out)
+        _inv_dense(block["mlp"]["fc1"], f"{p}.{fc1}", out)
+        _inv_dense(block["mlp"]["fc2"], f"{p}.{fc2}", out)
 
 
 _TO_HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -616,11 +621,11 @@ def _hf_towers(params: dict, spec, fmt: str, checks: list, out: dict) -> None:
         img["patch"]["kernel"].transpose(3, 2, 0, 1)
     )
     out["vision_model.embeddings.position_embedding.weight"] = img["pos"]
-    _inv_hf_blocks(img["encoder"]["blocks"], "vision_model.encoder.layers.", out)
+    _inv_blocks(img["encoder"]["blocks"], "vision_model.encoder.layers.", out)
     _inv_ln(img["norm"], "vision_model.post_layernorm", out)
     out["text_model.embeddings.token_embedding.weight"] = txt["embed"]
     out["text_model.embeddings.position_embedding.weight"] = txt["pos"]
-    _inv_hf_blocks(txt["encoder"]["blocks"], "text_model.encoder.layers.", out)
+    _inv_blocks(txt["encoder"]["blocks"], "text_model.encoder.layers.", out)
     _inv_ln(txt["norm"], "text_model.final_layer_norm", out)
     scale = np.asarray(params["logit_scale"], np.float32)
     out["logit_scale"] = scale.reshape(()) if fmt == "hf_clip" else scale.reshape(1)
@@ -639,10 +644,10 @@ def _hf_tower_config(tower, kind: str, **extra) -> dict:
     }
 
 
-def to_hf_clip(params: dict, spec, *, image_size: int, max_len: int, vocab_size: int) -> tuple[dict, dict]:
-    """clipjax params of a CLIP-layout model -> (Hugging Face CLIPModel tensors, config.json)."""
+def _clip_layout_checks(spec) -> list[tuple[str, Any, Any]]:
+    """What CLIP's layout (OpenAI's, open_clip's and transformers' CLIPModel) fixes."""
     v, t = spec.image, spec.text
-    checks = [
+    return [
         ("model.image.pool", getattr(v, "pool", None), "cls"),
         ("model.image.patch_embed", getattr(v, "patch_embed", None), "conv"),
         ("model.image.patch_bias", getattr(v, "patch_bias", None), False),
@@ -652,8 +657,13 @@ def to_hf_clip(params: dict, spec, *, image_size: int, max_len: int, vocab_size:
         ("model.text.pad_mask", t.pad_mask, False),
         ("model.image_projection", spec.image_projection, "linear"),
         ("model.text_projection_bias", spec.text_projection_bias, False),
-        ("model.logit_bias (set)", "logit_bias" in params, False),
     ]
+
+
+def to_hf_clip(params: dict, spec, *, image_size: int, max_len: int, vocab_size: int) -> tuple[dict, dict]:
+    """clipjax params of a CLIP-layout model -> (Hugging Face CLIPModel tensors, config.json)."""
+    v, t = spec.image, spec.text
+    checks = [*_clip_layout_checks(spec), ("model.logit_bias (set)", "logit_bias" in params, False)]
     out: dict[str, np.ndarray] = {}
     _hf_towers(params, spec, "hf_clip", checks, out)
     out["vision_model.embeddings.class_embedding"] = params["image_tower"]["cls"]
@@ -731,5 +741,86 @@ def to_hf_siglip(params: dict, spec, *, image_size: int, max_len: int, vocab_siz
     return out, config
 
 
+# ----------------------------------------------------------------------------------------------
+# Exporter: clipjax params -> open_clip state dict + open_clip_config.json.
+
+
+def _open_clip_tower_config(tower, fmt: str, extra: dict) -> dict:
+    """open_clip's sizes of a tower; its MLP width is int(width * mlp_ratio), which must give
+    clipjax's mlp_dim back exactly."""
+    ratio = tower.mlp_dim / tower.width
+    if int(tower.width * ratio) != tower.mlp_dim:
+        raise ConversionError(f"--format {fmt} cannot express mlp_dim {tower.mlp_dim} on width {tower.width}")
+    config = {"width": tower.width, "layers": tower.depth, "mlp_ratio": ratio, **extra}
+    if tower.activation == "gelu_tanh":
+        config["act_kwargs"] = {"approximate": "tanh"}  # torch's GELU with the tanh approximation
+    if tower.norm_eps != 1e-5:  # open_clip's LayerNorm default
+        config["norm_kwargs"] = {"eps": tower.norm_eps}
+    return config
+
+
+def to_open_clip(
+    params: dict, spec, *, image_size: int, max_len: int, vocab_size: int, image_resize: str = "crop"
+) -> tuple[dict, dict]:
+    """clipjax params of a CLIP-layout model -> (open_clip `CLIP` state dict, open_clip_config.json:
+    `model_cfg`, the arguments of `open_clip.model.CLIP`, and `preprocess_cfg`). The activation
+    is one flag for both towers in open_clip (QuickGELU or torch's GELU), so they must agree on it."""
+    v, t = spec.image, spec.text
+    fmt = "open_clip"
+    if spec.image_kind != "vit":
+        raise ConversionError(
+            f"--format {fmt} needs a ViT image tower; model.image.kind is {spec.image_kind!r}"
+        )
+    _require(spec, _clip_layout_checks(spec), fmt)
+    quick = v.activation == "quick_gelu"
+    if (t.activation == "quick_gelu") != quick:
+        raise ConversionError(
+            f"--format {fmt} cannot express model.image.activation={v.activation!r} with "
+            f"model.text.activation={t.activation!r}: QuickGELU is one flag for both towers in open_clip"
+        )
+    img, txt = params["image_tower"], params["text_tower"]
+    out: dict[str, np.ndarray] = {
+        "visual.conv1.weight": np.ascontiguousarray(img["patch"]["kernel"].transpose(3, 2, 0, 1)),
+        "visual.class_embedding": img["cls"],
+        "visual.positional_embedding": img["pos"],
+        "visual.proj": params["image_proj"]["kernel"],
+        "token_embedding.weight": txt["embed"],
+        "positional_embedding": txt["pos"],
+        "text_projection": params["text_proj"]["kernel"],
+        "logit_scale": np.asarray(params["logit_scale"], np.float32).reshape(()),
+    }
+    _inv_ln(img["ln_pre"], "visual.ln_pre", out)
+    _inv_blocks(img["encoder"]["blocks"], "visual.transformer.resblocks.", out, _OPEN_CLIP_BLOCK)
+    _inv_ln(img["norm"], "visual.ln_post", out)
+    _inv_blocks(txt["encoder"]["blocks"], "transformer.resblocks.", out, _OPEN_CLIP_BLOCK)
+    _inv_ln(txt["norm"], "ln_final", out)
+    model_cfg = {
+        "embed_dim": spec.embed_dim,
+        "quick_gelu": quick,
+        "vision_cfg": _open_clip_tower_config(
+            v, fmt, {"head_width": v.width // v.heads, "patch_size": v.patch_size, "image_size": image_size}
+        ),
+        "text_cfg": _open_clip_tower_config(
+            t, fmt, {"heads": t.heads, "context_length": max_len, "vocab_size": vocab_size}
+        ),
+    }
+    if "logit_bias" in params:  # a sigmoid-loss model: open_clip's init_logit_bias makes the parameter
+        out["logit_bias"] = np.asarray(params["logit_bias"], np.float32).reshape(())
+        model_cfg["init_logit_bias"] = float(out["logit_bias"])
+    preprocess_cfg = {
+        "mean": list(spec.image_mean),
+        "std": list(spec.image_std),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest" if image_resize == "crop" else "squash",
+    }
+    return out, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
 IMPORTERS = {"open_clip": from_open_clip, "hf_clip": from_hf_clip, "hf_siglip": from_hf_siglip}
-EXPORTERS = {"hf_clip": to_hf_clip, "hf_siglip": to_hf_siglip}
+EXPORTERS = {"hf_clip": to_hf_clip, "hf_siglip": to_hf_siglip, "open_clip": to_open_clip}
+# The files each export writes: (weights, config).
+EXPORT_FILES = {
+    "hf_clip": ("model.safetensors", "config.json"),
+    "hf_siglip": ("model.safetensors", "config.json"),
+    "open_clip": ("open_clip_model.safetensors", "open_clip_config.json"),
+}

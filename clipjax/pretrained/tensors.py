@@ -83,10 +83,10 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
         ) from None
     local, tmp = _local(path)
     try:
-        try:
-            state = torch.load(local, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - not a plain pickle: OpenAI's releases are TorchScript
+        if is_torchscript(local):  # OpenAI's releases (torch.load would warn, then do the same)
             state = torch.jit.load(local, map_location="cpu").state_dict()
+        else:
+            state = torch.load(local, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]  # open_clip training checkpoints wrap it
         out = {}

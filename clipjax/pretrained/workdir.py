@@ -1,4 +1,4 @@
-"""Converted checkpoints as clipjax workdirs, and clipjax workdirs as Hugging Face folders."""
+"""Converted checkpoints as clipjax workdirs, and clipjax workdirs as Hugging Face or open_clip folders."""
 
 from __future__ import annotations
 
@@ -159,17 +159,21 @@ def write_workdir(out: str, config: ml_collections.ConfigDict, params: dict, *, 
 
 
 def export(fmt: str, config, params: dict, tokenizer, out: str) -> dict:
-    """A Hugging Face model folder at `out` (model.safetensors, config.json) of a clipjax model."""
+    """A model folder at `out` of a clipjax model: Hugging Face's (model.safetensors, config.json)
+    or open_clip's (open_clip_model.safetensors, open_clip_config.json, which
+    `open_clip.create_model("local-dir:OUT")` reads); `layouts.EXPORT_FILES` names them."""
     spec = model_spec(config.model, image_size=config.data.image_size)
     numpy_params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    out_tensors, hf_config = layouts.EXPORTERS[fmt](
-        numpy_params,
-        spec,
+    sizes = dict(
         image_size=int(config.data.image_size),
         max_len=int(tokenizer.max_len),
         vocab_size=int(tokenizer.vocab_size),
     )
+    if fmt == "open_clip":
+        sizes["image_resize"] = config.model.get("image_resize", "crop")
+    out_tensors, out_config = layouts.EXPORTERS[fmt](numpy_params, spec, **sizes)
+    weights_file, config_file = layouts.EXPORT_FILES[fmt]
     paths.makedirs(out)
-    tensors.write_safetensors(out_tensors, paths.join(out, "model.safetensors"))
-    paths.write_atomic(paths.join(out, "config.json"), json.dumps(hf_config, indent=2))
-    return hf_config
+    tensors.write_safetensors(out_tensors, paths.join(out, weights_file))
+    paths.write_atomic(paths.join(out, config_file), json.dumps(out_config, indent=2))
+    return out_config
