@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import", help="a published checkpoint -> a clipjax workdir")
     imp.add_argument("--format", required=True, choices=sorted(IMPORTERS))
-    imp.add_argument("--checkpoint", required=True, help="a file (open_clip) or a Hugging Face model folder")
+    imp.add_argument(
+        "--checkpoint",
+        required=True,
+        help="open_clip: a file, or a folder with open_clip_model.safetensors and open_clip_config.json; "
+        "Hugging Face: the model folder",
+    )
     imp.add_argument("--tokenizer", help="the tokenizer file (default: the one in the Hugging Face folder)")
     imp.add_argument(
         "--activation",

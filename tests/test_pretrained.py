@@ -515,3 +515,24 @@ def test_open_clip_export_refuses_what_open_clip_cannot_build():
     config.model.text.activation = "gelu"
     with pytest.raises(ConversionError, match="QuickGELU is one flag for both towers in open_clip"):
         workdir.export("open_clip", config, params, tokenizer, "unused")
+
+
+@pytest.mark.parametrize("activation,norm_eps", [("quick_gelu", 1e-5), ("gelu_tanh", 1e-6)])
+def test_an_open_clip_export_imports_back_from_its_folder_without_flags(activation, norm_eps, tmp_path):
+    """open_clip_config.json beside the weights (open_clip's folders, clipjax's exports) supplies
+    what the state dict does not record: activations, heads of both towers, LayerNorm epsilons."""
+    config, params, _ = _model("open_clip")
+    for tower in (config.model.image, config.model.text):
+        tower.activation, tower.norm_eps = activation, norm_eps
+    tokenizer = type("Sizes", (), {"vocab_size": 64, "max_len": 12})()
+    workdir.export("open_clip", config, params, tokenizer, str(tmp_path))
+    for checkpoint in (tmp_path, tmp_path / "open_clip_model.safetensors"):
+        keys, again, vocab = workdir.read_source("open_clip", str(checkpoint), arch="")
+        again_config, _, again = workdir.assemble(keys, again, vocab)
+        assert again_config.model.to_dict() == config.model.to_dict()
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(
+        FileNotFoundError, match="no open_clip_model.safetensors or open_clip_pytorch_model.bin"
+    ):
+        workdir.read_source("open_clip", str(FIXTURES))

@@ -248,6 +248,29 @@ def open_clip_activation(
     return open_clip_arch(arch)["activation"]
 
 
+def open_clip_model_cfg(model_cfg: dict) -> dict[str, Any]:
+    """What an open_clip_config.json's `model_cfg` (open_clip's Hugging Face folders, clipjax's
+    open_clip exports) says that the weights do not: per tower the activation and LayerNorm
+    epsilon, and the channels per head (the `to_open_clip` config read back)."""
+    vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+
+    def activation(tower: dict) -> str:
+        if model_cfg.get("quick_gelu"):
+            return "quick_gelu"
+        return "gelu_tanh" if (tower.get("act_kwargs") or {}).get("approximate") == "tanh" else "gelu"
+
+    settings = {
+        "image_activation": activation(vision),
+        "text_activation": activation(text),
+        "head_width": int(vision.get("head_width", 64)),
+        "image_norm_eps": float((vision.get("norm_kwargs") or {}).get("eps", 1e-5)),
+        "text_norm_eps": float((text.get("norm_kwargs") or {}).get("eps", 1e-5)),
+    }
+    if "heads" in text and "width" in text:
+        settings["text_head_width"] = int(text["width"]) // int(text["heads"])
+    return settings
+
+
 def open_clip_arch(name: str) -> dict[str, Any]:
     """What an open_clip model name (`--arch`, e.g. ViT-B-32-quickgelu) says that the weights do
     not: the activation and the image tower's channels per head."""

@@ -145,6 +145,29 @@ def read_open_clip_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str | N
     return tensors, None
 
 
+# The weights of an open_clip model folder (its Hugging Face repositories; clipjax's exports), in
+# open_clip's order of preference; open_clip_config.json lies beside them.
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def open_clip_files(checkpoint: str) -> tuple[str, dict | None]:
+    """(the weights file, the `model_cfg` of the open_clip_config.json beside it or None) of an
+    open_clip checkpoint given as a file or as an open_clip model folder."""
+    if paths.isdir(checkpoint):
+        found = [
+            paths.join(checkpoint, n) for n in OPEN_CLIP_WEIGHTS if paths.exists(paths.join(checkpoint, n))
+        ]
+        if not found:
+            raise FileNotFoundError(
+                f"--checkpoint {checkpoint!r}: no {' or '.join(OPEN_CLIP_WEIGHTS)} in the folder"
+            )
+        checkpoint = found[0]
+    config_path = str(paths.path(checkpoint).parent / "open_clip_config.json")
+    if not paths.exists(config_path):
+        return checkpoint, None
+    return checkpoint, json.loads(paths.read_text(config_path)).get("model_cfg")
+
+
 def read_hf_directory(directory: str) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors, config.json) of a Hugging Face model folder (model.safetensors, else
     pytorch_model.bin; sharded safetensors through their index)."""

@@ -87,18 +87,43 @@ def read_source(
     recognised) supply what the file does not record, and `activation` / `head_width` override
     them. `log` gets a note where the choice may surprise."""
     if fmt == "open_clip":
-        source, openai_file = tensors.read_open_clip_checkpoint(checkpoint)
-        return layouts.from_open_clip(
-            source,
-            activation=layouts.open_clip_activation(
-                arch=arch, activation=activation, openai_file=openai_file, log=log
-            ),
-            head_width=head_width or (layouts.open_clip_arch(arch)["head_width"] if arch else 64),
-        )
+        return _read_open_clip(checkpoint, activation=activation, head_width=head_width, arch=arch, log=log)
     source, hf_config = tensors.read_hf_directory(checkpoint)
     keys, params, vocab = layouts.IMPORTERS[fmt](source, hf_config)
     if activation:
         keys["model.image.activation"] = keys["model.text.activation"] = activation
+    return keys, params, vocab
+
+
+def _read_open_clip(checkpoint: str, *, activation, head_width, arch: str, log):
+    """An open_clip file or folder. What the weights do not record comes from, first to last:
+    --activation / --head_width, the open_clip_config.json beside the weights, the file being
+    one of OpenAI's releases (QuickGELU), the --arch name."""
+    checkpoint, model_cfg = tensors.open_clip_files(checkpoint)
+    source, openai_file = tensors.read_open_clip_checkpoint(checkpoint)
+    stated = layouts.open_clip_model_cfg(model_cfg) if model_cfg else {}
+    by_name = layouts.open_clip_arch(arch) if arch else {}
+    if stated and arch and by_name["activation"] != stated["image_activation"]:
+        log(
+            f"open_clip_config.json beside the weights says {stated['image_activation']}; it is used, "
+            f"not the {by_name['activation']} that --arch {arch} implies"
+        )
+    keys, params, vocab = layouts.from_open_clip(
+        source,
+        activation=layouts.open_clip_activation(
+            arch=arch,
+            activation=activation or stated.get("image_activation"),
+            openai_file=openai_file,
+            log=log,
+        ),
+        head_width=head_width or stated.get("head_width") or by_name.get("head_width", 64),
+        text_head_width=stated.get("text_head_width", 64),
+    )
+    for tower in ("image", "text"):
+        if stated and not activation:
+            keys[f"model.{tower}.activation"] = stated[f"{tower}_activation"]
+        if stated:
+            keys[f"model.{tower}.norm_eps"] = stated[f"{tower}_norm_eps"]
     return keys, params, vocab
 
 
