@@ -134,7 +134,7 @@ def read_open_clip_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str | N
         raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
     local, tmp = _local(path)  # a bucket object is copied once, for both looks
     try:
-        tensors = read_checkpoint(local)
+        tensors = read_checkpoint(path if tmp is None else local)  # messages name the user's path
         if is_torchscript(local):
             return tensors, "a TorchScript archive, as OpenAI's releases are"
     finally:
