@@ -334,7 +334,7 @@ def test_a_config_json_that_contradicts_the_tensors_is_refused(fmt, path, value,
     )
 
 
-def test_the_converter_refuses_a_contradicting_config_json_in_one_line(tmp_path):
+def test_the_converter_refuses_a_contradicting_config_json_in_one_line(tmp_path, capsys):
     import json
     import shutil
 
@@ -343,17 +343,25 @@ def test_the_converter_refuses_a_contradicting_config_json_in_one_line(tmp_path)
     config = json.loads((folder / "config.json").read_text())
     config["vision_config"]["hidden_size"] = 768
     (folder / "config.json").write_text(json.dumps(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "clipjax.convert", "import", "--format", "hf_clip", "--checkpoint", str(folder),
-         "--out", str(tmp_path / "w")],
-        cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
-    assert (result.returncode, result.stderr) == (
+    status, stderr = _convert(
+        capsys, "import", "--format", "hf_clip", "--checkpoint", folder, "--out", tmp_path / "w"
+    )
+    assert (status, stderr) == (
         2,
         "clipjax.convert: hf_clip checkpoint: config.json says vision_config.hidden_size 768, "
         "the tensors give 64\n",
     )
     assert not (tmp_path / "w").exists()
+
+
+def _convert(capsys, *args) -> tuple[int, str]:
+    """(exit status, stderr) of `python -m clipjax.convert ARGS`, run in this process."""
+    from clipjax import convert
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        convert.main([str(a) for a in args])
+    return stop.value.code, capsys.readouterr().err
 
 
 def _zip(path, members):
@@ -397,7 +405,7 @@ def test_openai_torchscript_files_import_with_quick_gelu(tmp_path, monkeypatch):
     assert keys["model.image.activation"] == "gelu" and notes[0].endswith("--arch ViT-B-32-quickgelu")
 
 
-def test_openai_metadata_entries_mean_quick_gelu_and_nothing_means_a_refusal(tmp_path):
+def test_openai_metadata_entries_mean_quick_gelu_and_nothing_means_a_refusal(tmp_path, capsys):
     from safetensors.numpy import save_file
 
     source = str(FIXTURES / "open_clip" / "model.safetensors")
@@ -411,15 +419,20 @@ def test_openai_metadata_entries_mean_quick_gelu_and_nothing_means_a_refusal(tmp
     assert keys["model.image.activation"] == "quick_gelu"
     with pytest.raises(ConversionError, match=r"^--arch: open_clip files do not record the MLP activation;"):
         workdir.read_source("open_clip", source, head_width=32)
-    result = subprocess.run(
-        [sys.executable, "-m", "clipjax.convert", "import", "--format", "open_clip", "--checkpoint", source,
-         "--tokenizer", "x.txt.gz", "--out", str(tmp_path / "w")],
-        cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith(
-        "clipjax.convert: --arch: open_clip files do not record the MLP activation"
+    args = (
+        "import",
+        "--format",
+        "open_clip",
+        "--checkpoint",
+        source,
+        "--tokenizer",
+        "x.txt.gz",
+        "--out",
+        tmp_path / "w",
     )
+    status, stderr = _convert(capsys, *args)
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("clipjax.convert: --arch: open_clip files do not record the MLP activation")
     assert not (tmp_path / "w").exists()
 
 
