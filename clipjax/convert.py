@@ -14,7 +14,8 @@ Face folders hold config.json and model.safetensors (or pytorch_model.bin) and u
 tokenizer (tokenizer.json, spiece.model), which is taken unless --tokenizer names another.
 `export` writes model.safetensors and config.json that transformers' CLIPModel / SiglipModel
 load, or (--format/--to open_clip) open_clip_model.safetensors and open_clip_config.json that
-open_clip.create_model("local-dir:FOLDER") loads. Mistakes are one line (exit status 2); --verbose adds the traceback. docs/pretrained.md.
+open_clip.create_model("local-dir:FOLDER") loads. Mistakes are one line (exit status 2);
+--verbose adds the traceback. docs/pretrained.md.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         "--activation",
         choices=("quick_gelu", "gelu", "gelu_tanh"),
         help="the MLP non-linearity; open_clip files do not record it: OpenAI's models (open_clip's "
-        "-quickgelu names) use quick_gelu, open_clip-trained ones gelu. Default: quick_gelu for a file "
-        "recognised as OpenAI's (a TorchScript archive), else what --arch implies; one of the two is needed",
+        "-quickgelu names) use quick_gelu, open_clip-trained ones gelu. Default: what the folder's "
+        "open_clip_config.json says, else quick_gelu for a file recognised as OpenAI's (a TorchScript "
+        "archive), else what --arch implies; with none of these, give --arch or --activation",
     )
     imp.add_argument(
         "--arch",
