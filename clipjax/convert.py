@@ -1,10 +1,11 @@
-"""Published CLIP / SigLIP checkpoints in, Hugging Face checkpoints out.
+"""Published CLIP / SigLIP checkpoints in, Hugging Face and open_clip checkpoints out.
 
     python -m clipjax.convert import --format open_clip --checkpoint ViT-B-32.pt \\
         --tokenizer bpe_simple_vocab_16e6.txt.gz --arch ViT-B-32-quickgelu --out runs/clip_b32
     python -m clipjax.convert import --format hf_clip --checkpoint clip-vit-base-patch16/ --out runs/hf_b16
     python -m clipjax.convert import --format hf_siglip --checkpoint siglip-base-patch16-224/ --out runs/siglip
     python -m clipjax.convert export --format hf_clip --workdir runs/clip_b32 --out exported/
+    python -m clipjax.convert export --to open_clip --workdir runs/clip_b32 --out exported_oc/
 
 `import` writes a clipjax workdir (config.json, a step-0 Orbax checkpoint, the tokenizer in its
 metadata) that `clipjax.load`, `python -m clipjax.evaluate` and `--config.init_from` read.
@@ -12,7 +13,9 @@ open_clip checkpoints are .pt/.bin (read with torch) or .safetensors (read witho
 Face folders hold config.json and model.safetensors (or pytorch_model.bin) and usually their
 tokenizer (tokenizer.json, spiece.model), which is taken unless --tokenizer names another.
 `export` writes model.safetensors and config.json that transformers' CLIPModel / SiglipModel
-load. Mistakes are one line (exit status 2); --verbose adds the traceback. docs/pretrained.md.
+load, or (--format/--to open_clip) open_clip_model.safetensors and open_clip_config.json that
+open_clip.create_model("local-dir:FOLDER") loads. Mistakes are one line (exit status 2);
+--verbose adds the traceback. docs/pretrained.md.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import argparse
 import sys
 
 from clipjax.cli import run_reporting_errors
-from clipjax.pretrained.layouts import EXPORTERS, IMPORTERS
+from clipjax.pretrained.layouts import EXPORT_FILES, EXPORTERS, IMPORTERS
 
 PROG = "clipjax.convert"
 
@@ -30,7 +33,12 @@ def _import(args) -> None:
     from clipjax.pretrained import workdir
 
     keys, params, vocab = workdir.read_source(
-        args.format, args.checkpoint, activation=args.activation, head_width=args.head_width, arch=args.arch
+        args.format,
+        args.checkpoint,
+        activation=args.activation,
+        head_width=args.head_width,
+        arch=args.arch,
+        log=lambda note: print(f"{PROG}: note: {note}", file=sys.stderr),
     )
     tokenizer_file = args.tokenizer or workdir.find_tokenizer(args.checkpoint)
     if not tokenizer_file:
@@ -55,7 +63,8 @@ def _export(args) -> None:
 
     model = load(args.workdir, args.step, devices=jax.devices()[:1])
     workdir.export(args.format, model.config, model.params, model.tokenizer, args.out)
-    print(f"{PROG}: wrote {args.out} (model.safetensors, config.json) from {args.workdir} step {model.step}")
+    files = ", ".join(EXPORT_FILES[args.format])
+    print(f"{PROG}: wrote {args.out} ({files}) from {args.workdir} step {model.step}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,13 +73,20 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import", help="a published checkpoint -> a clipjax workdir")
     imp.add_argument("--format", required=True, choices=sorted(IMPORTERS))
-    imp.add_argument("--checkpoint", required=True, help="a file (open_clip) or a Hugging Face model folder")
+    imp.add_argument(
+        "--checkpoint",
+        required=True,
+        help="open_clip: a file, or a folder with open_clip_model.safetensors and open_clip_config.json; "
+        "Hugging Face: the model folder",
+    )
     imp.add_argument("--tokenizer", help="the tokenizer file (default: the one in the Hugging Face folder)")
     imp.add_argument(
         "--activation",
         choices=("quick_gelu", "gelu", "gelu_tanh"),
         help="the MLP non-linearity; open_clip files do not record it: OpenAI's models (open_clip's "
-        "-quickgelu names) use quick_gelu, open_clip-trained ones gelu (the default)",
+        "-quickgelu names) use quick_gelu, open_clip-trained ones gelu. Default: what the folder's "
+        "open_clip_config.json says, else quick_gelu for a file recognised as OpenAI's (a TorchScript "
+        "archive), else what --arch implies; with none of these, give --arch or --activation",
     )
     imp.add_argument(
         "--arch",
@@ -82,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         "--head_width", type=int, default=None, help="open_clip: image channels per attention head"
     )
     imp.add_argument("--out", required=True, help="the new clipjax workdir")
-    exp = commands.add_parser("export", help="a clipjax workdir -> a Hugging Face model folder")
-    exp.add_argument("--format", required=True, choices=sorted(EXPORTERS))
+    exp = commands.add_parser("export", help="a clipjax workdir -> a Hugging Face or open_clip model folder")
+    exp.add_argument("--format", "--to", dest="format", required=True, choices=sorted(EXPORTERS))
     exp.add_argument("--workdir", required=True)
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     exp.add_argument("--out", required=True)

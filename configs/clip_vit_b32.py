@@ -7,7 +7,7 @@ at the end-of-text token, QuickGELU), trained from scratch on webdataset shards.
     launch/tpu_pod.sh --config configs/clip_vit_b32.py --workdir gs://BUCKET/clip_b32 ...
 
 A model trained with it exports to Hugging Face (`python -m clipjax.convert export --format
-hf_clip`), and a converted OpenAI / open_clip B/32 has the same parameters (docs/pretrained.md).
+hf_clip`) or open_clip (`--to open_clip`), and a converted OpenAI / open_clip B/32 has the same parameters (docs/pretrained.md).
 The rest (batch 32k, bf16, remat, optimizer) follows configs/clip_vit_b16.py. `:tiny` runs two
 steps on CPU with the same layout at a tiny size.
 

@@ -292,3 +292,260 @@ def test_siglip_models_see_the_whole_image_and_clip_models_the_centre():
     assert squash[:, 0, 0].min() > 200 and squash[:, -1, 2].min() > 200  # the whole width kept
     keys, _, _ = _import("hf_siglip")
     assert keys["model.image_resize"] == "squash" and "model.image_resize" not in _import("hf_clip")[0]
+
+
+@pytest.mark.parametrize(
+    "fmt,path,value",
+    [
+        ("hf_clip", "vision_config.hidden_size", 96),
+        ("hf_clip", "vision_config.patch_size", 8),
+        ("hf_clip", "vision_config.image_size", 64),
+        ("hf_clip", "vision_config.num_hidden_layers", 3),
+        ("hf_clip", "text_config.hidden_size", 32),
+        ("hf_clip", "text_config.num_hidden_layers", 1),
+        ("hf_clip", "text_config.max_position_embeddings", 77),
+        ("hf_clip", "projection_dim", 512),
+        ("hf_siglip", "vision_config.hidden_size", 96),
+        ("hf_siglip", "vision_config.patch_size", 8),
+        ("hf_siglip", "vision_config.image_size", 64),
+        ("hf_siglip", "vision_config.num_hidden_layers", 3),
+        ("hf_siglip", "text_config.intermediate_size", 256),
+        ("hf_siglip", "text_config.vocab_size", 32000),
+    ],
+)
+def test_a_config_json_that_contradicts_the_tensors_is_refused(fmt, path, value, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / fmt
+    shutil.copytree(FIXTURES / fmt, folder)
+    config = json.loads((folder / "config.json").read_text())
+    *sections, field = path.split(".")
+    section = config
+    for name in sections:
+        section = section[name]
+    stated = section[field]
+    section[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError) as error:
+        workdir.read_source(fmt, str(folder))
+    assert str(error.value) == (
+        f"{fmt} checkpoint: config.json says {path} {value}, the tensors give {stated}"
+    )
+
+
+def test_the_converter_refuses_a_contradicting_config_json_in_one_line(tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "hf_clip"
+    shutil.copytree(FIXTURES / "hf_clip", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["hidden_size"] = 768
+    (folder / "config.json").write_text(json.dumps(config))
+    status, stderr = _convert(
+        capsys, "import", "--format", "hf_clip", "--checkpoint", folder, "--out", tmp_path / "w"
+    )
+    assert (status, stderr) == (
+        2,
+        "clipjax.convert: hf_clip checkpoint: config.json says vision_config.hidden_size 768, "
+        "the tensors give 64\n",
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def _convert(capsys, *args) -> tuple[int, str]:
+    """(exit status, stderr) of `python -m clipjax.convert ARGS`, run in this process."""
+    from clipjax import convert
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        convert.main([str(a) for a in args])
+    return stop.value.code, capsys.readouterr().err
+
+
+def _zip(path, members):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in members:
+            archive.writestr(name, b"\0")
+    return str(path)
+
+
+def test_openai_torchscript_files_import_with_quick_gelu(tmp_path, monkeypatch):
+    """An OpenAI release (a TorchScript archive: code/ and constants.pkl beside the data) is known
+    without torch and imports with QuickGELU, whatever activation the --arch name implies; a
+    torch.save state dict is not taken for one."""
+    jit = _zip(
+        tmp_path / "ViT-B-32.pt",
+        ["ViT-B-32/version", "ViT-B-32/data.pkl", "ViT-B-32/constants.pkl", "ViT-B-32/code/__torch__/model.py",
+         "ViT-B-32/data/0"],
+    )  # fmt: skip
+    pickle = _zip(
+        tmp_path / "state.pt", ["archive/version", "archive/data.pkl", "archive/byteorder", "archive/data/0"]
+    )
+    assert tensors.is_torchscript(jit) and not tensors.is_torchscript(pickle)
+    assert not tensors.is_torchscript(str(FIXTURES / "open_clip" / "model.safetensors"))
+    # Reading the tensors out of either needs torch: the fixture's state dict stands in for them.
+    state = tensors.read_checkpoint(str(FIXTURES / "open_clip" / "model.safetensors"))
+    monkeypatch.setattr(tensors, "read_torch", lambda path: dict(state))
+    notes = []
+    keys, _, _ = workdir.read_source("open_clip", jit, arch="ViT-B-32", head_width=32, log=notes.append)
+    assert (keys["model.image.activation"], keys["model.text.activation"]) == ("quick_gelu", "quick_gelu")
+    assert notes == [
+        "the checkpoint is a TorchScript archive, as OpenAI's releases are: it imports with QuickGELU "
+        "(OpenAI's models use it), not the GELU that --arch ViT-B-32 implies; --activation overrides"
+    ]
+    keys, _, _ = workdir.read_source("open_clip", jit, head_width=32, activation="gelu")
+    assert keys["model.image.activation"] == "gelu"  # the user's word stands
+    # The plain state dict with an OpenAI name: GELU as the name says, with a note on the -quickgelu name.
+    notes.clear()
+    keys, _, _ = workdir.read_source("open_clip", pickle, arch="ViT-B-32", head_width=32, log=notes.append)
+    assert keys["model.image.activation"] == "gelu" and notes[0].endswith("--arch ViT-B-32-quickgelu")
+
+
+def test_openai_metadata_entries_mean_quick_gelu_and_nothing_means_a_refusal(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    source = str(FIXTURES / "open_clip" / "model.safetensors")
+    state = tensors.read_checkpoint(source)
+    meta = {"input_resolution": 32, "context_length": 12, "vocab_size": 64}
+    save_file(
+        dict(state, **{k: np.array(v, np.int64) for k, v in meta.items()}),
+        str(tmp_path / "openai.safetensors"),
+    )
+    keys, _, _ = workdir.read_source("open_clip", str(tmp_path / "openai.safetensors"), head_width=32)
+    assert keys["model.image.activation"] == "quick_gelu"
+    with pytest.raises(ConversionError, match=r"^--arch: open_clip files do not record the MLP activation;"):
+        workdir.read_source("open_clip", source, head_width=32)
+    args = (
+        "import",
+        "--format",
+        "open_clip",
+        "--checkpoint",
+        source,
+        "--tokenizer",
+        "x.txt.gz",
+        "--out",
+        tmp_path / "w",
+    )
+    status, stderr = _convert(capsys, *args)
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("clipjax.convert: --arch: open_clip files do not record the MLP activation")
+    assert not (tmp_path / "w").exists()
+
+
+def test_text_config_dict_is_read_as_transformers_reads_it(tmp_path):
+    """Older CLIP config.json files also carry text_config_dict, whose values transformers prefers
+    to text_config's: those are the ones checked against the tensors."""
+    import json
+    import shutil
+
+    folder = tmp_path / "hf_clip"
+    shutil.copytree(FIXTURES / "hf_clip", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["hidden_size"] = 512  # overridden by text_config_dict below
+    config["text_config_dict"] = {"hidden_size": 64}
+    (folder / "config.json").write_text(json.dumps(config))
+    keys, _, _ = workdir.read_source("hf_clip", str(folder))
+    assert keys["model.text.width"] == 64
+    config["text_config_dict"] = {"hidden_size": 64, "num_hidden_layers": 12}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ConversionError, match=r"config.json says text_config.num_hidden_layers 12, the tensors give 2"
+    ):
+        workdir.read_source("hf_clip", str(folder))
+
+
+def test_open_clip_export_is_open_clips_state_dict_and_config(tmp_path):
+    """`export --to open_clip` of the imported open_clip fixture: the state dict has exactly the
+    names and shapes of open_clip's own (the fixture file is open_clip's `state_dict()`, so
+    `load_state_dict(strict=True)` takes it), every tensor but the key bias (zeros: module
+    docstring of layouts) equals open_clip's bit for bit, open_clip_config.json describes the
+    model open_clip builds for it, and open_clip's embeddings of the export equal clipjax's."""
+    import json
+
+    config, params, model = _model("open_clip")
+    tokenizer = type("Sizes", (), {"vocab_size": 64, "max_len": 12})()
+    workdir.export("open_clip", config, params, tokenizer, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
+    original = tensors.read_checkpoint(str(FIXTURES / "open_clip" / "model.safetensors"))
+    exported = tensors.read_checkpoint(str(tmp_path / "open_clip_model.safetensors"))
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in original.items()}
+    for name, value in original.items():
+        if name.endswith("in_proj_bias"):
+            width = value.shape[0] // 3
+            np.testing.assert_array_equal(exported[name][width : 2 * width], 0.0)
+            value = np.concatenate([value[:width], 0 * value[width : 2 * width], value[2 * width :]])
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    assert json.loads((tmp_path / "open_clip_config.json").read_text()) == {
+        "model_cfg": {
+            "embed_dim": 48,
+            "quick_gelu": True,
+            "vision_cfg": {
+                "width": 64,
+                "layers": 2,
+                "mlp_ratio": 4.0,
+                "head_width": 32,
+                "patch_size": 16,
+                "image_size": 32,
+            },
+            "text_cfg": {
+                "width": 64,
+                "layers": 2,
+                "mlp_ratio": 4.0,
+                "heads": 2,
+                "context_length": 12,
+                "vocab_size": 64,
+            },
+        },  # fmt: skip
+        "preprocess_cfg": {
+            "mean": list(config.model.image_mean),
+            "std": list(config.model.image_std),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+    }
+    # What open_clip computes from the exported folder (the fixture script loads it strictly).
+    reference, from_export = np.load(FIXTURES / "open_clip.npz"), np.load(FIXTURES / "open_clip_export.npz")
+    image_emb, text_emb, logits = _outputs(model, params, reference["images"], reference["tokens"])
+    assert _relative_error(image_emb, from_export["image_emb"]) <= 1e-4
+    assert _relative_error(text_emb, from_export["text_emb"]) <= 1e-4
+    assert _relative_error(logits, from_export["logits"]) <= 1e-4
+
+
+def test_open_clip_export_refuses_what_open_clip_cannot_build():
+    keys, params, vocab = _import("hf_siglip")
+    config, _, params = workdir.assemble(keys, params, vocab)
+    tokenizer = type("Sizes", (), {"vocab_size": 64, "max_len": 12})()
+    with pytest.raises(ConversionError, match=r"^--format open_clip cannot express model.image.pool='map'"):
+        workdir.export("open_clip", config, params, tokenizer, "unused")
+    config, params, _ = _model("open_clip")
+    config.model.text.activation = "gelu"
+    with pytest.raises(ConversionError, match="QuickGELU is one flag for both towers in open_clip"):
+        workdir.export("open_clip", config, params, tokenizer, "unused")
+
+
+@pytest.mark.parametrize("activation,norm_eps", [("quick_gelu", 1e-5), ("gelu_tanh", 1e-6)])
+def test_an_open_clip_export_imports_back_from_its_folder_without_flags(activation, norm_eps, tmp_path):
+    """open_clip_config.json beside the weights (open_clip's folders, clipjax's exports) supplies
+    what the state dict does not record: activations, heads of both towers, LayerNorm epsilons."""
+    config, params, _ = _model("open_clip")
+    for tower in (config.model.image, config.model.text):
+        tower.activation, tower.norm_eps = activation, norm_eps
+    tokenizer = type("Sizes", (), {"vocab_size": 64, "max_len": 12})()
+    workdir.export("open_clip", config, params, tokenizer, str(tmp_path))
+    for checkpoint in (tmp_path, tmp_path / "open_clip_model.safetensors"):
+        keys, again, vocab = workdir.read_source("open_clip", str(checkpoint), arch="")
+        again_config, _, again = workdir.assemble(keys, again, vocab)
+        assert again_config.model.to_dict() == config.model.to_dict()
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(
+        FileNotFoundError, match="no open_clip_model.safetensors or open_clip_pytorch_model.bin"
+    ):
+        workdir.read_source("open_clip", str(FIXTURES))

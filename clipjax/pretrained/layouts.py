@@ -214,6 +214,63 @@ _OPENAI_METADATA = ("input_resolution", "context_length", "vocab_size")
 OPEN_CLIP_HEAD_WIDTHS = {"ViT-H-14": 80, "ViT-H-16": 80, "ViT-g-14": 88, "ViT-bigG-14": 104}
 
 
+# The ViTs OpenAI released, by their open_clip names: weights under these names come from OpenAI
+# (QuickGELU, `-quickgelu`) or from open_clip's own training (GELU), and only the file can tell.
+OPENAI_VIT_NAMES = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336")
+
+
+def open_clip_activation(
+    *, arch: str, activation: str | None, openai_file: str | None, log: Callable[[str], None]
+) -> str:
+    """The MLP activation of an open_clip file, which the file does not record: `activation` when
+    given; QuickGELU for a file recognised as one of OpenAI's (`openai_file` says why); else what
+    the `arch` name implies. With none of these the import is refused rather than guessed: GELU
+    in place of QuickGELU moves the embeddings by about 1% (and the reverse as much)."""
+    if activation:
+        return activation
+    if openai_file:
+        if arch and not arch.endswith("-quickgelu"):
+            log(
+                f"the checkpoint is {openai_file}: it imports with QuickGELU (OpenAI's models use it), "
+                f"not the GELU that --arch {arch} implies; --activation overrides"
+            )
+        return "quick_gelu"
+    if not arch:
+        raise ConversionError(
+            "--arch: open_clip files do not record the MLP activation; name the model (OpenAI's weights: "
+            "--arch ViT-B-32-quickgelu; open_clip-trained: --arch ViT-B-32) or give --activation"
+        )
+    if arch in OPENAI_VIT_NAMES:
+        log(
+            f"--arch {arch} imports with GELU, as open_clip-trained {arch} weights need; OpenAI's own {arch} "
+            f"weights use QuickGELU: --arch {arch}-quickgelu"
+        )
+    return open_clip_arch(arch)["activation"]
+
+
+def open_clip_model_cfg(model_cfg: dict) -> dict[str, Any]:
+    """What an open_clip_config.json's `model_cfg` (open_clip's Hugging Face folders, clipjax's
+    open_clip exports) says that the weights do not: per tower the activation and LayerNorm
+    epsilon, and the channels per head (the `to_open_clip` config read back)."""
+    vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+
+    def activation(tower: dict) -> str:
+        if model_cfg.get("quick_gelu"):
+            return "quick_gelu"
+        return "gelu_tanh" if (tower.get("act_kwargs") or {}).get("approximate") == "tanh" else "gelu"
+
+    settings = {
+        "image_activation": activation(vision),
+        "text_activation": activation(text),
+        "head_width": int(vision.get("head_width", 64)),
+        "image_norm_eps": float((vision.get("norm_kwargs") or {}).get("eps", 1e-5)),
+        "text_norm_eps": float((text.get("norm_kwargs") or {}).get("eps", 1e-5)),
+    }
+    if "heads" in text and "width" in text:
+        settings["text_head_width"] = int(text["width"]) // int(text["heads"])
+    return settings
+
+
 def open_clip_arch(name: str) -> dict[str, Any]:
     """What an open_clip model name (`--arch`, e.g. ViT-B-32-quickgelu) says that the weights do
     not: the activation and the image tower's channels per head."""
@@ -316,6 +373,38 @@ def _activation(hf_config: dict, what: str) -> str:
     return _HF_ACTIVATIONS[act]
 
 
+def _hf_config(config: dict) -> dict:
+    """config.json as transformers reads it: older CLIP files also carry `text_config_dict` /
+    `vision_config_dict`, whose values take precedence over `text_config` / `vision_config`."""
+    config = dict(config)
+    for tower in ("text_config", "vision_config"):
+        if config.get(f"{tower}_dict"):
+            config[tower] = {**(config.get(tower) or {}), **config[f"{tower}_dict"]}
+    return config
+
+
+def _check_config(what: str, config: dict, checks: list[tuple[str, Any]]) -> None:
+    """Each `section.field` that config.json states against the value the tensors give: the file
+    describes the model to transformers, and one that contradicts the weights is not the model's
+    (transformers itself refuses most of these). A field config.json leaves out is not checked."""
+    for path, actual in checks:
+        *sections, field = path.split(".")
+        section = config
+        for name in sections:
+            section = section.get(name) or {}
+        stated = section.get(field)
+        if stated is not None and stated != actual:
+            raise ConversionError(f"{what}: config.json says {path} {stated!r}, the tensors give {actual!r}")
+
+
+def _tower_config_checks(prefix: str, blocks: dict, width: int) -> list[tuple[str, Any]]:
+    return [
+        (f"{prefix}.hidden_size", int(width)),
+        (f"{prefix}.num_hidden_layers", int(blocks["ln1"]["scale"].shape[0])),
+        (f"{prefix}.intermediate_size", int(blocks["mlp"]["fc1"]["kernel"].shape[-1])),
+    ]
+
+
 def _position_ids(name: str) -> bool:
     return name.endswith("embeddings.position_ids")  # a buffer of older transformers versions
 
@@ -323,6 +412,7 @@ def _position_ids(name: str) -> bool:
 def from_hf_clip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int]:
     """Hugging Face `CLIPModel` tensors + config.json -> (config keys, params, vocab size)."""
     t = Tensors(tensors, "hf_clip checkpoint", ignored=_position_ids)
+    config = _hf_config(config)
     v_cfg, t_cfg = config.get("vision_config", {}), config.get("text_config", {})
     conv = t.take("vision_model.embeddings.patch_embedding.weight")
     v_pos = t.take("vision_model.embeddings.position_embedding.weight")
@@ -350,6 +440,19 @@ def from_hf_clip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int
         "logit_scale": t.take("logit_scale").reshape(()),
     }
     t.check_all_used()
+    _check_config(
+        "hf_clip checkpoint",
+        config,
+        [
+            *_tower_config_checks("vision_config", params["image_tower"]["encoder"]["blocks"], conv.shape[0]),
+            ("vision_config.patch_size", int(conv.shape[-1])),
+            ("vision_config.image_size", int(grid * conv.shape[-1])),
+            *_tower_config_checks("text_config", params["text_tower"]["encoder"]["blocks"], tok.shape[1]),
+            ("text_config.vocab_size", int(tok.shape[0])),
+            ("text_config.max_position_embeddings", int(t_pos.shape[0])),
+            ("projection_dim", int(params["image_proj"]["kernel"].shape[1])),
+        ],
+    )
     v_act, t_act = _activation(v_cfg, "hf_clip vision_config"), _activation(t_cfg, "hf_clip text_config")
     keys = _clip_architecture(
         embed=params["image_proj"]["kernel"].shape[1],
@@ -375,6 +478,7 @@ def from_hf_clip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int
 def from_hf_siglip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int]:
     """Hugging Face `SiglipModel` tensors + config.json -> (config keys, params, vocab size)."""
     t = Tensors(tensors, "hf_siglip checkpoint", ignored=_position_ids)
+    config = _hf_config(config)
     v_cfg, t_cfg = config.get("vision_config", {}), config.get("text_config", {})
     v_heads, t_heads = int(v_cfg["num_attention_heads"]), int(t_cfg["num_attention_heads"])
     conv = t.take("vision_model.embeddings.patch_embedding.weight")
@@ -414,6 +518,19 @@ def from_hf_siglip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, i
     blocks = params["image_tower"]["encoder"]["blocks"]
     text_blocks = params["text_tower"]["encoder"]["blocks"]
     v_width = conv.shape[0]
+    _check_config(
+        "hf_siglip checkpoint",
+        config,
+        [
+            *_tower_config_checks("vision_config", blocks, v_width),
+            ("vision_config.patch_size", int(conv.shape[-1])),
+            ("vision_config.image_size", int(grid * conv.shape[-1])),
+            *_tower_config_checks("text_config", text_blocks, tok.shape[1]),
+            ("text_config.vocab_size", int(tok.shape[0])),
+            ("text_config.max_position_embeddings", int(t_pos.shape[0])),
+            ("text_config.projection_size", int(params["text_proj"]["kernel"].shape[1])),
+        ],
+    )
     if params["text_proj"]["kernel"].shape[1] != v_width:
         raise ConversionError(
             f"hf_siglip checkpoint: text head projects to {params['text_proj']['kernel'].shape[1]}, the image "
@@ -484,16 +601,21 @@ def _inv_attention(attn: dict, prefix: str, out: dict, *, fused: bool) -> None:
     out[f"{prefix}.out_proj.weight"], out[f"{prefix}.out_proj.bias"] = o, attn["out_bias"]
 
 
-def _inv_hf_blocks(stacked: dict, prefix: str, out: dict) -> None:
-    depth = stacked["ln1"]["scale"].shape[0]
-    for i in range(depth):
+# A block's tensor names in each export layout: ln1, attention, ln2, fc1, fc2, fused q/k/v.
+_HF_BLOCK = ("layer_norm1", "self_attn", "layer_norm2", "mlp.fc1", "mlp.fc2", False)
+_OPEN_CLIP_BLOCK = ("ln_1", "attn", "ln_2", "mlp.c_fc", "mlp.c_proj", True)
+
+
+def _inv_blocks(stacked: dict, prefix: str, out: dict, names: tuple = _HF_BLOCK) -> None:
+    ln1, attn, ln2, fc1, fc2, fused = names
+    for i in range(stacked["ln1"]["scale"].shape[0]):
         block = jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
         p = f"{prefix}{i}"
-        _inv_ln(block["ln1"], f"{p}.layer_norm1", out)
-        _inv_attention(block["attn"], f"{p}.self_attn", out, fused=False)
-        _inv_ln(block["ln2"], f"{p}.layer_norm2", out)
-        _inv_dense(block["mlp"]["fc1"], f"{p}.mlp.fc1", out)
-        _inv_dense(block["mlp"]["fc2"], f"{p}.mlp.fc2", out)
+        _inv_ln(block["ln1"], f"{p}.{ln1}", out)
+        _inv_attention(block["attn"], f"{p}.{attn}", out, fused=fused)
+        _inv_ln(block["ln2"], f"{p}.{ln2}", out)
+        _inv_dense(block["mlp"]["fc1"], f"{p}.{fc1}", out)
+        _inv_dense(block["mlp"]["fc2"], f"{p}.{fc2}", out)
 
 
 _TO_HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -522,11 +644,11 @@ def _hf_towers(params: dict, spec, fmt: str, checks: list, out: dict) -> None:
         img["patch"]["kernel"].transpose(3, 2, 0, 1)
     )
     out["vision_model.embeddings.position_embedding.weight"] = img["pos"]
-    _inv_hf_blocks(img["encoder"]["blocks"], "vision_model.encoder.layers.", out)
+    _inv_blocks(img["encoder"]["blocks"], "vision_model.encoder.layers.", out)
     _inv_ln(img["norm"], "vision_model.post_layernorm", out)
     out["text_model.embeddings.token_embedding.weight"] = txt["embed"]
     out["text_model.embeddings.position_embedding.weight"] = txt["pos"]
-    _inv_hf_blocks(txt["encoder"]["blocks"], "text_model.encoder.layers.", out)
+    _inv_blocks(txt["encoder"]["blocks"], "text_model.encoder.layers.", out)
     _inv_ln(txt["norm"], "text_model.final_layer_norm", out)
     scale = np.asarray(params["logit_scale"], np.float32)
     out["logit_scale"] = scale.reshape(()) if fmt == "hf_clip" else scale.reshape(1)
@@ -545,10 +667,10 @@ def _hf_tower_config(tower, kind: str, **extra) -> dict:
     }
 
 
-def to_hf_clip(params: dict, spec, *, image_size: int, max_len: int, vocab_size: int) -> tuple[dict, dict]:
-    """clipjax params of a CLIP-layout model -> (Hugging Face CLIPModel tensors, config.json)."""
+def _clip_layout_checks(spec) -> list[tuple[str, Any, Any]]:
+    """What CLIP's layout (OpenAI's, open_clip's and transformers' CLIPModel) fixes."""
     v, t = spec.image, spec.text
-    checks = [
+    return [
         ("model.image.pool", getattr(v, "pool", None), "cls"),
         ("model.image.patch_embed", getattr(v, "patch_embed", None), "conv"),
         ("model.image.patch_bias", getattr(v, "patch_bias", None), False),
@@ -558,8 +680,13 @@ def to_hf_clip(params: dict, spec, *, image_size: int, max_len: int, vocab_size:
         ("model.text.pad_mask", t.pad_mask, False),
         ("model.image_projection", spec.image_projection, "linear"),
         ("model.text_projection_bias", spec.text_projection_bias, False),
-        ("model.logit_bias (set)", "logit_bias" in params, False),
     ]
+
+
+def to_hf_clip(params: dict, spec, *, image_size: int, max_len: int, vocab_size: int) -> tuple[dict, dict]:
+    """clipjax params of a CLIP-layout model -> (Hugging Face CLIPModel tensors, config.json)."""
+    v, t = spec.image, spec.text
+    checks = [*_clip_layout_checks(spec), ("model.logit_bias (set)", "logit_bias" in params, False)]
     out: dict[str, np.ndarray] = {}
     _hf_towers(params, spec, "hf_clip", checks, out)
     out["vision_model.embeddings.class_embedding"] = params["image_tower"]["cls"]
@@ -637,5 +764,86 @@ def to_hf_siglip(params: dict, spec, *, image_size: int, max_len: int, vocab_siz
     return out, config
 
 
+# ----------------------------------------------------------------------------------------------
+# Exporter: clipjax params -> open_clip state dict + open_clip_config.json.
+
+
+def _open_clip_tower_config(tower, fmt: str, extra: dict) -> dict:
+    """open_clip's sizes of a tower; its MLP width is int(width * mlp_ratio), which must give
+    clipjax's mlp_dim back exactly."""
+    ratio = tower.mlp_dim / tower.width
+    if int(tower.width * ratio) != tower.mlp_dim:
+        raise ConversionError(f"--format {fmt} cannot express mlp_dim {tower.mlp_dim} on width {tower.width}")
+    config = {"width": tower.width, "layers": tower.depth, "mlp_ratio": ratio, **extra}
+    if tower.activation == "gelu_tanh":
+        config["act_kwargs"] = {"approximate": "tanh"}  # torch's GELU with the tanh approximation
+    if tower.norm_eps != 1e-5:  # open_clip's LayerNorm default
+        config["norm_kwargs"] = {"eps": tower.norm_eps}
+    return config
+
+
+def to_open_clip(
+    params: dict, spec, *, image_size: int, max_len: int, vocab_size: int, image_resize: str = "crop"
+) -> tuple[dict, dict]:
+    """clipjax params of a CLIP-layout model -> (open_clip `CLIP` state dict, open_clip_config.json:
+    `model_cfg`, the arguments of `open_clip.model.CLIP`, and `preprocess_cfg`). The activation
+    is one flag for both towers in open_clip (QuickGELU or torch's GELU), so they must agree on it."""
+    v, t = spec.image, spec.text
+    fmt = "open_clip"
+    if spec.image_kind != "vit":
+        raise ConversionError(
+            f"--format {fmt} needs a ViT image tower; model.image.kind is {spec.image_kind!r}"
+        )
+    _require(spec, _clip_layout_checks(spec), fmt)
+    quick = v.activation == "quick_gelu"
+    if (t.activation == "quick_gelu") != quick:
+        raise ConversionError(
+            f"--format {fmt} cannot express model.image.activation={v.activation!r} with "
+            f"model.text.activation={t.activation!r}: QuickGELU is one flag for both towers in open_clip"
+        )
+    img, txt = params["image_tower"], params["text_tower"]
+    out: dict[str, np.ndarray] = {
+        "visual.conv1.weight": np.ascontiguousarray(img["patch"]["kernel"].transpose(3, 2, 0, 1)),
+        "visual.class_embedding": img["cls"],
+        "visual.positional_embedding": img["pos"],
+        "visual.proj": params["image_proj"]["kernel"],
+        "token_embedding.weight": txt["embed"],
+        "positional_embedding": txt["pos"],
+        "text_projection": params["text_proj"]["kernel"],
+        "logit_scale": np.asarray(params["logit_scale"], np.float32).reshape(()),
+    }
+    _inv_ln(img["ln_pre"], "visual.ln_pre", out)
+    _inv_blocks(img["encoder"]["blocks"], "visual.transformer.resblocks.", out, _OPEN_CLIP_BLOCK)
+    _inv_ln(img["norm"], "visual.ln_post", out)
+    _inv_blocks(txt["encoder"]["blocks"], "transformer.resblocks.", out, _OPEN_CLIP_BLOCK)
+    _inv_ln(txt["norm"], "ln_final", out)
+    model_cfg = {
+        "embed_dim": spec.embed_dim,
+        "quick_gelu": quick,
+        "vision_cfg": _open_clip_tower_config(
+            v, fmt, {"head_width": v.width // v.heads, "patch_size": v.patch_size, "image_size": image_size}
+        ),
+        "text_cfg": _open_clip_tower_config(
+            t, fmt, {"heads": t.heads, "context_length": max_len, "vocab_size": vocab_size}
+        ),
+    }
+    if "logit_bias" in params:  # a sigmoid-loss model: open_clip's init_logit_bias makes the parameter
+        out["logit_bias"] = np.asarray(params["logit_bias"], np.float32).reshape(())
+        model_cfg["init_logit_bias"] = float(out["logit_bias"])
+    preprocess_cfg = {
+        "mean": list(spec.image_mean),
+        "std": list(spec.image_std),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest" if image_resize == "crop" else "squash",
+    }
+    return out, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
 IMPORTERS = {"open_clip": from_open_clip, "hf_clip": from_hf_clip, "hf_siglip": from_hf_siglip}
-EXPORTERS = {"hf_clip": to_hf_clip, "hf_siglip": to_hf_siglip}
+EXPORTERS = {"hf_clip": to_hf_clip, "hf_siglip": to_hf_siglip, "open_clip": to_open_clip}
+# The files each export writes: (weights, config).
+EXPORT_FILES = {
+    "hf_clip": ("model.safetensors", "config.json"),
+    "hf_siglip": ("model.safetensors", "config.json"),
+    "open_clip": ("open_clip_model.safetensors", "open_clip_config.json"),
+}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -82,10 +83,10 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
         ) from None
     local, tmp = _local(path)
     try:
-        try:
-            state = torch.load(local, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - not a plain pickle: OpenAI's releases are TorchScript
+        if is_torchscript(local):  # OpenAI's releases (torch.load would warn, then do the same)
             state = torch.jit.load(local, map_location="cpu").state_dict()
+        else:
+            state = torch.load(local, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]  # open_clip training checkpoints wrap it
         out = {}
@@ -112,6 +113,59 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     if str(path).endswith((".pt", ".pth", ".bin")):
         return read_torch(path)
     raise ValueError(f"--checkpoint {path!r}: expected a .safetensors, .pt, .pth or .bin file")
+
+
+def is_torchscript(local: str) -> bool:
+    """Whether a local file is a TorchScript archive (`torch.jit.save`: a zip holding the module's
+    code/ and constants.pkl beside its data; a `torch.save` state dict has neither), read with
+    zipfile alone. OpenAI's original CLIP releases are the TorchScript files of this family."""
+    if not zipfile.is_zipfile(local):
+        return False
+    with zipfile.ZipFile(local) as archive:
+        names = archive.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def read_open_clip_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str | None]:
+    """(tensors, why the file is one of OpenAI's own releases, or None) of an open_clip / OpenAI
+    checkpoint file. OpenAI's files are TorchScript archives whose state dict also holds the
+    entries input_resolution, context_length and vocab_size, which open_clip's own files never do."""
+    if not paths.exists(path):
+        raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
+    local, tmp = _local(path)  # a bucket object is copied once, for both looks
+    try:
+        tensors = read_checkpoint(path if tmp is None else local)  # messages name the user's path
+        if is_torchscript(local):
+            return tensors, "a TorchScript archive, as OpenAI's releases are"
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if all(name in tensors for name in ("input_resolution", "context_length", "vocab_size")):
+        return tensors, "it holds OpenAI's input_resolution, context_length and vocab_size entries"
+    return tensors, None
+
+
+# The weights of an open_clip model folder (its Hugging Face repositories; clipjax's exports), in
+# open_clip's order of preference; open_clip_config.json lies beside them.
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def open_clip_files(checkpoint: str) -> tuple[str, dict | None]:
+    """(the weights file, the `model_cfg` of the open_clip_config.json beside it or None) of an
+    open_clip checkpoint given as a file or as an open_clip model folder."""
+    if paths.isdir(checkpoint):
+        found = [
+            paths.join(checkpoint, n) for n in OPEN_CLIP_WEIGHTS if paths.exists(paths.join(checkpoint, n))
+        ]
+        if not found:
+            raise FileNotFoundError(
+                f"--checkpoint {checkpoint!r}: no {' or '.join(OPEN_CLIP_WEIGHTS)} in the folder"
+            )
+        checkpoint = found[0]
+    config_path = str(paths.path(checkpoint).parent / "open_clip_config.json")
+    if not paths.exists(config_path):
+        return checkpoint, None
+    return checkpoint, json.loads(paths.read_text(config_path)).get("model_cfg")
 
 
 def read_hf_directory(directory: str) -> tuple[dict[str, np.ndarray], dict]:

@@ -1,9 +1,9 @@
-"""Converted checkpoints as clipjax workdirs, and clipjax workdirs as Hugging Face folders."""
+"""Converted checkpoints as clipjax workdirs, and clipjax workdirs as Hugging Face or open_clip folders."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,23 +74,56 @@ def find_tokenizer(checkpoint: str) -> str | None:
 
 
 def read_source(
-    fmt: str, checkpoint: str, *, activation: str | None = None, head_width: int | None = None, arch: str = ""
+    fmt: str,
+    checkpoint: str,
+    *,
+    activation: str | None = None,
+    head_width: int | None = None,
+    arch: str = "",
+    log: Callable[[str], None] = lambda _: None,
 ):
     """(config keys, params, vocab size) of a published checkpoint in format `fmt`; for
-    open_clip, `arch` (an open_clip model name) supplies what the file does not record, and
-    `activation` / `head_width` override it."""
+    open_clip, `arch` (an open_clip model name) and the file's origin (OpenAI's releases are
+    recognised) supply what the file does not record, and `activation` / `head_width` override
+    them. `log` gets a note where the choice may surprise."""
     if fmt == "open_clip":
-        source = tensors.read_checkpoint(checkpoint)
-        known = layouts.open_clip_arch(arch) if arch else {"activation": "gelu", "head_width": 64}
-        return layouts.from_open_clip(
-            source,
-            activation=activation or known["activation"],
-            head_width=head_width or known["head_width"],
-        )
+        return _read_open_clip(checkpoint, activation=activation, head_width=head_width, arch=arch, log=log)
     source, hf_config = tensors.read_hf_directory(checkpoint)
     keys, params, vocab = layouts.IMPORTERS[fmt](source, hf_config)
     if activation:
         keys["model.image.activation"] = keys["model.text.activation"] = activation
+    return keys, params, vocab
+
+
+def _read_open_clip(checkpoint: str, *, activation, head_width, arch: str, log):
+    """An open_clip file or folder. What the weights do not record comes from, first to last:
+    --activation / --head_width, the open_clip_config.json beside the weights, the file being
+    one of OpenAI's releases (QuickGELU), the --arch name."""
+    checkpoint, model_cfg = tensors.open_clip_files(checkpoint)
+    source, openai_file = tensors.read_open_clip_checkpoint(checkpoint)
+    stated = layouts.open_clip_model_cfg(model_cfg) if model_cfg else {}
+    by_name = layouts.open_clip_arch(arch) if arch else {}
+    if stated and arch and by_name["activation"] != stated["image_activation"]:
+        log(
+            f"open_clip_config.json beside the weights says {stated['image_activation']}; it is used, "
+            f"not the {by_name['activation']} that --arch {arch} implies"
+        )
+    keys, params, vocab = layouts.from_open_clip(
+        source,
+        activation=layouts.open_clip_activation(
+            arch=arch,
+            activation=activation or stated.get("image_activation"),
+            openai_file=openai_file,
+            log=log,
+        ),
+        head_width=head_width or stated.get("head_width") or by_name.get("head_width", 64),
+        text_head_width=stated.get("text_head_width", 64),
+    )
+    for tower in ("image", "text"):
+        if stated and not activation:
+            keys[f"model.{tower}.activation"] = stated[f"{tower}_activation"]
+        if stated:
+            keys[f"model.{tower}.norm_eps"] = stated[f"{tower}_norm_eps"]
     return keys, params, vocab
 
 
@@ -151,17 +184,21 @@ def write_workdir(out: str, config: ml_collections.ConfigDict, params: dict, *, 
 
 
 def export(fmt: str, config, params: dict, tokenizer, out: str) -> dict:
-    """A Hugging Face model folder at `out` (model.safetensors, config.json) of a clipjax model."""
+    """A model folder at `out` of a clipjax model: Hugging Face's (model.safetensors, config.json)
+    or open_clip's (open_clip_model.safetensors, open_clip_config.json, which
+    `open_clip.create_model("local-dir:OUT")` reads); `layouts.EXPORT_FILES` names them."""
     spec = model_spec(config.model, image_size=config.data.image_size)
     numpy_params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    out_tensors, hf_config = layouts.EXPORTERS[fmt](
-        numpy_params,
-        spec,
+    sizes = dict(
         image_size=int(config.data.image_size),
         max_len=int(tokenizer.max_len),
         vocab_size=int(tokenizer.vocab_size),
     )
+    if fmt == "open_clip":
+        sizes["image_resize"] = config.model.get("image_resize", "crop")
+    out_tensors, out_config = layouts.EXPORTERS[fmt](numpy_params, spec, **sizes)
+    weights_file, config_file = layouts.EXPORT_FILES[fmt]
     paths.makedirs(out)
-    tensors.write_safetensors(out_tensors, paths.join(out, "model.safetensors"))
-    paths.write_atomic(paths.join(out, "config.json"), json.dumps(hf_config, indent=2))
-    return hf_config
+    tensors.write_safetensors(out_tensors, paths.join(out, weights_file))
+    paths.write_atomic(paths.join(out, config_file), json.dumps(out_config, indent=2))
+    return out_config
