@@ -1,10 +1,10 @@
 """Workdirs and data_dir in buckets, against local stand-ins started here on free localhost ports:
-s3:// against moto's S3 server, gs:// against gcp-storage-emulator. Nothing leaves the machine.
+s3:// against moto's S3 server, gs:// against fake-gcs-server. Nothing leaves the machine.
 
-The long test trains the tiny demo with the workdir and data_dir in an S3 bucket, kills a second
-run with SIGKILL after a checkpoint, resumes it, and checks that it ends equal to the run that was
-not interrupted; `clipjax.load` and `python -m clipjax.evaluate` on the bucket reproduce the
-training report. The subprocesses run in an empty folder, which must stay empty.
+The long test, once per store, trains the tiny demo with the workdir and data_dir in the bucket,
+kills a second run with SIGKILL after a checkpoint, resumes it, and checks that it ends equal to
+the run that was not interrupted; `clipjax.load` and `python -m clipjax.evaluate` on the bucket
+reproduce the training report. The subprocesses run in an empty folder, which must stay empty.
 """
 
 import contextlib
@@ -382,7 +382,7 @@ def test_kill_resume_load_and_evaluate_in_a_bucket(bucket, tmp_path):
     assert sorted(os.listdir(cwd)) == []  # every file went to the bucket (or the cache, or /tmp)
 
 
-def test_folder_source_and_converter_in_a_bucket(s3, tmp_path, monkeypatch):
+def test_folder_source_and_converter_in_a_bucket(bucket, tmp_path, monkeypatch):
     """Own data kept in a bucket: a folder of images + captions and a CSV naming them, read
     from the bucket, prepared into a bucket data_dir, and converted into one by the converter;
     every path reads the same records as the local copy of the folder."""
@@ -391,9 +391,9 @@ def test_folder_source_and_converter_in_a_bucket(s3, tmp_path, monkeypatch):
 
     local = tmp_path / "pairs"
     good = _write_folder(local)
-    paths.upload_tree(str(local), f"{s3}/own/pairs")
+    paths.upload_tree(str(local), f"{bucket}/own/pairs")
     rows = ["image,caption"] + [f'pairs/{name},"{caption}"' for name, caption in sorted(good.items())]
-    paths.write_atomic(f"{s3}/own/pairs.csv", "\n".join(rows) + "\n")
+    paths.write_atomic(f"{bucket}/own/pairs.csv", "\n".join(rows) + "\n")
 
     def arrays(source, data_dir):
         cfg = folder_config(source, data_dir, image_size=12)
@@ -407,28 +407,28 @@ def test_folder_source_and_converter_in_a_bucket(s3, tmp_path, monkeypatch):
             np.testing.assert_array_equal(a[key][order_a], b[key][order_b])
 
     reference = arrays(str(local), str(tmp_path / "tfds"))
-    same(arrays(f"{s3}/own/pairs", f"{s3}/own/tfds"), reference)
-    assert any(k.endswith("dataset_info.json") for k in _keys(f"{s3}/own/tfds"))
-    same(arrays(f"{s3}/own/pairs.csv", str(tmp_path / "tfds")), reference)
+    same(arrays(f"{bucket}/own/pairs", f"{bucket}/own/tfds"), reference)
+    assert any(k.endswith("dataset_info.json") for k in _keys(f"{bucket}/own/tfds"))
+    same(arrays(f"{bucket}/own/pairs.csv", str(tmp_path / "tfds")), reference)
 
     # The fingerprint sees an object replaced in the bucket: another dataset version folder.
-    before = folder_tfds.make_config(f"{s3}/own/pairs").name
-    paths.write_atomic(f"{s3}/own/pairs/img0.txt", "A photo, replaced.\n")
-    assert folder_tfds.make_config(f"{s3}/own/pairs").name != before
-    paths.write_atomic(f"{s3}/own/pairs/img0.txt", good["img0.png"] + "\n")
+    before = folder_tfds.make_config(f"{bucket}/own/pairs").name
+    paths.write_atomic(f"{bucket}/own/pairs/img0.txt", "A photo, replaced.\n")
+    assert folder_tfds.make_config(f"{bucket}/own/pairs").name != before
+    paths.write_atomic(f"{bucket}/own/pairs/img0.txt", good["img0.png"] + "\n")
     # And so does a CSV's, for an image it names (one listing of the CSV's folder, not a request each).
-    before = folder_tfds.make_config(f"{s3}/own/pairs.csv").name
-    original = paths.read_bytes(f"{s3}/own/pairs/img1.png")
-    paths.write_atomic(f"{s3}/own/pairs/img1.png", original + b"\0")
-    assert folder_tfds.make_config(f"{s3}/own/pairs.csv").name != before
-    paths.write_atomic(f"{s3}/own/pairs/img1.png", original)
+    before = folder_tfds.make_config(f"{bucket}/own/pairs.csv").name
+    original = paths.read_bytes(f"{bucket}/own/pairs/img1.png")
+    paths.write_atomic(f"{bucket}/own/pairs/img1.png", original + b"\0")
+    assert folder_tfds.make_config(f"{bucket}/own/pairs.csv").name != before
+    paths.write_atomic(f"{bucket}/own/pairs/img1.png", original)
 
     result = convert.convert(
-        f"{s3}/own/pairs", f"{s3}/converted", test_fraction=0.0, workers=1, progress=False
+        f"{bucket}/own/pairs", f"{bucket}/converted", test_fraction=0.0, workers=1, progress=False
     )
-    assert result.version_dir.startswith(f"{s3}/converted/") and result.records == {"train": 6}
+    assert result.version_dir.startswith(f"{bucket}/converted/") and result.records == {"train": 6}
     assert sorted(result.skipped.items()) == [("bad_caption", 2), ("bad_image", 1)]
     # Another host: an empty local cache, so the dataset comes from the bucket.
     monkeypatch.setenv("CLIPJAX_CACHE_DIR", str(tmp_path / "other_host_cache"))
-    same(arrays(f"{s3}/own/pairs", f"{s3}/converted"), reference)
-    assert not pathlib.Path("s3:").exists()
+    same(arrays(f"{bucket}/own/pairs", f"{bucket}/converted"), reference)
+    assert not pathlib.Path("gs:").exists() and not pathlib.Path("s3:").exists()
