@@ -210,6 +210,8 @@ def prepare_images(images, image_size: int, resize: str = "crop") -> np.ndarray:
         raise TypeError(
             f"encode_image: images must be uint8 in [0, 255] or float in [0, 1], got dtype {x.dtype}"
         )
+    if x.ndim == 1 and x.size == 0:  # an empty list: no images
+        x = np.zeros((0, image_size, image_size, 3), np.uint8)
     if x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
     # A 3-dim array ending in 3 is one RGB image; a grayscale batch of width 3 needs [N, H, 3, 1].
