@@ -16,7 +16,7 @@ from clipjax.checkpoint import Checkpointer
 from clipjax.config import apply_overrides, default_config
 from clipjax.data.tokenizers import make_tokenizer
 from clipjax.models import model_factory, model_spec
-from clipjax.pretrained import layouts, tensors
+from clipjax.pretrained import layouts, preprocessing, tensors
 from clipjax.pretrained.layouts import ConversionError
 from clipjax.resume import checkpoint_meta
 
@@ -82,15 +82,18 @@ def read_source(
     if fmt == "open_clip":
         source = tensors.read_checkpoint(checkpoint)
         known = layouts.open_clip_arch(arch) if arch else {"activation": "gelu", "head_width": 64}
-        return layouts.from_open_clip(
+        keys, params, vocab = layouts.from_open_clip(
             source,
             activation=activation or known["activation"],
             head_width=head_width or known["head_width"],
         )
-    source, hf_config = tensors.read_hf_directory(checkpoint)
-    keys, params, vocab = layouts.IMPORTERS[fmt](source, hf_config)
-    if activation:
-        keys["model.image.activation"] = keys["model.text.activation"] = activation
+    else:
+        source, hf_config = tensors.read_hf_directory(checkpoint)
+        keys, params, vocab = layouts.IMPORTERS[fmt](source, hf_config)
+        if activation:
+            keys["model.image.activation"] = keys["model.text.activation"] = activation
+    # The reference's own image preprocessing, which clipjax.load's encode_image then applies.
+    keys.update(preprocessing.recipe_keys(fmt, checkpoint, int(keys["data.image_size"])))
     return keys, params, vocab
 
 
