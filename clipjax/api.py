@@ -28,7 +28,7 @@ from PIL import Image
 from clipjax import paths
 from clipjax.checkpoint import Checkpointer, abstract_with_shardings, newest_readable, one_line
 from clipjax.config import apply_overrides, config_from_dict
-from clipjax.data.images import square_rgb
+from clipjax.data.images import fit_crop, square_rgb
 from clipjax.data.sources import make_source
 from clipjax.data.tokenizers import tokenizer_from_json
 from clipjax.evals.encoders import Encoders
@@ -36,6 +36,7 @@ from clipjax.evals.report import summary_lines, write_markdown, write_report
 from clipjax.evals.runner import EvalRunner
 from clipjax.models import model_factory
 from clipjax.parallel import make_mesh, param_shardings
+from clipjax.pretrained import preprocessing
 
 
 class RestoreError(ValueError):
@@ -210,6 +211,8 @@ def prepare_images(images, image_size: int, resize: str = "crop") -> np.ndarray:
         raise TypeError(
             f"encode_image: images must be uint8 in [0, 255] or float in [0, 1], got dtype {x.dtype}"
         )
+    if x.ndim == 1 and x.size == 0:  # an empty list: no images
+        x = np.zeros((0, image_size, image_size, 3), np.uint8)
     if x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
     # A 3-dim array ending in 3 is one RGB image; a grayscale batch of width 3 needs [N, H, 3, 1].
@@ -235,12 +238,19 @@ def prepare_images(images, image_size: int, resize: str = "crop") -> np.ndarray:
     x = x.astype(np.uint8)
     if x.shape[1:3] == (image_size, image_size):
         return x
-    whole = resize == "squash"  # the model's `image_resize`: the whole image, or the centre square
-    resized = [
-        square_rgb(Image.fromarray(im), image_size, box=(0, 0, im.shape[1], im.shape[0]) if whole else None)
-        for im in x
-    ]
-    return np.stack(resized) if resized else np.zeros((0, image_size, image_size, 3), np.uint8)
+    fitted = [fit_image(im, image_size, resize) for im in x]
+    return np.stack(fitted) if fitted else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
+def fit_image(image: np.ndarray, image_size: int, resize: str = "crop") -> np.ndarray:
+    """uint8 [H, W, 3] -> [S, S, 3] as the model's `image_resize` says: a reference's own
+    preprocessing for converted models (clipjax.pretrained.preprocessing), else clipjax's, the
+    evaluation pipeline's (the centre square, or the whole image for `squash`)."""
+    im = Image.fromarray(image)
+    if resize in preprocessing.RECIPES:
+        return preprocessing.fit(im, image_size, resize)
+    crop = fit_crop(resize)
+    return square_rgb(im, image_size, box=crop(*im.size) if crop else None)
 
 
 @dataclasses.dataclass
@@ -267,9 +277,12 @@ class TrainedModel:
         """Images -> [N, d] unit-norm embeddings.
 
         Accepted: uint8 (or other integers) in [0, 255], or float in [0, 1]; [N, H, W, 3] RGB,
-        [N, H, W, 1] or [N, H, W] grayscale, or one [H, W, 3] / [H, W] image; any size (resized like the
-        training data: shorter side to the training resolution, centre crop). NaN, infinite,
-        bool, or float values outside [0, 1] are rejected with one line.
+        [N, H, W, 1] or [N, H, W] grayscale, or one [H, W, 3] / [H, W] image; none ([] or
+        [0, H, W, 3]: [0, d]). Any size, fitted as `model.image_resize` says: a converted model
+        as its reference preprocesses (open_clip's or transformers' processor, pixel for pixel);
+        a clipjax-trained one as the evaluation pipeline decodes images (shorter side to the
+        training resolution, centre crop). NaN, infinite, bool, or float values outside [0, 1]
+        are rejected with one line.
         """
         return self.encoders.image(
             prepare_images(

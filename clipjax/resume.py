@@ -24,6 +24,7 @@ import ml_collections
 
 from clipjax.config import ConfigError, default_config, flatten
 from clipjax.data.tokenizers import tokenizer_to_json
+from clipjax.pretrained.preprocessing import describe as image_resize_description
 
 # Keys (or prefixes ending in '.') whose change leaves what is trained unchanged.
 RUN_CONTROL = (
@@ -153,7 +154,7 @@ def checkpoint_meta(config, tokenizer, *, examples_seen: int, data_offset: int) 
         "tokenizer": tokenizer_to_json(tokenizer),
         "preprocessing": {
             "image_size": int(config.data.image_size),
-            "resize": "shorter side to image_size (bicubic), centre crop",
+            "resize": image_resize_description(config.model.get("image_resize", "crop")),
             "input": "RGB uint8 in [0, 255] (or float in [0, 1])",
             # What the model does to its input, (x - mean) / std; config.model holds the same.
             "mean": [float(v) for v in config.model.image_mean],

@@ -290,8 +290,9 @@ def test_siglip_models_see_the_whole_image_and_clip_models_the_centre():
     crop, squash = prepare_images(image, 8, "crop")[0], prepare_images(image, 8, "squash")[0]
     assert crop[:, :, 0].max() == 0  # the centre square holds no red
     assert squash[:, 0, 0].min() > 200 and squash[:, -1, 2].min() > 200  # the whole width kept
-    keys, _, _ = _import("hf_siglip")
-    assert keys["model.image_resize"] == "squash" and "model.image_resize" not in _import("hf_clip")[0]
+    # Imports record their reference's own preprocessing (tests/test_preprocessing_parity.py).
+    for fmt in ("hf_siglip", "hf_clip"):
+        assert workdir.read_source(fmt, str(FIXTURES / fmt))[0]["model.image_resize"] == fmt
 
 
 @pytest.mark.parametrize(
@@ -542,7 +543,8 @@ def test_an_open_clip_export_imports_back_from_its_folder_without_flags(activati
     for checkpoint in (tmp_path, tmp_path / "open_clip_model.safetensors"):
         keys, again, vocab = workdir.read_source("open_clip", str(checkpoint), arch="")
         again_config, _, again = workdir.assemble(keys, again, vocab)
-        assert again_config.model.to_dict() == config.model.to_dict()
+        # The model as it was, now with open_clip's own image preprocessing (the export's).
+        assert again_config.model.to_dict() == {**config.model.to_dict(), "image_resize": "open_clip"}
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(

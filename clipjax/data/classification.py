@@ -45,7 +45,7 @@ from tensorflow_datasets.core import registered
 
 from clipjax import paths
 from clipjax.data import records, tfds_util
-from clipjax.data.images import decode_image, fit_crop, square_rgb
+from clipjax.data.images import WHOLE_IMAGE_RESIZES, decode_image, fit_crop, square_rgb
 
 # Generic prompts (a subset of CLIP's ImageNet ensemble), fine for photos of everyday classes.
 TEMPLATES = (
@@ -203,7 +203,7 @@ def array_image(array: np.ndarray, image_size: int, resize: str = "crop") -> np.
         return array
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(f"image tensors must be [H, W] or [H, W, 1|3|4], got {array.shape}")
-    box = (0, 0, array.shape[1], array.shape[0]) if resize == "squash" else None
+    box = (0, 0, array.shape[1], array.shape[0]) if resize in WHOLE_IMAGE_RESIZES else None
     return square_rgb(Image.fromarray(array), image_size, Image.BILINEAR, box=box)
 
 

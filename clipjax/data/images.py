@@ -138,10 +138,16 @@ def check_crop_scale(scale) -> str | None:
     return None
 
 
+# `model.image_resize` values that keep the whole image, squashed to the square (SigLIP's
+# preprocessing, and clipjax's own `squash`); the others keep the centre square.
+WHOLE_IMAGE_RESIZES = ("squash", "hf_siglip")
+
+
 def fit_crop(resize: str):
     """The `crop(width, height)` of `decode_image` for `model.image_resize`: None (the centre
-    square, the default) for 'crop'; the whole image for 'squash'."""
-    if resize == "squash":
+    square, the default) for 'crop' (and the references that crop); the whole image for those of
+    `WHOLE_IMAGE_RESIZES`."""
+    if resize in WHOLE_IMAGE_RESIZES:
         return lambda width, height: (0, 0, width, height)
     return None
 

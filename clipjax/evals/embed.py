@@ -33,7 +33,10 @@ def embed_in_batches(
         x = jax.make_array_from_callback(chunk.shape, sharding, lambda index, c=chunk: c[index])
         out = multihost_utils.process_allgather(encode(x), tiled=True)
         outputs.append(np.asarray(out)[:n])
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+    if not outputs:  # no inputs: no rows, but the width and dtype of an output, as for any batch
+        out = jax.eval_shape(encode, jax.ShapeDtypeStruct((batch_size, *inputs.shape[1:]), inputs.dtype))
+        return np.zeros((0, *out.shape[1:]), out.dtype)
+    return np.concatenate(outputs)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -113,8 +113,11 @@ def model_section() -> Section:
             "image_resize": Field(
                 "crop",
                 "how evaluation and clipjax.load fit an image to image_size: `crop` (shorter side, centre "
-                "square; CLIP's) or `squash` (the whole image, aspect not kept; SigLIP's)",
-                choices=("crop", "squash"),
+                "square, as the evaluation data) or `squash` (the whole image, aspect not kept); a converted "
+                "model's reference preprocessing, which clipjax.load reproduces exactly: `open_clip`, "
+                "`hf_clip` (centre square) or `hf_siglip` (whole image)",
+                # The last three: clipjax.pretrained.preprocessing.RECIPES.
+                choices=("crop", "squash", "open_clip", "hf_clip", "hf_siglip"),
             ),
             "image_projection": Field(
                 "linear",

@@ -565,7 +565,6 @@ def from_hf_siglip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, i
         "model.logit_bias_init": _number(params["logit_bias"]),
         "model.image_mean": (0.5, 0.5, 0.5),
         "model.image_std": (0.5, 0.5, 0.5),
-        "model.image_resize": "squash",  # SigLIP's preprocessing resizes the whole image
         "data.image_size": grid * conv.shape[-1],
         "data.tokenizer.max_len": t_pos.shape[0],
     }

@@ -16,7 +16,7 @@ from clipjax.checkpoint import Checkpointer
 from clipjax.config import apply_overrides, default_config
 from clipjax.data.tokenizers import make_tokenizer
 from clipjax.models import model_factory, model_spec
-from clipjax.pretrained import layouts, tensors
+from clipjax.pretrained import layouts, preprocessing, tensors
 from clipjax.pretrained.layouts import ConversionError
 from clipjax.resume import checkpoint_meta
 
@@ -87,11 +87,16 @@ def read_source(
     recognised) supply what the file does not record, and `activation` / `head_width` override
     them. `log` gets a note where the choice may surprise."""
     if fmt == "open_clip":
-        return _read_open_clip(checkpoint, activation=activation, head_width=head_width, arch=arch, log=log)
-    source, hf_config = tensors.read_hf_directory(checkpoint)
-    keys, params, vocab = layouts.IMPORTERS[fmt](source, hf_config)
-    if activation:
-        keys["model.image.activation"] = keys["model.text.activation"] = activation
+        keys, params, vocab = _read_open_clip(
+            checkpoint, activation=activation, head_width=head_width, arch=arch, log=log
+        )
+    else:
+        source, hf_config = tensors.read_hf_directory(checkpoint)
+        keys, params, vocab = layouts.IMPORTERS[fmt](source, hf_config)
+        if activation:
+            keys["model.image.activation"] = keys["model.text.activation"] = activation
+    # The reference's own image preprocessing, which clipjax.load's encode_image then applies.
+    keys.update(preprocessing.recipe_keys(fmt, checkpoint, int(keys["data.image_size"])))
     return keys, params, vocab
 
 
