@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from clipjax.config import ConfigError, default_config, flatten
+from clipjax.config import ConfigError, config_json, default_config, flatten
 from clipjax.data.tokenizers import tokenizer_to_json
 
 # Keys (or prefixes ending in '.') whose change leaves what is trained unchanged.
@@ -149,7 +149,7 @@ def checkpoint_meta(config, tokenizer, *, examples_seen: int, data_offset: int) 
     """The `meta` item of a checkpoint: enough to use it without the training data."""
     return {
         "format_version": 2,
-        "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        "config": json.loads(config_json(config, indent=None)),
         "tokenizer": tokenizer_to_json(tokenizer),
         "preprocessing": {
             "image_size": int(config.data.image_size),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any, Callable, Mapping
 
 import ml_collections
@@ -67,6 +68,10 @@ class Field:
             raise ConfigError(f"{path}: must be set (default {self.default!r})")
         expected = self.value_type()
         value = _coerce(path, value, expected)
+        if not is_finite(value):
+            # NaN slips through every bound (`nan < minimum` is False) and inf through most; either
+            # one in a learning rate or a decay turns every parameter into NaN at the first step.
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
         if self.choices and value not in self.choices:
             raise ConfigError(f"{path}: {value!r} is not one of {tuple(self.choices)}")
         if self.minimum is not None and isinstance(value, (int, float)) and value < self.minimum:
@@ -104,6 +109,17 @@ def _coerce(path: str, value: Any, expected) -> Any:
             raise ConfigError(f"{path}: expected a sequence, got {value!r}")
         return tuple(tuple(v) if isinstance(v, list) else v for v in value)
     return value
+
+
+def is_finite(value: Any) -> bool:
+    """False when `value` is, or holds at any depth (tuples, rules), a NaN or an infinity."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return all(is_finite(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(is_finite(v) for v in value.values())
+    return True
 
 
 def positive_ints(value) -> str | None:
