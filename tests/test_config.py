@@ -201,3 +201,30 @@ def test_config_json_is_strict_json():
     c.optim.warmup_fraction = float("nan")
     with pytest.raises(ConfigError, match="^optim.warmup_fraction: must be a finite number, got nan$"):
         config_json(c)
+
+
+@pytest.mark.parametrize(
+    "key,meant",
+    [
+        ("optim.learning_rate", "optim.lr"),
+        ("optim.wd", "optim.weight_decay"),
+        ("data.batch", "data.batch_size"),
+        ("batch_size", "data.batch_size"),
+        ("num_epochs", "epochs"),
+        ("optim.warmup", "optim.warmup_fraction"),
+        ("optim.lrr", "optim.lr"),  # spelling still counts
+    ],
+)
+def test_unknown_keys_are_pointed_at_the_key_they_mean(key, meant):
+    from clipjax.cli import check_override_keys
+
+    with pytest.raises(ConfigError) as info:
+        check_override_keys([f"--config.{key}=1"], default_config())
+    assert str(info.value) == f"--config.{key}: unknown key (did you mean '{meant}'?)"
+    # The same hint where a config file sets the key: the schema's own check.
+    section, _, leaf = key.rpartition(".")
+    if section == "optim":
+        c = default_config()
+        c.optim.unlock()
+        c.optim[leaf] = 1.0
+        assert _error(c) == f"{key}: unknown key (did you mean '{meant.rpartition('.')[2]}'?)"
