@@ -96,7 +96,8 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     cleanup.callback(checkpointer.close)
     stored_config, meta = run_record(checkpointer, log=log)
     if stored_config is not None:
-        for key, (old, new) in check_resume(stored_config, config, workdir).items():
+        changes = check_resume(stored_config, config, workdir, saved_step=checkpointer.latest_step())
+        for key, (old, new) in changes.items():
             log(f"resuming with {key} changed: {old!r} -> {new!r}")
     elif config.init_from and paths.resolve(config.init_from) == paths.resolve(workdir):
         raise ResumeError(f"init_from: {config.init_from!r} is this workdir; a run cannot start from itself")
