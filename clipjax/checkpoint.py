@@ -127,8 +127,10 @@ class Checkpointer:
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=create,  # readers (load, evaluate) pass False: they write nothing
-            # Temporary folders of saves that a crash interrupted are removed, not tripped on.
-            cleanup_tmp_directories=True,
+            # Temporary folders of saves that a crash interrupted are removed, not tripped on; by
+            # the trainer only: a reader would remove a running trainer's save in progress, and its
+            # background cleanup, unfinished at exit, printed a traceback after the reader's error.
+            cleanup_tmp_directories=create,
             # Orbax's default for gs:// only; an S3 "rename" is a copy of every object.
             temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath if remote else None,
         )
@@ -256,6 +258,11 @@ class Checkpointer:
     def close(self) -> None:
         try:
             self.manager.wait_until_finished()
+            # Orbax's close does not wait for the removal of old temporary folders it started in
+            # the background; still running at exit, it prints a traceback after our last line.
+            cleanup = getattr(self.manager, "_cleanup_tmp_directory_future", None)
+            if cleanup is not None:
+                cleanup.result()
         finally:
             self.manager.close()
 

@@ -1,24 +1,29 @@
 """What the command lines share: one-line errors, and a check of `--config.*` override keys.
 
-A mistake the user can fix (a config key, a workdir, the data) is printed as one line naming
-what is wrong, and the command exits with status 2; any other error prints its type and message
-first, then a pointer to the traceback. `--verbose` (or CLIPJAX_VERBOSE=1) prints tracebacks.
+A mistake the user can fix (a config file or key, a flag's value, a workdir, the data) is
+printed as one line naming what is wrong, and the command exits with status 2; any other error
+prints its type and message first, then a pointer to the traceback. `--verbose` (or
+CLIPJAX_VERBOSE=1) prints tracebacks.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
+import re
 import sys
 import traceback
 from typing import Callable
+
+import ml_collections
+from absl import flags
 
 from clipjax.api import RestoreError
 from clipjax.checkpoint import CheckpointWriteError, one_line
 from clipjax.config import ConfigError, LEGACY_KEYS, flatten
 from clipjax.data.pipeline import BadDataError
 from clipjax.pretrained.layouts import ConversionError
+from clipjax.schema import suggest
 from clipjax.workdir_lock import WorkdirLockedError
 
 # Errors whose message is the whole story: no traceback helps the user.
@@ -88,7 +93,8 @@ def check_config_command_line(prog: str, argv: list[str], required: dict[str, st
 
 
 def load_config_file(spec: str):
-    """`configs/x.py` or `configs/x.py:arg` -> its get_config(arg); one-line errors."""
+    """`configs/x.py` or `configs/x.py:arg` -> its get_config(arg). Whatever goes wrong in the
+    user's file (a syntax error, no get_config, get_config raising) is a ConfigError naming it."""
     path, arg = spec, ""
     if not os.path.exists(path) and ":" in spec:
         path, arg = spec.rsplit(":", 1)
@@ -96,8 +102,60 @@ def load_config_file(spec: str):
         raise ConfigError(f"--config: file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location("_clipjax_user_config", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"--config {path}: syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - any error running the user's file is theirs to fix
+        raise ConfigError(f"--config {path}: the file fails to run ({one_line(e)})") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"--config {path}: defines no get_config() function")
+    try:
+        config = get_config(arg) if arg else get_config()
+    except Exception as e:  # noqa: BLE001 - the file's own checks (an unknown :arg) included
+        detail = str(e).strip().splitlines()[0] if isinstance(e, ConfigError) else one_line(e)
+        raise ConfigError(f"--config {spec}: get_config failed ({detail})") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"--config {spec}: get_config returned {type(config).__name__}, not a ConfigDict "
+            "(start from clipjax.config.default_config())"
+        )
+    return config
+
+
+# absl's reasons for a value it cannot parse, as the schema words them.
+_FLAG_REASONS = (
+    ("invalid literal for int()", "expected an integer"),
+    ("could not convert string to float", "expected a number"),
+    ("Non-boolean argument", "expected True or False"),
+)
+
+
+def flag_error_line(error: Exception) -> str:
+    """absl's `flag --name=value: reason` as '--name: what was expected, got value'."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    match = re.fullmatch(r"flag (--[^=\s]+)=(.*?): (.*)", text)
+    if not match:
+        return text
+    name, value, reason = match.groups()
+    for needle, wording in _FLAG_REASONS:
+        if needle in reason:
+            return f"{name}: {wording}, got {value!r}"
+    return f"{name}: {reason}"
+
+
+def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
+    """For `app.run(..., flags_parser=...)`: a flag absl cannot parse (`--config.steps=abc`,
+    `--step abc`, an unknown flag) is one line and exit status 2, not absl's FATAL and 1."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            fail(prog, flag_error_line(e))
+
+    return parse
 
 
 def check_override_keys(argv: list[str], config) -> None:
@@ -114,10 +172,6 @@ def check_override_keys(argv: list[str], config) -> None:
             raise ConfigError(
                 f"--config.{key}: is a section; set one of its fields (--config.{key}.FIELD=...)"
             )
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        siblings = sorted(k for k in known if k.rsplit(".", 1)[0] == parent) if parent else []
-        close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(
-            key, sorted(known), n=1, cutoff=0.6
-        )
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        close = suggest(key, known)
+        hint = f" (did you mean '{close}'?)" if close else ""
         raise ConfigError(f"--config.{key}: unknown key{hint}")

@@ -18,6 +18,7 @@ wandb_writer.py; the rest below.
 from __future__ import annotations
 
 import ast
+import json
 import math
 from typing import Any, Callable
 
@@ -34,10 +35,18 @@ from clipjax.models import model_factory, model_section
 from clipjax.models.spec import TASKS, config_model_spec
 from clipjax.parallel.activations import DEFAULT_ACTIVATION_RULES, check_rules as check_activation_rules
 from clipjax.parallel.mesh import BATCH_AXES, resolve_mesh_shape
-from clipjax.schema import ConfigError, Field, Section
+from clipjax.schema import ConfigError, Field, Section, is_finite
 from clipjax.wandb_writer import SECTION as LOGGING_SECTION, check_config as check_logging
 
-__all__ = ["ConfigError", "apply_overrides", "config_from_dict", "default_config", "schema", "validate"]
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "config_from_dict",
+    "config_json",
+    "default_config",
+    "schema",
+    "validate",
+]
 
 MESH_AXES = ("data", "fsdp", "model")
 
@@ -302,6 +311,17 @@ def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[path] = value
     return out
+
+
+def config_json(config, *, indent: int | None = 2) -> str:
+    """The config as strict JSON (config.json, a checkpoint's meta). JSON has no NaN or infinity
+    (Python would write the bare tokens `NaN` / `Infinity`, which other readers refuse): such a
+    value is a ConfigError naming its key, though `validate` refuses them before this is reached."""
+    values = config.to_dict() if hasattr(config, "to_dict") else config
+    for key, value in flatten(values).items():
+        if not is_finite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return json.dumps(values, indent=indent, default=str, allow_nan=False)
 
 
 def _tuples(value: Any) -> Any:

@@ -18,7 +18,7 @@ from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 from clipjax.api import RestoreError, evaluate_workdir, load_run_config
-from clipjax.cli import check_override_keys, fail, flag_value, run_reporting_errors
+from clipjax.cli import check_override_keys, fail, flag_value, flags_parser, run_reporting_errors
 from clipjax.config import ConfigError, translate_legacy_flags
 from clipjax.parallel.distributed import initialize_from_environment
 
@@ -59,7 +59,7 @@ def main():
 
         run_reporting_errors(PROG, body)
 
-    app.run(run)
+    app.run(run, flags_parser=flags_parser(PROG))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import app, flags, logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from clipjax.cli import check_config_command_line, flag_value, run_reporting_errors  # noqa: E402
+from clipjax.cli import check_config_command_line, flag_value, flags_parser, run_reporting_errors  # noqa: E402
 from clipjax.config import translate_legacy_flags  # noqa: E402
 from clipjax.planning.report import IMAGES_PER_CORE  # noqa: E402
 
@@ -96,4 +96,4 @@ if __name__ == "__main__":
     )
     flags.DEFINE_float("images_per_core", IMAGES_PER_CORE, "Images/s one host core decodes (docs/data.md).")
     flags.DEFINE_bool("verbose", False, "Print tracebacks with errors.")
-    app.run(main)
+    app.run(main, flags_parser=flags_parser(PROG))

@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from clipjax.config import ConfigError, default_config, flatten
+from clipjax.config import ConfigError, config_json, default_config, flatten, total_steps
 from clipjax.data.tokenizers import tokenizer_to_json
 from clipjax.pretrained.preprocessing import describe as image_resize_description
 
@@ -107,9 +107,11 @@ def allowed_changes(config) -> set[str]:
     return {k.strip() for k in config.resume.allow_changes.split(",") if k.strip()}
 
 
-def check_resume(stored: Any, config: Any, workdir: str) -> dict[str, tuple[Any, Any]]:
-    """Raise ResumeError unless `config` may continue the run whose config was `stored`;
-    return the accepted changes."""
+def check_resume(
+    stored: Any, config: Any, workdir: str, *, saved_step: int | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """Raise ResumeError unless `config` may continue the run whose config was `stored` and
+    whose newest checkpoint is at `saved_step`; return the accepted changes."""
     changes = config_changes(stored, config)
     fixed = [k for k in FIXED if k in changes]
     if fixed:
@@ -129,7 +131,22 @@ def check_resume(stored: Any, config: Any, workdir: str) -> dict[str, tuple[Any,
             f"or --config.init_from={workdir} to start a new run from its weights, or "
             f"--config.resume.allow_changes={','.join(refused)} to continue this run with the change"
         )
+    _check_length(config, saved_step, workdir)
     return changes
+
+
+def _check_length(config, saved_step: int | None, workdir: str) -> None:
+    """A run cannot be made shorter than it already is: its checkpoint would stay ahead of the
+    schedule's end, and config.json would describe a run that never existed."""
+    total = total_steps(config)
+    if saved_step is None or saved_step <= total:
+        return
+    length = f"steps={total}" if config.steps else f"steps={total} (epochs={config.epochs})"
+    raise ResumeError(
+        f"steps: workdir {workdir} holds a checkpoint at step {saved_step}, past the new {length}; "
+        f"give --config.steps={saved_step} or more, or use a new --workdir with "
+        f"--config.init_from={workdir}"
+    )
 
 
 def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -150,7 +167,7 @@ def checkpoint_meta(config, tokenizer, *, examples_seen: int, data_offset: int) 
     """The `meta` item of a checkpoint: enough to use it without the training data."""
     return {
         "format_version": 2,
-        "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        "config": json.loads(config_json(config, indent=None)),
         "tokenizer": tokenizer_to_json(tokenizer),
         "preprocessing": {
             "image_size": int(config.data.image_size),

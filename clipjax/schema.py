@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable, Mapping
+import math
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
 from ml_collections import config_dict
@@ -67,6 +68,10 @@ class Field:
             raise ConfigError(f"{path}: must be set (default {self.default!r})")
         expected = self.value_type()
         value = _coerce(path, value, expected)
+        if not is_finite(value):
+            # NaN slips through every bound (`nan < minimum` is False) and inf through most; either
+            # one in a learning rate or a decay turns every parameter into NaN at the first step.
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
         if self.choices and value not in self.choices:
             raise ConfigError(f"{path}: {value!r} is not one of {tuple(self.choices)}")
         if self.minimum is not None and isinstance(value, (int, float)) and value < self.minimum:
@@ -104,6 +109,87 @@ def _coerce(path: str, value: Any, expected) -> Any:
             raise ConfigError(f"{path}: expected a sequence, got {value!r}")
         return tuple(tuple(v) if isinstance(v, list) else v for v in value)
     return value
+
+
+def is_finite(value: Any) -> bool:
+    """False when `value` is, or holds at any depth (tuples, rules), a NaN or an infinity."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return all(is_finite(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(is_finite(v) for v in value.values())
+    return True
+
+
+# Names other trainers give some of these fields, by the field they mean here: spelling alone
+# points `learning_rate` at `name`. Only names whose meaning is a field of the schema are listed.
+SYNONYMS = {
+    "learning_rate": "lr",
+    "base_lr": "lr",
+    "peak_lr": "lr",
+    "max_lr": "lr",
+    "wd": "weight_decay",
+    "l2": "weight_decay",
+    "batch": "batch_size",
+    "bs": "batch_size",
+    "global_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "epoch": "epochs",
+    "num_epochs": "epochs",
+    "n_epochs": "epochs",
+    "num_steps": "steps",
+    "total_steps": "steps",
+    "train_steps": "steps",
+    "max_steps": "steps",
+    "iterations": "steps",
+    "warmup": "warmup_fraction",
+    "warmup_ratio": "warmup_fraction",
+    "beta1": "b1",
+    "beta2": "b2",
+    "epsilon": "eps",
+    "grad_clip": "clip_norm",
+    "max_grad_norm": "clip_norm",
+    "gradient_clipping": "clip_norm",
+    "optimizer": "name",
+    "num_workers": "worker_count",
+    "workers": "worker_count",
+    "save_every": "checkpoint_every",
+    "ckpt_every": "checkpoint_every",
+    "image_resolution": "image_size",
+    "resolution": "image_size",
+    "img_size": "image_size",
+    "embedding_dim": "embed_dim",
+    "projection_dim": "embed_dim",
+    "num_heads": "heads",
+    "num_layers": "depth",
+    "layers": "depth",
+    "hidden_size": "width",
+    "intermediate_size": "mlp_dim",
+    "random_seed": "seed",
+}
+
+
+def suggest(key: str, known: Iterable[str]) -> str | None:
+    """The known (dotted) key that the unknown `key` most likely meant: by meaning (`SYNONYMS`),
+    then by spelling, in `key`'s own section first, then anywhere; None when nothing is close."""
+    known = sorted(known)
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    for name in (SYNONYMS.get(leaf.lower()), leaf):
+        if name is None:
+            continue
+        same_section = f"{parent}.{name}" if parent else name
+        if same_section in known and same_section != key:
+            return same_section
+        elsewhere = [k for k in known if k.endswith("." + name) and k != key]
+        if elsewhere:  # `model.heads`: of `model.image.heads` and `evals.x.heads`, the nearer
+            return difflib.get_close_matches(key, elsewhere, n=1, cutoff=0.0)[0]
+    for pool in (siblings, known):
+        close = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    return None
 
 
 def positive_ints(value) -> str | None:
@@ -160,9 +246,9 @@ class Section:
         return out
 
     def _hint(self, name: str) -> str:
-        close = difflib.get_close_matches(name, list(self.fields), n=1)
+        close = suggest(name, self.fields)
         if close:
-            return f" (did you mean '{close[0]}'?)"
+            return f" (did you mean '{close}'?)"
         return f" (known: {', '.join(sorted(self.fields))})"
 
     def markdown_rows(self, path: str = "") -> list[str]:

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from clipjax.cli import check_config_command_line, run_reporting_errors
+from clipjax.cli import check_config_command_line, flags_parser, run_reporting_errors
 from clipjax.config import translate_legacy_flags
 from clipjax.parallel.distributed import initialize_from_environment
 from clipjax.trainer import train
@@ -45,4 +45,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Where checkpoints, logs and report.json go.")
     flags.DEFINE_bool("verbose", False, "Print tracebacks with errors.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=flags_parser(PROG))

@@ -162,3 +162,69 @@ def test_wrong_types_and_bounds_name_the_key():
     c = default_config()
     c.model.image.blocks_per_stage = "two"  # a free-typed field: the schema's check catches it
     assert _error(c).startswith("model.image.blocks_per_stage: expected a non-negative integer")
+
+
+def _float_keys(config, prefix=""):
+    """Every field of `config` typed float (placeholders included), as dotted keys."""
+    for name in config.keys():
+        value = config[name]
+        if hasattr(value, "keys"):
+            yield from _float_keys(value, f"{prefix}{name}.")
+        elif config.get_type(name) is float:
+            yield f"{prefix}{name}"
+
+
+def test_non_finite_floats_are_refused_in_every_float_field():
+    keys = sorted(_float_keys(default_config()))
+    assert {"optim.lr", "optim.weight_decay", "optim.warmup_fraction", "epochs"} <= set(keys)
+    for key in keys:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            c = default_config()
+            *parents, leaf = key.split(".")
+            section = c
+            for p in parents:
+                section = section[p]
+            section[leaf] = bad
+            assert _error(c) == f"{key}: must be a finite number, got {bad!r}"
+    # ...and inside sequences of numbers (the image statistics).
+    c = default_config()
+    c.model.image_mean = (0.5, float("nan"), 0.5)
+    assert _error(c) == "model.image_mean: must be a finite number, got (0.5, nan, 0.5)"
+
+
+def test_config_json_is_strict_json():
+    from clipjax.config import config_json
+
+    text = config_json(default_config())
+    assert json.loads(text, parse_constant=lambda token: pytest.fail(token)) == json.loads(text)
+    c = default_config()
+    c.optim.warmup_fraction = float("nan")
+    with pytest.raises(ConfigError, match="^optim.warmup_fraction: must be a finite number, got nan$"):
+        config_json(c)
+
+
+@pytest.mark.parametrize(
+    "key,meant",
+    [
+        ("optim.learning_rate", "optim.lr"),
+        ("optim.wd", "optim.weight_decay"),
+        ("data.batch", "data.batch_size"),
+        ("batch_size", "data.batch_size"),
+        ("num_epochs", "epochs"),
+        ("optim.warmup", "optim.warmup_fraction"),
+        ("optim.lrr", "optim.lr"),  # spelling still counts
+    ],
+)
+def test_unknown_keys_are_pointed_at_the_key_they_mean(key, meant):
+    from clipjax.cli import check_override_keys
+
+    with pytest.raises(ConfigError) as info:
+        check_override_keys([f"--config.{key}=1"], default_config())
+    assert str(info.value) == f"--config.{key}: unknown key (did you mean '{meant}'?)"
+    # The same hint where a config file sets the key: the schema's own check.
+    section, _, leaf = key.rpartition(".")
+    if section == "optim":
+        c = default_config()
+        c.optim.unlock()
+        c.optim[leaf] = 1.0
+        assert _error(c) == f"{key}: unknown key (did you mean '{meant.rpartition('.')[2]}'?)"

@@ -104,6 +104,23 @@ def test_stream_of_nonfinite_batches_stops_with_last_good_checkpoint(tfds_dir, t
         np.testing.assert_array_equal(a, b)
 
 
+def test_an_update_that_overflows_the_parameters_is_never_applied(tfds_dir, tmp_path):
+    """Finite loss and gradients, but a learning rate and decay so large (finite: the schema lets
+    them pass) that the update overflows the parameters to inf/NaN: the step is skipped like a
+    non-finite batch, so no checkpoint ever holds a non-finite parameter."""
+    overflowing = {"optim.lr": 3e38, "optim.weight_decay": 3e38, "optim.warmup_fraction": 0.0}
+    config = tiny_demo(tfds_dir, **{"evals.at_end": False, "log_every": 1, **overflowing})
+    config.optim.schedule = "constant"
+    train_lib.train(config, str(tmp_path), log=lambda _: None)
+    records = _records(tmp_path)
+    assert [r["nonfinite_skipped"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in records)  # the batches were fine: the update was not
+    assert len({r["param_norm"] for r in records}) == 1  # nothing changed the parameters
+    for step in (2, 4):
+        _, params = _params(tmp_path, step)
+        assert all(np.all(np.isfinite(p)) for p in params), step
+
+
 def test_damaged_latest_checkpoint_falls_back_to_previous(tfds_dir, tmp_path):
     config = tiny_demo(tfds_dir, **{"evals.at_end": False, "checkpoint_every": 2})
     config.steps = 6

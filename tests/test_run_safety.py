@@ -427,6 +427,25 @@ def test_a_changed_batch_is_refused_unless_allowed_then_continues_the_stream(run
     np.testing.assert_array_equal(np.concatenate([shifted[k] for k in range(4)]), stream[128:192])
 
 
+def test_a_run_cannot_be_shortened_below_its_checkpoint(run, tmp_path):
+    """`steps` lowered below the saved step, even where allowed to change, is refused naming both
+    values, and config.json keeps describing the run the checkpoints belong to."""
+    workdir = _copy(run[0], tmp_path / "w")  # checkpoints at 2 and 4
+    before = (sorted(os.listdir(workdir / "checkpoints")), (workdir / "config.json").read_text())
+    config = tiny_demo(run[1].data.data_dir, **{"evals.at_end": False, "resume.allow_changes": "steps"})
+    config.steps = 3
+    with pytest.raises(ResumeError) as info:
+        train_lib.train(config, str(workdir), **QUIET)
+    assert str(info.value) == (
+        f"steps: workdir {workdir} holds a checkpoint at step 4, past the new steps=3; give "
+        f"--config.steps=4 or more, or use a new --workdir with --config.init_from={workdir}"
+    )
+    assert (sorted(os.listdir(workdir / "checkpoints")), (workdir / "config.json").read_text()) == before
+    config.steps = 4  # the length it has: nothing left to train, and nothing refused
+    train_lib.train(config, str(workdir), **QUIET)
+    assert Checkpointer(str(workdir)).latest_step() == 4
+
+
 # 10 -----------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ that is the only place torch is imported. bfloat16 tensors come back as float32.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -16,6 +17,22 @@ import zipfile
 import numpy as np
 
 from clipjax import paths
+from clipjax.checkpoint import one_line
+from clipjax.pretrained.layouts import ConversionError
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """A file the libraries cannot read (truncated, another format, torch missing) is the user's
+    to fix: a ConversionError (one line, exit status 2) that names the file."""
+    try:
+        yield
+    except (ConversionError, FileNotFoundError):
+        raise
+    except ImportError as e:
+        raise ConversionError(f"--checkpoint {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors, torch and pickle errors alike
+        raise ConversionError(f"--checkpoint {path}: cannot be read ({one_line(e)})") from None
 
 
 def _local(path: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
@@ -78,7 +95,7 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise ImportError(
-            f"{path}: reading a PyTorch .pt/.bin checkpoint needs torch (pip install torch); "
+            "reading a PyTorch .pt/.bin checkpoint needs torch (pip install torch); "
             "safetensors files are read without it"
         ) from None
     local, tmp = _local(path)
@@ -109,9 +126,11 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     if not paths.exists(path):
         raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
     if str(path).endswith(".safetensors"):
-        return read_safetensors(path)
+        with _reading(path):
+            return read_safetensors(path)
     if str(path).endswith((".pt", ".pth", ".bin")):
-        return read_torch(path)
+        with _reading(path):
+            return read_torch(path)
     raise ValueError(f"--checkpoint {path!r}: expected a .safetensors, .pt, .pth or .bin file")
 
 
@@ -174,13 +193,15 @@ def read_hf_directory(directory: str) -> tuple[dict[str, np.ndarray], dict]:
     config_path = paths.join(directory, "config.json")
     if not paths.exists(config_path):
         raise FileNotFoundError(f"--checkpoint {directory!r}: no config.json (a Hugging Face model folder)")
-    config = json.loads(paths.read_text(config_path))
+    with _reading(config_path):
+        config = json.loads(paths.read_text(config_path))
     index = paths.join(directory, "model.safetensors.index.json")
     if paths.exists(index):
         files = sorted(set(json.loads(paths.read_text(index))["weight_map"].values()))
         tensors = {}
         for name in files:
-            tensors.update(read_safetensors(paths.join(directory, name)))
+            with _reading(paths.join(directory, name)):
+                tensors.update(read_safetensors(paths.join(directory, name)))
         return tensors, config
     for name in ("model.safetensors", "pytorch_model.bin"):
         if paths.exists(paths.join(directory, name)):

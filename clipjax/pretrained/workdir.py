@@ -13,7 +13,7 @@ from flax import nnx
 
 from clipjax import paths
 from clipjax.checkpoint import Checkpointer
-from clipjax.config import apply_overrides, default_config
+from clipjax.config import apply_overrides, config_json, default_config
 from clipjax.data.tokenizers import make_tokenizer
 from clipjax.models import model_factory, model_spec
 from clipjax.pretrained import layouts, preprocessing, tensors
@@ -185,7 +185,7 @@ def write_workdir(out: str, config: ml_collections.ConfigDict, params: dict, *, 
         checkpointer.wait()
     finally:
         checkpointer.close()
-    paths.write_atomic(paths.join(out, "config.json"), json.dumps(config.to_dict(), indent=2, default=str))
+    paths.write_atomic(paths.join(out, "config.json"), config_json(config))
 
 
 def export(fmt: str, config, params: dict, tokenizer, out: str) -> dict:

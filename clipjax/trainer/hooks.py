@@ -20,7 +20,7 @@ from clipjax.trainer.loop import StepInfo
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss, gradient or update."""
 
 
 def data_drop_metrics(drop_counts: dict[str, int]) -> dict[str, int]:
@@ -106,7 +106,7 @@ def nonfinite_hook(max_streak: int) -> Callable[[StepInfo], str | None]:
         streak = int(info.host_metrics()[0]["nonfinite_streak"])
         if streak >= max_streak > 0:
             return (
-                f"{streak} consecutive steps had a non-finite loss or gradient "
+                f"{streak} consecutive steps had a non-finite loss, gradient or updated parameters "
                 f"(max_nonfinite_streak={max_streak}); the last good state is checkpointed"
             )
         return None

@@ -10,7 +10,6 @@ released before the error propagates.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from typing import Callable
 
@@ -27,7 +26,7 @@ from clipjax.api import (
     run_tokenizer,
 )
 from clipjax.checkpoint import Checkpointer, abstract_with_shardings
-from clipjax.config import total_steps, validate
+from clipjax.config import config_json, total_steps, validate
 from clipjax.data.sources import make_source
 from clipjax.evals.report import summary_lines, write_report
 from clipjax.evals.runner import EvalRunner
@@ -97,7 +96,8 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     cleanup.callback(checkpointer.close)
     stored_config, meta = run_record(checkpointer, log=log)
     if stored_config is not None:
-        for key, (old, new) in check_resume(stored_config, config, workdir).items():
+        changes = check_resume(stored_config, config, workdir, saved_step=checkpointer.latest_step())
+        for key, (old, new) in changes.items():
             log(f"resuming with {key} changed: {old!r} -> {new!r}")
     elif config.init_from and paths.resolve(config.init_from) == paths.resolve(workdir):
         raise ResumeError(f"init_from: {config.init_from!r} is this workdir; a run cannot start from itself")
@@ -154,9 +154,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
             state["params"] = jax.device_put(params, shardings["params"])
             log(f"initialised from the weights of {config.init_from} at step {init_step}")
     if lead:  # only now: a refused or failed start leaves the previous run's config.json as it was
-        paths.write_atomic(
-            paths.join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, default=str)
-        )
+        paths.write_atomic(paths.join(workdir, "config.json"), config_json(config))
     iterator = source.train_iterator(
         tokenizer,
         seed=config.seed,

@@ -181,6 +181,13 @@ def make_grad_fn(config, graphdef, mesh):
     return grad_fn
 
 
+def all_finite(tree) -> jax.Array:
+    """One boolean: every element of every array in `tree` is finite. (Not the norm's finiteness:
+    the sum of squares of large but finite parameters can overflow.)"""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def _is_counter(path) -> bool:
     """The step counts inside optax states (`count` fields of Adam, schedules, ...)."""
     return bool(path) and getattr(path[-1], "name", getattr(path[-1], "key", None)) == "count"
@@ -240,8 +247,11 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
                 )
             )
         # A non-finite loss or gradient leaves parameters and optimizer state as they were: one
-        # bad batch must not poison the run. The counters let the host stop a run of them.
-        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        # bad batch must not poison the run. So does an update that makes the parameters
+        # non-finite from finite gradients (a learning rate or decay that overflows): whatever
+        # produced them, non-finite parameters are never kept, so never checkpointed. The
+        # counters let the host stop a run of such steps.
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & all_finite(trainable)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         skipped = (~finite).astype(jnp.int32)
         metrics["nonfinite_skipped"] = state["nonfinite_total"] + skipped
