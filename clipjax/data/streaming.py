@@ -65,8 +65,15 @@ Bad samples are dropped and counted by reason (`pipeline.DropCounter`, data.max_
 as for every source): `bad_caption` (no .txt, empty, or not UTF-8), `missing_image`,
 `bad_image` (cannot be decoded), `bad_image_shape`, `truncated_shard` (the data ends inside a
 member, or reading fails part-way: the sample being read is dropped, and the rest of the shard
-is lost), `unreadable_shard` (cannot be opened, or is not a tar). A shard cut exactly between
-two members, or inside a header, reads as a shorter shard: tar has no member count to check.
+is lost), `unreadable_shard` (cannot be opened, or is not a tar). `tarfile` reads a shard cut
+inside a header, or exactly between two members, as a shorter archive (tar has no member count
+to check), so the end is checked: after the last member a tar holds zero blocks and nothing
+else. A shard that ends without them, or with part of a header there, is counted as
+`truncated_shard` too (the sample being read is dropped: its other members may be the ones cut).
+
+The drop counts are part of the iterator's state (`DropCounter.state`): each process's counts
+up to its position are saved with the checkpoint and restored with it, so a resumed run's totals
+are the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -197,6 +204,10 @@ def _split_name(name: str) -> tuple[str, str]:
     return (posixpath.join(folder, stem) if folder else stem), ext.lower()
 
 
+class ShardTruncated(tarfile.TarError):
+    """The shard's file ends where a tar member, or the end-of-archive blocks, should be."""
+
+
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError)
 
 
@@ -222,6 +233,7 @@ class ShardReader:
         self.offset, self.number = int(offset), int(number)
         self._file = self._tar = None
         self._base = 0
+        self._end = 0  # where the data of the last member read ends (its 512-byte blocks)
         self._ahead: _Member | None = None  # first member of the next sample, already read
 
     @property
@@ -256,7 +268,9 @@ class ShardReader:
         while True:
             info = self._tar.next()
             if info is None:
+                self._check_end()
                 return None
+            self._end = self._base + info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if not info.isfile():
                 continue
             key, ext = _split_name(info.name)
@@ -270,6 +284,17 @@ class ShardReader:
             except _READ_ERRORS:
                 return _Member(key, ext, None, offset, True)
 
+    def _check_end(self) -> None:
+        """Raise `ShardTruncated` unless the shard ends as a tar does: zero blocks after the last
+        member. `tarfile` takes a header cut short, or no header at all, for the end of the
+        archive; what follows the last member's data tells a cut file from a complete one."""
+        self._file.seek(self._end)
+        tail = self._file.read(tarfile.RECORDSIZE)
+        if not tail:
+            raise ShardTruncated(f"no end-of-archive block after byte {self._end}")
+        if tail.strip(b"\0"):
+            raise ShardTruncated(f"{len(tail)} byte(s) after byte {self._end} are not a whole tar header")
+
     def read(self) -> Sample | None:
         """The next sample (or a failure, after which the shard is done); None at the end."""
         if self.offset < 0:
@@ -279,7 +304,7 @@ class ShardReader:
                 self._file = paths.path(self.path).open("rb")
                 if self.offset:
                     self._file.seek(self.offset)
-                self._base = self.offset
+                self._base = self._end = self.offset
                 self._tar = tarfile.open(fileobj=self._file, mode="r|")
             except _READ_ERRORS as e:
                 logging.warning("webdataset shard %s cannot be read (%s); skipped", self.path, e)
@@ -467,8 +492,9 @@ def start_state(epoch: int = 0, next_shard: int = 0) -> dict:
 class SampleDecoder:
     """Samples -> arrays of the kept ones (pipeline.BATCH_KEYS, plus caption if asked).
 
-    Also '_skipped' {reason: count} and '_skipped_examples' for `pipeline.DropCounter`, and
-    '_kept', the positions in the input of the samples kept. Images are centre-cropped unless
+    Also '_skipped' {reason: count} and '_skipped_examples' for `pipeline.DropCounter`,
+    '_kept', the positions in the input of the samples kept, and '_dropped', (position, reason)
+    of the others. Images are centre-cropped unless
     `with_random_crop` made a training copy. A module-level class so worker processes can
     unpickle it.
     """
@@ -516,6 +542,7 @@ class SampleDecoder:
         skipped: collections.Counter = collections.Counter()
         examples: list[tuple[str, str]] = []
         kept, images, captions, indices = [], [], [], []
+        dropped: list[tuple[int, str]] = []
         for j, sample in enumerate(samples):
             if sample.error:
                 image, reason = None, sample.error
@@ -527,6 +554,7 @@ class SampleDecoder:
                     image, reason = self._image(sample.image, self._crop(sample.index, epoch))
             if image is None:
                 skipped[reason] += 1
+                dropped.append((j, reason))
                 if len(examples) < pipeline.DropCounter.EXAMPLES:
                     examples.append((sample.name, reason))
                 continue
@@ -546,6 +574,7 @@ class SampleDecoder:
         out["_skipped"] = dict(skipped)
         out["_skipped_examples"] = examples
         out["_kept"] = np.array(kept, np.int64)
+        out["_dropped"] = dropped  # (position in the input, reason): a resumed state counts them
         return out
 
 
@@ -579,11 +608,13 @@ def load_arrays(
             break
         out = counter(decoder(batch))
         out.pop("_kept")
+        out.pop("_dropped")
         chunks.append(out)
         kept += len(out["index"])
     if not chunks:
         out = counter(decoder([]))
         out.pop("_kept")
+        out.pop("_dropped")
         chunks = [out]
     arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     if max_examples:
@@ -735,7 +766,12 @@ class _Prefetcher:
 
 
 def _process_state(state: dict) -> dict:
-    return {"block": dict(state["block"]), "item": int(state["item"]), "seen": int(state["seen"])}
+    return {
+        "block": dict(state["block"]),
+        "item": int(state["item"]),
+        "seen": int(state["seen"]),
+        "drops": state.get("drops"),  # absent from states of earlier versions
+    }
 
 
 class StreamIterator:
@@ -799,13 +835,22 @@ class StreamIterator:
         self._arrays: dict[str, np.ndarray] | None = None
         self._kept = np.zeros(0, np.int64)  # block positions of the current chunk's kept samples
         self._cursor = 0
+        self.drops.restore(state.get("drops"))
+        # The counts before the current chunk, and its drops by block position: a state counts
+        # those before its position (a restored stream reads the chunk on from there).
+        self._drops_before_chunk = self.drops.state()
+        self._chunk_drops: list[tuple[int, str]] = []
 
     def _own_state(self) -> dict:
         if self._chunk is None:
             return dict(self._position)
         c = self._chunk
         item = int(self._kept[self._cursor]) if self._cursor < len(self._kept) else c.end
-        return {"block": c.block, "item": item, "seen": self._seen}
+        before = self._drops_before_chunk
+        counts = collections.Counter(before["counts"])
+        counts.update(reason for position, reason in self._chunk_drops if position < item)
+        drops = self.drops.state(counts, before["kept"] + self._cursor)
+        return {"block": c.block, "item": item, "seen": self._seen, "drops": drops}
 
     def get_state(self) -> dict:
         own = json.loads(json.dumps(self._own_state()))
@@ -881,6 +926,8 @@ class StreamIterator:
         chunk, arrays = got
         arrays = dict(arrays)
         kept = arrays.pop("_kept")
+        self._drops_before_chunk = self.drops.state()
+        self._chunk_drops = [(chunk.start + j, reason) for j, reason in arrays.pop("_dropped")]
         self._chunk, self._arrays = chunk, self.drops(arrays)
         self._kept, self._cursor = chunk.start + kept, 0
         return True
