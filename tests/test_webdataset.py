@@ -388,6 +388,26 @@ def test_eval_arrays_and_caption_texts(shards):
     assert source.zero_shot_tasks() == {}
 
 
+def test_num_train_is_img2datasets_count_where_every_shard_has_its_stats(tmp_path):
+    folder = tmp_path / "counted"
+    write_shards(folder, num_shards=3, per_shard=5, damage=False)
+    spec = str(folder / "{00000..00002}.tar")
+    # Without statistics the shards do not say: num_train must be given.
+    with pytest.raises(
+        ConfigError, match=r"^data.num_train: the data.name='webdataset' dataset does not say"
+    ):
+        _source(folder, shards=spec, num_train=0).settle_num_train()
+    assert _source(folder, shards=spec, num_train=15).settle_num_train() == 15
+    for shard in range(3):  # as img2dataset writes them (one short shard: 2 failed downloads)
+        stats = {"count": 5, "successes": 5 - 2 * (shard == 1), "failed_to_download": 2 * (shard == 1)}
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+    assert _source(folder, shards=spec, num_train=0).settle_num_train() == 13
+    with pytest.raises(ConfigError, match=r"^data.num_train: 15 contradicts the 13 training examples"):
+        _source(folder, shards=spec, num_train=15).settle_num_train()
+    with pytest.raises(ConfigError, match=r"^data.batch_size: 16 is more than the 13 training examples"):
+        _source(folder, shards=spec, num_train=0, batch_size=16).settle_num_train()
+
+
 def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path):
     folder = tmp_path / "broken"
     folder.mkdir()

@@ -173,6 +173,28 @@ def resolve_shards(spec: str) -> list[str]:
     return shards
 
 
+def stats_path(shard: str) -> str:
+    """img2dataset's statistics file of `shard`: `00042.tar` -> `00042_stats.json`."""
+    return (shard[: -len(".tar")] if shard.endswith(".tar") else shard) + "_stats.json"
+
+
+def count_samples(shards: Sequence[str]) -> int | None:
+    """The samples in `shards` by img2dataset's statistics files (the `successes` of each
+    shard's `_stats.json`, read 16 at a time); None unless every shard has one."""
+
+    def successes(shard: str) -> int | None:
+        try:
+            return int(json.loads(paths.read_text(stats_path(shard)))["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    if not shards or successes(shards[0]) is None:  # no statistics: one read says so
+        return None
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        counts = list(pool.map(successes, shards))
+    return None if None in counts else sum(counts)
+
+
 # ---------------------------------------------------------------------------
 # One shard
 

@@ -99,6 +99,10 @@ class WebDatasetSource(DataSource):
                 if not paths.exists(path):
                     raise ConfigError(f"data.{key}: the shard {path} does not exist")
 
+    def count_train_examples(self) -> int | None:
+        """img2dataset's count (`streaming.count_samples`), when every shard has its statistics."""
+        return streaming.count_samples(self.train_shards)
+
     def decoder(self, tokenizer, keep_captions: bool = False) -> streaming.SampleDecoder:
         return streaming.SampleDecoder(self.config.image_size, tokenizer, keep_captions=keep_captions)
 
