@@ -2,8 +2,14 @@
 
 A shard is a tar file whose members `{key}.{ext}` are grouped by key, one sample per key, the
 members of a sample adjacent: `{key}.jpg` (or png, webp, ...) the image, `{key}.txt` the
-caption, `{key}.json` metadata (ignored). Nothing is prepared: shards are read as they are,
-through `clipjax.paths` (`etils.epath`: local paths, gs://, s3://).
+caption, `{key}.json` metadata, `{key}.cls` the class label (optional, webdataset's
+convention). Nothing is prepared: shards are read as they are, through `clipjax.paths`
+(`etils.epath`: local paths, gs://, s3://).
+
+Labels: a sample's `label` is its `.cls` member, else the `.json` field `data.label_field`
+(`SampleDecoder.label`): an integer, or a class name of `data.class_names`; -1 without one. They
+reach evaluation as the record sources' labels do (kNN, the probes, concept-aware retrieval;
+zero-shot with class names).
 
 Reader: Python's `tarfile` in stream mode (`r|`), stdlib and maintained. It reads any file
 object front to back, and every member's `TarInfo.offset` says where its header starts, so a
@@ -33,7 +39,8 @@ The sample stream of one process, and why:
                   processes (`pipeline.worker_processes`; spawned, not grain's: see below),
                   data.prefetch chunks ahead; bad samples dropped and counted here
   batches         the kept samples regrouped into batches of exactly the local batch size,
-                  `index` the sample's stable id (`sample_index`), `label` -1
+                  `index` the sample's stable id (`sample_index`), `label` the class
+                  (-1 without one)
 
 The tar reading runs in one background thread per process. Decoding is a pure function of a
 chunk's samples (and, for random crops, of the epoch and the sample's id, seeded as the record
@@ -103,6 +110,9 @@ from clipjax.data.shapes import caption_text_id
 
 IMAGE_EXTENSIONS = frozenset(("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"))
 CAPTION_EXTENSION = "txt"
+LABEL_EXTENSION = "cls"  # webdataset's convention: the class label as decimal text
+METADATA_EXTENSION = "json"
+_READ_EXTENSIONS = IMAGE_EXTENSIONS | {CAPTION_EXTENSION, LABEL_EXTENSION, METADATA_EXTENSION}
 STATE_FORMAT = "clipjax.streaming/1"
 
 # ---------------------------------------------------------------------------
@@ -207,6 +217,8 @@ class Sample(NamedTuple):
     image: bytes | None
     caption: bytes | None
     error: str = ""
+    cls: bytes | None = None  # the `.cls` member
+    metadata: bytes | None = None  # the `.json` member
 
 
 def sample_index(shard_name: str, key: str) -> int:
@@ -299,7 +311,7 @@ class ShardReader:
             if posixpath.basename(key).startswith("."):
                 continue  # e.g. macOS '._' resource files
             offset = self._base + info.offset
-            if ext not in IMAGE_EXTENSIONS and ext != CAPTION_EXTENSION:
+            if ext not in _READ_EXTENSIONS:
                 return _Member(key, ext, None, offset, False)
             try:
                 return _Member(key, ext, self._tar.extractfile(info).read(), offset, False)
@@ -364,8 +376,15 @@ class ShardReader:
             # 30k of them per open shard for nothing.
             self._tar.members = []
         image = next((m.data for m in members if m.ext in IMAGE_EXTENSIONS), None)
-        caption = next((m.data for m in members if m.ext == CAPTION_EXTENSION), None)
-        return Sample(f"{self.name}/{key}", sample_index(self.name, key), image, caption)
+        by_ext = {m.ext: m.data for m in members if m.ext not in IMAGE_EXTENSIONS}
+        return Sample(
+            f"{self.name}/{key}",
+            sample_index(self.name, key),
+            image,
+            by_ext.get(CAPTION_EXTENSION),
+            cls=by_ext.get(LABEL_EXTENSION),
+            metadata=by_ext.get(METADATA_EXTENSION),
+        )
 
 
 def read_in_order(shards: Sequence[str]) -> Iterator[Sample]:
@@ -524,10 +543,44 @@ class SampleDecoder:
     random_crop: tuple[float, float] | None = None  # the share of the area a crop covers
     crop_seed: tuple[int, ...] = ()
 
-    def __init__(self, image_size: int, tokenizer=None, keep_captions: bool = False):
+    def __init__(
+        self,
+        image_size: int,
+        tokenizer=None,
+        keep_captions: bool = False,
+        label_field: str = "",
+        class_names: Sequence[str] = (),
+    ):
         self.image_size = int(image_size)
         self.tokenizer = tokenizer
         self.keep_captions = keep_captions
+        self.label_field = label_field
+        self.class_index = {name: i for i, name in enumerate(class_names)}
+
+    def label(self, sample: Sample) -> int:
+        """The sample's class: its `.cls` member, else the `.json` field `label_field` ('/' walks
+        into nested objects); an integer, or a name of `class_names`. -1: none, or unreadable."""
+        value: Any = None
+        if sample.cls is not None:
+            value = sample.cls.decode("utf-8", "replace").strip()
+        elif self.label_field and sample.metadata is not None:
+            try:
+                value = json.loads(sample.metadata)
+                for part in self.label_field.split("/"):
+                    value = value[part]
+            except (ValueError, KeyError, TypeError, IndexError):
+                return -1
+        if isinstance(value, str):
+            value = value.strip()
+            if value in self.class_index:
+                return self.class_index[value]
+            try:
+                value = int(value)
+            except ValueError:
+                return -1
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            return -1
+        return value
 
     def with_random_crop(self, scale: Sequence[float], seed: Sequence[int]) -> SampleDecoder:
         """A copy cropping a random region of a share `scale` = (low, high) of the area, drawn
@@ -563,7 +616,7 @@ class SampleDecoder:
         """`epoch`: the samples' epoch (random crops need it)."""
         skipped: collections.Counter = collections.Counter()
         examples: list[tuple[str, str]] = []
-        kept, images, captions, indices = [], [], [], []
+        kept, images, captions, indices, labels = [], [], [], [], []
         dropped: list[tuple[int, str]] = []
         for j, sample in enumerate(samples):
             if sample.error:
@@ -584,13 +637,14 @@ class SampleDecoder:
             images.append(image)
             captions.append(caption)
             indices.append(sample.index)
+            labels.append(self.label(sample))
         s, n = self.image_size, len(kept)
         out: dict[str, Any] = {"image": np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)}
         if self.tokenizer is not None:
             out["text"] = np.asarray(self.tokenizer.encode(captions), np.int32)
         out["text_id"] = np.array([caption_text_id(c) for c in captions], np.int32).reshape(n)
         out["index"] = np.array(indices, np.int32).reshape(n)
-        out["label"] = np.full(n, -1, np.int32)
+        out["label"] = np.array(labels, np.int32).reshape(n)
         if self.keep_captions:
             out["caption"] = np.array(captions, dtype=object).reshape(n)
         out["_skipped"] = dict(skipped)
