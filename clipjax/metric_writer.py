@@ -222,24 +222,30 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Progress:
-    """One progress line: step, loss, samples/s and ETA."""
+    """One progress line: step, loss, samples/s, ETA, and the records dropped so far (if any)."""
 
-    def __init__(self, total_steps: int, *, enabled: bool = True, stream=sys.stderr):
+    def __init__(self, total_steps: int, *, enabled: bool = True, stream=None):
         self.total = total_steps
         self.enabled = enabled
-        self.stream = stream
+        self._stream = stream  # None: sys.stderr as it is when a line is written
         self._last_time = time.perf_counter()
         self._last_step = None
 
-    def update(self, step: int, loss: float, samples_per_sec: float) -> None:
+    def update(self, step: int, loss: float, samples_per_sec: float, dropped: dict | None = None) -> None:
+        """`dropped`: {reason: records} the input pipeline skipped so far (this process's)."""
         if not self.enabled:
             return
         remaining = (self.total - step) * (self._batch_time(step))
         eta = time.strftime("%H:%M:%S", time.gmtime(max(remaining, 0)))
-        self.stream.write(
-            f"step {step}/{self.total}  loss {loss:.4f}  {samples_per_sec:,.0f} samples/s  ETA {eta}\n"
+        drops = ""
+        if dropped and sum(dropped.values()):
+            reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(dropped.items()) if n)
+            drops = f"  dropped {sum(dropped.values())} ({reasons})"
+        stream = self._stream or sys.stderr
+        stream.write(
+            f"step {step}/{self.total}  loss {loss:.4f}  {samples_per_sec:,.0f} samples/s  ETA {eta}{drops}\n"
         )
-        self.stream.flush()
+        stream.flush()
 
     def _batch_time(self, step: int) -> float:
         now = time.perf_counter()

@@ -30,7 +30,7 @@ def get_config(arg: str = ""):
     c.data.name = "image_text_folder"
     c.data.source = "/path/to/captions.csv"
     c.data.data_dir = "/path/to/tfds"
-    c.data.num_train = 400_000_000
+    c.data.num_train = 0  # the converted CSV's count (`epochs` counts it)
     c.data.batch_size = 32_768
     c.data.image_size = 224
     # CLIP-style augmentation: a random region of 90-100% of the image (evaluation centre-crops).

@@ -8,8 +8,8 @@ Everything of `configs/clip_vit_b16.py` (ViT-B/16 and text-B, global batch 32,76
 compute, FSDP over every device, remat, the softmax loss over the global batch), reading the
 shards as they are, with no preparation step: each process streams its own subset of shards,
 shuffles samples in a buffer, and decodes in one grain worker process per core
-(docs/data.md). Set `data.num_train` to the number of samples in the shards (img2dataset's
-stats files give it) so that `epochs` counts right. `:tiny` is `configs/clip_vit_b16.py:tiny`
+(docs/data.md). `epochs` counts the samples in the shards, which img2dataset's stats files
+beside them give (`data.num_train` 0); without those files, set `data.num_train` to it. `:tiny` is `configs/clip_vit_b16.py:tiny`
 (CPU size, embedded data), for the tests.
 
 Pod: v5p:4x4x4 (64 chips; Cloud TPU v5p-128), as configs/clip_vit_b16.py; checked by `python -m
@@ -41,7 +41,7 @@ def get_config(arg: str = ""):
     c.data.shards = "gs://BUCKET/cc12m/{00000..01242}.tar"
     c.data.eval_shards = "gs://BUCKET/cc12m/{01243..01244}.tar"
     c.data.data_dir = "gs://BUCKET/clipjax_data"
-    c.data.num_train = 10_000_000  # CC12M as downloaded is about 10M pairs: use your stats files
+    c.data.num_train = 0  # the shards' *_stats.json (CC12M as downloaded is about 10M pairs)
     # Enough samples in memory to mix several shards' worth: 10,000 samples of ~40 KB JPEGs is
     # about 400 MB per process.
     c.data.shuffle_buffer = 10_000

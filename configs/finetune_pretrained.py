@@ -39,6 +39,7 @@ def get_config(arg: str = ""):
             getattr(c.evals, name).enabled = True  # a converted config has them off
         c.data.name = "image_text_folder"
         c.data.source = "/path/to/captions.csv"
+        c.data.num_train = 0  # the CSV's count, not the converted run's
         c.steps = 0
         c.epochs = 5.0
         c.data.batch_size = 256

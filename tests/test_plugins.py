@@ -125,6 +125,7 @@ def test_toy_source_and_evaluator_train_the_tiny_demo(plugins, tfds_dir, tmp_pat
         config,
         {
             "data.name": "toy_colors",
+            "data.num_train": 50_000,  # the toy source renders what it is told
             "data.data_dir": str(tmp_path / "data"),
             "data.toy_num_test": 40,
             "evals.toy.kind": "toy_paired_cosine",

@@ -181,7 +181,10 @@ def test_resume_uses_the_checkpointed_tokenizer_not_the_grown_data(tmp_path):
         Image.fromarray(np.full((16, 16, 3), colors[name], np.uint8)).save(images / f"{i}.png")
         rows.append(f"{i}.png,a {name} square")
     (images / "captions.csv").write_text("\n".join(rows) + "\n")
-    config = tiny_demo(str(tmp_path / "tfds"), **{"evals.at_end": False, "data.name": "image_text_folder"})
+    config = tiny_demo(
+        str(tmp_path / "tfds"),
+        **{"evals.at_end": False, "data.name": "image_text_folder", "data.num_train": 0},
+    )
     config.data.source = str(images / "captions.csv")
     config.data.test_fraction = 0.0
     config.data.batch_size = 16
@@ -237,6 +240,7 @@ def test_an_error_in_the_loop_finishes_the_save_and_is_reported_first(tmp_path):
             str(tmp_path / "run"),
             f"--config.data.data_dir={tmp_path / 'tfds'}",
             "--config.data.name=image_text_folder",
+            "--config.data.num_train=0",
             f"--config.data.source={images / 'captions.csv'}",
             "--config.data.test_fraction=0.0",
             "--config.data.tokenizer.kind=byte",

@@ -299,6 +299,15 @@ def test_splits_keys_and_missing_datasets_are_one_clear_line(data_dir, tmp_path)
     assert "tfds convert_format" in message and "array_record" in message
 
 
+def test_num_train_is_the_train_splits_size_and_a_contradiction_is_refused(data_dir):
+    assert _source(data_dir).settle_num_train() == NUM["train"]  # 0: the dataset's count
+    assert _source(data_dir, num_train=NUM["train"]).settle_num_train() == NUM["train"]
+    # A split string counts what it selects.
+    assert _source(data_dir, tfds_train_split="train[:10]", batch_size=8).settle_num_train() == 10
+    with pytest.raises(ConfigError, match=r"^data.num_train: 512 contradicts the 48 training examples"):
+        _source(data_dir, num_train=512).settle_num_train()
+
+
 def test_demo_trains_and_evaluates_on_a_tfds_dataset_with_one_config_change(data_dir, tmp_path):
     from clipjax import trainer as train_lib
     from clipjax.config import apply_overrides
@@ -306,8 +315,12 @@ def test_demo_trains_and_evaluates_on_a_tfds_dataset_with_one_config_change(data
 
     config = load_config("demo.py")
     config.data.data_dir = data_dir
-    config = apply_overrides(config, {"data.name": "tfds", "data.tfds_name": "tiny_coco_captions/2014"})
+    # (The tiny demo's data.num_train=512 sizes its shapes; the full demo's is 0, the dataset's count.)
+    config = apply_overrides(
+        config, {"data.name": "tfds", "data.tfds_name": "tiny_coco_captions/2014", "data.num_train": 0}
+    )
     report = train_lib.train(config, str(tmp_path / "run"), log=lambda _: None)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["num_train"] == NUM["train"]
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert metrics[-1]["step"] == config.steps and np.isfinite(metrics[-1]["loss"])
     assert report["num_examples"] == NUM["test"]

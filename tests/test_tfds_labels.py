@@ -202,3 +202,25 @@ def test_wrong_or_missing_keys_are_one_clear_line(data_dir):
     # The default caption key on a dataset without it: the message says the key may be empty.
     message = error(tfds_caption_key="captions/text")
     assert "its text features: ['caption']" in message and "empty: captions are" in message
+
+
+def test_class_names_reach_zero_shot_knn_and_the_probes(data_dir, tmp_path):
+    from clipjax import trainer as train_lib
+    from tests.test_train import tiny_demo
+
+    source = _source(data_dir)
+    names, templates = source.zero_shot_tasks()["label"]
+    assert names == NAMES and len(templates) == 80  # the ClassLabel's names, CLIP's prompts
+    given = _source(data_dir, class_names="a cat,a dog,a fish", zero_shot_templates="a photo of {}.")
+    assert given.zero_shot_tasks() == {"label": (["a cat", "a dog", "a fish"], ["a photo of {}."])}
+    assert _source(data_dir, tfds_caption_key="caption", tfds_label_key="").zero_shot_tasks() == {}
+
+    data = {"name": "tfds", "tfds_name": "tiny_classes", "tfds_caption_key": "", "tfds_label_key": "label"}
+    data.update({"batch_size": 8, "image_size": 8, "tokenizer.kind": "byte", "num_train": 0})
+    config = tiny_demo(data_dir, steps=2, log_every=1, **{f"data.{k}": v for k, v in data.items()})
+    config.evals.knn.train_examples = config.evals.linear_probe.train_examples = 16
+    report = train_lib.train(config, str(tmp_path / "run"), log=lambda _: None)
+    assert "skipped" not in report, report.get("skipped")
+    assert set(report["zero_shot"]["label"]["per_class"]) == set(NAMES)
+    # Solid colours, one per class: learnable from the frozen image features.
+    assert report["knn"]["top1@k1"] == 1.0 and report["linear_probe"]["top1"] >= 0.9

@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -193,6 +194,60 @@ def test_state_resumes_at_exactly_the_next_batch(shards):
         resumed.close()
 
 
+def test_drop_counts_are_part_of_the_state_and_resume_to_the_same_totals(shards):
+    folder, _, drops, _ = shards
+    source = _source(folder)
+    tokenizer = source.tokenizer()
+    twice = {reason: 2 * n for reason, n in drops.items()}
+    straight = source.train_iterator(tokenizer, seed=3, num_epochs=2)
+    _batches(straight)
+    assert straight.drop_counts == twice
+    # Stopped inside shuffle blocks and chunks, at an epoch's end, and in the second epoch.
+    for k in (1, 3, 6, 7, 9, 12):
+        first = source.train_iterator(tokenizer, seed=3, num_epochs=2)
+        _batches(first, k)
+        state = json.loads(json.dumps(first.get_state()))
+        first.close()
+        resumed = source.train_iterator(tokenizer, seed=3, num_epochs=2)
+        resumed.set_state(state)
+        _batches(resumed)
+        assert resumed.drop_counts == twice, k
+
+
+def _cut_before_last_header(path, member):
+    """Truncates the tar at `path` one byte short of the end of `member`'s header."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmember(member).offset
+    with open(path, "r+b") as f:
+        f.truncate(offset + tarfile.BLOCKSIZE - 1)
+
+
+def test_a_shard_cut_inside_a_header_or_between_members_counts_as_truncated(tmp_path):
+    folder = tmp_path / "cut"
+    good, _ = write_shards(folder, num_shards=2, per_shard=5, damage=False)
+    # tarfile reads both as a shorter archive: one short of the last caption's header, and one
+    # cut right after a whole sample (no end-of-archive blocks).
+    _cut_before_last_header(folder / "00000.tar", "000000004.txt")
+    with tarfile.open(folder / "00001.tar") as tar:
+        end = tar.getmember("000010003.json")
+        cut = end.offset_data + -(-end.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    with open(folder / "00001.tar", "r+b") as f:
+        f.truncate(cut)
+    source = _source(folder, shards=str(folder / "{00000..00001}.tar"), num_train=7)
+    iterator = source.train_iterator(source.tokenizer(), seed=0, num_epochs=1)
+    seen = sorted(_indices(_batches(iterator)))
+    # Each shard loses the sample being read when it ended (its last members may be the ones
+    # cut): shard 0 the one whose caption was cut, shard 1 its last whole one, and what follows.
+    assert seen == sorted(set(good) - {4, 10_003, 10_004})
+    assert iterator.drop_counts == {"truncated_shard": 2}
+    # Whole shards (tarfile's end blocks and record padding) count nothing.
+    whole = tmp_path / "whole"
+    write_shards(whole, num_shards=1, per_shard=3, damage=False)
+    intact = _source(whole, shards=str(whole / "00000.tar"), num_train=3)
+    iterator = intact.train_iterator(intact.tokenizer(), seed=0, num_epochs=1)
+    assert len(_indices(_batches(iterator))) == 3 and iterator.drop_counts == {}
+
+
 def test_worker_processes_give_the_same_batches_and_resume(shards):
     folder, _, _, _ = shards
     threads = _source(folder, read_threads=2)
@@ -333,6 +388,26 @@ def test_eval_arrays_and_caption_texts(shards):
     assert source.zero_shot_tasks() == {}
 
 
+def test_num_train_is_img2datasets_count_where_every_shard_has_its_stats(tmp_path):
+    folder = tmp_path / "counted"
+    write_shards(folder, num_shards=3, per_shard=5, damage=False)
+    spec = str(folder / "{00000..00002}.tar")
+    # Without statistics the shards do not say: num_train must be given.
+    with pytest.raises(
+        ConfigError, match=r"^data.num_train: the data.name='webdataset' dataset does not say"
+    ):
+        _source(folder, shards=spec, num_train=0).settle_num_train()
+    assert _source(folder, shards=spec, num_train=15).settle_num_train() == 15
+    for shard in range(3):  # as img2dataset writes them (one short shard: 2 failed downloads)
+        stats = {"count": 5, "successes": 5 - 2 * (shard == 1), "failed_to_download": 2 * (shard == 1)}
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+    assert _source(folder, shards=spec, num_train=0).settle_num_train() == 13
+    with pytest.raises(ConfigError, match=r"^data.num_train: 15 contradicts the 13 training examples"):
+        _source(folder, shards=spec, num_train=15).settle_num_train()
+    with pytest.raises(ConfigError, match=r"^data.batch_size: 16 is more than the 13 training examples"):
+        _source(folder, shards=spec, num_train=0, batch_size=16).settle_num_train()
+
+
 def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path):
     folder = tmp_path / "broken"
     folder.mkdir()
@@ -397,25 +472,35 @@ def _tiny_config(folder, data_dir, **overrides):
     return config
 
 
-def test_tiny_demo_trains_on_shards_and_resumes_exactly(tmp_path):
+def test_tiny_demo_trains_on_shards_and_resumes_exactly(tmp_path, capfd):
     folder = tmp_path / "shards"
     write_shards(folder, per_shard=20, size=(40, 32))
     write_shards(folder / "eval", num_shards=1, per_shard=32, damage=False, seed=1)
     config = _tiny_config(folder, tmp_path / "data")
     report = train_lib.train(config, str(tmp_path / "straight"))
     assert report["num_examples"] == 32
+    # The console's progress lines say what was dropped, as the metrics do.
+    last = [line for line in capfd.readouterr().err.splitlines() if line.startswith("step 6/6")][-1]
+    assert re.search(r"  dropped \d+ \(bad_caption \d+, bad_image \d+, .*truncated_shard \d+\)$", last), last
     train_lib.train(config, str(tmp_path / "resumed"), stop_at=3)
     assert Checkpointer(str(tmp_path / "resumed")).latest_step() == 3
     train_lib.train(config, str(tmp_path / "resumed"))
 
-    def losses(workdir):
+    def records(workdir, key):
         with open(workdir / "metrics.jsonl") as f:
-            return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+            return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    a, b = records(tmp_path / "straight", "loss"), records(tmp_path / "resumed", "loss")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6), step
+    # The drop counts resume with the data: the same totals at every step as the uninterrupted
+    # run's (6 steps of 16 read every damaged sample of the 80 at least once).
+    dropped = records(tmp_path / "straight", "data_dropped")
+    assert dropped == records(tmp_path / "resumed", "data_dropped") and dropped[6] >= 6
+    for reason in ("bad_caption", "truncated_shard"):
+        key = f"data_dropped/{reason}"
+        assert records(tmp_path / "straight", key) == records(tmp_path / "resumed", key)
 
 
 # ---------------------------------------------------------------------------

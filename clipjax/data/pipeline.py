@@ -33,7 +33,9 @@ Layout of the grain graph, and why:
 The TrainIterator's get_state()/set_state() resume at exactly the next batch. The state is
 ChunkBatches' position in the stream of chunks ({'chunk': k, 'offset': j}), not grain's, so it
 does not depend on the number of worker processes: a run resumes on a host with other cores
-(the graph is rebuilt from chunk k). With several JAX processes each has its own position (they
+(the graph is rebuilt from chunk k). It also holds the drop counts up to that position (without
+chunk k's, which a restored run decodes and counts again), so a resumed run's totals are the
+uninterrupted run's. With several JAX processes each has its own position (they
 drop different records, so one may be a chunk ahead of another): get_state() gathers all of them
 (a collective) and set_state() gives each process its own. Random crops (`data.random_resized_crop`) are drawn
 from a generator seeded by (seed, shuffle_seed, epoch, record id): the same example gets the same
@@ -208,6 +210,20 @@ class DropCounter:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def state(self, counts=None, kept: int | None = None) -> dict:
+        """The counts as the iterator's state saves them (`counts`, `kept`: at another position)."""
+        counts = self.counts if counts is None else counts
+        return {
+            "counts": {k: int(v) for k, v in sorted(counts.items()) if v},
+            "kept": int(self.kept if kept is None else kept),
+        }
+
+    def restore(self, state: dict | None) -> None:
+        """Continue counting from a saved `state()` (None, as in states of earlier versions: 0)."""
+        state = state or {}
+        self.counts = collections.Counter({k: int(v) for k, v in state.get("counts", {}).items()})
+        self.kept = int(state.get("kept", 0))
 
     def __call__(self, chunk: dict[str, Any]) -> dict[str, Any]:
         chunk = dict(chunk)
@@ -416,6 +432,9 @@ class ChunkBatches:
         self._chunk, self._offset = 0, 0
         self._iterator = None
         self._head = None  # the decoded chunk `self._chunk`, once read
+        # The drop counts before the head was counted: a restored run decodes (and counts) the
+        # head chunk again, so a saved state holds these.
+        self._counted_before_head = counter.state()
 
     def __iter__(self):
         return self
@@ -426,6 +445,7 @@ class ChunkBatches:
         parts, needed = [], self._batch_size
         while needed:
             if self._head is None:
+                self._counted_before_head = self._counter.state()
                 try:
                     self._head = self._count(next(self._iterator))
                 except BadDataError:
@@ -462,7 +482,8 @@ class ChunkBatches:
     def get_state(self) -> dict:
         """{'chunk', 'offset'} of this process; with `gather` (several JAX processes), every
         process's under 'processes' (a collective: all processes call it at the same step)."""
-        own = {"chunk": self._chunk, "offset": self._offset}
+        drops = self._counted_before_head if self._head is not None else self._counter.state()
+        own = {"chunk": self._chunk, "offset": self._offset, "drops": drops}
         if self._gather is None:
             return own
         states = self._gather(own)
@@ -490,8 +511,10 @@ class ChunkBatches:
                     self._process_count,
                     chunk,
                 )
-                own = {"chunk": chunk, "offset": 0}
+                # Each process's drop counts stay its own (a fresh process's start at 0).
+                own = {"chunk": chunk, "offset": 0, "drops": (own or {}).get("drops")}
             state = own
+        self._counter.restore(state.get("drops"))
         if "chunk" in state:
             chunk, offset = int(state["chunk"]), int(state["offset"])
         else:
@@ -503,6 +526,7 @@ class ChunkBatches:
             offset = int(state["batch_idx"])
         self.close()
         self._chunk, self._offset, self._head = chunk, offset, None
+        self._counted_before_head = self._counter.state()
 
     def close(self) -> None:
         close = getattr(self._iterator, "close", None)

@@ -44,10 +44,13 @@ def config_name(
     return name
 
 
+DEFAULT_NUM_TRAIN = 50_000  # rendered when data.num_train is 0
+
+
 @dataclasses.dataclass(eq=False, kw_only=True)
 class ShapesConfig(tfds.core.BuilderConfig):
     image_size: int = 32
-    num_train: int = 50_000
+    num_train: int = DEFAULT_NUM_TRAIN
     num_test: int = 5_000
     seed: int = 0
     nuisance: bool = False
@@ -71,7 +74,7 @@ _CONFIGS: dict[str, ShapesConfig] = {}
 
 def make_config(
     image_size: int = 32,
-    num_train: int = 50_000,
+    num_train: int = DEFAULT_NUM_TRAIN,
     num_test: int = 5_000,
     seed: int = 0,
     nuisance: bool = False,
@@ -176,7 +179,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 def shapes_builder(
     data_dir: str,
     image_size: int = 32,
-    num_train: int = 50_000,
+    num_train: int = DEFAULT_NUM_TRAIN,
     num_test: int = 5_000,
     seed: int = 0,
     *,
@@ -190,7 +193,7 @@ def shapes_builder(
 def prepare_shapes(
     data_dir: str,
     image_size: int = 32,
-    num_train: int = 50_000,
+    num_train: int = DEFAULT_NUM_TRAIN,
     num_test: int = 5_000,
     seed: int = 0,
     *,

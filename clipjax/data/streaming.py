@@ -2,8 +2,14 @@
 
 A shard is a tar file whose members `{key}.{ext}` are grouped by key, one sample per key, the
 members of a sample adjacent: `{key}.jpg` (or png, webp, ...) the image, `{key}.txt` the
-caption, `{key}.json` metadata (ignored). Nothing is prepared: shards are read as they are,
-through `clipjax.paths` (`etils.epath`: local paths, gs://, s3://).
+caption, `{key}.json` metadata, `{key}.cls` the class label (optional, webdataset's
+convention). Nothing is prepared: shards are read as they are, through `clipjax.paths`
+(`etils.epath`: local paths, gs://, s3://).
+
+Labels: a sample's `label` is its `.cls` member, else the `.json` field `data.label_field`
+(`SampleDecoder.label`): an integer, or a class name of `data.class_names`; -1 without one. They
+reach evaluation as the record sources' labels do (kNN, the probes, concept-aware retrieval;
+zero-shot with class names).
 
 Reader: Python's `tarfile` in stream mode (`r|`), stdlib and maintained. It reads any file
 object front to back, and every member's `TarInfo.offset` says where its header starts, so a
@@ -33,7 +39,8 @@ The sample stream of one process, and why:
                   processes (`pipeline.worker_processes`; spawned, not grain's: see below),
                   data.prefetch chunks ahead; bad samples dropped and counted here
   batches         the kept samples regrouped into batches of exactly the local batch size,
-                  `index` the sample's stable id (`sample_index`), `label` -1
+                  `index` the sample's stable id (`sample_index`), `label` the class
+                  (-1 without one)
 
 The tar reading runs in one background thread per process. Decoding is a pure function of a
 chunk's samples (and, for random crops, of the epoch and the sample's id, seeded as the record
@@ -65,8 +72,15 @@ Bad samples are dropped and counted by reason (`pipeline.DropCounter`, data.max_
 as for every source): `bad_caption` (no .txt, empty, or not UTF-8), `missing_image`,
 `bad_image` (cannot be decoded), `bad_image_shape`, `truncated_shard` (the data ends inside a
 member, or reading fails part-way: the sample being read is dropped, and the rest of the shard
-is lost), `unreadable_shard` (cannot be opened, or is not a tar). A shard cut exactly between
-two members, or inside a header, reads as a shorter shard: tar has no member count to check.
+is lost), `unreadable_shard` (cannot be opened, or is not a tar). `tarfile` reads a shard cut
+inside a header, or exactly between two members, as a shorter archive (tar has no member count
+to check), so the end is checked: after the last member a tar holds zero blocks and nothing
+else. A shard that ends without them, or with part of a header there, is counted as
+`truncated_shard` too (the sample being read is dropped: its other members may be the ones cut).
+
+The drop counts are part of the iterator's state (`DropCounter.state`): each process's counts
+up to its position are saved with the checkpoint and restored with it, so a resumed run's totals
+are the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -96,6 +110,9 @@ from clipjax.data.shapes import caption_text_id
 
 IMAGE_EXTENSIONS = frozenset(("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"))
 CAPTION_EXTENSION = "txt"
+LABEL_EXTENSION = "cls"  # webdataset's convention: the class label as decimal text
+METADATA_EXTENSION = "json"
+_READ_EXTENSIONS = IMAGE_EXTENSIONS | {CAPTION_EXTENSION, LABEL_EXTENSION, METADATA_EXTENSION}
 STATE_FORMAT = "clipjax.streaming/1"
 
 # ---------------------------------------------------------------------------
@@ -166,6 +183,28 @@ def resolve_shards(spec: str) -> list[str]:
     return shards
 
 
+def stats_path(shard: str) -> str:
+    """img2dataset's statistics file of `shard`: `00042.tar` -> `00042_stats.json`."""
+    return (shard[: -len(".tar")] if shard.endswith(".tar") else shard) + "_stats.json"
+
+
+def count_samples(shards: Sequence[str]) -> int | None:
+    """The samples in `shards` by img2dataset's statistics files (the `successes` of each
+    shard's `_stats.json`, read 16 at a time); None unless every shard has one."""
+
+    def successes(shard: str) -> int | None:
+        try:
+            return int(json.loads(paths.read_text(stats_path(shard)))["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    if not shards or successes(shards[0]) is None:  # no statistics: one read says so
+        return None
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        counts = list(pool.map(successes, shards))
+    return None if None in counts else sum(counts)
+
+
 # ---------------------------------------------------------------------------
 # One shard
 
@@ -178,6 +217,8 @@ class Sample(NamedTuple):
     image: bytes | None
     caption: bytes | None
     error: str = ""
+    cls: bytes | None = None  # the `.cls` member
+    metadata: bytes | None = None  # the `.json` member
 
 
 def sample_index(shard_name: str, key: str) -> int:
@@ -195,6 +236,10 @@ def _split_name(name: str) -> tuple[str, str]:
     folder, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
     return (posixpath.join(folder, stem) if folder else stem), ext.lower()
+
+
+class ShardTruncated(tarfile.TarError):
+    """The shard's file ends where a tar member, or the end-of-archive blocks, should be."""
 
 
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError)
@@ -222,6 +267,7 @@ class ShardReader:
         self.offset, self.number = int(offset), int(number)
         self._file = self._tar = None
         self._base = 0
+        self._end = 0  # where the data of the last member read ends (its 512-byte blocks)
         self._ahead: _Member | None = None  # first member of the next sample, already read
 
     @property
@@ -256,19 +302,32 @@ class ShardReader:
         while True:
             info = self._tar.next()
             if info is None:
+                self._check_end()
                 return None
+            self._end = self._base + info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if not info.isfile():
                 continue
             key, ext = _split_name(info.name)
             if posixpath.basename(key).startswith("."):
                 continue  # e.g. macOS '._' resource files
             offset = self._base + info.offset
-            if ext not in IMAGE_EXTENSIONS and ext != CAPTION_EXTENSION:
+            if ext not in _READ_EXTENSIONS:
                 return _Member(key, ext, None, offset, False)
             try:
                 return _Member(key, ext, self._tar.extractfile(info).read(), offset, False)
             except _READ_ERRORS:
                 return _Member(key, ext, None, offset, True)
+
+    def _check_end(self) -> None:
+        """Raise `ShardTruncated` unless the shard ends as a tar does: zero blocks after the last
+        member. `tarfile` takes a header cut short, or no header at all, for the end of the
+        archive; what follows the last member's data tells a cut file from a complete one."""
+        self._file.seek(self._end)
+        tail = self._file.read(tarfile.RECORDSIZE)
+        if not tail:
+            raise ShardTruncated(f"no end-of-archive block after byte {self._end}")
+        if tail.strip(b"\0"):
+            raise ShardTruncated(f"{len(tail)} byte(s) after byte {self._end} are not a whole tar header")
 
     def read(self) -> Sample | None:
         """The next sample (or a failure, after which the shard is done); None at the end."""
@@ -279,7 +338,7 @@ class ShardReader:
                 self._file = paths.path(self.path).open("rb")
                 if self.offset:
                     self._file.seek(self.offset)
-                self._base = self.offset
+                self._base = self._end = self.offset
                 self._tar = tarfile.open(fileobj=self._file, mode="r|")
             except _READ_ERRORS as e:
                 logging.warning("webdataset shard %s cannot be read (%s); skipped", self.path, e)
@@ -317,8 +376,15 @@ class ShardReader:
             # 30k of them per open shard for nothing.
             self._tar.members = []
         image = next((m.data for m in members if m.ext in IMAGE_EXTENSIONS), None)
-        caption = next((m.data for m in members if m.ext == CAPTION_EXTENSION), None)
-        return Sample(f"{self.name}/{key}", sample_index(self.name, key), image, caption)
+        by_ext = {m.ext: m.data for m in members if m.ext not in IMAGE_EXTENSIONS}
+        return Sample(
+            f"{self.name}/{key}",
+            sample_index(self.name, key),
+            image,
+            by_ext.get(CAPTION_EXTENSION),
+            cls=by_ext.get(LABEL_EXTENSION),
+            metadata=by_ext.get(METADATA_EXTENSION),
+        )
 
 
 def read_in_order(shards: Sequence[str]) -> Iterator[Sample]:
@@ -467,8 +533,9 @@ def start_state(epoch: int = 0, next_shard: int = 0) -> dict:
 class SampleDecoder:
     """Samples -> arrays of the kept ones (pipeline.BATCH_KEYS, plus caption if asked).
 
-    Also '_skipped' {reason: count} and '_skipped_examples' for `pipeline.DropCounter`, and
-    '_kept', the positions in the input of the samples kept. Images are centre-cropped unless
+    Also '_skipped' {reason: count} and '_skipped_examples' for `pipeline.DropCounter`,
+    '_kept', the positions in the input of the samples kept, and '_dropped', (position, reason)
+    of the others. Images are centre-cropped unless
     `with_random_crop` made a training copy. A module-level class so worker processes can
     unpickle it.
     """
@@ -476,10 +543,44 @@ class SampleDecoder:
     random_crop: tuple[float, float] | None = None  # the share of the area a crop covers
     crop_seed: tuple[int, ...] = ()
 
-    def __init__(self, image_size: int, tokenizer=None, keep_captions: bool = False):
+    def __init__(
+        self,
+        image_size: int,
+        tokenizer=None,
+        keep_captions: bool = False,
+        label_field: str = "",
+        class_names: Sequence[str] = (),
+    ):
         self.image_size = int(image_size)
         self.tokenizer = tokenizer
         self.keep_captions = keep_captions
+        self.label_field = label_field
+        self.class_index = {name: i for i, name in enumerate(class_names)}
+
+    def label(self, sample: Sample) -> int:
+        """The sample's class: its `.cls` member, else the `.json` field `label_field` ('/' walks
+        into nested objects); an integer, or a name of `class_names`. -1: none, or unreadable."""
+        value: Any = None
+        if sample.cls is not None:
+            value = sample.cls.decode("utf-8", "replace").strip()
+        elif self.label_field and sample.metadata is not None:
+            try:
+                value = json.loads(sample.metadata)
+                for part in self.label_field.split("/"):
+                    value = value[part]
+            except (ValueError, KeyError, TypeError, IndexError):
+                return -1
+        if isinstance(value, str):
+            value = value.strip()
+            if value in self.class_index:
+                return self.class_index[value]
+            try:
+                value = int(value)
+            except ValueError:
+                return -1
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            return -1
+        return value
 
     def with_random_crop(self, scale: Sequence[float], seed: Sequence[int]) -> SampleDecoder:
         """A copy cropping a random region of a share `scale` = (low, high) of the area, drawn
@@ -515,7 +616,8 @@ class SampleDecoder:
         """`epoch`: the samples' epoch (random crops need it)."""
         skipped: collections.Counter = collections.Counter()
         examples: list[tuple[str, str]] = []
-        kept, images, captions, indices = [], [], [], []
+        kept, images, captions, indices, labels = [], [], [], [], []
+        dropped: list[tuple[int, str]] = []
         for j, sample in enumerate(samples):
             if sample.error:
                 image, reason = None, sample.error
@@ -527,6 +629,7 @@ class SampleDecoder:
                     image, reason = self._image(sample.image, self._crop(sample.index, epoch))
             if image is None:
                 skipped[reason] += 1
+                dropped.append((j, reason))
                 if len(examples) < pipeline.DropCounter.EXAMPLES:
                     examples.append((sample.name, reason))
                 continue
@@ -534,18 +637,20 @@ class SampleDecoder:
             images.append(image)
             captions.append(caption)
             indices.append(sample.index)
+            labels.append(self.label(sample))
         s, n = self.image_size, len(kept)
         out: dict[str, Any] = {"image": np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)}
         if self.tokenizer is not None:
             out["text"] = np.asarray(self.tokenizer.encode(captions), np.int32)
         out["text_id"] = np.array([caption_text_id(c) for c in captions], np.int32).reshape(n)
         out["index"] = np.array(indices, np.int32).reshape(n)
-        out["label"] = np.full(n, -1, np.int32)
+        out["label"] = np.array(labels, np.int32).reshape(n)
         if self.keep_captions:
             out["caption"] = np.array(captions, dtype=object).reshape(n)
         out["_skipped"] = dict(skipped)
         out["_skipped_examples"] = examples
         out["_kept"] = np.array(kept, np.int64)
+        out["_dropped"] = dropped  # (position in the input, reason): a resumed state counts them
         return out
 
 
@@ -579,11 +684,13 @@ def load_arrays(
             break
         out = counter(decoder(batch))
         out.pop("_kept")
+        out.pop("_dropped")
         chunks.append(out)
         kept += len(out["index"])
     if not chunks:
         out = counter(decoder([]))
         out.pop("_kept")
+        out.pop("_dropped")
         chunks = [out]
     arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     if max_examples:
@@ -735,7 +842,12 @@ class _Prefetcher:
 
 
 def _process_state(state: dict) -> dict:
-    return {"block": dict(state["block"]), "item": int(state["item"]), "seen": int(state["seen"])}
+    return {
+        "block": dict(state["block"]),
+        "item": int(state["item"]),
+        "seen": int(state["seen"]),
+        "drops": state.get("drops"),  # absent from states of earlier versions
+    }
 
 
 class StreamIterator:
@@ -799,13 +911,22 @@ class StreamIterator:
         self._arrays: dict[str, np.ndarray] | None = None
         self._kept = np.zeros(0, np.int64)  # block positions of the current chunk's kept samples
         self._cursor = 0
+        self.drops.restore(state.get("drops"))
+        # The counts before the current chunk, and its drops by block position: a state counts
+        # those before its position (a restored stream reads the chunk on from there).
+        self._drops_before_chunk = self.drops.state()
+        self._chunk_drops: list[tuple[int, str]] = []
 
     def _own_state(self) -> dict:
         if self._chunk is None:
             return dict(self._position)
         c = self._chunk
         item = int(self._kept[self._cursor]) if self._cursor < len(self._kept) else c.end
-        return {"block": c.block, "item": item, "seen": self._seen}
+        before = self._drops_before_chunk
+        counts = collections.Counter(before["counts"])
+        counts.update(reason for position, reason in self._chunk_drops if position < item)
+        drops = self.drops.state(counts, before["kept"] + self._cursor)
+        return {"block": c.block, "item": item, "seen": self._seen, "drops": drops}
 
     def get_state(self) -> dict:
         own = json.loads(json.dumps(self._own_state()))
@@ -881,6 +1002,8 @@ class StreamIterator:
         chunk, arrays = got
         arrays = dict(arrays)
         kept = arrays.pop("_kept")
+        self._drops_before_chunk = self.drops.state()
+        self._chunk_drops = [(chunk.start + j, reason) for j, reason in arrays.pop("_dropped")]
         self._chunk, self._arrays = chunk, self.drops(arrays)
         self._kept, self._cursor = chunk.start + kept, 0
         return True

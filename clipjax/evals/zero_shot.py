@@ -92,7 +92,8 @@ class ZeroShotEvaluator(Evaluator):
         if not tasks:
             raise SkipEvaluation(
                 f"data.name={self.data.source.config.name!r} names no classes to classify "
-                "(own data: a CSV `label` column of class names, class subfolders, or data.class_names)"
+                "(own data: a CSV `label` column of class names, class subfolders, or data.class_names "
+                "for numeric labels: a CSV's, webdataset's .cls or data.label_field, tfds' data.tfds_label_key)"
             )
         arrays = self.data.heldout
         image_emb, _ = self.data.heldout_embeddings(encoders)

@@ -67,9 +67,10 @@ class LogHook:
             scalars["tflops_per_device"] = flops_per_device / 1e12
             if self.peak_flops:
                 scalars["mfu"] = flops_per_device / self.peak_flops
-        scalars.update(data_drop_metrics(self.data_iterator.drop_counts))
+        drop_counts = self.data_iterator.drop_counts
+        scalars.update(data_drop_metrics(drop_counts))
         self.writer.write(info.step, scalars)
-        self.progress.update(info.step, float(scalars["loss"]), scalars["samples_per_sec"])
+        self.progress.update(info.step, float(scalars["loss"]), scalars["samples_per_sec"], drop_counts)
         self._time, self._step = time.perf_counter(), info.step
 
 

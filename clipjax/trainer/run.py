@@ -95,6 +95,9 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     cleanup.callback(checkpointer.close)
     stored_config, meta = run_record(checkpointer, log=log)
+    run_count = None  # the count a resumed run took from its data
+    if stored_config is not None and not config.data.num_train:
+        run_count = config.data.num_train = int(stored_config.get("data", {}).get("num_train") or 0)
     if stored_config is not None:
         changes = check_resume(stored_config, config, workdir, saved_step=checkpointer.latest_step())
         for key, (old, new) in changes.items():
@@ -105,6 +108,8 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     mesh = make_mesh(config.mesh)
     source = make_source(config.data)
     source.prepare()
+    # Before anything is sized by it (steps of `epochs`, the loss state) or compiled.
+    config.data.num_train = source.settle_num_train(run_count)
     towers = tuple(config.init_from_towers)
     if meta is None and stored_config is None and config.init_from and (not towers or "text_tower" in towers):
         # A run started from weights keeps their token ids (unless its text tower starts afresh).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
+from absl import logging
+
 from clipjax import paths
 from clipjax.data import tokenizers
 from clipjax.data.images import check_crop_scale
@@ -28,7 +30,16 @@ COMMON_FIELDS: dict[str, Field] = {
         check=check_crop_scale,
     ),
     "num_train": Field(
-        50_000, "training examples (shapes renders this many; `epochs` counts them)", minimum=1
+        0,
+        "training examples, which `epochs` counts: 0 takes the dataset's own count (tfds, "
+        "image_text_folder, webdataset shards with img2dataset's stats files); a value that "
+        "contradicts it is refused; shapes renders this many (0: 50,000)",
+        minimum=0,
+    ),
+    "allow_repeats_in_batch": Field(
+        False,
+        "train on a dataset smaller than one global batch, each batch then holding every example "
+        "several times (each copy a false negative of the others): off, such a run is refused",
     ),
     "shuffle_seed": Field(0, "mixed with `seed` into the data order"),
     "worker_count": Field(
@@ -73,6 +84,49 @@ class DataSource(abc.ABC):
 
     def prepare(self) -> None:
         """One-time work before reading (rendering, converting); safe under concurrent processes."""
+
+    def count_train_examples(self) -> int | None:
+        """How many training examples the prepared dataset holds, where it says (None: unknown)."""
+        return None
+
+    def settle_num_train(self, run_count: int | None = None) -> int:
+        """`data.num_train` checked against the dataset (after `prepare`): the dataset's count
+        where it is known and num_train is 0 or equal to it. Raises ConfigError (one line naming
+        the key and both values) for a contradicting value, for an unknown count left at 0, and
+        for a dataset smaller than one global batch (unless data.allow_repeats_in_batch).
+
+        `run_count`: the count a resumed run took from its data (its num_train was 0), kept even
+        if the data has grown since (the steps of `epochs` and the loss state were sized by it)."""
+        given, known = int(self.config.num_train), self.count_train_examples()
+        if run_count:
+            if known is not None and known != run_count:
+                logging.warning(
+                    "the data.name=%r dataset now holds %d training examples; the resumed run keeps "
+                    "its data.num_train=%d",
+                    self.name,
+                    known,
+                    run_count,
+                )
+            given = known = run_count
+        if known is not None and given not in (0, known):
+            raise ConfigError(
+                f"data.num_train: {given} contradicts the {known} training examples of the "
+                f"data.name={self.name!r} dataset (0 takes the dataset's count)"
+            )
+        count = known if known is not None else given
+        if not count:
+            raise ConfigError(
+                f"data.num_train: the data.name={self.name!r} dataset does not say how many training "
+                "examples it holds; give their number"
+            )
+        batch = int(self.config.batch_size)
+        if count < batch and not getattr(self.config, "allow_repeats_in_batch", False):
+            raise ConfigError(
+                f"data.batch_size: {batch} is more than the {count} training examples of the dataset: "
+                f"each batch would hold every pair about {batch / count:.1f} times, each copy a false "
+                "negative of the others (use a smaller batch, or data.allow_repeats_in_batch=True)"
+            )
+        return count
 
     @abc.abstractmethod
     def train_iterator(

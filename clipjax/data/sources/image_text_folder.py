@@ -16,21 +16,10 @@ import tensorflow_datasets as tfds
 
 from clipjax import paths
 from clipjax.data import folder_tfds
+from clipjax.data.sources import classes
 from clipjax.data.sources.base import register_source
 from clipjax.data.sources.tfds_records import TfdsRecordSource
 from clipjax.schema import ConfigError, Field
-
-
-def _templates_problem(value: str) -> str | None:
-    if "{}" in value or not value:
-        return None
-    from clipjax.evals import prompts
-
-    try:
-        prompts.templates(value)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 @register_source
@@ -49,21 +38,14 @@ class ImageTextFolderSource(TfdsRecordSource):
             check=lambda v: None if v < 1 else "expected a fraction below 1",
         ),
         "eval_source": Field("", "a separate CSV or folder as the test split (empty: test_fraction)"),
-        "class_names": Field(
-            "", "comma-separated class names of numeric labels, in label order (named labels name themselves)"
-        ),
-        "zero_shot_templates": Field(
-            "imagenet",
-            "zero-shot prompts: a published ensemble (`imagenet`: CLIP's 80, `cifar`, ...) or "
-            "'|'-separated templates with {} for the class name",
-            check=_templates_problem,
-        ),
+        **classes.FIELDS,
     }
     encoded_images = True
     split_hint = " (set data.test_fraction > 0 or data.eval_source to have a test split)"
 
     @classmethod
     def check_config(cls, data_config) -> None:
+        classes.check_config(data_config)
         for key in ("source", "eval_source"):
             source = getattr(data_config, key)
             if key == "eval_source" and not source:
@@ -106,14 +88,5 @@ class ImageTextFolderSource(TfdsRecordSource):
         return super().records(split)
 
     def zero_shot_tasks(self) -> dict[str, tuple[list[str], list[str]]]:
-        names = [n.strip() for n in self.config.class_names.split(",") if n.strip()] or list(self.label_names)
-        if not names:
-            return {}
-        spec = self.config.zero_shot_templates
-        if "{}" in spec:
-            templates = [t.strip() for t in spec.split("|") if t.strip()]
-        else:
-            from clipjax.evals import prompts
-
-            templates = prompts.templates(spec)
-        return {"label": ([n.replace("_", " ") for n in names], templates)}
+        names = classes.class_names(self.config) or self.label_names
+        return classes.label_task(names, self.config.zero_shot_templates)

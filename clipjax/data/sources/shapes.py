@@ -38,7 +38,7 @@ class ShapesSource(TfdsRecordSource):
         return shapes_tfds.prepare_shapes(
             self.data_dir,
             image_size=self.config.image_size,
-            num_train=self.config.num_train,
+            num_train=self.config.num_train or shapes_tfds.DEFAULT_NUM_TRAIN,
             num_test=self.config.num_test,
             seed=self.config.shapes_seed,
             nuisance=self.config.shapes_nuisance,

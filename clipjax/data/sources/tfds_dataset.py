@@ -47,6 +47,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from clipjax.data import pipeline, records
 from clipjax.data.shapes import caption_text_id
+from clipjax.data.sources import classes
 from clipjax.data.sources.base import register_source
 from clipjax.data.sources.tfds_records import TfdsRecordSource
 from clipjax.schema import ConfigError, Field
@@ -374,11 +375,13 @@ class TfdsSource(TfdsRecordSource):
             "(reading one reads its image too)",
             minimum=1,
         ),
+        **classes.FIELDS,
     }
     encoded_images = True
 
     @classmethod
     def check_config(cls, data_config) -> None:
+        classes.check_config(data_config)
         if not data_config.tfds_name.strip():
             raise ConfigError("data.tfds_name: name the prepared tfds dataset to read (e.g. coco_captions)")
         for key in ("tfds_image_key", "tfds_train_split"):
@@ -477,6 +480,23 @@ class TfdsSource(TfdsRecordSource):
             process_count=process_count,
             start_example=start_example,
         )
+
+    def zero_shot_tasks(self) -> dict[str, tuple[list[str], list[str]]]:
+        """With a label key: `data.class_names`, else the ClassLabel's names (a published
+        dataset's as CLIP names them, with its prompts: `prompts.zero_shot_prompts`)."""
+        key, names = self.label
+        if not key:
+            return {}
+        spec = self.config.zero_shot_templates
+        given = classes.class_names(self.config)
+        if given or names is None:
+            return classes.label_task(given, spec)
+        from clipjax.evals import prompts
+
+        names, templates = prompts.zero_shot_prompts(self.config.tfds_name, list(names))
+        if spec != classes.DEFAULT_TEMPLATES:
+            templates = classes.templates(spec)
+        return {"label": (names, templates)}
 
     def caption_texts(self) -> list[str]:
         """Every caption of up to `tfds_tokenizer_records` evenly spaced train records."""

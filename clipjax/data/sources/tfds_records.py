@@ -34,6 +34,10 @@ class TfdsRecordSource(DataSource):
     def prepare(self) -> None:
         self.builder  # noqa: B018 - preparing is a side effect of building
 
+    def count_train_examples(self) -> int:
+        """The records of the prepared train split (a converted folder's: those it kept)."""
+        return len(self.records("train"))
+
     def records(self, split: str):
         """Random-access serialized records of `split` (any tfds split string)."""
         tfds_util.check_split(self.builder, split, self.split_hint)

@@ -2,10 +2,15 @@
 
     --config.data.name=webdataset --config.data.shards='gs://bucket/cc12m/{00000..01242}.tar'
 
-Each shard holds samples `{key}.jpg` (or png, webp, ...) + `{key}.txt` (+ `{key}.json`, ignored).
+Each shard holds samples `{key}.jpg` (or png, webp, ...) + `{key}.txt` (+ `{key}.json`, `{key}.cls`).
 How the shards are split across processes, shuffled, decoded and resumed exactly is in
 `clipjax.data.streaming`. Held-out evaluation reads the first samples of `data.eval_shards`; the
 tokenizer is trained on the captions of the first `data.tokenizer_samples` training samples.
+
+Labelled shards are evaluated like labelled CSVs: a `.cls` member, or the `.json` field named by
+`data.label_field`, labels each sample (an integer, or one of `data.class_names`); kNN, the
+probes and concept-aware retrieval fit those labels, and zero-shot classification runs when
+`data.class_names` names the classes (prompts: `data.zero_shot_templates`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from absl import logging
 
 from clipjax import paths
 from clipjax.data import pipeline, streaming
+from clipjax.data.sources import classes
 from clipjax.data.sources.base import register_source, DataSource
 from clipjax.schema import ConfigError, Field
 
@@ -56,10 +62,17 @@ class WebDatasetSource(DataSource):
         "tokenizer_samples": Field(
             100_000, "training samples whose captions train a sentencepiece tokenizer", minimum=1
         ),
+        "label_field": Field(
+            "",
+            "the `.json` field holding each sample's class label (an integer, or one of "
+            "data.class_names; nested as outer/inner); a `.cls` member labels a sample without it",
+        ),
+        **classes.FIELDS,
     }
 
     @classmethod
     def check_config(cls, data_config) -> None:
+        classes.check_config(data_config)
         if not str(data_config.shards).strip():
             raise ConfigError(
                 "data.shards: must name the training shards (a brace pattern, a folder of .tar files "
@@ -99,8 +112,21 @@ class WebDatasetSource(DataSource):
                 if not paths.exists(path):
                     raise ConfigError(f"data.{key}: the shard {path} does not exist")
 
+    def count_train_examples(self) -> int | None:
+        """img2dataset's count (`streaming.count_samples`), when every shard has its statistics."""
+        return streaming.count_samples(self.train_shards)
+
     def decoder(self, tokenizer, keep_captions: bool = False) -> streaming.SampleDecoder:
-        return streaming.SampleDecoder(self.config.image_size, tokenizer, keep_captions=keep_captions)
+        return streaming.SampleDecoder(
+            self.config.image_size,
+            tokenizer,
+            keep_captions=keep_captions,
+            label_field=str(self._setting("label_field")).strip(),
+            class_names=classes.class_names(self.config),
+        )
+
+    def zero_shot_tasks(self) -> dict[str, tuple[list[str], list[str]]]:
+        return classes.label_task(classes.class_names(self.config), self.config.zero_shot_templates)
 
     def train_iterator(
         self,

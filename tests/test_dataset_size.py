@@ -1,0 +1,48 @@
+"""`data.num_train` comes from the dataset where it says how big it is, and a dataset smaller than
+one global batch is refused: its batches would hold each pair several times."""
+
+import json
+
+import pytest
+
+from clipjax import trainer as train_lib
+from clipjax.checkpoint import Checkpointer
+from clipjax.schema import ConfigError
+from tests.test_own_data_eval import _config, _write_csv
+
+
+def _steps(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return [r["step"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_epochs_count_the_converted_records_and_a_contradiction_is_refused(tmp_path):
+    csv = _write_csv(tmp_path, "train", 37)
+    # One epoch of the 37 converted records at 8 a batch: 4 steps (not 512 // 8 = 64).
+    config = _config(tmp_path, csv, **{"epochs": 1.0, "evals.at_end": False})
+    config.steps, config.data.batch_size, config.data.test_fraction = 0, 8, 0.0
+    train_lib.train(config, str(tmp_path / "run"), stop_at=2, log=lambda _: None)
+    # Resumed with num_train still 0: the count the run stored is the dataset's, not a change.
+    config.data.num_train = 0
+    train_lib.train(config, str(tmp_path / "run"), log=lambda _: None)
+    assert _steps(tmp_path / "run") == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["num_train"] == 37
+
+    config.data.num_train = 512  # the tiny demo's shapes count, left in place
+    with pytest.raises(ConfigError, match=r"^data.num_train: 512 contradicts the 37 training examples"):
+        train_lib.train(config, str(tmp_path / "other"), log=lambda _: None)
+    assert not (tmp_path / "other" / "config.json").exists()  # refused before anything was written
+
+
+def test_a_dataset_smaller_than_one_batch_is_refused_unless_allowed(tmp_path):
+    csv = _write_csv(tmp_path, "train", 5)
+    config = _config(tmp_path, csv, **{"evals.at_end": False})
+    config.steps, config.data.test_fraction = 2, 0.0  # 5 examples, a batch of 16
+    with pytest.raises(
+        ConfigError, match=r"^data.batch_size: 16 is more than the 5 training examples of the dataset"
+    ):
+        train_lib.train(config, str(tmp_path / "run"), log=lambda _: None)
+    assert Checkpointer(str(tmp_path / "run")).latest_step() is None
+    config.data.allow_repeats_in_batch = True
+    train_lib.train(config, str(tmp_path / "run"), log=lambda _: None)
+    assert _steps(tmp_path / "run") == [1, 2]
