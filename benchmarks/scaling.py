@@ -252,9 +252,22 @@ def render(results: dict) -> tuple[str, str]:
         chips = 1
         for d in topology.split(":")[1].split("x"):
             chips *= int(d)
-        cells = [f"{r['batch']:,}" if r else "not yet searched" for r in found]
-        took = sum(r["wall_s"] for r in found if r)
-        took_cell = f"{took / 60:.0f} min" if any(found) else "-"
+        probes = results.get("frontier_probes", {})
+        seconds = results.get("frontier_probe_seconds", {})
+        cells, took = [], 0.0
+        for (impl, micro), r in zip(columns, found):
+            key = frontier_key(topology, impl, micro)
+            took += sum(seconds.get(key, {}).values())
+            fitting = [int(b) for b, fits in probes.get(key, {}).items() if fits]
+            if r:
+                cells.append(f"{r['batch']:,}")
+            elif fitting:
+                # A search stopped part-way: what it has shown so far (the B/16 mesh is data x
+                # fsdp over every chip, so the global batch is the per-chip batch x chips).
+                cells.append(f"at least {max(fitting) * chips:,} (search unfinished)")
+            else:
+                cells.append("not yet searched")
+        took_cell = f"{took / 60:.0f} min" if took else "-"
         flines.append(f"| {topology} | {chips} | " + " | ".join(cells) + f" | {took_cell} |")
     return "\n".join(lines) + "\n", "\n".join(flines) + "\n"
 
