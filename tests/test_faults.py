@@ -16,6 +16,7 @@ from PIL import Image
 from clipjax import trainer as train_lib
 from clipjax.checkpoint import Checkpointer
 from clipjax.data import pipeline
+from tests.helpers import descendants, kill_all, survivors
 from tests.test_train import ROOT, tiny_demo
 
 
@@ -210,7 +211,9 @@ def test_sigterm_checkpoints_the_current_step(tfds_dir, tmp_path):
 
 def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
     """Two kills at random steps (the second one with a save every step, so it lands on a save in
-    flight most of the time); every checkpoint left behind reads; the restart ends equal."""
+    flight most of the time); every checkpoint left behind reads; the restart ends equal. The
+    killed runs decode in a worker process, which must end with them (and the batches, hence
+    the result, do not depend on it)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     args = ("--config.steps=12", "--config.checkpoint_every=2")
     subprocess.run(
@@ -222,16 +225,25 @@ def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
         (int(rng.integers(8, 11)), ("--config.checkpoint_every=1",)),
     ):
         proc = subprocess.Popen(
-            _train_cli(tmp_path / "killed", tfds_dir, *args, *extra),
+            _train_cli(tmp_path / "killed", tfds_dir, *args, *extra, "--config.data.worker_count=1"),
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        _wait_for_step(tmp_path / "killed", kill_at, proc)
-        proc.kill()
-        proc.wait()
+        workers = {}
+        try:
+            _wait_for_step(tmp_path / "killed", kill_at, proc)
+            workers = descendants(proc.pid)
+            assert workers  # grain's worker process (and multiprocessing's resource tracker)
+            proc.kill()
+            proc.wait()
+            assert not survivors(workers), "data workers outlived the killed trainer"
+        finally:
+            kill_all(workers)
+            proc.kill()
+            proc.wait()
         # A kill can land before the first asynchronous save has finished: then the restart
         # starts from scratch, which must give the same result too.
         checkpointer = Checkpointer(str(tmp_path / "killed"))
