@@ -93,3 +93,16 @@ def kill_all(processes):
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def with_ctrl_c(command):
+    """`[python, "-m", module, *args]` run with Python's Ctrl-C handler, as a terminal starts it:
+    started in the background by a shell, as a test run may be, a process inherits SIGINT
+    ignored (and a trainer keeps it so)."""
+    python, dash_m, module, *args = command
+    assert dash_m == "-m", command
+    code = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    return [python, "-c", code, *args]
