@@ -215,9 +215,9 @@ def test_sigint_and_sigterm_save_the_current_step_and_exit_for_a_resume(tfds_dir
         assert proc.returncode == RESUME_EXIT_STATUS, out
         assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
         ours = [line for line in out.splitlines() if line.startswith("clipjax.train:")]
-        assert len(ours) == 1 and f"({name} received" in ours[0], out
+        assert len(ours) == 1 and f": {name} received" in ours[0], out
         assert "run the same command to resume" in ours[0], out
-        step = int(re.fullmatch(r"clipjax\.train: stopped at step (\d+) of 400 .*", ours[0]).group(1))
+        step = int(re.fullmatch(r"clipjax\.train: stopped at step (\d+) of 400: .*", ours[0]).group(1))
         assert step >= 3 and Checkpointer(str(tmp_path)).latest_step() == step
         assert _records(tmp_path)[-1]["step"] == step
     config = tiny_demo(tfds_dir, **{"evals.at_end": False, "log_every": 1, "checkpoint_every": 1000})

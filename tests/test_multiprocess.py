@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from clipjax.checkpoint import Checkpointer
 from tests.helpers import with_ctrl_c
@@ -131,7 +132,11 @@ def test_a_stop_signal_on_one_host_stops_both_at_the_same_step_with_a_checkpoint
     try:
         deadline = time.monotonic() + 300
         while not (workdir / "metrics.jsonl").exists() or len(_losses(workdir)) < 3:
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            if any(p.poll() is not None for p in procs):
+                for p in procs:
+                    p.kill()
+                pytest.fail("a process ended early:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
+            assert time.monotonic() < deadline
             time.sleep(0.5)
         procs[1].send_signal(signal.SIGINT)
         outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -275,7 +275,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     if asked_to_stop:
         # Unfinished, not failed: its own exit status, so that a wrapper retries it.
         raise hooks.StoppedEarly(
-            f"stopped at step {step} of {total} ({stop_reason}); it is saved: run the same command to resume"
+            f"stopped at step {step} of {total}: {stop_reason}; saved, run the same command to resume"
         )
     t_trained = time.perf_counter()
 
