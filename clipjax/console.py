@@ -3,10 +3,11 @@
 Orbax logs at INFO every step of every save, and a failed asynchronous save once from each
 thread that saw it fail, with its traceback (a full disk: a dozen tracebacks and some 300 lines
 before the command's own line). The failure itself reaches the command as an exception, which
-it reports as one line naming the checkpoint (`CheckpointWriteError`); so Orbax's records, and
-asyncio's about the tasks Orbax left unawaited, are left out of the console, as are the tracebacks of the writes still in flight when Orbax gave
-up (`_late_callback_of_a_closed_loop`); `--verbose` (or CLIPJAX_VERBOSE=1) shows them again.
-Other libraries keep their warnings and errors (INFO is left out).
+it reports as one line naming the checkpoint (`CheckpointWriteError`). So Orbax's records,
+asyncio's about the tasks Orbax left unawaited, and the tracebacks of the writes still in flight
+when Orbax gave up (`_late_callback_of_a_closed_loop`) are left off the console; `--verbose` (or
+CLIPJAX_VERBOSE=1) shows them again. Other libraries keep their warnings and errors (INFO is
+left out).
 """
 
 from __future__ import annotations
