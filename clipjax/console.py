@@ -21,15 +21,20 @@ from absl import logging as absl_logging
 
 # Libraries whose failures reach clipjax as exceptions that it reports itself.
 _REPORTED_BY_CLIPJAX = (f"{os.sep}orbax{os.sep}",)
+# What names a failed save's abandoned work in asyncio's records: Orbax's code (a task), or the
+# save's temporary folder (a tensorstore write, whose error names the file it could not write).
+_ORBAX_WORK = (*_REPORTED_BY_CLIPJAX, ".orbax-checkpoint-tmp")
 
 
 class _LeaveOutReportedLibraries(logging.Filter):
-    """Records logged from those libraries' code, and asyncio's about their tasks (a task's
-    failure nobody awaited, as Orbax leaves them when a save fails, is named by its code's file)."""
+    """Records logged from those libraries' code, and asyncio's about their work: the failure of
+    a task or future nobody awaited, as Orbax leaves them when a save fails."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        where = record.pathname if record.name != "asyncio" else record.getMessage()
-        return not any(part in where for part in _REPORTED_BY_CLIPJAX)
+        if record.name != "asyncio":
+            return not any(part in record.pathname for part in _REPORTED_BY_CLIPJAX)
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not any(part in text for part in _ORBAX_WORK)
 
 
 def quiet_libraries(verbose: bool) -> None:
