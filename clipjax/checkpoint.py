@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -66,6 +67,12 @@ def s3_kvstore(url: str) -> dict:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         spec["aws_region"] = region
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        # Keys in the environment are what the default chain would find first, but building the
+        # chain also reads ~/.aws/config and ~/.aws/credentials and sets up STS, and the AWS
+        # library logs each file missing and each step skipped as an error: about 30 lines on
+        # the console per run. Asked for the environment's keys, it looks nowhere else.
+        spec["context"] = {"aws_credentials": {"type": "environment"}}
     return spec
 
 
@@ -136,6 +143,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(paths.path(self.directory), options=options)
         self._writing: int | None = None  # the step of the save in progress, for error messages
+        self._failed = False  # a write failure was raised once: not again at close
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -156,9 +164,7 @@ class Checkpointer:
         try:
             return self.manager.save(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - any failure to write stops the run with its reason
-            raise CheckpointWriteError(
-                f"checkpoint {step} could not be written to {self.directory} ({one_line(e)})"
-            ) from e
+            raise self._write_failed(e) from e
 
     def restore(self, step: int, abstract_state: Any, *, with_data: bool = True) -> tuple[Any, Any]:
         """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs with sharding)."""
@@ -224,7 +230,14 @@ class Checkpointer:
 
     def params_metadata(self, step: int) -> Any:
         """The saved parameter tree as ShapeDtypeStructs (no sharding), read without restoring."""
-        tree = ocp.PyTreeCheckpointer().metadata(self._state_path(step)).item_metadata
+        # Read by the item's handler: a Checkpointer would take `<step>/state` for a step of its
+        # own and warn, on every load, that it has no step metadata file (`_CHECKPOINT_METADATA`
+        # is one level up, where the CheckpointManager wrote it).
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            tree = handler.metadata(paths.path(self._state_path(step)))
+        finally:
+            handler.close()
         if tree is None or "params" not in tree:
             raise ValueError(f"checkpoint {step} has no readable parameter metadata")
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree["params"])
@@ -251,13 +264,33 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
-            raise CheckpointWriteError(
-                f"checkpoint {self._writing} could not be written to {self.directory} ({one_line(e)})"
-            ) from e
+            if self._failed:
+                return  # raised already; Orbax keeps raising it
+            raise self._write_failed(e) from e
+
+    def _write_failed(self, error: BaseException) -> CheckpointWriteError:
+        """The one-line error of a failed write, once its partial folder is removed: the steps
+        before it stay as they were, and nothing of the failed one is left (a full disk gets
+        its space back at once, not at the next start)."""
+        self._failed = True
+        step = self._writing
+        if step is not None and not paths.is_remote(self.directory):
+            # Orbax writes a local step into '<step>.orbax-checkpoint-tmp...' and renames it at
+            # the end; a bucket's step is only listed once its commit file exists.
+            for partial in paths.path(self.directory).glob(f"{step}{ocp.path.atomicity.TMP_DIR_SUFFIX}*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        # A full disk, said the same way whichever writer met it first (through tensorstore it
+        # is a long RESOURCE_EXHAUSTED message that names the cause only at its end).
+        reason = one_line(error)
+        if "No space left on device" in str(error) and "No space left on device" not in reason:
+            reason = "No space left on device"
+        return CheckpointWriteError(f"checkpoint {step} could not be written to {self.directory} ({reason})")
 
     def close(self) -> None:
+        """Finish the save in progress and let go; a failed write that was already raised is
+        not raised again (it would replace the error the run is ending with)."""
         try:
-            self.manager.wait_until_finished()
+            self.wait()
             # Orbax's close does not wait for the removal of old temporary folders it started in
             # the background; still running at exit, it prints a traceback after our last line.
             cleanup = getattr(self.manager, "_cleanup_tmp_directory_future", None)

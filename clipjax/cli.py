@@ -2,8 +2,10 @@
 
 A mistake the user can fix (a config file or key, a flag's value, a workdir, the data) is
 printed as one line naming what is wrong, and the command exits with status 2; any other error
-prints its type and message first, then a pointer to the traceback. `--verbose` (or
-CLIPJAX_VERBOSE=1) prints tracebacks.
+prints its type and message first, then a pointer to the traceback, and exits with status 1.
+`--verbose` (or CLIPJAX_VERBOSE=1) prints tracebacks. A run stopped by SIGTERM or Ctrl-C after
+saving its step exits with RESUME_EXIT_STATUS (the same command resumes it); a Ctrl-C anywhere
+else, 130.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from clipjax.config import ConfigError, LEGACY_KEYS, flatten
 from clipjax.data.pipeline import BadDataError
 from clipjax.pretrained.layouts import ConversionError
 from clipjax.schema import suggest
+from clipjax.trainer.hooks import StoppedEarly
 from clipjax.workdir_lock import WorkdirLockedError
+
+# "Stopped early, resume me" (sysexits' EX_TEMPFAIL: try again later): unlike 0 (done), 1 (a
+# crash) and 2 (a mistake to fix), retrying the same command is what to do (docs/launching.md).
+RESUME_EXIT_STATUS = 75
+INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 # Errors whose message is the whole story: no traceback helps the user.
 USER_ERRORS = (
@@ -52,8 +60,12 @@ def run_reporting_errors(prog: str, body: Callable[[], None]) -> None:
     """Run `body`; errors become one line on stderr and a non-zero exit."""
     try:
         body()
-    except (SystemExit, KeyboardInterrupt):
+    except SystemExit:
         raise
+    except StoppedEarly as e:
+        fail(prog, str(e), RESUME_EXIT_STATUS)
+    except KeyboardInterrupt:
+        fail(prog, "interrupted (Ctrl-C)", INTERRUPTED_EXIT_STATUS)
     except USER_ERRORS as e:
         if verbose():
             traceback.print_exc()

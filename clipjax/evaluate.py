@@ -14,12 +14,13 @@ from __future__ import annotations
 import sys
 
 import jax
-from absl import app, flags, logging as absl_logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from clipjax.api import RestoreError, evaluate_workdir, load_run_config
-from clipjax.cli import check_override_keys, fail, flag_value, flags_parser, run_reporting_errors
+from clipjax.cli import check_override_keys, fail, flag_value, flags_parser, run_reporting_errors, verbose
 from clipjax.config import ConfigError, translate_legacy_flags
+from clipjax.console import quiet_libraries
 from clipjax.parallel.distributed import initialize_from_environment
 
 PROG = "clipjax.evaluate"
@@ -44,7 +45,7 @@ def main():
 
     def run(argv):
         del argv
-        absl_logging.set_verbosity(absl_logging.WARNING)
+        quiet_libraries(verbose())
 
         def body():
             initialize_from_environment()

@@ -12,11 +12,12 @@ from __future__ import annotations
 import sys
 
 import jax
-from absl import app, flags, logging as absl_logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from clipjax.cli import check_config_command_line, flags_parser, run_reporting_errors
+from clipjax.cli import check_config_command_line, flags_parser, run_reporting_errors, verbose
 from clipjax.config import translate_legacy_flags
+from clipjax.console import quiet_libraries
 from clipjax.parallel.distributed import initialize_from_environment
 from clipjax.trainer import train
 
@@ -25,8 +26,8 @@ PROG = "clipjax.train"
 
 def main(argv):
     del argv
-    # Orbax and tfds log every checkpoint operation at INFO; keep the console to our own lines.
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    # Orbax and tfds log every checkpoint operation at INFO, Orbax each failure from each thread.
+    quiet_libraries(verbose())
 
     def body():
         initialize_from_environment()

@@ -96,3 +96,12 @@ check_port() {
 default_python() {  # the interpreter the trainer runs with when CLIPJAX_TRAIN_CMD is not set
   if command -v python >/dev/null 2>&1; then echo python; else echo python3; fi
 }
+
+# The trainer's exit status for "stopped early (SIGTERM, Ctrl-C) with its step saved: run it again
+# to resume" (sysexits' EX_TEMPFAIL); 0 is done, 1 a crash, 2 a mistake to fix (docs/launching.md).
+RESUME_STATUS=75
+
+resume_loop() {  # resume_loop COMMAND: shell text running COMMAND again while it exits with RESUME_STATUS
+  printf 'until %s; do s=$?; [ "$s" -eq %s ] || exit "$s"; echo "clipjax: stopped early (exit status %s), resuming" >&2; done' \
+    "$1" "$RESUME_STATUS" "$RESUME_STATUS"
+}

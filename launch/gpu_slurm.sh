@@ -152,6 +152,8 @@ sbatch_script() {
   [[ -z $time_limit ]] || echo "#SBATCH $(sq "--time=$time_limit")"
   echo "#SBATCH $(sq "--chdir=$rundir")"
   echo "#SBATCH $(sq "--output=$out_dir/%x-%j.out")"
+  echo "#SBATCH --requeue"
+  echo "#SBATCH --open-mode=append"
   for a in ${sbatch_args[@]+"${sbatch_args[@]}"}; do
     echo "#SBATCH $(sq "$a")"
   done
@@ -168,13 +170,23 @@ sbatch_script() {
   done
   echo "echo \"clipjax: \$SLURM_NTASKS processes on \$SLURM_JOB_NUM_NODES node(s), coordinator \$CLIPJAX_COORDINATOR\""
   echo ""
-  echo "# One task per process; each one learns its rank from SLURM."
+  echo "# One task per process; each one learns its rank from SLURM. A run that stops early with"
+  echo "# its step saved (exit status $RESUME_STATUS: SIGTERM at the time limit or a preemption) is"
+  echo "# requeued, and resumes. (This shell's own SIGTERM waits for srun: a trap, not an ignore,"
+  echo "# which the trainers would inherit.)"
+  echo "trap 'echo \"clipjax: SIGTERM received, waiting for the processes to save\" >&2' TERM"
+  echo "status=0"
   echo "srun --kill-on-bad-exit=1 --label bash -c '"
   echo "  export CLIPJAX_NUM_PROCESSES=\$SLURM_NTASKS"
   echo "  export CLIPJAX_PROCESS_ID=\$SLURM_PROCID"
   [[ $mode != per-gpu ]] || echo "  export CUDA_VISIBLE_DEVICES=\$SLURM_LOCALID"
   echo "  exec ${train//\'/\'\\\'\'} \"\$@\""
-  echo "' clipjax-task $(qjoin --config "$config" --workdir "$workdir" ${extra[@]+"${extra[@]}"})"
+  echo "' clipjax-task $(qjoin --config "$config" --workdir "$workdir" ${extra[@]+"${extra[@]}"}) || status=\$?"
+  echo "if [ \"\$status\" -eq $RESUME_STATUS ]; then"
+  echo "  echo \"clipjax: stopped early (exit status $RESUME_STATUS), requeueing job \$SLURM_JOB_ID to resume\" >&2"
+  echo "  scontrol requeue \"\$SLURM_JOB_ID\""
+  echo "fi"
+  echo "exit \"\$status\""
 }
 
 body=$(sbatch_script)

@@ -16,7 +16,9 @@ coordinator on 127.0.0.1, exactly as the hosts of a multi-host run are: each pro
   CLIPJAX_COORDINATOR=127.0.0.1:PORT  CLIPJAX_NUM_PROCESSES=N  CLIPJAX_PROCESS_ID=i
   CLIPJAX_LOCAL_DEVICES=D  JAX_PLATFORMS=cpu
 Process i logs to WORKDIR/logs/process_i.log. The launcher waits for all of them; when one
-fails it stops the others and exits with that process's status. Ctrl-C stops them all.
+fails it stops the others and exits with that process's status. Ctrl-C stops them all. A
+run that stops early with its step saved (exit status 75: a process got SIGTERM or Ctrl-C
+of its own) is started again, and resumes.
 
 Arguments:
   N                          number of processes (a positive integer)
@@ -71,11 +73,10 @@ done
 check_config_exists "$config"  # the processes run in this directory
 
 python=$(default_python)
-if [[ -z $port ]]; then
-  port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-fi
+free_port() {
+  "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 train="${CLIPJAX_TRAIN_CMD:-$python -m clipjax.train}"
-coordinator="127.0.0.1:$port"
 logdir="$workdir/logs"
 
 pids=()
@@ -101,52 +102,64 @@ run "$(qjoin mkdir -p "$logdir")"
 trap 'on_signal SIGINT 130' INT
 trap 'on_signal SIGTERM 143' TERM
 trap on_exit EXIT
-for ((i = 0; i < n; i++)); do
-  line="env CLIPJAX_COORDINATOR=$coordinator CLIPJAX_NUM_PROCESSES=$n CLIPJAX_PROCESS_ID=$i"
-  line+=" CLIPJAX_LOCAL_DEVICES=$devices JAX_PLATFORMS=cpu"
-  for pair in ${envs[@]+"${envs[@]}"}; do
-    line+=" ${pair%%=*}=$(q "${pair#*=}")"
-  done
-  line+=" $train $(qjoin --config "$config" --workdir "$workdir" ${extra[@]+"${extra[@]}"})"
-  line+=" > $(q "$logdir/process_$i.log") 2>&1 &"
-  run "$line"
-  [[ $DRY_RUN == 1 ]] || pids+=("$!")
-done
-echo "+ wait"
-[[ $DRY_RUN != 1 ]] || exit 0
-
-echo "$n processes started (coordinator $coordinator); logs: $logdir/process_*.log"
-# Collect the processes as they finish. The first failure stops the others (a process left
-# alone would wait forever for its peers in a collective) and becomes the launcher's status.
-first_status=0
-remaining=$n
-stop_deadline=0
-while ((remaining > 0)); do
+# Started again, all of them, when the run stops early (exit status 75: a process got SIGTERM or
+# Ctrl-C on its own, and saved its step), so that it resumes; the launcher's own Ctrl-C ends it.
+while :; do
+  pids=() finished=()
+  coordinator="127.0.0.1:${port:-$(free_port)}"
   for ((i = 0; i < n; i++)); do
-    [[ -z ${finished[i]-} ]] || continue
-    if kill -0 "${pids[i]}" 2>/dev/null; then
-      continue  # still running
-    fi
-    status=0
-    wait "${pids[i]}" || status=$?
-    finished[i]=$status
-    remaining=$((remaining - 1))
-    if ((status != 0 && first_status == 0)); then
-      first_status=$status
-      echo "$PROG: process $i exited with status $status; stopping the others. Last lines of $logdir/process_$i.log:" >&2
-      tail -n 20 "$logdir/process_$i.log" | sed 's/^/  | /' >&2 || true
-      stop_all TERM
-      stop_deadline=$((SECONDS + 10))
-    elif ((status == 0)); then
-      echo "process $i finished"
+    line="env CLIPJAX_COORDINATOR=$coordinator CLIPJAX_NUM_PROCESSES=$n CLIPJAX_PROCESS_ID=$i"
+    line+=" CLIPJAX_LOCAL_DEVICES=$devices JAX_PLATFORMS=cpu"
+    for pair in ${envs[@]+"${envs[@]}"}; do
+      line+=" ${pair%%=*}=$(q "${pair#*=}")"
+    done
+    line+=" $train $(qjoin --config "$config" --workdir "$workdir" ${extra[@]+"${extra[@]}"})"
+    line+=" > $(q "$logdir/process_$i.log") 2>&1 &"
+    run "$line"
+    [[ $DRY_RUN == 1 ]] || pids+=("$!")
+  done
+  echo "+ wait"
+  [[ $DRY_RUN != 1 ]] || exit 0
+
+  echo "$n processes started (coordinator $coordinator); logs: $logdir/process_*.log"
+  # Collect the processes as they finish. The first failure stops the others (a process left
+  # alone would wait forever for its peers in a collective) and becomes the launcher's status.
+  first_status=0
+  remaining=$n
+  stop_deadline=0
+  while ((remaining > 0)); do
+    for ((i = 0; i < n; i++)); do
+      [[ -z ${finished[i]-} ]] || continue
+      if kill -0 "${pids[i]}" 2>/dev/null; then
+        continue  # still running
+      fi
+      status=0
+      wait "${pids[i]}" || status=$?
+      finished[i]=$status
+      remaining=$((remaining - 1))
+      if ((status == RESUME_STATUS && first_status == 0)); then
+        first_status=$status  # the others stop at the same step (they are told so by JAX)
+        echo "$PROG: process $i stopped early, its step saved (exit status $status)" >&2
+        stop_deadline=$((SECONDS + 120))
+      elif ((status != 0 && first_status == 0)); then
+        first_status=$status
+        echo "$PROG: process $i exited with status $status; stopping the others. Last lines of $logdir/process_$i.log:" >&2
+        tail -n 20 "$logdir/process_$i.log" | sed 's/^/  | /' >&2 || true
+        stop_all TERM
+        stop_deadline=$((SECONDS + 10))
+      elif ((status == 0)); then
+        echo "process $i finished"
+      fi
+    done
+    if ((remaining > 0)); then
+      if ((stop_deadline > 0 && SECONDS >= stop_deadline)); then
+        stop_all KILL  # still there 10 s after SIGTERM (or 120 s after a peer stopped early)
+      fi
+      sleep 0.2
     fi
   done
-  if ((remaining > 0)); then
-    if ((stop_deadline > 0 && SECONDS >= stop_deadline)); then
-      stop_all KILL  # still there 10 s after SIGTERM
-    fi
-    sleep 0.2
-  fi
+  ((first_status == RESUME_STATUS)) || break
+  echo "$PROG: the run stopped early (exit status $RESUME_STATUS); starting the processes again to resume" >&2
 done
 if ((first_status == 0)); then
   echo "all $n processes finished"

@@ -18,7 +18,9 @@ Train clipjax on every worker of a Cloud TPU VM (one host or a multi-host pod sl
      tarball and copy it to every worker (gcloud compute tpus tpu-vm scp --worker=all);
   3. unpack it on every worker and install it: pip install -e ".[tpu,buckets]" (the pinned jax
      and libtpu that python -m clipjax.plan compiles with, and gcsfs for the gs:// workdir);
-  4. run the trainer on every worker at once (gcloud compute tpus tpu-vm ssh --worker=all).
+  4. run the trainer on every worker at once (gcloud compute tpus tpu-vm ssh --worker=all),
+     and again on a worker where it stops early with exit status 75 (SIGTERM, e.g. a
+     maintenance event: its step is saved), so that the run resumes.
 On a multi-host slice the trainer joins the other workers with jax.distributed.initialize(),
 which finds them by itself. Every step is printed, prefixed with "+ ", before it runs.
 
@@ -180,9 +182,12 @@ if ((!skip_setup)); then
   run "$(qjoin rm -f "$local_tar")"
 fi
 
-# 4. The trainer, on every worker at once.
+# 4. The trainer, on every worker at once; started again on a worker whose run stopped early
+# (exit status 75: a maintenance event's SIGTERM), where it resumes from the checkpoint it saved.
+train=$(resume_loop "$train")
 if ((detach)); then
-  remote="set -e; cd $r_dir; mkdir -p logs; ${exports}nohup $train > logs/train.log 2>&1 < /dev/null &"
+  printf -v train %q "$train"
+  remote="set -e; cd $r_dir; mkdir -p logs; ${exports}nohup bash -c $train > logs/train.log 2>&1 < /dev/null &"
 else
   remote="set -e; cd $r_dir; ${exports}$train"
 fi

@@ -40,3 +40,69 @@ def source_and_tokenizer(data):
     source = make_source(data)
     source.prepare()
     return source, source.tokenizer()
+
+
+def _proc_stat(pid):
+    """(state, parent pid, start time) of a process from /proc/PID/stat, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "(command)", which may hold spaces
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def descendants(pid):
+    """{pid: start time} of every living process descended from `pid` (Linux: read from /proc)."""
+    import os
+
+    stats = {int(p): _proc_stat(p) for p in os.listdir("/proc") if p.isdigit()}
+    children = {}
+    for child, stat in stats.items():
+        if stat is not None:
+            children.setdefault(stat[1], []).append(child)
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if stats[child][0] != "Z":
+                found[child] = stats[child][2]
+                todo.append(child)
+    return found
+
+
+def survivors(processes, timeout=20.0):
+    """The processes of `descendants(...)` still running after up to `timeout` seconds (a zombie
+    has ended; a pid taken by a new process has too)."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        alive = {p: t for p, t in processes.items() if (s := _proc_stat(p)) and s[0] != "Z" and s[2] == t}
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def kill_all(processes):
+    """SIGKILL whatever of `processes` is still running (a test's clean-up)."""
+    import os
+    import signal
+
+    for pid in survivors(processes, timeout=0):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def with_ctrl_c(command):
+    """`[python, "-m", module, *args]` run with Python's Ctrl-C handler, as a terminal starts it:
+    started in the background by a shell, as a test run may be, a process inherits SIGINT
+    ignored (and a trainer keeps it so)."""
+    python, dash_m, module, *args = command
+    assert dash_m == "-m", command
+    code = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    return [python, "-c", code, *args]

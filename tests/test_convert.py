@@ -1,6 +1,7 @@
 """`python -m clipjax.data.convert`: the same dataset the folder source prepares, in parallel,
 resumable after a kill, bad records left out and counted; and preparation across hosts."""
 
+import contextlib
 import io
 import os
 import shutil
@@ -17,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from clipjax.data import convert, folder_tfds, locking, shapes_tfds, tfds_util
 from clipjax.data.sources import make_source
-from tests.helpers import data_config
+from tests.helpers import data_config, descendants, kill_all, survivors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD = {"bad_image": 2, "missing_image": 1, "bad_caption": 2}
@@ -199,10 +200,19 @@ def test_a_killed_conversion_finishes_the_rest_with_the_same_output(tmp_path):
     version = os.path.basename(straight.version_dir)
     work_dir = os.path.join(config_dir, f"incomplete.convert_{version}")
     markers = lambda: [n for n in os.listdir(work_dir) if n.endswith(".json") and n.startswith("unit-")]
+    workers = {}
     try:
         _wait_for(lambda: os.path.isdir(work_dir) and len(markers()) >= 5, 120, "five converted units")
+        workers = descendants(run.pid)
+        assert workers  # the worker process (and multiprocessing's resource tracker)
+        os.kill(run.pid, signal.SIGKILL)  # the converter only, as the OOM killer would
+        run.wait()
+        # Its worker ends with it, rather than convert on (issue 24: units done went from 3 to 5).
+        assert not survivors(workers), "worker processes outlived the killed converter"
     finally:
-        os.killpg(run.pid, signal.SIGKILL)  # the converter and its worker, as a crash would
+        kill_all(workers)
+        with contextlib.suppress(ProcessLookupError):  # whatever else is left of the group
+            os.killpg(run.pid, signal.SIGKILL)
         run.wait()
     done = sorted(int(n[5:11]) for n in markers())
     units = len(list(folder.glob("*.png")))  # one pair each, bad ones included

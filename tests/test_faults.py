@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from PIL import Image
 from clipjax import trainer as train_lib
 from clipjax.checkpoint import Checkpointer
 from clipjax.data import pipeline
+from tests.helpers import descendants, kill_all, survivors, with_ctrl_c
 from tests.test_train import ROOT, tiny_demo
 
 
@@ -205,30 +207,51 @@ def _wait_for_step(workdir, step, proc, timeout=240):
     raise TimeoutError(f"step {step} not reached")
 
 
-def test_sigterm_checkpoints_the_current_step(tfds_dir, tmp_path):
+def test_sigint_and_sigterm_save_the_current_step_and_exit_for_a_resume(tfds_dir, tmp_path):
+    """Ctrl-C (SIGINT), then after a resume a preemption notice (SIGTERM): each saves the step the
+    run is at (no checkpoint is due: nothing would be kept otherwise), prints one line and exits
+    with status 75, "stopped early, resume me" (not 0: a wrapper retrying until success would
+    stop). The run resumed in between ends equal to an uninterrupted one."""
+    from clipjax.cli import RESUME_EXIT_STATUS
+
+    assert RESUME_EXIT_STATUS == 75
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(
-        _train_cli(tmp_path, tfds_dir, "--config.steps=400", "--config.checkpoint_every=1000"),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    _wait_for_step(tmp_path, 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    stopped = [line for line in out.splitlines() if line.startswith("stopped at step")]
-    assert stopped and "SIGTERM" in stopped[0], out
-    step = int(stopped[0].split()[3].rstrip(":"))
-    assert Checkpointer(str(tmp_path)).latest_step() == step
-    assert _records(tmp_path)[-1]["step"] == step
+    args = ("--config.steps=400", "--config.checkpoint_every=1000")
+    step = 0
+    for signum, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
+        proc = subprocess.Popen(
+            with_ctrl_c(_train_cli(tmp_path, tfds_dir, *args)),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        _wait_for_step(tmp_path, step + 3, proc)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == RESUME_EXIT_STATUS, out
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+        ours = [line for line in out.splitlines() if line.startswith("clipjax.train:")]
+        assert len(ours) == 1 and f": {name} received" in ours[0], out
+        assert "run the same command to resume" in ours[0], out
+        step = int(re.fullmatch(r"clipjax\.train: stopped at step (\d+) of 400: .*", ours[0]).group(1))
+        assert step >= 3 and Checkpointer(str(tmp_path)).latest_step() == step
+        assert _records(tmp_path)[-1]["step"] == step
+    config = tiny_demo(tfds_dir, **{"evals.at_end": False, "log_every": 1, "checkpoint_every": 1000})
+    config.steps = 400
+    train_lib.train(config, str(tmp_path / "straight"), stop_at=step, log=lambda _: None)
+    _, a = _params(tmp_path / "straight")
+    _, b = _params(tmp_path)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
     """Two kills at random steps (the second one with a save every step, so it lands on a save in
-    flight most of the time); every checkpoint left behind reads; the restart ends equal."""
+    flight most of the time); every checkpoint left behind reads; the restart ends equal. The
+    killed runs decode in a worker process, which must end with them (and the batches, hence
+    the result, do not depend on it)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     args = ("--config.steps=12", "--config.checkpoint_every=2")
     subprocess.run(
@@ -240,16 +263,25 @@ def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
         (int(rng.integers(8, 11)), ("--config.checkpoint_every=1",)),
     ):
         proc = subprocess.Popen(
-            _train_cli(tmp_path / "killed", tfds_dir, *args, *extra),
+            _train_cli(tmp_path / "killed", tfds_dir, *args, *extra, "--config.data.worker_count=1"),
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        _wait_for_step(tmp_path / "killed", kill_at, proc)
-        proc.kill()
-        proc.wait()
+        workers = {}
+        try:
+            _wait_for_step(tmp_path / "killed", kill_at, proc)
+            workers = descendants(proc.pid)
+            assert workers  # grain's worker process (and multiprocessing's resource tracker)
+            proc.kill()
+            proc.wait()
+            assert not survivors(workers), "data workers outlived the killed trainer"
+        finally:
+            kill_all(workers)
+            proc.kill()
+            proc.wait()
         # A kill can land before the first asynchronous save has finished: then the restart
         # starts from scratch, which must give the same result too.
         checkpointer = Checkpointer(str(tmp_path / "killed"))

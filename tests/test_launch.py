@@ -23,7 +23,8 @@ LOCAL = LAUNCH / "local_multiprocess.sh"
 
 # A stand-in trainer: writes its arguments, working directory and the launch environment to
 # $STUB_OUT/<something unique>.json, then exits with $STUB_EXIT_<process id> (default 0) after
-# sleeping $STUB_SLEEP_<process id> seconds.
+# sleeping $STUB_SLEEP_<process id> seconds. $STUB_EXITS_<process id>="75,0" gives each of its
+# runs its own status, in order (the last one for every run after).
 STUB_TRAINER = textwrap.dedent("""\
     import json, os, sys, time, uuid
     pid = os.environ.get("CLIPJAX_PROCESS_ID", "x")
@@ -35,6 +36,10 @@ STUB_TRAINER = textwrap.dedent("""\
         json.dump(record, f)
     print("stub trainer", pid, "started", flush=True)
     time.sleep(float(os.environ.get(f"STUB_SLEEP_{pid}", "0")))
+    statuses = os.environ.get(f"STUB_EXITS_{pid}", "").split(",")
+    runs = len([n for n in os.listdir(os.environ["STUB_OUT"]) if n.startswith(f"{pid}-")])
+    if statuses != [""]:
+        sys.exit(int(statuses[min(runs, len(statuses)) - 1]))
     sys.exit(int(os.environ.get(f"STUB_EXIT_{pid}", "0")))
     """)
 
@@ -236,9 +241,9 @@ def test_tpu_dry_run_create_copies_installs_and_runs_on_all_workers(tmp_path):
     assert train.startswith(f"gcloud compute tpus tpu-vm ssh my-tpu {where} --worker=all --command=")
     train_cmd = shlex.split(train)[-1].removeprefix("--command=")
     assert "cd clipjax;" in train_cmd and "export MY_A=1;" in train_cmd and "export MY_B=" in train_cmd
-    assert train_cmd.endswith(
-        r"python3 -m clipjax.train --config configs/demo.py:tiny "
-        r"--workdir gs://bucket/run\ 1 --config.steps=7"
+    assert (
+        r"until python3 -m clipjax.train --config configs/demo.py:tiny "
+        r"--workdir gs://bucket/run\ 1 --config.steps=7; do" in train_cmd
     )
     # A dry run runs nothing.
     assert not (tmp_path / "clipjax-code-my-tpu.tar.gz").exists()
@@ -341,6 +346,49 @@ def test_tpu_remote_command_delivers_values_intact(tmp_path, stub):
     ]
     assert record["env"]["MY_B"] == TRICKY and record["env"]["MY_EMPTY"] == ""
     assert record["cwd"] == str(home / "code dir")
+
+
+@pytest.mark.parametrize(
+    "statuses, runs, final", [("75,0", 2, 0), ("75,75,2", 3, 2), ("2", 1, 2), ("1", 1, 1), ("0", 1, 0)]
+)
+def test_tpu_workers_start_a_run_that_stopped_early_again(tmp_path, stub, statuses, runs, final):
+    """Exit status 75 (stopped early, step saved: a maintenance event's SIGTERM) starts the
+    trainer again on the worker, to resume; 0 (done), 2 (a mistake) or 1 (a crash) end it."""
+    env, records = stub
+    for detach in (False, True):
+        for record in (tmp_path / "stub_out").iterdir():
+            record.unlink()
+        r = sh(
+            TPU,
+            "--tpu",
+            "t",
+            "--zone",
+            "z",
+            "--workdir",
+            "gs://b/w",
+            "--skip-setup",
+            "--dry-run",
+            *(["--detach"] if detach else []),
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr
+        command = shlex.split(plus_lines(r.stdout)[-1])[-1].removeprefix("--command=")
+        home = tmp_path / "home"
+        (home / "clipjax").mkdir(parents=True, exist_ok=True)
+        if detach:  # the loop, as nohup runs it in the background
+            command = command.replace("nohup ", "", 1).removesuffix(" &")
+        done = subprocess.run(
+            ["bash", "-c", command],
+            cwd=home,
+            env={**os.environ, **env, "STUB_EXITS_x": statuses},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == final, done.stderr
+        assert len(records()) == runs
+        log = (home / "clipjax" / "logs" / "train.log").read_text() if detach else done.stderr
+        assert log.count("stopped early (exit status 75), resuming") == runs - 1 - (final == 75)
 
 
 FAKE_GCLOUD = textwrap.dedent("""\
@@ -557,9 +605,12 @@ def test_slurm_dry_run_per_gpu(tmp_path, configs_here):
         ':$((29500 + SLURM_JOB_ID % 10000))"'
     ) in text
     assert "srun --kill-on-bad-exit=1" in text
-    assert body[-1] == (
+    trainer_line = next(line for line in body if line.startswith("' clipjax-task"))
+    assert trainer_line == (
         "' clipjax-task --config configs/clip_vit_b16.py:tiny --workdir /shared/runs/b16 --config.steps=9"
+        " || status=$?"
     )
+    assert body[-1] == 'exit "$status"'
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
     # The script is valid bash.
     script = tmp_path / "job.sbatch"
@@ -589,7 +640,7 @@ def test_slurm_dry_run_per_node_and_port(tmp_path, configs_here):
     assert not any(line.startswith(("#SBATCH --partition", "#SBATCH --time")) for line in body)
     assert f"#SBATCH --output={tmp_path.resolve()}/jobs/%x-%j.out" in body
     assert any(line.endswith(':12345"') and "CLIPJAX_COORDINATOR" in line for line in body)
-    assert body[-1] == "' clipjax-task --config configs/clip_vit_b16.py --workdir runs/clipjax"
+    assert "' clipjax-task --config configs/clip_vit_b16.py --workdir runs/clipjax || status=$?" in body
 
 
 FAKE_SBATCH = textwrap.dedent("""\
@@ -602,10 +653,11 @@ FAKE_SBATCH = textwrap.dedent("""\
     export SLURM_JOB_ID=4321 SLURM_JOB_NODELIST=fake SLURM_JOB_NUM_NODES=$nodes
     export SLURM_NTASKS=$((nodes * per_node)) SLURM_NTASKS_PER_NODE=$per_node
     echo "Submitted batch job $SLURM_JOB_ID"
-    bash "$1" > "$FAKE_JOB_OUT" 2>&1
+    bash "$1" > "$FAKE_JOB_OUT" 2>&1 || true  # the job's status is not sbatch's
     """)
 FAKE_SCONTROL = textwrap.dedent("""\
     #!/usr/bin/env bash
+    if [[ $1 == requeue ]]; then echo "$2" >> "$FAKE_REQUEUED"; exit 0; fi
     [[ "$1 $2 $3" == "show hostnames fake" ]] || exit 1
     for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do echo "node-$i"; done
     """)
@@ -613,10 +665,14 @@ FAKE_SRUN = textwrap.dedent("""\
     #!/usr/bin/env bash
     # Stand-in for srun: every task of the job, with its SLURM rank variables.
     while [[ $1 == --* ]]; do shift; done
+    pids=()
     for ((t = 0; t < SLURM_NTASKS; t++)); do
       SLURM_PROCID=$t SLURM_LOCALID=$((t % SLURM_NTASKS_PER_NODE)) "$@" &
+      pids+=($!)
     done
-    wait
+    status=0
+    for p in "${pids[@]}"; do wait "$p" || { s=$?; ((status)) || status=$s; }; done
+    exit "$status"
     """)
 
 
@@ -630,8 +686,33 @@ def fake_slurm(tmp_path, stub):
     make_executable(bin_dir / "sbatch", FAKE_SBATCH)
     make_executable(bin_dir / "scontrol", FAKE_SCONTROL)
     make_executable(bin_dir / "srun", FAKE_SRUN)
-    env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_JOB_OUT": str(tmp_path / "job.out")}
+    env = {
+        **env,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_JOB_OUT": str(tmp_path / "job.out"),
+        "FAKE_REQUEUED": str(tmp_path / "requeued"),
+    }
     return env, records
+
+
+@pytest.mark.parametrize("status, requeued", [(75, True), (2, False), (0, False)])
+def test_slurm_job_that_stopped_early_is_requeued_to_resume(
+    tmp_path, configs_here, fake_slurm, status, requeued
+):
+    """Exit status 75 (stopped early at the time limit or a preemption, step saved) requeues
+    the job, which resumes; 0 (done) and 2 (a mistake) do not."""
+    env, records = fake_slurm
+    env = {**env, "STUB_EXIT_0": str(status), "STUB_EXIT_1": str(status)}
+    r = sh(SLURM, "--nodes", "1", "--gpus-per-node", "2", "--workdir", "w", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    script = (tmp_path / "runs" / "slurm" / "clipjax.sbatch").read_text()
+    assert "#SBATCH --requeue" in script.splitlines()
+    job = (tmp_path / "job.out").read_text()
+    assert len(records()) == 2, job
+    assert (tmp_path / "requeued").exists() == requeued, job
+    if requeued:
+        assert (tmp_path / "requeued").read_text() == "4321\n"
+        assert "requeueing job 4321 to resume" in job
 
 
 @pytest.mark.parametrize("mode", ["per-gpu", "per-node"])
@@ -791,6 +872,28 @@ def test_local_failure_stops_the_others_and_propagates_the_status(tmp_path, conf
     runs = records()
     assert len(runs) == 2
     assert all(gone(x["pid"]) for x in runs)
+
+
+def test_local_run_that_stopped_early_is_started_again_to_resume(tmp_path, configs_here, stub):
+    """Both processes exit 75 (stopped early, step saved): all are started again, on a new
+    coordinator port, and the launcher ends with the second run's status."""
+    env, records = stub
+    env = {**env, "STUB_EXITS_0": "75,0", "STUB_EXITS_1": "75,0"}
+    r = sh(LOCAL, "2", "--workdir", "wd", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = records()
+    assert sorted(x["env"]["CLIPJAX_PROCESS_ID"] for x in runs) == ["0", "0", "1", "1"]
+    assert len({x["env"]["CLIPJAX_COORDINATOR"] for x in runs}) == 2
+    assert r.stderr.count("starting the processes again to resume") == 1
+    assert "all 2 processes finished" in r.stdout
+    # A mistake (2) after the resume ends it, with that status.
+    for record in (tmp_path / "stub_out").iterdir():
+        record.unlink()
+    env = {**env, "STUB_EXITS_0": "75,2", "STUB_EXITS_1": "75,0"}
+    r = sh(LOCAL, "2", "--workdir", "wd", cwd=tmp_path, env=env)
+    # (process 1's second run may be stopped before it records itself)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert [x["env"]["CLIPJAX_PROCESS_ID"] for x in records()].count("0") == 2
 
 
 def test_local_interrupt_stops_every_process(tmp_path, configs_here, stub):

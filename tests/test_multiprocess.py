@@ -8,8 +8,10 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from clipjax.checkpoint import Checkpointer
+from tests.helpers import with_ctrl_c
 from tests.test_train import ROOT
 
 STEPS = 20
@@ -114,30 +116,41 @@ def test_two_processes_match_one_process(tfds_dir, tmp_path):
     )
 
 
-def test_sigterm_on_one_host_stops_both_at_the_same_step_with_a_checkpoint(tfds_dir, tmp_path):
-    """A preemption notice reaches one process; both stop at one agreed step and save it, with no
-    per-step collective to agree on it (JAX's coordination service does, in the background)."""
+def test_a_stop_signal_on_one_host_stops_both_at_the_same_step_with_a_checkpoint(tfds_dir, tmp_path):
+    """A preemption notice reaches one process (here a Ctrl-C, which a process of a multi-process
+    run passes on to itself as SIGTERM); both stop at one agreed step and save it, with no
+    per-step collective to agree on it (JAX's coordination service does, in the background),
+    and exit with status 75: stopped early, resume me."""
+    import re
     import signal
     import time
 
     workdir = tmp_path / "run"
     command = [*_command(workdir, tfds_dir), "--config.steps=100000", "--config.evals.at_end=False"]
+    command = with_ctrl_c(command)
     procs = _launch_two_processes(command)
     try:
         deadline = time.monotonic() + 300
         while not (workdir / "metrics.jsonl").exists() or len(_losses(workdir)) < 3:
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            if any(p.poll() is not None for p in procs):
+                for p in procs:
+                    p.kill()
+                pytest.fail("a process ended early:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
+            assert time.monotonic() < deadline
             time.sleep(0.5)
-        procs[1].send_signal(signal.SIGTERM)
+        procs[1].send_signal(signal.SIGINT)
         outputs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
+    steps = []
     for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out
-    stopped = [line for line in outputs[0].splitlines() if line.startswith("stopped at step")]
-    assert stopped and "SIGTERM" in stopped[0], outputs[0]
-    step = int(stopped[0].split()[3].rstrip(":"))
+        assert p.returncode == 75, out
+        stopped = [line for line in out.splitlines() if line.startswith("clipjax.train: stopped at step")]
+        assert len(stopped) == 1 and "SIGTERM received" in stopped[0], out
+        steps.append(int(re.match(r"clipjax\.train: stopped at step (\d+) ", stopped[0]).group(1)))
+    step = steps[0]
+    assert steps[1] == step
     assert 3 <= step < 100000
     checkpointer = Checkpointer(str(workdir))
     assert checkpointer.latest_step() == step

@@ -285,6 +285,9 @@ def _env(tmp_path: pathlib.Path):
     # Local temporary files (the TensorBoard staging folder a killed run leaves) stay in the test's.
     (tmp_path / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(tmp_path / "tmp")}
+    # As most users have it: keys in the environment, no ~/.aws files.
+    env["AWS_CONFIG_FILE"] = str(tmp_path / "no_aws" / "config")
+    env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no_aws" / "credentials")
     # (The subprocesses reuse the compilations of the tests: tests/conftest.py sets the cache.)
     return env
 
@@ -309,6 +312,14 @@ def _run(cmd, cwd, log: pathlib.Path):
     with open(log, "w") as out:
         result = subprocess.run(cmd, cwd=cwd, env=_env(log.parent), stdout=out, stderr=subprocess.STDOUT)
     assert result.returncode == 0, log.read_text()[-4000:]
+    _no_credentials_noise(log.read_text())
+
+
+def _no_credentials_noise(console: str) -> None:
+    """The AWS library inside tensorstore logged each credential source it skipped as an error
+    (about 30 lines a run: "Failed to open file ... ~/.aws/credentials", ...)."""
+    noise = [line for line in console.splitlines() if "AuthCredentialsProvider" in line or ".aws/" in line]
+    assert not noise, noise[:5]
 
 
 def _params(workdir: str):
@@ -357,6 +368,7 @@ def test_kill_resume_load_and_evaluate_in_a_bucket(bucket, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+    _no_credentials_noise((tmp_path / "killed.log").read_text())
     checkpointer = Checkpointer(killed, create=False)
     steps = checkpointer.all_steps()
     assert steps and steps[-1] < STEPS

@@ -2,7 +2,9 @@
 write failures are handled, one trainer per workdir, one-line errors (the issue's situations)."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -286,6 +288,58 @@ def test_a_failed_checkpoint_write_stops_the_run_at_once(run, tmp_path, monkeypa
     assert Checkpointer(str(tmp_path / "run")).all_steps() == [1, 2]
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MB file system of its own (a tmpfs: root only), room for one tiny checkpoint."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(run, small_disk):
+    """A real ENOSPC in Orbax's asynchronous write: it used to print 300 lines and a dozen
+    tracebacks before the one line (exit 1), and leave `4.orbax-checkpoint-tmp` behind."""
+    workdir = small_disk / "run"
+    result = _cli(
+        [
+            "clipjax.train",
+            "--config",
+            "configs/demo.py:tiny",
+            "--workdir",
+            str(workdir),
+            f"--config.data.data_dir={run[1].data.data_dir}",
+            "--config.steps=40",
+            "--config.checkpoint_every=2",
+            "--config.evals.at_end=False",
+        ]
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+    # stderr: the progress lines, then ours
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and re.fullmatch(
+        rf"clipjax\.train: checkpoint 4 could not be written to {re.escape(str(workdir / 'checkpoints'))} "
+        r"\((OSError: \[Errno 28\] )?No space left on device\)",  # tensorstore's or Python's write
+        errors[0],
+    ), result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if not line.startswith("step ")] == _error_lines(
+        result.stderr
+    ), result.stderr[-3000:]
+    assert os.listdir(workdir / "checkpoints") == ["2"]  # no partial step 4
+    checkpointer = Checkpointer(str(workdir))
+    assert {"state", "data", "meta"} <= set(checkpointer.read_everything(2))
+    checkpointer.close()
+    assert not (workdir / "LOCK").exists()
+
+
 def _raise_enospc(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
@@ -481,6 +535,21 @@ def test_load_api_checks_and_converts_its_inputs(run):
         with pytest.raises((ValueError, TypeError), match=match) as info:
             model.encode_image(bad)
         assert "\n" not in str(info.value)
+
+
+def test_loading_a_workdir_logs_no_missing_metadata_warning(run, caplog):
+    """Every load (of a trained workdir, or one `clipjax.convert import` wrote: the same layout)
+    logged `WARNING:absl:Metadata file does not exist: .../checkpoints/4/state/_CHECKPOINT_METADATA`:
+    the parameters' metadata was read as if `<step>/state` were a step of its own."""
+    caplog.set_level(logging.INFO)
+    model = clipjax.load(str(run[0]), devices=jax.devices()[:1])
+    assert model.step == 4
+    checkpointer = Checkpointer(str(run[0]), create=False)
+    shapes = lambda tree: sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))  # noqa: E731
+    assert shapes(checkpointer.params_metadata(4)) == shapes(model.params)
+    checkpointer.close()
+    noise = [r.getMessage() for r in caplog.records if "Metadata file" in r.getMessage()]
+    assert not noise, noise
 
 
 # 14 -----------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from clipjax.data.images import decode_image
 from clipjax.data.shapes import caption_text_id
 from clipjax.data.sources import make_source
 from clipjax import paths
-from tests.helpers import data_config
+from tests.helpers import data_config, descendants, kill_all, survivors
 from tests.test_train import ROOT, load_config
 
 try:  # the bucket stand-ins, where installed ('clipjax[test]')
@@ -265,6 +265,41 @@ def test_worker_processes_give_the_same_batches_and_resume(shards):
     for want, batch in zip(reference, got, strict=True):
         for key in want:
             np.testing.assert_array_equal(batch[key], want[key])
+
+
+_STREAM_THEN_WAIT = """
+import pathlib, sys, time
+from tests.test_webdataset import _source
+
+source = _source(pathlib.Path(sys.argv[1]), worker_count=2)
+next(source.train_iterator(source.tokenizer(), seed=1))
+print("decoding in workers", flush=True)
+time.sleep(300)
+"""
+
+
+def test_decode_workers_end_with_a_killed_parent(shards):
+    """The decode worker processes end when the process reading the stream is SIGKILLed (they
+    used to be re-parented to init and live on, about 250 MB each)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _STREAM_THEN_WAIT, str(shards[0])],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
+    )
+    workers = {}
+    try:
+        assert parent.stdout.readline().strip() == "decoding in workers"
+        workers = descendants(parent.pid)
+        assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+        parent.kill()
+        parent.wait()
+        assert not survivors(workers), "decode workers outlived their parent"
+    finally:
+        kill_all(workers)
+        parent.kill()
+        parent.wait()
 
 
 def test_random_crops_are_seeded_per_sample_and_epoch(shards):

@@ -52,7 +52,7 @@ from tensorflow_datasets.core import naming
 from tqdm import tqdm
 
 from clipjax import paths
-from clipjax.data import folder_tfds, locking, pipeline, streaming, tfds_util
+from clipjax.data import folder_tfds, locking, parent_watch, pipeline, streaming, tfds_util
 from clipjax.data.images import decode_image
 
 _PLAN = "plan.json"
@@ -420,8 +420,14 @@ def _done(work_dir: str, unit: Unit) -> bool:
 
 def _pool(workers: int, jobs: int) -> concurrent.futures.Executor:
     # spawn: the workers start clean, not as copies of a parent that may hold threads and locks.
+    # They end with this process, even a killed one, rather than convert on unseen (parent_watch).
     context = multiprocessing.get_context("spawn")
-    return concurrent.futures.ProcessPoolExecutor(max(1, min(workers, jobs)), mp_context=context)
+    return concurrent.futures.ProcessPoolExecutor(
+        max(1, min(workers, jobs)),
+        mp_context=context,
+        initializer=parent_watch.init_worker,
+        initargs=(os.getpid(),),
+    )
 
 
 def _skipped_line(skipped, examples: list[str]) -> str:

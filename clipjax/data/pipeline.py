@@ -57,7 +57,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from clipjax.data import records
+from clipjax.data import parent_watch, records
 from clipjax.data.images import check_crop_scale, decode_image, random_resized_crop_box, square_rgb
 
 BATCH_KEYS = ("image", "text", "text_id", "index", "label")
@@ -623,7 +623,11 @@ def make_train_iterator(
         ds = grain.MapDataset.source(chunks)[first:].map(decoder)
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
         if workers > 0:
-            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+            it_ds = it_ds.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=workers),
+                # Workers end with this process, even when it is killed (parent_watch).
+                worker_init_fn=functools.partial(parent_watch.init_worker, os.getpid()),
+            )
         return iter(it_ds)
 
     max_bad = data_config.max_bad_fraction

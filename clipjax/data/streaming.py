@@ -92,6 +92,7 @@ import functools
 import itertools
 import json
 import multiprocessing
+import os
 import posixpath
 import queue
 import re
@@ -104,7 +105,7 @@ from absl import logging
 import numpy as np
 
 from clipjax import paths
-from clipjax.data import pipeline
+from clipjax.data import parent_watch, pipeline
 from clipjax.data.images import decode_image, random_resized_crop_box
 from clipjax.data.shapes import caption_text_id
 
@@ -657,8 +658,9 @@ class SampleDecoder:
 _WORKER_DECODER: SampleDecoder | None = None
 
 
-def _init_worker(decoder: SampleDecoder) -> None:
+def _init_worker(decoder: SampleDecoder, parent_pid: int) -> None:
     global _WORKER_DECODER
+    parent_watch.init_worker(parent_pid)  # ends with the trainer, even a killed one
     _WORKER_DECODER = decoder
 
 
@@ -761,7 +763,7 @@ class _Prefetcher:
                 workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(decoder,),
+                initargs=(decoder, os.getpid()),
             )
             self._decode = _decode_in_worker
         else:

@@ -4,6 +4,7 @@ periodic evaluation, profiling."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import tempfile
@@ -115,42 +116,64 @@ def nonfinite_hook(max_streak: int) -> Callable[[StepInfo], str | None]:
     return check
 
 
-class PreemptionWatch:
-    """Turns a preemption notice (SIGTERM) into a request to checkpoint and stop after a step.
+class StoppedEarly(Exception):
+    """The run was asked to stop (SIGTERM, SIGINT) before its last step, and saved the step it
+    stopped at: the same command resumes it. Command lines exit with `cli.RESUME_EXIT_STATUS`."""
 
-    One process: a SIGTERM handler sets a flag, read after each step. Several processes must
-    all stop at the same step (a checkpoint is a collective), but agreeing on it with a
-    collective every step would stall a pod's asynchronous dispatch. JAX's coordination service
-    already catches SIGTERM on every host and, in the background, picks the first step all
-    hosts can still reach; `multihost_utils.reached_preemption_sync_point(step)` is a local
-    check that turns true on every host at that step. Use as a context manager; the instance
-    is the hook (it must run every step, as the sync point asks).
+
+class PreemptionWatch:
+    """Turns a preemption notice (SIGTERM) or Ctrl-C (SIGINT) into a request to checkpoint and
+    stop after the current step.
+
+    One process: a handler sets a flag, read after each step. A second Ctrl-C stops at once
+    (KeyboardInterrupt), finishing only the save in progress. Several processes must all stop
+    at the same step (a checkpoint is a collective), but agreeing on it with a collective every
+    step would stall a pod's asynchronous dispatch. JAX's coordination service already catches
+    SIGTERM on every host and, in the background, picks the first step all hosts can still
+    reach; `multihost_utils.reached_preemption_sync_point(step)` is a local check that turns
+    true on every host at that step, and a Ctrl-C is passed on to it as a SIGTERM. Use as a
+    context manager; the instance is the hook (it must run every step, as the sync point asks).
     """
 
     def __enter__(self):
-        self._flag = False
-        self._previous = None
+        self.received: str | None = None  # the stop request's reason, once there is one
+        self._previous: dict[int, object] = {}
         self._multi_process = jax.process_count() > 1
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers; the caller keeps its own
         # With several processes the coordination service owns SIGTERM; a Python handler here
         # would take the notice away from it.
-        if not self._multi_process and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if not self._multi_process:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+        # SIGINT only where Python's own handler is in place: a process started in the
+        # background by a shell ignores it, and must go on ignoring it.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            handler = self._pass_on_as_sigterm if self._multi_process else self._handle
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
         return self
 
     def _handle(self, signum, frame):
-        self._flag = True
+        if signum == signal.SIGINT and self.received is not None and "SIGINT" in self.received:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.received is None:
+            self.received = (
+                "SIGINT received (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM received (preemption)"
+            )
+
+    def _pass_on_as_sigterm(self, signum, frame):
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def requested(self, step: int) -> bool:
-        if self._multi_process:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._flag
+        if self._multi_process and multihost_utils.reached_preemption_sync_point(step):
+            self.received = self.received or "SIGTERM received (preemption)"
+        return self.received is not None
 
     def __call__(self, info: StepInfo) -> str | None:
-        return "SIGTERM received (preemption)" if self.requested(info.step) else None
+        return self.received if self.requested(info.step) else None
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 

@@ -174,8 +174,13 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
 
     train_step = make_train_step(config, mesh, graphdef, shardings, initial.tx, initial.schedule)
     writer = MetricWriter(workdir, enabled=lead, config=config)
-    # Told whether the run is ending in an error, so that W&B does not show a crash as finished.
-    cleanup.push(lambda exc_type, *_: writer.close(failed=exc_type is not None))
+    # Told whether the run is ending in an error, so that W&B does not show a crash as finished
+    # (a run stopped by a signal is not one: it resumes).
+    cleanup.push(
+        lambda exc_type, *_: writer.close(
+            failed=exc_type is not None and not issubclass(exc_type, hooks.StoppedEarly)
+        )
+    )
     progress = Progress(total, enabled=lead)
     evaluation = EvalRunner(config, source, tokenizer, log=log)
     t_prepared = time.perf_counter()
@@ -265,10 +270,16 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
                 checkpointer.wait()
             raise
     step, stop_reason = trainer.step, trainer.stop_reason
-    if stop_reason:
+    asked_to_stop = stop_reason is not None and stop_reason == preemption.received
+    if stop_reason and not asked_to_stop:
         log(f"stopped at step {step}: {stop_reason}")
     writer.plot_spectra()
     checkpointer.wait()
+    if asked_to_stop:
+        # Unfinished, not failed: its own exit status, so that a wrapper retries it.
+        raise hooks.StoppedEarly(
+            f"stopped at step {step} of {total}: {stop_reason}; saved, run the same command to resume"
+        )
     t_trained = time.perf_counter()
 
     report = {}
