@@ -274,17 +274,23 @@ class Checkpointer:
         its space back at once, not at the next start)."""
         self._failed = True
         step = self._writing
-        if step is not None and not paths.is_remote(self.directory):
-            # Orbax writes a local step into '<step>.orbax-checkpoint-tmp...' and renames it at
-            # the end; a bucket's step is only listed once its commit file exists.
-            for partial in paths.path(self.directory).glob(f"{step}{ocp.path.atomicity.TMP_DIR_SUFFIX}*"):
-                shutil.rmtree(partial, ignore_errors=True)
+        self._remove_partial_save()
         # A full disk, said the same way whichever writer met it first (through tensorstore it
         # is a long RESOURCE_EXHAUSTED message that names the cause only at its end).
         reason = one_line(error)
         if "No space left on device" in str(error) and "No space left on device" not in reason:
             reason = "No space left on device"
         return CheckpointWriteError(f"checkpoint {step} could not be written to {self.directory} ({reason})")
+
+    def _remove_partial_save(self) -> None:
+        """Remove what the failed save of step `_writing` wrote. Orbax writes a local step into
+        '<step>.orbax-checkpoint-tmp...' and renames it when complete; a bucket's step is only
+        listed once its commit file exists, and is left as it is."""
+        if self._writing is None or paths.is_remote(self.directory):
+            return
+        pattern = f"{self._writing}{ocp.path.atomicity.TMP_DIR_SUFFIX}*"
+        for partial in paths.path(self.directory).glob(pattern):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def close(self) -> None:
         """Finish the save in progress and let go; a failed write that was already raised is
@@ -298,6 +304,8 @@ class Checkpointer:
                 cleanup.result()
         finally:
             self.manager.close()
+            if self._failed:  # again: the failed save's other writers may have gone on until now
+                self._remove_partial_save()
 
 
 def newest_readable(steps: list[int], read: Callable[[int], Any], *, log=print, what: str = "checkpoint"):
