@@ -183,7 +183,9 @@ class ClassificationEvaluator(Evaluator):
         classes = present = None
         if s["zero_shot"]:
             names, templates = self.zero_shot_task()
-            warn_unreadable_class_names(self.data.tokenizer, names, templates, f"evals.{self.name}", self.log)
+            warn_unreadable_class_names(
+                getattr(encoders, "tokenizer", None), names, templates, f"evals.{self.name}", self.log
+            )
             classes = class_embeddings(encoders.text, names, templates)
             if base_name(name) in _PRESENT_ONLY:
                 present = self._present_labels(split)

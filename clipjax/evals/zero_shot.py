@@ -108,7 +108,11 @@ class ZeroShotEvaluator(Evaluator):
                     f"held-out label {int(labels.max())} has no class name ({len(class_names)} names given)"
                 )
             unknown = warn_unreadable_class_names(
-                self.data.tokenizer, class_names, templates, f"evals.{self.name} ({attribute})", self.log
+                getattr(encoders, "tokenizer", None),
+                class_names,
+                templates,
+                f"evals.{self.name} ({attribute})",
+                self.log,
             )
             classes = class_embeddings(encoders.text, class_names, templates)
             emb, labels = image_emb[labelled], labels[labelled]
