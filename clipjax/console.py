@@ -26,12 +26,20 @@ _REPORTED_BY_CLIPJAX = (f"{os.sep}orbax{os.sep}",)
 _ORBAX_WORK = (*_REPORTED_BY_CLIPJAX, ".orbax-checkpoint-tmp")
 
 
+# Notices that say nothing a user needs (path part of the logging module, start of the message):
+# tfds names every dataset configuration it was not shipped with, and clipjax's own data sources
+# (own CSVs and folders) are all such configurations.
+_BENIGN_NOTICES = ((f"tensorflow_datasets{os.sep}", "Using custom data configuration"),)
+
+
 class _LeaveOutReportedLibraries(logging.Filter):
     """Records logged from those libraries' code, and asyncio's about their work: the failure of
     a task or future nobody awaited, as Orbax leaves them when a save fails."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "asyncio":
+            if any(p in record.pathname and str(record.msg).startswith(m) for p, m in _BENIGN_NOTICES):
+                return False
             return not any(part in record.pathname for part in _REPORTED_BY_CLIPJAX)
         text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
         return not any(part in text for part in _ORBAX_WORK)

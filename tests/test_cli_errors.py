@@ -157,3 +157,23 @@ def test_command_line_mistakes_are_one_line_and_status_2(empty_workdir, args, ex
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [expected.format(w=empty_workdir)], result.stderr[-3000:]
     assert not (empty_workdir / "run").exists()
+
+
+def test_tfds_naming_a_custom_configuration_is_left_off_the_console():
+    """Own data is always a configuration tfds was not shipped with; its warning saying so was the
+    first of two lines before a refused run's one-line error."""
+    import logging
+
+    from clipjax.console import quiet_libraries
+
+    quiet_libraries(verbose=False)
+    absl_logger = logging.getLogger("absl")
+
+    def record(path, message):
+        return absl_logger.makeRecord("absl", logging.WARNING, path, 1, message, ("x",), None)
+
+    builder = "/venv/site-packages/tensorflow_datasets/core/dataset_builder.py"
+    assert not absl_logger.filter(record(builder, "Using custom data configuration: %s"))
+    # Everything else from tfds, and the same words from elsewhere, still reach the console.
+    assert absl_logger.filter(record(builder, "Dataset %s is corrupted"))
+    assert absl_logger.filter(record("/work/clipjax/data/pipeline.py", "Using custom data configuration: %s"))
