@@ -18,6 +18,7 @@ from clipjax.data import shapes
 from clipjax.data import shapes_tfds
 from clipjax.data import tokenizers
 from clipjax.data.sources import make_source
+from clipjax.schema import ConfigError
 from tests.helpers import data_config
 
 NUM_TRAIN, NUM_TEST, IMAGE_SIZE, SEED = 96, 32, 32, 5
@@ -363,6 +364,19 @@ def test_folder_test_fraction_holds_out_a_split(tmp_path):
     builder = folder_tfds.prepare_folder(str(tmp_path / "tfds"), str(tmp_path / "pairs"), test_fraction=0.4)
     train, test = builder.as_data_source("train"), builder.as_data_source("test")
     assert len(train) + len(test) == 9 and len(test) > 0
+
+
+@pytest.mark.parametrize("fraction,empty", [(0.001, "test"), (0.9999, "train")])
+def test_a_test_fraction_that_leaves_a_split_empty_is_one_line(tmp_path, fraction, empty):
+    """tfds refused the empty split with `AssertionError: ... No examples were yielded` (exit 1)."""
+    _write_folder(tmp_path / "pairs")
+    with pytest.raises(ConfigError) as error:
+        folder_tfds.prepare_folder(str(tmp_path / "tfds"), str(tmp_path / "pairs"), test_fraction=fraction)
+    assert str(error.value) == (
+        f"data.test_fraction: {fraction:g} of the 9 pairs leaves the {empty} split empty (files are held "
+        "out by a hash of their path); give a fraction that holds out some but not all, "
+        "data.eval_source, or 0 for no test split"
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import tensorflow_datasets as tfds
 from clipjax import paths
 from clipjax.data import shapes
 from clipjax.data import tfds_util
+from clipjax.schema import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -293,11 +294,20 @@ def is_test(key: str, test_fraction: float) -> bool:
 
 
 def split_pairs(pairs: list[Pair], test_fraction: float) -> dict[str, list[Pair]]:
-    """{'train': pairs, 'test': pairs (only with test_fraction > 0)}, each in the source's order."""
+    """{'train': pairs, 'test': pairs (only with test_fraction > 0)}, each in the source's order.
+    ConfigError when the hash leaves a split empty (a small source and a small fraction): tfds
+    refuses to write an empty split, with an assertion that names neither cause nor remedy."""
     held_out = [is_test(pair[0], test_fraction) for pair in pairs]
     splits = {"train": [p for p, t in zip(pairs, held_out) if not t]}
     if test_fraction:
         splits["test"] = [p for p, t in zip(pairs, held_out) if t]
+        empty = [name for name, items in splits.items() if not items]
+        if empty:
+            raise ConfigError(
+                f"data.test_fraction: {test_fraction:g} of the {len(pairs)} pairs leaves the "
+                f"{empty[0]} split empty (files are held out by a hash of their path); give a "
+                "fraction that holds out some but not all, data.eval_source, or 0 for no test split"
+            )
     return splits
 
 
