@@ -405,6 +405,19 @@ def _tower_config_checks(prefix: str, blocks: dict, width: int) -> list[tuple[st
     ]
 
 
+def _towers_config_checks(params: dict, conv, grid: int, tok, t_pos) -> list[tuple[str, Any]]:
+    """The config.json fields both Hugging Face layouts (CLIP, SigLIP) state about their towers,
+    with the values the imported tensors give."""
+    return [
+        *_tower_config_checks("vision_config", params["image_tower"]["encoder"]["blocks"], conv.shape[0]),
+        ("vision_config.patch_size", int(conv.shape[-1])),
+        ("vision_config.image_size", int(grid * conv.shape[-1])),
+        *_tower_config_checks("text_config", params["text_tower"]["encoder"]["blocks"], tok.shape[1]),
+        ("text_config.vocab_size", int(tok.shape[0])),
+        ("text_config.max_position_embeddings", int(t_pos.shape[0])),
+    ]
+
+
 def _position_ids(name: str) -> bool:
     return name.endswith("embeddings.position_ids")  # a buffer of older transformers versions
 
@@ -444,12 +457,7 @@ def from_hf_clip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int
         "hf_clip checkpoint",
         config,
         [
-            *_tower_config_checks("vision_config", params["image_tower"]["encoder"]["blocks"], conv.shape[0]),
-            ("vision_config.patch_size", int(conv.shape[-1])),
-            ("vision_config.image_size", int(grid * conv.shape[-1])),
-            *_tower_config_checks("text_config", params["text_tower"]["encoder"]["blocks"], tok.shape[1]),
-            ("text_config.vocab_size", int(tok.shape[0])),
-            ("text_config.max_position_embeddings", int(t_pos.shape[0])),
+            *_towers_config_checks(params, conv, grid, tok, t_pos),
             ("projection_dim", int(params["image_proj"]["kernel"].shape[1])),
         ],
     )
@@ -522,12 +530,7 @@ def from_hf_siglip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, i
         "hf_siglip checkpoint",
         config,
         [
-            *_tower_config_checks("vision_config", blocks, v_width),
-            ("vision_config.patch_size", int(conv.shape[-1])),
-            ("vision_config.image_size", int(grid * conv.shape[-1])),
-            *_tower_config_checks("text_config", text_blocks, tok.shape[1]),
-            ("text_config.vocab_size", int(tok.shape[0])),
-            ("text_config.max_position_embeddings", int(t_pos.shape[0])),
+            *_towers_config_checks(params, conv, grid, tok, t_pos),
             ("text_config.projection_size", int(params["text_proj"]["kernel"].shape[1])),
         ],
     )
