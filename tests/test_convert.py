@@ -241,6 +241,8 @@ def test_command_line_prints_how_to_train_on_the_output(tmp_path):
             str(folder / "pairs.csv"),
             "--data_dir",
             str(tmp_path / "d"),
+            "--test_fraction",
+            "0.5",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -263,6 +265,31 @@ def test_command_line_prints_how_to_train_on_the_output(tmp_path):
         text=True,
     )
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+def test_a_test_fraction_that_leaves_the_test_split_empty_is_one_line_naming_the_flag(tmp_path):
+    """The default 0.02 of 11 pairs holds none out: one line naming --test_fraction, nothing written."""
+    folder = _write_folder(tmp_path / "pairs", 6)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipjax.data.convert",
+            str(folder / "pairs.csv"),
+            "--data_dir",
+            str(tmp_path / "d"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "python -m clipjax.data.convert: error: --test_fraction: 0.02 of the 11 pairs leaves the test split "
+        "empty (files are held out by a hash of their path); give a fraction that holds out some but not all, "
+        "or 0 for no test split"
+    )
+    assert not any((tmp_path / "d").rglob("*.array_record"))
 
 
 # ---------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def plan(source: str, *, test_fraction: float, shard_size: int, webdataset: bool
     if not pairs:
         raise ValueError(f"{source!r} holds no image-caption pairs")
     units = []
-    for split, items in folder_tfds.split_pairs(pairs, test_fraction).items():
+    for split, items in folder_tfds.split_pairs(pairs, test_fraction, setting="--test_fraction").items():
         numbered = [(i, image, caption, label) for i, (_, image, caption, label) in enumerate(items)]
         for start in range(0, len(numbered), shard_size):
             units.append(

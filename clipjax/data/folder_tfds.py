@@ -293,20 +293,24 @@ def is_test(key: str, test_fraction: float) -> bool:
     return zlib.crc32(_utf8(key)) < int(test_fraction * 2**32)
 
 
-def split_pairs(pairs: list[Pair], test_fraction: float) -> dict[str, list[Pair]]:
+def split_pairs(
+    pairs: list[Pair], test_fraction: float, setting: str = "data.test_fraction"
+) -> dict[str, list[Pair]]:
     """{'train': pairs, 'test': pairs (only with test_fraction > 0)}, each in the source's order.
-    ConfigError when the hash leaves a split empty (a small source and a small fraction): tfds
-    refuses to write an empty split, with an assertion that names neither cause nor remedy."""
+    ConfigError naming `setting` (the config key, or the converter's flag) when the hash leaves a
+    split empty (a small source and a small fraction): tfds refuses to write an empty split, with
+    an assertion that names neither cause nor remedy."""
     held_out = [is_test(pair[0], test_fraction) for pair in pairs]
     splits = {"train": [p for p, t in zip(pairs, held_out) if not t]}
     if test_fraction:
         splits["test"] = [p for p, t in zip(pairs, held_out) if t]
         empty = [name for name, items in splits.items() if not items]
         if empty:
+            elsewhere = ", data.eval_source," if setting.startswith("data.") else ","
             raise ConfigError(
-                f"data.test_fraction: {test_fraction:g} of the {len(pairs)} pairs leaves the "
+                f"{setting}: {test_fraction:g} of the {len(pairs)} pairs leaves the "
                 f"{empty[0]} split empty (files are held out by a hash of their path); give a "
-                "fraction that holds out some but not all, data.eval_source, or 0 for no test split"
+                f"fraction that holds out some but not all{elsewhere} or 0 for no test split"
             )
     return splits
 
