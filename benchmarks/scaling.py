@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from clipjax.cli import load_config_file  # noqa: E402
 from clipjax.config import apply_overrides  # noqa: E402
+from clipjax.planning.report import as_probe  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "scaling.json"
 DOC = ROOT / "docs" / "scaling.md"
@@ -258,7 +259,7 @@ def render(results: dict) -> tuple[str, str]:
         for (impl, micro), r in zip(columns, found):
             key = frontier_key(topology, impl, micro)
             took += sum(seconds.get(key, {}).values())
-            fitting = [int(b) for b, fits in probes.get(key, {}).items() if fits]
+            fitting = [int(b) for b, probe in probes.get(key, {}).items() if as_probe(probe).fits]
             if r:
                 cells.append(f"{r['batch']:,}")
             elif fitting:

@@ -17,7 +17,7 @@ from clipjax.planning import compile as compile_lib
 from clipjax.planning.chips import CHIPS, TopologyError, parse_topology
 from clipjax.planning.compile import compile_train_steps, plan_mesh, topology_devices
 from clipjax.planning.hlo import Program, summarize
-from clipjax.planning.report import Plan, find_batch, memory_table, render
+from clipjax.planning.report import Plan, Probe, find_batch, memory_table, render
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "clip_vit_b16.py") + ":tiny"
@@ -161,6 +161,33 @@ def test_find_batch_stops_within_its_resolution_of_the_answer():
     # the answer: 3 probes, where a granule of 8 would take 13.
     assert 100_000 * 7 / 8 <= found <= 100_000 and found % 8 == 0
     assert len(calls) <= 12
+
+
+def test_find_batch_aims_at_the_boundary_when_probes_know_their_memory():
+    """With the memory each probe asked for, the search aims where it reaches HBM: an affine
+    memory (the towers' activations) takes 5 probes where doubling and bisection take 12, and a
+    quadratic one (the gather loss's logits) stays within the resolution."""
+
+    def search(fill_at, known=None):
+        calls = []
+
+        def fits(b):
+            calls.append(b)
+            return Probe(fill_at(b) <= 1.0, fill_at(b))
+
+        found = find_batch(fits, start=512, granule=128, resolution=8, known=known, log=lambda _: None)
+        truth = max(b for b in range(128, 1 << 22, 128) if fill_at(b) <= 1.0)
+        return found, truth, calls
+
+    found, truth, calls = search(lambda b: 0.2 + 0.8 * b / 100_000)
+    assert found == truth == 99_968 and len(calls) <= 5
+    found, truth, calls = search(lambda b: 0.1 + 0.9 * (b / 150_000) ** 2)
+    assert truth * 7 / 8 <= found <= truth and len(calls) <= 9
+    # A resumed search starts from the probes it had (bools, as stored before fills were kept).
+    found, truth, calls = search(
+        lambda b: 0.2 + 0.8 * b / 100_000, known={512: True, 1024: True, 262144: False}
+    )
+    assert found == truth and 512 not in calls and 1024 not in calls and len(calls) <= 4
 
 
 def test_a_refusal_for_memory_is_a_result():

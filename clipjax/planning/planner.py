@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 from clipjax.config import ConfigError, validate
@@ -15,7 +16,7 @@ from clipjax.planning.compile import (
     planned_vocab_size,
     topology_devices,
 )
-from clipjax.planning.report import IMAGES_PER_CORE, Plan, find_batch
+from clipjax.planning.report import IMAGES_PER_CORE, Plan, Probe, find_batch
 
 
 def build_plan(
@@ -78,8 +79,9 @@ def largest_batch(
     the answer (a per-shard multiple of `_granule`). With `micro_per_chip`, every trial batch
     runs as micro-batches of that many examples per chip (`microbatches` = per-chip batch / it):
     the towers then hold one micro-batch, and the loss's memory is what grows. `probes` (per-shard
-    batch -> fits), when given, is read before compiling and filled after: a search stopped
-    part-way resumes from the probes it had done."""
+    batch -> {"fits", "fill"}, or a bool as stored before fills were kept), when given, is read
+    before compiling and filled after: a search stopped part-way resumes from the probes it had
+    done."""
     chip, devices = topology_devices(topology)
     mesh = plan_mesh(config, devices)
     ways = batch_parallelism(mesh)
@@ -98,25 +100,33 @@ def largest_batch(
 
     probes = {} if probes is None else probes
 
-    def fits(per_shard: int) -> bool:
-        if str(per_shard) in probes:
-            return probes[str(per_shard)]
-        probes[str(per_shard)] = answer = compiled_fits(per_shard)
-        return answer
+    def fits(per_shard: int) -> Probe:
+        probe = compiled_fits(per_shard)
+        probes[str(per_shard)] = dataclasses.asdict(probe)
+        return probe
 
-    def compiled_fits(per_shard: int) -> bool:
+    def compiled_fits(per_shard: int) -> Probe:
         trial = trial_config(per_shard)
         try:
             validate(trial, num_devices=len(devices), check_data=False)
         except ConfigError:
-            return False
-        # The cheaper train step first: a batch that fails it needs no metrics compile.
+            return Probe(False)
+        # The cheaper train step first: a batch that fails it needs no metrics compile. The fill
+        # (memory asked / HBM, the larger step's) lets the search aim at the boundary.
+        fill = 0.0
         for flag in (False, True):
             step = compile_train_steps(trial, mesh, vocab_size=vocab, metrics=(flag,))[flag]
+            fill = max(fill, (step.memory.total if step.fits else step.required_bytes) / chip.hbm_bytes)
             if not step.fits or step.memory.total > chip.hbm_bytes:
-                return False
-        return True
+                return Probe(False, round(fill, 6) if fill else None)
+        return Probe(True, round(fill, 6))
 
-    # Bisect to a fraction of the answer: a few compiles, not dozens.
-    per_shard = find_batch(fits, start=start, granule=granule, resolution=resolution, log=log)
+    per_shard = find_batch(
+        fits,
+        start=start,
+        granule=granule,
+        resolution=resolution,
+        known={int(b): p for b, p in probes.items()},
+        log=log,
+    )
     return per_shard * ways

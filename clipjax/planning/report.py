@@ -260,54 +260,118 @@ def _batch_ways(plan: Plan) -> int:
     return math.prod(s for a, s in plan.mesh.items() if a in ("data", "fsdp"))
 
 
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One trial batch: whether it fits, and the memory it asked for as a fraction of HBM (None
+    when unknown: a config the schema refused, or a probe stored before fills were kept)."""
+
+    fits: bool
+    fill: float | None = None
+
+
+def as_probe(answer) -> Probe:
+    """A probe from what `fits` returned or a results file stored: a bool, a Probe or its dict."""
+    if isinstance(answer, Probe):
+        return answer
+    if isinstance(answer, dict):
+        return Probe(bool(answer["fits"]), answer.get("fill"))
+    return Probe(bool(answer))
+
+
+def _fill_guess(points: dict[int, Probe], low: int, high: int | None) -> float | None:
+    """Where the memory reaches HBM (fill 1), on the line through the two probes nearest the
+    boundary that know their fill: the memory of a train step is close to affine in the batch
+    (quadratic for the gather loss's logits, which the line approaches from both sides)."""
+    known = sorted((b, p.fill) for b, p in points.items() if p.fill is not None)
+    under = [(b, f) for b, f in known if b <= low]
+    over = [(b, f) for b, f in known if high is not None and b >= high]
+    if under and over:
+        (b1, f1), (b2, f2) = under[-1], over[0]
+    elif len(known) >= 2:
+        (b1, f1), (b2, f2) = known[-2:] if high is None else known[:2]
+    else:
+        return None
+    if f2 <= f1 or b2 == b1:
+        return None
+    return b1 + (1.0 - f1) * (b2 - b1) / (f2 - f1)
+
+
 def find_batch(
-    fits: Callable[[int], bool],
+    fits: Callable[[int], bool | Probe],
     *,
     start: int,
     granule: int,
     resolution: int = 0,
     limit: int = 1 << 22,
+    known: dict[int, bool | Probe] | None = None,
     log=print,
 ) -> int:
-    """The largest per-shard batch (a multiple of `granule`) for which `fits` holds: doubling from
-    `start` until it fails, then bisection. 0 if not even `granule` fits. With `resolution`, the
-    bisection stops once the bracket is within 1/`resolution` of the batch found (each probe is
-    a compile of minutes, and at large batches a granule of the start would cost many more)."""
+    """The largest per-shard batch (a multiple of `granule`) for which `fits` holds; 0 if not
+    even `granule` fits. With `resolution`, the search stops once the bracket is within
+    1/`resolution` of the batch found (each probe is a compile of minutes, and at large batches
+    a granule of the start would cost many more). `known`: probes done before (a resumed search).
+
+    Without fills (`fits` returns bools) it doubles from `start` until a batch fails, then
+    bisects. When `fits` returns Probes with their fill, the next batch is where the line through
+    the probes nearest the boundary reaches HBM, held inside the bracket (at least an eighth of
+    it from either end, at most 64x the largest fitting batch before one fails), and a guess
+    within the tolerance of an end probes the batch that closes the bracket: an affine memory
+    takes two probes after the first two."""
     start = max(granule, start // granule * granule)
-    cache: dict[int, bool] = {}
+    points = {int(b): as_probe(p) for b, p in (known or {}).items()}
 
     def check(b: int) -> bool:
-        if b not in cache:
-            cache[b] = fits(b)
-            log(f"  per-shard batch {b:,}: {'fits' if cache[b] else 'does not fit'}")
-        return cache[b]
+        if b not in points:
+            points[b] = as_probe(fits(b))
+            fill = points[b].fill
+            log(
+                f"  per-shard batch {b:,}: {'fits' if points[b].fits else 'does not fit'}"
+                + (f" ({fill:.0%} of HBM)" if fill is not None else "")
+            )
+        return points[b].fits
 
-    if check(start):
-        low, high = start, None
-        while high is None:
-            nxt = low * 2
-            if nxt > limit:
-                return low
-            if check(nxt):
-                low = nxt
-            else:
-                high = nxt
-    else:
-        low, high = 0, start
-        while low == 0:
-            half = high // 2 // granule * granule
-            if half < granule:
+    def bracket() -> tuple[int, int | None]:
+        low = max((b for b, p in points.items() if p.fits), default=0)
+        high = min((b for b, p in points.items() if not p.fits and b > low), default=None)
+        return low, high
+
+    def down(x: float) -> int:
+        return int(x) // granule * granule
+
+    if not points:
+        check(start)
+    while True:
+        low, high = bracket()
+        tolerance = max(granule, low // resolution if resolution else 0)
+        if high is not None and high - low <= tolerance:
+            return low
+        if low >= limit:
+            return low
+        guess = _fill_guess(points, low, high)
+        if high is None:  # nothing refused yet: grow
+            nxt = low * 2 if guess is None else min(max(down(guess), low + tolerance), low * 64)
+            nxt = min(nxt, limit // granule * granule)
+        elif low == 0:  # nothing fits yet: shrink
+            nxt = down(high / 2) if guess is None else max(down(guess), down(high / 8))
+            if nxt < granule:
                 return granule if check(granule) else 0
-            if check(half):
-                low = half
-            else:
-                high = half
-    while high - low > max(granule, low // resolution if resolution else 0):
-        mid = (low + high) // 2 // granule * granule
-        if mid in (low, high):
-            break
-        if check(mid):
-            low = mid
         else:
-            high = mid
-    return low
+            span = high - low
+            if guess is None:
+                nxt = down((low + high) / 2)
+            else:
+                nxt = min(max(down(guess), down(low + span / 8)), down(high - span / 8))
+                # A guess at an end of the bracket closes it: probe the batch one tolerance in.
+                if nxt <= low + tolerance:
+                    nxt = down(low + tolerance)
+                elif nxt >= high - tolerance:
+                    nxt = down(high - tolerance)
+
+        def untried(b: int) -> bool:
+            return b > low and (high is None or b < high) and b not in points
+
+        if not untried(nxt):
+            nxt = low * 2 if high is None else down((low + high) / 2)
+            if not untried(nxt):
+                return low
+        check(nxt)
