@@ -9,8 +9,8 @@ and its checks: one clear line per mistake, before anything compiles.
 Where each section is declared: `model` in clipjax/models/spec.py (and the towers' files),
 `data` in clipjax/data/sources/ (common fields, one set per source, the tokenizer's), `augment`
 (image-image views) in clipjax/data/augment.py,
-`evals` in clipjax/evals/runner.py (and each evaluator's file), `loss` in losses/select.py,
-`optim` in optim.py, the collapse alarm's thresholds in metrics/collapse.py, `logging` in
+`evals` in clipjax/evals/runner.py (and each evaluator's file), `loss` in losses/registry.py
+(and each objective's file), `optim` in optim.py, the collapse alarm's thresholds in metrics/collapse.py, `logging` in
 wandb_writer.py; the rest below.
 `python -m clipjax.config` prints the field table of docs/configs.md (`--update FILE` rewrites it).
 """
@@ -29,7 +29,7 @@ from clipjax import optim, paths
 from clipjax.data.augment import SECTION as AUGMENT_SECTION
 from clipjax.data.sources import data_section, source_class
 from clipjax.evals.runner import check_evaluators, evals_section
-from clipjax.losses.select import SECTION as LOSS_SECTION
+from clipjax.losses import check_loss_config, loss_section
 from clipjax.metrics.collapse import ALARM_FIELDS
 from clipjax.models import model_factory, model_section
 from clipjax.models.spec import TASKS, config_model_spec
@@ -167,7 +167,7 @@ def schema() -> Section:
             "data": data_section(),
             "augment": AUGMENT_SECTION,
             "model": model_section(),
-            "loss": LOSS_SECTION,
+            "loss": loss_section(),
             "optim": optim.SECTION,
             "evals": evals_section(),
             "profile": Section(
@@ -218,19 +218,7 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_data: bo
     schema().read(config)
     total_steps(config)
     config_model_spec(config)
-    if config.loss.name in ("sigmoid", "multi_positive_sigmoid") and config.model.logit_bias_init is None:
-        raise ConfigError("model.logit_bias_init: the sigmoid loss needs a bias (SigLIP uses -10.0)")
-    if config.task == "image_image":
-        if (
-            config.loss.name in ("multi_positive", "multi_positive_sigmoid")
-            and config.loss.positives == "text_id"
-        ):
-            raise ConfigError(
-                "loss.positives: image-image views have no captions to share; 'label' (the oracle) "
-                f"is what makes {config.loss.name!r} differ from plain NT-Xent"
-            )
-        if config.loss.name == "alignment":
-            raise ConfigError("loss.name: 'alignment' is an image-text ablation (task='image_text')")
+    check_loss_config(config)
 
     axes = tuple(config.mesh.axes)
     try:

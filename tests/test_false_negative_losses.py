@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from clipjax.losses import init_loss_state, objective_loss, objective_rows
+from clipjax.losses import init_loss_state, loss_section, objective_loss, objective_rows
 from clipjax.losses.objectives import Objective
-from clipjax.losses.select import SECTION as LOSS_SECTION
 from tests.helpers import paired_unit_embeddings, rel_err
+
+LOSS_SECTION = loss_section()
 
 B, D = 64, 16
 AXES = ("data", "fsdp")

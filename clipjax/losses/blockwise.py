@@ -252,7 +252,7 @@ def ring_infonce_loss(
 
     img/txt are [B, d] sharded over batch_axes; `logit_scale` is the log of the scale; `chunk`
     (columns per tile; need not divide B / devices) defaults to `default_chunk`; `precision` of
-    the logit matmuls, forward and backward (see `clipjax.losses.select.PRECISIONS`).
+    the logit matmuls, forward and backward (see `clipjax.losses.registry.PRECISIONS`).
     """
     opts = _ring_options(img, mesh, batch_axes, chunk, precision)
     rows, scalar = P(opts["axes"]), P()

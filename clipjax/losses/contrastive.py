@@ -72,7 +72,7 @@ def global_infonce_loss(
     """Symmetric InfoNCE over the global batch; img/txt are [B, d] arrays sharded over batch_axes.
 
     `precision` of the logit matmuls (and, through autodiff, of their gradients): see
-    `clipjax.losses.select.PRECISIONS`."""
+    `clipjax.losses.registry.PRECISIONS`."""
     axes = tuple(batch_axes)
     global_batch = img.shape[0]
 

@@ -75,8 +75,9 @@ autodiff (the loss does not depend on them), which also keeps -inf (an empty mas
 far) out of every gradient.
 
 The plain image-text losses keep their hand-written forms (`contrastive.py`, `blockwise.py`),
-which `clipjax.losses.select.objective_loss` calls for them: they need less memory (no saved
-blocks) than autodiff through a ring does.
+which their objectives registered here call in image-text mode: they need less memory (no
+saved blocks) than autodiff through a ring does. The end of this module registers every
+objective it computes (`clipjax.losses.registry`) with its `config.loss` fields and checks.
 """
 
 from __future__ import annotations
@@ -90,12 +91,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from clipjax.losses.blockwise import default_chunk
+from clipjax.losses.blockwise import default_chunk, ring_infonce_loss, ring_sigmoid_loss
+from clipjax.losses.contrastive import alignment_only_loss, global_infonce_loss, global_sigmoid_loss
+from clipjax.losses.registry import register_objective
 from clipjax.parallel.ring import ring_size as ring_size_of, varying
+from clipjax.schema import ConfigError, Field
 
 # The objectives this module computes (`alignment` and the image-text plain losses stay in
 # `contrastive.py` / `blockwise.py`).
-OBJECTIVES = (
+KINDS = (
     "softmax",
     "sigmoid",
     "multi_positive",
@@ -127,8 +131,8 @@ class Objective:
     soft_target_temperature: float = 0.1
 
     def __post_init__(self):
-        if self.name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.name!r} (expected one of {OBJECTIVES})")
+        if self.name not in KINDS:
+            raise ValueError(f"unknown objective {self.name!r} (expected one of {KINDS})")
         if self.multi_positive_form not in MULTI_POSITIVE_FORMS:
             raise ValueError(
                 f"multi_positive_form {self.multi_positive_form!r} not in {MULTI_POSITIVE_FORMS}"
@@ -519,3 +523,131 @@ def objective_mean(obj: Objective, a, b, logit_scale, logit_bias=None, **kwargs)
     if obj.name == "sogclr":
         raise ValueError("sogclr keeps state: use clipjax.losses.sogclr.sogclr_loss")
     return jnp.mean(objective_rows(obj, a, b, logit_scale, logit_bias, **kwargs))
+
+
+def settings_objective(context) -> Objective:
+    """The `Objective` a registry `LossContext` names, with the settings of its `config.loss`."""
+    settings = {f.name: context.settings[f.name] for f in dataclasses.fields(Objective)[2:]}
+    return Objective(context.name, intra=context.intra, **settings)
+
+
+def mean_loss(context):
+    """A registered objective's loss, computed here; the multi-positive kinds take their ids
+    from `loss.positives`."""
+    obj, c = settings_objective(context), context
+    ids = (c.labels if c.settings["positives"] == "label" else c.ids) if obj.uses_ids else None
+    return objective_mean(obj, c.a, c.b, c.logit_scale, c.logit_bias, ids=ids, **c.forms)
+
+
+def _plain(gather, ring, *, bias=False):
+    """A plain loss: its hand-written gather or ring form in image-text mode (less memory than
+    autodiff through this module's ring), this module's form in image-image mode."""
+
+    def loss(c):
+        if c.intra:
+            return mean_loss(c)
+        if bias and c.logit_bias is None:
+            raise ValueError(f"loss.name={c.name!r} needs a bias: set model.logit_bias_init (e.g. -10.0)")
+        where = dict(mesh=c.mesh, batch_axes=c.batch_axes, precision=c.precision)
+        scalars = (c.logit_scale, c.logit_bias) if bias else (c.logit_scale,)
+        if c.impl == "ring":
+            return ring(c.a, c.b, *scalars, chunk=c.chunk, **where)
+        return gather(c.a, c.b, *scalars, **where)
+
+    return loss
+
+
+def _check_bias(config):
+    if config.model.logit_bias_init is None:
+        raise ConfigError("model.logit_bias_init: the sigmoid loss needs a bias (SigLIP uses -10.0)")
+
+
+def _check_image_text(config):
+    if config.task == "image_image":
+        raise ConfigError("loss.name: 'alignment' is an image-text ablation (task='image_text')")
+
+
+def _check_positives(config):
+    if config.task == "image_image" and config.loss.positives == "text_id":
+        raise ConfigError(
+            "loss.positives: image-image views have no captions to share; 'label' (the oracle) "
+            f"is what makes {config.loss.name!r} differ from plain NT-Xent"
+        )
+
+
+def _check_sigmoid_positives(config):
+    _check_bias(config)
+    _check_positives(config)
+
+
+def _finite(value):
+    return None if math.isfinite(value) else "expected a finite number"
+
+
+def _below_one(value):
+    return None if value < 1 else "must be below 1"
+
+
+def _at_most_one(value):
+    return None if value <= 1 else "must be at most 1"
+
+
+def _positive(value):
+    return None if value > 0 else "must be positive"
+
+
+POSITIVES = {
+    "positives": Field(
+        "text_id",
+        "multi_positive(_sigmoid): ids that make positives (`label`: the concept, an oracle for studies)",
+        choices=("text_id", "label"),
+    )
+}
+MULTI_POSITIVE = {
+    **POSITIVES,
+    "multi_positive_form": Field(
+        "in",
+        "`in`: -log of the positives' summed probability (never above InfoNCE); `out`: SupCon's mean",
+        choices=MULTI_POSITIVE_FORMS,
+    ),
+}
+FNC = {
+    "fnc_mode": Field(
+        "eliminate",
+        "fnc: drop detected false negatives from the denominator, or attract them",
+        choices=FNC_MODES,
+    ),
+    "fnc_top_k": Field(5, "fnc: a false negative is among the anchor's k most similar items", minimum=1),
+    "fnc_threshold": Field(
+        0.8, "fnc: ... whose cosine similarity with the anchor also reaches this", check=_finite
+    ),
+}
+DCL = {
+    "dcl_class_prior": Field(
+        0.01, "dcl: tau+, the chance that a negative shares the anchor's class", minimum=0.0, check=_below_one
+    )
+}
+SOFT_TARGETS = {
+    "soft_target_weight": Field(
+        0.2,
+        "soft_targets: alpha, the target mass spread by intra-modal similarity",
+        minimum=0.0,
+        check=_at_most_one,
+    ),
+    "soft_target_temperature": Field(
+        0.1, "soft_targets: temperature of the intra-modal similarity softmax", check=_positive
+    ),
+}
+BY_IDS = ("ids", "labels")
+
+register_objective("softmax", _plain(global_infonce_loss, ring_infonce_loss))
+register_objective("sigmoid", _plain(global_sigmoid_loss, ring_sigmoid_loss, bias=True), check=_check_bias)
+register_objective("alignment", lambda c: alignment_only_loss(c.a, c.b), check=_check_image_text)
+
+register_objective("multi_positive", mean_loss, fields=MULTI_POSITIVE, uses=BY_IDS, check=_check_positives)
+register_objective(
+    "multi_positive_sigmoid", mean_loss, fields=POSITIVES, uses=BY_IDS, check=_check_sigmoid_positives
+)
+register_objective("fnc", mean_loss, fields=FNC)
+register_objective("dcl", mean_loss, fields=DCL)
+register_objective("soft_targets", mean_loss, fields=SOFT_TARGETS)

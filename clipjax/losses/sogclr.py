@@ -37,8 +37,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clipjax.losses.objectives import Objective, objective_rows
+from clipjax.losses.objectives import Objective, objective_rows, settings_objective
+from clipjax.losses.registry import register_objective
 from clipjax.parallel.ring import ring_size as ring_size_of
+from clipjax.schema import Field
 
 
 def padded_size(num_examples: int, mesh: Mesh, batch_axes: Sequence[str]) -> int:
@@ -96,3 +98,21 @@ def sogclr_loss(
     surrogate = jnp.mean(jnp.exp(log_g - new))
     loss = jax.lax.stop_gradient(value) + (surrogate - jax.lax.stop_gradient(surrogate))
     return loss, {"log_u": new_log_u}
+
+
+def _loss(c):
+    gamma = c.settings["sogclr_gamma"]
+    obj = settings_objective(c)
+    return sogclr_loss(
+        obj, c.a, c.b, c.logit_scale, index=c.index, loss_state=c.loss_state, gamma=gamma, **c.forms
+    )
+
+
+def _gamma(value):
+    return None if 0 < value <= 1 else "must lie in (0, 1]"
+
+
+GAMMA = Field(
+    0.9, "sogclr: weight of this step's negative sum in the per-example moving average", check=_gamma
+)
+register_objective("sogclr", _loss, fields={"sogclr_gamma": GAMMA}, uses=("index",), init_state=init_state)
