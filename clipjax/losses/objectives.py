@@ -575,27 +575,6 @@ def _check_positives(config):
         )
 
 
-def _check_sigmoid_positives(config):
-    _check_bias(config)
-    _check_positives(config)
-
-
-def _finite(value):
-    return None if math.isfinite(value) else "expected a finite number"
-
-
-def _below_one(value):
-    return None if value < 1 else "must be below 1"
-
-
-def _at_most_one(value):
-    return None if value <= 1 else "must be at most 1"
-
-
-def _positive(value):
-    return None if value > 0 else "must be positive"
-
-
 POSITIVES = {
     "positives": Field(
         "text_id",
@@ -619,12 +598,17 @@ FNC = {
     ),
     "fnc_top_k": Field(5, "fnc: a false negative is among the anchor's k most similar items", minimum=1),
     "fnc_threshold": Field(
-        0.8, "fnc: ... whose cosine similarity with the anchor also reaches this", check=_finite
+        0.8,
+        "fnc: ... whose cosine similarity with the anchor also reaches this",
+        check=lambda v: None if math.isfinite(v) else "expected a finite number",
     ),
 }
 DCL = {
     "dcl_class_prior": Field(
-        0.01, "dcl: tau+, the chance that a negative shares the anchor's class", minimum=0.0, check=_below_one
+        0.01,
+        "dcl: tau+, the chance that a negative shares the anchor's class",
+        minimum=0.0,
+        check=lambda v: None if v < 1 else "must be below 1",
     )
 }
 SOFT_TARGETS = {
@@ -632,21 +616,27 @@ SOFT_TARGETS = {
         0.2,
         "soft_targets: alpha, the target mass spread by intra-modal similarity",
         minimum=0.0,
-        check=_at_most_one,
+        check=lambda v: None if v <= 1 else "must be at most 1",
     ),
     "soft_target_temperature": Field(
-        0.1, "soft_targets: temperature of the intra-modal similarity softmax", check=_positive
+        0.1,
+        "soft_targets: temperature of the intra-modal similarity softmax",
+        check=lambda v: None if v > 0 else "must be positive",
     ),
 }
 BY_IDS = ("ids", "labels")
 
 register_objective("softmax", _plain(global_infonce_loss, ring_infonce_loss))
-register_objective("sigmoid", _plain(global_sigmoid_loss, ring_sigmoid_loss, bias=True), check=_check_bias)
-register_objective("alignment", lambda c: alignment_only_loss(c.a, c.b), check=_check_image_text)
-
-register_objective("multi_positive", mean_loss, fields=MULTI_POSITIVE, uses=BY_IDS, check=_check_positives)
 register_objective(
-    "multi_positive_sigmoid", mean_loss, fields=POSITIVES, uses=BY_IDS, check=_check_sigmoid_positives
+    "sigmoid", _plain(global_sigmoid_loss, ring_sigmoid_loss, bias=True), checks=(_check_bias,)
+)
+register_objective("alignment", lambda c: alignment_only_loss(c.a, c.b), checks=(_check_image_text,))
+
+register_objective(
+    "multi_positive", mean_loss, fields=MULTI_POSITIVE, uses=BY_IDS, checks=(_check_positives,)
+)
+register_objective(
+    "multi_positive_sigmoid", mean_loss, fields=POSITIVES, uses=BY_IDS, checks=(_check_bias, _check_positives)
 )
 register_objective("fnc", mean_loss, fields=FNC)
 register_objective("dcl", mean_loss, fields=DCL)

@@ -42,7 +42,8 @@ class LossContext:
     batch_axes (image and text, or the two views with `intra`); ids: int [B], equal for the same
     caption (the dataset index in image-image mode); labels: int [B] concepts; index: int [B]
     dataset positions; the three and `loss_state` are None unless the objective asked for them.
-    `settings`: the whole `config.loss` section, read; `precision` a `jax.lax.Precision`."""
+    `settings`: the whole `config.loss` section, read ({} from `contrastive_loss`); `precision`:
+    a `jax.lax.Precision`."""
 
     name: str
     settings: dict
@@ -64,33 +65,29 @@ class LossContext:
     @property
     def forms(self) -> dict:
         """Where and how to compute: the keywords the sharded loss functions take."""
-        return dict(
-            mesh=self.mesh,
-            batch_axes=self.batch_axes,
-            impl=self.impl,
-            chunk=self.chunk,
-            precision=self.precision,
-        )
+        return {k: getattr(self, k) for k in ("mesh", "batch_axes", "impl", "chunk", "precision")}
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveSpec:
+    """One registered objective (see `register_objective`)."""
+
     loss: Callable[[LossContext], Any]
     fields: dict[str, Field]
     uses: tuple[str, ...]  # of BATCH_INPUTS
     init_state: Callable | None  # (num_examples, mesh, batch_axes) -> state tree
-    check: Callable | None  # (config) -> None; raises a one-line ConfigError
+    checks: tuple[Callable, ...]  # (config) -> None; each raises a one-line ConfigError
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
 
-def register_objective(name, loss, *, fields=None, uses=(), init_state=None, check=None):
+def register_objective(name, loss, *, fields=None, uses=(), init_state=None, checks=()):
     """Make `loss` (LossContext -> loss, or (loss, new state) with `init_state`) selectable as
-    `loss.name = name`; `fields` join `config.loss`; `check(config)` runs in `validate`."""
+    `loss.name = name`; `fields` join `config.loss`; `validate` calls each of `checks` on the config."""
     if set(uses) - set(BATCH_INPUTS):
         raise ValueError(f"objective {name!r} uses {uses}: expected some of {BATCH_INPUTS}")
-    OBJECTIVES[name] = ObjectiveSpec(loss, dict(fields or {}), tuple(uses), init_state, check)
+    OBJECTIVES[name] = ObjectiveSpec(loss, dict(fields or {}), tuple(uses), init_state, tuple(checks))
 
 
 def loss_section() -> Section:
@@ -118,8 +115,7 @@ def loss_section() -> Section:
 
 def check_loss_config(config) -> None:
     """The chosen objective's own checks against the rest of the config."""
-    check = OBJECTIVES[config.loss.name].check
-    if check is not None:
+    for check in OBJECTIVES[config.loss.name].checks:
         check(config)
 
 

@@ -101,18 +101,15 @@ def sogclr_loss(
 
 
 def _loss(c):
-    gamma = c.settings["sogclr_gamma"]
-    obj = settings_objective(c)
+    obj, gamma = settings_objective(c), c.settings["sogclr_gamma"]
     return sogclr_loss(
         obj, c.a, c.b, c.logit_scale, index=c.index, loss_state=c.loss_state, gamma=gamma, **c.forms
     )
 
 
-def _gamma(value):
-    return None if 0 < value <= 1 else "must lie in (0, 1]"
-
-
 GAMMA = Field(
-    0.9, "sogclr: weight of this step's negative sum in the per-example moving average", check=_gamma
+    0.9,
+    "sogclr: weight of this step's negative sum in the per-example moving average",
+    check=lambda v: None if 0 < v <= 1 else "must lie in (0, 1]",
 )
 register_objective("sogclr", _loss, fields={"sogclr_gamma": GAMMA}, uses=("index",), init_state=init_state)
