@@ -10,8 +10,8 @@ Where each section is declared: `model` in clipjax/models/spec.py (and the tower
 `data` in clipjax/data/sources/ (common fields, one set per source, the tokenizer's), `augment`
 (image-image views) in clipjax/data/augment.py,
 `evals` in clipjax/evals/runner.py (and each evaluator's file), `loss` in losses/registry.py
-(and each objective's file), `optim` in optim.py, the collapse alarm's thresholds in metrics/collapse.py, `logging` in
-wandb_writer.py; the rest below.
+(and each objective's file), `optim` in optim.py, the collapse alarm's thresholds in
+metrics/collapse.py, `logging` in wandb_writer.py; the rest below.
 `python -m clipjax.config` prints the field table of docs/configs.md (`--update FILE` rewrites it).
 """
 
