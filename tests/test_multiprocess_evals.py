@@ -130,3 +130,20 @@ def test_two_processes_report_what_one_does_each_encoding_half(checkpoint, tmp_p
         assert first + second == alone, kind
         # Every input set is split in two halves that differ by at most one row.
         assert 0 <= first - second <= 12, (kind, first, second)
+
+
+def test_a_share_of_a_split_is_a_split_string_of_its_records(tmp_path):
+    from clipjax.data import classification as datasets
+    from clipjax.evals.classification import _split_rows
+
+    DropClasses(data_dir=str(tmp_path)).download_and_prepare(download_config=_SKIP_STATS)
+    builder = datasets.get_builder("drop_classes", str(tmp_path))
+    assert _split_rows(builder, "test", slice(12, 23)) == "test[12:23]"
+    assert _split_rows(builder, "train[2:12]+test", slice(5, 15)) == "train[7:12]+test[0:5]"
+    assert _split_rows(builder, "train[:50%]", slice(3, 9)) == "train[3:9]"
+    assert _split_rows(builder, "test", slice(23, 23)) == ""
+    train, test = (
+        datasets.split_labels("drop_classes", str(tmp_path), s).tolist() for s in ("train", "test")
+    )
+    labels = datasets.split_labels("drop_classes", str(tmp_path), "train[7:12]+test[0:5]")
+    assert labels.tolist() == train[7:12] + test[0:5]

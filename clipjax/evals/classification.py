@@ -28,7 +28,6 @@ from clipjax.evals.base import Evaluator, FrozenFeatures, SkipEvaluation, regist
 from clipjax.evals.embed import (
     Share,
     gather_rows,
-    local_batch_size,
     process_share,
     sum_counters,
     sum_over_processes,
@@ -224,7 +223,7 @@ class ClassificationEvaluator(Evaluator):
         # Each process reads, decodes and encodes its share of the split, and scores it: only the
         # counts are summed (and, for the probes, the embeddings gathered).
         batch_size = s["batch_size"] or self.config.evals.batch_size
-        read = local_batch_size(encoders.mesh, batch_size)
+        read = encoders.local_batch_size(batch_size)
         part, max_examples, share = self._share(split, s["max_examples"])
         total = share.rows.stop - share.rows.start
         drops = DropCounter()

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clipjax.evals.embed import embed_local, gather_rows, process_share
+from clipjax.evals.embed import embed_local, gather_rows, local_batch_size, process_share
 from clipjax.parallel import batch_axes
 from clipjax.parallel.activations import activation_sharding
 
@@ -44,6 +44,10 @@ class Encoders:
         self.batch_size = int(batch_size)
         self._encode_image, self._encode_text = jitted_encoders(graphdef, mesh)
         self._memo: dict = {}
+
+    def local_batch_size(self, batch_size: int = 0) -> int:
+        """Rows each process gives one encoder call of `batch_size` rows (0: the encoders' own)."""
+        return local_batch_size(self.mesh, batch_size or self.batch_size)
 
     def local_image(self, images: np.ndarray, length: int, batch_size: int = 0) -> np.ndarray:
         """This process's images (at most `length`, which every process passes alike) -> [n, d],
