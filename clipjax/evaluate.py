@@ -31,6 +31,8 @@ def main():
     workdir = flag_value(sys.argv, "workdir")
     if workdir is None:
         fail(PROG, "--workdir is required")
+    # Before anything touches a device: reading the run's checkpoints does.
+    run_reporting_errors(PROG, initialize_from_environment)
     try:
         # The run's own config is the base, so `--config.key=value` overrides work as in training.
         base = load_run_config(workdir, log=lambda line: print(line, file=sys.stderr))
@@ -48,7 +50,6 @@ def main():
         quiet_libraries(verbose())
 
         def body():
-            initialize_from_environment()
             lead = jax.process_index() == 0
             evaluate_workdir(
                 flags.FLAGS.workdir,

@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 
+from clipjax.evals.embed import Share, gather_rows, process_share
 from clipjax.evals.encoders import Encoders
 from clipjax.schema import ConfigError, Field, Section
 
@@ -51,13 +52,26 @@ class EvalData:
             self._train[n] = self.source.eval_arrays(self.tokenizer, split="train", max_examples=n)
         return self._train[n]
 
+    def heldout_share(self) -> Share:
+        """This process's contiguous share of the held-out examples (`clipjax.evals.embed`)."""
+        return process_share(len(self.heldout["image"]))
+
+    def local_heldout_image_embeddings(self, encoders: Encoders) -> np.ndarray:
+        """Image embeddings of this process's share of the held-out examples, computed once per
+        `encoders` (image-image models, which have no text tower, have these alone)."""
+        share = self.heldout_share()
+        return encoders.memo(
+            "heldout_image", lambda: encoders.local_image(self.heldout["image"][share.rows], share.length)
+        )
+
     def heldout_image_embeddings(self, encoders: Encoders) -> np.ndarray:
-        """Image embeddings of the held-out examples, computed once per `encoders` (image-image
-        models, which have no text tower, have these alone)."""
-        return encoders.memo("heldout_image", lambda: encoders.image(self.heldout["image"]))
+        """Image embeddings of all the held-out examples: each process's share, gathered."""
+        return encoders.memo(
+            "heldout_image_all", lambda: gather_rows(self.local_heldout_image_embeddings(encoders))
+        )
 
     def heldout_embeddings(self, encoders: Encoders) -> tuple[np.ndarray, np.ndarray]:
-        """(image, text) embeddings of the held-out examples, computed once per `encoders`."""
+        """(image, text) embeddings of all the held-out examples, computed once per `encoders`."""
         text = encoders.memo("heldout_text", lambda: encoders.tokens(self.heldout["text"]))
         return self.heldout_image_embeddings(encoders), text
 
@@ -78,6 +92,8 @@ class EvalData:
             raise SkipEvaluation(
                 f"the held-out examples of data.name={self.source.config.name!r} have no class labels"
             )
+        # A probe is fitted on all the train features: each process encodes its share of the
+        # train and test examples, and the features (small next to the images) are gathered.
         train = self.train_examples(train_examples)
         train_emb = encoders.memo(("train", train_examples), lambda: encoders.image(train["image"]))
         return FrozenFeatures(train_emb, train[field], self.heldout_image_embeddings(encoders), test_labels)

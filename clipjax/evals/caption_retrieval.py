@@ -11,7 +11,9 @@ converted by `python -m clipjax.data.convert` (the image_text_folder dataset, `c
 "caption") is scored as 1,000 images and 5,000 captions.
 
 The split is streamed: records are read, images decoded and embedded a batch at a time; what
-stays in memory is the embeddings ([images + captions, d] floats) and a hash per image. The
+stays in memory is the embeddings ([images + captions, d] floats) and a hash per image. With
+several processes, each reads and decodes every record (an image's index depends on all the
+records before it), encodes its share of each batch, and gets the batch's embeddings back. The
 recalls are `clipjax.evals.retrieval.multi_caption_retrieval`: image -> text counts any of the
 image's captions, text -> image each caption's own image, ties counted against the query.
 """

@@ -17,12 +17,21 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+import jax
 import numpy as np
+import tensorflow_datasets as tfds
 
 from clipjax.data import classification as datasets
 from clipjax.data.pipeline import DropCounter
 from clipjax.evals import prompts
 from clipjax.evals.base import Evaluator, FrozenFeatures, SkipEvaluation, register_evaluator
+from clipjax.evals.embed import (
+    Share,
+    gather_rows,
+    process_share,
+    sum_counters,
+    sum_over_processes,
+)
 from clipjax.evals.knn import knn_accuracy
 from clipjax.evals.linear_probe import linear_probe
 from clipjax.evals.zero_shot import class_embeddings, warn_unreadable_class_names
@@ -158,20 +167,42 @@ class ClassificationEvaluator(Evaluator):
             templates = prompts.templates(s["templates"])
         return names, templates
 
-    def batches(self, split: str, max_examples: int, drops: DropCounter):
+    def _share(self, split: str, max_examples: int) -> tuple[str, int, Share]:
+        """(what this process reads: a split string, '' for nothing, and its max_examples; and
+        its `Share`) of the first `max_examples` (0: all) records of `split`."""
+        total = datasets.split_size(self.settings["dataset"], self.data_dir, split)
+        share = process_share(min(total, max_examples) if max_examples else total)
+        if jax.process_count() == 1:
+            return split, max_examples, share
+        builder = datasets.get_builder(self.settings["dataset"], self.data_dir)
+        return _split_rows(builder, split, share.rows), 0, share
+
+    def _no_images(self) -> dict[str, np.ndarray]:
+        size = self.config.data.image_size
+        return {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros(0, np.int32)}
+
+    def local_batches(self, split: str, max_examples: int, share: Share, read: int, drops: DropCounter):
+        """This process's batches of its share of the records, at most `read` images each; every
+        process gets as many (the last ones empty where its share is shorter), so that each
+        batch is one encoding in every process."""
         s = self.settings
-        return datasets.classification_batches(
-            s["dataset"],
-            self.data_dir,
-            split,
-            self.config.data.image_size,
-            batch_size=s["batch_size"] or self.config.evals.batch_size,
-            max_examples=max_examples,
-            image_key=s["image_key"],
-            label_key=s["label_key"],
-            drops=drops,
-            resize=self.config.model.get("image_resize", "crop"),
-        )
+        batches = iter(())
+        if split:
+            batches = datasets.classification_batches(
+                s["dataset"],
+                self.data_dir,
+                split,
+                self.config.data.image_size,
+                batch_size=read,
+                max_examples=max_examples,
+                image_key=s["image_key"],
+                label_key=s["label_key"],
+                drops=drops,
+                resize=self.config.model.get("image_resize", "crop"),
+            )
+        for _ in range(-(-share.length // read)):  # a batch holds `read` records or fewer
+            yield next(batches, self._no_images())
+        next(batches, None)  # none is left: this ends the read (and checks its record count)
 
     # -- the evaluation ------------------------------------------------------------------------
 
@@ -189,15 +220,19 @@ class ClassificationEvaluator(Evaluator):
             classes = class_embeddings(encoders.text, names, templates)
             if base_name(name) in _PRESENT_ONLY:
                 present = self._present_labels(split)
-        total = datasets.split_size(name, self.data_dir, split)
-        total = min(total, s["max_examples"]) if s["max_examples"] else total
+        # Each process reads, decodes and encodes its share of the split, and scores it: only the
+        # counts are summed (and, for the probes, the embeddings gathered).
+        batch_size = s["batch_size"] or self.config.evals.batch_size
+        read = encoders.local_batch_size(batch_size)
+        part, max_examples, share = self._share(split, s["max_examples"])
+        total = share.rows.stop - share.rows.start
         drops = DropCounter()
-        hits1 = hits5 = seen = 0
+        counts = np.zeros(3, np.int64)  # images, top-1 hits, top-5 hits
         embeddings, labels = [], []
         started = last_report = time.perf_counter()
-        for batch in self.batches(split, s["max_examples"], drops):
-            emb = encoders.image(batch["image"])
-            seen += len(emb)
+        for batch in self.local_batches(part, max_examples, share, read, drops):
+            emb = encoders.local_image(batch["image"], read, batch_size=batch_size)
+            counts[0] += len(emb)
             if _any_probe(s):
                 embeddings.append(emb)
                 labels.append(batch["label"])
@@ -207,25 +242,28 @@ class ClassificationEvaluator(Evaluator):
                 if present is not None:
                     scores = scores[:, present]
                     label = np.searchsorted(present, label)
-                hits1 += int(_topk_hits(scores, label, 1).sum())
-                hits5 += int(_topk_hits(scores, label, 5).sum())
+                counts[1:] += [_topk_hits(scores, label, 1).sum(), _topk_hits(scores, label, 5).sum()]
             now = time.perf_counter()
+            seen = int(counts[0])
             if now - last_report > 30 or seen + drops.total >= total:
                 last_report = now
                 self.log(
                     f"evals.{self.name}: {name} {split} {seen + drops.total}/{total} images, "
                     f"{seen / max(now - started, 1e-9):.0f} images/s"
                 )
+        seen, hits1, hits5 = (int(c) for c in sum_over_processes(counts))
         result: dict = {"dataset": name, "split": split, "num_examples": seen}
-        if drops.total:
-            result["skipped"] = dict(drops.counts)
+        skipped = sum_counters(drops.counts)
+        if sum(skipped.values()):
+            result["skipped"] = skipped
         if classes is not None and seen:
             num_classes = len(present) if present is not None else len(classes)
             result["zero_shot"] = {"top1": hits1 / seen, "num_classes": int(num_classes)}
             if num_classes > 5:
                 result["zero_shot"]["top5"] = hits5 / seen
         if _any_probe(s) and seen:
-            result.update(self._probes(encoders, np.concatenate(embeddings), np.concatenate(labels)))
+            test = gather_rows(np.concatenate(embeddings)), gather_rows(np.concatenate(labels))
+            result.update(self._probes(encoders, *test))
         return {"classification": {name: result}}
 
     def _present_labels(self, split: str) -> np.ndarray:
@@ -238,18 +276,24 @@ class ClassificationEvaluator(Evaluator):
         )
 
     def _probes(self, encoders, test_emb: np.ndarray, test_labels: np.ndarray) -> dict:
+        """The probes and kNN, fitted on the train split's features: each process encodes its
+        share of them, and they are gathered (a probe is fitted on all of them)."""
         s = self.settings
-        train = datasets.load_classification_split(
-            s["dataset"],
-            self.data_dir,
-            s["train_split"],
-            self.config.data.image_size,
-            max_examples=s["train_examples"],
-            image_key=s["image_key"],
-            label_key=s["label_key"],
-            drops=DropCounter(),
-        )
-        f = FrozenFeatures(encoders.image(train["image"]), train["label"], test_emb, test_labels)
+        split, max_examples, share = self._share(s["train_split"], s["train_examples"])
+        train = self._no_images()
+        if split:
+            train = datasets.load_classification_split(
+                s["dataset"],
+                self.data_dir,
+                split,
+                self.config.data.image_size,
+                max_examples=max_examples,
+                image_key=s["image_key"],
+                label_key=s["label_key"],
+                drops=DropCounter(),
+            )
+        train_emb = gather_rows(encoders.local_image(train["image"], share.length))
+        f = FrozenFeatures(train_emb, gather_rows(train["label"]), test_emb, test_labels)
         out = {}
         if s["linear_probe"]:
             out["linear_probe"] = linear_probe(*f, num_classes=f.num_classes)
@@ -268,6 +312,19 @@ class ClassificationEvaluator(Evaluator):
 
 def _any_probe(settings) -> bool:
     return any(settings[k] for k in ("linear_probe", "logistic_probe", "few_shot", "knn"))
+
+
+def _split_rows(builder, split: str, rows: slice) -> str:
+    """Records `rows` of `split` ("test", "train[:10%]+test", ...) as a tfds split string ('' for none)."""
+    pieces, offset = [], 0
+    for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits):
+        start = part.from_ or 0
+        stop = builder.info.splits[part.splitname].num_examples if part.to is None else part.to
+        low, high = max(rows.start - offset, 0), min(rows.stop - offset, stop - start)
+        if low < high:
+            pieces.append(f"{part.splitname}[{start + low}:{start + high}]")
+        offset += stop - start
+    return "+".join(pieces)
 
 
 def benchmark_sections() -> dict[str, dict]:

@@ -1,8 +1,20 @@
-"""Embeddings of an evaluation set, computed sharded over the mesh in fixed-size batches."""
+"""Embeddings of an evaluation set, each process encoding only its own share, and the collectives
+that combine what evaluators report.
+
+The inputs are split across processes as big_vision splits evaluation data: process p of P takes
+the p-th contiguous slice of the N inputs (ceil(N / P) rows, fewer or none for the last ones,
+`process_share`) and pads it to that common length, so every process makes the same number of
+encoder calls (each call is one program over the whole mesh, a collective). Padded rows are
+dropped as soon as they are embedded, so they never count. Only what an evaluator reports is
+combined: counts summed (`sum_over_processes`), or rows gathered in order where a metric needs
+them whole (`gather_rows`). On one process the share is everything and nothing is combined.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import collections
+import json
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -11,32 +23,94 @@ from jax.experimental import multihost_utils
 from clipjax.parallel import batch_parallelism, batch_sharding
 
 
-def embed_in_batches(
-    encode: Callable[[jax.Array], jax.Array], inputs: np.ndarray, *, mesh, batch_size: int
-) -> np.ndarray:
-    """Run `encode` over `inputs` in batches sharded over the mesh's batch axes.
+class Share(NamedTuple):
+    """This process's contiguous slice of some rows, and the longest slice any process has."""
 
-    The last batch is padded to full size so every call has the same shape (one compile), and
-    each batch is split across devices, so no device ever holds the whole set.
-    """
+    rows: slice
+    length: int
+
+
+def process_share(total: int) -> Share:
+    length = -(-total // jax.process_count())
+    start = min(total, jax.process_index() * length)
+    return Share(slice(start, min(total, start + length)), length)
+
+
+def local_batch_size(mesh, batch_size: int) -> int:
+    """Rows each process gives one encoder call: the global batch (a multiple of the mesh's batch
+    parallelism, at least one row per device) split evenly across processes, as training splits it."""
     parallel = batch_parallelism(mesh)
-    batch_size = max(parallel, (batch_size // parallel) * parallel)
+    return max(parallel, (batch_size // parallel) * parallel) // jax.process_count()
+
+
+def _padded(rows: np.ndarray, size: int) -> np.ndarray:
+    if len(rows) == size:
+        return rows
+    fill = rows[-1:] if len(rows) else np.zeros((1, *rows.shape[1:]), rows.dtype)
+    return np.concatenate([rows, np.repeat(fill, size - len(rows), axis=0)])
+
+
+def _local_rows(out: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded array, in order (replicas hold the same rows once)."""
+    shards = {shard.index[0].start or 0: shard.data for shard in out.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
+def embed_local(
+    encode: Callable[[jax.Array], jax.Array], local: np.ndarray, *, length: int, mesh, batch_size: int
+) -> np.ndarray:
+    """`encode` of this process's `local` rows (at most `length`, which every process passes alike).
+
+    Each call takes `local_batch_size` rows of every process, this one's padded (one compile, and
+    the same number of calls everywhere); each device embeds its part, and only this process's
+    rows come back."""
+    local_batch = local_batch_size(mesh, batch_size)
     sharding = batch_sharding(mesh)
     outputs = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        # Every process holds the same `inputs`; each device takes its rows of the chunk, and
-        # the result is gathered to every process (it may span other hosts' devices).
-        x = jax.make_array_from_callback(chunk.shape, sharding, lambda index, c=chunk: c[index])
-        out = multihost_utils.process_allgather(encode(x), tiled=True)
-        outputs.append(np.asarray(out)[:n])
+    for start in range(0, length, local_batch):
+        chunk = local[start : start + local_batch]
+        rows = _padded(chunk, local_batch)
+        x = jax.make_array_from_process_local_data(
+            sharding, rows, (local_batch * jax.process_count(), *rows.shape[1:])
+        )
+        outputs.append(_local_rows(encode(x))[: len(chunk)])
     if not outputs:  # no inputs: no rows, but the width and dtype of an output, as for any batch
-        out = jax.eval_shape(encode, jax.ShapeDtypeStruct((batch_size, *inputs.shape[1:]), inputs.dtype))
+        out = jax.eval_shape(encode, jax.ShapeDtypeStruct((local_batch, *local.shape[1:]), local.dtype))
         return np.zeros((0, *out.shape[1:]), out.dtype)
     return np.concatenate(outputs)
+
+
+def _gather_parts(local: np.ndarray) -> list[np.ndarray]:
+    """Every process's `local` rows, one array per process (each may have a different number)."""
+    counts = multihost_utils.process_allgather(np.int32(len(local)))
+    if not counts.any():
+        return [local] * len(counts)
+    everything = multihost_utils.process_allgather(_padded(local, int(counts.max())))
+    return [part[:count].astype(local.dtype) for part, count in zip(everything, counts)]
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows, in process order (each may have a different number)."""
+    local = np.asarray(local)
+    return local if jax.process_count() == 1 else np.concatenate(_gather_parts(local))
+
+
+def sum_over_processes(counts: np.ndarray) -> np.ndarray:
+    """Integer `counts` (one shape in every process) summed over processes."""
+    counts = np.asarray(counts)
+    if jax.process_count() == 1:
+        return counts
+    return multihost_utils.process_allgather(counts).sum(axis=0).astype(counts.dtype)
+
+
+def sum_counters(counts: dict[str, int]) -> dict[str, int]:
+    """{reason: count} summed over processes (each may name other reasons)."""
+    if jax.process_count() == 1:
+        return dict(counts)
+    total: collections.Counter = collections.Counter()
+    for part in _gather_parts(np.frombuffer(json.dumps(counts).encode(), np.uint8)):
+        total.update(json.loads(part.tobytes()))
+    return dict(total)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clipjax.evals.embed import embed_in_batches
+from clipjax.evals.embed import embed_local, gather_rows, local_batch_size, process_share
 from clipjax.parallel import batch_axes
 from clipjax.parallel.activations import activation_sharding
 
@@ -45,18 +45,42 @@ class Encoders:
         self._encode_image, self._encode_text = jitted_encoders(graphdef, mesh)
         self._memo: dict = {}
 
-    def _embed(self, encode, inputs) -> np.ndarray:
-        return embed_in_batches(
-            lambda x: encode(self.params, x), np.asarray(inputs), mesh=self.mesh, batch_size=self.batch_size
+    def local_batch_size(self, batch_size: int = 0) -> int:
+        """Rows each process gives one encoder call of `batch_size` rows (0: the encoders' own)."""
+        return local_batch_size(self.mesh, batch_size or self.batch_size)
+
+    def local_image(self, images: np.ndarray, length: int, batch_size: int = 0) -> np.ndarray:
+        """This process's images (at most `length`, which every process passes alike) -> [n, d],
+        in calls of `batch_size` images of all processes (0: the encoders' own)."""
+        return self._local(self._encode_image, images, length, batch_size)
+
+    def local_tokens(self, tokens: np.ndarray, length: int) -> np.ndarray:
+        """This process's token ids (at most `length`, which every process passes alike) -> [n, d]."""
+        return self._local(self._encode_text, tokens, length)
+
+    def _local(self, encode, inputs, length: int, batch_size: int = 0) -> np.ndarray:
+        return embed_local(
+            lambda x: encode(self.params, x),
+            np.asarray(inputs),
+            length=length,
+            mesh=self.mesh,
+            batch_size=batch_size or self.batch_size,
         )
 
     def image(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] (or float in [0, 1]) at the model's resolution -> [N, d]."""
-        return self._embed(self._encode_image, images)
+        return self._everyone(self.local_image, images)
 
     def tokens(self, tokens: np.ndarray) -> np.ndarray:
         """int32 token ids [N, L] -> [N, d]."""
-        return self._embed(self._encode_text, tokens)
+        return self._everyone(self.local_tokens, tokens)
+
+    @staticmethod
+    def _everyone(local, inputs) -> np.ndarray:
+        """Every process passes the same inputs, encodes its share and gets every embedding back."""
+        inputs = np.asarray(inputs)
+        share = process_share(len(inputs))
+        return gather_rows(local(inputs[share.rows], share.length))
 
     def text(self, strings: Sequence[str]) -> np.ndarray:
         return self.tokens(self.tokenizer.encode(list(strings)))

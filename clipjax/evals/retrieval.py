@@ -14,6 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from clipjax.evals.base import Evaluator, register_evaluator
+from clipjax.evals.embed import gather_rows, process_share
+
+
+_CHUNK_BYTES = 64 * 2**20
 
 
 def _ranks_of_first_hit(similarity: np.ndarray, is_hit: np.ndarray) -> np.ndarray:
@@ -23,30 +27,44 @@ def _ranks_of_first_hit(similarity: np.ndarray, is_hit: np.ndarray) -> np.ndarra
     return np.argmax(hits_in_order, axis=1)
 
 
-def recall_at_k(similarity: np.ndarray, is_hit: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    ranks = _ranks_of_first_hit(similarity, is_hit)
+def _recalls(ranks: np.ndarray, ks: Sequence[int]) -> dict:
     out = {f"R@{k}": float(np.mean(ranks < k)) for k in ks}
     out["median_rank"] = float(np.median(ranks) + 1)
     return out
+
+
+def recall_at_k(similarity: np.ndarray, is_hit: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    return _recalls(_ranks_of_first_hit(similarity, is_hit), ks)
+
+
+def _ranks(queries: np.ndarray, candidates: np.ndarray, concept: np.ndarray | None) -> np.ndarray:
+    """The rank of each query's first hit (its own pair, or with `concept` any candidate of its
+    concept). Every process ranks its share of the queries, a few at a time, and the ranks are
+    gathered: a host holds both sides' embeddings (small: d floats an example, and every
+    query's rank needs all candidates) and [few queries, N] similarities, never [N, N]."""
+    share = process_share(len(queries))
+    own = np.arange(len(candidates)) if concept is None else concept
+    step = max(1, _CHUNK_BYTES // (32 * max(1, len(candidates))))  # similarities, order, hits
+    ranks = [np.zeros(0, np.int64)]
+    for a in range(share.rows.start, share.rows.stop, step):
+        b = min(a + step, share.rows.stop)
+        ranks.append(_ranks_of_first_hit(queries[a:b] @ candidates.T, own[a:b, None] == own[None, :]))
+    return gather_rows(np.concatenate(ranks))
 
 
 def retrieval_metrics(
     image_emb: np.ndarray, text_emb: np.ndarray, concept: np.ndarray | None, ks: Sequence[int] = (1, 5, 10)
 ) -> dict:
     """Row i of image_emb and text_emb are a pair; `concept` gives each pair's concept label."""
-    similarity = image_emb @ text_emb.T
-    n = similarity.shape[0]
-    strict_hit = np.eye(n, dtype=bool)
     result = {
         "strict": {
-            "image_to_text": recall_at_k(similarity, strict_hit, ks),
-            "text_to_image": recall_at_k(similarity.T, strict_hit, ks),
+            "image_to_text": _recalls(_ranks(image_emb, text_emb, None), ks),
+            "text_to_image": _recalls(_ranks(text_emb, image_emb, None), ks),
         }
     }
     if concept is not None and np.all(concept >= 0):
-        concept_hit = concept[:, None] == concept[None, :]
-        result["image_to_text"] = recall_at_k(similarity, concept_hit, ks)
-        result["text_to_image"] = recall_at_k(similarity.T, concept_hit, ks)
+        result["image_to_text"] = _recalls(_ranks(image_emb, text_emb, concept), ks)
+        result["text_to_image"] = _recalls(_ranks(text_emb, image_emb, concept), ks)
     else:
         result["image_to_text"] = result["strict"]["image_to_text"]
         result["text_to_image"] = result["strict"]["text_to_image"]
@@ -68,19 +86,13 @@ class RetrievalEvaluator(Evaluator):
         }
 
 
-_CHUNK_BYTES = 64 * 2**20
-
-
 def _similarity(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """One chunk of query rows against all candidates: the only [chunk, candidates] float array."""
     return queries @ candidates.T
 
 
 def _rank_summary(ranks: np.ndarray, ks: Sequence[int]) -> dict:
-    out = {f"R@{k}": float(np.mean(ranks < k)) for k in ks}
-    out["median_rank"] = float(np.median(ranks) + 1)
-    out["mean_rank"] = float(np.mean(ranks) + 1)
-    return out
+    return {**_recalls(ranks, ks), "mean_rank": float(np.mean(ranks) + 1)}
 
 
 def _check_multi_caption_inputs(image_emb, text_emb, caption_image, ks, chunk):

@@ -15,6 +15,8 @@ class EmbeddingSpectrumEvaluator(Evaluator):
     kind = "embedding"
 
     def run(self, encoders):
+        # A covariance spectrum needs the rows together: the embeddings are gathered (each
+        # process encoded its share), [N, d] floats on each host.
         image_emb, text_emb = self.data.heldout_embeddings(encoders)
         metrics = reference_embedding_metrics(
             image_emb, text_emb, self.data.heldout["text_id"], encoders.logit_scale, encoders.logit_bias

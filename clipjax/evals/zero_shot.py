@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from clipjax.evals.base import Evaluator, SkipEvaluation, register_evaluator
-from clipjax.evals.embed import l2_normalize
+from clipjax.evals.embed import l2_normalize, sum_over_processes
 
 
 def class_embeddings(
@@ -60,25 +60,37 @@ def _holds(seq: list[int], part: list[int]) -> bool:
     return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
 
 
-def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> dict:
-    """top-1, top-5 (when there are more than 5 classes) and per-class top-1 accuracy."""
+def zero_shot_counts(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """What a zero-shot report is made of, as counts that add up over any split of the images:
+    [top-1 hits, top-5 hits, then per class: top-1 hits (by argmax), images]."""
     scores = image_emb @ class_emb.T
     order = np.argsort(-scores, axis=1)
-    result = {"top1": float(np.mean(order[:, 0] == labels))}
-    if class_emb.shape[0] > 5:
-        result["top5"] = float(np.mean(np.any(order[:, :5] == labels[:, None], axis=1)))
+    num_classes = class_emb.shape[0]
+    hits = [np.sum(order[:, 0] == labels), np.sum(np.any(order[:, :5] == labels[:, None], axis=1))]
+    correct = labels[np.argmax(scores, axis=1) == labels]
+    return np.concatenate(
+        [hits, np.bincount(correct, minlength=num_classes), np.bincount(labels, minlength=num_classes)]
+    ).astype(np.int64)
+
+
+def zero_shot_report(counts: np.ndarray, class_names: Sequence[str] | None = None) -> dict:
+    """top-1, top-5 (when there are more than 5 classes) and, given the class names, per-class
+    top-1 accuracy from `zero_shot_counts`."""
+    num_classes = (len(counts) - 2) // 2
+    correct, images = counts[2 : 2 + num_classes], counts[2 + num_classes :]
+    result = {"top1": float(counts[0] / images.sum())}
+    if num_classes > 5:
+        result["top5"] = float(counts[1] / images.sum())
+    if class_names is not None:
+        result["per_class"] = {
+            name: float(correct[c] / images[c]) for c, name in enumerate(class_names) if images[c]
+        }
     return result
 
 
-def per_class_accuracy(
-    image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
-) -> dict[str, float]:
-    predicted = np.argmax(image_emb @ class_emb.T, axis=1)
-    return {
-        name: float(np.mean(predicted[labels == c] == c))
-        for c, name in enumerate(class_names)
-        if np.any(labels == c)
-    }
+def zero_shot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> dict:
+    """top-1 and top-5 (when there are more than 5 classes) accuracy."""
+    return zero_shot_report(zero_shot_counts(image_emb, class_emb, labels))
 
 
 @register_evaluator
@@ -96,12 +108,13 @@ class ZeroShotEvaluator(Evaluator):
                 "for numeric labels: a CSV's, webdataset's .cls or data.label_field, tfds' data.tfds_label_key)"
             )
         arrays = self.data.heldout
-        image_emb, _ = self.data.heldout_embeddings(encoders)
+        # Each process scores its share of the images; only the counts are summed.
+        share = self.data.heldout_share()
+        image_emb = self.data.local_heldout_image_embeddings(encoders)
         result = {}
         for attribute, (class_names, templates) in tasks.items():
             labels = np.asarray(arrays[attribute])
-            labelled = labels >= 0  # own data may label only some images
-            if not labelled.any():
+            if not (labels >= 0).any():  # own data may label only some images
                 raise SkipEvaluation(f"no held-out example has a {attribute!r} label")
             if labels.max() >= len(class_names):
                 raise SkipEvaluation(
@@ -115,10 +128,11 @@ class ZeroShotEvaluator(Evaluator):
                 self.log,
             )
             classes = class_embeddings(encoders.text, class_names, templates)
-            emb, labels = image_emb[labelled], labels[labelled]
-            result[attribute] = zero_shot_accuracy(emb, classes, labels)
-            result[attribute]["per_class"] = per_class_accuracy(emb, classes, labels, class_names)
+            local = labels[share.rows]
+            labelled = local >= 0
+            counts = zero_shot_counts(image_emb[labelled], classes, local[labelled])
+            result[attribute] = zero_shot_report(sum_over_processes(counts), class_names)
             if unknown:
                 result[attribute]["class_names_unknown_to_tokenizer"] = unknown
         result["mean_top1"] = float(np.mean([v["top1"] for v in result.values()]))
-        return {"num_examples": int(len(image_emb)), "zero_shot": result}
+        return {"num_examples": int(len(arrays["image"])), "zero_shot": result}
