@@ -18,7 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from clipjax.data import pipeline, records
-from clipjax.data.shapes import caption_text_id
+from clipjax.captions import caption_text_id
 from clipjax.data.sources import make_source
 from clipjax.data.sources import tfds_dataset
 from clipjax.data import tfds_util
@@ -125,7 +125,7 @@ def _source(data_dir, **overrides):
 def _captions_by_record(source, split="train") -> list[list[str]]:
     """The non-blank captions of each record (tfds stores the examples in a shuffled order)."""
     raw = source.raw_records(split)
-    _, captions = tfds_dataset.read_pairs(raw.__getitems__(list(range(len(raw)))), *source.keys)
+    _, captions = records.read_pairs(raw.__getitems__(list(range(len(raw)))), *source.keys)
     return [[c.decode() for c in texts] for texts in captions]
 
 
@@ -136,7 +136,7 @@ def _caption(record: bytes) -> str:
 def test_fast_parse_agrees_with_tfds_generic_decoder(data_dir):
     source = _source(data_dir)
     raw = source.raw_records("train")
-    got_images, got_captions = tfds_dataset.read_pairs(raw.__getitems__(list(range(len(raw)))), *source.keys)
+    got_images, got_captions = records.read_pairs(raw.__getitems__(list(range(len(raw)))), *source.keys)
     features = source.builder.info.features
     for i in range(len(raw)):
         example = features.deserialize_example_np(raw[i], decoders={"image": tfds.decode.SkipDecoding()})
@@ -156,7 +156,7 @@ def test_eval_arrays_take_the_first_caption_of_each_image(data_dir):
     arrays = source.eval_arrays(source.tokenizer(), split="test")
     assert arrays["image"].shape == (NUM["test"], 20, 20, 3)
     raw = source.raw_records("test")
-    _, captions = tfds_dataset.read_pairs(raw.__getitems__(list(range(NUM["test"]))), *source.keys)
+    _, captions = records.read_pairs(raw.__getitems__(list(range(NUM["test"]))), *source.keys)
     assert list(arrays["caption"]) == [c[0].decode() for c in captions]
     np.testing.assert_array_equal(arrays["index"], np.arange(NUM["test"]))
     assert np.all(arrays["label"] == -1)

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from clipjax.data import pipeline, records
-from clipjax.data.shapes import caption_text_id
+from clipjax.captions import caption_text_id
 from clipjax.data.sources import make_source
 from clipjax.data.sources import tfds_dataset
 from clipjax.data import tfds_util

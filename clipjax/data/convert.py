@@ -52,7 +52,8 @@ from tensorflow_datasets.core import naming
 from tqdm import tqdm
 
 from clipjax import paths
-from clipjax.data import folder_tfds, locking, parent_watch, pipeline, streaming, tfds_util
+from clipjax.captions import decode_caption
+from clipjax.data import folder_tfds, locking, parent_watch, streaming, tfds_util
 from clipjax.data.images import decode_image
 
 _PLAN = "plan.json"
@@ -104,7 +105,7 @@ def _examples(unit: Unit, test_fraction: float) -> Iterator[tuple[str, str, dict
 
 def problem(record: dict) -> str:
     """Why the input pipeline would drop `record` ('' if it would not): it is left out here."""
-    if pipeline.decode_caption(record["caption"]) is None:
+    if decode_caption(record["caption"]) is None:
         return "bad_caption"
     if not record["image"]:
         return "missing_image"

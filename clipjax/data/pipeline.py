@@ -57,21 +57,11 @@ import grain
 import numpy as np
 from PIL import Image
 
+from clipjax.captions import decode_caption
 from clipjax.data import parent_watch, records
 from clipjax.data.images import check_crop_scale, decode_image, random_resized_crop_box, square_rgb
 
 BATCH_KEYS = ("image", "text", "text_id", "index", "label")
-
-
-def decode_caption(caption: bytes | None) -> str | None:
-    """UTF-8 caption bytes -> stripped text; None when missing, empty or not UTF-8."""
-    if caption is None:
-        return None
-    try:
-        text = caption.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None
-    return text or None
 
 
 class ChunkDecoder:

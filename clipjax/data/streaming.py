@@ -105,9 +105,9 @@ from absl import logging
 import numpy as np
 
 from clipjax import paths
+from clipjax.captions import caption_text_id, decode_caption
 from clipjax.data import parent_watch, pipeline
 from clipjax.data.images import decode_image, random_resized_crop_box
-from clipjax.data.shapes import caption_text_id
 
 IMAGE_EXTENSIONS = frozenset(("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"))
 CAPTION_EXTENSION = "txt"
@@ -623,7 +623,7 @@ class SampleDecoder:
             if sample.error:
                 image, reason = None, sample.error
             else:
-                caption = pipeline.decode_caption(sample.caption)
+                caption = decode_caption(sample.caption)
                 if caption is None:
                     image, reason = None, "bad_caption"
                 else:

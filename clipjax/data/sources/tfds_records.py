@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import tensorflow_datasets as tfds
 
+from clipjax.captions import decode_caption
 from clipjax.data import pipeline, records, tfds_util
 from clipjax.data.sources.base import DataSource
 
@@ -79,7 +80,7 @@ class TfdsRecordSource(DataSource):
         for start in range(0, len(source), step):
             raw = source.__getitems__(list(range(start, min(start + step, len(source)))))
             for caption in records.parse(raw, (), ("caption",))["caption"]:
-                text = pipeline.decode_caption(caption)
+                text = decode_caption(caption)
                 if text is not None:
                     texts.append(text)
         return texts

@@ -21,6 +21,7 @@ import itertools
 from absl import logging
 
 from clipjax import paths
+from clipjax.captions import decode_caption
 from clipjax.data import pipeline, streaming
 from clipjax.data.sources import classes
 from clipjax.data.sources.base import register_source, DataSource
@@ -179,7 +180,7 @@ class WebDatasetSource(DataSource):
         texts = []
         samples = streaming.read_in_order(self.train_shards)
         for sample in itertools.islice(samples, int(self._setting("tokenizer_samples"))):
-            text = pipeline.decode_caption(sample.caption)
+            text = decode_caption(sample.caption)
             if text is not None:
                 texts.append(text)
         samples.close()
