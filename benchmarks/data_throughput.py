@@ -30,7 +30,7 @@ from PIL import Image, JpegImagePlugin
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clipjax.config import apply_overrides, default_config  # noqa: E402
-from clipjax.data import pipeline, records, tokenizers  # noqa: E402
+from clipjax.data import pipeline, records, tokenizers, workers as worker_pool  # noqa: E402
 from clipjax.data.images import decode_image  # noqa: E402
 
 
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     mean_kb = sum(map(len, jpegs)) / len(jpegs) / 1024
     print(
         f"{args.images} JPEGs, sides {args.min_side}-{args.max_side} px (mean {mean_kb:.0f} KB) -> "
-        f"{args.size} px; batch {args.batch}; {pipeline.available_cores()} cores available"
+        f"{args.size} px; batch {args.batch}; {worker_pool.available_cores()} cores available"
     )
 
     worker_counts = [int(w) for w in args.workers.split(",")]

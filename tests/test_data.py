@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from clipjax.captions import caption_text_id, normalize_caption
 from clipjax.data import folder_tfds
+from clipjax.data.drops import DropCounter
 from clipjax.data import pipeline
 from clipjax.data import records
 from clipjax.data import shapes
@@ -297,7 +298,7 @@ def test_folder_builder_and_pipeline_skip_bad_records(tmp_path):
     assert all(r["label"] == -1 for r in ds)
     tok = source.tokenizer()
 
-    drops = pipeline.DropCounter()
+    drops = DropCounter()
     arrays = source.eval_arrays(tok, split="train", drops=drops)
     assert drops.counts == {"bad_image": 1, "bad_caption": 2}
     assert sorted(arrays["caption"]) == sorted(good.values())

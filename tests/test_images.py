@@ -10,7 +10,8 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from clipjax.config import apply_overrides, config_from_dict, default_config
-from clipjax.data import pipeline, records, tokenizers
+from clipjax.data.drops import DropCounter
+from clipjax.data import pipeline, records, tokenizers, workers as worker_pool
 from clipjax.data.images import (
     center_crop_box,
     decode_image,
@@ -313,7 +314,7 @@ def _legacy_iterator(source, workers: int):
     ds = grain.MapDataset.source(chunks).map(decoder).to_iter_dataset()
     if workers:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    ds = ds.map(pipeline.DropCounter()).filter(pipeline._non_empty)
+    ds = ds.map(DropCounter()).filter(pipeline._non_empty)
     ds = grain.experimental.RebatchIterDataset(ds, batch_size=6, drop_remainder=True)
     return iter(ds.map(pipeline._batch_in_key_order))
 
@@ -335,14 +336,14 @@ def test_states_saved_by_the_previous_version_resume(photo_records, workers):
 
 
 def test_worker_count_default_follows_the_cores_and_the_work():
-    cores = pipeline.available_cores()
+    cores = worker_pool.available_cores()
     raw = pipeline.ChunkDecoder(MemoryRecords([]), image_size=8, encoded_images=False)
     encoded = pipeline.ChunkDecoder(MemoryRecords([]), image_size=8, encoded_images=True)
     assert default_config().data.worker_count == -1
-    assert pipeline.worker_processes(-1, encoded) == cores
-    assert pipeline.worker_processes(-1, raw) == 0  # stored pixels: nothing to spread
-    assert pipeline.worker_processes(-1, raw.with_random_crop((0.5, 1), (0, 0))) == cores
-    assert pipeline.worker_processes(0, encoded) == 0 and pipeline.worker_processes(3, raw) == 3
+    assert worker_pool.worker_processes(-1, encoded) == cores
+    assert worker_pool.worker_processes(-1, raw) == 0  # stored pixels: nothing to spread
+    assert worker_pool.worker_processes(-1, raw.with_random_crop((0.5, 1), (0, 0))) == cores
+    assert worker_pool.worker_processes(0, encoded) == 0 and worker_pool.worker_processes(3, raw) == 3
 
 
 # ---------------------------------------------------------------------------

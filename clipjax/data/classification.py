@@ -226,7 +226,7 @@ def classification_batches(
     batch at a time: host memory holds a batch, never the split. Encoded images are decoded on
     `num_threads` threads (default: up to 8, one per CPU). A record whose image cannot be
     decoded or that has no label is skipped and counted in `drops` (a
-    `clipjax.data.pipeline.DropCounter`: 'bad_image', 'no_label'); without `drops` it raises
+    `clipjax.data.drops.DropCounter`: 'bad_image', 'no_label'); without `drops` it raises
     ValueError naming the record."""
     image_size = int(image_size)
     if image_size < 1:

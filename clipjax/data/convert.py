@@ -38,7 +38,6 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -53,7 +52,7 @@ from tqdm import tqdm
 
 from clipjax import paths
 from clipjax.captions import decode_caption
-from clipjax.data import folder_tfds, locking, parent_watch, streaming, tfds_util
+from clipjax.data import folder_tfds, locking, streaming, tfds_util, workers as worker_pool
 from clipjax.data.images import decode_image
 
 _PLAN = "plan.json"
@@ -383,8 +382,8 @@ def convert(
             disable=not progress,
             desc="convert",
         )
-        workers = workers or len(os.sched_getaffinity(0))
-        pool = _pool(workers, len(todo))
+        workers = workers or worker_pool.available_cores()
+        pool = worker_pool.spawn_pool(max(1, min(workers, len(todo))))
         try:
             futures = {pool.submit(convert_unit, u, work_dir, test_fraction): u for u in todo}
             for future in concurrent.futures.as_completed(futures):
@@ -416,18 +415,6 @@ def _done(work_dir: str, unit: Unit) -> bool:
         return False
     return marker.get("format") == _FORMAT and all(
         os.path.exists(os.path.join(work_dir, out["file"])) for out in marker["outputs"].values()
-    )
-
-
-def _pool(workers: int, jobs: int) -> concurrent.futures.Executor:
-    # spawn: the workers start clean, not as copies of a parent that may hold threads and locks.
-    # They end with this process, even a killed one, rather than convert on unseen (parent_watch).
-    context = multiprocessing.get_context("spawn")
-    return concurrent.futures.ProcessPoolExecutor(
-        max(1, min(workers, jobs)),
-        mp_context=context,
-        initializer=parent_watch.init_worker,
-        initargs=(os.getpid(),),
     )
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 import collections
 import copy
 import functools
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -58,10 +57,13 @@ import numpy as np
 from PIL import Image
 
 from clipjax.captions import decode_caption
-from clipjax.data import parent_watch, records
+from clipjax.data import records, workers as worker_pool
+from clipjax.data.drops import BadDataError, DropCounter
+from clipjax.data.process_state import TrainIterator, process_gather
 from clipjax.data.images import check_crop_scale, decode_image, random_resized_crop_box, square_rgb
 
 BATCH_KEYS = ("image", "text", "text_id", "index", "label")
+PROCESS_STATES_FORMAT = "clipjax.chunk_positions/1"
 
 
 class ChunkDecoder:
@@ -178,67 +180,6 @@ class ChunkDecoder:
         return out
 
 
-class DropCounter:
-    """Folds each chunk's '_skipped' counts into `counts`.
-
-    With `max_bad_fraction` set, raises once at least `min_seen` records have gone by and more
-    than that fraction of them, and more than `MIN_ALLOWED` records, could not be decoded: a
-    data set that is mostly broken should stop training, not quietly shrink it, while a small
-    folder with a few bad files should not. The error says how many, why, and which records.
-    """
-
-    MIN_ALLOWED = 20
-    EXAMPLES = 5
-
-    def __init__(self, max_bad_fraction: float | None = None, min_seen: int = 1000):
-        self.counts: collections.Counter = collections.Counter()
-        self.examples: list[tuple[int, str]] = []
-        self.kept = 0
-        self.max_bad_fraction = max_bad_fraction
-        self.min_seen = min_seen
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def state(self, counts=None, kept: int | None = None) -> dict:
-        """The counts as the iterator's state saves them (`counts`, `kept`: at another position)."""
-        counts = self.counts if counts is None else counts
-        return {
-            "counts": {k: int(v) for k, v in sorted(counts.items()) if v},
-            "kept": int(self.kept if kept is None else kept),
-        }
-
-    def restore(self, state: dict | None) -> None:
-        """Continue counting from a saved `state()` (None, as in states of earlier versions: 0)."""
-        state = state or {}
-        self.counts = collections.Counter({k: int(v) for k, v in state.get("counts", {}).items()})
-        self.kept = int(state.get("kept", 0))
-
-    def __call__(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        chunk = dict(chunk)
-        skipped = chunk.pop("_skipped")
-        self.examples.extend(chunk.pop("_skipped_examples", [])[: self.EXAMPLES - len(self.examples)])
-        self.counts.update(skipped)
-        self.kept += len(chunk["index"])
-        seen = self.kept + self.total
-        if (
-            self.max_bad_fraction is not None
-            and seen >= self.min_seen
-            and self.total > max(self.max_bad_fraction * seen, self.MIN_ALLOWED)
-        ):
-            which = ", ".join(f"record {i} ({reason})" for i, reason in self.examples)
-            raise BadDataError(
-                f"{self.total} of {seen} records could not be decoded ({dict(self.counts)}), more than "
-                f"data.max_bad_fraction={self.max_bad_fraction} of them; first: {which}"
-            )
-        return chunk
-
-
-class BadDataError(ValueError):
-    """Too much of the data cannot be decoded; the message is one line."""
-
-
 # The two steps below are no longer in this module's graph (`ChunkBatches` does both); sources that
 # assemble their own grain graph use them.
 def _non_empty(chunk: dict[str, Any]) -> bool:
@@ -309,89 +250,6 @@ class IndexChunks:
             sel = epochs == e
             out[sel] = self._epoch_order(int(e))[offsets[sel]]
         return {"index": out, "epoch": epochs} if self.with_epochs else out
-
-
-class TrainIterator:
-    """The endless per-process batch iterator of a training run.
-
-    `next()` gives the next local batch (keys BATCH_KEYS), `get_state()` / `set_state()` save
-    and restore the position exactly (JSON-able state), `drop_counts` is {reason: records
-    skipped so far}. Data sources hand one of these to the trainer.
-    """
-
-    def __init__(self, iterator, drops: DropCounter):
-        self._iterator = iterator
-        self._drops = drops
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
-
-    def get_state(self):
-        return self._iterator.get_state()
-
-    def set_state(self, state) -> None:
-        self._iterator.set_state(state)
-
-    @property
-    def drop_counts(self) -> dict[str, int]:
-        return dict(self._drops.counts)
-
-    def close(self) -> None:
-        """Stop worker processes, if any (they also stop when the iterator is collected), and
-        hand back the shared memory of the batches they had prefetched."""
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
-            release_shared_memory()
-
-
-def release_shared_memory() -> None:
-    """Free the shared memory of worker batches nothing refers to any more, now.
-
-    grain's prefetched arrays sit in reference cycles inside its iterators and are unlinked on
-    a background thread when collected: a process that exits right after closing an iterator
-    (a run stopped by bad data) would leave them to Python's resource tracker, which warns of
-    leaked shared memory. So collect them, then wait for grain's deletion thread."""
-    import gc
-
-    gc.collect()
-    try:
-        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-    except ImportError:  # another grain layout: the arrays are still freed, only later
-        return
-    deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)
-    if deleter is not None:
-        # One thread, first in first out: once this no-op ran, the deletions queued before it did.
-        deleter.apply(int)
-
-
-PROCESS_STATES_FORMAT = "clipjax.chunk_positions/1"
-
-
-def jax_gather(own: dict) -> list[dict]:
-    """Every JAX process's JSON-able `own`, in process order (a collective: all must call it)."""
-    from jax.experimental import multihost_utils  # only runs with several JAX processes
-
-    data = np.frombuffer(json.dumps(own).encode("utf-8"), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: len(data)] = data
-    rows = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(rows, sizes)]
-
-
-def process_gather(process_count: int) -> Callable[[dict], list[dict]] | None:
-    """`jax_gather` when `process_count` is this run's number of JAX processes (> 1): each
-    process reads its own part of the data, so a checkpoint must hold every process's position.
-    None otherwise (one process, or several simulated in one process by tests and tools)."""
-    if process_count <= 1:
-        return None
-    import jax
-
-    return jax_gather if jax.process_count() == process_count else None
 
 
 class ChunkBatches:
@@ -525,28 +383,6 @@ class ChunkBatches:
         self._iterator = self._head = None
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: a container's or taskset's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def worker_processes(worker_count: int, decoder=None) -> int:
-    """`data.worker_count` as a number of grain worker processes.
-
-    -1: one per available core, when there is work to spread: images to decode (JPEG, PNG) or
-    random crops. Raw stored pixels (the shapes data) only need copying, which worker processes
-    would slow down with the hand-over, so they stay in this process (0). 0: this process's
-    prefetch threads. n > 0: n processes.
-    """
-    if worker_count >= 0:
-        return int(worker_count)
-    decodes = getattr(decoder, "encoded_images", True) or getattr(decoder, "random_crop", None) is not None
-    return available_cores() if decodes else 0
-
-
 def make_train_iterator(
     decoder: ChunkDecoder,
     data_config,
@@ -597,7 +433,7 @@ def make_train_iterator(
         start_example=start_example,
         with_epochs=bool(crop_scale) or bool(getattr(decoder, "needs_epochs", False)),
     )
-    workers = worker_processes(int(data_config.worker_count), decoder)
+    workers = worker_pool.worker_processes(int(data_config.worker_count), decoder)
     threads, prefetch = int(data_config.read_threads), int(data_config.prefetch)
     if workers > 0:
         # grain's worker processes read absl flags; outside an absl app they are
@@ -615,8 +451,8 @@ def make_train_iterator(
         if workers > 0:
             it_ds = it_ds.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=workers),
-                # Workers end with this process, even when it is killed (parent_watch).
-                worker_init_fn=functools.partial(parent_watch.init_worker, os.getpid()),
+                # Workers end with this process, even when it is killed.
+                worker_init_fn=functools.partial(worker_pool.init_worker, os.getpid()),
             )
         return iter(it_ds)
 

@@ -36,7 +36,7 @@ The sample stream of one process, and why:
                   on from one saved position
   chunks          runs of one local batch of samples, decoded (image decode and crop,
                   caption, tokens) by data.read_threads threads or data.worker_count worker
-                  processes (`pipeline.worker_processes`; spawned, not grain's: see below),
+                  processes (`worker_pool.worker_processes`; spawned, not grain's: see below),
                   data.prefetch chunks ahead; bad samples dropped and counted here
   batches         the kept samples regrouped into batches of exactly the local batch size,
                   `index` the sample's stable id (`sample_index`), `label` the class
@@ -68,7 +68,7 @@ comes before: whole epochs by data.num_train (the number of good samples, as img
 stats report it), then the same share of the epoch's shards. It is approximate, at shard
 granularity.
 
-Bad samples are dropped and counted by reason (`pipeline.DropCounter`, data.max_bad_fraction
+Bad samples are dropped and counted by reason (`DropCounter`, data.max_bad_fraction
 as for every source): `bad_caption` (no .txt, empty, or not UTF-8), `missing_image`,
 `bad_image` (cannot be decoded), `bad_image_shape`, `truncated_shard` (the data ends inside a
 member, or reading fails part-way: the sample being read is dropped, and the rest of the shard
@@ -91,8 +91,6 @@ import copy
 import functools
 import itertools
 import json
-import multiprocessing
-import os
 import posixpath
 import queue
 import re
@@ -106,7 +104,9 @@ import numpy as np
 
 from clipjax import paths
 from clipjax.captions import caption_text_id, decode_caption
-from clipjax.data import parent_watch, pipeline
+from clipjax.data import pipeline, workers as worker_pool
+from clipjax.data.drops import DropCounter
+from clipjax.data.process_state import TrainIterator
 from clipjax.data.images import decode_image, random_resized_crop_box
 
 IMAGE_EXTENSIONS = frozenset(("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"))
@@ -534,7 +534,7 @@ def start_state(epoch: int = 0, next_shard: int = 0) -> dict:
 class SampleDecoder:
     """Samples -> arrays of the kept ones (pipeline.BATCH_KEYS, plus caption if asked).
 
-    Also '_skipped' {reason: count} and '_skipped_examples' for `pipeline.DropCounter`,
+    Also '_skipped' {reason: count} and '_skipped_examples' for `DropCounter`,
     '_kept', the positions in the input of the samples kept, and '_dropped', (position, reason)
     of the others. Images are centre-cropped unless
     `with_random_crop` made a training copy. A module-level class so worker processes can
@@ -631,7 +631,7 @@ class SampleDecoder:
             if image is None:
                 skipped[reason] += 1
                 dropped.append((j, reason))
-                if len(examples) < pipeline.DropCounter.EXAMPLES:
+                if len(examples) < DropCounter.EXAMPLES:
                     examples.append((sample.name, reason))
                 continue
             kept.append(j)
@@ -655,29 +655,16 @@ class SampleDecoder:
         return out
 
 
-_WORKER_DECODER: SampleDecoder | None = None
-
-
-def _init_worker(decoder: SampleDecoder, parent_pid: int) -> None:
-    global _WORKER_DECODER
-    parent_watch.init_worker(parent_pid)  # ends with the trainer, even a killed one
-    _WORKER_DECODER = decoder
-
-
-def _decode_in_worker(samples: list[Sample], epoch: int) -> dict[str, Any]:
-    return _WORKER_DECODER(samples, epoch)
-
-
 def load_arrays(
     samples: Iterable[Sample],
     decoder: SampleDecoder,
     max_examples: int | None = None,
-    drops: pipeline.DropCounter | None = None,
+    drops: DropCounter | None = None,
     chunk_size: int = 256,
 ) -> dict[str, np.ndarray]:
     """The first `max_examples` good samples (all when None or 0) as arrays (the keys of
     `pipeline.load_split_arrays`); bad ones are left out and counted in `drops`."""
-    counter = drops if drops is not None else pipeline.DropCounter()
+    counter = drops if drops is not None else DropCounter()
     chunks, kept = [], 0
     samples = iter(samples)
     while not max_examples or kept < max_examples:
@@ -758,14 +745,8 @@ class _Prefetcher:
         self._inflight: collections.deque = collections.deque()
         self._ended = False
         if workers > 0:
-            # spawn, not fork: the parent runs JAX's threads.
-            self._executor = concurrent.futures.ProcessPoolExecutor(
-                workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(decoder, os.getpid()),
-            )
-            self._decode = _decode_in_worker
+            self._executor = worker_pool.spawn_pool(workers, decoder)
+            self._decode = worker_pool.run_job
         else:
             self._executor = concurrent.futures.ThreadPoolExecutor(max(1, threads))
             self._decode = decoder
@@ -863,7 +844,7 @@ class StreamIterator:
         self,
         shards: Sequence[str],
         decoder: SampleDecoder,
-        drops: pipeline.DropCounter,
+        drops: DropCounter,
         *,
         batch_size: int,
         seed: Sequence[int],
@@ -1053,11 +1034,11 @@ def make_train_iterator(
     start_example: int = 0,
     num_epochs: int | None = None,
     gather: Callable[[dict], list[dict]] | None = None,
-) -> pipeline.TrainIterator:
+) -> TrainIterator:
     """Endless (or `num_epochs`, the last batch then short) iterator over this process's local
     batches of `shards`: blocks of `shuffle_buffer` samples shuffled, `interleave` shards read at
     once (module docstring). Reads from the complete `data_config`: batch_size (global),
-    shuffle_seed, num_train, worker_count (`pipeline.worker_processes`), read_threads, prefetch,
+    shuffle_seed, num_train, worker_count (`worker_pool.worker_processes`), read_threads, prefetch,
     max_bad_fraction, random_resized_crop."""
     batch_size = int(data_config.batch_size)
     if not 0 <= process_index < process_count:
@@ -1070,7 +1051,7 @@ def make_train_iterator(
         decoder = decoder.with_random_crop(crop_scale, stream_seed)
     max_bad = data_config.max_bad_fraction
     num_train = int(data_config.num_train)
-    drops = pipeline.DropCounter(
+    drops = DropCounter(
         None if max_bad is None else float(max_bad),
         min_seen=min(1000, max(num_train // process_count, 1)),
     )
@@ -1089,7 +1070,7 @@ def make_train_iterator(
         num_epochs=num_epochs,
         prefetch=int(data_config.prefetch),
         threads=int(data_config.read_threads),
-        workers=pipeline.worker_processes(int(data_config.worker_count), decoder),
+        workers=worker_pool.worker_processes(int(data_config.worker_count), decoder),
         gather=gather,
     )
-    return pipeline.TrainIterator(iterator, drops)
+    return TrainIterator(iterator, drops)

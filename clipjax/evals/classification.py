@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from clipjax.data import classification as datasets
-from clipjax.data.pipeline import DropCounter
+from clipjax.data.drops import DropCounter
 from clipjax import prompts
 from clipjax.evals.base import Evaluator, FrozenFeatures, SkipEvaluation, register_evaluator
 from clipjax.evals.knn import knn_accuracy

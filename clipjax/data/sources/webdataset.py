@@ -22,7 +22,8 @@ from absl import logging
 
 from clipjax import paths
 from clipjax.captions import decode_caption
-from clipjax.data import pipeline, streaming
+from clipjax.data import streaming
+from clipjax.data.process_state import process_gather
 from clipjax.data.sources import classes
 from clipjax.data.sources.base import register_source, DataSource
 from clipjax.schema import ConfigError, Field
@@ -152,7 +153,7 @@ class WebDatasetSource(DataSource):
             start_example=start_example,
             num_epochs=num_epochs,
             # Each process reads its own shards: the checkpoint keeps every process's position.
-            gather=pipeline.process_gather(process_count),
+            gather=process_gather(process_count),
         )
 
     def eval_arrays(
