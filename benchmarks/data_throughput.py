@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clipjax.config import apply_overrides, default_config  # noqa: E402
 from clipjax.data import pipeline, records, tokenizers, workers as worker_pool  # noqa: E402
+from clipjax.data.decode import Decoder, RecordReader  # noqa: E402
 from clipjax.data.images import decode_image  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def record(image: bytes, caption: str, index: int) -> bytes:
 
 
 class MemoryRecords:
-    """A random-access record source in memory (what `ChunkDecoder` reads)."""
+    """A random-access record source in memory (what `RecordReader` reads)."""
 
     def __init__(self, records: list[bytes]):
         self.records = records
@@ -92,7 +93,7 @@ def pipeline_rate(source: MemoryRecords, size: int, batch: int, workers: int, ba
         },
     )
     tokenizer = tokenizers.make_tokenizer(dict(kind="byte", max_len=32))
-    decoder = pipeline.ChunkDecoder(source, image_size=size, encoded_images=True, tokenizer=tokenizer)
+    decoder = Decoder(RecordReader(source), size, tokenizer=tokenizer)
     iterator = pipeline.make_train_iterator(decoder, config.data, seed=0)
     try:
         for _ in range(max(2, workers * 2)):  # every worker has started and filled its buffer

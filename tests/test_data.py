@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from clipjax.captions import caption_text_id, normalize_caption
 from clipjax.data import folder_tfds
 from clipjax.data.drops import DropCounter
-from clipjax.data import pipeline
+from clipjax.data.decode import BATCH_KEYS
 from clipjax.data import records
 from clipjax.data import shapes
 from clipjax.data import shapes_tfds
@@ -448,7 +448,7 @@ def test_train_batches_have_the_agreed_keys_and_types(shapes_dir, sp_tokenizer):
     cfg = _config(shapes_dir)
     it = make_source(cfg).train_iterator(sp_tokenizer, seed=0)
     batch = next(it)
-    assert list(batch) == list(pipeline.BATCH_KEYS)
+    assert list(batch) == list(BATCH_KEYS)
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (16, 32, 32, 3)
     assert batch["text"].dtype == np.int32 and batch["text"].shape == (16, 16)
     for k in ("text_id", "index", "label"):

@@ -28,7 +28,6 @@ small reader below (record framing only: lengths are trusted, CRCs are not check
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import os
 import re
@@ -297,8 +296,7 @@ def classification_batches(
                 "index": np.asarray([k[0] for k in keep], np.int32),
             }
             if drops is not None:
-                batch["_skipped"] = collections.Counter(reason for _, reason in skipped)
-                batch["_skipped_examples"] = list(skipped)
+                batch["_dropped"] = [(index, index, reason) for index, reason in skipped]
                 batch = drops(batch)
             skipped.clear()
             if keep:

@@ -51,9 +51,8 @@ from tensorflow_datasets.core import naming
 from tqdm import tqdm
 
 from clipjax import paths
-from clipjax.captions import decode_caption
 from clipjax.data import folder_tfds, locking, streaming, tfds_util, workers as worker_pool
-from clipjax.data.images import decode_image
+from clipjax.data.decode import Decoder, Raw
 
 _PLAN = "plan.json"
 _FORMAT = 2  # of the plan and markers; a partial conversion of another format starts afresh
@@ -102,18 +101,13 @@ def _examples(unit: Unit, test_fraction: float) -> Iterator[tuple[str, str, dict
         )
 
 
+# Small: JPEGs decode at a reduced scale, and every byte of the file is still read.
+_CHECK = Decoder(None, 16)
+
+
 def problem(record: dict) -> str:
     """Why the input pipeline would drop `record` ('' if it would not): it is left out here."""
-    if decode_caption(record["caption"]) is None:
-        return "bad_caption"
-    if not record["image"]:
-        return "missing_image"
-    try:
-        # Small: JPEGs decode at a reduced scale, and every byte of the file is still read.
-        decode_image(record["image"], 16)
-    except Exception:  # noqa: BLE001 - PIL raises many types for corrupt or truncated files
-        return "bad_image"
-    return ""
+    return _CHECK.decode_one(Raw(0, record["image"], record["caption"]))[2]
 
 
 def _tmp(path: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 
 class DropCounter:
-    """Folds each chunk's '_skipped' counts into `counts`.
+    """Folds the drops of each decoded chunk into `counts` ({reason: examples}).
 
     With `max_bad_fraction` set, raises once at least `min_seen` records have gone by and more
     than that fraction of them, and more than `MIN_ALLOWED` records, could not be decoded: a
@@ -50,10 +50,11 @@ class DropCounter:
         self.kept = int(state.get("kept", 0))
 
     def __call__(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """A decoded chunk (`clipjax.data.decode.Decoder`) without its '_dropped', counted."""
         chunk = dict(chunk)
-        skipped = chunk.pop("_skipped")
-        self.examples.extend(chunk.pop("_skipped_examples", [])[: self.EXAMPLES - len(self.examples)])
-        self.counts.update(skipped)
+        dropped = chunk.pop("_dropped")
+        self.examples.extend((name, why) for _, name, why in dropped[: self.EXAMPLES - len(self.examples)])
+        self.counts.update(why for _, _, why in dropped)
         self.kept += len(chunk["index"])
         seen = self.kept + self.total
         if (

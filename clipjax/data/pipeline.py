@@ -1,7 +1,8 @@
 """Input pipeline: serialized records -> grain -> host batches of numpy arrays.
 
 Which records is the data source's business (`clipjax.data.sources`); this module turns a
-random-access record source (`len()`, `__getitems__`) into resumable per-process batches.
+decoder over random-access records (`clipjax.data.decode.Decoder`, whose reader has `len()`)
+into resumable per-process batches.
 
 Train batches are dicts with exactly these keys (b = batch_size // process_count):
   image   uint8 [b, S, S, 3]   not normalised
@@ -17,7 +18,7 @@ Layout of the grain graph, and why:
                                    every epoch (vectorised: grain's per-element
                                    shuffle costs ~3 ms per 256 ids), with each
                                    id's epoch when the decoder crops at random
-  .map(ChunkDecoder)               one batched ArrayRecord read, parse, decode
+  .map(Decoder)                    one batched ArrayRecord read, parse, decode
                                    (`clipjax.data.images`), tokenize; bad records
                                    are dropped here (per-record reads plus tfds'
                                    generic decoder would cost ~100 us per record)
@@ -37,16 +38,13 @@ does not depend on the number of worker processes: a run resumes on a host with 
 chunk k's, which a restored run decodes and counts again), so a resumed run's totals are the
 uninterrupted run's. With several JAX processes each has its own position (they
 drop different records, so one may be a chunk ahead of another): get_state() gathers all of them
-(a collective) and set_state() gives each process its own. Random crops (`data.random_resized_crop`) are drawn
-from a generator seeded by (seed, shuffle_seed, epoch, record id): the same example gets the same
-crop whatever the batch size, the process count, the number of workers or a resumption, and
-another crop every epoch.
+(a collective) and set_state() gives each process its own. Random crops
+(`data.random_resized_crop`) are seeded by (seed, shuffle_seed, epoch, record id)
+(`clipjax.data.decode`).
 """
 
 from __future__ import annotations
 
-import collections
-import copy
 import functools
 import os
 from typing import Any, Callable, Sequence
@@ -54,141 +52,13 @@ from typing import Any, Callable, Sequence
 from absl import flags, logging
 import grain
 import numpy as np
-from PIL import Image
 
-from clipjax.captions import decode_caption
-from clipjax.data import records, workers as worker_pool
+from clipjax.data import workers as worker_pool
+from clipjax.data.decode import BATCH_KEYS, Decoder
 from clipjax.data.drops import BadDataError, DropCounter
 from clipjax.data.process_state import TrainIterator, process_gather
-from clipjax.data.images import check_crop_scale, decode_image, random_resized_crop_box, square_rgb
 
-BATCH_KEYS = ("image", "text", "text_id", "index", "label")
 PROCESS_STATES_FORMAT = "clipjax.chunk_positions/1"
-
-
-class ChunkDecoder:
-    """Reads and decodes the records at a batch of indices; drops bad ones.
-
-    Called with an array of record ids, or with {'index': ids, 'epoch': epochs} (what
-    `IndexChunks(with_epochs=True)` gives), which random crops need for their seeds. Returns the
-    valid examples as arrays plus '_skipped', a {reason: count} dict that the main process folds
-    into the drop counters. A module-level class rather than a closure so grain worker processes
-    can unpickle it.
-
-    Images are centre-cropped unless `with_random_crop` made a training copy: evaluation never
-    crops at random.
-    """
-
-    random_crop: tuple[float, float] | None = None  # the share of the area a crop covers
-    crop_seed: tuple[int, ...] = ()
-
-    def __init__(
-        self,
-        source,
-        image_size: int,
-        encoded_images: bool,
-        tokenizer=None,
-        extra_int_fields: Sequence[str] = (),
-        keep_captions: bool = False,
-    ):
-        self.source = source
-        self.image_size = int(image_size)
-        self.encoded_images = encoded_images
-        self.tokenizer = tokenizer
-        self.extra_int_fields = tuple(extra_int_fields)
-        self.keep_captions = keep_captions
-
-    def with_random_crop(self, scale: Sequence[float], seed: Sequence[int]) -> ChunkDecoder:
-        """A copy that crops a random region covering a share `scale` = (low, high) of the area
-        (`clipjax.data.images.random_resized_crop_box`), seeded per (seed, epoch, record id)."""
-        problem = check_crop_scale(tuple(scale)) or (None if len(scale) else "expected (low, high)")
-        if problem:
-            raise ValueError(f"random crop scale: {problem}, got {tuple(scale)}")
-        low, high = (float(v) for v in scale)
-        decoder = copy.copy(self)
-        decoder.random_crop = (low, high)
-        decoder.crop_seed = tuple(int(v) for v in seed)
-        return decoder
-
-    def _crop(self, record: int, epoch: int | None):
-        """None (centre crop), or the crop function of one example in one epoch."""
-        if self.random_crop is None:
-            return None
-        if epoch is None:
-            raise ValueError("a random-cropping ChunkDecoder needs each record's epoch ({'index', 'epoch'})")
-        # The trailing 1 keeps this stream apart from the epoch permutation's ([*seed, epoch]).
-        rng = np.random.default_rng([*self.crop_seed, int(epoch), int(record), 1])
-        return functools.partial(random_resized_crop_box, rng=rng, scale=self.random_crop)
-
-    def _image(self, data: bytes | None, crop=None) -> tuple[np.ndarray | None, str]:
-        s = self.image_size
-        if not data:
-            return None, "missing_image"
-        if not self.encoded_images:
-            if len(data) != s * s * 3:
-                return None, "bad_image_shape"
-            image = np.frombuffer(data, np.uint8).reshape(s, s, 3)
-            if crop is not None:
-                image = square_rgb(Image.fromarray(image), s, box=crop(s, s))
-            return image, ""
-        try:
-            image = decode_image(data, s, crop=crop)
-        except Exception:  # pylint: disable=broad-except
-            # PIL raises many exception types for corrupt or truncated files
-            # (OSError, SyntaxError, ValueError, DecompressionBombError, ...).
-            return None, "bad_image"
-        if image.shape != (s, s, 3):
-            return None, "bad_image_shape"
-        return image, ""
-
-    def __call__(self, indices) -> dict[str, Any]:
-        epochs = None
-        if isinstance(indices, dict):
-            indices, epochs = indices["index"], np.asarray(indices["epoch"]).reshape(-1)
-        ids = [int(i) for i in np.asarray(indices).reshape(-1)]
-        raw = self.source.__getitems__(ids)
-        ints = ("text_id", "index", "label") + self.extra_int_fields
-        fields = records.parse(raw, ints, ("image", "caption"))
-        skipped: collections.Counter = collections.Counter()
-        examples: list[tuple[int, str]] = []  # a few (record, reason), for error messages
-        keep, images, captions = [], [], []
-        for j in range(len(raw)):
-            caption = decode_caption(fields["caption"][j])
-            if caption is None:
-                image, reason = None, "bad_caption"
-            else:
-                crop = self._crop(ids[j], None if epochs is None else epochs[j])
-                image, reason = self._image(fields["image"][j], crop)
-            if image is None:
-                skipped[reason] += 1
-                if len(examples) < DropCounter.EXAMPLES:
-                    examples.append((ids[j], reason))
-                continue
-            keep.append(j)
-            images.append(image)
-            captions.append(caption)
-        s = self.image_size
-        out = {"image": np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)}
-        if self.tokenizer is not None:
-            out["text"] = self.tokenizer.encode(captions)
-        for k in ints:
-            out[k] = records.ints([fields[k][j] for j in keep])
-        if self.keep_captions:
-            out["caption"] = np.array(captions, dtype=object)
-        out["_skipped"] = dict(skipped)
-        out["_skipped_examples"] = examples
-        return out
-
-
-# The two steps below are no longer in this module's graph (`ChunkBatches` does both); sources that
-# assemble their own grain graph use them.
-def _non_empty(chunk: dict[str, Any]) -> bool:
-    return len(chunk["index"]) > 0
-
-
-def _batch_in_key_order(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    # Rebatching rebuilds dicts with sorted keys; keep the documented order.
-    return {k: batch[k] for k in BATCH_KEYS}
 
 
 class IndexChunks:
@@ -384,7 +254,7 @@ class ChunkBatches:
 
 
 def make_train_iterator(
-    decoder: ChunkDecoder,
+    decoder: Decoder,
     data_config,
     *,
     seed: int,
@@ -393,7 +263,7 @@ def make_train_iterator(
     start_example: int = 0,
     gather: Callable[[dict], list[dict]] | None = None,
 ) -> TrainIterator:
-    """Endless, shuffled, per-process iterator over local train batches of `decoder.source`.
+    """Endless, shuffled, per-process iterator over local train batches of `decoder.reader`'s records.
 
     The order depends on `seed` and on data_config.shuffle_seed; the stream starts at its
     `start_example`-th example (0 for a new run). Also read from the (complete)
@@ -410,7 +280,7 @@ def make_train_iterator(
     if batch_size % process_count:
         raise ValueError(f"data.batch_size {batch_size} is not divisible by process_count {process_count}")
     local_batch = batch_size // process_count
-    num_records = len(decoder.source)
+    num_records = len(decoder.reader)
     if num_records <= process_index:
         raise ValueError(
             f"process {process_index} of {process_count} gets no records (train split has {num_records})"
@@ -469,25 +339,3 @@ def make_train_iterator(
         gather=gather if gather is not None else process_gather(process_count),
     )
     return TrainIterator(batches, counter)
-
-
-def load_split_arrays(
-    decoder: ChunkDecoder, max_examples: int | None = None, drops: DropCounter | None = None
-) -> dict[str, np.ndarray]:
-    """All records of `decoder.source` (or the first `max_examples`, if > 0) as numpy arrays.
-
-    Keys: image uint8 [n,S,S,3], text int32 [n,L], text_id/index/label int32 [n], caption
-    str [n] (with keep_captions), and the decoder's extra int fields. Undecodable records are
-    left out and counted in `drops`.
-    """
-    n = len(decoder.source)
-    if max_examples:  # None or 0: the whole split
-        n = min(int(max_examples), n)
-    counter = drops if drops is not None else DropCounter()
-    chunks = [counter(decoder(np.arange(start, min(start + 1024, n)))) for start in range(0, n, 1024)]
-    if not chunks:
-        chunks = [counter(decoder(np.zeros(0, np.int64)))]
-    out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    if "caption" in out:
-        out["caption"] = out["caption"].astype(str)
-    return out

@@ -7,7 +7,7 @@ convention). Nothing is prepared: shards are read as they are, through `clipjax.
 (`etils.epath`: local paths, gs://, s3://).
 
 Labels: a sample's `label` is its `.cls` member, else the `.json` field `data.label_field`
-(`SampleDecoder.label`): an integer, or a class name of `data.class_names`; -1 without one. They
+(`SampleReader.label`): an integer, or a class name of `data.class_names`; -1 without one. They
 reach evaluation as the record sources' labels do (kNN, the probes, concept-aware retrieval;
 zero-shot with class names).
 
@@ -87,8 +87,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import copy
-import functools
 import itertools
 import json
 import posixpath
@@ -103,11 +101,10 @@ from absl import logging
 import numpy as np
 
 from clipjax import paths
-from clipjax.captions import caption_text_id, decode_caption
-from clipjax.data import pipeline, workers as worker_pool
+from clipjax.data import workers as worker_pool
 from clipjax.data.drops import DropCounter
 from clipjax.data.process_state import TrainIterator
-from clipjax.data.images import decode_image, random_resized_crop_box
+from clipjax.data.decode import BATCH_KEYS, Decoder, Raw
 
 IMAGE_EXTENSIONS = frozenset(("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"))
 CAPTION_EXTENSION = "txt"
@@ -531,30 +528,12 @@ def start_state(epoch: int = 0, next_shard: int = 0) -> dict:
 # Decoding
 
 
-class SampleDecoder:
-    """Samples -> arrays of the kept ones (pipeline.BATCH_KEYS, plus caption if asked).
+class SampleReader:
+    """The decoder's reader of tar samples (`clipjax.data.decode.Decoder`): each as a `Raw`
+    example, its `label` the class of `label`. A module-level class so worker processes can
+    unpickle it."""
 
-    Also '_skipped' {reason: count} and '_skipped_examples' for `DropCounter`,
-    '_kept', the positions in the input of the samples kept, and '_dropped', (position, reason)
-    of the others. Images are centre-cropped unless
-    `with_random_crop` made a training copy. A module-level class so worker processes can
-    unpickle it.
-    """
-
-    random_crop: tuple[float, float] | None = None  # the share of the area a crop covers
-    crop_seed: tuple[int, ...] = ()
-
-    def __init__(
-        self,
-        image_size: int,
-        tokenizer=None,
-        keep_captions: bool = False,
-        label_field: str = "",
-        class_names: Sequence[str] = (),
-    ):
-        self.image_size = int(image_size)
-        self.tokenizer = tokenizer
-        self.keep_captions = keep_captions
+    def __init__(self, label_field: str = "", class_names: Sequence[str] = ()):
         self.label_field = label_field
         self.class_index = {name: i for i, name in enumerate(class_names)}
 
@@ -583,110 +562,11 @@ class SampleDecoder:
             return -1
         return value
 
-    def with_random_crop(self, scale: Sequence[float], seed: Sequence[int]) -> SampleDecoder:
-        """A copy cropping a random region of a share `scale` = (low, high) of the area, drawn
-        from a generator seeded by (seed, epoch, sample index) as the record pipeline does: the
-        same sample gets the same crop after a resumption, and another one every epoch."""
-        decoder = copy.copy(self)
-        decoder.random_crop = (float(scale[0]), float(scale[1]))
-        decoder.crop_seed = tuple(_seed(seed))
-        return decoder
-
-    def _crop(self, index: int, epoch: int | None):
-        if self.random_crop is None:
-            return None
-        if epoch is None:
-            raise ValueError("a random-cropping SampleDecoder needs the samples' epoch")
-        # The trailing 1 keeps this stream apart from the shard order's ([*seed, epoch]).
-        rng = np.random.default_rng([*self.crop_seed, int(epoch), int(index) % 2**32, 1])
-        return functools.partial(random_resized_crop_box, rng=rng, scale=self.random_crop)
-
-    def _image(self, data: bytes | None, crop=None) -> tuple[np.ndarray | None, str]:
-        s = self.image_size
-        if not data:
-            return None, "missing_image"
-        try:
-            image = decode_image(data, s) if crop is None else decode_image(data, s, crop=crop)
-        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt or truncated files
-            return None, "bad_image"
-        if image.shape != (s, s, 3):
-            return None, "bad_image_shape"
-        return image, ""
-
-    def __call__(self, samples: Sequence[Sample], epoch: int | None = None) -> dict[str, Any]:
-        """`epoch`: the samples' epoch (random crops need it)."""
-        skipped: collections.Counter = collections.Counter()
-        examples: list[tuple[str, str]] = []
-        kept, images, captions, indices, labels = [], [], [], [], []
-        dropped: list[tuple[int, str]] = []
-        for j, sample in enumerate(samples):
-            if sample.error:
-                image, reason = None, sample.error
-            else:
-                caption = decode_caption(sample.caption)
-                if caption is None:
-                    image, reason = None, "bad_caption"
-                else:
-                    image, reason = self._image(sample.image, self._crop(sample.index, epoch))
-            if image is None:
-                skipped[reason] += 1
-                dropped.append((j, reason))
-                if len(examples) < DropCounter.EXAMPLES:
-                    examples.append((sample.name, reason))
-                continue
-            kept.append(j)
-            images.append(image)
-            captions.append(caption)
-            indices.append(sample.index)
-            labels.append(self.label(sample))
-        s, n = self.image_size, len(kept)
-        out: dict[str, Any] = {"image": np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)}
-        if self.tokenizer is not None:
-            out["text"] = np.asarray(self.tokenizer.encode(captions), np.int32)
-        out["text_id"] = np.array([caption_text_id(c) for c in captions], np.int32).reshape(n)
-        out["index"] = np.array(indices, np.int32).reshape(n)
-        out["label"] = np.array(labels, np.int32).reshape(n)
-        if self.keep_captions:
-            out["caption"] = np.array(captions, dtype=object).reshape(n)
-        out["_skipped"] = dict(skipped)
-        out["_skipped_examples"] = examples
-        out["_kept"] = np.array(kept, np.int64)
-        out["_dropped"] = dropped  # (position in the input, reason): a resumed state counts them
-        return out
-
-
-def load_arrays(
-    samples: Iterable[Sample],
-    decoder: SampleDecoder,
-    max_examples: int | None = None,
-    drops: DropCounter | None = None,
-    chunk_size: int = 256,
-) -> dict[str, np.ndarray]:
-    """The first `max_examples` good samples (all when None or 0) as arrays (the keys of
-    `pipeline.load_split_arrays`); bad ones are left out and counted in `drops`."""
-    counter = drops if drops is not None else DropCounter()
-    chunks, kept = [], 0
-    samples = iter(samples)
-    while not max_examples or kept < max_examples:
-        batch = list(itertools.islice(samples, chunk_size))
-        if not batch:
-            break
-        out = counter(decoder(batch))
-        out.pop("_kept")
-        out.pop("_dropped")
-        chunks.append(out)
-        kept += len(out["index"])
-    if not chunks:
-        out = counter(decoder([]))
-        out.pop("_kept")
-        out.pop("_dropped")
-        chunks = [out]
-    arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    if max_examples:
-        arrays = {k: v[: int(max_examples)] for k, v in arrays.items()}
-    if "caption" in arrays:
-        arrays["caption"] = arrays["caption"].astype(str)
-    return arrays
+    def __call__(self, samples: Sequence[Sample], epochs=None) -> list[Raw]:
+        return [
+            Raw(s.index, s.image, s.caption, s.index, label=self.label(s), error=s.error, name=s.name)
+            for s in samples
+        ]
 
 
 # ---------------------------------------------------------------------------
@@ -730,7 +610,7 @@ class _Prefetcher:
     def __init__(
         self,
         make_chunks: Callable[[], Iterator[_Chunk]],
-        decoder: SampleDecoder,
+        decoder: Decoder,
         *,
         prefetch: int,
         read_ahead: int,
@@ -834,7 +714,7 @@ def _process_state(state: dict) -> dict:
 
 
 class StreamIterator:
-    """Local batches of one process (keys pipeline.BATCH_KEYS), resumable exactly.
+    """Local batches of one process (keys BATCH_KEYS), resumable exactly.
 
     Use through `make_train_iterator`. `gather(own_state) -> [state of each process]` collects
     the positions of all processes for get_state(); None keeps only this one's.
@@ -843,7 +723,7 @@ class StreamIterator:
     def __init__(
         self,
         shards: Sequence[str],
-        decoder: SampleDecoder,
+        decoder: Decoder,
         drops: DropCounter,
         *,
         batch_size: int,
@@ -983,12 +863,12 @@ class StreamIterator:
         if got is None:
             return False
         chunk, arrays = got
-        arrays = dict(arrays)
-        kept = arrays.pop("_kept")
         self._drops_before_chunk = self.drops.state()
-        self._chunk_drops = [(chunk.start + j, reason) for j, reason in arrays.pop("_dropped")]
+        self._chunk_drops = [(chunk.start + j, reason) for j, _, reason in arrays["_dropped"]]
+        dropped = {position for position, _ in self._chunk_drops}
         self._chunk, self._arrays = chunk, self.drops(arrays)
-        self._kept, self._cursor = chunk.start + kept, 0
+        self._kept = np.array([p for p in range(chunk.start, chunk.end) if p not in dropped], np.int64)
+        self._cursor = 0
         return True
 
     def __iter__(self):
@@ -1002,15 +882,13 @@ class StreamIterator:
                     break
                 continue
             take = min(need, len(self._kept) - self._cursor)
-            parts.append(
-                {k: self._arrays[k][self._cursor : self._cursor + take] for k in pipeline.BATCH_KEYS}
-            )
+            parts.append({k: self._arrays[k][self._cursor : self._cursor + take] for k in BATCH_KEYS})
             self._cursor += take
             need -= take
         if not parts:
             raise StopIteration
         self._seen += self.batch_size - need
-        return {k: np.concatenate([p[k] for p in parts]) for k in pipeline.BATCH_KEYS}
+        return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
 
     def close(self) -> None:
         if getattr(self, "_prefetcher", None) is not None:
@@ -1023,7 +901,7 @@ class StreamIterator:
 
 def make_train_iterator(
     shards: Sequence[str],
-    decoder: SampleDecoder,
+    decoder: Decoder,
     data_config,
     *,
     shuffle_buffer: int,

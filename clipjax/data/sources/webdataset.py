@@ -23,6 +23,7 @@ from absl import logging
 from clipjax import paths
 from clipjax.captions import decode_caption
 from clipjax.data import streaming
+from clipjax.data.decode import Decoder, chunks_of, load_arrays
 from clipjax.data.process_state import process_gather
 from clipjax.data.sources import classes
 from clipjax.data.sources.base import register_source, DataSource
@@ -118,14 +119,11 @@ class WebDatasetSource(DataSource):
         """img2dataset's count (`streaming.count_samples`), when every shard has its statistics."""
         return streaming.count_samples(self.train_shards)
 
-    def decoder(self, tokenizer, keep_captions: bool = False) -> streaming.SampleDecoder:
-        return streaming.SampleDecoder(
-            self.config.image_size,
-            tokenizer,
-            keep_captions=keep_captions,
-            label_field=str(self._setting("label_field")).strip(),
-            class_names=classes.class_names(self.config),
+    def decoder(self, tokenizer, keep_captions: bool = False) -> Decoder:
+        reader = streaming.SampleReader(
+            str(self._setting("label_field")).strip(), classes.class_names(self.config)
         )
+        return Decoder(reader, self.config.image_size, tokenizer=tokenizer, keep_captions=keep_captions)
 
     def zero_shot_tasks(self) -> dict[str, tuple[list[str], list[str]]]:
         return classes.label_task(classes.class_names(self.config), self.config.zero_shot_templates)
@@ -173,9 +171,8 @@ class WebDatasetSource(DataSource):
                 shards = self.train_shards
         else:
             raise ValueError(f"webdataset: no split {split!r} (train: data.shards, test: data.eval_shards)")
-        return streaming.load_arrays(
-            streaming.read_in_order(shards), self.decoder(tokenizer, keep_captions=True), max_examples, drops
-        )
+        samples = chunks_of(streaming.read_in_order(shards), 256)
+        return load_arrays(self.decoder(tokenizer, keep_captions=True), samples, max_examples, drops)
 
     def caption_texts(self) -> list[str]:
         texts = []
