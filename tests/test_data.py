@@ -12,12 +12,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from clipjax.captions import caption_text_id, normalize_caption
-from clipjax.data import folder_tfds
+from clipjax.data.sources.image_text_folder import builder as folder_tfds
 from clipjax.data.drops import DropCounter
 from clipjax.data.decode import BATCH_KEYS
 from clipjax.data import records
-from clipjax.data import shapes
-from clipjax.data import shapes_tfds
+from clipjax.data.sources.shapes import procedural as shapes
+from clipjax.data.sources.shapes import builder as shapes_tfds
 from clipjax.data import tokenizers
 from clipjax.data.sources import make_source
 from clipjax.schema import ConfigError

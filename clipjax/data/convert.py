@@ -5,9 +5,9 @@
     python -m clipjax.data.convert 'shards/{00000..00099}.tar' --data_dir ~/clipjax_data
 
 Input: what `data.name=image_text_folder` reads (a CSV with image,caption columns, or a folder of
-images with same-named .txt captions; `clipjax.data.folder_tfds` parses both), or webdataset tar
+images with same-named .txt captions; `clipjax.data.sources.image_text_folder` parses both), or webdataset tar
 shards (a brace pattern, a .tar file, a folder of .tar files, or with --webdataset a file listing
-them), read with `tarfile` in stream mode by `clipjax.data.streaming`.
+them), read with `tarfile` in stream mode by `clipjax.data.sources.webdataset.streaming`.
 
 Output: the tfds dataset `image_text_folder` under --data_dir, with the features, splits (the
 same hash of each key holds out --test_fraction) and config name that the image_text_folder
@@ -20,7 +20,7 @@ Images are kept as their encoded bytes when PIL decodes them; records whose imag
 does not decode, or whose caption is missing, blank or not UTF-8, are left out and counted by
 reason (the reasons the input pipeline counts). The `index` of a record is its position among the
 source's pairs of its split (bad ones included, as the image_text_folder source numbers them) or,
-for tar shards, the sample number `clipjax.data.streaming` gives (img2dataset's key).
+for tar shards, the sample number the webdataset source gives (img2dataset's key).
 
 Parallel and resumable: the work is cut into units (--shard_size pairs of a CSV or folder, or one
 tar shard), converted by worker processes, each unit into its own ArrayRecord file, written under
@@ -51,7 +51,9 @@ from tensorflow_datasets.core import naming
 from tqdm import tqdm
 
 from clipjax import paths
-from clipjax.data import folder_tfds, locking, streaming, tfds_util, workers as worker_pool
+from clipjax.data import locking, tfds_util, workers as worker_pool
+from clipjax.data.sources.image_text_folder import builder as folder_tfds
+from clipjax.data.sources.webdataset import streaming
 from clipjax.data.decode import Decoder, Raw
 
 _PLAN = "plan.json"

@@ -4,7 +4,7 @@
 
 Each shard holds samples `{key}.jpg` (or png, webp, ...) + `{key}.txt` (+ `{key}.json`, `{key}.cls`).
 How the shards are split across processes, shuffled, decoded and resumed exactly is in
-`clipjax.data.streaming`. Held-out evaluation reads the first samples of `data.eval_shards`; the
+`streaming` (beside this file). Held-out evaluation reads the first samples of `data.eval_shards`; the
 tokenizer is trained on the captions of the first `data.tokenizer_samples` training samples.
 
 Labelled shards are evaluated like labelled CSVs: a `.cls` member, or the `.json` field named by
@@ -22,7 +22,7 @@ from absl import logging
 
 from clipjax import paths
 from clipjax.captions import decode_caption
-from clipjax.data import streaming
+from clipjax.data.sources.webdataset import streaming
 from clipjax.data.decode import Decoder, chunks_of, load_arrays
 from clipjax.data.process_state import process_gather
 from clipjax.data.sources import classes

@@ -35,16 +35,17 @@ The sample stream of one process, and why:
                   would have to be saved and fetched again; a block is rebuilt by reading
                   on from one saved position
   chunks          runs of one local batch of samples, decoded (image decode and crop,
-                  caption, tokens) by data.read_threads threads or data.worker_count worker
-                  processes (`worker_pool.worker_processes`; spawned, not grain's: see below),
-                  data.prefetch chunks ahead; bad samples dropped and counted here
+                  caption, tokens: `clipjax.data.decode`) by data.read_threads threads or
+                  data.worker_count worker processes (`clipjax.data.workers`; spawned, not
+                  grain's: see below), data.prefetch chunks ahead; bad samples dropped and
+                  counted here
   batches         the kept samples regrouped into batches of exactly the local batch size,
                   `index` the sample's stable id (`sample_index`), `label` the class
                   (-1 without one)
 
 The tar reading runs in one background thread per process. Decoding is a pure function of a
-chunk's samples (and, for random crops, of the epoch and the sample's id, seeded as the record
-pipeline seeds them), so the batches do not depend on how many threads or workers decode.
+chunk's samples (and, for random crops, of the epoch and the sample's id: the one decoder of
+every source seeds them), so the batches do not depend on how many threads or workers decode.
 grain's worker processes are not used because each would run its own copy of the stream: the
 shards would have to be split among workers (another order for every worker count) or read
 once by each of them.
@@ -68,7 +69,7 @@ comes before: whole epochs by data.num_train (the number of good samples, as img
 stats report it), then the same share of the epoch's shards. It is approximate, at shard
 granularity.
 
-Bad samples are dropped and counted by reason (`DropCounter`, data.max_bad_fraction
+Bad samples are dropped and counted by reason (`clipjax.data.drops`, data.max_bad_fraction
 as for every source): `bad_caption` (no .txt, empty, or not UTF-8), `missing_image`,
 `bad_image` (cannot be decoded), `bad_image_shape`, `truncated_shard` (the data ends inside a
 member, or reading fails part-way: the sample being read is dropped, and the rest of the shard
@@ -916,7 +917,7 @@ def make_train_iterator(
     """Endless (or `num_epochs`, the last batch then short) iterator over this process's local
     batches of `shards`: blocks of `shuffle_buffer` samples shuffled, `interleave` shards read at
     once (module docstring). Reads from the complete `data_config`: batch_size (global),
-    shuffle_seed, num_train, worker_count (`worker_pool.worker_processes`), read_threads, prefetch,
+    shuffle_seed, num_train, worker_count (`workers.worker_processes`), read_threads, prefetch,
     max_bad_fraction, random_resized_crop."""
     batch_size = int(data_config.batch_size)
     if not 0 <= process_index < process_count:

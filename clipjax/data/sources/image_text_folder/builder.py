@@ -360,7 +360,7 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
         del dl_manager
         config = self.builder_config
         if not isinstance(config, FolderConfig) or not config.source:
-            raise ValueError("image_text_folder needs config=folder_tfds.make_config(source)")
+            raise ValueError("image_text_folder needs config=make_config(source)")
         pairs = source_pairs(config.source, config.label_names)
         if not pairs:
             raise ValueError(f"data.source {config.source!r} holds no image-caption pairs")
