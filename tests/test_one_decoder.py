@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from clipjax.data import convert
+from clipjax.data.prepare import convert
 from clipjax.data.drops import DropCounter
 from clipjax.data.sources import make_source
 from tests.helpers import data_config
