@@ -31,6 +31,13 @@ class DropCounter:
         self.max_bad_fraction = max_bad_fraction
         self.min_seen = min_seen
 
+    @classmethod
+    def for_training(cls, data_config, records: int) -> DropCounter:
+        """A training stream's counter, `records` a process reads per epoch: it stops the run
+        past `data.max_bad_fraction`."""
+        max_bad = data_config.max_bad_fraction
+        return cls(None if max_bad is None else float(max_bad), min_seen=min(1000, max(records, 1)))
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

@@ -56,7 +56,7 @@ import numpy as np
 from clipjax.data import workers as worker_pool
 from clipjax.data.decode import BATCH_KEYS, Decoder
 from clipjax.data.drops import BadDataError, DropCounter
-from clipjax.data.process_state import TrainIterator, process_gather
+from clipjax.data.process_state import TrainIterator, local_batch, process_gather
 
 PROCESS_STATES_FORMAT = "clipjax.chunk_positions/1"
 
@@ -274,12 +274,7 @@ def make_train_iterator(
     `gather(own_position) -> [position of each process]` makes get_state() hold every
     process's position; by default `process_gather(process_count)`.
     """
-    batch_size = int(data_config.batch_size)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if batch_size % process_count:
-        raise ValueError(f"data.batch_size {batch_size} is not divisible by process_count {process_count}")
-    local_batch = batch_size // process_count
+    local = local_batch(data_config, process_index, process_count)
     num_records = len(decoder.reader)
     if num_records <= process_index:
         raise ValueError(
@@ -296,7 +291,7 @@ def make_train_iterator(
         decoder = decoder.with_random_crop(crop_scale, stream_seed)
     chunks = IndexChunks(
         num_records,
-        local_batch,
+        local,
         seed=stream_seed,
         process_index=process_index,
         process_count=process_count,
@@ -326,13 +321,10 @@ def make_train_iterator(
             )
         return iter(it_ds)
 
-    max_bad = data_config.max_bad_fraction
-    counter = DropCounter(
-        None if max_bad is None else float(max_bad), min_seen=min(1000, max(num_records // process_count, 1))
-    )
+    counter = DropCounter.for_training(data_config, num_records // process_count)
     batches = ChunkBatches(
         decoded_chunks,
-        local_batch,
+        local,
         counter,
         process_index=process_index,
         process_count=process_count,

@@ -55,6 +55,16 @@ class TrainIterator:
             release_shared_memory()
 
 
+def local_batch(data_config, process_index: int, process_count: int) -> int:
+    """This process's share of `data.batch_size`; ValueError where there is none."""
+    batch_size = int(data_config.batch_size)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if batch_size % process_count:
+        raise ValueError(f"data.batch_size {batch_size} is not divisible by process_count {process_count}")
+    return batch_size // process_count
+
+
 def jax_gather(own: dict) -> list[dict]:
     """Every JAX process's JSON-able `own`, in process order (a collective: all must call it)."""
     from jax.experimental import multihost_utils  # only runs with several JAX processes

@@ -104,7 +104,7 @@ import numpy as np
 from clipjax import paths
 from clipjax.data import workers as worker_pool
 from clipjax.data.drops import DropCounter
-from clipjax.data.process_state import TrainIterator
+from clipjax.data.process_state import TrainIterator, local_batch
 from clipjax.data.decode import BATCH_KEYS, Decoder, Raw
 
 IMAGE_EXTENSIONS = frozenset(("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"))
@@ -919,26 +919,18 @@ def make_train_iterator(
     once (module docstring). Reads from the complete `data_config`: batch_size (global),
     shuffle_seed, num_train, worker_count (`workers.worker_processes`), read_threads, prefetch,
     max_bad_fraction, random_resized_crop."""
-    batch_size = int(data_config.batch_size)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if batch_size % process_count:
-        raise ValueError(f"data.batch_size {batch_size} is not divisible by process_count {process_count}")
+    local = local_batch(data_config, process_index, process_count)
     stream_seed = (int(seed) % 2**32, int(data_config.shuffle_seed) % 2**32)
     crop_scale = tuple(getattr(data_config, "random_resized_crop", ()) or ())
     if crop_scale:
         decoder = decoder.with_random_crop(crop_scale, stream_seed)
-    max_bad = data_config.max_bad_fraction
     num_train = int(data_config.num_train)
-    drops = DropCounter(
-        None if max_bad is None else float(max_bad),
-        min_seen=min(1000, max(num_train // process_count, 1)),
-    )
+    drops = DropCounter.for_training(data_config, num_train // process_count)
     iterator = StreamIterator(
         shards,
         decoder,
         drops,
-        batch_size=batch_size // process_count,
+        batch_size=local,
         seed=stream_seed,
         process_index=process_index,
         process_count=process_count,
