@@ -24,7 +24,7 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from clipjax.data import classification as tfds_files
+from clipjax.evals import classification_data as tfds_files
 from clipjax.data.images import decode_image, fit_crop
 from clipjax.captions import decode_caption
 from clipjax.data.records import feature_keys, read_pairs

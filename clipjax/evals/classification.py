@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from clipjax.data import classification as datasets
+from clipjax.evals import classification_data as datasets
 from clipjax.data.drops import DropCounter
 from clipjax import prompts
 from clipjax.evals.base import Evaluator, FrozenFeatures, SkipEvaluation, register_evaluator
