@@ -44,7 +44,7 @@ def available_cores() -> int:
 
 
 def worker_processes(worker_count: int, decoder=None) -> int:
-    """`data.worker_count` as a number of grain worker processes.
+    """`data.worker_count` as a number of worker processes (grain's, or the tar stream's pool).
 
     -1: one per available core, when there is work to spread: images to decode (JPEG, PNG) or
     random crops. Raw stored pixels (the shapes data) only need copying, which worker processes
