@@ -30,7 +30,8 @@ from PIL import Image, JpegImagePlugin
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clipjax.config import apply_overrides, default_config  # noqa: E402
-from clipjax.data import pipeline, records, tokenizers  # noqa: E402
+from clipjax.data import pipeline, records, tokenizers, workers as worker_pool  # noqa: E402
+from clipjax.data.decode import Decoder, RecordReader  # noqa: E402
 from clipjax.data.images import decode_image  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def record(image: bytes, caption: str, index: int) -> bytes:
 
 
 class MemoryRecords:
-    """A random-access record source in memory (what `ChunkDecoder` reads)."""
+    """A random-access record source in memory (what `RecordReader` reads)."""
 
     def __init__(self, records: list[bytes]):
         self.records = records
@@ -92,7 +93,7 @@ def pipeline_rate(source: MemoryRecords, size: int, batch: int, workers: int, ba
         },
     )
     tokenizer = tokenizers.make_tokenizer(dict(kind="byte", max_len=32))
-    decoder = pipeline.ChunkDecoder(source, image_size=size, encoded_images=True, tokenizer=tokenizer)
+    decoder = Decoder(RecordReader(source), size, tokenizer=tokenizer)
     iterator = pipeline.make_train_iterator(decoder, config.data, seed=0)
     try:
         for _ in range(max(2, workers * 2)):  # every worker has started and filled its buffer
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
     mean_kb = sum(map(len, jpegs)) / len(jpegs) / 1024
     print(
         f"{args.images} JPEGs, sides {args.min_side}-{args.max_side} px (mean {mean_kb:.0f} KB) -> "
-        f"{args.size} px; batch {args.batch}; {pipeline.available_cores()} cores available"
+        f"{args.size} px; batch {args.batch}; {worker_pool.available_cores()} cores available"
     )
 
     worker_counts = [int(w) for w in args.workers.split(",")]

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from clipjax.data import shapes  # noqa: E402
+from clipjax.data.sources.shapes import procedural as shapes  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SEMANTIC = ("shape", "color", "size")

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from false_negatives import ROOT, load_config, untrained_report  # noqa: E402  (this folder)
 
-from clipjax.data import shapes  # noqa: E402
+from clipjax.data.sources.shapes import procedural as shapes  # noqa: E402
 
 
 _MEAN_POOL = {"model.image.pool": "mean", "model.image.widths": (32, 64, 128)}

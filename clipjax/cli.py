@@ -23,7 +23,7 @@ from absl import flags
 from clipjax.api import RestoreError
 from clipjax.checkpoint import CheckpointWriteError, one_line
 from clipjax.config import ConfigError, LEGACY_KEYS, flatten
-from clipjax.data.pipeline import BadDataError
+from clipjax.data.drops import BadDataError
 from clipjax.pretrained.layouts import ConversionError
 from clipjax.schema import suggest
 from clipjax.trainer.hooks import StoppedEarly

@@ -17,7 +17,7 @@ demo to a few steps (tests).
 """
 
 from clipjax.config import default_config
-from clipjax.data import shapes
+from clipjax.data.sources.shapes import procedural as shapes
 
 SEMANTIC = shapes.ATTRIBUTE_NAMES  # shape, color, size, position
 NUISANCE = shapes.NUISANCE_NAMES  # light, gradient, texture, noise, vignette

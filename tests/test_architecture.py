@@ -10,7 +10,7 @@ from clipjax import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "clipjax"
-ENTRY_POINTS = {"clipjax.train", "clipjax.evaluate", "clipjax.plan"}
+ENTRY_POINTS = {"clipjax.train", "clipjax.evaluate", "clipjax.plan", "clipjax.data.convert"}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -16,7 +16,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from clipjax.data import classification
+from clipjax.evals import classification_data as classification
 from clipjax.data.images import decode_image
 from clipjax.data import tfds_util
 

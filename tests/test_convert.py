@@ -16,7 +16,10 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from clipjax.data import convert, folder_tfds, locking, shapes_tfds, tfds_util
+from clipjax.data import locking, tfds_util
+from clipjax.data.prepare import convert
+from clipjax.data.sources.image_text_folder import builder as folder_tfds
+from clipjax.data.sources.shapes import builder as shapes_tfds
 from clipjax.data.sources import make_source
 from tests.helpers import data_config, descendants, kill_all, survivors
 

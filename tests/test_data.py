@@ -11,11 +11,13 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from clipjax.data import folder_tfds
-from clipjax.data import pipeline
+from clipjax.captions import caption_text_id, normalize_caption
+from clipjax.data.sources.image_text_folder import builder as folder_tfds
+from clipjax.data.drops import DropCounter
+from clipjax.data.decode import BATCH_KEYS
 from clipjax.data import records
-from clipjax.data import shapes
-from clipjax.data import shapes_tfds
+from clipjax.data.sources.shapes import procedural as shapes
+from clipjax.data.sources.shapes import builder as shapes_tfds
 from clipjax.data import tokenizers
 from clipjax.data.sources import make_source
 from clipjax.schema import ConfigError
@@ -116,7 +118,7 @@ def test_captions_mention_the_right_attributes():
     mentioned = collections.Counter()
     generic = 0
     for i, caption in enumerate(data["caption"]):
-        assert caption == shapes.normalize_caption(caption)  # lowercase, no punctuation
+        assert caption == normalize_caption(caption)  # lowercase, no punctuation
         parsed = shapes.parse_caption(caption)
         for attr in shapes.ATTRIBUTE_NAMES:
             if parsed[attr] >= 0:
@@ -153,19 +155,19 @@ def test_captions_mention_the_right_attributes():
 
 
 def test_text_id_equal_iff_normalised_captions_equal():
-    assert shapes.normalize_caption("  A  Red,  circle!\n") == "a red circle"
+    assert normalize_caption("  A  Red,  circle!\n") == "a red circle"
     # Stable across processes and Python versions (crc32, not hash()).
-    assert shapes.caption_text_id("A  red circle, in the TOP left!") == 204153476
+    assert caption_text_id("A  red circle, in the TOP left!") == 204153476
     captions = list(shapes.generate_split(3000, seed=4, with_images=False)["caption"])
     captions += ["A red circle.", "a red circle", "a  red   circle!", "a red square"]
     by_id, by_text = {}, {}
     for c in captions:
-        norm, tid = shapes.normalize_caption(c), shapes.caption_text_id(c)
+        norm, tid = normalize_caption(c), caption_text_id(c)
         assert 0 <= tid < 2**31
         assert by_id.setdefault(tid, norm) == norm
         assert by_text.setdefault(norm, tid) == tid
     data = shapes.generate_split(50, seed=4, with_images=False)
-    assert [shapes.caption_text_id(c) for c in data["caption"]] == data["text_id"].tolist()
+    assert [caption_text_id(c) for c in data["caption"]] == data["text_id"].tolist()
 
 
 def test_zero_shot_prompts_use_only_caption_words():
@@ -296,12 +298,12 @@ def test_folder_builder_and_pipeline_skip_bad_records(tmp_path):
     assert all(r["label"] == -1 for r in ds)
     tok = source.tokenizer()
 
-    drops = pipeline.DropCounter()
+    drops = DropCounter()
     arrays = source.eval_arrays(tok, split="train", drops=drops)
     assert drops.counts == {"bad_image": 1, "bad_caption": 2}
     assert sorted(arrays["caption"]) == sorted(good.values())
     assert arrays["image"].shape == (6, 12, 12, 3) and arrays["image"].dtype == np.uint8
-    assert arrays["text_id"].tolist() == [shapes.caption_text_id(c) for c in arrays["caption"]]
+    assert arrays["text_id"].tolist() == [caption_text_id(c) for c in arrays["caption"]]
     assert (arrays["label"] == -1).all()
 
     it = source.train_iterator(tok, seed=0)
@@ -446,7 +448,7 @@ def test_train_batches_have_the_agreed_keys_and_types(shapes_dir, sp_tokenizer):
     cfg = _config(shapes_dir)
     it = make_source(cfg).train_iterator(sp_tokenizer, seed=0)
     batch = next(it)
-    assert list(batch) == list(pipeline.BATCH_KEYS)
+    assert list(batch) == list(BATCH_KEYS)
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (16, 32, 32, 3)
     assert batch["text"].dtype == np.int32 and batch["text"].shape == (16, 16)
     for k in ("text_id", "index", "label"):

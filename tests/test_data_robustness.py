@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from clipjax.data import pipeline
+from clipjax.data.drops import DropCounter
 from clipjax.data.images import decode_image, square_rgb
 from clipjax.data.sources import make_source
 from tests.helpers import data_config
@@ -73,7 +73,7 @@ def test_csv_with_non_utf8_rows_keeps_every_good_row(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "not valid UTF-8" in r.getMessage()]
     assert len(warnings) == 1 and str(csv_path) in warnings[0] and "line(s) 3)" in warnings[0]
 
-    drops = pipeline.DropCounter()
+    drops = DropCounter()
     arrays = source.eval_arrays(source.tokenizer(), split="train", drops=drops)
     assert sorted(arrays["caption"]) == ["a first, good caption", "café in UTF-8"]
     assert drops.counts == {"bad_caption": 2, "missing_image": 4}

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from clipjax.config import apply_overrides, config_from_dict, default_config
-from clipjax.data import pipeline, records, tokenizers
+from clipjax.data.decode import BATCH_KEYS, Decoder, RecordReader
+from clipjax.data.drops import DropCounter
+from clipjax.data import pipeline, records, tokenizers, workers as worker_pool
 from clipjax.data.images import (
     center_crop_box,
     decode_image,
@@ -232,7 +234,7 @@ def _tokenizer():
 
 
 def test_random_crops_are_deterministic_per_seed_epoch_and_record(photo_records):
-    decoder = pipeline.ChunkDecoder(photo_records, image_size=24, encoded_images=True, tokenizer=_tokenizer())
+    decoder = Decoder(RecordReader(photo_records), 24, tokenizer=_tokenizer())
     crops = decoder.with_random_crop((0.08, 1.0), seed=(3, 0))
     ids = np.array([0, 1, 2, 7, 9])
 
@@ -242,7 +244,7 @@ def test_random_crops_are_deterministic_per_seed_epoch_and_record(photo_records)
 
     first = images(crops, ids, 0)
     assert sorted(first) == [0, 1, 2, 9]  # record 7 is still skipped, and counted
-    assert crops({"index": ids, "epoch": np.zeros(5)})["_skipped"] == {"bad_image": 1}
+    assert crops({"index": ids, "epoch": np.zeros(5)})["_dropped"] == [(3, 7, "bad_image")]
     again = images(crops, ids[::-1], 0)  # the same crop whatever the chunk around the record
     for i in first:
         np.testing.assert_array_equal(first[i], again[i])
@@ -251,7 +253,7 @@ def test_random_crops_are_deterministic_per_seed_epoch_and_record(photo_records)
     # Without random crops (evaluation), the centre crop.
     centre = decoder(ids)
     for i, image in zip(centre["index"], centre["image"]):
-        data = pipeline.records.parse(photo_records.__getitems__([int(i)]), (), ("image",))["image"][0]
+        data = records.parse(photo_records.__getitems__([int(i)]), (), ("image",))["image"][0]
         np.testing.assert_array_equal(image, decode_image(data, 24))
     with pytest.raises(ValueError, match="epoch"):
         crops(ids)
@@ -259,12 +261,12 @@ def test_random_crops_are_deterministic_per_seed_epoch_and_record(photo_records)
 
 def _iterator(source, workers: int, crop=(0.5, 1.0), seed: int = 1):
     cfg = data_config(batch_size=6, image_size=24, worker_count=workers, random_resized_crop=crop, prefetch=2)
-    decoder = pipeline.ChunkDecoder(source, image_size=24, encoded_images=True, tokenizer=_tokenizer())
+    decoder = Decoder(RecordReader(source), 24, tokenizer=_tokenizer())
     return pipeline.make_train_iterator(decoder, cfg, seed=seed)
 
 
 def _same(a, b):
-    assert list(a) == list(pipeline.BATCH_KEYS) == list(b)
+    assert list(a) == list(BATCH_KEYS) == list(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
@@ -305,17 +307,26 @@ def test_worker_processes_give_the_same_stream_and_resume_exactly_across_worker_
         resumed.close()
 
 
+def _non_empty(chunk):
+    return len(chunk["index"]) > 0
+
+
+def _in_key_order(batch):
+    # Rebatching rebuilds dicts with sorted keys; keep the documented order.
+    return {k: batch[k] for k in BATCH_KEYS}
+
+
 def _legacy_iterator(source, workers: int):
     """The grain graph of the previous version (rebatching in grain), for its checkpointed states."""
     cfg = data_config(batch_size=6, image_size=24)
-    decoder = pipeline.ChunkDecoder(source, image_size=24, encoded_images=True, tokenizer=_tokenizer())
+    decoder = Decoder(RecordReader(source), 24, tokenizer=_tokenizer())
     chunks = pipeline.IndexChunks(len(source), 6, seed=(1, int(cfg.shuffle_seed)))
     ds = grain.MapDataset.source(chunks).map(decoder).to_iter_dataset()
     if workers:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    ds = ds.map(pipeline.DropCounter()).filter(pipeline._non_empty)
+    ds = ds.map(DropCounter()).filter(_non_empty)
     ds = grain.experimental.RebatchIterDataset(ds, batch_size=6, drop_remainder=True)
-    return iter(ds.map(pipeline._batch_in_key_order))
+    return iter(ds.map(_in_key_order))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -335,14 +346,14 @@ def test_states_saved_by_the_previous_version_resume(photo_records, workers):
 
 
 def test_worker_count_default_follows_the_cores_and_the_work():
-    cores = pipeline.available_cores()
-    raw = pipeline.ChunkDecoder(MemoryRecords([]), image_size=8, encoded_images=False)
-    encoded = pipeline.ChunkDecoder(MemoryRecords([]), image_size=8, encoded_images=True)
+    cores = worker_pool.available_cores()
+    raw = Decoder(RecordReader(MemoryRecords([])), 8, encoded_images=False)
+    encoded = Decoder(RecordReader(MemoryRecords([])), 8)
     assert default_config().data.worker_count == -1
-    assert pipeline.worker_processes(-1, encoded) == cores
-    assert pipeline.worker_processes(-1, raw) == 0  # stored pixels: nothing to spread
-    assert pipeline.worker_processes(-1, raw.with_random_crop((0.5, 1), (0, 0))) == cores
-    assert pipeline.worker_processes(0, encoded) == 0 and pipeline.worker_processes(3, raw) == 3
+    assert worker_pool.worker_processes(-1, encoded) == cores
+    assert worker_pool.worker_processes(-1, raw) == 0  # stored pixels: nothing to spread
+    assert worker_pool.worker_processes(-1, raw.with_random_crop((0.5, 1), (0, 0))) == cores
+    assert worker_pool.worker_processes(0, encoded) == 0 and worker_pool.worker_processes(3, raw) == 3
 
 
 # ---------------------------------------------------------------------------

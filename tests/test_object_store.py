@@ -417,7 +417,9 @@ def test_folder_source_and_converter_in_a_bucket(bucket, tmp_path, monkeypatch):
     """Own data kept in a bucket: a folder of images + captions and a CSV naming them, read
     from the bucket, prepared into a bucket data_dir, and converted into one by the converter;
     every path reads the same records as the local copy of the folder."""
-    from clipjax.data import convert, folder_tfds, tokenizers
+    from clipjax.data import tokenizers
+    from clipjax.data.prepare import convert
+    from clipjax.data.sources.image_text_folder import builder as folder_tfds
     from tests.test_data import _write_folder, folder_config
 
     local = tmp_path / "pairs"

@@ -12,7 +12,7 @@ from PIL import Image
 from clipjax import trainer as train_lib
 from clipjax.api import evaluate_workdir, load_run_config
 from clipjax.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
-from clipjax.evals import prompts
+from clipjax import prompts
 from clipjax.evals.zero_shot import unreadable_class_names
 from tests.test_train import tiny_demo
 

@@ -8,7 +8,7 @@ import pytest
 import clipjax
 from clipjax import trainer
 from clipjax.config import ConfigError, apply_overrides, validate
-from clipjax.data import pipeline
+from clipjax.data.decode import BATCH_KEYS
 from clipjax.data.sources import SOURCES, DataSource, register_source
 from clipjax.evals import EVALUATORS, Evaluator, register_evaluator
 from clipjax.schema import Field
@@ -177,4 +177,4 @@ def test_unregistered_plugins_are_unknown(tfds_dir):
     config.data.name = "toy_colors"
     with pytest.raises(ConfigError, match="data.name: 'toy_colors' is not one of"):
         validate(config, num_devices=8)
-    assert pipeline.BATCH_KEYS == ("image", "text", "text_id", "index", "label")
+    assert BATCH_KEYS == ("image", "text", "text_id", "index", "label")

@@ -1,4 +1,4 @@
-"""CLIP's zero-shot class names and prompt templates (clipjax/evals/prompts) and their loader."""
+"""CLIP's zero-shot class names and prompt templates (clipjax/prompts) and their loader."""
 
 import collections
 import re
@@ -6,11 +6,11 @@ from importlib.resources import files
 
 import pytest
 
-from clipjax.evals import prompts
+from clipjax import prompts
 
 
 def _raw_lines(filename):
-    return files("clipjax.evals.prompts").joinpath(filename).read_text(encoding="utf-8").split("\n")
+    return files("clipjax.prompts").joinpath(filename).read_text(encoding="utf-8").split("\n")
 
 
 def test_package_data_files_have_one_entry_a_line():

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from clipjax.data import shapes, shapes_tfds
+from clipjax.data.sources.shapes import builder as shapes_tfds, procedural as shapes
 from clipjax.data.sources import make_source
 from clipjax.schema import ConfigError
 from tests.helpers import data_config
 
 # sha256 of generate_split's images, captions ("\n"-joined) and int fields (label, shape, color,
 # size, position, text_id, index stacked as little-endian int32), computed with
-# clipjax/data/shapes.py as it was before the nuisance and concepts options were added.
+# clipjax/data/sources/shapes/procedural.py as it was before the nuisance and concepts options were added.
 _BEFORE = {
     (2048, 0, 32): (
         "b97f86905706d25903c6dad9fced94a9bb7b9353b6060a283941a57e629022d1",

@@ -17,8 +17,9 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from clipjax.data import pipeline, records
-from clipjax.data.shapes import caption_text_id
+from clipjax.data import records
+from clipjax.data.decode import BATCH_KEYS
+from clipjax.captions import caption_text_id
 from clipjax.data.sources import make_source
 from clipjax.data.sources import tfds_dataset
 from clipjax.data import tfds_util
@@ -125,30 +126,24 @@ def _source(data_dir, **overrides):
 def _captions_by_record(source, split="train") -> list[list[str]]:
     """The non-blank captions of each record (tfds stores the examples in a shuffled order)."""
     raw = source.raw_records(split)
-    _, captions = tfds_dataset.read_pairs(raw.__getitems__(list(range(len(raw)))), *source.keys)
+    _, captions = records.read_pairs(raw.__getitems__(list(range(len(raw)))), *source.keys)
     return [[c.decode() for c in texts] for texts in captions]
-
-
-def _caption(record: bytes) -> str:
-    return records.parse([record], (), ("caption",))["caption"][0].decode()
 
 
 def test_fast_parse_agrees_with_tfds_generic_decoder(data_dir):
     source = _source(data_dir)
     raw = source.raw_records("train")
-    got_images, got_captions = tfds_dataset.read_pairs(raw.__getitems__(list(range(len(raw)))), *source.keys)
+    got_images, got_captions = records.read_pairs(raw.__getitems__(list(range(len(raw)))), *source.keys)
     features = source.builder.info.features
     for i in range(len(raw)):
         example = features.deserialize_example_np(raw[i], decoders={"image": tfds.decode.SkipDecoding()})
         assert got_images[i] == example["image"]
         assert got_captions[i] == [t for t in example["captions"]["text"] if t.strip()]
-    # The records the pipeline reads: first caption, index = record, text_id of that caption.
-    first = source.records("train")
-    parsed = records.parse(first.__getitems__([0, 1, 2]), ("text_id", "index", "label"), ("caption", "image"))
-    for j in range(3):
-        assert parsed["image"][j] == got_images[j] and parsed["caption"][j] == got_captions[j][0]
-        assert parsed["index"][j] == j and parsed["label"][j] == -1
-        assert parsed["text_id"][j] == caption_text_id(got_captions[j][0].decode())
+    # The examples the decoder reads: first caption, index = record, text_id of that caption.
+    for j, raw in enumerate(source.reader("train")([0, 1, 2])):
+        assert raw.image == got_images[j] and raw.caption == got_captions[j][0]
+        assert raw.index == j and raw.label == -1
+        assert raw.text_id == caption_text_id(got_captions[j][0].decode())
 
 
 def test_eval_arrays_take_the_first_caption_of_each_image(data_dir):
@@ -156,7 +151,7 @@ def test_eval_arrays_take_the_first_caption_of_each_image(data_dir):
     arrays = source.eval_arrays(source.tokenizer(), split="test")
     assert arrays["image"].shape == (NUM["test"], 20, 20, 3)
     raw = source.raw_records("test")
-    _, captions = tfds_dataset.read_pairs(raw.__getitems__(list(range(NUM["test"]))), *source.keys)
+    _, captions = records.read_pairs(raw.__getitems__(list(range(NUM["test"]))), *source.keys)
     assert list(arrays["caption"]) == [c[0].decode() for c in captions]
     np.testing.assert_array_equal(arrays["index"], np.arange(NUM["test"]))
     assert np.all(arrays["label"] == -1)
@@ -169,9 +164,7 @@ def test_eval_arrays_take_the_first_caption_of_each_image(data_dir):
 
 def _drawn(source, seed, epochs, ids) -> list[str]:
     """The captions training draws for records `ids` in `epochs` (through the decoder's view)."""
-    ids = np.asarray(ids)
-    draws = tfds_dataset.caption_hash(seed, epochs, ids)
-    return [_caption(r) for r in source.records("train").read(ids, draws)]
+    return [raw.caption.decode() for raw in source.reader("train", seed)(ids, epochs)]
 
 
 def test_captions_are_drawn_per_epoch_deterministically(data_dir):
@@ -206,7 +199,7 @@ def test_train_iterator_draws_captions_and_resumes(data_dir):
     batches = _batches(it, 12)  # 4 epochs of 48 records, 16 per batch
     text_ids = {}
     for batch in batches:
-        assert set(batch) == set(pipeline.BATCH_KEYS) and batch["image"].shape == (16, 16, 16, 3)
+        assert set(batch) == set(BATCH_KEYS) and batch["image"].shape == (16, 16, 16, 3)
         for index, text_id in zip(batch["index"], batch["text_id"]):
             options = {caption_text_id(c) for c in captions[int(index)]}
             assert int(text_id) in options
@@ -224,7 +217,7 @@ def test_train_iterator_draws_captions_and_resumes(data_dir):
     resumed = source.train_iterator(tokenizer, seed=0)
     resumed.set_state(again.get_state())
     for want, got in zip(batches[5:], _batches(resumed, 7)):
-        for key in pipeline.BATCH_KEYS:
+        for key in BATCH_KEYS:
             np.testing.assert_array_equal(got[key], want[key])
 
 
@@ -249,20 +242,14 @@ def test_training_decoder_reads_its_chunk_and_reports_records_by_number(data_dir
     captions = _captions_by_record(source)
     no_captions = captions.index([])
     good = next(i for i, texts in enumerate(captions) if len(texts) == 3)
-    decoder = tfds_dataset.CaptionDrawingDecoder(
-        pipeline.ChunkDecoder(
-            source.records("train"), image_size=16, encoded_images=True, keep_captions=True
-        ),
-        seed=(0, 0),
-    )
+    decoder = source.decoder("train", None, seed=(0, 0), keep_captions=True)
     out = decoder({"index": np.array([no_captions, good]), "epoch": np.array([3, 3])})
-    assert out["_skipped_examples"] == [(no_captions, "bad_caption")] and list(out["index"]) == [good]
+    assert out["_dropped"] == [(0, no_captions, "bad_caption")] and list(out["index"]) == [good]
     assert list(out["caption"]) == _drawn(source, (0, 0), [3], [good])
     with pytest.raises(TypeError, match="epoch"):
         decoder(np.array([good]))
-    # Random crops (per record and epoch) come through the wrapper.
+    # Random crops (per record and epoch) and caption draws together.
     cropping = decoder.with_random_crop((0.3, 0.5), (0, 0))
-    assert isinstance(cropping, tfds_dataset.CaptionDrawingDecoder)
     assert cropping({"index": np.array([good]), "epoch": np.array([1])})["image"].shape == (1, 16, 16, 3)
 
 

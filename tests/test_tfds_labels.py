@@ -13,8 +13,9 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from clipjax.data import pipeline, records
-from clipjax.data.shapes import caption_text_id
+from clipjax.data import records
+from clipjax.data.decode import BATCH_KEYS
+from clipjax.captions import caption_text_id
 from clipjax.data.sources import make_source
 from clipjax.data.sources import tfds_dataset
 from clipjax.data import tfds_util
@@ -130,7 +131,7 @@ def test_train_batches_carry_each_records_label_and_its_class_name(data_dir):
     seen = {}
     for _ in range(2 * NUM["train"] // 8):
         batch = next(it)
-        assert set(batch) == set(pipeline.BATCH_KEYS)
+        assert set(batch) == set(BATCH_KEYS)
         for index, label, text_id in zip(batch["index"], batch["label"], batch["text_id"]):
             assert label == label_of("train", ids[index]) and text_id == caption_text_id(NAMES[label])
             seen[int(index)] = int(label)
@@ -167,8 +168,8 @@ def test_an_image_text_dataset_with_a_label_key_gets_both(data_dir):
         assert label == label_of("train", i) and text_id == caption_text_id(caption_of("train", i))
     # The unlabelled example keeps its caption and trains, with label -1.
     unlabelled = int(np.flatnonzero(ids == UNLABELLED)[0])
-    parsed = records.parse(source.records("train").__getitems__([unlabelled]), ("label",), ("caption",))
-    assert parsed == {"label": [-1], "caption": [caption_of("train", UNLABELLED).encode()]}
+    raw = source.reader("train")([unlabelled])[0]
+    assert (raw.label, raw.caption) == (-1, caption_of("train", UNLABELLED).encode())
     arrays = source.eval_arrays(source.tokenizer(), split="test")
     test_ids = _ids(source, "test")
     np.testing.assert_array_equal(arrays["label"], [label_of("test", i) for i in test_ids])

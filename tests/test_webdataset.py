@@ -19,9 +19,9 @@ from PIL import Image
 from clipjax import trainer as train_lib
 from clipjax.checkpoint import Checkpointer
 from clipjax.config import ConfigError, apply_overrides
-from clipjax.data import streaming
+from clipjax.data.sources.webdataset import streaming
 from clipjax.data.images import decode_image
-from clipjax.data.shapes import caption_text_id
+from clipjax.captions import caption_text_id
 from clipjax.data.sources import make_source
 from clipjax import paths
 from tests.helpers import data_config, descendants, kill_all, survivors

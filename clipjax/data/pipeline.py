@@ -1,7 +1,8 @@
 """Input pipeline: serialized records -> grain -> host batches of numpy arrays.
 
 Which records is the data source's business (`clipjax.data.sources`); this module turns a
-random-access record source (`len()`, `__getitems__`) into resumable per-process batches.
+decoder over random-access records (`clipjax.data.decode.Decoder`, whose reader has `len()`)
+into resumable per-process batches.
 
 Train batches are dicts with exactly these keys (b = batch_size // process_count):
   image   uint8 [b, S, S, 3]   not normalised
@@ -17,7 +18,7 @@ Layout of the grain graph, and why:
                                    every epoch (vectorised: grain's per-element
                                    shuffle costs ~3 ms per 256 ids), with each
                                    id's epoch when the decoder crops at random
-  .map(ChunkDecoder)               one batched ArrayRecord read, parse, decode
+  .map(Decoder)                    one batched ArrayRecord read, parse, decode
                                    (`clipjax.data.images`), tokenize; bad records
                                    are dropped here (per-record reads plus tfds'
                                    generic decoder would cost ~100 us per record)
@@ -37,227 +38,27 @@ does not depend on the number of worker processes: a run resumes on a host with 
 chunk k's, which a restored run decodes and counts again), so a resumed run's totals are the
 uninterrupted run's. With several JAX processes each has its own position (they
 drop different records, so one may be a chunk ahead of another): get_state() gathers all of them
-(a collective) and set_state() gives each process its own. Random crops (`data.random_resized_crop`) are drawn
-from a generator seeded by (seed, shuffle_seed, epoch, record id): the same example gets the same
-crop whatever the batch size, the process count, the number of workers or a resumption, and
-another crop every epoch.
+(a collective) and set_state() gives each process its own. Random crops
+(`data.random_resized_crop`) are seeded by (seed, shuffle_seed, epoch, record id)
+(`clipjax.data.decode`).
 """
 
 from __future__ import annotations
 
-import collections
-import copy
 import functools
-import json
 import os
 from typing import Any, Callable, Sequence
 
 from absl import flags, logging
 import grain
 import numpy as np
-from PIL import Image
 
-from clipjax.data import parent_watch, records
-from clipjax.data.images import check_crop_scale, decode_image, random_resized_crop_box, square_rgb
+from clipjax.data import workers as worker_pool
+from clipjax.data.decode import BATCH_KEYS, Decoder
+from clipjax.data.drops import BadDataError, DropCounter
+from clipjax.data.process_state import TrainIterator, local_batch, process_gather
 
-BATCH_KEYS = ("image", "text", "text_id", "index", "label")
-
-
-def decode_caption(caption: bytes | None) -> str | None:
-    """UTF-8 caption bytes -> stripped text; None when missing, empty or not UTF-8."""
-    if caption is None:
-        return None
-    try:
-        text = caption.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None
-    return text or None
-
-
-class ChunkDecoder:
-    """Reads and decodes the records at a batch of indices; drops bad ones.
-
-    Called with an array of record ids, or with {'index': ids, 'epoch': epochs} (what
-    `IndexChunks(with_epochs=True)` gives), which random crops need for their seeds. Returns the
-    valid examples as arrays plus '_skipped', a {reason: count} dict that the main process folds
-    into the drop counters. A module-level class rather than a closure so grain worker processes
-    can unpickle it.
-
-    Images are centre-cropped unless `with_random_crop` made a training copy: evaluation never
-    crops at random.
-    """
-
-    random_crop: tuple[float, float] | None = None  # the share of the area a crop covers
-    crop_seed: tuple[int, ...] = ()
-
-    def __init__(
-        self,
-        source,
-        image_size: int,
-        encoded_images: bool,
-        tokenizer=None,
-        extra_int_fields: Sequence[str] = (),
-        keep_captions: bool = False,
-    ):
-        self.source = source
-        self.image_size = int(image_size)
-        self.encoded_images = encoded_images
-        self.tokenizer = tokenizer
-        self.extra_int_fields = tuple(extra_int_fields)
-        self.keep_captions = keep_captions
-
-    def with_random_crop(self, scale: Sequence[float], seed: Sequence[int]) -> ChunkDecoder:
-        """A copy that crops a random region covering a share `scale` = (low, high) of the area
-        (`clipjax.data.images.random_resized_crop_box`), seeded per (seed, epoch, record id)."""
-        problem = check_crop_scale(tuple(scale)) or (None if len(scale) else "expected (low, high)")
-        if problem:
-            raise ValueError(f"random crop scale: {problem}, got {tuple(scale)}")
-        low, high = (float(v) for v in scale)
-        decoder = copy.copy(self)
-        decoder.random_crop = (low, high)
-        decoder.crop_seed = tuple(int(v) for v in seed)
-        return decoder
-
-    def _crop(self, record: int, epoch: int | None):
-        """None (centre crop), or the crop function of one example in one epoch."""
-        if self.random_crop is None:
-            return None
-        if epoch is None:
-            raise ValueError("a random-cropping ChunkDecoder needs each record's epoch ({'index', 'epoch'})")
-        # The trailing 1 keeps this stream apart from the epoch permutation's ([*seed, epoch]).
-        rng = np.random.default_rng([*self.crop_seed, int(epoch), int(record), 1])
-        return functools.partial(random_resized_crop_box, rng=rng, scale=self.random_crop)
-
-    def _image(self, data: bytes | None, crop=None) -> tuple[np.ndarray | None, str]:
-        s = self.image_size
-        if not data:
-            return None, "missing_image"
-        if not self.encoded_images:
-            if len(data) != s * s * 3:
-                return None, "bad_image_shape"
-            image = np.frombuffer(data, np.uint8).reshape(s, s, 3)
-            if crop is not None:
-                image = square_rgb(Image.fromarray(image), s, box=crop(s, s))
-            return image, ""
-        try:
-            image = decode_image(data, s, crop=crop)
-        except Exception:  # pylint: disable=broad-except
-            # PIL raises many exception types for corrupt or truncated files
-            # (OSError, SyntaxError, ValueError, DecompressionBombError, ...).
-            return None, "bad_image"
-        if image.shape != (s, s, 3):
-            return None, "bad_image_shape"
-        return image, ""
-
-    def __call__(self, indices) -> dict[str, Any]:
-        epochs = None
-        if isinstance(indices, dict):
-            indices, epochs = indices["index"], np.asarray(indices["epoch"]).reshape(-1)
-        ids = [int(i) for i in np.asarray(indices).reshape(-1)]
-        raw = self.source.__getitems__(ids)
-        ints = ("text_id", "index", "label") + self.extra_int_fields
-        fields = records.parse(raw, ints, ("image", "caption"))
-        skipped: collections.Counter = collections.Counter()
-        examples: list[tuple[int, str]] = []  # a few (record, reason), for error messages
-        keep, images, captions = [], [], []
-        for j in range(len(raw)):
-            caption = decode_caption(fields["caption"][j])
-            if caption is None:
-                image, reason = None, "bad_caption"
-            else:
-                crop = self._crop(ids[j], None if epochs is None else epochs[j])
-                image, reason = self._image(fields["image"][j], crop)
-            if image is None:
-                skipped[reason] += 1
-                if len(examples) < DropCounter.EXAMPLES:
-                    examples.append((ids[j], reason))
-                continue
-            keep.append(j)
-            images.append(image)
-            captions.append(caption)
-        s = self.image_size
-        out = {"image": np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)}
-        if self.tokenizer is not None:
-            out["text"] = self.tokenizer.encode(captions)
-        for k in ints:
-            out[k] = records.ints([fields[k][j] for j in keep])
-        if self.keep_captions:
-            out["caption"] = np.array(captions, dtype=object)
-        out["_skipped"] = dict(skipped)
-        out["_skipped_examples"] = examples
-        return out
-
-
-class DropCounter:
-    """Folds each chunk's '_skipped' counts into `counts`.
-
-    With `max_bad_fraction` set, raises once at least `min_seen` records have gone by and more
-    than that fraction of them, and more than `MIN_ALLOWED` records, could not be decoded: a
-    data set that is mostly broken should stop training, not quietly shrink it, while a small
-    folder with a few bad files should not. The error says how many, why, and which records.
-    """
-
-    MIN_ALLOWED = 20
-    EXAMPLES = 5
-
-    def __init__(self, max_bad_fraction: float | None = None, min_seen: int = 1000):
-        self.counts: collections.Counter = collections.Counter()
-        self.examples: list[tuple[int, str]] = []
-        self.kept = 0
-        self.max_bad_fraction = max_bad_fraction
-        self.min_seen = min_seen
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def state(self, counts=None, kept: int | None = None) -> dict:
-        """The counts as the iterator's state saves them (`counts`, `kept`: at another position)."""
-        counts = self.counts if counts is None else counts
-        return {
-            "counts": {k: int(v) for k, v in sorted(counts.items()) if v},
-            "kept": int(self.kept if kept is None else kept),
-        }
-
-    def restore(self, state: dict | None) -> None:
-        """Continue counting from a saved `state()` (None, as in states of earlier versions: 0)."""
-        state = state or {}
-        self.counts = collections.Counter({k: int(v) for k, v in state.get("counts", {}).items()})
-        self.kept = int(state.get("kept", 0))
-
-    def __call__(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        chunk = dict(chunk)
-        skipped = chunk.pop("_skipped")
-        self.examples.extend(chunk.pop("_skipped_examples", [])[: self.EXAMPLES - len(self.examples)])
-        self.counts.update(skipped)
-        self.kept += len(chunk["index"])
-        seen = self.kept + self.total
-        if (
-            self.max_bad_fraction is not None
-            and seen >= self.min_seen
-            and self.total > max(self.max_bad_fraction * seen, self.MIN_ALLOWED)
-        ):
-            which = ", ".join(f"record {i} ({reason})" for i, reason in self.examples)
-            raise BadDataError(
-                f"{self.total} of {seen} records could not be decoded ({dict(self.counts)}), more than "
-                f"data.max_bad_fraction={self.max_bad_fraction} of them; first: {which}"
-            )
-        return chunk
-
-
-class BadDataError(ValueError):
-    """Too much of the data cannot be decoded; the message is one line."""
-
-
-# The two steps below are no longer in this module's graph (`ChunkBatches` does both); sources that
-# assemble their own grain graph use them.
-def _non_empty(chunk: dict[str, Any]) -> bool:
-    return len(chunk["index"]) > 0
-
-
-def _batch_in_key_order(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    # Rebatching rebuilds dicts with sorted keys; keep the documented order.
-    return {k: batch[k] for k in BATCH_KEYS}
+PROCESS_STATES_FORMAT = "clipjax.chunk_positions/1"
 
 
 class IndexChunks:
@@ -319,89 +120,6 @@ class IndexChunks:
             sel = epochs == e
             out[sel] = self._epoch_order(int(e))[offsets[sel]]
         return {"index": out, "epoch": epochs} if self.with_epochs else out
-
-
-class TrainIterator:
-    """The endless per-process batch iterator of a training run.
-
-    `next()` gives the next local batch (keys BATCH_KEYS), `get_state()` / `set_state()` save
-    and restore the position exactly (JSON-able state), `drop_counts` is {reason: records
-    skipped so far}. Data sources hand one of these to the trainer.
-    """
-
-    def __init__(self, iterator, drops: DropCounter):
-        self._iterator = iterator
-        self._drops = drops
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
-
-    def get_state(self):
-        return self._iterator.get_state()
-
-    def set_state(self, state) -> None:
-        self._iterator.set_state(state)
-
-    @property
-    def drop_counts(self) -> dict[str, int]:
-        return dict(self._drops.counts)
-
-    def close(self) -> None:
-        """Stop worker processes, if any (they also stop when the iterator is collected), and
-        hand back the shared memory of the batches they had prefetched."""
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
-            release_shared_memory()
-
-
-def release_shared_memory() -> None:
-    """Free the shared memory of worker batches nothing refers to any more, now.
-
-    grain's prefetched arrays sit in reference cycles inside its iterators and are unlinked on
-    a background thread when collected: a process that exits right after closing an iterator
-    (a run stopped by bad data) would leave them to Python's resource tracker, which warns of
-    leaked shared memory. So collect them, then wait for grain's deletion thread."""
-    import gc
-
-    gc.collect()
-    try:
-        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-    except ImportError:  # another grain layout: the arrays are still freed, only later
-        return
-    deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)
-    if deleter is not None:
-        # One thread, first in first out: once this no-op ran, the deletions queued before it did.
-        deleter.apply(int)
-
-
-PROCESS_STATES_FORMAT = "clipjax.chunk_positions/1"
-
-
-def jax_gather(own: dict) -> list[dict]:
-    """Every JAX process's JSON-able `own`, in process order (a collective: all must call it)."""
-    from jax.experimental import multihost_utils  # only runs with several JAX processes
-
-    data = np.frombuffer(json.dumps(own).encode("utf-8"), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: len(data)] = data
-    rows = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(rows, sizes)]
-
-
-def process_gather(process_count: int) -> Callable[[dict], list[dict]] | None:
-    """`jax_gather` when `process_count` is this run's number of JAX processes (> 1): each
-    process reads its own part of the data, so a checkpoint must hold every process's position.
-    None otherwise (one process, or several simulated in one process by tests and tools)."""
-    if process_count <= 1:
-        return None
-    import jax
-
-    return jax_gather if jax.process_count() == process_count else None
 
 
 class ChunkBatches:
@@ -535,30 +253,8 @@ class ChunkBatches:
         self._iterator = self._head = None
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: a container's or taskset's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def worker_processes(worker_count: int, decoder=None) -> int:
-    """`data.worker_count` as a number of grain worker processes.
-
-    -1: one per available core, when there is work to spread: images to decode (JPEG, PNG) or
-    random crops. Raw stored pixels (the shapes data) only need copying, which worker processes
-    would slow down with the hand-over, so they stay in this process (0). 0: this process's
-    prefetch threads. n > 0: n processes.
-    """
-    if worker_count >= 0:
-        return int(worker_count)
-    decodes = getattr(decoder, "encoded_images", True) or getattr(decoder, "random_crop", None) is not None
-    return available_cores() if decodes else 0
-
-
 def make_train_iterator(
-    decoder: ChunkDecoder,
+    decoder: Decoder,
     data_config,
     *,
     seed: int,
@@ -567,7 +263,7 @@ def make_train_iterator(
     start_example: int = 0,
     gather: Callable[[dict], list[dict]] | None = None,
 ) -> TrainIterator:
-    """Endless, shuffled, per-process iterator over local train batches of `decoder.source`.
+    """Endless, shuffled, per-process iterator over local train batches of `decoder.reader`'s records.
 
     The order depends on `seed` and on data_config.shuffle_seed; the stream starts at its
     `start_example`-th example (0 for a new run). Also read from the (complete)
@@ -578,13 +274,8 @@ def make_train_iterator(
     `gather(own_position) -> [position of each process]` makes get_state() hold every
     process's position; by default `process_gather(process_count)`.
     """
-    batch_size = int(data_config.batch_size)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if batch_size % process_count:
-        raise ValueError(f"data.batch_size {batch_size} is not divisible by process_count {process_count}")
-    local_batch = batch_size // process_count
-    num_records = len(decoder.source)
+    local = local_batch(data_config, process_index, process_count)
+    num_records = len(decoder.reader)
     if num_records <= process_index:
         raise ValueError(
             f"process {process_index} of {process_count} gets no records (train split has {num_records})"
@@ -600,14 +291,14 @@ def make_train_iterator(
         decoder = decoder.with_random_crop(crop_scale, stream_seed)
     chunks = IndexChunks(
         num_records,
-        local_batch,
+        local,
         seed=stream_seed,
         process_index=process_index,
         process_count=process_count,
         start_example=start_example,
         with_epochs=bool(crop_scale) or bool(getattr(decoder, "needs_epochs", False)),
     )
-    workers = worker_processes(int(data_config.worker_count), decoder)
+    workers = worker_pool.worker_processes(int(data_config.worker_count), decoder)
     threads, prefetch = int(data_config.read_threads), int(data_config.prefetch)
     if workers > 0:
         # grain's worker processes read absl flags; outside an absl app they are
@@ -625,43 +316,18 @@ def make_train_iterator(
         if workers > 0:
             it_ds = it_ds.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=workers),
-                # Workers end with this process, even when it is killed (parent_watch).
-                worker_init_fn=functools.partial(parent_watch.init_worker, os.getpid()),
+                # Workers end with this process, even when it is killed.
+                worker_init_fn=functools.partial(worker_pool.init_worker, os.getpid()),
             )
         return iter(it_ds)
 
-    max_bad = data_config.max_bad_fraction
-    counter = DropCounter(
-        None if max_bad is None else float(max_bad), min_seen=min(1000, max(num_records // process_count, 1))
-    )
+    counter = DropCounter.for_training(data_config, num_records // process_count)
     batches = ChunkBatches(
         decoded_chunks,
-        local_batch,
+        local,
         counter,
         process_index=process_index,
         process_count=process_count,
         gather=gather if gather is not None else process_gather(process_count),
     )
     return TrainIterator(batches, counter)
-
-
-def load_split_arrays(
-    decoder: ChunkDecoder, max_examples: int | None = None, drops: DropCounter | None = None
-) -> dict[str, np.ndarray]:
-    """All records of `decoder.source` (or the first `max_examples`, if > 0) as numpy arrays.
-
-    Keys: image uint8 [n,S,S,3], text int32 [n,L], text_id/index/label int32 [n], caption
-    str [n] (with keep_captions), and the decoder's extra int fields. Undecodable records are
-    left out and counted in `drops`.
-    """
-    n = len(decoder.source)
-    if max_examples:  # None or 0: the whole split
-        n = min(int(max_examples), n)
-    counter = drops if drops is not None else DropCounter()
-    chunks = [counter(decoder(np.arange(start, min(start + 1024, n)))) for start in range(0, n, 1024)]
-    if not chunks:
-        chunks = [counter(decoder(np.zeros(0, np.int64)))]
-    out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    if "caption" in out:
-        out["caption"] = out["caption"].astype(str)
-    return out

@@ -14,7 +14,11 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import dtype_utils
 from tensorflow_datasets.proto import tf_example_pb2
+
+from clipjax.schema import ConfigError
 
 _Example = tf_example_pb2.Example
 
@@ -61,3 +65,120 @@ def pair_record(
     feature["index"].int64_list.value.append(index)
     feature["label"].int64_list.value.append(label)  # -1: no concept labels, retrieval is strict
     return example.SerializeToString()
+
+
+# ----------------------------------------------------------------------------
+# Which proto keys of a prepared tfds dataset hold the image, the captions and the label
+# (`data.name=tfds`, and the caption retrieval evaluator).
+
+
+def _leaves(feature, path: str = "", depth: int = 0):
+    """(flat key, leaf feature, Sequence nesting) of every leaf, keyed as tfds serializes them.
+
+    tfds flattens nested features into proto keys joined by '/', and a Sequence of a feature is
+    that feature's key holding a list. A top-level key may itself contain '/' ("image/id").
+    """
+    if isinstance(feature, tfds.features.FeaturesDict):
+        for name, sub in feature.items():
+            yield from _leaves(sub, f"{path}/{name}" if path else name, depth)
+    elif isinstance(feature, tfds.features.Sequence):
+        yield from _leaves(feature.feature, path, depth + 1)
+    else:
+        yield path, feature, depth
+
+
+def _string_leaves(features) -> dict[str, tuple[object, int]]:
+    """{key: (feature, values per record: 0 one, 1 a list)} of the features stored as bytes."""
+    out = {}
+    for key, feature, depth in _leaves(features):
+        info = feature.get_serialized_info()
+        if not isinstance(info, tfds.features.TensorInfo) or not dtype_utils.is_string(info.np_dtype):
+            continue
+        rank = depth + len(info.shape)
+        if rank <= 1:  # deeper nesting is stored ragged (flat values + row lengths): not a caption list
+            out[key] = (feature, rank)
+    return out
+
+
+def _is_encoded_image(feature) -> bool:
+    if isinstance(feature, tfds.features.Image):
+        return np.dtype(feature.np_dtype) == np.uint8  # float images are stored otherwise
+    return isinstance(feature, tfds.features.Tensor) and not isinstance(feature, tfds.features.Text)
+
+
+def feature_keys(builder, image_key: str, caption_key: str, label_key: str = "") -> tuple[str, str]:
+    """Checks the two feature paths against the dataset's features; one line naming the choices.
+
+    The caption key may be "" when there is a label key: captions are then the class names.
+    """
+    strings = _string_leaves(builder.info.features)
+    images = [k for k, (f, rank) in strings.items() if rank == 0 and _is_encoded_image(f)]
+    name = builder.info.full_name
+    if image_key not in images:
+        raise ConfigError(
+            f"data.tfds_image_key: {image_key!r} is not an encoded image feature of {name}; "
+            f"its image features: {images or 'none'}"
+        )
+    texts = [k for k in strings if k not in images]
+    if caption_key not in texts and not (label_key and not caption_key):
+        hint = "; empty: captions are the label's class names" if label_key else ""
+        raise ConfigError(
+            f"data.tfds_caption_key: {caption_key!r} is not a text feature of {name}; "
+            f"its text features: {texts or 'none'} (a nested one as 'outer/inner', e.g. captions/text{hint})"
+        )
+    return image_key, caption_key
+
+
+def _int_leaves(features) -> dict[str, object]:
+    """{key: feature} of the features stored as one integer per record (ClassLabel, int scalars)."""
+    out = {}
+    for key, feature, depth in _leaves(features):
+        info = feature.get_serialized_info()
+        if (
+            depth == 0
+            and isinstance(info, tfds.features.TensorInfo)
+            and not info.shape
+            and dtype_utils.is_integer(info.np_dtype)
+        ):
+            out[key] = feature
+    return out
+
+
+def label_feature(builder, label_key: str) -> tuple[str, tuple[str, ...] | None]:
+    """(label key, its class names, None for an int feature without them), checked against the
+    dataset's features; one line naming its integer features when wrong."""
+    ints = _int_leaves(builder.info.features)
+    feature = ints.get(label_key)
+    if feature is None:
+        raise ConfigError(
+            f"data.tfds_label_key: {label_key!r} is not an integer feature (a ClassLabel or int scalar) "
+            f"of {builder.info.full_name}; its integer features: {sorted(ints) or 'none'}"
+        )
+    names = None
+    # A ClassLabel of `num_classes` only names its classes by number itself; one of unknown size
+    # cannot list them, and takes the numbers as for an int feature.
+    if isinstance(feature, tfds.features.ClassLabel) and feature.num_classes is not None:
+        names = tuple(feature.names)
+    return label_key, names
+
+
+def read_record(
+    raw: bytes, image_key: str, caption_key: str, label_key: str = ""
+) -> tuple[bytes | None, list[bytes], int]:
+    """The image bytes (None when missing), the non-blank captions and the label (-1 when there
+    is no label key or the record lacks it) of a serialized record."""
+    feature = _Example.FromString(raw).features.feature
+    image = feature[image_key].bytes_list.value if image_key in feature else ()
+    texts = feature[caption_key].bytes_list.value if caption_key in feature else ()
+    label = -1
+    if label_key in feature:  # "" never is: no label key costs one dict probe
+        values = feature[label_key].int64_list.value
+        if len(values) == 1:
+            label = values[0]
+    return (image[0] if len(image) == 1 else None), [t for t in texts if t.strip()], label
+
+
+def read_pairs(raw_records, image_key: str, caption_key: str) -> tuple[list, list[list[bytes]]]:
+    """The image bytes (None when missing) and the non-blank captions of each serialized record."""
+    pairs = [read_record(raw, image_key, caption_key) for raw in raw_records]
+    return [image for image, _, _ in pairs], [texts for _, texts, _ in pairs]

@@ -61,7 +61,7 @@ def _no_stray_temp_dirs():
 
 
 def lock_path(builder: tfds.core.DatasetBuilder, data_dir: str) -> str:
-    """The file lock of preparing `builder` in data_dir (also taken by `clipjax.data.convert`)."""
+    """The file lock of preparing `builder` in data_dir (also taken by `clipjax.data.prepare.convert`)."""
     config = builder.builder_config.name if builder.builder_config else "default"
     return os.path.join(data_dir, f".{builder.name}-{config}.lock")
 

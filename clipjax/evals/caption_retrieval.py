@@ -26,10 +26,10 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from clipjax.data import classification as tfds_files
+from clipjax.evals import classification_data as tfds_files
 from clipjax.data.images import decode_image, fit_crop
-from clipjax.data.pipeline import decode_caption
-from clipjax.data.sources.tfds_dataset import feature_keys, read_pairs
+from clipjax.captions import decode_caption
+from clipjax.data.records import feature_keys, read_pairs
 from clipjax.evals.base import Evaluator, SkipEvaluation, register_evaluator
 from clipjax.evals.retrieval import multi_caption_retrieval
 from clipjax.schema import ConfigError, Field

@@ -1,7 +1,7 @@
 """Classification benchmarks: tensorflow-datasets image-classification datasets by name and split.
 
 Zero-shot top-1/top-5 as CLIP reports it (each class name in every prompt template of the
-dataset's published ensemble, `clipjax.evals.prompts`; the prompt embeddings averaged per
+dataset's published ensemble, `clipjax.prompts`; the prompt embeddings averaged per
 class), and the probes on frozen features of the dataset's train split. The evaluation split is
 streamed: images are read, decoded and embedded one batch at a time, so host memory holds a
 batch of images (plus the embeddings when a probe needs them), never the split.
@@ -21,9 +21,9 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from clipjax.data import classification as datasets
-from clipjax.data.pipeline import DropCounter
-from clipjax.evals import prompts
+from clipjax.evals import classification_data as datasets
+from clipjax.data.drops import DropCounter
+from clipjax import prompts
 from clipjax.evals.base import Evaluator, FrozenFeatures, SkipEvaluation, register_evaluator
 from clipjax.evals.embed import (
     Share,

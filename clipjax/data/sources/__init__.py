@@ -1,8 +1,9 @@
 """Data sources: each file is one dataset plug-in, selected by `data.name`.
 
 A source turns `config.data` into train batches (a resumable iterator), held-out arrays,
-captions for the tokenizer, and zero-shot tasks (`base.DataSource`). Adding one is a new file
-with a `@register_source` class and one import line below.
+captions for the tokenizer, and zero-shot tasks (`base.DataSource`), all through the one decoder
+(`clipjax.data.decode`). Adding one is a new file (or a package holding all of its code) with a
+`@register_source` class and one import line below.
 """
 
 from clipjax.data.sources.base import (

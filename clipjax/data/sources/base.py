@@ -132,7 +132,7 @@ class DataSource(abc.ABC):
     def train_iterator(
         self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1, start_example: int = 0
     ):
-        """An endless `clipjax.data.pipeline.TrainIterator` (or any object with `next()`,
+        """An endless `clipjax.data.process_state.TrainIterator` (or any object with `next()`,
         `get_state()`, `set_state()`, `drop_counts`) over this process's slice of each global
         batch, from the `start_example`-th example of the run's stream on."""
 

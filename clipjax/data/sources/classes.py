@@ -4,14 +4,13 @@ fields they share, and the zero-shot task built from them."""
 
 from __future__ import annotations
 
+from clipjax import prompts
 from clipjax.schema import ConfigError, Field
 
 
 def templates_problem(value: str) -> str | None:
     if "{}" in value or not value:
         return None
-    from clipjax.evals import prompts
-
     try:
         prompts.templates(value)
     except ValueError as e:
@@ -49,8 +48,6 @@ def templates(spec: str) -> list[str]:
     """The prompts of `data.zero_shot_templates`: its own '|'-separated ones, or a published set."""
     if "{}" in spec:
         return [t.strip() for t in spec.split("|") if t.strip()]
-    from clipjax.evals import prompts
-
     return prompts.templates(spec)
 
 

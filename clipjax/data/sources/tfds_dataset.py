@@ -24,17 +24,15 @@ is negative (unlabelled, as in imagenet2012's test split) then has no caption an
 bad_caption. Without a label key every record's label is -1, as before.
 
 Decoding: records are `tf.train.Example` protos of all the dataset's features. Only the two keys
-(three with a label key) are read from the proto (`read_record`) and rewritten as the records
-every source's pipeline parses (`clipjax.data.records`), so `pipeline.ChunkDecoder` decodes, crops
-and counts drops as for the other sources. For a COCO-like record (a 60 KB JPEG, 5 captions, 7
-boxes) that adds ~30 us to the pipeline's own ~60 us per record; tfds' generic decoder
-(`deserialize_example_np`, image left encoded) would add ~190 us. Decoding the JPEG to 224 px
-costs ~2.5 ms either way.
+(three with a label key) are read from the proto (`clipjax.data.records.read_record`) into the
+examples every source hands the one decoder (`clipjax.data.decode`), which decodes, crops and
+counts drops as for the other sources. tfds' generic decoder (`deserialize_example_np`, image
+left encoded) would add ~190 us per COCO-like record (a 60 KB JPEG, 5 captions, 7 boxes).
+Decoding the JPEG to 224 px costs ~2.5 ms either way.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import re
 
@@ -42,141 +40,18 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder, registered
-from tensorflow_datasets.core.utils import dtype_utils
-from tensorflow_datasets.proto import tf_example_pb2
 
-from clipjax.data import pipeline, records
-from clipjax.data.shapes import caption_text_id
+from clipjax import prompts
+from clipjax.captions import caption_text_id, decode_caption
+from clipjax.data.decode import Raw
+from clipjax.data.records import feature_keys, label_feature, read_record
 from clipjax.data.sources import classes
 from clipjax.data.sources.base import register_source
 from clipjax.data.sources.tfds_records import TfdsRecordSource
 from clipjax.schema import ConfigError, Field
 
-_Example = tf_example_pb2.Example
 _EVAL_SPLITS = ("test", "validation", "val")
 _ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
-
-
-# ----------------------------------------------------------------------------
-# Which proto keys hold the image, the captions and the label.
-
-
-def _leaves(feature, path: str = "", depth: int = 0):
-    """(flat key, leaf feature, Sequence nesting) of every leaf, keyed as tfds serializes them.
-
-    tfds flattens nested features into proto keys joined by '/', and a Sequence of a feature is
-    that feature's key holding a list. A top-level key may itself contain '/' ("image/id").
-    """
-    if isinstance(feature, tfds.features.FeaturesDict):
-        for name, sub in feature.items():
-            yield from _leaves(sub, f"{path}/{name}" if path else name, depth)
-    elif isinstance(feature, tfds.features.Sequence):
-        yield from _leaves(feature.feature, path, depth + 1)
-    else:
-        yield path, feature, depth
-
-
-def _string_leaves(features) -> dict[str, tuple[object, int]]:
-    """{key: (feature, values per record: 0 one, 1 a list)} of the features stored as bytes."""
-    out = {}
-    for key, feature, depth in _leaves(features):
-        info = feature.get_serialized_info()
-        if not isinstance(info, tfds.features.TensorInfo) or not dtype_utils.is_string(info.np_dtype):
-            continue
-        rank = depth + len(info.shape)
-        if rank <= 1:  # deeper nesting is stored ragged (flat values + row lengths): not a caption list
-            out[key] = (feature, rank)
-    return out
-
-
-def _is_encoded_image(feature) -> bool:
-    if isinstance(feature, tfds.features.Image):
-        return np.dtype(feature.np_dtype) == np.uint8  # float images are stored otherwise
-    return isinstance(feature, tfds.features.Tensor) and not isinstance(feature, tfds.features.Text)
-
-
-def feature_keys(builder, image_key: str, caption_key: str, label_key: str = "") -> tuple[str, str]:
-    """Checks the two feature paths against the dataset's features; one line naming the choices.
-
-    The caption key may be "" when there is a label key: captions are then the class names.
-    """
-    strings = _string_leaves(builder.info.features)
-    images = [k for k, (f, rank) in strings.items() if rank == 0 and _is_encoded_image(f)]
-    name = builder.info.full_name
-    if image_key not in images:
-        raise ConfigError(
-            f"data.tfds_image_key: {image_key!r} is not an encoded image feature of {name}; "
-            f"its image features: {images or 'none'}"
-        )
-    texts = [k for k in strings if k not in images]
-    if caption_key not in texts and not (label_key and not caption_key):
-        hint = "; empty: captions are the label's class names" if label_key else ""
-        raise ConfigError(
-            f"data.tfds_caption_key: {caption_key!r} is not a text feature of {name}; "
-            f"its text features: {texts or 'none'} (a nested one as 'outer/inner', e.g. captions/text{hint})"
-        )
-    return image_key, caption_key
-
-
-def _int_leaves(features) -> dict[str, object]:
-    """{key: feature} of the features stored as one integer per record (ClassLabel, int scalars)."""
-    out = {}
-    for key, feature, depth in _leaves(features):
-        info = feature.get_serialized_info()
-        if (
-            depth == 0
-            and isinstance(info, tfds.features.TensorInfo)
-            and not info.shape
-            and dtype_utils.is_integer(info.np_dtype)
-        ):
-            out[key] = feature
-    return out
-
-
-def label_feature(builder, label_key: str) -> tuple[str, tuple[str, ...] | None]:
-    """(label key, its class names, None for an int feature without them), checked against the
-    dataset's features; one line naming its integer features when wrong."""
-    ints = _int_leaves(builder.info.features)
-    feature = ints.get(label_key)
-    if feature is None:
-        raise ConfigError(
-            f"data.tfds_label_key: {label_key!r} is not an integer feature (a ClassLabel or int scalar) "
-            f"of {builder.info.full_name}; its integer features: {sorted(ints) or 'none'}"
-        )
-    names = None
-    # A ClassLabel of `num_classes` only names its classes by number itself; one of unknown size
-    # cannot list them, and takes the numbers as for an int feature.
-    if isinstance(feature, tfds.features.ClassLabel) and feature.num_classes is not None:
-        names = tuple(feature.names)
-    return label_key, names
-
-
-def read_record(
-    raw: bytes, image_key: str, caption_key: str, label_key: str = ""
-) -> tuple[bytes | None, list[bytes], int]:
-    """The image bytes (None when missing), the non-blank captions and the label (-1 when there
-    is no label key or the record lacks it) of a serialized record."""
-    feature = _Example.FromString(raw).features.feature
-    image = feature[image_key].bytes_list.value if image_key in feature else ()
-    texts = feature[caption_key].bytes_list.value if caption_key in feature else ()
-    label = -1
-    if label_key in feature:  # "" never is: no label key costs one dict probe
-        values = feature[label_key].int64_list.value
-        if len(values) == 1:
-            label = values[0]
-    return (image[0] if len(image) == 1 else None), [t for t in texts if t.strip()], label
-
-
-def read_pair(raw: bytes, image_key: str, caption_key: str) -> tuple[bytes | None, list[bytes]]:
-    """The image bytes (None when missing) and the non-blank captions of a serialized record."""
-    image, texts, _ = read_record(raw, image_key, caption_key)
-    return image, texts
-
-
-def read_pairs(raw_records, image_key: str, caption_key: str) -> tuple[list, list[list[bytes]]]:
-    """`read_pair` of each record: (images, captions)."""
-    pairs = [read_pair(raw, image_key, caption_key) for raw in raw_records]
-    return [image for image, _ in pairs], [texts for _, texts in pairs]
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -213,28 +88,26 @@ def _text_id(caption: bytes | None) -> int:
     return -1
 
 
-def _record(
-    image: bytes | None, caption: bytes | None, index: int, text_id: int | None = None, label: int = -1
-) -> bytes:
-    """`records.pair_record`, by default with the caption's text id."""
-    return records.pair_record(
-        image, caption, index, _text_id(caption) if text_id is None else text_id, label
-    )
-
-
 class PairRecords:
-    """A tfds split as the random-access records the input pipeline reads.
-
-    Record i comes back with its image, its first caption, text_id, index=i and its label (-1
-    without a label key); `read(records, draws)` takes caption `draw % count` instead. Without a
-    caption key the caption is the label's class name (`class_names[label]`, else its number).
+    """A tfds split as the decoder's reader: record i as a `Raw` example with its image, a caption,
+    its text_id, index=i and its label (-1 without a label key). Evaluation takes each record's
+    first caption; training (with `seed`) the one `caption_hash(seed, epoch, record)` draws, modulo
+    its number of captions. Without a caption key the caption is the label's class name
+    (`class_names[label]`, else its number).
     """
 
-    def __init__(self, raw, image_key: str, caption_key: str, label_key: str = "", class_names=None):
+    def __init__(
+        self, raw, image_key: str, caption_key: str, label_key: str = "", class_names=None, seed=None
+    ):
         self.raw, self.image_key, self.caption_key = raw, image_key, caption_key
         self.label_key, self.class_names = label_key, class_names
+        self.seed = None if seed is None else tuple(int(s) for s in seed)
         # Class name captions and their text ids, hashed once per class rather than per record.
         self._class_captions: dict[int, tuple[bytes | None, int]] = {}
+
+    @property
+    def needs_epochs(self) -> bool:
+        return self.seed is not None
 
     def class_caption(self, label: int) -> bytes | None:
         """The caption of a class: its name, else its number; None for no class (label < 0)."""
@@ -262,73 +135,26 @@ class PairRecords:
     def __len__(self) -> int:
         return len(self.raw)
 
-    def __getitem__(self, i: int) -> bytes:
-        return self.__getitems__([i])[0]
-
-    def __getitems__(self, ids) -> list[bytes]:
-        return self.read(ids)
-
-    def read(self, records, draws=None) -> list[bytes]:
-        records = np.asarray(records, np.int64).reshape(-1)
-        draws = np.zeros(len(records), np.uint64) if draws is None else np.asarray(draws, np.uint64)
+    def __call__(self, ids, epochs=None) -> list[Raw]:
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if self.seed is None:
+            draws = np.zeros(len(ids), np.uint64)
+        elif epochs is None:
+            raise TypeError("drawing captions needs each record's epoch ({'index', 'epoch'} chunks)")
+        else:
+            draws = caption_hash(self.seed, np.asarray(epochs).reshape(-1), ids)
         out = []
         # One record at a time: each image's intermediate copies are freed before the next is
         # read, so they reuse warm memory (keeping a batch of them costs ~80 us per COCO image).
-        for raw, draw, record in zip(self.raw.__getitems__(records.tolist()), draws, records):
+        for raw, draw, record in zip(self.raw.__getitems__(ids.tolist()), draws, ids.tolist()):
             image, texts, label = read_record(raw, self.image_key, self.caption_key, self.label_key)
             if self.caption_key:
                 caption = texts[int(draw % np.uint64(len(texts)))] if texts else None
-                text_id = None
+                text_id = _text_id(caption)
             else:
                 caption, text_id = self._class_record_fields(label)
-            out.append(_record(image, caption, int(record), text_id, label))
+            out.append(Raw(record, image, caption, record, text_id, label))
         return out
-
-
-class _DrawnChunk:
-    """One chunk's records as the decoder asks for them, captions drawn for their epochs."""
-
-    def __init__(self, records: PairRecords, ids: np.ndarray, draws: np.ndarray):
-        self.records, self.ids, self.draws = records, ids, draws
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitems__(self, ids) -> list[bytes]:
-        if not np.array_equal(np.asarray(ids, np.int64).reshape(-1), self.ids):
-            raise ValueError("the decoder read other records than its chunk's")
-        return self.records.read(self.ids, self.draws)
-
-
-class CaptionDrawingDecoder:
-    """Training's decoder: `pipeline.ChunkDecoder` over records whose caption is drawn per epoch.
-
-    `pipeline.make_train_iterator` hands a decoder with `needs_epochs` each chunk as {'index':
-    record ids, 'epoch': their epochs}; the caption drawn is `caption_hash(seed, epoch, record)`
-    modulo the record's number of captions.
-    """
-
-    needs_epochs = True
-    encoded_images = True
-
-    def __init__(self, decoder: pipeline.ChunkDecoder, seed: tuple[int, ...]):
-        self.decoder, self.seed = decoder, tuple(int(s) for s in seed)
-
-    @property
-    def source(self) -> PairRecords:
-        return self.decoder.source
-
-    def with_random_crop(self, scale, seed) -> CaptionDrawingDecoder:
-        return CaptionDrawingDecoder(self.decoder.with_random_crop(scale, seed), self.seed)
-
-    def __call__(self, chunk):
-        if not isinstance(chunk, dict):
-            raise TypeError("CaptionDrawingDecoder needs each record's epoch ({'index', 'epoch'} chunks)")
-        ids = np.asarray(chunk["index"], np.int64).reshape(-1)
-        draws = caption_hash(self.seed, np.asarray(chunk["epoch"]).reshape(-1), ids)
-        decoder = copy.copy(self.decoder)  # shallow: a view of this chunk in place of the source
-        decoder.source = _DrawnChunk(self.decoder.source, ids, draws)
-        return decoder(chunk)
 
 
 # ----------------------------------------------------------------------------
@@ -464,22 +290,10 @@ class TfdsSource(TfdsRecordSource):
         )
 
     def records(self, split: str) -> PairRecords:
-        return PairRecords(self.raw_records(split), *self.keys, *self.label)
+        return self.reader(split)
 
-    def train_iterator(
-        self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1, start_example: int = 0
-    ):
-        decoder = pipeline.ChunkDecoder(
-            self.records("train"), image_size=self.config.image_size, encoded_images=True, tokenizer=tokenizer
-        )
-        return pipeline.make_train_iterator(
-            CaptionDrawingDecoder(decoder, seed=(int(seed) % 2**32, int(self.config.shuffle_seed))),
-            self.config,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            start_example=start_example,
-        )
+    def reader(self, split: str, seed=None, extra_int_fields=()) -> PairRecords:
+        return PairRecords(self.raw_records(split), *self.keys, *self.label, seed=seed)
 
     def zero_shot_tasks(self) -> dict[str, tuple[list[str], list[str]]]:
         """With a label key: `data.class_names`, else the ClassLabel's names (a published
@@ -491,8 +305,6 @@ class TfdsSource(TfdsRecordSource):
         given = classes.class_names(self.config)
         if given or names is None:
             return classes.label_task(given, spec)
-        from clipjax.evals import prompts
-
         names, templates = prompts.zero_shot_prompts(self.config.tfds_name, list(names))
         if spec != classes.DEFAULT_TEMPLATES:
             templates = classes.templates(spec)
@@ -511,7 +323,7 @@ class TfdsSource(TfdsRecordSource):
         for start in range(0, take, 1024):
             chunk = raw.__getitems__(ids[start : start + 1024].tolist())
             for caption in (c for r in chunk for c in pairs.captions(r)[1]):
-                text = pipeline.decode_caption(caption)
+                text = decode_caption(caption)
                 if text is not None:
                     texts.append(text)
         return texts

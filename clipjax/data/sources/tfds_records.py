@@ -6,9 +6,12 @@ import abc
 import functools
 from typing import ClassVar
 
+import numpy as np
 import tensorflow_datasets as tfds
 
+from clipjax.captions import decode_caption
 from clipjax.data import pipeline, records, tfds_util
+from clipjax.data.decode import Decoder, RecordReader, load_arrays
 from clipjax.data.sources.base import DataSource
 
 
@@ -45,20 +48,26 @@ class TfdsRecordSource(DataSource):
             split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
         )
 
-    def decoder(self, split: str, tokenizer, **kwargs) -> pipeline.ChunkDecoder:
-        return pipeline.ChunkDecoder(
-            self.records(split),
-            image_size=self.config.image_size,
+    def reader(self, split: str, seed: tuple[int, ...] | None = None, extra_int_fields=()):
+        """The decoder's reader of `split` (`seed`: training's, for sources that draw per epoch)."""
+        return RecordReader(self.records(split), extra_int_fields)
+
+    def decoder(
+        self, split: str, tokenizer, *, seed=None, keep_captions=False, extra_int_fields=()
+    ) -> Decoder:
+        return Decoder(
+            self.reader(split, seed, extra_int_fields),
+            self.config.image_size,
             encoded_images=self.encoded_images,
             tokenizer=tokenizer,
-            **kwargs,
+            keep_captions=keep_captions,
         )
 
     def train_iterator(
         self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1, start_example: int = 0
     ):
         return pipeline.make_train_iterator(
-            self.decoder("train", tokenizer),
+            self.decoder("train", tokenizer, seed=(int(seed) % 2**32, int(self.config.shuffle_seed))),
             self.config,
             seed=seed,
             process_index=process_index,
@@ -70,7 +79,8 @@ class TfdsRecordSource(DataSource):
         self, tokenizer, split: str = "test", max_examples: int | None = None, drops=None
     ) -> dict:
         decoder = self.decoder(split, tokenizer, keep_captions=True, extra_int_fields=self.eval_int_fields)
-        return pipeline.load_split_arrays(decoder, max_examples, drops)
+        n = len(decoder.reader) if not max_examples else min(int(max_examples), len(decoder.reader))
+        return load_arrays(decoder, (np.arange(i, min(i + 1024, n)) for i in range(0, n, 1024)), drops=drops)
 
     def caption_texts(self) -> list[str]:
         source = self.records("train")
@@ -79,7 +89,7 @@ class TfdsRecordSource(DataSource):
         for start in range(0, len(source), step):
             raw = source.__getitems__(list(range(start, min(start + step, len(source)))))
             for caption in records.parse(raw, (), ("caption",))["caption"]:
-                text = pipeline.decode_caption(caption)
+                text = decode_caption(caption)
                 if text is not None:
                     texts.append(text)
         return texts

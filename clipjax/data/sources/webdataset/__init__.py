@@ -4,7 +4,7 @@
 
 Each shard holds samples `{key}.jpg` (or png, webp, ...) + `{key}.txt` (+ `{key}.json`, `{key}.cls`).
 How the shards are split across processes, shuffled, decoded and resumed exactly is in
-`clipjax.data.streaming`. Held-out evaluation reads the first samples of `data.eval_shards`; the
+`streaming` (beside this file). Held-out evaluation reads the first samples of `data.eval_shards`; the
 tokenizer is trained on the captions of the first `data.tokenizer_samples` training samples.
 
 Labelled shards are evaluated like labelled CSVs: a `.cls` member, or the `.json` field named by
@@ -21,7 +21,10 @@ import itertools
 from absl import logging
 
 from clipjax import paths
-from clipjax.data import pipeline, streaming
+from clipjax.captions import decode_caption
+from clipjax.data.sources.webdataset import streaming
+from clipjax.data.decode import Decoder, chunks_of, load_arrays
+from clipjax.data.process_state import process_gather
 from clipjax.data.sources import classes
 from clipjax.data.sources.base import register_source, DataSource
 from clipjax.schema import ConfigError, Field
@@ -116,14 +119,11 @@ class WebDatasetSource(DataSource):
         """img2dataset's count (`streaming.count_samples`), when every shard has its statistics."""
         return streaming.count_samples(self.train_shards)
 
-    def decoder(self, tokenizer, keep_captions: bool = False) -> streaming.SampleDecoder:
-        return streaming.SampleDecoder(
-            self.config.image_size,
-            tokenizer,
-            keep_captions=keep_captions,
-            label_field=str(self._setting("label_field")).strip(),
-            class_names=classes.class_names(self.config),
+    def decoder(self, tokenizer, keep_captions: bool = False) -> Decoder:
+        reader = streaming.SampleReader(
+            str(self._setting("label_field")).strip(), classes.class_names(self.config)
         )
+        return Decoder(reader, self.config.image_size, tokenizer=tokenizer, keep_captions=keep_captions)
 
     def zero_shot_tasks(self) -> dict[str, tuple[list[str], list[str]]]:
         return classes.label_task(classes.class_names(self.config), self.config.zero_shot_templates)
@@ -151,7 +151,7 @@ class WebDatasetSource(DataSource):
             start_example=start_example,
             num_epochs=num_epochs,
             # Each process reads its own shards: the checkpoint keeps every process's position.
-            gather=pipeline.process_gather(process_count),
+            gather=process_gather(process_count),
         )
 
     def eval_arrays(
@@ -171,15 +171,14 @@ class WebDatasetSource(DataSource):
                 shards = self.train_shards
         else:
             raise ValueError(f"webdataset: no split {split!r} (train: data.shards, test: data.eval_shards)")
-        return streaming.load_arrays(
-            streaming.read_in_order(shards), self.decoder(tokenizer, keep_captions=True), max_examples, drops
-        )
+        samples = chunks_of(streaming.read_in_order(shards), 256)
+        return load_arrays(self.decoder(tokenizer, keep_captions=True), samples, max_examples, drops)
 
     def caption_texts(self) -> list[str]:
         texts = []
         samples = streaming.read_in_order(self.train_shards)
         for sample in itertools.islice(samples, int(self._setting("tokenizer_samples"))):
-            text = pipeline.decode_caption(sample.caption)
+            text = decode_caption(sample.caption)
             if text is not None:
                 texts.append(text)
         samples.close()

@@ -28,7 +28,6 @@ small reader below (record framing only: lengths are trusted, CRCs are not check
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import os
 import re
@@ -226,7 +225,7 @@ def classification_batches(
     batch at a time: host memory holds a batch, never the split. Encoded images are decoded on
     `num_threads` threads (default: up to 8, one per CPU). A record whose image cannot be
     decoded or that has no label is skipped and counted in `drops` (a
-    `clipjax.data.pipeline.DropCounter`: 'bad_image', 'no_label'); without `drops` it raises
+    `clipjax.data.drops.DropCounter`: 'bad_image', 'no_label'); without `drops` it raises
     ValueError naming the record."""
     image_size = int(image_size)
     if image_size < 1:
@@ -297,8 +296,7 @@ def classification_batches(
                 "index": np.asarray([k[0] for k in keep], np.int32),
             }
             if drops is not None:
-                batch["_skipped"] = collections.Counter(reason for _, reason in skipped)
-                batch["_skipped_examples"] = list(skipped)
+                batch["_dropped"] = [(index, index, reason) for index, reason in skipped]
                 batch = drops(batch)
             skipped.clear()
             if keep:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from clipjax.data import shapes, shapes_tfds
+from clipjax.data.sources.shapes import procedural as shapes
+from clipjax.data.sources.shapes.builder import DEFAULT_NUM_TRAIN, prepare_shapes
 from clipjax.data.sources.base import register_source
 from clipjax.data.sources.tfds_records import TfdsRecordSource
 from clipjax.schema import Field
@@ -35,10 +36,10 @@ class ShapesSource(TfdsRecordSource):
         return shapes.ATTRIBUTE_NAMES + nuisance
 
     def make_builder(self):
-        return shapes_tfds.prepare_shapes(
+        return prepare_shapes(
             self.data_dir,
             image_size=self.config.image_size,
-            num_train=self.config.num_train or shapes_tfds.DEFAULT_NUM_TRAIN,
+            num_train=self.config.num_train or DEFAULT_NUM_TRAIN,
             num_test=self.config.num_test,
             seed=self.config.shapes_seed,
             nuisance=self.config.shapes_nuisance,

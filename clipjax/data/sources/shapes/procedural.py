@@ -24,11 +24,11 @@ Two options, both off by default (and then without any effect on the output):
 
 from __future__ import annotations
 
-import re
-import zlib
 from typing import Sequence
 
 import numpy as np
+
+from clipjax.captions import caption_text_id, normalize_caption
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
@@ -167,28 +167,6 @@ def concept_index(label, concepts: int):
     if np.any(index >= len(subset)) or np.any(subset[np.minimum(index, len(subset) - 1)] != label):
         raise ValueError(f"labels outside the {len(subset)} concepts of concept_subset({concepts})")
     return index
-
-
-# ----------------------------------------------------------------------------
-# Caption text utilities.
-
-_PUNCT = re.compile(r"[^\w\s]+", flags=re.UNICODE)
-_SPACE = re.compile(r"\s+", flags=re.UNICODE)
-
-
-def normalize_caption(s: str) -> str:
-    """Lowercase, punctuation removed, whitespace collapsed."""
-    s = _PUNCT.sub(" ", s.lower())
-    return _SPACE.sub(" ", s).strip()
-
-
-def caption_text_id(s: str) -> int:
-    """Stable non-negative int32 id of the normalised caption.
-
-    crc32 rather than hash(): Python salts str hashes per process, and the id
-    must agree across hosts and runs (it marks duplicate captions in a batch).
-    """
-    return zlib.crc32(normalize_caption(s).encode("utf-8")) & 0x7FFFFFFF
 
 
 def _article(next_word: str) -> str:

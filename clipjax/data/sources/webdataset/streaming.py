@@ -7,7 +7,7 @@ convention). Nothing is prepared: shards are read as they are, through `clipjax.
 (`etils.epath`: local paths, gs://, s3://).
 
 Labels: a sample's `label` is its `.cls` member, else the `.json` field `data.label_field`
-(`SampleDecoder.label`): an integer, or a class name of `data.class_names`; -1 without one. They
+(`SampleReader.label`): an integer, or a class name of `data.class_names`; -1 without one. They
 reach evaluation as the record sources' labels do (kNN, the probes, concept-aware retrieval;
 zero-shot with class names).
 
@@ -35,16 +35,17 @@ The sample stream of one process, and why:
                   would have to be saved and fetched again; a block is rebuilt by reading
                   on from one saved position
   chunks          runs of one local batch of samples, decoded (image decode and crop,
-                  caption, tokens) by data.read_threads threads or data.worker_count worker
-                  processes (`pipeline.worker_processes`; spawned, not grain's: see below),
-                  data.prefetch chunks ahead; bad samples dropped and counted here
+                  caption, tokens: `clipjax.data.decode`) by data.read_threads threads or
+                  data.worker_count worker processes (`clipjax.data.workers`; spawned, not
+                  grain's: see below), data.prefetch chunks ahead; bad samples dropped and
+                  counted here
   batches         the kept samples regrouped into batches of exactly the local batch size,
                   `index` the sample's stable id (`sample_index`), `label` the class
                   (-1 without one)
 
 The tar reading runs in one background thread per process. Decoding is a pure function of a
-chunk's samples (and, for random crops, of the epoch and the sample's id, seeded as the record
-pipeline seeds them), so the batches do not depend on how many threads or workers decode.
+chunk's samples (and, for random crops, of the epoch and the sample's id: the one decoder of
+every source seeds them), so the batches do not depend on how many threads or workers decode.
 grain's worker processes are not used because each would run its own copy of the stream: the
 shards would have to be split among workers (another order for every worker count) or read
 once by each of them.
@@ -68,7 +69,7 @@ comes before: whole epochs by data.num_train (the number of good samples, as img
 stats report it), then the same share of the epoch's shards. It is approximate, at shard
 granularity.
 
-Bad samples are dropped and counted by reason (`pipeline.DropCounter`, data.max_bad_fraction
+Bad samples are dropped and counted by reason (`clipjax.data.drops`, data.max_bad_fraction
 as for every source): `bad_caption` (no .txt, empty, or not UTF-8), `missing_image`,
 `bad_image` (cannot be decoded), `bad_image_shape`, `truncated_shard` (the data ends inside a
 member, or reading fails part-way: the sample being read is dropped, and the rest of the shard
@@ -87,12 +88,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import copy
-import functools
 import itertools
 import json
-import multiprocessing
-import os
 import posixpath
 import queue
 import re
@@ -105,9 +102,10 @@ from absl import logging
 import numpy as np
 
 from clipjax import paths
-from clipjax.data import parent_watch, pipeline
-from clipjax.data.images import decode_image, random_resized_crop_box
-from clipjax.data.shapes import caption_text_id
+from clipjax.data import workers as worker_pool
+from clipjax.data.drops import DropCounter
+from clipjax.data.process_state import TrainIterator, local_batch
+from clipjax.data.decode import BATCH_KEYS, Decoder, Raw
 
 IMAGE_EXTENSIONS = frozenset(("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"))
 CAPTION_EXTENSION = "txt"
@@ -531,30 +529,12 @@ def start_state(epoch: int = 0, next_shard: int = 0) -> dict:
 # Decoding
 
 
-class SampleDecoder:
-    """Samples -> arrays of the kept ones (pipeline.BATCH_KEYS, plus caption if asked).
+class SampleReader:
+    """The decoder's reader of tar samples (`clipjax.data.decode.Decoder`): each as a `Raw`
+    example, its `label` the class of `label`. A module-level class so worker processes can
+    unpickle it."""
 
-    Also '_skipped' {reason: count} and '_skipped_examples' for `pipeline.DropCounter`,
-    '_kept', the positions in the input of the samples kept, and '_dropped', (position, reason)
-    of the others. Images are centre-cropped unless
-    `with_random_crop` made a training copy. A module-level class so worker processes can
-    unpickle it.
-    """
-
-    random_crop: tuple[float, float] | None = None  # the share of the area a crop covers
-    crop_seed: tuple[int, ...] = ()
-
-    def __init__(
-        self,
-        image_size: int,
-        tokenizer=None,
-        keep_captions: bool = False,
-        label_field: str = "",
-        class_names: Sequence[str] = (),
-    ):
-        self.image_size = int(image_size)
-        self.tokenizer = tokenizer
-        self.keep_captions = keep_captions
+    def __init__(self, label_field: str = "", class_names: Sequence[str] = ()):
         self.label_field = label_field
         self.class_index = {name: i for i, name in enumerate(class_names)}
 
@@ -583,123 +563,11 @@ class SampleDecoder:
             return -1
         return value
 
-    def with_random_crop(self, scale: Sequence[float], seed: Sequence[int]) -> SampleDecoder:
-        """A copy cropping a random region of a share `scale` = (low, high) of the area, drawn
-        from a generator seeded by (seed, epoch, sample index) as the record pipeline does: the
-        same sample gets the same crop after a resumption, and another one every epoch."""
-        decoder = copy.copy(self)
-        decoder.random_crop = (float(scale[0]), float(scale[1]))
-        decoder.crop_seed = tuple(_seed(seed))
-        return decoder
-
-    def _crop(self, index: int, epoch: int | None):
-        if self.random_crop is None:
-            return None
-        if epoch is None:
-            raise ValueError("a random-cropping SampleDecoder needs the samples' epoch")
-        # The trailing 1 keeps this stream apart from the shard order's ([*seed, epoch]).
-        rng = np.random.default_rng([*self.crop_seed, int(epoch), int(index) % 2**32, 1])
-        return functools.partial(random_resized_crop_box, rng=rng, scale=self.random_crop)
-
-    def _image(self, data: bytes | None, crop=None) -> tuple[np.ndarray | None, str]:
-        s = self.image_size
-        if not data:
-            return None, "missing_image"
-        try:
-            image = decode_image(data, s) if crop is None else decode_image(data, s, crop=crop)
-        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt or truncated files
-            return None, "bad_image"
-        if image.shape != (s, s, 3):
-            return None, "bad_image_shape"
-        return image, ""
-
-    def __call__(self, samples: Sequence[Sample], epoch: int | None = None) -> dict[str, Any]:
-        """`epoch`: the samples' epoch (random crops need it)."""
-        skipped: collections.Counter = collections.Counter()
-        examples: list[tuple[str, str]] = []
-        kept, images, captions, indices, labels = [], [], [], [], []
-        dropped: list[tuple[int, str]] = []
-        for j, sample in enumerate(samples):
-            if sample.error:
-                image, reason = None, sample.error
-            else:
-                caption = pipeline.decode_caption(sample.caption)
-                if caption is None:
-                    image, reason = None, "bad_caption"
-                else:
-                    image, reason = self._image(sample.image, self._crop(sample.index, epoch))
-            if image is None:
-                skipped[reason] += 1
-                dropped.append((j, reason))
-                if len(examples) < pipeline.DropCounter.EXAMPLES:
-                    examples.append((sample.name, reason))
-                continue
-            kept.append(j)
-            images.append(image)
-            captions.append(caption)
-            indices.append(sample.index)
-            labels.append(self.label(sample))
-        s, n = self.image_size, len(kept)
-        out: dict[str, Any] = {"image": np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)}
-        if self.tokenizer is not None:
-            out["text"] = np.asarray(self.tokenizer.encode(captions), np.int32)
-        out["text_id"] = np.array([caption_text_id(c) for c in captions], np.int32).reshape(n)
-        out["index"] = np.array(indices, np.int32).reshape(n)
-        out["label"] = np.array(labels, np.int32).reshape(n)
-        if self.keep_captions:
-            out["caption"] = np.array(captions, dtype=object).reshape(n)
-        out["_skipped"] = dict(skipped)
-        out["_skipped_examples"] = examples
-        out["_kept"] = np.array(kept, np.int64)
-        out["_dropped"] = dropped  # (position in the input, reason): a resumed state counts them
-        return out
-
-
-_WORKER_DECODER: SampleDecoder | None = None
-
-
-def _init_worker(decoder: SampleDecoder, parent_pid: int) -> None:
-    global _WORKER_DECODER
-    parent_watch.init_worker(parent_pid)  # ends with the trainer, even a killed one
-    _WORKER_DECODER = decoder
-
-
-def _decode_in_worker(samples: list[Sample], epoch: int) -> dict[str, Any]:
-    return _WORKER_DECODER(samples, epoch)
-
-
-def load_arrays(
-    samples: Iterable[Sample],
-    decoder: SampleDecoder,
-    max_examples: int | None = None,
-    drops: pipeline.DropCounter | None = None,
-    chunk_size: int = 256,
-) -> dict[str, np.ndarray]:
-    """The first `max_examples` good samples (all when None or 0) as arrays (the keys of
-    `pipeline.load_split_arrays`); bad ones are left out and counted in `drops`."""
-    counter = drops if drops is not None else pipeline.DropCounter()
-    chunks, kept = [], 0
-    samples = iter(samples)
-    while not max_examples or kept < max_examples:
-        batch = list(itertools.islice(samples, chunk_size))
-        if not batch:
-            break
-        out = counter(decoder(batch))
-        out.pop("_kept")
-        out.pop("_dropped")
-        chunks.append(out)
-        kept += len(out["index"])
-    if not chunks:
-        out = counter(decoder([]))
-        out.pop("_kept")
-        out.pop("_dropped")
-        chunks = [out]
-    arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    if max_examples:
-        arrays = {k: v[: int(max_examples)] for k, v in arrays.items()}
-    if "caption" in arrays:
-        arrays["caption"] = arrays["caption"].astype(str)
-    return arrays
+    def __call__(self, samples: Sequence[Sample], epochs=None) -> list[Raw]:
+        return [
+            Raw(s.index, s.image, s.caption, s.index, label=self.label(s), error=s.error, name=s.name)
+            for s in samples
+        ]
 
 
 # ---------------------------------------------------------------------------
@@ -743,7 +611,7 @@ class _Prefetcher:
     def __init__(
         self,
         make_chunks: Callable[[], Iterator[_Chunk]],
-        decoder: SampleDecoder,
+        decoder: Decoder,
         *,
         prefetch: int,
         read_ahead: int,
@@ -758,14 +626,8 @@ class _Prefetcher:
         self._inflight: collections.deque = collections.deque()
         self._ended = False
         if workers > 0:
-            # spawn, not fork: the parent runs JAX's threads.
-            self._executor = concurrent.futures.ProcessPoolExecutor(
-                workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(decoder, os.getpid()),
-            )
-            self._decode = _decode_in_worker
+            self._executor = worker_pool.spawn_pool(workers, decoder)
+            self._decode = worker_pool.run_job
         else:
             self._executor = concurrent.futures.ThreadPoolExecutor(max(1, threads))
             self._decode = decoder
@@ -853,7 +715,7 @@ def _process_state(state: dict) -> dict:
 
 
 class StreamIterator:
-    """Local batches of one process (keys pipeline.BATCH_KEYS), resumable exactly.
+    """Local batches of one process (keys BATCH_KEYS), resumable exactly.
 
     Use through `make_train_iterator`. `gather(own_state) -> [state of each process]` collects
     the positions of all processes for get_state(); None keeps only this one's.
@@ -862,8 +724,8 @@ class StreamIterator:
     def __init__(
         self,
         shards: Sequence[str],
-        decoder: SampleDecoder,
-        drops: pipeline.DropCounter,
+        decoder: Decoder,
+        drops: DropCounter,
         *,
         batch_size: int,
         seed: Sequence[int],
@@ -1002,12 +864,12 @@ class StreamIterator:
         if got is None:
             return False
         chunk, arrays = got
-        arrays = dict(arrays)
-        kept = arrays.pop("_kept")
         self._drops_before_chunk = self.drops.state()
-        self._chunk_drops = [(chunk.start + j, reason) for j, reason in arrays.pop("_dropped")]
+        self._chunk_drops = [(chunk.start + j, reason) for j, _, reason in arrays["_dropped"]]
+        dropped = {position for position, _ in self._chunk_drops}
         self._chunk, self._arrays = chunk, self.drops(arrays)
-        self._kept, self._cursor = chunk.start + kept, 0
+        self._kept = np.array([p for p in range(chunk.start, chunk.end) if p not in dropped], np.int64)
+        self._cursor = 0
         return True
 
     def __iter__(self):
@@ -1021,15 +883,13 @@ class StreamIterator:
                     break
                 continue
             take = min(need, len(self._kept) - self._cursor)
-            parts.append(
-                {k: self._arrays[k][self._cursor : self._cursor + take] for k in pipeline.BATCH_KEYS}
-            )
+            parts.append({k: self._arrays[k][self._cursor : self._cursor + take] for k in BATCH_KEYS})
             self._cursor += take
             need -= take
         if not parts:
             raise StopIteration
         self._seen += self.batch_size - need
-        return {k: np.concatenate([p[k] for p in parts]) for k in pipeline.BATCH_KEYS}
+        return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
 
     def close(self) -> None:
         if getattr(self, "_prefetcher", None) is not None:
@@ -1042,7 +902,7 @@ class StreamIterator:
 
 def make_train_iterator(
     shards: Sequence[str],
-    decoder: SampleDecoder,
+    decoder: Decoder,
     data_config,
     *,
     shuffle_buffer: int,
@@ -1053,32 +913,24 @@ def make_train_iterator(
     start_example: int = 0,
     num_epochs: int | None = None,
     gather: Callable[[dict], list[dict]] | None = None,
-) -> pipeline.TrainIterator:
+) -> TrainIterator:
     """Endless (or `num_epochs`, the last batch then short) iterator over this process's local
     batches of `shards`: blocks of `shuffle_buffer` samples shuffled, `interleave` shards read at
     once (module docstring). Reads from the complete `data_config`: batch_size (global),
-    shuffle_seed, num_train, worker_count (`pipeline.worker_processes`), read_threads, prefetch,
+    shuffle_seed, num_train, worker_count (`workers.worker_processes`), read_threads, prefetch,
     max_bad_fraction, random_resized_crop."""
-    batch_size = int(data_config.batch_size)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if batch_size % process_count:
-        raise ValueError(f"data.batch_size {batch_size} is not divisible by process_count {process_count}")
+    local = local_batch(data_config, process_index, process_count)
     stream_seed = (int(seed) % 2**32, int(data_config.shuffle_seed) % 2**32)
     crop_scale = tuple(getattr(data_config, "random_resized_crop", ()) or ())
     if crop_scale:
         decoder = decoder.with_random_crop(crop_scale, stream_seed)
-    max_bad = data_config.max_bad_fraction
     num_train = int(data_config.num_train)
-    drops = pipeline.DropCounter(
-        None if max_bad is None else float(max_bad),
-        min_seen=min(1000, max(num_train // process_count, 1)),
-    )
+    drops = DropCounter.for_training(data_config, num_train // process_count)
     iterator = StreamIterator(
         shards,
         decoder,
         drops,
-        batch_size=batch_size // process_count,
+        batch_size=local,
         seed=stream_seed,
         process_index=process_index,
         process_count=process_count,
@@ -1089,7 +941,7 @@ def make_train_iterator(
         num_epochs=num_epochs,
         prefetch=int(data_config.prefetch),
         threads=int(data_config.read_threads),
-        workers=pipeline.worker_processes(int(data_config.worker_count), decoder),
+        workers=worker_pool.worker_processes(int(data_config.worker_count), decoder),
         gather=gather,
     )
-    return pipeline.TrainIterator(iterator, drops)
+    return TrainIterator(iterator, drops)

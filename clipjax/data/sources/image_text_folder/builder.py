@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from clipjax import paths
-from clipjax.data import shapes
+from clipjax.captions import caption_text_id
 from clipjax.data import tfds_util
 from clipjax.schema import ConfigError
 
@@ -328,7 +328,7 @@ def make_example(index: int, image: bytes, caption: bytes, label: int = -1) -> d
     """The record of one pair (`features()`): image bytes as found, the caption stripped."""
     caption = caption.strip()
     try:
-        text_id = shapes.caption_text_id(caption.decode("utf-8"))
+        text_id = caption_text_id(caption.decode("utf-8"))
     except UnicodeDecodeError:
         text_id = -1
     return {"image": image, "caption": caption, "text_id": text_id, "index": index, "label": int(label)}
@@ -360,7 +360,7 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
         del dl_manager
         config = self.builder_config
         if not isinstance(config, FolderConfig) or not config.source:
-            raise ValueError("image_text_folder needs config=folder_tfds.make_config(source)")
+            raise ValueError("image_text_folder needs config=make_config(source)")
         pairs = source_pairs(config.source, config.label_names)
         if not pairs:
             raise ValueError(f"data.source {config.source!r} holds no image-caption pairs")

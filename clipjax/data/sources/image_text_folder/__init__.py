@@ -15,7 +15,7 @@ import functools
 import tensorflow_datasets as tfds
 
 from clipjax import paths
-from clipjax.data import folder_tfds
+from clipjax.data.sources.image_text_folder.builder import label_names, prepare_folder
 from clipjax.data.sources import classes
 from clipjax.data.sources.base import register_source
 from clipjax.data.sources.tfds_records import TfdsRecordSource
@@ -60,18 +60,18 @@ class ImageTextFolderSource(TfdsRecordSource):
     def label_names(self) -> tuple[str, ...]:
         """The class names that number the labels, over the training and evaluation sources."""
         sources = [self.config.source] + ([self.config.eval_source] if self.config.eval_source else [])
-        return folder_tfds.label_names(*sources)
+        return label_names(*sources)
 
     def make_builder(self):
         test_fraction = 0.0 if self.config.eval_source else self.config.test_fraction
-        return folder_tfds.prepare_folder(
+        return prepare_folder(
             self.data_dir, self.config.source, test_fraction=test_fraction, label_names=self.label_names
         )
 
     @functools.cached_property
     def eval_builder(self):
         """The dataset of `data.eval_source`, all of it in its `train` split."""
-        return folder_tfds.prepare_folder(
+        return prepare_folder(
             self.data_dir, self.config.eval_source, test_fraction=0.0, label_names=self.label_names
         )
 

@@ -1,4 +1,4 @@
-"""tensorflow-datasets builder `shapes` over `clipjax.data.shapes` (no download).
+"""tensorflow-datasets builder `shapes` over `procedural` (no download).
 
 Works without TensorFlow: features are numpy-typed and the files are ArrayRecord,
 read back with `tfds.data_source` / `builder.as_data_source`.
@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from clipjax import paths
-from clipjax.data import shapes
+from clipjax.data.sources.shapes import procedural as shapes
 from clipjax.data import tfds_util
 
 _NAME = re.compile(r"^s(\d+)_train(\d+)_test(\d+)_seed(\d+)(_nuis)?(?:_k(\d+))?$")
@@ -108,7 +108,7 @@ def _test_seed(seed: int) -> int:
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
-    """Procedural shapes with captions; see clipjax/data/shapes.py."""
+    """Procedural shapes with captions; see clipjax/data/sources/shapes/procedural.py."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}

@@ -1,0 +1,217 @@
+"""The one decoder of every source: examples as read -> arrays of the good ones, the others counted.
+
+A source reads its examples in whatever way its storage needs (its `reader(items, epochs)`:
+records by number, samples of tar shards) and hands them over as `Raw` bytes; everything after
+that is here, the same for all: the caption checked (`bad_caption`: none, blank or not UTF-8),
+the image decoded and centre-cropped (`clipjax.data.images`) or, in training with
+`data.random_resized_crop`, cropped at random (`missing_image`, `bad_image`, `bad_image_shape`),
+the caption tokenized. A dropped example is left out, and `_dropped` names it and why, for the
+drop accounting (`clipjax.data.drops`) and for a resumable stream's position.
+
+Random crops are drawn from a generator seeded by (seed, shuffle_seed, epoch, the example's
+`id`): the same example gets the same crop whatever the batch size, the process count, the
+number of workers or a resumption, and another crop every epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image
+
+from clipjax.captions import caption_text_id, decode_caption
+from clipjax.data import records
+from clipjax.data.drops import DropCounter
+from clipjax.data.images import check_crop_scale, decode_image, random_resized_crop_box, square_rgb
+
+BATCH_KEYS = ("image", "text", "text_id", "index", "label")
+
+
+class Raw(NamedTuple):
+    """One example as its source read it, before decoding."""
+
+    id: int  # seeds its random crop: a record's number, a tar sample's index
+    image: bytes | None
+    caption: bytes | None
+    index: int | None = -1  # the batch's `index` (None: -1)
+    text_id: int | None = None  # None: the caption's (`clipjax.captions.caption_text_id`)
+    label: int | None = -1
+    ints: tuple = ()  # the reader's `extra_int_fields`, in order (None: -1)
+    error: str = ""  # why it cannot be used, found while reading (a broken tar shard)
+    name: str = ""  # in error messages (empty: its id)
+
+
+class RecordReader:
+    """A random-access source of serialized records (`len()`, `__getitems__`) as `Raw` examples:
+    the records the tfds builders of clipjax's sources write (fields image, caption, text_id,
+    index, label, and `extra_int_fields`)."""
+
+    def __init__(self, source, extra_int_fields: Sequence[str] = ()):
+        self.source, self.extra_int_fields = source, tuple(extra_int_fields)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __call__(self, ids, epochs=None) -> list[Raw]:
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        ints = ("text_id", "index", "label") + self.extra_int_fields
+        f = records.parse(self.source.__getitems__(ids), ints, ("image", "caption"))
+        return [
+            Raw(
+                i,
+                f["image"][j],
+                f["caption"][j],
+                f["index"][j],
+                -1 if f["text_id"][j] is None else f["text_id"][j],
+                f["label"][j],
+                tuple(f[k][j] for k in self.extra_int_fields),
+            )
+            for j, i in enumerate(ids)
+        ]
+
+
+class Decoder:
+    """Reads (`reader(items, epochs) -> [Raw]`) and decodes a chunk of examples; drops bad ones.
+
+    Called with the reader's items (record ids, tar samples) and their epochs (one for all, or
+    one each; random crops and per-epoch caption draws need them), or with {'index': ids,
+    'epoch': epochs} as `pipeline.IndexChunks` gives them. Images are stored encoded (PNG,
+    JPEG) or, with `encoded_images=False`, as raw uint8 pixels of image_size. They are
+    centre-cropped unless `with_random_crop` made a training copy: evaluation never crops at
+    random. A module-level class so that worker processes can unpickle it.
+    """
+
+    random_crop: tuple[float, float] | None = None  # the share of the area a crop covers
+    crop_seed: tuple[int, ...] = ()
+
+    def __init__(self, reader, image_size: int, *, encoded_images=True, tokenizer=None, keep_captions=False):
+        self.reader = reader
+        self.image_size = int(image_size)
+        self.encoded_images = encoded_images
+        self.tokenizer = tokenizer
+        self.keep_captions = keep_captions
+
+    @property
+    def needs_epochs(self) -> bool:
+        return getattr(self.reader, "needs_epochs", False)
+
+    def with_random_crop(self, scale: Sequence[float], seed: Sequence[int]) -> Decoder:
+        """A copy that crops a random region covering a share `scale` = (low, high) of the area
+        (`clipjax.data.images.random_resized_crop_box`), seeded per (seed, epoch, example id)."""
+        problem = check_crop_scale(tuple(scale)) or (None if len(scale) else "expected (low, high)")
+        if problem:
+            raise ValueError(f"random crop scale: {problem}, got {tuple(scale)}")
+        decoder = copy.copy(self)
+        decoder.random_crop = (float(scale[0]), float(scale[1]))
+        decoder.crop_seed = tuple(int(v) for v in seed)
+        return decoder
+
+    def _crop(self, example_id: int, epoch):
+        """None (centre crop), or the crop function of one example in one epoch."""
+        if self.random_crop is None:
+            return None
+        if epoch is None:
+            raise ValueError("a random-cropping Decoder needs each example's epoch ({'index', 'epoch'})")
+        # The trailing 1 keeps this stream apart from the epoch permutation's ([*seed, epoch]).
+        rng = np.random.default_rng([*self.crop_seed, int(epoch), int(example_id) % 2**32, 1])
+        return functools.partial(random_resized_crop_box, rng=rng, scale=self.random_crop)
+
+    def _image(self, data: bytes | None, crop=None) -> tuple[np.ndarray | None, str]:
+        s = self.image_size
+        if not data:
+            return None, "missing_image"
+        if not self.encoded_images:
+            if len(data) != s * s * 3:
+                return None, "bad_image_shape"
+            image = np.frombuffer(data, np.uint8).reshape(s, s, 3)
+            if crop is not None:
+                image = square_rgb(Image.fromarray(image), s, box=crop(s, s))
+            return image, ""
+        try:
+            image = decode_image(data, s, crop=crop)
+        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt or truncated files
+            # (OSError, SyntaxError, ValueError, DecompressionBombError, ...).
+            return None, "bad_image"
+        if image.shape != (s, s, 3):
+            return None, "bad_image_shape"
+        return image, ""
+
+    def decode_one(self, raw: Raw, epoch=None) -> tuple[np.ndarray | None, str | None, str]:
+        """(image, caption text, "") of a good example, or (None, None, why it is dropped)."""
+        if raw.error:
+            return None, None, raw.error
+        caption = decode_caption(raw.caption)
+        if caption is None:
+            return None, None, "bad_caption"
+        image, reason = self._image(raw.image, self._crop(raw.id, epoch))
+        return image, caption, reason
+
+    def __call__(self, items, epochs=None) -> dict[str, Any]:
+        """The good examples as arrays (BATCH_KEYS, the reader's extra int fields, and 'caption'
+        with keep_captions), and '_dropped': (position in the chunk, name, reason) of the others."""
+        if isinstance(items, dict):
+            items, epochs = items["index"], items["epoch"]
+        raws = self.reader(items, epochs)
+        if epochs is not None:
+            epochs = np.broadcast_to(np.asarray(epochs).reshape(-1) if np.ndim(epochs) else epochs, len(raws))
+        kept, images, captions, dropped = [], [], [], []
+        for j, raw in enumerate(raws):
+            image, caption, reason = self.decode_one(raw, None if epochs is None else epochs[j])
+            if reason:
+                dropped.append((j, raw.name or raw.id, reason))
+                continue
+            kept.append(raw)
+            images.append(image)
+            captions.append(caption)
+        s = self.image_size
+        out: dict[str, Any] = {"image": np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)}
+        if self.tokenizer is not None:
+            out["text"] = np.asarray(self.tokenizer.encode(captions), np.int32)
+        text_ids = [caption_text_id(c) if r.text_id is None else r.text_id for r, c in zip(kept, captions)]
+        out["text_id"] = records.ints(text_ids)
+        out["index"] = records.ints([r.index for r in kept])
+        out["label"] = records.ints([r.label for r in kept])
+        for k, name in enumerate(getattr(self.reader, "extra_int_fields", ())):
+            out[name] = records.ints([r.ints[k] for r in kept])
+        if self.keep_captions:
+            out["caption"] = np.array(captions, dtype=object)
+        out["_dropped"] = dropped
+        return out
+
+
+def chunks_of(items: Iterable, size: int):
+    """Lists of `size` items (the last shorter), read as they are needed."""
+    items = iter(items)
+    return iter(lambda: list(itertools.islice(items, size)), [])
+
+
+def load_arrays(
+    decoder: Decoder, chunks: Iterable, max_examples: int | None = None, drops: DropCounter | None = None
+) -> dict[str, np.ndarray]:
+    """The first `max_examples` good examples (all when None or 0) of the decoded `chunks` (the
+    reader's items, chunk after chunk: no more is read than that needs) as numpy arrays.
+
+    Keys: image uint8 [n,S,S,3], text int32 [n,L], text_id/index/label int32 [n], the reader's
+    extra int fields, caption str [n] (with keep_captions). Bad examples are left out and counted
+    in `drops`.
+    """
+    counter = drops if drops is not None else DropCounter()
+    chunks, out, kept = iter(chunks), [], 0
+    while not max_examples or kept < max_examples:
+        chunk = next(chunks, None)
+        if chunk is None:
+            break
+        out.append(counter(decoder(chunk)))
+        kept += len(out[-1]["index"])
+    if not out:
+        out = [counter(decoder([]))]
+    arrays = {k: np.concatenate([c[k] for c in out]) for k in out[0]}
+    if max_examples:
+        arrays = {k: v[: int(max_examples)] for k, v in arrays.items()}
+    if "caption" in arrays:
+        arrays["caption"] = arrays["caption"].astype(str)
+    return arrays
