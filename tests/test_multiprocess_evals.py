@@ -133,7 +133,7 @@ def test_two_processes_report_what_one_does_each_encoding_half(checkpoint, tmp_p
 
 
 def test_a_share_of_a_split_is_a_split_string_of_its_records(tmp_path):
-    from clipjax.data import classification as datasets
+    from clipjax.evals import classification_data as datasets
     from clipjax.evals.classification import _split_rows
 
     DropClasses(data_dir=str(tmp_path)).download_and_prepare(download_config=_SKIP_STATS)
