@@ -196,14 +196,9 @@ class MetricWriter:
 
     def plot_spectra(self) -> str | None:
         """Write spectrum.png (log spectrum over training, effective rank against step)."""
-        if not self.enabled:
+        if not self.enabled or not (records := self._spectra.records()):
             return None
-        records = self._spectra.records()
-        return (
-            plot_spectrum_history(records, paths.join(self.workdir, layout.SPECTRUM_PLOT))
-            if records
-            else None
-        )
+        return plot_spectrum_history(records, paths.join(self.workdir, layout.SPECTRUM_PLOT))
 
     def close(self, *, failed: bool = False) -> None:
         """`failed`: the run ends with an error, and W&B marks it so."""

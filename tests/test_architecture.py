@@ -82,6 +82,7 @@ def test_run_store_imports_neither_the_trainer_nor_the_api():
         assert not upward | (GRAPH[name] & ENTRY_POINTS), f"{name} imports {sorted(upward)}"
 
 
+LAYOUT_NAMES = {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)}
 # Names the workdir shares with another layout: a Hugging Face model folder has a config.json.
 OTHER_LAYOUTS = {("clipjax.pretrained.layouts", layout.CONFIG)}
 
@@ -96,7 +97,7 @@ def _layout_names_spelled_out(path: pathlib.Path) -> set[str]:
         name
         for node in ast.walk(tree)
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in keys
-        for name in layout.NAMES
+        for name in LAYOUT_NAMES
         if node.value == name or node.value.endswith("/" + name)
     }
 

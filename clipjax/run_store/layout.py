@@ -14,18 +14,3 @@ WANDB_RUN_ID = "wandb_run_id"
 REPORT = "report.json"  # an evaluation's report, beside its markdown and the probe-set spectrum
 REPORT_MARKDOWN = "report.md"
 PROBE_SPECTRUM_PLOT = "probe_spectrum.png"
-NAMES = (
-    CONFIG,
-    CHECKPOINTS,
-    DAMAGED_CHECKPOINTS,
-    LOCK,
-    METRICS,
-    SPECTRA,
-    SPECTRUM_PLOT,
-    TENSORBOARD,
-    PROFILE,
-    WANDB_RUN_ID,
-    REPORT,
-    REPORT_MARKDOWN,
-    PROBE_SPECTRUM_PLOT,
-)

@@ -10,7 +10,6 @@ old run's for `init_from`, else the data's) and `Run.initial_state` the state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -28,14 +27,6 @@ from clipjax.run_store.record import (
 from clipjax.run_store.resume import ResumeError, check_resume
 
 
-class InitialState(NamedTuple):
-    step: int
-    state: Any
-    data_state: Any  # the data iterator's, None to start the stream at `data_offset`
-    data_offset: int  # where the data stream starts
-    examples_seen: int  # at `step`, for the checkpoints' meta
-
-
 @dataclasses.dataclass
 class Run:
     """The run a workdir holds (`stored` None: none yet), accepted for the config about to train."""
@@ -48,19 +39,16 @@ class Run:
     def tokenizer(self, config, source, *, log):
         """The checkpoint's; for a new run from `init_from`, the old run's token ids (unless its
         text tower starts afresh); else the data `source`'s."""
-        meta, towers = self.meta, tuple(config.init_from_towers)
-        if (
-            meta is None
-            and self.stored is None
-            and config.init_from
-            and (not towers or "text_tower" in towers)
-        ):
-            meta = read_run(config.init_from, log=log)[1]
-        return run_tokenizer(meta, source)
+        towers = tuple(config.init_from_towers)
+        if self.stored is None and config.init_from and (not towers or "text_tower" in towers):
+            return run_tokenizer(read_run(config.init_from, log=log)[1], source)
+        return run_tokenizer(self.meta, source)
 
-    def initial_state(self, config, state, shardings, mesh, tokenizer, *, log) -> InitialState:
-        """The run's state from its newest restorable checkpoint, else `state` (freshly built,
-        with `shardings`) with the parameters of `config.init_from` where it names a run."""
+    def initial_state(self, config, state, shardings, mesh, tokenizer, *, log) -> tuple:
+        """(step, state, data-iterator state, the data stream's offset, examples seen at `step`):
+        the run's newest restorable checkpoint, else `state` (freshly built, with `shardings`)
+        holding the parameters of `config.init_from` where it names a run. A data-iterator state
+        of None starts the stream at the offset."""
         if self.stored is not None:
             return self._resume(config, state, shardings, log)
         if config.init_from:
@@ -74,9 +62,9 @@ class Run:
             else:
                 state["params"] = jax.device_put(params, shardings["params"])
                 log(f"initialised from the weights of {config.init_from} at step {init_step}")
-        return InitialState(0, state, None, 0, 0)
+        return 0, state, None, 0, 0
 
-    def _resume(self, config, state, shardings, log) -> InitialState:
+    def _resume(self, config, state, shardings, log) -> tuple:
         checkpointer = self.checkpointer
         _refuse_other_shapes(checkpointer, state["params"])
         restored, damaged = checkpointer.restore_latest(abstract_with_shardings(state, shardings), log=log)
@@ -104,7 +92,7 @@ class Run:
                 f"global batch {old_batch} -> {config.data.batch_size}: the data continues at example {examples}"
             )
         log(f"resumed from {checkpointer.directory} at step {step}")
-        return InitialState(step, state, data_state, data_offset, examples)
+        return step, state, data_state, data_offset, examples
 
 
 def open_run(config, workdir: str, checkpointer: Checkpointer, *, log) -> Run:
