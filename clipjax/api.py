@@ -7,191 +7,28 @@
     probs = model.similarity(img, txt)               # cosine similarities x learned scale
     report = clipjax.api.evaluate_workdir("runs/demo", out="runs/demo/eval")
 
-Nothing here imports the trainer, and nothing reads the training data to use a checkpoint: the
-config, the tokenizer and the preprocessing come from the checkpoint itself (checkpoints of the
-first release, which lack them, fall back to config.json and the data). A checkpoint that cannot
-be read is skipped for the newest one that can, with a warning that says why.
+A face over the run store (`clipjax.run_store`), which reads the run and its checkpoints, and over
+evaluation; nothing here imports the trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Sequence
 
 import jax
-import ml_collections
 import numpy as np
-from flax import nnx
 from PIL import Image
 
-from clipjax import paths
-from clipjax.checkpoint import Checkpointer, abstract_with_shardings, newest_readable, one_line
-from clipjax.config import apply_overrides, config_from_dict
+from clipjax.config import apply_overrides
 from clipjax.data.images import fit_crop, square_rgb
 from clipjax.data.sources import make_source
-from clipjax.data.tokenizers import tokenizer_from_json
 from clipjax.evals.encoders import Encoders
-from clipjax.evals.report import summary_lines, write_markdown, write_report
-from clipjax.evals.runner import EvalRunner
-from clipjax.models import model_factory
-from clipjax.parallel import make_mesh, param_shardings
+from clipjax.evals.workdir import evaluate_workdir  # noqa: F401 - part of the face
+from clipjax.parallel import eval_mesh
 from clipjax.pretrained import preprocessing
-
-
-class RestoreError(ValueError):
-    """A workdir, step or config that cannot be restored; the message is one line."""
-
-
-def _checked_workdir(workdir: str) -> Checkpointer:
-    paths.refresh(workdir)  # a bucket's listings as they are now, not as this process last saw them
-    if not paths.isdir(workdir):
-        raise RestoreError(f"workdir {workdir!r} does not exist")
-    if not paths.isdir(paths.join(workdir, "checkpoints")) and not paths.exists(
-        paths.join(workdir, "config.json")
-    ):
-        raise RestoreError(f"{workdir!r} is not a clipjax training workdir (no checkpoints/, no config.json)")
-    return Checkpointer(workdir, create=False)
-
-
-def run_record(checkpointer: Checkpointer, *, log=print) -> tuple[dict | None, dict | None]:
-    """(config dict, meta) of the run whose checkpoints these are: the newest checkpoint whose
-    meta reads, or config.json beside first-release checkpoints; (None, None) without checkpoints.
-    The trainer's resume check and the readers below share it."""
-    steps = checkpointer.all_steps()
-    if not steps:
-        return None, None
-    _, meta = newest_readable(steps, checkpointer.meta, log=log, what="metadata of checkpoint")
-    if meta is not None:
-        return meta["config"], meta
-    path = paths.join(checkpointer.workdir, "config.json")
-    if paths.exists(path):
-        return json.loads(paths.read_text(path)), None
-    return None, None
-
-
-def read_run(workdir: str, *, log=print) -> tuple[ml_collections.ConfigDict, dict | None]:
-    """(config, meta) of a workdir's run; config.json alone serves a workdir without checkpoints."""
-    checkpointer = _checked_workdir(workdir)
-    try:
-        stored, meta = run_record(checkpointer, log=log)
-    finally:
-        checkpointer.close()
-    if stored is None:
-        path = paths.join(workdir, "config.json")
-        if not paths.exists(path):
-            raise RestoreError(f"{path} not found: {workdir!r} is not a clipjax training workdir")
-        stored = json.loads(paths.read_text(path))
-    return config_from_dict(stored), meta
-
-
-def load_run_config(workdir: str, *, log=print) -> ml_collections.ConfigDict:
-    """The run's config, as its newest readable checkpoint recorded it (or its config.json)."""
-    return read_run(workdir, log=log)[0]
-
-
-def run_tokenizer(meta: dict | None, source):
-    """The tokenizer the run was trained with: from its checkpoint's meta, whatever the data says
-    now, or (first-release checkpoints, `meta` None) rebuilt from the data `source`."""
-    return tokenizer_from_json(meta["tokenizer"]) if meta else source.tokenizer()
-
-
-def eval_mesh(devices=None) -> jax.sharding.Mesh:
-    """Pure data parallelism over the devices at hand, whatever mesh trained the model."""
-    spec = ml_collections.ConfigDict({"axes": ("data", "fsdp", "model"), "shape": (-1, 1, 1)})
-    return make_mesh(spec, devices=devices)
-
-
-def restore_params(
-    workdir: str, config, tokenizer, mesh, step: int | None = None, *, parts: Sequence[str] = (), log=print
-):
-    """(graphdef, params, step): parameters only, placed on `mesh` by the config's sharding rules.
-
-    Without `step`, the newest checkpoint that reads; unreadable ones are skipped with a warning.
-    A checkpoint whose parameters do not fit `config.model` is an error, never skipped.
-
-    `parts` (top-level names of the parameter tree: 'image_tower', 'image_proj', ...): only those
-    are read, checked and returned (`params` then holds just them); the rest of the checkpoint
-    may belong to another model.
-    """
-    checkpointer = _checked_workdir(workdir)
-    try:
-        steps = checkpointer.all_steps()
-        if not steps:
-            raise RestoreError(f"no checkpoint in {checkpointer.directory}")
-        if step is not None and step not in steps:
-            raise RestoreError(f"no checkpoint at step {step} in {checkpointer.directory} (steps: {steps})")
-        abstract_model = nnx.eval_shape(model_factory(config, vocab_size=tokenizer.vocab_size))
-        graphdef, _ = nnx.split(abstract_model)
-        expected = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
-        target = abstract_with_shardings(
-            expected, param_shardings(abstract_model, mesh, config.sharding_rules)
-        )
-        parts = tuple(dict.fromkeys(parts))
-        unknown = [p for p in parts if p not in expected]
-        if unknown:
-            raise RestoreError(
-                f"{unknown[0]!r} is not a part of the model (parts: {', '.join(sorted(expected))})"
-            )
-        if parts:
-            expected = {p: expected[p] for p in parts}
-            target = {p: target[p] for p in parts}
-        for candidate in [step] if step is not None else reversed(steps):
-            try:
-                saved = checkpointer.params_metadata(candidate)
-            except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
-                saved, error = None, e
-            if saved is not None:
-                if parts:
-                    missing = [p for p in parts if p not in saved]
-                    if missing:
-                        raise RestoreError(
-                            f"checkpoint {candidate} in {checkpointer.directory} has no part {missing[0]!r} "
-                            f"(it has: {', '.join(sorted(saved))})"
-                        )
-                    saved = {p: saved[p] for p in parts}
-                check_params_compatible(saved, expected, candidate)
-                try:
-                    return graphdef, checkpointer.restore_params(candidate, target), candidate
-                except Exception as e:  # noqa: BLE001 - unreadable arrays: a damaged checkpoint
-                    error = e
-            if step is not None:
-                raise RestoreError(
-                    f"checkpoint {step} in {checkpointer.directory} cannot be read ({one_line(error)})"
-                )
-            log(
-                f"WARNING: skipping checkpoint {candidate} in {checkpointer.directory}: it cannot be read ({one_line(error)})"
-            )
-        raise RestoreError(f"no checkpoint in {checkpointer.directory} can be read (steps: {steps})")
-    finally:
-        checkpointer.close()
-
-
-def _flat_by_name(tree) -> dict[str, Any]:
-    # Orbax stores list indices as string keys: compare paths as names.
-    def name(path):
-        return "".join(f"[{getattr(k, 'key', getattr(k, 'idx', k))!s}]" for k in path)
-
-    return {name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def check_params_compatible(saved, expected, step: int) -> None:
-    """RestoreError (one line) unless the saved parameter tree has the expected names and shapes."""
-    flat_saved, flat_expected = _flat_by_name(saved), _flat_by_name(expected)
-    for key in sorted(set(flat_saved) | set(flat_expected)):
-        if key not in flat_saved:
-            raise RestoreError(
-                f"checkpoint {step} does not match the model config: it has no parameter params{key}"
-            )
-        if key not in flat_expected:
-            raise RestoreError(
-                f"checkpoint {step} does not match the model config: unexpected parameter params{key}"
-            )
-        if tuple(flat_saved[key].shape) != tuple(flat_expected[key].shape):
-            raise RestoreError(
-                f"checkpoint {step} does not match the model config: params{key} has shape "
-                f"{tuple(flat_saved[key].shape)} in the checkpoint but {tuple(flat_expected[key].shape)} in the config"
-            )
+from clipjax.run_store.record import RestoreError, load_run_config  # noqa: F401 - part of the face
+from clipjax.run_store.record import read_run, restore_params, run_tokenizer
 
 
 def _texts(strings) -> list[str]:
@@ -321,27 +158,3 @@ def load(
     return TrainedModel(
         config=config, step=step, tokenizer=tokenizer, mesh=mesh, graphdef=graphdef, params=params
     )
-
-
-def evaluate_workdir(
-    workdir: str, *, step: int | None = None, out: str | None = None, config=None, devices=None, log=print
-) -> dict:
-    """Run the config's evaluators on a checkpoint; write report.json and report.md to `out`
-    (default: the workdir). `config` defaults to the run's own."""
-    stored, meta = read_run(workdir, log=log)
-    config = stored if config is None else config
-    mesh = eval_mesh(devices)
-    # The data source is read only by the evaluators that need held-out data (and, for
-    # first-release checkpoints, to rebuild the tokenizer).
-    source = make_source(config.data)
-    tokenizer = run_tokenizer(meta, source)
-    graphdef, params, step = restore_params(workdir, config, tokenizer, mesh, step, log=log)
-    report = EvalRunner(config, source, tokenizer, log=log).run(graphdef, params, mesh, step)
-    out = out or workdir
-    if jax.process_index() == 0:
-        paths.makedirs(out)
-        write_report(report, paths.join(out, "report.json"))
-        write_markdown(report, out, workdir)
-        for line in summary_lines(report):
-            log(line)
-    return report

@@ -30,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from clipjax import paths
+from clipjax.run_store import layout
 
 FORMAT_VERSION = 2
 
@@ -124,7 +125,7 @@ class Checkpointer:
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, create: bool = True):
         # A bucket URL stays a URL: made "absolute" it would become a local folder named 'gs:'.
         self.workdir = paths.resolve(workdir)
-        self.directory = paths.join(self.workdir, "checkpoints")
+        self.directory = paths.join(self.workdir, layout.CHECKPOINTS)
         remote = paths.is_remote(self.directory)
         if self.directory.startswith("s3://"):
             _route_s3()
@@ -210,7 +211,7 @@ class Checkpointer:
     def set_aside(self, step: int) -> str:
         """Move checkpoint `step` out of the checkpoint folder (to damaged_checkpoints/), so the
         step can be written again; nothing is deleted."""
-        target_dir = paths.join(self.workdir, "damaged_checkpoints")
+        target_dir = paths.join(self.workdir, layout.DAMAGED_CHECKPOINTS)
         paths.makedirs(target_dir)
         target = paths.join(target_dir, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
         # In a bucket this is a copy of each object, then a delete: no rename exists there.

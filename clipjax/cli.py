@@ -20,11 +20,11 @@ from typing import Callable
 import ml_collections
 from absl import flags
 
-from clipjax.api import RestoreError
 from clipjax.checkpoint import CheckpointWriteError, one_line
 from clipjax.config import ConfigError, LEGACY_KEYS, flatten
 from clipjax.data.drops import BadDataError
 from clipjax.pretrained.layouts import ConversionError
+from clipjax.run_store.record import RestoreError
 from clipjax.schema import suggest
 from clipjax.trainer.hooks import StoppedEarly
 from clipjax.workdir_lock import WorkdirLockedError

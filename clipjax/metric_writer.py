@@ -16,6 +16,7 @@ import numpy as np
 
 from clipjax import paths
 from clipjax.metrics.plot import plot_spectrum_history
+from clipjax.run_store import layout
 from clipjax.wandb_writer import WandbWriter
 
 
@@ -128,14 +129,14 @@ class MetricWriter:
         self._pending_spectra: dict[str, np.ndarray] = {}
         if enabled:
             paths.makedirs(workdir)
-            self._jsonl = _Lines(paths.join(workdir, "metrics.jsonl"), keep_open=True)
+            self._jsonl = _Lines(paths.join(workdir, layout.METRICS), keep_open=True)
             # Written a few times a run: opened for each record.
-            self._spectra = _Lines(paths.join(workdir, "spectra.jsonl"), keep_open=False)
+            self._spectra = _Lines(paths.join(workdir, layout.SPECTRA), keep_open=False)
             from tensorboardX import SummaryWriter
 
             if self.remote:
                 self._tb_dir = tempfile.mkdtemp(prefix="clipjax-tensorboard-")
-            self._tb = SummaryWriter(self._tb_dir or paths.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(self._tb_dir or paths.join(workdir, layout.TENSORBOARD))
             if config is not None and config.logging.wandb:
                 self._wandb = WandbWriter(workdir, config)
 
@@ -173,7 +174,7 @@ class MetricWriter:
         self._jsonl.sync()
         self._spectra.sync()
         self._tb.flush()
-        paths.upload_tree(self._tb_dir, paths.join(self.workdir, "tensorboard"))
+        paths.upload_tree(self._tb_dir, paths.join(self.workdir, layout.TENSORBOARD))
         self._last_sync = time.monotonic()
 
     def write_spectra(self, step: int, spectra: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
@@ -195,10 +196,9 @@ class MetricWriter:
 
     def plot_spectra(self) -> str | None:
         """Write spectrum.png (log spectrum over training, effective rank against step)."""
-        if not self.enabled:
+        if not self.enabled or not (records := self._spectra.records()):
             return None
-        records = self._spectra.records()
-        return plot_spectrum_history(records, paths.join(self.workdir, "spectrum.png")) if records else None
+        return plot_spectrum_history(records, paths.join(self.workdir, layout.SPECTRUM_PLOT))
 
     def close(self, *, failed: bool = False) -> None:
         """`failed`: the run ends with an error, and W&B marks it so."""
@@ -217,7 +217,7 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    text = paths.read_text(paths.join(workdir, "metrics.jsonl"))
+    text = paths.read_text(paths.join(workdir, layout.METRICS))
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from clipjax import paths
+from clipjax.run_store import layout
 from clipjax.schema import ConfigError, Field, Section
 
 # `config.logging.*`.
@@ -37,7 +38,6 @@ SECTION = Section(
     doc="Weights & Biases logging (docs/metrics.md)",
 )
 
-RUN_ID_FILE = "wandb_run_id"
 MISSING_PACKAGE = "logging.wandb=True needs the wandb package: pip install wandb"
 
 
@@ -53,7 +53,7 @@ def check_config(logging_config) -> None:
 
 def run_id(workdir: str) -> str:
     """The W&B run id of this workdir, created on first use."""
-    path = paths.join(workdir, RUN_ID_FILE)
+    path = paths.join(workdir, layout.WANDB_RUN_ID)
     if paths.exists(path):
         stored = paths.read_text(path).strip()
         if stored:

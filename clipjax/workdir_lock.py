@@ -23,6 +23,7 @@ import threading
 import time
 
 from clipjax import paths
+from clipjax.run_store import layout
 
 
 class WorkdirLockedError(RuntimeError):
@@ -41,7 +42,7 @@ def _alive(pid: int) -> bool:
 
 class WorkdirLock:
     def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_after_s: float = 600.0):
-        self.path = paths.join(workdir, "LOCK")
+        self.path = paths.join(workdir, layout.LOCK)
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         self._stop = threading.Event()

@@ -1,5 +1,5 @@
 """The layout holds: the library never imports an entry point, no two modules import each other,
-and docs/configs.md lists exactly the schema's fields."""
+only the run store names the workdir's files, and docs/configs.md lists exactly the schema's fields."""
 
 import ast
 import pathlib
@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 from clipjax import config as config_lib
+from clipjax.run_store import layout
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "clipjax"
@@ -73,6 +74,45 @@ def test_api_needs_nothing_from_the_trainer():
             seen.add(module)
             todo.extend(GRAPH[module])
     assert not {m for m in seen if m.startswith("clipjax.trainer")} | (seen & ENTRY_POINTS)
+
+
+def test_run_store_imports_neither_the_trainer_nor_the_api():
+    for name in (m for m in MODULES if m.startswith("clipjax.run_store")):
+        upward = {m for m in GRAPH[name] if m.startswith(("clipjax.trainer", "clipjax.api", "clipjax.cli"))}
+        assert not upward | (GRAPH[name] & ENTRY_POINTS), f"{name} imports {sorted(upward)}"
+
+
+LAYOUT_NAMES = {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)}
+# Names the workdir shares with another layout: a Hugging Face model folder has a config.json.
+OTHER_LAYOUTS = {("clipjax.pretrained.layouts", layout.CONFIG)}
+
+
+def _layout_names_spelled_out(path: pathlib.Path) -> set[str]:
+    """The workdir's file names a module spells as string literals (`"config.json"`, or a path
+    ending in one) rather than taking them from `clipjax.run_store.layout`. Dict keys are config
+    fields (the `profile` section), not paths."""
+    tree = ast.parse(path.read_text(), str(path))
+    keys = {id(k) for node in ast.walk(tree) if isinstance(node, ast.Dict) for k in node.keys}
+    return {
+        name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in keys
+        for name in LAYOUT_NAMES
+        if node.value == name or node.value.endswith("/" + name)
+    }
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if not m.startswith("clipjax.run_store")))
+def test_only_the_run_store_names_the_workdirs_files(name):
+    spelled = {n for n in _layout_names_spelled_out(MODULES[name]) if (name, n) not in OTHER_LAYOUTS}
+    assert not spelled, f"{name} spells out {sorted(spelled)}: take them from clipjax.run_store.layout"
+
+
+def test_the_layout_scan_sees_a_spelled_out_name(tmp_path):
+    # Guards the test above: a module that joins "metrics.jsonl" itself is caught.
+    module = tmp_path / "m.py"
+    module.write_text('from clipjax import paths\nP = paths.join(w, "metrics.jsonl")\nQ = f"{w}/LOCK"\n')
+    assert _layout_names_spelled_out(module) == {layout.METRICS, layout.LOCK}
 
 
 def test_every_package_says_its_job():

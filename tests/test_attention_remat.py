@@ -114,7 +114,7 @@ def test_cudnn_attention_is_refused_off_gpu_in_one_line():
 def test_a_run_stored_before_attention_and_remat_names_resumes():
     """An old run's config.json has `remat: true` and no `attention`: resuming it is no change."""
     from clipjax.config import default_config
-    from clipjax.resume import ResumeError, check_resume
+    from clipjax.run_store.resume import ResumeError, check_resume
 
     stored = default_config().to_dict()
     stored["model"]["remat"] = True

@@ -398,7 +398,8 @@ def test_image_statistics_flow_from_the_config_to_the_model_input(monkeypatch):
 
 
 def test_siglip_config_and_checkpoint_meta_carry_the_statistics():
-    from clipjax.resume import ResumeError, check_resume, checkpoint_meta
+    from clipjax.run_store.record import checkpoint_meta
+    from clipjax.run_store.resume import ResumeError, check_resume
     from tests.test_train import load_config
 
     siglip = load_config("siglip_vit_b16.py", "")

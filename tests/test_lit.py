@@ -17,7 +17,7 @@ from clipjax.checkpoint import Checkpointer
 from clipjax.config import ConfigError, apply_overrides, validate
 from clipjax.models import model_factory, model_spec
 from clipjax.parallel import host_batch_to_global, make_mesh
-from clipjax.resume import ResumeError, check_resume
+from clipjax.run_store.resume import ResumeError, check_resume
 from clipjax.trainer.state import init_train_state
 from clipjax.trainer.step import make_grad_fn, make_train_step
 from tests.helpers import source_and_tokenizer

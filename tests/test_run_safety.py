@@ -20,7 +20,7 @@ from clipjax.api import RestoreError, evaluate_workdir
 from clipjax.checkpoint import Checkpointer, CheckpointWriteError
 from clipjax.config import ConfigError, default_config, validate
 from clipjax.data.pipeline import IndexChunks
-from clipjax.resume import ResumeError
+from clipjax.run_store.resume import ResumeError
 from clipjax.workdir_lock import WorkdirLock, WorkdirLockedError
 from tests.test_train import ROOT, tiny_demo
 

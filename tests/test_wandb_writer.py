@@ -14,8 +14,9 @@ import pytest
 from clipjax import trainer as train_lib
 from clipjax.config import ConfigError, apply_overrides, default_config, validate
 from clipjax.metric_writer import MetricWriter, read_metrics
-from clipjax.resume import check_resume
-from clipjax.wandb_writer import MISSING_PACKAGE, RUN_ID_FILE
+from clipjax.run_store.layout import WANDB_RUN_ID
+from clipjax.run_store.resume import check_resume
+from clipjax.wandb_writer import MISSING_PACKAGE
 from tests.test_train import tiny_demo
 
 wandb = pytest.importorskip("wandb")
@@ -137,7 +138,7 @@ def resumed_run(tmp_path_factory, request):
     workdir = tmp_path_factory.mktemp("wandb_run") / "tiny-demo"
     config = tiny_demo(data_dir, **{"evals.at_end": False, "logging.wandb": True})
     train_lib.train(config, str(workdir), stop_at=2, **QUIET)
-    first_id = (workdir / RUN_ID_FILE).read_text().strip()
+    first_id = (workdir / WANDB_RUN_ID).read_text().strip()
     train_lib.train(config, str(workdir), **QUIET)
     return workdir, first_id
 
@@ -173,7 +174,7 @@ def test_wandb_run_carries_config_name_and_project(resumed_run):
 
 def test_resumed_run_continues_the_same_wandb_run(resumed_run):
     workdir, first_id = resumed_run
-    assert (workdir / RUN_ID_FILE).read_text().strip() == first_id
+    assert (workdir / WANDB_RUN_ID).read_text().strip() == first_id
     first, second = (read_run(d) for d in run_dirs(workdir))
     assert first["run"].run_id == second["run"].run_id == first_id
     assert first["exit_code"] == second["exit_code"] == 0
@@ -225,7 +226,7 @@ def test_only_the_lead_process_writes_to_wandb(tmp_path):
     writer = MetricWriter(str(tmp_path), enabled=False, config=_config())
     writer.write(1, {"loss": 1.0})
     writer.close()
-    assert not (tmp_path / "wandb").exists() and not (tmp_path / RUN_ID_FILE).exists()
+    assert not (tmp_path / "wandb").exists() and not (tmp_path / WANDB_RUN_ID).exists()
 
 
 def test_without_wandb_nothing_is_sent(tmp_path):

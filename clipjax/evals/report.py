@@ -29,6 +29,7 @@ import json
 from clipjax import paths
 from clipjax.metric_writer import to_jsonable
 from clipjax.metrics.plot import plot_spectrum_history
+from clipjax.run_store import layout
 
 
 def write_report(report: dict, path: str) -> None:
@@ -163,9 +164,9 @@ def write_markdown(report: dict, out: str, workdir: str) -> str:
         for key in sorted(k for k, v in embedding.items() if not isinstance(v, list)):
             lines.append(f"| {key} | {embedding[key]:.4g} |")
         probe = {"step": report["step"], **embedding}
-        plot_spectrum_history([probe], paths.join(out, "probe_spectrum.png"))
-        lines += ["", "![probe-set spectrum](probe_spectrum.png)", ""]
-        spectrum = paths.join(workdir, "spectrum.png")
+        plot_spectrum_history([probe], paths.join(out, layout.PROBE_SPECTRUM_PLOT))
+        lines += ["", f"![probe-set spectrum]({layout.PROBE_SPECTRUM_PLOT})", ""]
+        spectrum = paths.join(workdir, layout.SPECTRUM_PLOT)
         if paths.exists(spectrum):
             lines += [
                 "Spectrum over training:",
@@ -179,7 +180,7 @@ def write_markdown(report: dict, out: str, workdir: str) -> str:
             f"- `evals.{name}`: {reason}" for name, reason in skipped.items()
         ]
         lines.append("")
-    path = paths.join(out, "report.md")
+    path = paths.join(out, layout.REPORT_MARKDOWN)
     paths.write_atomic(path, "\n".join(lines))
     return path
 

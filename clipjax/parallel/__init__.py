@@ -6,6 +6,7 @@ from clipjax.parallel.mesh import (  # noqa: F401
     batch_axes,
     batch_parallelism,
     batch_sharding,
+    eval_mesh,
     host_batch_to_global,
     make_mesh,
     param_shardings,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 from typing import Any, Sequence
 
 import jax
@@ -42,6 +43,11 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     axes = tuple(mesh_config.axes)
     shape = resolve_mesh_shape(axes, mesh_config.shape, len(devices))
     return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+
+
+def eval_mesh(devices=None) -> Mesh:
+    """Pure data parallelism over the devices at hand, whatever mesh trained the model."""
+    return make_mesh(types.SimpleNamespace(axes=("data", "fsdp", "model"), shape=(-1, 1, 1)), devices)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

@@ -225,11 +225,10 @@ def compile_train_steps(
 
 def compile_embed_steps(config, devices, *, vocab_size: int) -> dict[str, CompiledStep]:
     """The evaluation encoders (image and text) at `evals.batch_size`, on the evaluation mesh:
-    data parallelism over all the chips, parameters replicated (`clipjax.api.eval_mesh`)."""
-    from clipjax.api import eval_mesh
+    data parallelism over all the chips, parameters replicated (`clipjax.parallel.eval_mesh`)."""
     from clipjax.evals.encoders import jitted_encoders
     from clipjax.models import model_factory
-    from clipjax.parallel import param_shardings
+    from clipjax.parallel import eval_mesh, param_shardings
 
     mesh = eval_mesh(devices)
     abstract_model = nnx.eval_shape(model_factory(config, vocab_size=vocab_size))

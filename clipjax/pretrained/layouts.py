@@ -843,9 +843,11 @@ def to_open_clip(
 
 IMPORTERS = {"open_clip": from_open_clip, "hf_clip": from_hf_clip, "hf_siglip": from_hf_siglip}
 EXPORTERS = {"hf_clip": to_hf_clip, "hf_siglip": to_hf_siglip, "open_clip": to_open_clip}
+# A Hugging Face model folder's config (a name a clipjax workdir uses too, for its own config).
+HF_CONFIG = "config.json"
 # The files each export writes: (weights, config).
 EXPORT_FILES = {
-    "hf_clip": ("model.safetensors", "config.json"),
-    "hf_siglip": ("model.safetensors", "config.json"),
+    "hf_clip": ("model.safetensors", HF_CONFIG),
+    "hf_siglip": ("model.safetensors", HF_CONFIG),
     "open_clip": ("open_clip_model.safetensors", "open_clip_config.json"),
 }

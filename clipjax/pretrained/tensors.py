@@ -18,7 +18,7 @@ import numpy as np
 
 from clipjax import paths
 from clipjax.checkpoint import one_line
-from clipjax.pretrained.layouts import ConversionError
+from clipjax.pretrained.layouts import HF_CONFIG, ConversionError
 
 
 @contextlib.contextmanager
@@ -190,7 +190,7 @@ def open_clip_files(checkpoint: str) -> tuple[str, dict | None]:
 def read_hf_directory(directory: str) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors, config.json) of a Hugging Face model folder (model.safetensors, else
     pytorch_model.bin; sharded safetensors through their index)."""
-    config_path = paths.join(directory, "config.json")
+    config_path = paths.join(directory, HF_CONFIG)
     if not paths.exists(config_path):
         raise FileNotFoundError(f"--checkpoint {directory!r}: no config.json (a Hugging Face model folder)")
     with _reading(config_path):

@@ -12,13 +12,12 @@ import numpy as np
 from flax import nnx
 
 from clipjax import paths
-from clipjax.checkpoint import Checkpointer
-from clipjax.config import apply_overrides, config_json, default_config
+from clipjax.config import apply_overrides, default_config
 from clipjax.data.tokenizers import make_tokenizer
 from clipjax.models import model_factory, model_spec
 from clipjax.pretrained import layouts, preprocessing, tensors
 from clipjax.pretrained.layouts import ConversionError
-from clipjax.resume import checkpoint_meta
+from clipjax.run_store import record
 
 # A converted model evaluates on benchmarks, not on the embedded demo data: the evaluators of the
 # training data's held-out split start switched off (`--config.evals.<name>.enabled=True`).
@@ -176,16 +175,9 @@ def write_workdir(out: str, config: ml_collections.ConfigDict, params: dict, *, 
         raise ConversionError(
             f"the tokenizer has {tokenizer.vocab_size} tokens, the checkpoint's embedding table {vocab_size}"
         )
-    if paths.exists(paths.join(out, "config.json")):
+    if record.holds_config(out):
         raise FileExistsError(f"--out {out!r} holds a clipjax workdir already; convert into a new folder")
-    checkpointer = Checkpointer(out)
-    try:
-        meta = checkpoint_meta(config, tokenizer, examples_seen=0, data_offset=0)
-        checkpointer.save(0, {"params": params}, meta=meta)
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
-    paths.write_atomic(paths.join(out, "config.json"), config_json(config))
+    record.write_run(out, config, params, tokenizer)
 
 
 def export(fmt: str, config, params: dict, tokenizer, out: str) -> dict:

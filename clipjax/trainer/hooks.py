@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 
 from clipjax import paths
 from clipjax.evals.report import flatten_report, summary_lines
+from clipjax.run_store import layout
 from clipjax.trainer.loop import StepInfo
 
 
@@ -213,7 +214,7 @@ class ProfileHook:
     profile plugin and Perfetto open it). Runs every step; only the two edges do anything."""
 
     def __init__(self, workdir: str, *, start: int, steps: int, log: Callable[[str], None]):
-        self.directory = paths.join(workdir, "profile")
+        self.directory = paths.join(workdir, layout.PROFILE)
         self.start, self.stop, self.log = start, start + steps - 1, log
         self.active = False
         # The profiler writes local files only: a bucket workdir gets them copied up at the end.

@@ -1,10 +1,10 @@
 """`train(config, workdir)`: build everything from the config, run the loop, evaluate.
 
 Before anything is built, the workdir is locked (one trainer per workdir) and, when it already
-holds checkpoints, the config is checked against the run they belong to (`clipjax.resume`). A
-resumed run takes its tokenizer from the checkpoint, never from the data. Whatever goes wrong
-in the loop, the save in progress is finished (or fails with its reason) and the lock is
-released before the error propagates.
+holds checkpoints, the config is checked against the run they belong to; the run store
+(`clipjax.run_store.start`) decides where the state starts: the run's checkpoint, `init_from`, or
+fresh. Whatever goes wrong in the loop, the save in progress is finished (or fails with its
+reason) and the lock is released before the error propagates.
 """
 
 from __future__ import annotations
@@ -14,26 +14,19 @@ import time
 from typing import Callable
 
 import jax
-from jax.experimental import multihost_utils
 
 from clipjax import flops, optim, paths
-from clipjax.api import (
-    RestoreError,
-    check_params_compatible,
-    read_run,
-    restore_params,
-    run_record,
-    run_tokenizer,
-)
-from clipjax.checkpoint import Checkpointer, abstract_with_shardings
-from clipjax.config import config_json, total_steps, validate
+from clipjax.checkpoint import Checkpointer
+from clipjax.config import total_steps, validate
 from clipjax.data.sources import make_source
 from clipjax.evals.report import summary_lines, write_report
 from clipjax.evals.runner import EvalRunner
 from clipjax.metric_writer import MetricWriter, Progress
 from clipjax.metrics import ALARM_FIELDS, CollapseAlarm
 from clipjax.parallel import host_batch_to_global, make_mesh
-from clipjax.resume import ResumeError, check_resume, checkpoint_meta, resolve_paths
+from clipjax.run_store import layout
+from clipjax.run_store.record import checkpoint_meta, resolve_paths, write_config
+from clipjax.run_store.start import open_run
 from clipjax.trainer import hooks
 from clipjax.trainer.loop import Trainer
 from clipjax.trainer.state import init_train_state
@@ -53,23 +46,6 @@ def _global_batches(iterator, mesh):
     while True:
         batch = next(iterator)
         yield host_batch_to_global({k: batch[k] for k in STEP_INPUTS if k in batch}, mesh)
-
-
-def _refuse_other_shapes(checkpointer: Checkpointer, params) -> None:
-    """A model change allowed by `resume.allow_changes` that changes parameter shapes is refused
-    here, before restoring: such checkpoints are not damaged and must not be set aside."""
-    for step in reversed(checkpointer.all_steps()):
-        try:
-            saved = checkpointer.params_metadata(step)
-        except Exception:  # noqa: BLE001 - unreadable: judged (and set aside) by the restore
-            continue
-        try:
-            check_params_compatible(saved, params, step)
-        except RestoreError as e:
-            raise ResumeError(
-                f"{e}; use a new --workdir (or --config.init_from for a compatible model)"
-            ) from None
-        return
 
 
 def train(config, workdir: str, *, stop_at: int | None = None, log: Callable[[str], None] = print) -> dict:
@@ -94,72 +70,21 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     t_start = time.perf_counter()
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     cleanup.callback(checkpointer.close)
-    stored_config, meta = run_record(checkpointer, log=log)
-    run_count = None  # the count a resumed run took from its data
-    if stored_config is not None and not config.data.num_train:
-        run_count = config.data.num_train = int(stored_config.get("data", {}).get("num_train") or 0)
-    if stored_config is not None:
-        changes = check_resume(stored_config, config, workdir, saved_step=checkpointer.latest_step())
-        for key, (old, new) in changes.items():
-            log(f"resuming with {key} changed: {old!r} -> {new!r}")
-    elif config.init_from and paths.resolve(config.init_from) == paths.resolve(workdir):
-        raise ResumeError(f"init_from: {config.init_from!r} is this workdir; a run cannot start from itself")
-
+    run = open_run(config, workdir, checkpointer, log=log)  # a refused config stops here
     mesh = make_mesh(config.mesh)
     source = make_source(config.data)
     source.prepare()
     # Before anything is sized by it (steps of `epochs`, the loss state) or compiled.
-    config.data.num_train = source.settle_num_train(run_count)
-    towers = tuple(config.init_from_towers)
-    if meta is None and stored_config is None and config.init_from and (not towers or "text_tower" in towers):
-        # A run started from weights keeps their token ids (unless its text tower starts afresh).
-        meta = read_run(config.init_from, log=log)[1]
-    tokenizer = run_tokenizer(meta, source)
+    config.data.num_train = source.settle_num_train(run.num_train)
+    tokenizer = run.tokenizer(config, source, log=log)
     total = total_steps(config)
     initial = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
-    graphdef, state, shardings = initial.graphdef, initial.state, initial.shardings
-
-    # The data stream's offset, and the examples seen at `step` (for the checkpoints' meta).
-    step, data_state, data_offset, examples = 0, None, 0, 0
-    if stored_config is not None:
-        _refuse_other_shapes(checkpointer, state["params"])
-        restored, damaged = checkpointer.restore_latest(abstract_with_shardings(state, shardings), log=log)
-        for bad in damaged:
-            # Set aside, not deleted: the step can be saved again, and nothing is lost. One
-            # process moves it; the others wait and see the folder without it.
-            if lead:
-                log(f"WARNING: moved the unreadable checkpoint {bad} to {checkpointer.set_aside(bad)}")
-        if damaged and jax.process_count() > 1:
-            multihost_utils.sync_global_devices("clipjax: damaged checkpoints set aside")
-            checkpointer.manager.reload()
-        if restored is None:
-            raise ResumeError(
-                f"no checkpoint in {checkpointer.directory} can be restored; see the warnings above"
-            )
-        step, state, data_state = restored
-        meta = checkpointer.meta(step) or meta
-        old_batch = int(stored_config["data"]["batch_size"])
-        examples = int(meta["examples_seen"]) if meta else step * old_batch
-        data_offset = int(meta["data_offset"]) if meta else 0
-        if old_batch != config.data.batch_size:
-            # Same stream of examples, read on from where the old batch size left it.
-            data_offset, data_state = examples, None
-            log(
-                f"global batch {old_batch} -> {config.data.batch_size}: the data continues at example {examples}"
-            )
-        log(f"resumed from {checkpointer.directory} at step {step}")
-    elif config.init_from:
-        _, params, init_step = restore_params(config.init_from, config, tokenizer, mesh, parts=towers)
-        if towers:  # those parts from the old run, the rest as initialised above
-            params = jax.device_put(params, {p: shardings["params"][p] for p in params})
-            state["params"] = {**state["params"], **params}
-            names = ", ".join(dict.fromkeys(towers))
-            log(f"initialised {names} from the weights of {config.init_from} at step {init_step}")
-        else:
-            state["params"] = jax.device_put(params, shardings["params"])
-            log(f"initialised from the weights of {config.init_from} at step {init_step}")
+    graphdef, shardings = initial.graphdef, initial.shardings
+    step, state, data_state, data_offset, examples = run.initial_state(
+        config, initial.state, shardings, mesh, tokenizer, log=log
+    )
     if lead:  # only now: a refused or failed start leaves the previous run's config.json as it was
-        paths.write_atomic(paths.join(workdir, "config.json"), config_json(config))
+        write_config(workdir, config)
     iterator = source.train_iterator(
         tokenizer,
         seed=config.seed,
@@ -291,7 +216,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
             "eval_s": time.perf_counter() - t_trained,
         }
         if lead:
-            write_report(report, paths.join(workdir, "report.json"))
+            write_report(report, paths.join(workdir, layout.REPORT))
             for line in summary_lines(report):
                 log(line)
     if stop_reason and "non-finite" in stop_reason:

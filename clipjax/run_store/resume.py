@@ -15,16 +15,10 @@ number of examples seen: the data order is the same endless stream, read from th
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 from typing import Any
 
-import ml_collections
-
-from clipjax.config import ConfigError, config_json, default_config, flatten, total_steps
-from clipjax.data.tokenizers import tokenizer_to_json
-from clipjax.pretrained.preprocessing import describe as image_resize_description
+from clipjax.config import ConfigError, default_config, flatten, total_steps
 
 # Keys (or prefixes ending in '.') whose change leaves what is trained unchanged.
 RUN_CONTROL = (
@@ -62,15 +56,6 @@ RUN_CONTROL = (
 # moments only for the parameters that train, so another `optim.frozen` would not restore. (The
 # learning-rate multipliers leave that state as it is: `optim.lr_multipliers` may be allowed.)
 FIXED = ("optim.frozen",)
-# Fields holding paths, stored absolute so the run can be used from any directory.
-PATH_KEYS = (
-    "data.data_dir",
-    "data.source",
-    "data.eval_source",
-    "data.tokenizer.model_file",
-    "data.tokenizer.vocab_file",
-    "data.tokenizer.tokenizer_file",
-)
 
 
 class ResumeError(ConfigError):
@@ -147,36 +132,3 @@ def _check_length(config, saved_step: int | None, workdir: str) -> None:
         f"give --config.steps={saved_step} or more, or use a new --workdir with "
         f"--config.init_from={workdir}"
     )
-
-
-def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy with every relative path field made absolute (against this directory)."""
-    config = copy.deepcopy(config)
-    for key in PATH_KEYS:
-        *parents, leaf = key.split(".")
-        section = config
-        for p in parents:
-            section = section[p]
-        value = section[leaf]
-        if value and "://" not in value:
-            section[leaf] = os.path.abspath(os.path.expanduser(value))
-    return config
-
-
-def checkpoint_meta(config, tokenizer, *, examples_seen: int, data_offset: int) -> dict:
-    """The `meta` item of a checkpoint: enough to use it without the training data."""
-    return {
-        "format_version": 2,
-        "config": json.loads(config_json(config, indent=None)),
-        "tokenizer": tokenizer_to_json(tokenizer),
-        "preprocessing": {
-            "image_size": int(config.data.image_size),
-            "resize": image_resize_description(config.model.get("image_resize", "crop")),
-            "input": "RGB uint8 in [0, 255] (or float in [0, 1])",
-            # What the model does to its input, (x - mean) / std; config.model holds the same.
-            "mean": [float(v) for v in config.model.image_mean],
-            "std": [float(v) for v in config.model.image_std],
-        },
-        "examples_seen": int(examples_seen),
-        "data_offset": int(data_offset),
-    }
