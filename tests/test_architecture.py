@@ -115,6 +115,88 @@ def test_the_layout_scan_sees_a_spelled_out_name(tmp_path):
     assert _layout_names_spelled_out(module) == {layout.METRICS, layout.LOCK}
 
 
+# The floors of shared/ARCHITECTURE.md, lowest first: a module imports only from its own floor or
+# below. Within a floor, modules are peers (the components use each other's pieces: a pretrained
+# layout reads the model spec, the metric writer plots metrics), except where a rule below says not.
+FLOORS = [
+    # vocabulary any layer may read
+    ("schema", "paths", "console", "captions", "prompts", "run_store.layout"),
+    ("parallel",),
+    # components
+    ("models", "losses", "metrics", "data", "optim", "flops", "checkpoint", "workdir_lock")
+    + (
+        "wandb_writer",
+        "metric_writer",
+        "pretrained.layouts",
+        "pretrained.preprocessing",
+        "pretrained.tensors",
+    ),
+    ("evals",),
+    ("config",),  # the schema assembled from the sections the floors below declare
+    ("run_store",),
+    ("trainer", "api", "evals.workdir", "pretrained.workdir"),
+    ("cli", "planning", "clipjax"),
+    ("train", "evaluate", "plan", "convert", "data.convert"),
+]
+
+
+def floor_of(module: str) -> int:
+    """The floor of the longest prefix that names `module` (`clipjax` alone is the package's face)."""
+    short = module.removeprefix("clipjax.") if module != "clipjax" else "clipjax"
+    best, floor = -1, None
+    for level, prefixes in enumerate(FLOORS):
+        for prefix in prefixes:
+            if (short == prefix or short.startswith(prefix + ".")) and len(prefix) > best:
+                best, floor = len(prefix), level
+    assert floor is not None, f"{module} is on no floor of FLOORS: place it"
+    return floor
+
+
+def upward_imports(graph) -> list[str]:
+    return sorted(
+        f"{a} (floor {floor_of(a)}) imports {b} (floor {floor_of(b)})"
+        for a, deps in graph.items()
+        for b in deps
+        if floor_of(b) > floor_of(a)
+    )
+
+
+def test_no_import_runs_back_up_a_floor():
+    assert not upward_imports(GRAPH), "\n".join(upward_imports(GRAPH))
+
+
+def test_the_floor_check_sees_data_importing_an_evaluator():
+    # Guards the test above with the edge it was written for (a source reading evals' prompts).
+    graph = dict(GRAPH, **{"clipjax.data.sources.classes": {"clipjax.evals.zero_shot"}})
+    assert upward_imports(graph) == [
+        "clipjax.data.sources.classes (floor 2) imports clipjax.evals.zero_shot (floor 3)"
+    ]
+
+
+def test_the_trainer_does_not_import_the_api():
+    # The face and the wiring are peers over the run store: neither reaches into the other.
+    assert not {d for n, deps in GRAPH.items() if n.startswith("clipjax.trainer") for d in deps} & {
+        "clipjax.api",
+        "clipjax",
+    }
+
+
+def _source_internals(module: str) -> bool:
+    """A module inside one source (clipjax.data.sources.<name>...), not the registry package."""
+    return module.startswith("clipjax.data.sources.") and module != "clipjax.data.sources.base"
+
+
+def test_evaluators_read_no_sources_internals_and_the_data_core_no_source():
+    for name, deps in GRAPH.items():
+        if name.startswith("clipjax.evals"):
+            assert not {d for d in deps if _source_internals(d)}, f"{name} reads a source's internals"
+        core = name.startswith("clipjax.data.") and not name.startswith(
+            ("clipjax.data.sources", "clipjax.data.prepare", "clipjax.data.convert")
+        )
+        if core:
+            assert not {d for d in deps if d.startswith("clipjax.data.sources")}, f"{name} imports a source"
+
+
 def test_every_package_says_its_job():
     for path in PACKAGE.rglob("__init__.py"):
         doc = ast.get_docstring(ast.parse(path.read_text()))

@@ -1,7 +1,10 @@
-"""A data source and an evaluator added from outside clipjax: registered, then trained with."""
+"""A data source, an evaluator and an objective added from outside clipjax: each one class or
+function plus one registry line, then trained with together."""
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,6 +14,7 @@ from clipjax.config import ConfigError, apply_overrides, validate
 from clipjax.data.decode import BATCH_KEYS
 from clipjax.data.sources import SOURCES, DataSource, register_source
 from clipjax.evals import EVALUATORS, Evaluator, register_evaluator
+from clipjax.losses import OBJECTIVES, register_objective
 from clipjax.schema import Field
 from tests.test_train import load_config
 
@@ -106,16 +110,28 @@ class PairedCosine(Evaluator):
         return {"toy": {"paired_cosine": float(np.mean(np.sum(image * text, axis=1))), "pairs": n}}
 
 
+TRACED_OBJECTIVES = []
+
+
+def image_to_text_infonce(c):
+    """InfoNCE in one direction only (images pick their caption), in plain jnp over the batch."""
+    TRACED_OBJECTIVES.append(c.a.shape)
+    logits = jnp.exp(c.logit_scale) * c.a @ c.b.T
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits))
+
+
 @pytest.fixture
 def plugins():
     register_source(ToyColorSource)
     register_evaluator(PairedCosine)
+    register_objective("toy_image_to_text", image_to_text_infonce)
     try:
         yield
     finally:
         # Other tests in this process must see the built-in registries only.
         SOURCES.pop(ToyColorSource.name)
         EVALUATORS.pop(PairedCosine.kind)
+        OBJECTIVES.pop("toy_image_to_text")
 
 
 def test_toy_source_and_evaluator_train_the_tiny_demo(plugins, tfds_dir, tmp_path):
@@ -132,9 +148,15 @@ def test_toy_source_and_evaluator_train_the_tiny_demo(plugins, tfds_dir, tmp_pat
             "evals.toy.examples": 12,
             "evals.linear_probe.train_examples": 64,
             "evals.knn.train_examples": 64,
+            "loss.name": "toy_image_to_text",
         },
     )
+    TRACED_OBJECTIVES.clear()
     report = trainer.train(config, str(tmp_path / "run"))
+
+    # The toy objective was the loss of the step, over the global batch.
+    assert (config.data.batch_size, config.model.embed_dim) in TRACED_OBJECTIVES
+    assert json.load(open(tmp_path / "run" / "config.json"))["loss"]["name"] == "toy_image_to_text"
 
     # The toy evaluator ran next to the built-in ones, which used the toy source's data.
     assert report["toy"]["pairs"] == 12
