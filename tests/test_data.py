@@ -236,6 +236,26 @@ def test_prepare_is_idempotent_and_safe_concurrently(tmp_path):
     assert len(list(tmp_path.glob("shapes/*"))) == 2  # config dir + .config
 
 
+def test_a_builder_made_while_another_writer_finishes_is_not_returned_without_splits(tmp_path):
+    """CI once saw a concurrent caller get a builder whose splits were empty: it was made just
+    before the other writer moved the data into place, and asked `is_prepared` just after."""
+    import shutil
+
+    from clipjax.data import tfds_util
+
+    written = shapes_tfds.prepare_shapes(str(tmp_path / "written"), 8, 12, 4, 1)
+    target = tmp_path / "target"
+    early = shapes_tfds.shapes_builder(str(target), 8, 12, 4, 1)  # made before the data exists
+    shutil.copytree(os.path.dirname(os.path.dirname(written.data_dir)), target / "shapes")
+    made = iter([early])
+
+    def make_builder():
+        return next(made, None) or shapes_tfds.shapes_builder(str(target), 8, 12, 4, 1)
+
+    builder = tfds_util.prepare_once(make_builder, str(target))
+    assert len(builder.as_data_source("train")) == 12
+
+
 def _write_folder(root):
     """Six good image-caption pairs and three bad ones."""
     root.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,9 @@ def _prepare_once(make_builder, data_dir: str) -> tfds.core.DatasetBuilder:
     # Several JAX processes all go to `run_once`'s barrier, even where the data is there: a host
     # that skipped it would leave the others waiting.
     if builder.is_prepared() and locking.job_processes()[1] == 1:
-        return builder
+        # A builder made while another writer was still moving the data into place reads no
+        # split metadata, though the folder is complete by the time it is asked.
+        return builder if builder.info.splits else make_builder()
     locking.ensure_writable_dir(data_dir, "data_dir")
 
     def prepare():
