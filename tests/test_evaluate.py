@@ -10,24 +10,18 @@ import numpy as np
 import pytest
 
 import clipjax
-from clipjax import trainer as train_lib
 from clipjax.api import RestoreError
 from clipjax.evals.retrieval import retrieval_metrics
 from clipjax.api import evaluate_workdir as evaluate
 from clipjax.config import apply_overrides
 from clipjax.data.sources import make_source
-from tests.test_train import ROOT, tiny_demo
+from tests.helpers import ROOT
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, request):
-    """A tiny demo trained on 8 devices with FSDP (4 data x 2 fsdp)."""
-    data_dir = request.getfixturevalue("tfds_dir")
-    workdir = tmp_path_factory.mktemp("run")
-    config = tiny_demo(data_dir)
-    config.mesh.shape = (4, 2, 1)
-    report = train_lib.train(config, str(workdir))
-    return workdir, report
+@pytest.fixture
+def trained(tiny_run):
+    """The shared tiny demo, trained on 8 devices with FSDP (4 data x 2 fsdp; tests/conftest.py)."""
+    return tiny_run.workdir, tiny_run.report
 
 
 def _numbers(report):

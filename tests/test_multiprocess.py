@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from clipjax.checkpoint import Checkpointer
-from tests.helpers import with_ctrl_c
-from tests.test_train import ROOT
+from tests.helpers import ROOT, with_ctrl_c
 
 STEPS = 20
 
