@@ -233,9 +233,12 @@ def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
     the result, do not depend on it)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     args = ("--config.steps=12", "--config.checkpoint_every=2")
-    subprocess.run(
-        _train_cli(tmp_path / "straight", tfds_dir, *args), cwd=ROOT, env=env, check=True, capture_output=True
+    # The same run uninterrupted, in this process (the same weights as from the command line:
+    # test_sigint_and_sigterm_save_the_current_step_and_exit_for_a_resume).
+    config = tiny_demo(
+        tfds_dir, **{"evals.at_end": False, "log_every": 1, "steps": 12, "checkpoint_every": 2}
     )
+    train_lib.train(config, str(tmp_path / "straight"), log=lambda _: None)
     rng = np.random.default_rng()
     for kill_at, extra in (
         (int(rng.integers(3, 7)), ()),
