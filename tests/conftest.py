@@ -75,4 +75,10 @@ def tiny_run(tmp_path_factory, tfds_dir):
     workdir = tmp_path_factory.mktemp("tiny_run") / "run"
     run = TrainedRun(workdir, {}, [], tfds_dir, {"mesh.shape": (4, 2, 1), "log_every": 1})
     report = trainer.train(run.config(**TINY_RUN_EXTRAS), str(workdir), log=run.lines.append)
-    return dataclasses.replace(run, report=report)
+    files = _files(workdir)
+    yield dataclasses.replace(run, report=report)
+    assert _files(workdir) == files, "a test changed the shared tiny run: copy it first (helpers.copy_run)"
+
+
+def _files(folder):
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}

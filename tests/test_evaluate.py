@@ -248,6 +248,8 @@ def test_logistic_probe_on_the_demo_features_matches_ridge_and_scikit_learn(trai
     assert logistic["top1"] >= ridge["top1"], (logistic, ridge)
 
     sklearn = pytest.importorskip("sklearn.linear_model")
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
     model = clipjax.load(str(workdir), devices=jax.devices()[:1])
     source = make_source(config.data)
     train = source.eval_arrays(model.tokenizer, split="train", max_examples=400)
@@ -258,6 +260,9 @@ def test_logistic_probe_on_the_demo_features_matches_ridge_and_scikit_learn(trai
     reference = sklearn.LogisticRegression(
         C=1.0 / (logistic["regularizer"] * len(x)), max_iter=10000, tol=1e-8
     )
-    reference.fit(x, train["label"])
+    # One BLAS thread: its ~500 iterations of small products took 8 s on 2 threads of an idle
+    # 2-core machine and over 100 s beside another test process, 1 s on one thread.
+    with threadpool_limits(1):
+        reference.fit(x, train["label"])
     sklearn_top1 = float(np.mean(reference.predict(xt) == test["label"]))
     assert abs(sklearn_top1 - logistic["top1"]) <= 0.01, (sklearn_top1, logistic)

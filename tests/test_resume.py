@@ -108,11 +108,11 @@ def _drops(record):
 @pytest.mark.parametrize("case", [shapes, own_csv, webdataset, tfds, simclr_sogclr], ids=lambda f: f.__name__)
 def test_a_resumed_run_ends_where_the_straight_run_ends(case, tmp_path, request, capfd):
     config, straight, check = case(tmp_path, request)
-    report = {}
+    report, console = {}, ""
     if straight is None:
         straight = tmp_path / "straight"
         report = train_lib.train(config.copy_and_resolve_references(), str(straight))
-    console = capfd.readouterr().err
+        console = capfd.readouterr().err
     # A new copy for each start: train() settles a config in place (data.num_train).
     resumed = lambda: apply_overrides(config.copy_and_resolve_references(), {"evals.at_end": False})  # noqa: E731
     train_lib.train(resumed(), str(tmp_path / "resumed"), stop_at=STOP_AT, log=lambda _: None)
@@ -135,7 +135,7 @@ def test_a_resumed_run_ends_where_the_straight_run_ends(case, tmp_path, request,
         assert _drops(record) == _drops(records_b[step]), step
     # The console's progress lines say what was dropped, as the metrics do.
     last = records_a[step_a]
-    if report and last["data_dropped"]:
+    if console and last["data_dropped"]:
         reasons = ", ".join(
             f"{k.split('/')[1]} {n}" for k, n in sorted(_drops(last).items()) if "/" in k and n
         )
