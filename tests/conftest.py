@@ -26,10 +26,59 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+import dataclasses  # noqa: E402
+
 import pytest  # noqa: E402
+
+from tests.helpers import tiny_demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory):
     """One data directory per test session, so tiny datasets are rendered once per worker."""
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    workdir: pathlib.Path
+    report: dict  # what train() returned: the end-of-run evaluation
+    lines: list  # what it logged
+    data_dir: str
+    overrides: dict
+
+    def config(self, **overrides):
+        """The run's config (a new copy), with dotted-key overrides."""
+        return tiny_demo(self.data_dir, **{**self.overrides, **overrides})
+
+
+# Run control only (clipjax/run_store/resume.py), not in `tiny_run.config()`: they change what the
+# run logs and writes, never its weights.
+TINY_RUN_EXTRAS = {
+    "evals.every": 2,
+    "evals.knn.every": 3,
+    "profile.start_step": 2,
+    "profile.steps": 2,
+    "peak_tflops": 1.0,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tfds_dir):
+    """The tiny demo trained once per test worker, for the tests that read a trained run (load,
+    evaluate, init_from) or continue one: 4 steps on 4 data x 2 fsdp devices, each step logged,
+    checkpoints at 2 and 4, the end-of-run report. Read it in place; copy it (helpers.copy_run) before anything
+    that writes to it. It also carries `TINY_RUN_EXTRAS`, each checked by its own test: an
+    evaluation at step 2 (kNN at 3), a profile of steps 2-3, and MFU against 1 TFLOP/s."""
+    from clipjax import trainer
+
+    workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+    run = TrainedRun(workdir, {}, [], tfds_dir, {"mesh.shape": (4, 2, 1), "log_every": 1})
+    report = trainer.train(run.config(**TINY_RUN_EXTRAS), str(workdir), log=run.lines.append)
+    files = _files(workdir)
+    yield dataclasses.replace(run, report=report)
+    assert _files(workdir) == files, "a test changed the shared tiny run: copy it first (helpers.copy_run)"
+
+
+def _files(folder):
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}

@@ -1,8 +1,53 @@
 """Small helpers shared by the tests."""
 
+import importlib.util
+import pathlib
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(name, arg="tiny"):
+    """`configs/NAME`'s get_config(arg), as `--config configs/NAME:arg` gives it."""
+    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_demo(data_dir, **overrides):
+    """configs/demo.py:tiny reading its data from `data_dir`, with dotted-key overrides."""
+    from clipjax.config import apply_overrides
+
+    c = load_config("demo.py")
+    c.data.data_dir = data_dir
+    return apply_overrides(c, overrides)
+
+
+def checkpoint_state(workdir, step=None):
+    """(step, the state {params, opt_state, ...} saved at `step`, the newest by default)."""
+    from clipjax.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(str(workdir))
+    step = checkpointer.latest_step() if step is None else step
+    state = checkpointer.manager.restore(step)["state"]
+    checkpointer.close()
+    return step, state
+
+
+def checkpoint_params(workdir, step=None):
+    """The parameters saved at `step` (the newest by default), as a list of numpy arrays."""
+    return [np.asarray(x) for x in jax.tree.leaves(checkpoint_state(workdir, step)[1]["params"])]
+
+
+def copy_run(workdir, dest):
+    """A copy of a trained workdir at `dest`, for a test that changes it (a shared run stays as trained)."""
+    shutil.copytree(workdir, dest, symlinks=True)
+    return pathlib.Path(dest)
 
 
 def paired_unit_embeddings(seed, n, d):

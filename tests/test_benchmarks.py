@@ -272,7 +272,7 @@ def test_an_evaluation_streams_with_memory_bounded_by_a_few_batches(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_train import ROOT
+    from tests.helpers import ROOT
 
     size, batch, count = 96, 50, 2000
     labels = (np.arange(count) % 10).tolist()

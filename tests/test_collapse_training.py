@@ -2,7 +2,7 @@
 
 import json
 
-from tests.test_train import load_config
+from tests.helpers import load_config
 
 
 def _run(tmp_path, data_dir, loss_name):

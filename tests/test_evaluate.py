@@ -10,24 +10,18 @@ import numpy as np
 import pytest
 
 import clipjax
-from clipjax import trainer as train_lib
 from clipjax.api import RestoreError
 from clipjax.evals.retrieval import retrieval_metrics
 from clipjax.api import evaluate_workdir as evaluate
 from clipjax.config import apply_overrides
 from clipjax.data.sources import make_source
-from tests.test_train import ROOT, tiny_demo
+from tests.helpers import ROOT
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, request):
-    """A tiny demo trained on 8 devices with FSDP (4 data x 2 fsdp)."""
-    data_dir = request.getfixturevalue("tfds_dir")
-    workdir = tmp_path_factory.mktemp("run")
-    config = tiny_demo(data_dir)
-    config.mesh.shape = (4, 2, 1)
-    report = train_lib.train(config, str(workdir))
-    return workdir, report
+@pytest.fixture
+def trained(tiny_run):
+    """The shared tiny demo, trained on 8 devices with FSDP (4 data x 2 fsdp; tests/conftest.py)."""
+    return tiny_run.workdir, tiny_run.report
 
 
 def _numbers(report):
@@ -254,6 +248,8 @@ def test_logistic_probe_on_the_demo_features_matches_ridge_and_scikit_learn(trai
     assert logistic["top1"] >= ridge["top1"], (logistic, ridge)
 
     sklearn = pytest.importorskip("sklearn.linear_model")
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
     model = clipjax.load(str(workdir), devices=jax.devices()[:1])
     source = make_source(config.data)
     train = source.eval_arrays(model.tokenizer, split="train", max_examples=400)
@@ -264,6 +260,9 @@ def test_logistic_probe_on_the_demo_features_matches_ridge_and_scikit_learn(trai
     reference = sklearn.LogisticRegression(
         C=1.0 / (logistic["regularizer"] * len(x)), max_iter=10000, tol=1e-8
     )
-    reference.fit(x, train["label"])
+    # One BLAS thread: its ~500 iterations of small products took 8 s on 2 threads of an idle
+    # 2-core machine and over 100 s beside another test process, 1 s on one thread.
+    with threadpool_limits(1):
+        reference.fit(x, train["label"])
     sklearn_top1 = float(np.mean(reference.predict(xt) == test["label"]))
     assert abs(sklearn_top1 - logistic["top1"]) <= 0.01, (sklearn_top1, logistic)

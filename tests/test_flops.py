@@ -18,7 +18,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from clipjax import flops
-from clipjax import trainer as train_lib
 from clipjax.config import apply_overrides
 from clipjax.losses import contrastive_loss
 from clipjax.models import IMAGE_TOWERS, model_factory, model_spec, resnet, text, vit
@@ -26,7 +25,7 @@ from clipjax.parallel import make_mesh
 from clipjax.trainer.hooks import LogHook
 from clipjax.trainer.loop import StepInfo
 from clipjax.trainer.step import make_grad_fn
-from tests.test_train import load_config, tiny_demo
+from tests.helpers import load_config
 
 # --------------------------------------------------------------- matmul FLOPs of a traced program
 
@@ -322,12 +321,12 @@ def test_log_hook_writes_flops_and_mfu(peak, monkeypatch):
         assert record["mfu"] == pytest.approx(2.5)
 
 
-def test_training_logs_tflops_and_mfu(tfds_dir, tmp_path):
-    config = tiny_demo(tfds_dir, **{"evals.at_end": False, "metrics.every": 0, "peak_tflops": 1.0})
-    train_lib.train(config, str(tmp_path))
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+def test_training_logs_tflops_and_mfu(tiny_run):
+    """The shared tiny run, trained with peak_tflops=1 (tests/conftest.py: TINY_RUN_EXTRAS)."""
+    config = tiny_run.config()
+    records = [json.loads(line) for line in open(tiny_run.workdir / "metrics.jsonl")]
     logged = [r for r in records if "tflops_per_device" in r]
-    assert [r["step"] for r in logged] == [2, 4]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]  # every logged step
     for r in logged:
         assert r["tflops_per_device"] > 0
         assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 1.0)

@@ -19,7 +19,7 @@ from clipjax.data.images import (
     random_resized_crop_box,
     square_rgb,
 )
-from tests.helpers import data_config
+from tests.helpers import data_config, load_config
 
 
 def _encode(im: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -400,7 +400,6 @@ def test_image_statistics_flow_from_the_config_to_the_model_input(monkeypatch):
 def test_siglip_config_and_checkpoint_meta_carry_the_statistics():
     from clipjax.run_store.record import checkpoint_meta
     from clipjax.run_store.resume import ResumeError, check_resume
-    from tests.test_train import load_config
 
     siglip = load_config("siglip_vit_b16.py", "")
     assert tuple(siglip.model.image_mean) == (0.5,) * 3 and tuple(siglip.model.image_std) == (0.5,) * 3

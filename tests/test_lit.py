@@ -20,9 +20,8 @@ from clipjax.parallel import host_batch_to_global, make_mesh
 from clipjax.run_store.resume import ResumeError, check_resume
 from clipjax.trainer.state import init_train_state
 from clipjax.trainer.step import make_grad_fn, make_train_step
-from tests.helpers import source_and_tokenizer
 from tests.test_flops import _sub_jaxprs, traced_matmul_flops
-from tests.test_train import load_config, tiny_demo
+from tests.helpers import load_config, source_and_tokenizer, tiny_demo
 
 QUIET = dict(log=lambda _: None)
 LIT = ("image_tower", "image_proj")
@@ -297,13 +296,10 @@ def test_which_changes_a_resume_allows():
 # ------------------------------------------------------------------------ init_from_towers
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, tfds_dir):
-    """A tiny demo run of 2 steps to start from."""
-    workdir = tmp_path_factory.mktemp("demo")
-    config = tiny_demo(tfds_dir, **{"evals.at_end": False, "steps": 2})
-    train_lib.train(config, str(workdir), **QUIET)
-    return str(workdir)
+@pytest.fixture
+def demo_run(tiny_run):
+    """The shared tiny demo run (tests/conftest.py), to start from."""
+    return str(tiny_run.workdir)
 
 
 def _final_params(workdir):

@@ -14,8 +14,7 @@ from clipjax.parallel import host_batch_to_global, make_mesh
 from clipjax.schema import Field
 from clipjax.trainer.state import init_train_state
 from clipjax.trainer.step import make_loss_fn
-from tests.helpers import source_and_tokenizer
-from tests.test_train import tiny_demo
+from tests.helpers import source_and_tokenizer, tiny_demo
 
 BUILT_IN = ("softmax", "sigmoid", "alignment", "multi_positive", "multi_positive_sigmoid", "fnc", "dcl")
 

@@ -10,11 +10,10 @@ import sys
 
 import pytest
 
-from clipjax import trainer as train_lib
 from tests.benchmark_data import write_captions_like
 from tests.test_classification_data import _SKIP_STATS, TinyClasses, _image, _png
 from tests.test_multiprocess import _env, _launch_two_processes
-from tests.test_train import ROOT, tiny_demo
+from tests.helpers import ROOT
 
 # clipjax.evaluate with a count of the rows each process hands its encoders, written at exit.
 COUNTING_EVALUATE = """
@@ -51,12 +50,9 @@ class DropClasses(TinyClasses):
             yield f"{split}{i}", {"image": image, "label": i % 3}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, request):
-    data_dir = request.getfixturevalue("tfds_dir")
-    workdir = tmp_path_factory.mktemp("run")
-    train_lib.train(tiny_demo(data_dir, **{"evals.at_end": False}), str(workdir), log=lambda _: None)
-    return workdir
+@pytest.fixture
+def checkpoint(tiny_run):
+    return tiny_run.workdir
 
 
 def test_two_processes_report_what_one_does_each_encoding_half(checkpoint, tmp_path):

@@ -31,7 +31,7 @@ from clipjax.data.sources import make_source
 from clipjax.evals.retrieval import retrieval_metrics
 from clipjax.metric_writer import MetricWriter, read_metrics
 from clipjax.workdir_lock import WorkdirLock, WorkdirLockedError
-from tests.test_train import ROOT, tiny_demo
+from tests.helpers import ROOT, tiny_demo
 
 pytest.importorskip("s3fs")
 pytest.importorskip("gcsfs")

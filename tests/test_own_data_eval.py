@@ -14,7 +14,7 @@ from clipjax.api import evaluate_workdir, load_run_config
 from clipjax.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
 from clipjax import prompts
 from clipjax.evals.zero_shot import unreadable_class_names
-from tests.test_train import tiny_demo
+from tests.helpers import tiny_demo
 
 CLASSES = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 

@@ -16,7 +16,7 @@ from clipjax.data.sources import SOURCES, DataSource, register_source
 from clipjax.evals import EVALUATORS, Evaluator, register_evaluator
 from clipjax.losses import OBJECTIVES, register_objective
 from clipjax.schema import Field
-from tests.test_train import load_config
+from tests.helpers import load_config
 
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20)}
 NAMES = list(COLORS)

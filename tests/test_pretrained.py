@@ -251,7 +251,7 @@ def test_import_cli_writes_a_workdir_that_loads_evaluates_and_exports(tmp_path):
     assert (tmp_path / "w" / "config.json").read_text() == before
     # Fine-tuned from, as configs/finetune_pretrained.py sets it up (here on the embedded data).
     from clipjax import trainer as train_lib
-    from tests.test_train import load_config
+    from tests.helpers import load_config
 
     config = load_config("finetune_pretrained.py", str(tmp_path / "w"))
     assert config.init_from == str(tmp_path / "w") and config.model.text.pool == "argmax"

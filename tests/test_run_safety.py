@@ -22,7 +22,7 @@ from clipjax.config import ConfigError, default_config, validate
 from clipjax.data.pipeline import IndexChunks
 from clipjax.run_store.resume import ResumeError
 from clipjax.workdir_lock import WorkdirLock, WorkdirLockedError
-from tests.test_train import ROOT, tiny_demo
+from tests.helpers import ROOT, copy_run, data_config, source_and_tokenizer, tiny_demo
 
 QUIET = dict(log=lambda _: None)
 
@@ -39,33 +39,18 @@ def _same(a, b):
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, request):
-    """A tiny demo run, 4 steps, checkpoints at 2 and 4."""
-    data_dir = request.getfixturevalue("tfds_dir")
-    workdir = tmp_path_factory.mktemp("run")
-    config = tiny_demo(data_dir, **{"evals.at_end": False})
-    train_lib.train(config, str(workdir), **QUIET)
-    return workdir, config
-
-
-def _copy(workdir, dest):
-    subprocess.run(["cp", "-a", str(workdir), str(dest)], check=True)
-    return dest
-
-
 # 1 ------------------------------------------------------------------------------------------
 
 
-def test_resume_with_another_model_is_refused_and_loses_nothing(run, tmp_path):
-    workdir = _copy(run[0], tmp_path / "w")
+def test_resume_with_another_model_is_refused_and_loses_nothing(tiny_run, tmp_path):
+    workdir = copy_run(tiny_run.workdir, tmp_path / "w")
     before = (
         sorted(os.listdir(workdir / "checkpoints")),
         (workdir / "config.json").read_text(),
         _params(workdir),
     )
     for key, value in (("model.embed_dim", 32), ("loss.name", "sigmoid")):
-        config = tiny_demo(run[1].data.data_dir, **{"evals.at_end": False, key: value})
+        config = tiny_run.config(**{"evals.at_end": False, key: value})
         if value == "sigmoid":
             config.model.logit_bias_init = -10.0
         with pytest.raises(ResumeError) as info:
@@ -75,7 +60,7 @@ def test_resume_with_another_model_is_refused_and_loses_nothing(run, tmp_path):
             "\n" not in message and key in message and "init_from" in message and "allow_changes" in message
         )
     # Allowing a change of shapes does not make the checkpoints "damaged": still refused, untouched.
-    config = tiny_demo(run[1].data.data_dir, **{"evals.at_end": False, "model.embed_dim": 32})
+    config = tiny_run.config(**{"evals.at_end": False, "model.embed_dim": 32})
     config.resume.allow_changes = "model.embed_dim"
     with pytest.raises(ResumeError, match="does not match the model config: .*shape"):
         train_lib.train(config, str(workdir), **QUIET)
@@ -88,9 +73,9 @@ def test_resume_with_another_model_is_refused_and_loses_nothing(run, tmp_path):
     assert before[:2] == after[:2] and _same(before[2], after[2])
 
 
-def test_allowed_change_resumes_and_init_from_starts_a_new_run(run, tmp_path):
-    workdir = _copy(run[0], tmp_path / "w")
-    config = tiny_demo(run[1].data.data_dir, **{"evals.at_end": False, "optim.lr": 1e-3})
+def test_allowed_change_resumes_and_init_from_starts_a_new_run(tiny_run, tmp_path):
+    workdir = copy_run(tiny_run.workdir, tmp_path / "w")
+    config = tiny_run.config(**{"evals.at_end": False, "optim.lr": 1e-3})
     config.steps = 6
     with pytest.raises(ResumeError, match=r"optim.lr: 0.002 -> 0.001.*steps: 4 -> 6"):
         train_lib.train(config, str(workdir), **QUIET)
@@ -100,13 +85,11 @@ def test_allowed_change_resumes_and_init_from_starts_a_new_run(run, tmp_path):
     assert any("resumed" in line and "step 4" in line for line in lines), lines
     assert Checkpointer(str(workdir)).latest_step() == 6
     # init_from: a new run (step 0, fresh optimizer) from those weights; with lr 0 they stay put.
-    fresh = tiny_demo(
-        run[1].data.data_dir, **{"evals.at_end": False, "optim.lr": 0.0, "init_from": str(workdir)}
-    )
+    fresh = tiny_run.config(**{"evals.at_end": False, "optim.lr": 0.0, "init_from": str(workdir)})
     fresh.steps = 2
     train_lib.train(fresh, str(tmp_path / "new"), **QUIET)
     assert _same(_params(tmp_path / "new"), _params(workdir))
-    other = tiny_demo(run[1].data.data_dir, **{"evals.at_end": False, "init_from": str(workdir)})
+    other = tiny_run.config(**{"evals.at_end": False, "init_from": str(workdir)})
     other.model.embed_dim = 32
     with pytest.raises(RestoreError, match="does not match the model config"):
         train_lib.train(other, str(tmp_path / "other"), **QUIET)
@@ -123,8 +106,8 @@ def _truncate(checkpoint_dir):
             f.truncate(p.stat().st_size // 3)
 
 
-def test_damaged_latest_checkpoint_falls_back_everywhere_and_is_saved_again(run, tmp_path):
-    workdir = _copy(run[0], tmp_path / "w")
+def test_damaged_latest_checkpoint_falls_back_everywhere_and_is_saved_again(tiny_run, tmp_path):
+    workdir = copy_run(tiny_run.workdir, tmp_path / "w")
     _truncate(workdir / "checkpoints" / "4")
     lines = []
     # load and evaluate fall back to step 2 and say why (they used to crash with a TypeError).
@@ -137,11 +120,15 @@ def test_damaged_latest_checkpoint_falls_back_everywhere_and_is_saved_again(run,
     assert any("skipping checkpoint 4" in line and "cannot be read" in line for line in lines), lines
     with pytest.raises(RestoreError, match="checkpoint 4 .* cannot be read"):
         clipjax.load(str(workdir), step=4)
-    # The trainer moves the damaged step aside (nothing deleted) and writes step 4 again.
-    train_lib.train(run[1], str(workdir), log=lines.append)
+    # The trainer resumes from step 2, moves the damaged step aside (nothing deleted) and writes
+    # step 4 again: the run's own step 4.
+    lines = []
+    train_lib.train(tiny_run.config(**{"evals.at_end": False}), str(workdir), log=lines.append)
+    assert any("checkpoint 4" in line and "cannot be restored" in line for line in lines), lines
+    assert any("resumed" in line and "step 2" in line for line in lines), lines
     assert any("moved the unreadable checkpoint 4" in line for line in lines), lines
     assert [p.name.split("-")[0] for p in (workdir / "damaged_checkpoints").iterdir()] == ["4"]
-    assert _same(_params(workdir, 4), _params(run[0], 4))
+    assert _same(_params(workdir, 4), _params(tiny_run.workdir, 4))
     assert clipjax.load(str(workdir), devices=jax.devices()[:1]).step == 4
 
 
@@ -267,8 +254,8 @@ def test_an_error_in_the_loop_finishes_the_save_and_is_reported_first(tmp_path):
     assert not (tmp_path / "run" / "LOCK").exists()
 
 
-def test_a_failed_checkpoint_write_stops_the_run_at_once(run, tmp_path, monkeypatch):
-    config = tiny_demo(run[1].data.data_dir, **{"evals.at_end": False, "checkpoint_every": 1, "log_every": 1})
+def test_a_failed_checkpoint_write_stops_the_run_at_once(tfds_dir, tmp_path, monkeypatch):
+    config = tiny_demo(tfds_dir, **{"evals.at_end": False, "checkpoint_every": 1, "log_every": 1})
     config.steps = 8
     original = Checkpointer.save
 
@@ -304,7 +291,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(run, small_disk):
+def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tfds_dir, small_disk):
     """A real ENOSPC in Orbax's asynchronous write: it used to print 300 lines and a dozen
     tracebacks before the one line (exit 1), and leave `4.orbax-checkpoint-tmp` behind."""
     workdir = small_disk / "run"
@@ -315,7 +302,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(run, small_dis
             "configs/demo.py:tiny",
             "--workdir",
             str(workdir),
-            f"--config.data.data_dir={run[1].data.data_dir}",
+            f"--config.data.data_dir={tfds_dir}",
             "--config.steps=40",
             "--config.checkpoint_every=2",
             "--config.evals.at_end=False",
@@ -347,8 +334,8 @@ def _raise_enospc(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
 
-def test_an_asynchronous_write_failure_is_raised_at_the_next_save(run, tmp_path, monkeypatch):
-    config = tiny_demo(run[1].data.data_dir, **{"evals.at_end": False, "checkpoint_every": 1})
+def test_an_asynchronous_write_failure_is_raised_at_the_next_save(tfds_dir, tmp_path, monkeypatch):
+    config = tiny_demo(tfds_dir, **{"evals.at_end": False, "checkpoint_every": 1})
     calls = []
 
     def failed_in_background(self):
@@ -363,7 +350,7 @@ def test_an_asynchronous_write_failure_is_raised_at_the_next_save(run, tmp_path,
         train_lib.train(config, str(tmp_path / "run"), **QUIET)
 
 
-def test_cli_errors_are_one_line(run, tmp_path):
+def test_cli_errors_are_one_line(tiny_run, tmp_path):
     cases = [
         (
             [
@@ -397,8 +384,8 @@ def test_cli_errors_are_one_line(run, tmp_path):
                 "--config",
                 "configs/demo.py:tiny",
                 "--workdir",
-                str(run[0]),
-                f"--config.data.data_dir={run[1].data.data_dir}",
+                str(copy_run(tiny_run.workdir, tmp_path / "w")),
+                f"--config.data.data_dir={tiny_run.data_dir}",
                 "--config.model.embed_dim=32",
             ],
             "model.embed_dim: 64 -> 32",
@@ -408,7 +395,7 @@ def test_cli_errors_are_one_line(run, tmp_path):
             f"workdir '{tmp_path / 'missing'}' does not exist",
         ),
         (
-            ["clipjax.evaluate", "--workdir", str(run[0]), "--config.evals.knn.k2=3"],
+            ["clipjax.evaluate", "--workdir", str(tiny_run.workdir), "--config.evals.knn.k2=3"],
             "--config.evals.knn.k2: unknown key",
         ),
     ]
@@ -425,8 +412,8 @@ def test_cli_errors_are_one_line(run, tmp_path):
 # 6 ------------------------------------------------------------------------------------------
 
 
-def test_a_second_trainer_on_the_workdir_is_refused(run, tmp_path):
-    workdir = _copy(run[0], tmp_path / "w")
+def test_a_second_trainer_on_the_workdir_is_refused(tiny_run, tmp_path):
+    workdir = copy_run(tiny_run.workdir, tmp_path / "w")
     (workdir / "LOCK").unlink(missing_ok=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -435,7 +422,7 @@ def test_a_second_trainer_on_the_workdir_is_refused(run, tmp_path):
         holder.acquire(**QUIET)
         metrics = (workdir / "metrics.jsonl").read_text()
         with pytest.raises(WorkdirLockedError, match=f"in use by process {other.pid} on"):
-            train_lib.train(run[1], str(workdir), **QUIET)
+            train_lib.train(tiny_run.config(**{"evals.at_end": False}), str(workdir), **QUIET)
         assert (workdir / "metrics.jsonl").read_text() == metrics
         holder.release()
     finally:
@@ -445,7 +432,7 @@ def test_a_second_trainer_on_the_workdir_is_refused(run, tmp_path):
     stale = {"host": os.uname().nodename, "pid": other.pid, "started": time.time(), "heartbeat": time.time()}
     (workdir / "LOCK").write_text(json.dumps(stale))
     lines = []
-    train_lib.train(run[1], str(workdir), log=lines.append)
+    train_lib.train(tiny_run.config(**{"evals.at_end": False}), str(workdir), log=lines.append)
     assert any("taking over the stale lock" in line for line in lines), lines
     assert not (workdir / "LOCK").exists()
     # Another host's lock with an old heartbeat is stale too; a fresh one is not.
@@ -469,9 +456,9 @@ def test_values_that_would_break_later_are_refused():
             validate(c, num_devices=8)
 
 
-def test_a_changed_batch_is_refused_unless_allowed_then_continues_the_stream(run, tmp_path):
-    workdir = _copy(run[0], tmp_path / "w")  # 4 steps of 32: 128 examples seen
-    config = tiny_demo(run[1].data.data_dir, **{"evals.at_end": False, "data.batch_size": 16})
+def test_a_changed_batch_is_refused_unless_allowed_then_continues_the_stream(tiny_run, tmp_path):
+    workdir = copy_run(tiny_run.workdir, tmp_path / "w")  # 4 steps of 32: 128 examples seen
+    config = tiny_run.config(**{"evals.at_end": False, "data.batch_size": 16})
     config.steps = 6
     with pytest.raises(ResumeError, match="data.batch_size: 32 -> 16"):
         train_lib.train(config, str(workdir), **QUIET)
@@ -488,12 +475,12 @@ def test_a_changed_batch_is_refused_unless_allowed_then_continues_the_stream(run
     np.testing.assert_array_equal(np.concatenate([shifted[k] for k in range(4)]), stream[128:192])
 
 
-def test_a_run_cannot_be_shortened_below_its_checkpoint(run, tmp_path):
+def test_a_run_cannot_be_shortened_below_its_checkpoint(tiny_run, tmp_path):
     """`steps` lowered below the saved step, even where allowed to change, is refused naming both
     values, and config.json keeps describing the run the checkpoints belong to."""
-    workdir = _copy(run[0], tmp_path / "w")  # checkpoints at 2 and 4
+    workdir = copy_run(tiny_run.workdir, tmp_path / "w")  # checkpoints at 2 and 4
     before = (sorted(os.listdir(workdir / "checkpoints")), (workdir / "config.json").read_text())
-    config = tiny_demo(run[1].data.data_dir, **{"evals.at_end": False, "resume.allow_changes": "steps"})
+    config = tiny_run.config(**{"evals.at_end": False, "resume.allow_changes": "steps"})
     config.steps = 3
     with pytest.raises(ResumeError) as info:
         train_lib.train(config, str(workdir), **QUIET)
@@ -510,8 +497,8 @@ def test_a_run_cannot_be_shortened_below_its_checkpoint(run, tmp_path):
 # 10 -----------------------------------------------------------------------------------------
 
 
-def test_load_api_checks_and_converts_its_inputs(run):
-    model = clipjax.load(str(run[0]), devices=jax.devices()[:1])
+def test_load_api_checks_and_converts_its_inputs(tiny_run):
+    model = clipjax.load(str(tiny_run.workdir), devices=jax.devices()[:1])
     d = model.config.model.embed_dim
     one = model.encode_text("a red circle")
     assert one.shape == (1, d)
@@ -540,14 +527,14 @@ def test_load_api_checks_and_converts_its_inputs(run):
         assert "\n" not in str(info.value)
 
 
-def test_loading_a_workdir_logs_no_missing_metadata_warning(run, caplog):
+def test_loading_a_workdir_logs_no_missing_metadata_warning(tiny_run, caplog):
     """Every load (of a trained workdir, or one `clipjax.convert import` wrote: the same layout)
     logged `WARNING:absl:Metadata file does not exist: .../checkpoints/4/state/_CHECKPOINT_METADATA`:
     the parameters' metadata was read as if `<step>/state` were a step of its own."""
     caplog.set_level(logging.INFO)
-    model = clipjax.load(str(run[0]), devices=jax.devices()[:1])
+    model = clipjax.load(str(tiny_run.workdir), devices=jax.devices()[:1])
     assert model.step == 4
-    checkpointer = Checkpointer(str(run[0]), create=False)
+    checkpointer = Checkpointer(str(tiny_run.workdir), create=False)
     shapes = lambda tree: sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))  # noqa: E731
     assert shapes(checkpointer.params_metadata(4)) == shapes(model.params)
     checkpointer.close()
@@ -564,7 +551,6 @@ def test_no_stray_temp_folders_and_a_shared_tokenizer_cache(tmp_path, monkeypatc
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    from tests.helpers import data_config, source_and_tokenizer
 
     source, _ = source_and_tokenizer(data_config(data_dir=str(tmp_path / "tfds"), num_train=64, num_test=16))
     assert not list(temp.iterdir())

@@ -1,4 +1,5 @@
-"""`data.name = 'tfds'`: a coco_captions-shaped dataset, prepared here, trains and evaluates.
+"""`data.name = 'tfds'`: a coco_captions-shaped dataset, prepared here, is read (the demo trains
+and evaluates on it with one config change, and resumes exactly: test_resume.py).
 
 `tfds.testing.mock_data` cannot stand in for coco_captions here: the coco_captions builder code
 imports TensorFlow (not installed), the mock's random `Image` features need TensorFlow to be
@@ -293,25 +294,3 @@ def test_num_train_is_the_train_splits_size_and_a_contradiction_is_refused(data_
     assert _source(data_dir, tfds_train_split="train[:10]", batch_size=8).settle_num_train() == 10
     with pytest.raises(ConfigError, match=r"^data.num_train: 512 contradicts the 48 training examples"):
         _source(data_dir, num_train=512).settle_num_train()
-
-
-def test_demo_trains_and_evaluates_on_a_tfds_dataset_with_one_config_change(data_dir, tmp_path):
-    from clipjax import trainer as train_lib
-    from clipjax.config import apply_overrides
-    from tests.test_train import load_config
-
-    config = load_config("demo.py")
-    config.data.data_dir = data_dir
-    # (The tiny demo's data.num_train=512 sizes its shapes; the full demo's is 0, the dataset's count.)
-    config = apply_overrides(
-        config, {"data.name": "tfds", "data.tfds_name": "tiny_coco_captions/2014", "data.num_train": 0}
-    )
-    report = train_lib.train(config, str(tmp_path / "run"), log=lambda _: None)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["num_train"] == NUM["train"]
-    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert metrics[-1]["step"] == config.steps and np.isfinite(metrics[-1]["loss"])
-    assert report["num_examples"] == NUM["test"]
-    retrieval = report["retrieval"]
-    assert 0.0 <= retrieval["image_to_text"]["R@1"] <= 1.0
-    assert retrieval["image_to_text"] == retrieval["strict"]["image_to_text"]  # labels are -1
-    assert not report.get("zero_shot")

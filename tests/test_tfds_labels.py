@@ -20,7 +20,7 @@ from clipjax.data.sources import make_source
 from clipjax.data.sources import tfds_dataset
 from clipjax.data import tfds_util
 from clipjax.schema import ConfigError
-from tests.helpers import data_config
+from tests.helpers import data_config, tiny_demo
 
 NAMES = ["cat", "dog", "fish"]
 COLORS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
@@ -207,7 +207,6 @@ def test_wrong_or_missing_keys_are_one_clear_line(data_dir):
 
 def test_class_names_reach_zero_shot_knn_and_the_probes(data_dir, tmp_path):
     from clipjax import trainer as train_lib
-    from tests.test_train import tiny_demo
 
     source = _source(data_dir)
     names, templates = source.zero_shot_tasks()["label"]

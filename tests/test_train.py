@@ -1,42 +1,24 @@
-"""The trainer end to end at tiny sizes: exact sharded gradients, resume, every config runs."""
+"""The trainer end to end at tiny sizes: exact sharded gradients, every config runs (resume: test_resume.py)."""
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
 from clipjax import trainer as train_lib
-from clipjax.checkpoint import Checkpointer
-from clipjax.config import apply_overrides
 from clipjax.parallel import host_batch_to_global, make_mesh
 from clipjax.trainer.state import init_train_state
 from clipjax.trainer.step import make_grad_fn, make_loss_fn
-from tests.helpers import rel_err, source_and_tokenizer
+from tests.helpers import ROOT, load_config, rel_err, source_and_tokenizer, tiny_demo
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
-
-
-def load_config(name, arg="tiny"):
-    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "configs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 @pytest.fixture
 def data_dir(tfds_dir):
     return tfds_dir
-
-
-def tiny_demo(data_dir, **overrides):
-    c = load_config("demo.py")
-    c.data.data_dir = data_dir
-    return apply_overrides(c, overrides)
 
 
 @pytest.mark.parametrize(
@@ -78,39 +60,6 @@ def test_sharded_grads_equal_single_device(data_dir, loss_name, impl):
     assert abs(float(grads_1["logit_scale"])) > 0
 
 
-def _final_params(workdir):
-    ckpt = Checkpointer(workdir)
-    step = ckpt.latest_step()
-    restored = ckpt.manager.restore(step)
-    ckpt.close()
-    return step, restored["state"]["params"]
-
-
-def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
-    config = tiny_demo(data_dir, **{"evals.at_end": False})
-    config.steps = 6
-    config.checkpoint_every = 100
-    train_lib.train(config, str(tmp_path / "straight"))
-    train_lib.train(config, str(tmp_path / "resumed"), stop_at=3)
-    assert Checkpointer(str(tmp_path / "resumed")).latest_step() == 3
-    train_lib.train(config, str(tmp_path / "resumed"))
-
-    step_a, params_a = _final_params(str(tmp_path / "straight"))
-    step_b, params_b = _final_params(str(tmp_path / "resumed"))
-    assert step_a == step_b == 6
-    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-    # Both runs saw the same batches: the logged losses agree step by step.
-    def losses(workdir):
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-    a, b = losses(str(tmp_path / "straight")), losses(str(tmp_path / "resumed"))
-    for step in set(a) & set(b):
-        assert a[step] == pytest.approx(b[step], rel=1e-6)
-
-
 def _distinct_tiny_configs() -> list[str]:
     """The configs whose tiny variant no earlier config has (clip_vit_l14.py:tiny is
     clip_vit_b32.py:tiny): training one twice would test nothing new."""
@@ -124,17 +73,21 @@ def _distinct_tiny_configs() -> list[str]:
 
 
 @pytest.mark.parametrize("name", _distinct_tiny_configs())
-def test_every_config_runs_at_tiny_size(name, data_dir, tmp_path):
-    config = load_config(name)
-    config.data.data_dir = data_dir
-    report = train_lib.train(config, str(tmp_path / "run"))
-    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+def test_every_config_runs_at_tiny_size(name, data_dir, tmp_path, request):
+    if name == "demo.py":  # trained once for all the tests that need it (tests/conftest.py)
+        run = request.getfixturevalue("tiny_run")
+        config, workdir, report = run.config(), run.workdir, run.report
+    else:
+        config, workdir = load_config(name), tmp_path / "run"
+        config.data.data_dir = data_dir
+        report = train_lib.train(config, str(workdir))
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert records[-1]["step"] == config.steps
     for key in ("loss", "temperature", "lr", "grad_norm", "param_norm", "samples_per_sec"):
         assert np.isfinite(records[-1][key]), key
-    saved = json.load(open(tmp_path / "run" / "report.json"))
+    saved = json.load(open(workdir / "report.json"))
     assert saved["step"] == config.steps
-    assert os.listdir(tmp_path / "run" / "tensorboard")
+    assert os.listdir(workdir / "tensorboard")
     if config.task == "image_image":
         # SimCLR: the tower's features are probed (semantic and nuisance labels); nothing needs text.
         assert 0.0 <= saved["linear_probe"]["top1"] <= 1.0
@@ -147,18 +100,18 @@ def test_every_config_runs_at_tiny_size(name, data_dir, tmp_path):
     assert report["retrieval"] == saved["retrieval"]
 
 
-def test_ring_training_matches_gather_training(data_dir, tmp_path):
-    """The demo trained with the ring loss follows the default (gather) run's loss curve."""
-    runs = {}
-    for impl in ("gather", "ring"):
-        config = tiny_demo(
-            data_dir, **{"evals.at_end": False, "log_every": 1, "loss.impl": impl, "metrics.every": 0}
-        )
-        config.steps = 6
-        train_lib.train(config, str(tmp_path / impl))
-        with open(tmp_path / impl / "metrics.jsonl") as f:
-            runs[impl] = [json.loads(line)["loss"] for line in f]
-    np.testing.assert_allclose(runs["ring"], runs["gather"], rtol=1e-5)
+def _losses(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.mark.parametrize("change", [{"loss.impl": "ring"}, {"microbatches": 4}], ids=["ring", "microbatches"])
+def test_ring_loss_and_micro_batches_train_like_the_default(tiny_run, change, tmp_path):
+    """The shared tiny run trained again with the ring loss, or in 4 micro-batches, follows its
+    (gather, one batch) loss curve step by step."""
+    train_lib.train(tiny_run.config(**{"evals.at_end": False, **change}), str(tmp_path), log=lambda _: None)
+    assert len(_losses(tmp_path)) == 4
+    np.testing.assert_allclose(_losses(tmp_path), _losses(tiny_run.workdir), rtol=1e-5)
 
 
 @pytest.mark.parametrize("microbatches,loss_name", [(2, "softmax"), (4, "softmax"), (4, "sigmoid")])
@@ -191,30 +144,16 @@ def test_microbatched_grads_equal_full_batch(data_dir, microbatches, loss_name):
     )
 
 
-def test_microbatched_training_matches_default(data_dir, tmp_path):
-    runs = {}
-    for k in (1, 4):
-        config = tiny_demo(
-            data_dir, **{"evals.at_end": False, "log_every": 1, "microbatches": k, "metrics.every": 0}
-        )
-        config.steps = 6
-        train_lib.train(config, str(tmp_path / str(k)))
-        with open(tmp_path / str(k) / "metrics.jsonl") as f:
-            runs[k] = [json.loads(line)["loss"] for line in f]
-    np.testing.assert_allclose(runs[4], runs[1], rtol=1e-5)
-
-
-def test_periodic_evaluation_during_training(data_dir, tmp_path):
-    # Every 2 steps, except kNN, on its own cadence of 3.
-    config = tiny_demo(data_dir, **{"evals.every": 2, "evals.knn.every": 3})
-    report = train_lib.train(config, str(tmp_path))
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+def test_periodic_evaluation_during_training(tiny_run):
+    # Every 2 steps, except kNN, on its own cadence of 3 (tests/conftest.py: TINY_RUN_EXTRAS).
+    records = [json.loads(line) for line in open(tiny_run.workdir / "metrics.jsonl")]
     interim = [r for r in records if "eval/zero_shot/shape/top1" in r]
     assert [r["step"] for r in interim] == [2]  # step 4 is the end-of-run report
     assert 0.0 <= interim[0]["eval/retrieval/image_to_text/R@1"] <= 1.0
     assert not any(k.startswith("eval/knn/") for k in interim[0])
     knn = [r for r in records if "eval/knn/top1@k1" in r]
     assert [r["step"] for r in knn] == [3] and not any(k.startswith("eval/zero_shot/") for k in knn[0])
+    report = tiny_run.report
     assert report["step"] == 4 and "knn" in report and "zero_shot" in report
 
 
@@ -240,10 +179,7 @@ def test_weight_decay_reaches_every_kernel_and_no_bias_norm_or_vector(name, arg)
             assert decayed, key
 
 
-def test_profile_writes_a_trace_of_the_chosen_steps(data_dir, tmp_path):
-    config = tiny_demo(data_dir, **{"evals.at_end": False, "profile.start_step": 2, "profile.steps": 2})
-    lines = []
-    train_lib.train(config, str(tmp_path), log=lines.append)
-    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+def test_profile_writes_a_trace_of_the_chosen_steps(tiny_run):
+    traces = list((tiny_run.workdir / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
-    assert any("profile of steps 2-3" in line for line in lines), lines
+    assert any("profile of steps 2-3" in line for line in tiny_run.lines), tiny_run.lines

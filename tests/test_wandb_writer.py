@@ -17,7 +17,7 @@ from clipjax.metric_writer import MetricWriter, read_metrics
 from clipjax.run_store.layout import WANDB_RUN_ID
 from clipjax.run_store.resume import check_resume
 from clipjax.wandb_writer import MISSING_PACKAGE
-from tests.test_train import tiny_demo
+from tests.helpers import tiny_demo
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402

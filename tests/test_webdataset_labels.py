@@ -10,9 +10,8 @@ import numpy as np
 from clipjax import trainer as train_lib
 from clipjax.api import evaluate_workdir, load_run_config
 from clipjax.data.sources import make_source
-from tests.helpers import data_config
+from tests.helpers import data_config, tiny_demo
 from tests.test_own_data_eval import CLASSES, _write_csv
-from tests.test_train import tiny_demo
 from tests.test_webdataset import _add
 
 NAMES = list(CLASSES)
