@@ -73,7 +73,23 @@ def test_resume_with_another_model_is_refused_and_loses_nothing(tiny_run, tmp_pa
     assert before[:2] == after[:2] and _same(before[2], after[2])
 
 
-def test_allowed_change_resumes_and_init_from_starts_a_new_run(tiny_run, tmp_path):
+def _record_built_states(monkeypatch) -> list:
+    """Whether each train state the trainer builds holds real arrays (not only shapes)."""
+    from clipjax.trainer import run as run_module
+
+    built, original = [], run_module.init_train_state
+
+    def recording(*args, **kwargs):
+        initial = original(*args, **kwargs)
+        built.append(all(isinstance(x, jax.Array) for x in jax.tree.leaves(initial.state["params"])))
+        return initial
+
+    monkeypatch.setattr(run_module, "init_train_state", recording)
+    return built
+
+
+def test_allowed_change_resumes_and_init_from_starts_a_new_run(tiny_run, tmp_path, monkeypatch):
+    built = _record_built_states(monkeypatch)
     workdir = copy_run(tiny_run.workdir, tmp_path / "w")
     config = tiny_run.config(**{"evals.at_end": False, "optim.lr": 1e-3})
     config.steps = 6
@@ -84,11 +100,14 @@ def test_allowed_change_resumes_and_init_from_starts_a_new_run(tiny_run, tmp_pat
     train_lib.train(config, str(workdir), log=lines.append)
     assert any("resumed" in line and "step 4" in line for line in lines), lines
     assert Checkpointer(str(workdir)).latest_step() == 6
+    # The resume restored into the state's shapes: it never built fresh weights to overwrite.
+    assert built == [False]
     # init_from: a new run (step 0, fresh optimizer) from those weights; with lr 0 they stay put.
     fresh = tiny_run.config(**{"evals.at_end": False, "optim.lr": 0.0, "init_from": str(workdir)})
     fresh.steps = 2
     train_lib.train(fresh, str(tmp_path / "new"), **QUIET)
     assert _same(_params(tmp_path / "new"), _params(workdir))
+    assert built == [False, True]  # a new run builds its state (here init_from overwrites it)
     other = tiny_run.config(**{"evals.at_end": False, "init_from": str(workdir)})
     other.model.embed_dim = 32
     with pytest.raises(RestoreError, match="does not match the model config"):

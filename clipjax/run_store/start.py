@@ -36,6 +36,12 @@ class Run:
     meta: dict | None  # its newest readable checkpoint's meta
     num_train: int | None  # the dataset size a resumed run takes from its record
 
+    @property
+    def resumes(self) -> bool:
+        """Whether training continues the workdir's own run (`initial_state` then restores into
+        the abstract state it is given)."""
+        return self.stored is not None
+
     def tokenizer(self, config, source, *, log):
         """The checkpoint's; for a new run from `init_from`, the old run's token ids (unless its
         text tower starts afresh); else the data `source`'s."""
@@ -46,10 +52,11 @@ class Run:
 
     def initial_state(self, config, state, shardings, mesh, tokenizer, *, log) -> tuple:
         """(step, state, data-iterator state, the data stream's offset, examples seen at `step`):
-        the run's newest restorable checkpoint, else `state` (freshly built, with `shardings`)
-        holding the parameters of `config.init_from` where it names a run. A data-iterator state
-        of None starts the stream at the offset."""
-        if self.stored is not None:
+        the run's newest restorable checkpoint (`state` then need only be abstract: shapes, dtypes,
+        shardings), else `state` (freshly built, with `shardings`) holding the parameters of
+        `config.init_from` where it names a run. A data-iterator state of None starts the stream
+        at the offset."""
+        if self.resumes:
             return self._resume(config, state, shardings, log)
         if config.init_from:
             towers = tuple(config.init_from_towers)

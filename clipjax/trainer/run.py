@@ -78,7 +78,9 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     config.data.num_train = source.settle_num_train(run.num_train)
     tokenizer = run.tokenizer(config, source, log=log)
     total = total_steps(config)
-    initial = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
+    # A resume needs only the state's shapes and shardings to restore into: building fresh weights
+    # first would cost a model's memory and an initialisation, only to overwrite them.
+    initial = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size, abstract=run.resumes)
     graphdef, shardings = initial.graphdef, initial.shardings
     step, state, data_state, data_offset, examples = run.initial_state(
         config, initial.state, shardings, mesh, tokenizer, log=log
