@@ -191,6 +191,17 @@ def test_tfrecord_dataset_reads_like_array_record(data_dir):
         "tiny_classes", tfrecords, "train[2:6]", 24, max_examples=3
     )
     np.testing.assert_array_equal(part["image"], full["image"][2:5])
+    # Raw records from a start (a process's share): the same bytes from either format.
+    raw = {
+        d: classification.RawRecords(classification.get_builder("tiny_classes", d), "train")
+        for d in (arrays, tfrecords)
+    }
+    everything = [r for chunk in raw[arrays].chunks(NUM["train"]) for r in chunk]
+    for start, stop in ((0, NUM["train"]), (3, 7), (5, 5), (NUM["train"] - 1, NUM["train"])):
+        for d in (arrays, tfrecords):
+            chunks = list(raw[d].chunks(stop, 2, start=start))
+            assert [r for chunk in chunks for r in chunk] == everything[start:stop], (d, start, stop)
+            assert all(0 < len(chunk) <= 2 for chunk in chunks)
 
 
 def test_slices_and_max_examples(data_dir):

@@ -325,6 +325,12 @@ def test_folder_builder_and_pipeline_skip_bad_records(tmp_path):
     assert arrays["image"].shape == (6, 12, 12, 3) and arrays["image"].dtype == np.uint8
     assert arrays["text_id"].tolist() == [caption_text_id(c) for c in arrays["caption"]]
     assert (arrays["label"] == -1).all()
+    # Two processes' contiguous shares of the 9 records (5 and 4), damaged ones dropped in each:
+    # together, in order, what one process reads, each record decoded once.
+    parts = [source.eval_arrays(tok, split="train", drops=drops, process=(i, 2)) for i in range(2)]
+    assert drops.counts == {"bad_image": 2, "bad_caption": 4}
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value, err_msg=key)
 
     it = source.train_iterator(tok, seed=0)
     seen = collections.Counter()

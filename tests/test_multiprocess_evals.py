@@ -20,7 +20,21 @@ COUNTING_EVALUATE = """
 import atexit, json, os, sys
 from clipjax.evals.encoders import Encoders
 
-rows = {"image": 0, "tokens": 0}
+import PIL.Image
+from clipjax.data.decode import Decoder
+
+rows = {"image": 0, "tokens": 0, "decoded": 0, "opened": 0}
+
+def counting_calls(function, kind):
+    def call(*args, **kwargs):
+        rows[kind] += 1
+        return function(*args, **kwargs)
+    return call
+
+# Each example a data source decodes, and each image file opened (caption and classification
+# evaluators decode their own).
+Decoder._image = counting_calls(Decoder._image, "decoded")
+PIL.Image.open = counting_calls(PIL.Image.open, "opened")
 
 def counting(method, kind):
     def encode(self, inputs, *args, **kwargs):
@@ -126,6 +140,10 @@ def test_two_processes_report_what_one_does_each_encoding_half(checkpoint, tmp_p
         assert first + second == alone, kind
         # Every input set is split in two halves that differ by at most one row.
         assert 0 <= first - second <= 12, (kind, first, second)
+    # Each process reads and decodes only its share: every example and image file once in all.
+    for kind in ("decoded", "opened"):
+        alone, first, second = (r[kind] for r in rows)
+        assert alone and first + second == alone and first and second, (kind, alone, first, second)
 
 
 def test_a_share_of_a_split_is_a_split_string_of_its_records(tmp_path):

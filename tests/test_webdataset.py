@@ -420,6 +420,26 @@ def test_eval_arrays_and_caption_texts(shards):
     assert source.zero_shot_tasks() == {}
 
 
+@pytest.mark.parametrize("max_examples", [0, 13])
+def test_process_shares_of_an_evaluation_split_put_together_are_the_split(shards, max_examples):
+    """Each of 3 processes reads (and decodes) its contiguous share of the first `max_examples`
+    samples, damaged ones dropped: together, in process order, the samples one process reads."""
+    folder, good, _, _ = shards
+    source = _source(folder)
+    tokenizer = source.tokenizer()
+    whole = source.eval_arrays(tokenizer, split="train", max_examples=max_examples)
+    parts = [
+        source.eval_arrays(tokenizer, split="train", max_examples=max_examples, process=(i, 3))
+        for i in range(3)
+    ]
+    assert all(len(p["index"]) for p in parts)
+    for key, value in whole.items():
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value, err_msg=key)
+    # The first 13 samples read (shard 0's 9, of which sample 2 does not decode, and 4 of shard
+    # 1), not the first 13 that decode: the same samples however many processes share them.
+    assert len(whole["index"]) == (12 if max_examples else len(good))
+
+
 def test_num_train_is_img2datasets_count_where_every_shard_has_its_stats(tmp_path):
     folder = tmp_path / "counted"
     write_shards(folder, num_shards=3, per_shard=5, damage=False)

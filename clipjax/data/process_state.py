@@ -55,6 +55,15 @@ class TrainIterator:
             release_shared_memory()
 
 
+def process_rows(total: int, index: int, count: int) -> range:
+    """Process `index` of `count`'s contiguous share of `total` rows, as big_vision splits
+    evaluation data: ceil(total / count) each, fewer or none for the last processes. Contiguous,
+    so the shares put back in process order are the rows in their order."""
+    length = -(-total // count)
+    start = min(total, index * length)
+    return range(start, min(total, start + length))
+
+
 def local_batch(data_config, process_index: int, process_count: int) -> int:
     """This process's share of `data.batch_size`; ValueError where there is none."""
     batch_size = int(data_config.batch_size)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, ClassVar, NamedTuple
 
+import jax
 import numpy as np
 
-from clipjax.evals.embed import Share, gather_rows, process_share
+from clipjax.data.process_state import jax_gather, process_rows
+from clipjax.evals.embed import Share, gather_rows, sum_over_processes
 from clipjax.evals.encoders import Encoders
 from clipjax.schema import ConfigError, Field, Section
 
@@ -35,33 +38,71 @@ class FrozenFeatures(NamedTuple):
 
 
 class EvalData:
-    """What evaluators read from the training data source, loaded once per run and shared."""
+    """What evaluators read from the training data source, loaded once per run and shared.
+
+    Each process reads and decodes only its contiguous share of the examples (`heldout_local`:
+    the images stay there, embedded where they are read), and the small fields of every share
+    are gathered in process order (`heldout_fields`), which is the examples' order. `heldout`,
+    the whole set with its images on every process, is for an evaluator that needs the pixels
+    themselves; the evaluators here never load it.
+    """
 
     def __init__(self, source, tokenizer, *, max_examples: int):
         self.source, self.tokenizer, self.max_examples = source, tokenizer, max_examples
         self._train: dict[int, dict[str, np.ndarray]] = {}
 
+    def _read(self, split: str, max_examples: int, *, local: bool) -> dict[str, np.ndarray]:
+        index, count = (jax.process_index(), jax.process_count()) if local else (0, 1)
+        read = functools.partial(
+            self.source.eval_arrays, self.tokenizer, split=split, max_examples=max_examples
+        )
+        if count == 1:
+            return read()
+        if "process" in inspect.signature(self.source.eval_arrays).parameters:
+            return read(process=(index, count))
+        everything = read()  # a source that cannot read a share: all of it, then this share
+        rows = process_rows(len(everything["image"]), index, count)
+        return {k: v[rows.start : rows.stop] for k, v in everything.items()}
+
     @functools.cached_property
     def heldout(self) -> dict[str, np.ndarray]:
-        """The first `evals.max_examples` of the test split (image, text, text_id, label, caption, ...)."""
-        return self.source.eval_arrays(self.tokenizer, split="test", max_examples=self.max_examples)
+        """All the first `evals.max_examples` of the test split (image, text, text_id, label,
+        caption, ...), read whole by every process."""
+        if jax.process_count() == 1:
+            return self.heldout_local
+        return self._read("test", self.max_examples, local=False)
 
-    def train_examples(self, n: int) -> dict[str, np.ndarray]:
-        """The first n examples of the train split (for probes fitted on frozen features)."""
-        if n not in self._train:
-            self._train[n] = self.source.eval_arrays(self.tokenizer, split="train", max_examples=n)
-        return self._train[n]
+    @functools.cached_property
+    def heldout_local(self) -> dict[str, np.ndarray]:
+        """This process's contiguous share of the held-out examples, images included."""
+        return self._read("test", self.max_examples, local=True)
+
+    @functools.cached_property
+    def heldout_fields(self) -> dict[str, np.ndarray]:
+        """Every field but the image of all the held-out examples, in order (each process's
+        share gathered)."""
+        return _gathered_fields(self.heldout_local)
+
+    @property
+    def num_heldout(self) -> int:
+        return len(self.heldout_fields["text_id"])
 
     def heldout_share(self) -> Share:
-        """This process's contiguous share of the held-out examples (`clipjax.evals.embed`)."""
-        return process_share(len(self.heldout["image"]))
+        """Where this process's share sits among the held-out examples, and the longest share."""
+        return _share_of(len(self.heldout_local["image"]))
+
+    def train_examples(self, n: int) -> dict[str, np.ndarray]:
+        """This process's share of the first n examples of the train split (probes)."""
+        if n not in self._train:
+            self._train[n] = self._read("train", n, local=True)
+        return self._train[n]
 
     def local_heldout_image_embeddings(self, encoders: Encoders) -> np.ndarray:
         """Image embeddings of this process's share of the held-out examples, computed once per
         `encoders` (image-image models, which have no text tower, have these alone)."""
-        share = self.heldout_share()
+        length = self.heldout_share().length
         return encoders.memo(
-            "heldout_image", lambda: encoders.local_image(self.heldout["image"][share.rows], share.length)
+            "heldout_image", lambda: encoders.local_image(self.heldout_local["image"], length)
         )
 
     def heldout_image_embeddings(self, encoders: Encoders) -> np.ndarray:
@@ -72,7 +113,7 @@ class EvalData:
 
     def heldout_embeddings(self, encoders: Encoders) -> tuple[np.ndarray, np.ndarray]:
         """(image, text) embeddings of all the held-out examples, computed once per `encoders`."""
-        text = encoders.memo("heldout_text", lambda: encoders.tokens(self.heldout["text"]))
+        text = encoders.memo("heldout_text", lambda: encoders.tokens(self.heldout_fields["text"]))
         return self.heldout_image_embeddings(encoders), text
 
     def frozen_features(
@@ -81,11 +122,12 @@ class EvalData:
         """Features for probes on the frozen image encoder, the held-out examples as the test
         set, labelled by `field` (`label`, or an attribute the source records: `shape`, a
         nuisance factor, ...). Raises SkipEvaluation when the held-out examples have no labels."""
-        if field not in self.heldout:
+        heldout = self.heldout_fields
+        if field not in heldout:
             raise SkipEvaluation(
                 f"the held-out examples of data.name={self.source.config.name!r} have no {field!r}"
             )
-        test_labels = self.heldout[field]
+        test_labels = heldout[field]
         if not len(test_labels):
             raise SkipEvaluation("there are no held-out examples")
         if np.any(test_labels < 0):
@@ -93,10 +135,40 @@ class EvalData:
                 f"the held-out examples of data.name={self.source.config.name!r} have no class labels"
             )
         # A probe is fitted on all the train features: each process encodes its share of the
-        # train and test examples, and the features (small next to the images) are gathered.
+        # train examples, and the features and labels (small next to the images) are gathered.
         train = self.train_examples(train_examples)
-        train_emb = encoders.memo(("train", train_examples), lambda: encoders.image(train["image"]))
-        return FrozenFeatures(train_emb, train[field], self.heldout_image_embeddings(encoders), test_labels)
+
+        def train_features():
+            local = encoders.local_image(train["image"], _share_of(len(train["image"])).length)
+            return gather_rows(local)
+
+        train_emb = encoders.memo(("train", train_examples), train_features)
+        return FrozenFeatures(
+            train_emb, gather_rows(train[field]), self.heldout_image_embeddings(encoders), test_labels
+        )
+
+
+def _share_of(local_rows: int) -> Share:
+    """This process's place among rows that each process holds `local_rows` of, in process order."""
+    if jax.process_count() == 1:
+        return Share(slice(0, local_rows), local_rows)
+    counts = sum_over_processes(np.eye(jax.process_count(), dtype=np.int64)[jax.process_index()] * local_rows)
+    start = int(counts[: jax.process_index()].sum())
+    return Share(slice(start, start + local_rows), int(counts.max()))
+
+
+def _gathered_fields(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every field but the image, each process's rows gathered in process order; strings (the
+    captions) as JSON, the numbers as arrays."""
+    fields = {k: v for k, v in local.items() if k != "image"}
+    if jax.process_count() == 1:
+        return fields
+    strings = [k for k, v in fields.items() if v.dtype.kind in "USO"]
+    out = {k: gather_rows(v) for k, v in fields.items() if k not in strings}
+    parts = jax_gather({k: fields[k].tolist() for k in strings})
+    for k in strings:
+        out[k] = np.array([x for part in parts for x in part[k]], dtype=str)
+    return out
 
 
 class SkipEvaluation(Exception):

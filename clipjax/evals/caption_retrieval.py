@@ -11,9 +11,13 @@ converted by `python -m clipjax.data.convert` (the image_text_folder dataset, `c
 "caption") is scored as 1,000 images and 5,000 captions.
 
 The split is streamed: records are read, images decoded and embedded a batch at a time; what
-stays in memory is the embeddings ([images + captions, d] floats) and a hash per image. With
-several processes, each reads and decodes every record (an image's index depends on all the
-records before it), encodes its share of each batch, and gets the batch's embeddings back. The
+stays in memory is the embeddings ([images + captions, d] floats), the captions and a hash per
+record. With several processes, each reads its contiguous share of the records twice: first
+for the hashes of its images and their captions (nothing decoded), which every process then
+sees, so that an image belongs to the process of its first record; then to decode and embed
+the images it owns. Images are numbered in the order of their first record, captions keep the
+records' order, and only embeddings, hashes and captions are gathered: every figure is the one a
+single process reading everything gives. The
 recalls are `clipjax.evals.retrieval.multi_caption_retrieval`: image -> text counts any of the
 image's captions, text -> image each caption's own image, ties counted against the query.
 """
@@ -23,14 +27,17 @@ from __future__ import annotations
 import collections
 import hashlib
 
+import jax
 import numpy as np
 from PIL import Image
 
 from clipjax.evals import classification_data as tfds_files
 from clipjax.data.images import decode_image, fit_crop
 from clipjax.captions import decode_caption
+from clipjax.data.process_state import jax_gather, process_rows
 from clipjax.data.records import feature_keys, read_pairs
 from clipjax.evals.base import Evaluator, SkipEvaluation, register_evaluator
+from clipjax.evals.embed import gather_rows, sum_counters
 from clipjax.evals.retrieval import multi_caption_retrieval
 from clipjax.schema import ConfigError, Field
 
@@ -77,58 +84,90 @@ class CaptionRetrievalEvaluator(Evaluator):
         raw = tfds_files.RawRecords(builder, split)
         n = raw.size if not s["max_examples"] else min(s["max_examples"], raw.size)
         batch = s["batch_size"] or self.config.evals.batch_size
-        size = self.config.data.image_size
+        rows = process_rows(n, jax.process_index(), jax.process_count())
 
-        crop = fit_crop(self.config.model.get("image_resize", "crop"))
-        image_of_hash: dict[bytes, int] = {}
-        caption_image: list[int] = []
-        pending_images, pending_texts = [], []
-        image_emb, text_emb = [], []
+        def share_pairs(skipped: collections.Counter):
+            """(image bytes, captions) of this process's records that have both, in order."""
+            for chunk in raw.chunks(rows.stop, batch, start=rows.start):
+                images, captions = read_pairs(chunk, s["image_key"], s["caption_key"])
+                for image, texts in zip(images, captions):
+                    texts = [t for t in map(decode_caption, texts) if t]
+                    if image is None:
+                        skipped["no_image"] += 1
+                    elif not texts:
+                        skipped["no_caption"] += 1
+                    else:
+                        yield image, texts
+
+        # First read: which image each record holds (by hash) and its captions; nothing decoded.
         skipped: collections.Counter = collections.Counter()
+        records = [(hashlib.sha1(image).digest(), texts) for image, texts in share_pairs(skipped)]
+        # An image belongs to the process of its first record: only that one decodes and embeds it.
+        seen: set[str] = set()
+        owned_by = []
+        for part in _everyones([h.hex() for h in dict.fromkeys(h for h, _ in records)]):
+            owned_by.append([h for h in part if h not in seen])
+            seen.update(part)
+        owned = {bytes.fromhex(h) for h in owned_by[jax.process_index()]}
+        # Second read: decode this process's images and embed them a call at a time; every process
+        # makes as many calls as the one that owns most images.
+        per_call = encoders.local_batch_size(batch)
+        calls = -(-max(map(len, owned_by)) // per_call)
+        size, crop = self.config.data.image_size, fit_crop(self.config.model.get("image_resize", "crop"))
+        decoded, bad, embedded, pending = [], [], [], []
 
-        def flush(final: bool = False) -> None:
-            if pending_images and (final or len(pending_images) >= batch):
-                image_emb.append(encoders.image(np.stack(pending_images)))
-                pending_images.clear()
-            if pending_texts and (final or len(pending_texts) >= batch):
-                text_emb.append(encoders.text(pending_texts))
-                pending_texts.clear()
+        def embed(final=False):
+            while len(pending) >= per_call or (final and len(embedded) < calls):
+                images = np.stack(pending[:per_call]) if pending else np.zeros((0, size, size, 3), np.uint8)
+                del pending[:per_call]
+                embedded.append(encoders.local_image(images, per_call, batch_size=batch))
 
-        read = 0
-        for chunk in raw.chunks(n, batch):
-            images, captions = read_pairs(chunk, s["image_key"], s["caption_key"])
-            for image, texts in zip(images, captions):
-                texts = [t for t in map(decode_caption, texts) if t]
-                if image is None:
-                    skipped["no_image"] += 1
-                    continue
-                if not texts:
-                    skipped["no_caption"] += 1
-                    continue
-                key = hashlib.sha1(image).digest()
-                index = image_of_hash.get(key)
-                if index is None:
-                    try:
-                        pending_images.append(decode_image(image, size, Image.BICUBIC, crop=crop))
-                    except Exception:  # PIL raises many types for corrupt files
-                        skipped["bad_image"] += 1
-                        continue
-                    index = image_of_hash[key] = len(image_of_hash)
-                caption_image += [index] * len(texts)
-                pending_texts += texts
-            read += len(chunk)
-            flush()
-            self.log(f"evals.{self.name}: {name} {split} {read}/{n} records, {len(image_of_hash)} images")
-        flush(final=True)
-        if not image_of_hash:
+        for image, _ in share_pairs(collections.Counter()):
+            key = hashlib.sha1(image).digest()
+            if key not in owned:
+                continue
+            owned.discard(key)
+            try:
+                pending.append(decode_image(image, size, Image.BICUBIC, crop=crop))
+                decoded.append(key)
+            except Exception:  # PIL raises many types for corrupt files
+                bad.append(key)
+            embed()
+        embed(final=True)
+        self.log(
+            f"evals.{self.name}: {name} {split}: {len(rows)} records read, {len(decoded)} images embedded"
+        )
+        # Images are numbered in the order of their first record, as one process reading all would.
+        everyone = _everyones({"decoded": [h.hex() for h in decoded], "bad": [h.hex() for h in bad]})
+        index_of = {
+            bytes.fromhex(h): i for i, h in enumerate(h for part in everyone for h in part["decoded"])
+        }
+        if not index_of:
             raise SkipEvaluation(f"{name} split {split!r} has no image with a caption")
+        unreadable = {bytes.fromhex(h) for part in everyone for h in part["bad"]}
+        texts, caption_image = [], []
+        for key, captions in records:
+            if key in unreadable:
+                skipped["bad_image"] += 1
+                continue
+            texts += captions
+            caption_image += [index_of[key]] * len(captions)
+        pairs = _everyones({"texts": texts, "images": caption_image})
+        skipped = sum_counters(skipped)
         result = multi_caption_retrieval(
-            np.concatenate(image_emb), np.concatenate(text_emb), np.asarray(caption_image)
+            gather_rows(np.concatenate(embedded)),
+            encoders.text([t for part in pairs for t in part["texts"]]),
+            np.asarray([i for part in pairs for i in part["images"]]),
         )
         result["split"] = split
         if skipped:
             result["skipped"] = dict(skipped)
         return {"caption_retrieval": {name: result}}
+
+
+def _everyones(own) -> list:
+    """Every process's JSON-able `own`, in process order."""
+    return [own] if jax.process_count() == 1 else jax_gather(own)
 
 
 def benchmark_sections() -> dict[str, dict]:

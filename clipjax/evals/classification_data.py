@@ -163,22 +163,22 @@ class RawRecords:
                 "tfrecord files can be read"
             )
 
-    def chunks(self, n: int, size: int = _CHUNK) -> Iterator[list[bytes]]:
-        """The first n records, in lists of at most `size`."""
+    def chunks(self, n: int, size: int = _CHUNK, start: int = 0) -> Iterator[list[bytes]]:
+        """Records `start` to n (the first n by default), in lists of at most `size`."""
         if self.source is not None:
-            for start in range(0, n, size):
-                yield list(self.source.__getitems__(list(range(start, min(start + size, n)))))
+            for first in range(start, n, size):
+                yield list(self.source.__getitems__(list(range(first, min(first + size, n)))))
             return
         chunk: list[bytes] = []
-        left = n
+        position = 0  # of the file's first record in the split
         for fi in self.instructions:
-            if left <= 0:
-                break
-            take = min(fi.take, left)
-            left -= take
-            if take <= 0:
+            skip, stop = max(start - position, 0), min(fi.take, n - position)
+            position += fi.take
+            if stop <= skip:
+                if position >= n:
+                    break
                 continue
-            for record in _read_tfrecord(fi.filename, fi.skip, take):
+            for record in _read_tfrecord(fi.filename, fi.skip + skip, stop - skip):
                 chunk.append(record)
                 if len(chunk) == size:
                     yield chunk

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from clipjax.data.process_state import process_rows
 from clipjax.parallel import batch_parallelism, batch_sharding
 
 
@@ -31,9 +32,8 @@ class Share(NamedTuple):
 
 
 def process_share(total: int) -> Share:
-    length = -(-total // jax.process_count())
-    start = min(total, jax.process_index() * length)
-    return Share(slice(start, min(total, start + length)), length)
+    rows = process_rows(total, jax.process_index(), jax.process_count())
+    return Share(slice(rows.start, rows.stop), -(-total // jax.process_count()))
 
 
 def local_batch_size(mesh, batch_size: int) -> int:

@@ -79,7 +79,7 @@ class RetrievalEvaluator(Evaluator):
 
     def run(self, encoders):
         image_emb, text_emb = self.data.heldout_embeddings(encoders)
-        concept = self.data.heldout.get("label")
+        concept = self.data.heldout_fields.get("label")
         return {
             "num_examples": int(len(image_emb)),
             "retrieval": retrieval_metrics(image_emb, text_emb, concept),

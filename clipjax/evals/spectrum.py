@@ -19,7 +19,11 @@ class EmbeddingSpectrumEvaluator(Evaluator):
         # process encoded its share), [N, d] floats on each host.
         image_emb, text_emb = self.data.heldout_embeddings(encoders)
         metrics = reference_embedding_metrics(
-            image_emb, text_emb, self.data.heldout["text_id"], encoders.logit_scale, encoders.logit_bias
+            image_emb,
+            text_emb,
+            self.data.heldout_fields["text_id"],
+            encoders.logit_scale,
+            encoders.logit_bias,
         )
         scalars, spectra = split_spectra(jax.device_get(metrics))
         return {

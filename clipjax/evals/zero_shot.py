@@ -107,7 +107,7 @@ class ZeroShotEvaluator(Evaluator):
                 "(own data: a CSV `label` column of class names, class subfolders, or data.class_names "
                 "for numeric labels: a CSV's, webdataset's .cls or data.label_field, tfds' data.tfds_label_key)"
             )
-        arrays = self.data.heldout
+        arrays = self.data.heldout_fields
         # Each process scores its share of the images; only the counts are summed.
         share = self.data.heldout_share()
         image_emb = self.data.local_heldout_image_embeddings(encoders)
@@ -135,4 +135,4 @@ class ZeroShotEvaluator(Evaluator):
             if unknown:
                 result[attribute]["class_names_unknown_to_tokenizer"] = unknown
         result["mean_top1"] = float(np.mean([v["top1"] for v in result.values()]))
-        return {"num_examples": int(len(arrays["image"])), "zero_shot": result}
+        return {"num_examples": self.data.num_heldout, "zero_shot": result}

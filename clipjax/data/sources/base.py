@@ -137,9 +137,15 @@ class DataSource(abc.ABC):
         batch, from the `start_example`-th example of the run's stream on."""
 
     @abc.abstractmethod
-    def eval_arrays(self, tokenizer, split: str = "test", max_examples: int | None = None) -> dict:
-        """A held-out split as numpy arrays: image, text, text_id, label, caption, and the
-        attribute labels of `zero_shot_tasks()`."""
+    def eval_arrays(
+        self, tokenizer, split: str = "test", max_examples: int | None = None, *, process=(0, 1)
+    ) -> dict:
+        """A split's first `max_examples` examples (0 or None: all) as numpy arrays: image, text,
+        text_id, label, caption, and the attribute labels of `zero_shot_tasks()`. `process`
+        (index, count): only that process's contiguous share of them
+        (`clipjax.data.process_state.process_rows`), so that evaluating on many hosts reads and
+        decodes each example once. A source whose `eval_arrays` takes no `process` is read whole
+        on every process and sliced."""
 
     @abc.abstractmethod
     def caption_texts(self) -> list[str]:

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from clipjax.captions import decode_caption
 from clipjax.data import pipeline, records, tfds_util
 from clipjax.data.decode import Decoder, RecordReader, load_arrays
+from clipjax.data.process_state import process_rows
 from clipjax.data.sources.base import DataSource
 
 
@@ -76,11 +77,15 @@ class TfdsRecordSource(DataSource):
         )
 
     def eval_arrays(
-        self, tokenizer, split: str = "test", max_examples: int | None = None, drops=None
+        self, tokenizer, split: str = "test", max_examples: int | None = None, drops=None, *, process=(0, 1)
     ) -> dict:
+        """The first `max_examples` records of the split (this process's share), damaged ones
+        left out and counted in `drops`."""
         decoder = self.decoder(split, tokenizer, keep_captions=True, extra_int_fields=self.eval_int_fields)
         n = len(decoder.reader) if not max_examples else min(int(max_examples), len(decoder.reader))
-        return load_arrays(decoder, (np.arange(i, min(i + 1024, n)) for i in range(0, n, 1024)), drops=drops)
+        rows = process_rows(n, *process)
+        chunks = (np.arange(i, min(i + 1024, rows.stop)) for i in range(rows.start, rows.stop, 1024))
+        return load_arrays(decoder, chunks, drops=drops)
 
     def caption_texts(self) -> list[str]:
         source = self.records("train")

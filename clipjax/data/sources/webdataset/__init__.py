@@ -24,7 +24,7 @@ from clipjax import paths
 from clipjax.captions import decode_caption
 from clipjax.data.sources.webdataset import streaming
 from clipjax.data.decode import Decoder, chunks_of, load_arrays
-from clipjax.data.process_state import process_gather
+from clipjax.data.process_state import process_gather, process_rows
 from clipjax.data.sources import classes
 from clipjax.data.sources.base import register_source, DataSource
 from clipjax.schema import ConfigError, Field
@@ -155,10 +155,11 @@ class WebDatasetSource(DataSource):
         )
 
     def eval_arrays(
-        self, tokenizer, split: str = "test", max_examples: int | None = None, drops=None
+        self, tokenizer, split: str = "test", max_examples: int | None = None, drops=None, *, process=(0, 1)
     ) -> dict:
-        """The first `max_examples` good samples of data.eval_shards ('test') or data.shards
-        ('train'), in the order listed."""
+        """The first `max_examples` samples of data.eval_shards ('test') or data.shards ('train'),
+        in the order listed (this process's share), damaged ones left out and counted in `drops`:
+        the same samples whichever of them decode, and however many processes share them."""
         if split == "train":
             shards = self.train_shards
         elif split == "test":
@@ -171,8 +172,14 @@ class WebDatasetSource(DataSource):
                 shards = self.train_shards
         else:
             raise ValueError(f"webdataset: no split {split!r} (train: data.shards, test: data.eval_shards)")
-        samples = chunks_of(streaming.read_in_order(shards), 256)
-        return load_arrays(self.decoder(tokenizer, keep_captions=True), samples, max_examples, drops)
+        start, stop = 0, int(max_examples) if max_examples else None
+        if process[1] > 1:
+            # The shares need the count: the samples are read (not decoded) once more for it.
+            total = sum(1 for _ in itertools.islice(streaming.read_in_order(shards), stop))
+            rows = process_rows(total, *process)
+            start, stop = rows.start, rows.stop
+        samples = itertools.islice(streaming.read_in_order(shards), start, stop)
+        return load_arrays(self.decoder(tokenizer, keep_captions=True), chunks_of(samples, 256), drops=drops)
 
     def caption_texts(self) -> list[str]:
         texts = []
