@@ -178,6 +178,13 @@ class CaptionAnswerEncoders:
         rows = np.array([int(s.split(",")[0].split()[-1]) for s in strings])
         return self._one_hot(rows if self.wrong is None else self.wrong[rows])
 
+    # One process: its share of the images is all of them.
+    def local_batch_size(self, batch_size):
+        return batch_size
+
+    def local_image(self, images, length, batch_size=0):
+        return self.image(images)
+
 
 def _captions(num_images, per_image):
     return [[f"image {i}, caption {j}" for j in range(per_image(i))] for i in range(num_images)]
