@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 
 import importlib.util
+import os
 import pathlib
 import shutil
 
@@ -151,3 +152,11 @@ def with_ctrl_c(command):
         f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
     )
     return [python, "-c", code, *args]
+
+
+def env_without_device_count(env=None) -> dict:
+    """`env` (default os.environ) without the virtual device count of XLA_FLAGS (the processes
+    take theirs from CLIPJAX_LOCAL_DEVICES), keeping the other flags (conftest.py's)."""
+    env = dict(os.environ if env is None else env)
+    flags = [f for f in env.pop("XLA_FLAGS", "").split() if "device_count" not in f]
+    return {**env, "XLA_FLAGS": " ".join(flags)} if flags else env

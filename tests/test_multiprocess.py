@@ -1,7 +1,6 @@
 """Two processes x 4 devices on loopback train exactly like one process x 8 devices."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 from clipjax import trainer as train_lib
 from clipjax.checkpoint import Checkpointer
-from tests.helpers import ROOT, tiny_demo, with_ctrl_c
+from tests.helpers import ROOT, env_without_device_count, tiny_demo, with_ctrl_c
 
 STEPS = 20
 
@@ -41,8 +40,7 @@ def _command(workdir, data_dir):
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices come from CLIPJAX_LOCAL_DEVICES
-    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+    return {**env_without_device_count(), "JAX_PLATFORMS": "cpu", **extra}
 
 
 def _launch_two_processes(command):

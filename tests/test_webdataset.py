@@ -22,7 +22,15 @@ from clipjax.data.images import decode_image
 from clipjax.captions import caption_text_id
 from clipjax.data.sources import make_source
 from clipjax import paths
-from tests.helpers import ROOT, data_config, descendants, kill_all, load_config, survivors
+from tests.helpers import (
+    ROOT,
+    data_config,
+    descendants,
+    env_without_device_count,
+    kill_all,
+    load_config,
+    survivors,
+)
 
 try:  # the bucket stand-ins, where installed ('clipjax[test]')
     from tests.test_object_store import gcs, s3  # noqa: F401 - fixtures
@@ -575,7 +583,7 @@ def _free_port():
 
 def _launch_two(script, args):
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = env_without_device_count()
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), *map(str, args)],
