@@ -18,8 +18,8 @@ from typing import Any, Callable, ClassVar, NamedTuple
 import jax
 import numpy as np
 
-from clipjax.data.process_state import jax_gather, process_rows
-from clipjax.evals.embed import Share, gather_rows, sum_over_processes
+from clipjax.data.process_state import process_rows
+from clipjax.evals.embed import Share, gather_objects, gather_rows
 from clipjax.evals.encoders import Encoders
 from clipjax.schema import ConfigError, Field, Section
 
@@ -89,6 +89,10 @@ class EvalData:
 
     def heldout_share(self) -> Share:
         """Where this process's share sits among the held-out examples, and the longest share."""
+        return self._heldout_share
+
+    @functools.cached_property
+    def _heldout_share(self) -> Share:  # a collective: asked once
         return _share_of(len(self.heldout_local["image"]))
 
     def train_examples(self, n: int) -> dict[str, np.ndarray]:
@@ -150,11 +154,9 @@ class EvalData:
 
 def _share_of(local_rows: int) -> Share:
     """This process's place among rows that each process holds `local_rows` of, in process order."""
-    if jax.process_count() == 1:
-        return Share(slice(0, local_rows), local_rows)
-    counts = sum_over_processes(np.eye(jax.process_count(), dtype=np.int64)[jax.process_index()] * local_rows)
-    start = int(counts[: jax.process_index()].sum())
-    return Share(slice(start, start + local_rows), int(counts.max()))
+    counts = gather_objects(local_rows)
+    start = sum(counts[: jax.process_index()])
+    return Share(slice(start, start + local_rows), max(counts))
 
 
 def _gathered_fields(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -165,7 +167,7 @@ def _gathered_fields(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return fields
     strings = [k for k, v in fields.items() if v.dtype.kind in "USO"]
     out = {k: gather_rows(v) for k, v in fields.items() if k not in strings}
-    parts = jax_gather({k: fields[k].tolist() for k in strings})
+    parts = gather_objects({k: fields[k].tolist() for k in strings})
     for k in strings:
         out[k] = np.array([x for part in parts for x in part[k]], dtype=str)
     return out

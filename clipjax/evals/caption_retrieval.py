@@ -34,10 +34,10 @@ from PIL import Image
 from clipjax.evals import classification_data as tfds_files
 from clipjax.data.images import decode_image, fit_crop
 from clipjax.captions import decode_caption
-from clipjax.data.process_state import jax_gather, process_rows
+from clipjax.data.process_state import process_rows
 from clipjax.data.records import feature_keys, read_pairs
 from clipjax.evals.base import Evaluator, SkipEvaluation, register_evaluator
-from clipjax.evals.embed import gather_rows, sum_counters
+from clipjax.evals.embed import gather_objects, gather_rows, sum_counters
 from clipjax.evals.retrieval import multi_caption_retrieval
 from clipjax.schema import ConfigError, Field
 
@@ -105,7 +105,7 @@ class CaptionRetrievalEvaluator(Evaluator):
         # An image belongs to the process of its first record: only that one decodes and embeds it.
         seen: set[str] = set()
         owned_by = []
-        for part in _everyones([h.hex() for h in dict.fromkeys(h for h, _ in records)]):
+        for part in gather_objects([h.hex() for h in dict.fromkeys(h for h, _ in records)]):
             owned_by.append([h for h in part if h not in seen])
             seen.update(part)
         owned = {bytes.fromhex(h) for h in owned_by[jax.process_index()]}
@@ -138,7 +138,7 @@ class CaptionRetrievalEvaluator(Evaluator):
             f"evals.{self.name}: {name} {split}: {len(rows)} records read, {len(decoded)} images embedded"
         )
         # Images are numbered in the order of their first record, as one process reading all would.
-        everyone = _everyones({"decoded": [h.hex() for h in decoded], "bad": [h.hex() for h in bad]})
+        everyone = gather_objects({"decoded": [h.hex() for h in decoded], "bad": [h.hex() for h in bad]})
         index_of = {
             bytes.fromhex(h): i for i, h in enumerate(h for part in everyone for h in part["decoded"])
         }
@@ -152,7 +152,7 @@ class CaptionRetrievalEvaluator(Evaluator):
                 continue
             texts += captions
             caption_image += [index_of[key]] * len(captions)
-        pairs = _everyones({"texts": texts, "images": caption_image})
+        pairs = gather_objects({"texts": texts, "images": caption_image})
         skipped = sum_counters(skipped)
         result = multi_caption_retrieval(
             gather_rows(np.concatenate(embedded)),
@@ -163,11 +163,6 @@ class CaptionRetrievalEvaluator(Evaluator):
         if skipped:
             result["skipped"] = dict(skipped)
         return {"caption_retrieval": {name: result}}
-
-
-def _everyones(own) -> list:
-    """Every process's JSON-able `own`, in process order."""
-    return [own] if jax.process_count() == 1 else jax_gather(own)
 
 
 def benchmark_sections() -> dict[str, dict]:

@@ -13,14 +13,13 @@ them whole (`gather_rows`). On one process the share is everything and nothing i
 from __future__ import annotations
 
 import collections
-import json
 from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from clipjax.data.process_state import process_rows
+from clipjax.data.process_state import jax_gather, process_rows
 from clipjax.parallel import batch_parallelism, batch_sharding
 
 
@@ -103,13 +102,16 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
     return multihost_utils.process_allgather(counts).sum(axis=0).astype(counts.dtype)
 
 
+def gather_objects(own) -> list:
+    """Every process's JSON-able `own` (hashes, captions, counts), in process order."""
+    return [own] if jax.process_count() == 1 else jax_gather(own)
+
+
 def sum_counters(counts: dict[str, int]) -> dict[str, int]:
     """{reason: count} summed over processes (each may name other reasons)."""
-    if jax.process_count() == 1:
-        return dict(counts)
     total: collections.Counter = collections.Counter()
-    for part in _gather_parts(np.frombuffer(json.dumps(counts).encode(), np.uint8)):
-        total.update(json.loads(part.tobytes()))
+    for part in gather_objects(dict(counts)):
+        total.update(part)
     return dict(total)
 
 
