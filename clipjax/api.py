@@ -134,6 +134,28 @@ class TrainedModel:
             return np.zeros((0, int(self.config.model.embed_dim)), np.float32)
         return self.encoders.text(texts)
 
+    def caption(self, images, *, max_len: int = 0, method: str = "greedy", beams: int = 4) -> list[str]:
+        """Images (as `encode_image` takes them) -> one generated caption each, by a model with a
+        captioning decoder (`model.decoder`): `greedy`, or the most likely of `beams` kept by
+        `beam` search; at most `max_len` tokens with bos and eos (0: the model's context)."""
+        if self.config.model.decoder.get("variant", "none") == "none":
+            raise ValueError(
+                "caption: this model has no captioning decoder (model.decoder.variant is 'none')"
+            )
+        if method not in ("greedy", "beam"):
+            raise ValueError(f"caption: method must be 'greedy' or 'beam', got {method!r}")
+        if max_len and not 2 <= max_len <= int(self.config.data.tokenizer.max_len):
+            raise ValueError(
+                f"caption: max_len {max_len} is outside 2..{self.config.data.tokenizer.max_len} (the model's context)"
+            )
+        pixels = prepare_images(
+            images, int(self.config.data.image_size), self.config.model.get("image_resize", "crop")
+        )
+        if not len(pixels):
+            return []
+        tokens = self.encoders.caption_tokens(pixels, max_len=max_len, beams=beams if method == "beam" else 1)
+        return [self.tokenizer.decode(row) for row in tokens]
+
     @property
     def logit_scale(self) -> float:
         return float(np.exp(np.asarray(self.params["logit_scale"])))

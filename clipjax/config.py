@@ -219,6 +219,7 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_data: bo
     total_steps(config)
     config_model_spec(config)
     check_loss_config(config)
+    _check_captioning(config)
 
     axes = tuple(config.mesh.axes)
     try:
@@ -251,6 +252,16 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_data: bo
     if config.optim.frozen or config.optim.lr_multipliers or config.init_from_towers:
         _check_parameter_choices(config)
     return shape
+
+
+def _check_captioning(config) -> None:
+    if config.model.decoder.variant == "none":
+        return
+    if not config.loss.caption_weight:
+        raise ConfigError(
+            "loss.caption_weight: 0 leaves model.decoder untrained (set model.decoder.variant='none' "
+            "for no decoder)"
+        )
 
 
 def _check_data_files(config) -> None:

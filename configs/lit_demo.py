@@ -20,16 +20,13 @@ Pod: v5e:2x2 (4 chips, the smallest slice; the demo itself runs on a CPU); check
 clipjax.plan` (docs/scaling.md).
 """
 
-import importlib.util
 import pathlib
+
+from clipjax.cli import load_config_file
 
 
 def _demo_config(arg: str):
-    path = pathlib.Path(__file__).resolve().parent / "demo.py"
-    spec = importlib.util.spec_from_file_location("_clipjax_demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(f"{pathlib.Path(__file__).resolve().parent / 'demo.py'}:{arg}")
 
 
 def get_config(arg: str = ""):

@@ -48,7 +48,7 @@ def test_sharded_image_image_grads_equal_single_device(tfds_dir, loss_name):
         loss_fn = make_loss_fn(config, setup.graphdef, mesh)
         global_batch = host_batch_to_global(batch, mesh)
         loss_state = setup.state.get("loss_state", {})
-        (loss, (a, b, new_state)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        (loss, (a, b, new_state, _)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
             setup.state["params"], global_batch, loss_state, 3
         )
         # The same loss from the embeddings alone: the step adds nothing of its own.

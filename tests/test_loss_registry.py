@@ -57,7 +57,7 @@ def test_toy_objective_trains_and_its_loss_is_its_formula(toy_margin, tfds_dir, 
     mesh = make_mesh(config.mesh)
     setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
     loss_fn = jax.jit(make_loss_fn(config, setup.graphdef, mesh))
-    loss, (a, b, _) = loss_fn(setup.state["params"], host_batch_to_global(batch, mesh), {}, 0)
+    loss, (a, b, _, _) = loss_fn(setup.state["params"], host_batch_to_global(batch, mesh), {}, 0)
     expected = numpy_margin(a, b, batch["label"], 0.05)
     # The batch repeats concepts, so the formula depends on the labels reaching the objective.
     assert abs(numpy_margin(a, b, np.arange(len(a)), 0.05) - expected) > 1e-4 * abs(expected)

@@ -16,5 +16,6 @@ from clipjax.evals import logistic_probe as _logistic_probe  # noqa: E402,F401
 from clipjax.evals import classification as _classification  # noqa: E402,F401
 from clipjax.evals import caption_retrieval as _caption_retrieval  # noqa: E402,F401
 from clipjax.evals import spectrum as _spectrum  # noqa: E402,F401
+from clipjax.evals import captioning as _captioning  # noqa: E402,F401
 
 __all__ = ["EVALUATORS", "EvalData", "Encoders", "Evaluator", "register_evaluator"]

@@ -56,25 +56,35 @@ def _local_rows(out: jax.Array) -> np.ndarray:
 
 
 def embed_local(
-    encode: Callable[[jax.Array], jax.Array], local: np.ndarray, *, length: int, mesh, batch_size: int
+    encode: Callable[..., jax.Array],
+    local: np.ndarray | tuple[np.ndarray, ...],
+    *,
+    length: int,
+    mesh,
+    batch_size: int,
 ) -> np.ndarray:
     """`encode` of this process's `local` rows (at most `length`, which every process passes alike).
 
     Each call takes `local_batch_size` rows of every process, this one's padded (one compile, and
     the same number of calls everywhere); each device embeds its part, and only this process's
-    rows come back."""
+    rows come back. `local` may be a tuple of arrays with rows alike (images and their captions,
+    say): `encode` then takes one global array of each."""
     local_batch = local_batch_size(mesh, batch_size)
     sharding = batch_sharding(mesh)
+    parts = local if isinstance(local, tuple) else (local,)
     outputs = []
     for start in range(0, length, local_batch):
-        chunk = local[start : start + local_batch]
-        rows = _padded(chunk, local_batch)
-        x = jax.make_array_from_process_local_data(
-            sharding, rows, (local_batch * jax.process_count(), *rows.shape[1:])
-        )
-        outputs.append(_local_rows(encode(x))[: len(chunk)])
+        chunks = [part[start : start + local_batch] for part in parts]
+        xs = [
+            jax.make_array_from_process_local_data(
+                sharding, rows, (local_batch * jax.process_count(), *rows.shape[1:])
+            )
+            for rows in (_padded(chunk, local_batch) for chunk in chunks)
+        ]
+        outputs.append(_local_rows(encode(*xs))[: len(chunks[0])])
     if not outputs:  # no inputs: no rows, but the width and dtype of an output, as for any batch
-        out = jax.eval_shape(encode, jax.ShapeDtypeStruct((local_batch, *local.shape[1:]), local.dtype))
+        shapes = [jax.ShapeDtypeStruct((local_batch, *part.shape[1:]), part.dtype) for part in parts]
+        out = jax.eval_shape(encode, *shapes)
         return np.zeros((0, *out.shape[1:]), out.dtype)
     return np.concatenate(outputs)
 

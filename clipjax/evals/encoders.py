@@ -6,10 +6,13 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from clipjax.losses.captioning import caption_targets, token_cross_entropy
+from clipjax.models import generate
 from clipjax.evals.embed import embed_local, gather_rows, local_batch_size, process_share
 from clipjax.parallel import batch_axes
 from clipjax.parallel.activations import activation_sharding
@@ -30,6 +33,38 @@ def jitted_encoders(graphdef, mesh) -> tuple[Callable, Callable]:
         return jax.jit(run, out_shardings=rows)
 
     return encode("encode_image"), encode("encode_text")
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_captioner(graphdef, mesh, max_len: int, bos_id: int, eos_id: int, beams: int) -> Callable:
+    """caption(params, images) -> int32 [B, max_len] token ids, each device captioning its rows:
+    greedy for beams = 1, else the best of `beams` (clipjax.models.generate)."""
+    rows = NamedSharding(mesh, P(batch_axes(mesh)))
+
+    def run(params, images):
+        with activation_sharding(mesh):
+            model = nnx.merge(graphdef, params)
+            options = dict(max_len=max_len, bos_id=bos_id, eos_id=eos_id)
+            if beams <= 1:
+                return generate.greedy_captions(model, images, **options)
+            return generate.beam_captions(model, images, beams=beams, **options)[0]
+
+    return jax.jit(run, out_shardings=rows)
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_caption_loss(graphdef, mesh) -> Callable:
+    """loss(params, images, tokens) -> float32 [B, 2]: each caption's teacher-forced cross-entropy
+    summed over its real target tokens, and their number."""
+    rows = NamedSharding(mesh, P(batch_axes(mesh)))
+
+    def run(params, images, tokens):
+        with activation_sharding(mesh):
+            _, _, logits = nnx.merge(graphdef, params).embed_and_caption(images, tokens)
+        targets, mask = caption_targets(tokens)
+        return jnp.stack([jnp.sum(token_cross_entropy(logits, targets) * mask, axis=1), mask.sum(1)], axis=1)
+
+    return jax.jit(run, out_shardings=rows)
 
 
 class Encoders:
@@ -84,6 +119,46 @@ class Encoders:
 
     def text(self, strings: Sequence[str]) -> np.ndarray:
         return self.tokens(self.tokenizer.encode(list(strings)))
+
+    def local_caption_tokens(
+        self, images: np.ndarray, length: int, *, max_len: int = 0, beams: int = 1, batch_size: int = 0
+    ) -> np.ndarray:
+        """This process's images (at most `length`, alike in every process) -> generated token ids
+        [n, max_len] (0: the tokenizer's context), from bos to eos and pads after."""
+        max_len = int(max_len or self.tokenizer.max_len)
+        bos, eos = getattr(self.tokenizer, "bos_id", None), getattr(self.tokenizer, "eos_id", None)
+        if bos is None or eos is None:
+            raise ValueError("captioning needs a tokenizer with bos and eos ids (this one has none)")
+        caption = jitted_captioner(self.graphdef, self.mesh, max_len, int(bos), int(eos), int(beams))
+        return embed_local(
+            lambda x: caption(self.params, x),
+            np.asarray(images),
+            length=length,
+            mesh=self.mesh,
+            batch_size=batch_size or self.batch_size,
+        )
+
+    @property
+    def has_decoder(self) -> bool:
+        return "decoder" in self.params
+
+    def local_caption_loss(self, images: np.ndarray, tokens: np.ndarray, length: int) -> np.ndarray:
+        """This process's (images, caption token ids) -> [n, 2]: each caption's cross-entropy sum
+        over its real targets, and their count (teacher forcing)."""
+        loss = jitted_caption_loss(self.graphdef, self.mesh)
+        return embed_local(
+            lambda x, t: loss(self.params, x, t),
+            (np.asarray(images), np.asarray(tokens)),
+            length=length,
+            mesh=self.mesh,
+            batch_size=self.batch_size,
+        )
+
+    def caption_tokens(self, images: np.ndarray, *, max_len: int = 0, beams: int = 1) -> np.ndarray:
+        """uint8 [N, H, W, 3] at the model's resolution -> token ids [N, max_len], every process alike."""
+        return self._everyone(
+            lambda x, n: self.local_caption_tokens(x, n, max_len=max_len, beams=beams), images
+        )
 
     @property
     def logit_scale(self):

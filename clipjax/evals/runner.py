@@ -28,6 +28,8 @@ DEFAULT_EVALUATORS = {
     "knn": True,
     "embedding": True,
     "classification": False,
+    # Models with a captioning decoder (model.decoder) switch it on: configs/coca_demo.py.
+    "captioning": False,
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import jax
 
+from clipjax.losses import captioning
 from clipjax.schema import Field, Section
 
 # gather: all-gather the other side, b x B logits per device. ring: blocks travel around a
@@ -110,6 +111,7 @@ def loss_section() -> Section:
     }
     for spec in OBJECTIVES.values():
         fields.update(spec.fields)
+    fields.update(captioning.FIELDS)
     return Section(fields, doc="the contrastive loss over the global batch")
 
 

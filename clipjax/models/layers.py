@@ -8,6 +8,7 @@ parameters only and a pure jitted step can carry them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clipjax.parallel.activations import constrain
+from clipjax.schema import ConfigError
 
 Initializer = Callable[..., jax.Array]
 Array = jax.Array
@@ -84,6 +86,21 @@ def remat_name(value: Any) -> Any:
     if isinstance(value, bool):
         return "full" if value else "none"
     return value
+
+
+def transformer_sizes(values: dict[str, Any], variants: dict, sizes: Sequence[str], path: str) -> dict:
+    """A variant's sizes (`values['variant']` in `variants`) overridden by each of `sizes` that
+    `values` sets; a ConfigError naming the key unless the width splits evenly into heads."""
+    out = {**variants[values["variant"]], **{k: values[k] for k in sizes if values[k] is not None}}
+    if out["width"] % out["heads"]:
+        raise ConfigError(f"{path}.width: {out['width']} is not divisible by {path}.heads={out['heads']}")
+    return out
+
+
+def spec_from(cls: type, sizes: dict, values: dict[str, Any]):
+    """The spec dataclass `cls` of resolved `sizes`, every other field read from `values`."""
+    rest = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name not in sizes}
+    return cls(**sizes, **rest)
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str]) -> nnx.Param:
@@ -356,7 +373,6 @@ class Attention(nnx.Module):
         """x_q [B, Lq, D], x_kv [B, Lk, D] (defaults to x_q), mask -> [B,Lq,D]."""
         if x_kv is None:
             x_kv = x_q
-        dt = self.dtype
         q = self._project(x_q, self.query, self.query_bias)
         k = self._project(x_kv, self.key)
         v = self._project(x_kv, self.value, self.value_bias)
@@ -374,9 +390,27 @@ class Attention(nnx.Module):
             )
         else:
             ctx = self._einsum_attention(q, k, v, mask)
+        return self._out(ctx)
+
+    def _out(self, ctx: Array) -> Array:
+        dt = self.dtype
         ctx = constrain(ctx, HEADS)
         y = jnp.einsum("bqhk,hkd->bqd", ctx, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
         return constrain(y, TOKENS)
+
+    def cached(self, x: Array, cache: tuple[Array, Array], index: Array) -> tuple[Array, tuple[Array, Array]]:
+        """Causal self-attention of the new positions x [B, T, D], the first at `index`, over
+        the keys and values of every earlier position kept in `cache` ([B, max_len, heads,
+        head_dim] each) -> (output [B, T, D], the cache with x's keys and values written in)."""
+        keys, values = cache
+        q = self._project(x, self.query, self.query_bias)
+        write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index, axis=1)
+        keys = write(keys, self._project(x, self.key))
+        values = write(values, self._project(x, self.value, self.value_bias))
+        # Query t (at index + t) sees keys 0..index + t; the cache's unwritten tail is masked.
+        positions = jnp.arange(keys.shape[1])
+        visible = positions[None, :] <= index + jnp.arange(x.shape[1])[:, None]
+        return self._out(self._einsum_attention(q, keys, values, visible[None, None])), (keys, values)
 
     def _einsum_attention(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
         dt = self.dtype
@@ -443,6 +477,13 @@ class TransformerBlock(nnx.Module):
         x = constrain(x + self.attn(self.ln1(x), mask=mask), TOKENS)
         return constrain(x + self.mlp(self.ln2(x)), TOKENS)
 
+    def step(self, x: Array, cache: tuple[Array, Array], index: Array) -> tuple[Array, tuple[Array, Array]]:
+        """Causal generation: the new positions x [B, T, D] from `index` on, over the cached
+        keys and values of the earlier ones (`Attention.cached`)."""
+        y, cache = self.attn.cached(self.ln1(x), cache, index)
+        x = x + y
+        return x + self.mlp(self.ln2(x)), cache
+
 
 class Stack(nnx.Module):
     """``depth`` identical blocks, parameters stacked on a leading 'layers' axis.
@@ -507,3 +548,16 @@ class Stack(nnx.Module):
             unroll=True if self.unroll <= 0 or self.unroll >= self.depth else self.unroll,
         )
         return run(self.blocks, x, *args)
+
+    def scan_step(self, fn: Callable[..., tuple[Array, Any]], x: Array, per_block: Any) -> tuple[Array, Any]:
+        """x through the blocks as `fn(block, x, its slice of per_block) -> (x, new slice)`, with
+        per_block's leaves stacked on a leading depth axis (a generation cache): (x, new per_block)."""
+        if self.blocks is None:
+            return x, per_block
+        run = nnx.scan(
+            fn,
+            in_axes=(0, nnx.Carry, 0),
+            out_axes=(nnx.Carry, 0),
+            transform_metadata={nnx.PARTITION_NAME: LAYERS},
+        )
+        return run(self.blocks, x, per_block)

@@ -285,6 +285,7 @@ class ResNet(nnx.Module):
             size = _out_size(size, stride)
         self.stages = nnx.List(stages)
         self.final_size = size
+        self.token_dim = cin
         if spec.pool == "flatten":
             self.out_dim = size * size * cin
             self.norm = LayerNorm(self.out_dim, dtype=dtype, rngs=rngs)
@@ -301,6 +302,10 @@ class ResNet(nnx.Module):
             )
 
     def __call__(self, images: jax.Array) -> jax.Array:
+        return self.encode(images)[0]
+
+    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(pooled [B, out_dim], the last stage's map as tokens [B, h * w, channels] a decoder reads)."""
         if images.shape[1:3] != (self.image_size, self.image_size):
             # The flatten / attention poolers have position-dependent weights.
             raise ValueError(
@@ -316,7 +321,8 @@ class ResNet(nnx.Module):
             pooled = self.norm(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
         else:
             pooled = self.attn_pool(x)
-        return constrain(pooled, ("batch", "act_embed"))
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+        return constrain(pooled, ("batch", "act_embed")), constrain(tokens, ("batch", "length", "act_mlp"))
 
 
 # The class `clipjax.models.spec.IMAGE_TOWERS` builds for kind "resnet".

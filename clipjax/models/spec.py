@@ -3,7 +3,8 @@
 Image towers are plug-ins: a module with `FIELDS` (its `model.image.*` fields), `resolve(values,
 image_size, path) -> spec` (its variant table plus cross-field checks) and `Tower` (the
 nnx.Module built from the spec, called with `image_size`, `dtype`, `remat`, `attention`, `unroll`, `rngs`
-keywords). Adding one is a new file and a line in `IMAGE_TOWERS`.
+keywords). Adding one is a new file and a line in `IMAGE_TOWERS`. A tower that a captioning decoder
+(`model.decoder`) reads also has `encode(x) -> (pooled, tokens [B, N, token_dim])` and `token_dim`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from clipjax.models import resnet, text, vit
+from clipjax.models import decoder, resnet, text, vit
 from clipjax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, remat_name
 from clipjax.schema import ConfigError, Field, Section, merge_kinds, read_kind
 
@@ -138,6 +139,10 @@ def model_section() -> Section:
             ),
             "image": image_section(),
             "text": Section(dict(text.FIELDS), doc="the text Transformer"),
+            "decoder": Section(
+                dict(decoder.FIELDS),
+                doc="a captioning decoder reading the image tokens (CoCa, LocCa); trained by loss.caption_weight",
+            ),
             "projector": Section(
                 {
                     "layers": Field(2, "dense layers from the image tower to the loss's space", minimum=1),
@@ -175,6 +180,8 @@ class DualEncoderSpec:
     task: str = "image_text"
     projector_layers: int = 2
     projector_hidden: int = 0
+    # The captioning decoder (`model.decoder`), None without one.
+    decoder: decoder.DecoderSpec | None = None
 
 
 TASKS = ("image_text", "image_image")
@@ -194,10 +201,18 @@ def model_spec(
     image_values = read_kind(
         section.fields["image"], tower.FIELDS, kind, _get(model_config, "image"), f"{path}.image"
     )
+    text_spec = text.resolve(values["text"], f"{path}.text")
+    decoder_spec = decoder.resolve(values["decoder"], text_spec, f"{path}.decoder")
+    if decoder_spec is not None and task != "image_text":
+        raise ConfigError(f"{path}.decoder.variant: a captioning decoder needs captions (task='image_text')")
+    if decoder_spec is not None and not hasattr(tower.Tower, "encode"):
+        raise ConfigError(
+            f"{path}.decoder.variant: the {kind!r} image tower gives no tokens for a decoder to read"
+        )
     return DualEncoderSpec(
         image=tower.resolve(image_values, image_size, f"{path}.image"),
         image_kind=kind,
-        text=text.resolve(values["text"], f"{path}.text"),
+        text=text_spec,
         embed_dim=values["embed_dim"],
         dtype=values["dtype"],
         remat=values["remat"],
@@ -212,6 +227,7 @@ def model_spec(
         task=task,
         projector_layers=values["projector"]["layers"],
         projector_hidden=values["projector"]["hidden"],
+        decoder=decoder_spec,
     )
 
 

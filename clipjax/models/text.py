@@ -19,6 +19,8 @@ from clipjax.models.layers import (
     attention_mask,
     embed_normal,
     param,
+    spec_from,
+    transformer_sizes,
 )
 from clipjax.parallel.activations import constrain
 from clipjax.schema import ConfigError, Field
@@ -76,9 +78,7 @@ class TextSpec:
 
 def resolve(values: dict[str, Any], path: str = "model.text") -> TextSpec:
     """The variant's sizes overridden by every size that is set; cross-field checks."""
-    sizes = {**VARIANTS[values["variant"]], **{k: values[k] for k in SIZES if values[k] is not None}}
-    if sizes["width"] % sizes["heads"]:
-        raise ConfigError(f"{path}.width: {sizes['width']} is not divisible by {path}.heads={sizes['heads']}")
+    sizes = transformer_sizes(values, VARIANTS, SIZES, path)
     if values["causal"] and values["pool"] == "first":
         raise ConfigError(
             f"{path}.pool: 'first' with causal=True would see only the first token (use 'last' or 'mean')"
@@ -88,15 +88,7 @@ def resolve(values: dict[str, Any], path: str = "model.text") -> TextSpec:
             f"{path}.pool: {values['pool']!r} pools the real tokens, which needs {path}.pad_mask=True "
             "(use 'argmax' or 'final' without it)"
         )
-    return TextSpec(
-        **sizes,
-        pool=values["pool"],
-        causal=values["causal"],
-        variant=values["variant"],
-        pad_mask=values["pad_mask"],
-        activation=values["activation"],
-        norm_eps=values["norm_eps"],
-    )
+    return spec_from(TextSpec, sizes, values)
 
 
 class TextTransformer(nnx.Module):
@@ -137,6 +129,10 @@ class TextTransformer(nnx.Module):
         self.out_dim = w
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.encode(tokens)[0]
+
+    def encode(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(pooled [B, width], every position's final-normed output [B, L, width])."""
         b, length = tokens.shape
         if length > self.max_len:
             raise ValueError(f"text of length {length} exceeds max_len {self.max_len}")
@@ -149,7 +145,24 @@ class TextTransformer(nnx.Module):
         x = x + self.pos[:length].astype(self.dtype)
         x = self.encoder(x, attention_mask(valid if self.spec.pad_mask else None, length, self.spec.causal))
         x = constrain(self.norm(x), TOKENS)
-        return constrain(self._pool(x, tokens, valid), POOLED)
+        return constrain(self._pool(x, tokens, valid), POOLED), x
+
+    def init_cache(self, batch: int) -> tuple[jax.Array, jax.Array]:
+        """Empty keys and values for `step`: [depth, B, max_len, heads, head_dim] each."""
+        spec = self.spec
+        shape = (spec.depth, batch, self.max_len, spec.heads, spec.width // spec.heads)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def step(self, tokens: jax.Array, cache, index) -> tuple[jax.Array, Any]:
+        """A causal tower's outputs at the new positions (tokens [B, T] from `index` on) over the
+        cached earlier ones: (final-normed states [B, T, width], cache); the same states as
+        `encode` gives there, which a decoder continuing from the text tower reads."""
+        if not self.spec.causal:
+            raise ValueError("step needs a causal text tower (model.text.causal=True)")
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = x + jax.lax.dynamic_slice_in_dim(self.pos[...], index, tokens.shape[1], axis=0).astype(self.dtype)
+        x, cache = self.encoder.scan_step(lambda block, h, c: block.step(h, c, index), x, cache)
+        return self.norm(x), cache
 
     def _pool(self, x: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
         length = x.shape[1]

@@ -14,6 +14,7 @@ from flax import nnx
 from clipjax.models.layers import POOLED, Dense
 from clipjax.models import spec as spec_lib
 from clipjax.models.spec import IMAGE_TOWERS, DualEncoderSpec, config_model_spec, model_spec
+from clipjax.models.decoder import CaptionDecoder
 from clipjax.models.text import TextTransformer
 from clipjax.parallel.activations import constrain
 
@@ -104,7 +105,7 @@ class DualEncoder(nnx.Module):
             self.projector = Projector(
                 width, spec.projector_hidden or width, spec.embed_dim, spec.projector_layers, rngs=rngs
             )
-            self.text_tower = self.image_proj = self.text_proj = None
+            self.text_tower = self.image_proj = self.text_proj = self.decoder = None
             return
         self.projector = None
         self.text_tower = TextTransformer(
@@ -130,13 +131,28 @@ class DualEncoder(nnx.Module):
             use_bias=spec.text_projection_bias,
             rngs=rngs,
         )
+        self.decoder = (
+            None
+            if spec.decoder is None
+            else CaptionDecoder(
+                spec.decoder,
+                vocab_size=vocab_size,
+                max_len=max_len,
+                image_width=self.image_tower.token_dim,
+                text_width=self.text_tower.out_dim,
+                **execution,
+                rngs=rngs,
+            )
+        )
 
     def image_features(self, images: jax.Array) -> jax.Array:
         """Tower output before projection, float32 [B, image_tower.out_dim]."""
+        return constrain(self.image_tower(self._standardize(images)).astype(jnp.float32), POOLED)
+
+    def _standardize(self, images: jax.Array) -> jax.Array:
         # Each chip normalises (and the tower embeds) only its own examples.
         images = constrain(images, ("batch",))
-        x = normalize_images(images, self.spec.image_mean, self.spec.image_std)
-        return constrain(self.image_tower(x).astype(jnp.float32), POOLED)
+        return normalize_images(images, self.spec.image_mean, self.spec.image_std)
 
     def text_features(self, tokens: jax.Array) -> jax.Array:
         """Tower output before projection, float32 [B, text_tower.out_dim]."""
@@ -147,7 +163,9 @@ class DualEncoder(nnx.Module):
 
         An image-image model gives its representation: the tower's features before the
         projector, normalised (what SimCLR evaluates)."""
-        features = self.image_features(images)
+        return self._embed_image_features(self.image_features(images))
+
+    def _embed_image_features(self, features: jax.Array) -> jax.Array:
         if self.projector is not None or self.image_proj is None:
             return l2_normalize(features)
         return constrain(l2_normalize(self.image_proj(features)), POOLED)
@@ -156,7 +174,32 @@ class DualEncoder(nnx.Module):
         """int32 [B, L] token ids (pad 0) -> unit-norm float32 [B, embed]."""
         if self.text_tower is None:
             raise NoTextTower("an image-image model (task='image_image') has no text tower")
-        return constrain(l2_normalize(self.text_proj(self.text_features(tokens))), POOLED)
+        return self._embed_text_features(self.text_features(tokens))
+
+    def _embed_text_features(self, features: jax.Array) -> jax.Array:
+        return constrain(l2_normalize(self.text_proj(features)), POOLED)
+
+    def embed_and_caption(
+        self, images: jax.Array, tokens: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One forward pass of a model with a decoder: (image embeddings, text embeddings,
+        teacher-forced logits [B, L - 1, vocab], row i predicting tokens[:, i + 1])."""
+        pooled, image_tokens = self.image_tower.encode(self._standardize(images))
+        img = self._embed_image_features(constrain(pooled.astype(jnp.float32), POOLED))
+        text_pooled, states = self.text_tower.encode(tokens)
+        txt = self._embed_text_features(constrain(text_pooled.astype(jnp.float32), POOLED))
+        inputs = tokens[:, :-1] if self.decoder.spec.input == "embed" else states[:, :-1]
+        logits = self.decoder(inputs, self.decoder.memory(image_tokens), self.tied_embedding())
+        return img, txt, logits
+
+    def image_memory(self, images: jax.Array) -> jax.Array:
+        """What the decoder's cross-attention reads of each image, computed once per caption."""
+        return self.decoder.memory(self.image_tower.encode(self._standardize(images))[1])
+
+    def tied_embedding(self) -> jax.Array | None:
+        """The text tower's token table where the decoder's output layer is tied to it."""
+        d = self.decoder.spec
+        return self.text_tower.embed[...] if d.tie_embedding and d.input == "text_tower" else None
 
     def project_image(self, images: jax.Array) -> jax.Array:
         """Image-image models: images -> unit-norm projector outputs, the space the loss sees."""

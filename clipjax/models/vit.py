@@ -23,6 +23,8 @@ from clipjax.models.layers import (
     embed_normal,
     lecun_normal,
     param,
+    spec_from,
+    transformer_sizes,
 )
 from clipjax.parallel.activations import constrain
 from clipjax.schema import ConfigError, Field
@@ -76,23 +78,12 @@ class ViTSpec:
 
 def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") -> ViTSpec:
     """The variant's sizes overridden by every size that is set; cross-field checks."""
-    sizes = {**VARIANTS[values["variant"]], **{k: values[k] for k in SIZES if values[k] is not None}}
-    if sizes["width"] % sizes["heads"]:
-        raise ConfigError(f"{path}.width: {sizes['width']} is not divisible by {path}.heads={sizes['heads']}")
+    sizes = transformer_sizes(values, VARIANTS, SIZES, path)
     if image_size % sizes["patch_size"]:
         raise ConfigError(
             f"{path}.patch_size: {sizes['patch_size']} does not divide the image size {image_size}"
         )
-    return ViTSpec(
-        **sizes,
-        pool=values["pool"],
-        patch_embed=values["patch_embed"],
-        variant=values["variant"],
-        patch_bias=values["patch_bias"],
-        ln_pre=values["ln_pre"],
-        activation=values["activation"],
-        norm_eps=values["norm_eps"],
-    )
+    return spec_from(ViTSpec, sizes, values)
 
 
 class MAPHead(nnx.Module):
@@ -178,6 +169,7 @@ class ViT(nnx.Module):
             MAPHead(w, spec.heads, spec.mlp_dim, **block, rngs=rngs) if spec.pool == "map" else None
         )
         self.out_dim = w
+        self.token_dim = w
 
     def _patchify(self, images: jax.Array) -> jax.Array:
         b, h, w, c = images.shape
@@ -191,6 +183,10 @@ class ViT(nnx.Module):
         return self.patch(x.reshape(b, (h // p) * (w // p), p * p * c))
 
     def __call__(self, images: jax.Array) -> jax.Array:
+        return self.encode(images)[0]
+
+    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(pooled [B, width], the final-normed tokens [B, tokens, width] a decoder reads)."""
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(
                 f"ViT built for {self.image_size}x{self.image_size} images, got "
@@ -205,10 +201,10 @@ class ViT(nnx.Module):
             x = self.ln_pre(x)
         x = constrain(self.norm(self.encoder(x)), TOKENS)
         if self.spec.pool == "cls":
-            return constrain(x[:, 0], POOLED)
+            return constrain(x[:, 0], POOLED), x
         if self.spec.pool == "mean":
-            return constrain(jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype), POOLED)
-        return self.map_head(x)
+            return constrain(jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype), POOLED), x
+        return self.map_head(x), x
 
 
 # The class `clipjax.models.spec.IMAGE_TOWERS` builds for kind "vit".

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -10,30 +12,61 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import optim
 from clipjax.losses import objective_loss
+from clipjax.losses.captioning import caption_loss_sum, caption_token_count
 from clipjax.metrics import embedding_metrics
 from clipjax.parallel import batch_axes, batch_parallelism
 from clipjax.parallel.activations import activation_sharding
 
 
 def make_loss_fn(config, graphdef, mesh):
-    """loss(params, batch, loss_state=None, step=0) -> (loss, (a, b, new_loss_state)) over the
-    global batch.
+    """loss(params, batch, loss_state=None, step=0) -> (loss, (a, b, new_loss_state, parts))
+    over the global batch.
 
     (a, b) are the embeddings the loss compares: images and texts, or (`task = 'image_image'`)
     the projections of two augmented views of each image. The towers run under jit's automatic
-    partitioning; the loss inside a shard_map.
+    partitioning; the loss inside a shard_map. With a captioning decoder the loss is
+    `loss.contrastive_weight` x the contrastive objective + `loss.caption_weight` x the
+    captioning cross-entropy, and `parts` holds the two unweighted ({} without a decoder).
     """
     embedding_loss = make_embedding_loss(config, mesh)
     embed = make_embed_fn(config, graphdef)
+    weights = caption_weights(config)
 
     def loss_fn(params, batch, loss_state=None, step=0):
-        a, b = embed(params, batch, step)
-        loss, new_state = embedding_loss(
-            a, b, params["logit_scale"], params.get("logit_bias"), batch, loss_state or {}
-        )
-        return loss, (a, b, new_state)
+        args = (params["logit_scale"], params.get("logit_bias"), batch, loss_state or {})
+        if weights is None:
+            a, b = embed(params, batch, step)
+            loss, new_state = embedding_loss(a, b, *args)
+            return loss, (a, b, new_state, {})
+        a, b, logits = nnx.merge(graphdef, params).embed_and_caption(batch["image"], batch["text"])
+        contrastive, new_state = embedding_loss(a, b, *args)
+        caption = caption_loss_sum(logits, batch["text"], weights.label_smoothing) / _token_count(batch)
+        loss = weights.contrastive * contrastive + weights.caption * caption
+        return loss, (a, b, new_state, {"contrastive_loss": contrastive, "caption_loss": caption})
 
     return loss_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionWeights:
+    contrastive: float
+    caption: float
+    label_smoothing: float
+
+
+def caption_weights(config) -> CaptionWeights | None:
+    """How a model with a captioning decoder weighs its two losses; None without a decoder."""
+    if config.model.decoder.variant == "none":
+        return None
+    loss = config.loss
+    return CaptionWeights(
+        float(loss.contrastive_weight), float(loss.caption_weight), float(loss.label_smoothing)
+    )
+
+
+def _token_count(batch):
+    # At least one, so a batch of empty captions gives a zero loss rather than 0 / 0.
+    return jnp.maximum(caption_token_count(batch["text"]), 1.0)
 
 
 def make_embed_fn(config, graphdef):
@@ -149,6 +182,15 @@ def make_grad_fn(config, graphdef, mesh):
         x = y.reshape(k, shards, b // k, *y.shape[2:]).swapaxes(0, 1).reshape(shards * b, *y.shape[2:])
         return jax.lax.with_sharding_constraint(x, rows_sharding)
 
+    weights = caption_weights(config)
+    # The contrastive objective's share of the loss: its gradient is scaled alike.
+    contrastive_weight = 1.0 if weights is None else weights.contrastive
+
+    def embed_and_caption_sum(params, mb, step):
+        # The towers and the decoder on one micro-batch: (a, b, its captions' loss sum).
+        a, b, logits = nnx.merge(graphdef, params).embed_and_caption(mb["image"], mb["text"])
+        return a, b, caption_loss_sum(logits, mb["text"], weights.label_smoothing)
+
     def grad_fn(params, batch, loss_state=None, step=0):
         trainable, frozen = optim.split_trainable(params, frozen_patterns)
         batch = {**batch, "index": _index(batch)}
@@ -157,26 +199,47 @@ def make_grad_fn(config, graphdef, mesh):
         a, b = merge(a), merge(b)
         has_bias = "logit_bias" in params
         bias = params["logit_bias"] if has_bias else jnp.zeros((), jnp.float32)
-        (loss, new_state), (g_a, g_b, g_scale, g_bias) = jax.value_and_grad(
-            lambda i, t, s, c: embedding_loss(i, t, s, c if has_bias else None, batch, loss_state or {}),
-            argnums=(0, 1, 2, 3),
-            has_aux=True,
+
+        def weighted_contrastive(i, t, s, c):
+            loss, new_state = embedding_loss(i, t, s, c if has_bias else None, batch, loss_state or {})
+            return contrastive_weight * loss, (new_state, loss)
+
+        (weighted, (new_state, contrastive)), (g_a, g_b, g_scale, g_bias) = jax.value_and_grad(
+            weighted_contrastive, argnums=(0, 1, 2, 3), has_aux=True
         )(a, b, params["logit_scale"], bias)
+        # The captioning loss is a mean over the global batch's tokens: each micro-batch's sum
+        # enters with the weight / the batch's count, so the sum of the micro-batches' gradients
+        # is the un-split batch's.
+        count = _token_count(batch) if weights is not None else None
 
-        def accumulate(total, xs):
+        def accumulate(carry, xs):
+            total, caption_sum = carry
             mb, ga, gb = xs
-            _, vjp = jax.vjp(lambda t: embed_fn(optim.combine(t, frozen), mb, step), trainable)
-            (g,) = vjp((ga, gb))
-            return jax.tree.map(jnp.add, total, g), None
+            if weights is None:
+                _, vjp = jax.vjp(lambda t: embed_fn(optim.combine(t, frozen), mb, step), trainable)
+                (g,) = vjp((ga, gb))
+            else:
+                (_, _, mb_sum), vjp = jax.vjp(
+                    lambda t: embed_and_caption_sum(optim.combine(t, frozen), mb, step), trainable
+                )
+                (g,) = vjp((ga, gb, weights.caption / count))
+                caption_sum = caption_sum + mb_sum
+            return (jax.tree.map(jnp.add, total, g), caption_sum), None
 
-        grads, _ = jax.lax.scan(
-            accumulate, jax.tree.map(jnp.zeros_like, trainable), (micro, split(g_a), split(g_b))
+        (grads, caption_sum), _ = jax.lax.scan(
+            accumulate,
+            (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32)),
+            (micro, split(g_a), split(g_b)),
         )
         if "logit_scale" in grads:
             grads["logit_scale"] = grads["logit_scale"] + g_scale
         if has_bias and "logit_bias" in grads:
             grads["logit_bias"] = grads["logit_bias"] + g_bias
-        return (loss, (a, b, new_state)), grads
+        if weights is None:
+            return (contrastive, (a, b, new_state, {})), grads
+        caption = caption_sum / count
+        loss = weighted + weights.caption * caption
+        return (loss, (a, b, new_state, {"contrastive_loss": contrastive, "caption_loss": caption})), grads
 
     return grad_fn
 
@@ -213,7 +276,9 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
 
     def sharded_train_step(state, batch, with_metrics):
         loss_state = state.get("loss_state", {})
-        (loss, (img, txt, loss_state)), grads = grad_fn(state["params"], batch, loss_state, state["step"])
+        (loss, (img, txt, loss_state, parts)), grads = grad_fn(
+            state["params"], batch, loss_state, state["step"]
+        )
         # Only the trainable parameters reach the optimizer; the frozen ones pass through as
         # they are (no update, no weight decay, no optimizer state), bit for bit.
         old, frozen = optim.split_trainable(state["params"], frozen_patterns)
@@ -232,6 +297,7 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
         }
         if "logit_bias" in params:
             metrics["logit_bias"] = params["logit_bias"]
+        metrics.update(parts)
         if with_metrics:
             # Measured on the embeddings this step trained on, with the temperature they saw.
             keys = {"": _item_ids(config, batch), "label_": batch["label"]}

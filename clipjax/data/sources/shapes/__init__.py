@@ -48,3 +48,9 @@ class ShapesSource(TfdsRecordSource):
 
     def zero_shot_tasks(self):
         return shapes.zero_shot_tasks()
+
+    @staticmethod
+    def parse_caption(caption: str) -> dict[str, int]:
+        """The attribute labels a caption states (-1 where it does not): how the captioning
+        evaluator scores generated captions."""
+        return shapes.parse_caption(caption)

@@ -1,0 +1,105 @@
+"""Captioning of the held-out images by a model with a decoder (CoCa, LocCa).
+
+Two measures. The teacher-forced cross-entropy of the held-out captions (and its perplexity),
+which every decoder has and which needs no generation. And, where the data source can read a
+caption back into the attributes it labels its images with (`parse_caption`: the shapes
+dataset's shape, colour, size and position), the captions the model writes itself, greedily or
+by beam search: for each attribute the fraction of generated captions that state it and the
+fraction of those that state it correctly. The accuracy counts only what a caption states,
+because the training captions leave attributes out at random (shapes drops each with a fixed
+probability), so a model that learns the data also leaves some out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from clipjax.evals.base import Evaluator, SkipEvaluation, register_evaluator
+from clipjax.evals.embed import gather_objects, sum_over_processes
+from clipjax.schema import Field
+
+
+@register_evaluator
+class CaptioningEvaluator(Evaluator):
+    """Captioning: held-out cross-entropy and perplexity; attributes of generated captions."""
+
+    kind = "captioning"
+    FIELDS = {
+        "generate_examples": Field(
+            500, "held-out images captioned by generation (the slow part; 0: none)", minimum=0
+        ),
+        "beams": Field(1, "1: greedy captions; more: the best of this many by beam search", minimum=1),
+        "samples": Field(5, "generated captions shown in the report beside their image's own", minimum=0),
+    }
+
+    def run(self, encoders):
+        if not encoders.has_decoder:
+            raise SkipEvaluation("the model has no captioning decoder (model.decoder.variant is 'none')")
+        data = self.data
+        local, share = data.heldout_local, data.heldout_share()
+        if not data.num_heldout:
+            raise SkipEvaluation("there are no held-out examples")
+        sums = encoders.local_caption_loss(local["image"], local["text"], share.length)
+        total, count = sum_over_processes(np.asarray(sums, np.float64).sum(axis=0))
+        cross_entropy = float(total / max(count, 1.0))
+        out = {"cross_entropy": cross_entropy, "perplexity": float(math.exp(min(cross_entropy, 80.0)))}
+        n = min(int(self.settings["generate_examples"]), data.num_heldout)
+        if n:
+            out.update(self._generated(encoders, n))
+        return {"captioning": out}
+
+    def _generated(self, encoders, n: int) -> dict:
+        """Captions of the first n held-out images (each process its share of them)."""
+        data = self.data
+        share = data.heldout_share()
+        mine = max(0, min(len(data.heldout_local["image"]), n - share.rows.start))
+        tokens = encoders.local_caption_tokens(
+            data.heldout_local["image"][:mine], min(share.length, n), beams=self.settings["beams"]
+        )
+        captions = [data.tokenizer.decode(row) for row in tokens]
+        out: dict = {"generated": n, "mean_words": float(_mean_words(captions, n))}
+        parse = getattr(data.source, "parse_caption", None)
+        if parse is not None:
+            fields = {
+                k: v[share.rows.start : share.rows.start + mine] for k, v in data.heldout_fields.items()
+            }
+            out["attributes"] = _attribute_scores(parse, captions, fields)
+        samples = int(self.settings["samples"])
+        if samples:
+            shown = [c for part in gather_objects(captions[:samples]) for c in part][:samples]
+            truth = data.heldout_fields["caption"][:samples]
+            out["samples"] = [{"generated": str(g), "reference": str(r)} for g, r in zip(shown, truth)]
+        return out
+
+
+def _mean_words(captions: list[str], n: int) -> float:
+    words = sum_over_processes(np.array([sum(len(c.split()) for c in captions)], np.int64))[0]
+    return words / max(n, 1)
+
+
+def _attribute_scores(parse, captions: list[str], fields: dict) -> dict:
+    """Per attribute the parse knows and the held-out records label: stated (the fraction of
+    captions that say it) and accuracy (correct among those), summed over processes; `all`:
+    correct / stated over every attribute."""
+    parsed = [parse(c) for c in captions]
+    names = [k for k in (parsed[0] if parsed else parse("")) if k in fields]
+    counts = np.zeros((len(names), 2), np.int64)  # stated, correct
+    for i, attributes in enumerate(parsed):
+        for j, name in enumerate(names):
+            if attributes[name] >= 0:
+                counts[j, 0] += 1
+                counts[j, 1] += int(attributes[name] == int(fields[name][i]))
+    counts = sum_over_processes(counts)
+    n = sum_over_processes(np.array([len(captions)], np.int64))[0]
+    out = {
+        name: {"stated": float(s / max(n, 1)), "accuracy": float(c / s) if s else 0.0}
+        for name, (s, c) in zip(names, counts)
+    }
+    stated, correct = counts.sum(axis=0) if len(counts) else (0, 0)
+    out["all"] = {
+        "stated": float(stated / max(n * max(len(names), 1), 1)),
+        "accuracy": float(correct / max(stated, 1)),
+    }
+    return out

@@ -1,0 +1,238 @@
+"""The captioning decoder (CoCa, LocCa): exact combined loss on any mesh and micro-batching,
+generation over a key/value cache equal to full passes, and the config's one-line refusals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from clipjax.config import ConfigError, default_config, validate
+from clipjax.losses.captioning import caption_loss_sum, caption_token_count, token_cross_entropy
+from clipjax.models import generate
+from clipjax.models.two_towers import model_factory
+from clipjax.parallel import host_batch_to_global, make_mesh
+from clipjax.trainer.state import init_train_state
+from clipjax.trainer.step import make_grad_fn
+from tests.helpers import rel_err, source_and_tokenizer, tiny_demo
+
+VOCAB, LENGTH, BOS, EOS = 40, 9, 1, 2
+
+
+def _model(input_="text_tower", cross_attention="tokens", tie=False, kind="vit", seed=0):
+    """A tiny random model with a decoder, its output layer randomised (it starts at zero)."""
+    c = default_config()
+    c.data.image_size = 16
+    c.data.tokenizer.max_len = LENGTH
+    c.model.image.kind = kind
+    if kind == "vit":
+        c.model.image.patch_size = 4
+    c.model.text.causal = True
+    c.model.text.pool = "last"
+    c.model.decoder.variant = "tiny"
+    c.model.decoder.input = input_
+    c.model.decoder.cross_attention = cross_attention
+    c.model.decoder.pooler_queries = 3
+    c.model.decoder.tie_embedding = tie
+    c.seed = seed
+    model = model_factory(c, vocab_size=VOCAB)()
+    if model.decoder.head is not None:
+        head = model.decoder.head.kernel
+        head[...] = jax.random.normal(jax.random.key(seed + 1), head.shape) * 0.5
+    return model
+
+
+def _inputs(b=3, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    images = jax.random.uniform(k1, (b, 16, 16, 3))
+    words = jax.random.randint(k2, (b, LENGTH), 3, VOCAB)
+    lengths = jnp.array([3, 5, LENGTH - 2, 1, 4, 6][:b])
+    pos = jnp.arange(LENGTH)[None]
+    tokens = jnp.where(pos == 0, BOS, jnp.where(pos <= lengths[:, None], words, 0))
+    tokens = jnp.where(pos == lengths[:, None] + 1, EOS, tokens)
+    return images, tokens.astype(jnp.int32)
+
+
+DECODERS = [
+    ("text_tower", "tokens", False),
+    ("text_tower", "pooler", True),
+    ("embed", "tokens", True),
+    ("embed", "pooler", False),
+]
+
+
+@pytest.mark.parametrize("input_,cross_attention,tie", DECODERS)
+def test_cached_generation_steps_give_the_teacher_forced_logits(input_, cross_attention, tie):
+    """Position by position over the key/value cache, the text tower and decoder give the
+    logits of the full teacher-forced pass (a causal mask dropped from either would let the
+    full pass see later tokens, which the cache never holds)."""
+    model = _model(input_, cross_attention, tie)
+    images, tokens = _inputs()
+    _, _, logits = model.embed_and_caption(images, tokens)
+    full = jax.nn.log_softmax(logits, axis=-1)
+    step = generate._step_fn(model, model.image_memory(images), bos_id=0)
+    caches = generate._caches(model, images.shape[0])
+    for i in range(LENGTH - 1):
+        logp, caches = step(tokens[:, i : i + 1], caches, i)
+        # The step never proposes pad: compare the other tokens' probabilities, renormalised.
+        expected = jax.nn.log_softmax(full[:, i].at[:, 0].set(-jnp.inf), axis=-1)
+        # Rows past their caption's end differ (pad keys are masked in the full pass only), and
+        # nothing reads them: generation stops a row at eos.
+        real = np.asarray(tokens[:, i] != 0)
+        assert real.any()
+        np.testing.assert_allclose(logp[real, 1:], expected[real, 1:], atol=2e-5, err_msg=f"position {i}")
+
+
+def _greedy_by_full_passes(model, images, max_len):
+    """The reference: every next token from a whole teacher-forced pass over the prefix."""
+    b = images.shape[0]
+    tokens = np.zeros((b, max_len), np.int32)
+    tokens[:, 0] = BOS
+    done = np.zeros(b, bool)
+    for i in range(max_len - 1):
+        # Row i of the logits reads positions 0..i (the one after is a placeholder).
+        _, _, logits = model.embed_and_caption(images, jnp.asarray(tokens[:, : i + 2]))
+        scores = np.array(logits[:, i])
+        scores[:, [0, BOS]] = -np.inf
+        chosen = np.where(done, 0, scores.argmax(-1))
+        tokens[:, i + 1] = chosen
+        done |= chosen == EOS
+    return tokens
+
+
+@pytest.mark.parametrize("input_", ["text_tower", "embed"])
+def test_greedy_generation_with_the_cache_equals_full_passes_token_for_token(input_):
+    model = _model(input_, "tokens", False, seed=3)
+    images, _ = _inputs(b=4, seed=5)
+    graphdef, params = nnx.split(model)
+    cached = jax.jit(
+        lambda p, x: generate.greedy_captions(
+            nnx.merge(graphdef, p), x, max_len=LENGTH, bos_id=BOS, eos_id=EOS
+        )
+    )
+    got = np.asarray(cached(params, images))
+    np.testing.assert_array_equal(got, _greedy_by_full_passes(model, images, LENGTH))
+    assert (got[:, 1:] != 0).any(), "the random model generated nothing to compare"
+
+
+def test_beam_search_of_one_beam_is_greedy_and_more_beams_score_no_worse():
+    model = _model("embed", "pooler", False, seed=7)
+    images, _ = _inputs(b=4, seed=8)
+    greedy = generate.greedy_captions(model, images, max_len=LENGTH, bos_id=BOS, eos_id=EOS)
+    one, _ = generate.beam_captions(model, images, max_len=LENGTH, bos_id=BOS, eos_id=EOS, beams=1)
+    np.testing.assert_array_equal(one, greedy)
+
+    def log_prob(tokens):
+        _, _, logits = model.embed_and_caption(images, tokens)
+        logits = logits.at[:, :, jnp.array([0, BOS])].set(-jnp.inf)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        targets = tokens[:, 1:]
+        picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(targets != 0, picked, 0.0), axis=1)
+
+    beam, scores = generate.beam_captions(model, images, max_len=LENGTH, bos_id=BOS, eos_id=EOS, beams=4)
+    np.testing.assert_allclose(scores, log_prob(beam), rtol=1e-5)
+    assert np.all(np.asarray(scores) >= np.asarray(log_prob(greedy)) - 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_cross_attention_reads_every_image_token(kind):
+    """The decoder's memory holds one row per image token (or pooler query), not the pooled
+    embedding; and a change to one image region reaches the captions' logits."""
+    model = _model("embed", "tokens", False, kind=kind)
+    images, tokens = _inputs()
+    pooled, image_tokens = model.image_tower.encode(model._standardize(images))
+    memory = model.image_memory(images)
+    assert image_tokens.shape[1] > 1 and memory.shape[:2] == image_tokens.shape[:2]
+    np.testing.assert_allclose(memory, model.decoder.memory(image_tokens), atol=1e-6)
+    pooled_model = _model("embed", "pooler", False, kind=kind)
+    assert pooled_model.image_memory(images).shape[1] == 3
+
+
+def test_label_smoothing_and_the_token_mean():
+    logits = jax.random.normal(jax.random.key(0), (2, 4, 6))
+    tokens = jnp.array([[1, 3, 4, 2, 0], [1, 5, 2, 0, 0]])
+    targets = tokens[:, 1:]
+    logp = jax.nn.log_softmax(logits, -1)
+    mask = np.asarray(targets != 0, np.float32)
+    nll = -np.take_along_axis(np.asarray(logp), np.asarray(targets)[..., None], -1)[..., 0]
+    assert float(caption_token_count(tokens)) == 5
+    np.testing.assert_allclose(caption_loss_sum(logits, tokens), np.sum(nll * mask), rtol=1e-6)
+    smooth = 0.9 * nll - 0.1 * np.asarray(logp).mean(-1)
+    np.testing.assert_allclose(token_cross_entropy(logits, targets, 0.1), smooth, rtol=1e-6)
+
+
+def _caption_config(data_dir, **overrides):
+    values = {
+        "model.text.causal": True,
+        "model.text.pool": "last",
+        "model.decoder.variant": "tiny",
+        "model.decoder.cross_attention": "tokens",
+        **overrides,
+    }
+    return tiny_demo(data_dir, **values)
+
+
+def test_combined_loss_and_gradients_equal_one_device_on_8_gather_and_ring_micro_batched(tfds_dir):
+    """Contrastive + captioning loss and every gradient: 8 devices (FSDP x data) with the gather
+    loss, and with the ring over 2 micro-batches, equal one device's un-split batch."""
+    base = _caption_config(tfds_dir, **{"loss.label_smoothing": 0.1, "loss.caption_weight": 2.0})
+    source, tokenizer = source_and_tokenizer(base.data)
+    batch = next(source.train_iterator(tokenizer, seed=0))
+    batch = {k: batch[k] for k in ("image", "text", "text_id")}
+    results = []
+    for devices, shape, impl, micro in (
+        (jax.devices()[:1], (1, 1, 1), "gather", 1),
+        (jax.devices(), (4, 2, 1), "gather", 1),
+        (jax.devices(), (4, 2, 1), "ring", 2),
+    ):
+        config = _caption_config(tfds_dir, **{"loss.impl": impl, "microbatches": micro})
+        config.loss.label_smoothing = 0.1
+        config.mesh.shape = shape
+        mesh = make_mesh(config.mesh, devices=devices)
+        setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
+        params = setup.state["params"]
+        # The output layer starts at zero; a random one gives every decoder weight a gradient.
+        head = params["decoder"]["head"]["kernel"]
+        params["decoder"]["head"]["kernel"] = jax.device_put(
+            jax.random.normal(jax.random.key(1), head.shape) * 0.3, head.sharding
+        )
+        (loss, (_, _, _, parts)), grads = jax.jit(make_grad_fn(config, setup.graphdef, mesh))(
+            params, host_batch_to_global(batch, mesh)
+        )
+        results.append((loss, parts, jax.device_get(grads)))
+    (loss_1, parts_1, grads_1) = results[0]
+    assert set(parts_1) == {"contrastive_loss", "caption_loss"}
+    np.testing.assert_allclose(loss_1, parts_1["contrastive_loss"] + 2.0 * parts_1["caption_loss"], rtol=1e-6)
+    floor = 1e-4 * max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_1))
+    assert np.max(np.abs(grads_1["decoder"]["layers"]["blocks"]["cross_attn"]["query"])) > floor
+    for loss, parts, grads in results[1:]:
+        assert rel_err(loss, loss_1) <= 1e-5
+        for key in parts_1:
+            assert rel_err(parts[key], parts_1[key]) <= 1e-5, key
+        for (path, g1), g in zip(jax.tree_util.tree_flatten_with_path(grads_1)[0], jax.tree.leaves(grads)):
+            err = np.max(np.abs(np.asarray(g, np.float64) - np.asarray(g1, np.float64)))
+            assert err <= 1e-5 * max(float(np.max(np.abs(g1))), floor), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        ({"model.text.causal": False, "model.text.pool": "mean"}, "model.decoder.input"),
+        ({"model.decoder.tie_embedding": True, "model.decoder.width": 32}, "model.decoder.tie_embedding"),
+        ({"loss.caption_weight": 0.0}, "loss.caption_weight"),
+        ({"loss.label_smoothing": 1.0}, "loss.label_smoothing"),
+    ],
+)
+def test_a_decoder_config_that_cannot_train_is_one_line_naming_the_key(tfds_dir, overrides, key):
+    config = _caption_config(tfds_dir, **overrides)
+    with pytest.raises(ConfigError) as error:
+        validate(config, num_devices=1, check_data=False)
+    assert str(error.value).startswith(key) and "\n" not in str(error.value)
+
+
+def test_without_a_decoder_the_model_has_no_decoder_parameters(tfds_dir):
+    config = tiny_demo(tfds_dir)
+    model = nnx.eval_shape(model_factory(config, vocab_size=VOCAB))
+    assert model.decoder is None
+    assert "decoder" not in nnx.to_pure_dict(nnx.state(model, nnx.Param))
