@@ -153,10 +153,16 @@ def resnet_forward_flops(spec: ResNetSpec, image_size: int) -> float:
     return flops
 
 
-def resnet_out_dim(spec: ResNetSpec, image_size: int) -> int:
+def resnet_map_size(spec: ResNetSpec, image_size: int) -> int:
+    """The side of the last stage's map."""
     size = _ceil_div(image_size, spec.stem_stride)
     for stride in spec.strides:
         size = _ceil_div(size, stride)
+    return size
+
+
+def resnet_out_dim(spec: ResNetSpec, image_size: int) -> int:
+    size = resnet_map_size(spec, image_size)
     return size * size * spec.widths[-1] if spec.pool == "flatten" else spec.widths[-1]
 
 
@@ -170,6 +176,36 @@ IMAGE_TOWER_FLOPS = {
     "vit": (vit_forward_flops, lambda spec, image_size: spec.width),
     "resnet": (resnet_forward_flops, resnet_out_dim),
 }
+
+
+# Per image tower kind: (the number of tokens a decoder's cross-attention reads, their width),
+# each a function of (spec, image_size). Only towers a decoder reads need an entry.
+IMAGE_TOWER_TOKENS = {
+    "vit": lambda spec, image_size: ((image_size // spec.patch_size) ** 2 + (spec.pool == "cls"), spec.width),
+    "resnet": lambda spec, image_size: (resnet_map_size(spec, image_size) ** 2, spec.widths[-1]),
+}
+
+
+def decoder_forward_flops(spec: DualEncoderSpec, *, image_size: int, text_len: int, vocab_size: int) -> float:
+    """`models.decoder.CaptionDecoder` on one example: the image tokens brought to its width (and
+    pooled), then per block causal self-attention over the text_len - 1 teacher-forced positions,
+    cross-attention to the image and the MLP, and the next-token logits over the vocabulary."""
+    d, positions = spec.decoder, text_len - 1
+    tokens, token_dim = IMAGE_TOWER_TOKENS[spec.image_kind](spec.image, image_size)
+    w = d.width
+    flops = dense_flops(tokens, token_dim, w)
+    memory = tokens
+    if d.cross_attention == "pooler":
+        flops += attention_flops(d.pooler_queries, tokens, w)
+        memory = d.pooler_queries
+    if d.input == "text_tower":
+        flops += dense_flops(positions, spec.text.width, w)
+    flops += d.depth * (
+        attention_flops(positions, positions, w)
+        + attention_flops(positions, memory, w)
+        + mlp_flops(positions, w, d.mlp_dim)
+    )
+    return flops + dense_flops(positions, w, vocab_size)
 
 
 def _image_tower(kind: str):
@@ -191,8 +227,11 @@ def tower_forward_flops(kind: str, spec: Any, size: int) -> float:
     return _image_tower(kind)[0](spec, size)
 
 
-def model_forward_flops(spec: DualEncoderSpec, *, image_size: int, text_len: int) -> dict[str, float]:
-    """Forward FLOPs per example of each part of the dual encoder, and their `total`."""
+def model_forward_flops(
+    spec: DualEncoderSpec, *, image_size: int, text_len: int, vocab_size: int | None = None
+) -> dict[str, float]:
+    """Forward FLOPs per example of each part of the dual encoder, and their `total`; with a
+    captioning decoder also `decoder`, whose logits need the `vocab_size`."""
     image_out = _image_tower(spec.image_kind)[1](spec.image, image_size)
     if spec.task == "image_image":
         # Two views of each example through the tower and the projector; no text.
@@ -213,6 +252,12 @@ def model_forward_flops(spec: DualEncoderSpec, *, image_size: int, text_len: int
         )
         + dense_flops(1, spec.text.width, spec.embed_dim),
     }
+    if spec.decoder is not None:
+        if vocab_size is None:
+            raise ValueError("the FLOPs of a captioning decoder need the vocab_size (its logits)")
+        parts["decoder"] = decoder_forward_flops(
+            spec, image_size=image_size, text_len=text_len, vocab_size=vocab_size
+        )
     parts["total"] = sum(parts.values())
     return parts
 
@@ -239,20 +284,25 @@ def loss_flops(name: str, impl: str, batch: int, dim: int) -> float:
     return products * 2.0 * batch * batch * dim
 
 
-def forward_flops_per_example(config) -> float:
-    """Forward FLOPs of one example through the model of `config` (towers and projections)."""
+def forward_flops_per_example(config, vocab_size: int | None = None) -> float:
+    """Forward FLOPs of one example through the model of `config` (towers, projections and a
+    captioning decoder, which needs the `vocab_size`)."""
     spec = config_model_spec(config)
     return model_forward_flops(
-        spec, image_size=int(config.data.image_size), text_len=int(config.data.tokenizer.max_len)
+        spec,
+        image_size=int(config.data.image_size),
+        text_len=int(config.data.tokenizer.max_len),
+        vocab_size=vocab_size,
     )["total"]
 
 
-def train_flops_per_step(config) -> float:
+def train_flops_per_step(config, vocab_size: int | None = None) -> float:
     """Model FLOPs of one train step of `config` at its global batch (`config.data.batch_size`):
     both towers and their projections forward and backward (4x the forward with micro-batches,
     3x without), plus the loss (`loss_flops`). A tower frozen whole (`optim.frozen`, LiT) has
     no backward pass: its forward counts once (twice with micro-batches, which run it again in
-    each micro-batch's gradient pass)."""
+    each micro-batch's gradient pass). A captioning decoder runs forward and backward once
+    either way (the micro-batches' first pass embeds without it): 3x its forward."""
     from clipjax.optim import matches
 
     batch = int(config.data.batch_size)
@@ -260,13 +310,18 @@ def train_flops_per_step(config) -> float:
     passes = 4 if micro else 3
     spec = config_model_spec(config)
     parts = model_forward_flops(
-        spec, image_size=int(config.data.image_size), text_len=int(config.data.tokenizer.max_len)
+        spec,
+        image_size=int(config.data.image_size),
+        text_len=int(config.data.tokenizer.max_len),
+        vocab_size=vocab_size,
     )
     frozen = tuple(config.optim.get("frozen", ()) or ())
     towers = 0.0
     for part, tower in (("image", "image_tower"), ("text", "text_tower")):
         whole = any(matches(p, tower) for p in frozen)
         towers += (2 if micro else 1) * parts[part] if whole else passes * parts[part]
+    if "decoder" in parts:
+        towers += (1 if any(matches(p, "decoder") for p in frozen) else 3) * parts["decoder"]
     towers = (towers + passes * parts["projections"]) * batch
     # Image-image: the 2B views are compared among themselves, (2B)^2 pairs.
     views = 2 * batch if spec.task == "image_image" else batch

@@ -236,3 +236,22 @@ def test_without_a_decoder_the_model_has_no_decoder_parameters(tfds_dir):
     model = nnx.eval_shape(model_factory(config, vocab_size=VOCAB))
     assert model.decoder is None
     assert "decoder" not in nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_generated_captions_are_scored_on_what_they_state():
+    from clipjax.data.sources.shapes import procedural as shapes
+    from clipjax.evals.captioning import _attribute_scores
+
+    captions = ["a small red circle in the top left", "a big blue square", "a green thing"]
+    fields = {
+        "shape": np.array([0, 2, 1]),  # the second image is a triangle, not a square
+        "color": np.array([0, 2, 1]),
+        "size": np.array([0, 1, 0]),
+        "position": np.array([0, 3, 2]),
+    }
+    scores = _attribute_scores(shapes.parse_caption, captions, fields)
+    assert scores["shape"] == {"stated": pytest.approx(2 / 3), "accuracy": 0.5}
+    assert scores["color"] == {"stated": 1.0, "accuracy": 1.0}
+    assert scores["size"] == {"stated": pytest.approx(2 / 3), "accuracy": 1.0}
+    assert scores["position"] == {"stated": pytest.approx(1 / 3), "accuracy": 1.0}
+    assert scores["all"] == {"stated": pytest.approx(8 / 12), "accuracy": pytest.approx(7 / 8)}

@@ -195,6 +195,19 @@ STEP_CASES = {
     "demo-gather-microbatches": ("demo.py", {"loss.impl": "gather", "microbatches": 2}),
     "vit-sigmoid-ring": ("siglip_vit_b16.py", {"model.remat": "none"}),
     "vit-softmax-microbatches": ("clip_vit_b16.py", {"model.remat": "none", "microbatches": 4}),
+    # A captioning decoder continuing from the text tower, reading every image token.
+    "coca": ("coca_demo.py", {}),
+    "coca-microbatches": ("coca_demo.py", {"microbatches": 2}),
+    # Its own tied embedding, reading an attentional pooler's queries.
+    "decoder-embed-pooler-tied": (
+        "coca_demo.py",
+        {
+            "model.decoder.input": "embed",
+            "model.decoder.cross_attention": "pooler",
+            "model.decoder.pooler_queries": 5,
+            "model.decoder.tie_embedding": True,
+        },
+    ),
 }
 
 
@@ -215,7 +228,7 @@ def test_train_step_count_equals_the_traced_gradient(name):
         "text": jax.ShapeDtypeStruct((b, config.data.tokenizer.max_len), jnp.int32),
     }
     jaxpr = jax.make_jaxpr(make_grad_fn(config, graphdef, mesh))(params, batch)
-    expected = flops.train_flops_per_step(config) - b * _first_layer_flops(config)
+    expected = flops.train_flops_per_step(config, vocab_size=300) - b * _first_layer_flops(config)
     assert traced_matmul_flops(jaxpr.jaxpr) == pytest.approx(expected, rel=1e-9)
 
 

@@ -16,6 +16,8 @@ report.json format (stable; scripts read it):
   caption_retrieval.<dataset>.split|num_images|num_captions, .image_to_text.R@1|R@5|R@10|median_rank|mean_rank,
       .text_to_image.*, .skipped.<reason>   (caption_retrieval evaluators: COCO, Flickr30k, own data)
   logistic_probe.top1|regularizer|validation_top1, few_shot.<k>shot   (probes on the held-out data)
+  captioning.cross_entropy|perplexity (teacher-forced, held-out captions), .generated|mean_words,
+      .attributes.<name>|all.stated|accuracy, .samples: [{generated, reference}]   (models with a decoder)
   skipped.<evaluator section>: why it did not run (no labels, no class names, ...)
   timing.setup_s|train_s|eval_s   (end of training only)
 Each entry comes from the evaluator of the same name (clipjax.evals); `flatten_report` turns the
@@ -78,8 +80,48 @@ def summary_lines(report: dict) -> list[str]:
             f"text->image R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f}  "
             f"({r['num_images']} images, {r['num_captions']} captions)"
         )
+    captioning = report.get("captioning")
+    if captioning:
+        line = f"  captioning     perplexity {captioning['perplexity']:.3f}"
+        attributes = captioning.get("attributes", {}).get("all")
+        if attributes:
+            line += (
+                f"  generated captions' attributes {attributes['accuracy']:.2%} correct"
+                f" ({attributes['stated']:.0%} stated)"
+            )
+        lines.append(line)
     for name, reason in report.get("skipped", {}).items():
         lines.append(f"  skipped {name}: {reason}")
+    return lines
+
+
+def _captioning_table(report: dict) -> list[str]:
+    captioning = report.get("captioning")
+    if not captioning:
+        return []
+    lines = [
+        "## Captioning",
+        "",
+        f"Held-out captions: cross-entropy {captioning['cross_entropy']:.4f} per token, "
+        f"perplexity {captioning['perplexity']:.3f}.",
+        "",
+    ]
+    attributes = captioning.get("attributes")
+    if attributes:
+        lines += [
+            f"Generated captions of {captioning['generated']} held-out images: what they state, and how "
+            "much of it is right.",
+            "",
+            "| attribute | stated | correct when stated |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {k} | {v['stated']:.1%} | {v['accuracy']:.2%} |" for k, v in attributes.items()]
+        lines.append("")
+    samples = captioning.get("samples")
+    if samples:
+        lines += ["| generated | the image's own caption |", "| --- | --- |"]
+        lines += [f"| {s['generated']} | {s['reference']} |" for s in samples]
+        lines.append("")
     return lines
 
 
@@ -158,6 +200,7 @@ def write_markdown(report: dict, out: str, workdir: str) -> str:
         lines.append("")
     lines += _classification_table(report)
     lines += _caption_retrieval_table(report)
+    lines += _captioning_table(report)
     embedding = report.get("embedding")
     if embedding:
         lines += ["## Embedding space (held-out probe set)", "", "| metric | value |", "| --- | --- |"]

@@ -50,7 +50,7 @@ def build_plan(
         mesh=dict(mesh.shape),
         batch_size=int(config.data.batch_size),
         steps=steps,
-        model_flops_per_step=train_flops_per_step(config),
+        model_flops_per_step=train_flops_per_step(config, vocab),
         images_per_core=images_per_core,
     )
 

@@ -111,7 +111,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     progress = Progress(total, enabled=lead)
     evaluation = EvalRunner(config, source, tokenizer, log=log)
     t_prepared = time.perf_counter()
-    step_flops = flops.train_flops_per_step(config)
+    step_flops = flops.train_flops_per_step(config, tokenizer.vocab_size)
     trainable = ""
     if config.optim.frozen:
         params = optim.split_trainable(state["params"], config.optim.frozen)[0]
@@ -119,7 +119,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     log(
         f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} processes; "
         f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters{trainable}; "
-        f"{flops.forward_flops_per_example(config) / 1e9:.4g} GFLOP per example forward, "
+        f"{flops.forward_flops_per_example(config, tokenizer.vocab_size) / 1e9:.4g} GFLOP per example forward, "
         f"{step_flops / 1e12:.4g} TFLOP per train step; set-up {t_prepared - t_start:.1f} s"
     )
 
