@@ -233,12 +233,6 @@ def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
     the result, do not depend on it)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     args = ("--config.steps=12", "--config.checkpoint_every=2")
-    # The same run uninterrupted, in this process (the same weights as from the command line:
-    # test_sigint_and_sigterm_save_the_current_step_and_exit_for_a_resume).
-    config = tiny_demo(
-        tfds_dir, **{"evals.at_end": False, "log_every": 1, "steps": 12, "checkpoint_every": 2}
-    )
-    train_lib.train(config, str(tmp_path / "straight"), log=lambda _: None)
     rng = np.random.default_rng()
     for kill_at, extra in (
         (int(rng.integers(3, 7)), ()),
@@ -272,9 +266,26 @@ def test_sigkill_then_restart_equals_uninterrupted(tfds_dir, tmp_path):
         for step in steps:  # whatever is listed restores in full
             assert {"state", "data", "meta"} <= set(checkpointer.read_everything(step))
         checkpointer.close()
-    subprocess.run(
-        _train_cli(tmp_path / "killed", tfds_dir, *args), cwd=ROOT, env=env, check=True, capture_output=True
+    restart = subprocess.Popen(
+        _train_cli(tmp_path / "killed", tfds_dir, *args),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+    try:
+        # The same run uninterrupted, in this process while the restart runs (the same weights as
+        # from the command line: test_sigint_and_sigterm_save_the_current_step_and_exit_for_a_resume).
+        config = tiny_demo(
+            tfds_dir, **{"evals.at_end": False, "log_every": 1, "steps": 12, "checkpoint_every": 2}
+        )
+        train_lib.train(config, str(tmp_path / "straight"), log=lambda _: None)
+        output = restart.communicate(timeout=600)[0]
+    finally:
+        restart.kill()
+        restart.wait()
+    assert restart.returncode == 0, output[-4000:]
     step_a, a = _params(tmp_path / "straight")
     step_b, b = _params(tmp_path / "killed")
     assert step_a == step_b == 12

@@ -83,11 +83,26 @@ def _params(workdir):
 
 
 def test_two_processes_match_one_process(tfds_dir, tmp_path):
+    """Losses and final parameters. (Evaluation on two processes, which reads and embeds each
+    half of the held-out set on its own host, is test_multiprocess_evals.py's.)"""
+    # The two processes start first; they spend much of their start-up waiting for each other
+    # and the coordinator, while this process trains.
+    no_eval = "--config.evals.at_end=False"
+    procs = _launch_two_processes([*_command(tmp_path / "two", tfds_dir), no_eval])
     # One process x 8 devices: this one, with the config `_command` gives.
-    overrides = {"steps": STEPS, "log_every": 1, "checkpoint_every": 10, "metrics.every": 5}
-    train_lib.train(tiny_demo(tfds_dir, **overrides), str(tmp_path / "one"), log=lambda _: None)
-
-    procs = _launch_two_processes(_command(tmp_path / "two", tfds_dir))
+    overrides = {
+        "steps": STEPS,
+        "log_every": 1,
+        "checkpoint_every": 10,
+        "metrics.every": 5,
+        "evals.at_end": False,
+    }
+    try:
+        train_lib.train(tiny_demo(tfds_dir, **overrides), str(tmp_path / "one"), log=lambda _: None)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out
@@ -100,12 +115,6 @@ def test_two_processes_match_one_process(tfds_dir, tmp_path):
         assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), step
     for a, b in zip(_params(tmp_path / "one"), _params(tmp_path / "two")):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-    report_one = json.load(open(tmp_path / "one" / "report.json"))
-    report_two = json.load(open(tmp_path / "two" / "report.json"))
-    assert (
-        abs(report_one["retrieval"]["image_to_text"]["R@1"] - report_two["retrieval"]["image_to_text"]["R@1"])
-        < 0.02
-    )
 
 
 def test_a_stop_signal_on_one_host_stops_both_at_the_same_step_with_a_checkpoint(tfds_dir, tmp_path):

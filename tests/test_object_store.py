@@ -397,6 +397,11 @@ def test_kill_resume_load_and_evaluate_in_a_bucket(bucket, tmp_path):
     img, txt = model.encode_image(arrays["image"]), model.encode_text(list(arrays["caption"]))
     assert retrieval_metrics(img, txt, arrays["label"]) == report["retrieval"]
 
+    if not bucket.startswith("s3://"):
+        # The evaluation CLI reads and writes through the same `paths` calls for either store;
+        # it runs once (on S3) to keep the suite short.
+        assert sorted(os.listdir(cwd)) == []
+        return
     out = f"{straight}/eval"
     _run(
         [sys.executable, "-m", "clipjax.evaluate", "--workdir", straight, "--out", out],
