@@ -39,5 +39,7 @@ def get_config(arg: str = ""):
     d.norm_eps = 1e-5
     c.loss.contrastive_weight = 1.0
     c.loss.caption_weight = 2.0
+    # CLIP's 49,408 words x 76 positions are 15 MB of logits an example: an eighth at a time.
+    c.loss.caption_vocab_chunk = 0 if arg == "tiny" else 6176
     c.evals.captioning.enabled = True
     return c

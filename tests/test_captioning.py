@@ -8,7 +8,12 @@ import pytest
 from flax import nnx
 
 from clipjax.config import ConfigError, default_config, validate
-from clipjax.losses.captioning import caption_loss_sum, caption_token_count, token_cross_entropy
+from clipjax.losses.captioning import (
+    caption_loss_sum,
+    caption_token_count,
+    chunked_token_cross_entropy,
+    token_cross_entropy,
+)
 from clipjax.models import generate
 from clipjax.models.two_towers import model_factory
 from clipjax.parallel import host_batch_to_global, make_mesh
@@ -162,6 +167,32 @@ def test_label_smoothing_and_the_token_mean():
     np.testing.assert_allclose(token_cross_entropy(logits, targets, 0.1), smooth, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [7, 10, 40])
+@pytest.mark.parametrize("smoothing,with_bias", [(0.0, True), (0.1, False)])
+def test_the_vocabulary_chunked_cross_entropy_and_its_gradients_equal_the_whole(chunk, smoothing, with_bias):
+    """Slices of 7 (the last one padded), 10 (dividing the 40 words) or all at once."""
+    k = jax.random.split(jax.random.key(0), 4)
+    features = jax.random.normal(k[0], (3, 5, 8))
+    weight = jax.random.normal(k[1], (8, 40)) * 2.0
+    bias = jax.random.normal(k[2], (40,)) if with_bias else None
+    targets = jax.random.randint(k[3], (3, 5), 0, 40)
+    cotangent = jnp.arange(15.0).reshape(3, 5) / 7.0
+
+    def whole(f, w, b):
+        logits = f @ w + (0.0 if b is None else b)
+        return jnp.sum(token_cross_entropy(logits, targets, smoothing) * cotangent)
+
+    def chunked(f, w, b):
+        return jnp.sum(chunked_token_cross_entropy(f, w, b, targets, smoothing, chunk) * cotangent)
+
+    argnums = (0, 1, 2) if with_bias else (0, 1)
+    expected, expected_grads = jax.value_and_grad(whole, argnums)(features, weight, bias)
+    got, grads = jax.jit(jax.value_and_grad(chunked, argnums))(features, weight, bias)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
 def _caption_config(data_dir, **overrides):
     values = {
         "model.text.causal": True,
@@ -186,7 +217,11 @@ def test_combined_loss_and_gradients_equal_one_device_on_8_gather_and_ring_micro
         (jax.devices(), (4, 2, 1), "gather", 1),
         (jax.devices(), (4, 2, 1), "ring", 2),
     ):
-        config = _caption_config(tfds_dir, **{"loss.impl": impl, "microbatches": micro})
+        # The micro-batched ring run also takes the logits 7 vocabulary entries at a time.
+        chunk = 7 if micro > 1 else 0
+        config = _caption_config(
+            tfds_dir, **{"loss.impl": impl, "microbatches": micro, "loss.caption_vocab_chunk": chunk}
+        )
         config.loss.label_smoothing = 0.1
         config.mesh.shape = shape
         mesh = make_mesh(config.mesh, devices=devices)

@@ -248,22 +248,33 @@ class CaptionDecoder(nnx.Module):
         pos = jax.lax.dynamic_slice_in_dim(self.pos[...], start, length, axis=0)
         return x + pos.astype(self.dtype)
 
-    def _logits(self, x: jax.Array, tied_embedding: jax.Array | None) -> jax.Array:
-        x = self.norm(x).astype(jnp.float32)
+    def output_layer(self, tied_embedding: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """(weight [width, vocab], bias [vocab] or None), float32: the next-token logits are
+        `features @ weight + bias`. `tied_embedding`: the text tower's table (input='text_tower')."""
         if self.head is not None:
-            return self.head(x)
+            return self.head.kernel[...], self.head.bias[...]
         table = self.embed[...] if self.embed is not None else tied_embedding
-        return jnp.einsum("bld,vd->blv", x, table.astype(jnp.float32))
+        return table.astype(jnp.float32).T, None
 
-    def __call__(self, inputs: jax.Array, memory: jax.Array, tied_embedding=None) -> jax.Array:
-        """inputs: token ids [B, L] (input='embed') or text tower states [B, L, text_width];
-        memory: `memory(image_tokens)`. Logits [B, L, vocab]: row i predicts token i + 1."""
+    def logits(self, features: jax.Array, tied_embedding: jax.Array | None) -> jax.Array:
+        weight, bias = self.output_layer(tied_embedding)
+        logits = jnp.einsum("bld,dv->blv", features, weight)
+        return logits if bias is None else logits + bias
+
+    def features(self, inputs: jax.Array, memory: jax.Array) -> jax.Array:
+        """The final-normed states [B, L, width] (float32) the output layer reads: `__call__`
+        without the logits, for a loss that computes them a slice of the vocabulary at a time."""
         length = inputs.shape[1]
         if length > self.max_len:
             raise ValueError(f"captions of length {length} exceed the decoder's max_len {self.max_len}")
         x = constrain(self._inputs(inputs), TOKENS)
         x = self.layers(x, memory, attention_mask(None, length, causal=True))
-        return self._logits(x, tied_embedding)
+        return self.norm(x).astype(jnp.float32)
+
+    def __call__(self, inputs: jax.Array, memory: jax.Array, tied_embedding=None) -> jax.Array:
+        """inputs: token ids [B, L] (input='embed') or text tower states [B, L, text_width];
+        memory: `memory(image_tokens)`. Logits [B, L, vocab]: row i predicts token i + 1."""
+        return self.logits(self.features(inputs, memory), tied_embedding)
 
     def init_cache(self, batch: int) -> tuple[jax.Array, jax.Array]:
         """Empty keys and values of every block's self-attention: [depth, B, max_len, heads, head_dim]."""
@@ -275,4 +286,4 @@ class CaptionDecoder(nnx.Module):
         (logits [B, vocab], cache with that position's keys and values)."""
         x = self._inputs(inputs, index)
         x, cache = self.layers.scan_step(lambda block, h, c: block.step(h, memory, c, index), x, cache)
-        return self._logits(x, tied_embedding)[:, 0], cache
+        return self.logits(self.norm(x).astype(jnp.float32), tied_embedding)[:, 0], cache

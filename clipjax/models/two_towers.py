@@ -184,13 +184,20 @@ class DualEncoder(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """One forward pass of a model with a decoder: (image embeddings, text embeddings,
         teacher-forced logits [B, L - 1, vocab], row i predicting tokens[:, i + 1])."""
+        img, txt, features = self.embed_and_decode(images, tokens)
+        return img, txt, self.decoder.logits(features, self.tied_embedding())
+
+    def embed_and_decode(
+        self, images: jax.Array, tokens: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`embed_and_caption` up to the decoder's output layer: its features [B, L - 1, width]
+        instead of the logits (`decoder.output_layer` gives the weights that make them)."""
         pooled, image_tokens = self.image_tower.encode(self._standardize(images))
         img = self._embed_image_features(constrain(pooled.astype(jnp.float32), POOLED))
         text_pooled, states = self.text_tower.encode(tokens)
         txt = self._embed_text_features(constrain(text_pooled.astype(jnp.float32), POOLED))
         inputs = tokens[:, :-1] if self.decoder.spec.input == "embed" else states[:, :-1]
-        logits = self.decoder(inputs, self.decoder.memory(image_tokens), self.tied_embedding())
-        return img, txt, logits
+        return img, txt, self.decoder.features(inputs, self.decoder.memory(image_tokens))
 
     def image_memory(self, images: jax.Array) -> jax.Array:
         """What the decoder's cross-attention reads of each image, computed once per caption."""

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import optim
 from clipjax.losses import objective_loss
-from clipjax.losses.captioning import caption_loss_sum, caption_token_count
+from clipjax.losses.captioning import caption_targets, caption_token_count, chunked_token_cross_entropy
 from clipjax.metrics import embedding_metrics
 from clipjax.parallel import batch_axes, batch_parallelism
 from clipjax.parallel.activations import activation_sharding
@@ -38,9 +38,9 @@ def make_loss_fn(config, graphdef, mesh):
             a, b = embed(params, batch, step)
             loss, new_state = embedding_loss(a, b, *args)
             return loss, (a, b, new_state, {})
-        a, b, logits = nnx.merge(graphdef, params).embed_and_caption(batch["image"], batch["text"])
+        a, b, caption_sum = embed_and_caption_sum(nnx.merge(graphdef, params), batch, weights)
         contrastive, new_state = embedding_loss(a, b, *args)
-        caption = caption_loss_sum(logits, batch["text"], weights.label_smoothing) / _token_count(batch)
+        caption = caption_sum / _token_count(batch)
         loss = weights.contrastive * contrastive + weights.caption * caption
         return loss, (a, b, new_state, {"contrastive_loss": contrastive, "caption_loss": caption})
 
@@ -52,6 +52,20 @@ class CaptionWeights:
     contrastive: float
     caption: float
     label_smoothing: float
+    vocab_chunk: int
+
+
+def embed_and_caption_sum(model, batch, weights: CaptionWeights):
+    """(image embeddings, text embeddings, the captioning cross-entropy summed over the batch's
+    real target tokens) of a model with a decoder, the logits a slice of the vocabulary at a
+    time with `loss.caption_vocab_chunk`."""
+    a, b, features = model.embed_and_decode(batch["image"], batch["text"])
+    weight, bias = model.decoder.output_layer(model.tied_embedding())
+    targets, mask = caption_targets(batch["text"])
+    losses = chunked_token_cross_entropy(
+        features, weight, bias, targets, weights.label_smoothing, weights.vocab_chunk
+    )
+    return a, b, jnp.sum(losses * mask)
 
 
 def caption_weights(config) -> CaptionWeights | None:
@@ -60,7 +74,10 @@ def caption_weights(config) -> CaptionWeights | None:
         return None
     loss = config.loss
     return CaptionWeights(
-        float(loss.contrastive_weight), float(loss.caption_weight), float(loss.label_smoothing)
+        float(loss.contrastive_weight),
+        float(loss.caption_weight),
+        float(loss.label_smoothing),
+        int(loss.caption_vocab_chunk),
     )
 
 
@@ -186,11 +203,6 @@ def make_grad_fn(config, graphdef, mesh):
     # The contrastive objective's share of the loss: its gradient is scaled alike.
     contrastive_weight = 1.0 if weights is None else weights.contrastive
 
-    def embed_and_caption_sum(params, mb, step):
-        # The towers and the decoder on one micro-batch: (a, b, its captions' loss sum).
-        a, b, logits = nnx.merge(graphdef, params).embed_and_caption(mb["image"], mb["text"])
-        return a, b, caption_loss_sum(logits, mb["text"], weights.label_smoothing)
-
     def grad_fn(params, batch, loss_state=None, step=0):
         trainable, frozen = optim.split_trainable(params, frozen_patterns)
         batch = {**batch, "index": _index(batch)}
@@ -220,7 +232,10 @@ def make_grad_fn(config, graphdef, mesh):
                 (g,) = vjp((ga, gb))
             else:
                 (_, _, mb_sum), vjp = jax.vjp(
-                    lambda t: embed_and_caption_sum(optim.combine(t, frozen), mb, step), trainable
+                    lambda t: embed_and_caption_sum(
+                        nnx.merge(graphdef, optim.combine(t, frozen)), mb, weights
+                    ),
+                    trainable,
                 )
                 (g,) = vjp((ga, gb, weights.caption / count))
                 caption_sum = caption_sum + mb_sum
