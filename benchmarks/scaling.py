@@ -46,6 +46,8 @@ SHIPPED = (
     "siglip_so400m14.py",
     "simclr_imagenet.py",
     "lit_demo.py",
+    "coca_demo.py",
+    "coca_vit_b32.py",
 )
 # Configs also compiled on a pod other than their own, to show why their docstring names theirs.
 EXTRA_ROWS = (("clip_vit_l14.py", "v5p:4x4x8"), ("siglip_so400m14.py", "v5p:4x4x8"))
