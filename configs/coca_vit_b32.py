@@ -15,22 +15,15 @@ Pod: v5p:4x4x4 (64 chips; Cloud TPU accelerator type v5p-128), 512 examples per 
 CLIP B/32; checked by `python -m clipjax.plan` (docs/scaling.md).
 """
 
-import importlib.util
-import os
+import pathlib
 
-
-def _load(name):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-    spec = importlib.util.spec_from_file_location(name[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from clipjax.cli import load_config_file
 
 
 def get_config(arg: str = ""):
     if arg not in ("", "tiny"):
         raise ValueError(f"configs/coca_vit_b32.py: unknown arg {arg!r} (expected '' or 'tiny')")
-    c = _load("clip_vit_b32.py").get_config(arg)
+    c = load_config_file(f"{pathlib.Path(__file__).resolve().parent / 'clip_vit_b32.py'}:{arg}")
     d = c.model.decoder
     d.variant = "tiny" if arg == "tiny" else "B"
     d.input = "text_tower"
