@@ -93,9 +93,15 @@ def load_results() -> dict:
     return {"pod_scale": {}, "rows": {}, "frontier": {}}
 
 
-def save_results(results: dict) -> None:
+def save_results(results: dict, *changed: tuple[str, str]) -> None:
+    """Store the entries this run `changed` ((section, key) pairs) into the results file as it
+    is now: a search that runs for hours must not overwrite the rows another run stored
+    meanwhile with the copy it loaded at its start."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    stored = load_results()
+    for section, key in changed:
+        stored.setdefault(section, {})[key] = results[section][key]
+    RESULTS.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
 
 
 def run_row(name: str, topology: str = "") -> dict:
@@ -166,7 +172,7 @@ def run_frontier(topology: str, impl: str, micro: int, results: dict) -> dict:
         for batch in probes:
             seconds.setdefault(batch, round(now - last[0], 1))
         last[0] = now
-        save_results(results)
+        save_results(results, ("frontier_probes", key), ("frontier_probe_seconds", key))
 
     batch = largest_batch(config, topology, micro_per_chip=micro, probes=probes, log=log)
     return {
@@ -312,7 +318,7 @@ def main():
                     continue
                 print(f"== {POD_SCALE_CONFIG} at {POD_SCALE_BATCH:,} on {topology}: {label}", flush=True)
                 results["pod_scale"][key] = run_pod_scale(topology, overrides)
-                save_results(results)
+                save_results(results, ("pod_scale", key))
     if not args.markdown and not args.pod_scale:
         wanted = [(name, name, config_pod(name)) for name in SHIPPED]
         wanted += [(name, f"{name}@{topology}", topology) for name, topology in EXTRA_ROWS]
@@ -324,7 +330,7 @@ def main():
                 continue
             print(f"== configs/{name} on {pod}", flush=True)
             results["rows"][key] = run_row(name, pod)
-            save_results(results)
+            save_results(results, ("rows", key))
         if args.frontier:
             for topology in FRONTIER_TOPOLOGIES:
                 if args.topology and args.topology != topology:
@@ -337,8 +343,9 @@ def main():
                             continue
                         print(f"== frontier: {FRONTIER_CONFIG} on {topology}, {key}", flush=True)
                         results["frontier"][key] = run_frontier(topology, impl, micro, results)
-                        save_results(results)
-    write_doc(results)
+                        save_results(results, ("frontier", key))
+    # What every run stored, this one's and any other's that ran meanwhile.
+    write_doc(load_results())
     print(f"wrote {DOC.relative_to(ROOT)}")
 
 
