@@ -41,6 +41,7 @@ from clipjax.models.layers import (
     Stack,
     attention_mask,
     embed_normal,
+    empty_kv_cache,
     param,
     spec_from,
     transformer_sizes,
@@ -278,8 +279,8 @@ class CaptionDecoder(nnx.Module):
 
     def init_cache(self, batch: int) -> tuple[jax.Array, jax.Array]:
         """Empty keys and values of every block's self-attention: [depth, B, max_len, heads, head_dim]."""
-        shape = (self.spec.depth, batch, self.max_len, self.spec.heads, self.spec.width // self.spec.heads)
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        spec = self.spec
+        return empty_kv_cache(spec.depth, batch, self.max_len, spec.heads, spec.width, self.dtype)
 
     def step(self, inputs, memory, cache, index, tied_embedding=None):
         """One position `index` of generation: inputs [B, 1] ids (or [B, 1, text_width] states) ->

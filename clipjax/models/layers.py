@@ -485,6 +485,15 @@ class TransformerBlock(nnx.Module):
         return x + self.mlp(self.ln2(x)), cache
 
 
+def empty_kv_cache(
+    depth: int, batch: int, max_len: int, heads: int, width: int, dtype
+) -> tuple[Array, Array]:
+    """Zero keys and values for `depth` causal self-attentions generating up to `max_len`
+    positions (`Attention.cached`, `Stack.scan_step`): [depth, batch, max_len, heads, head_dim] each."""
+    shape = (depth, batch, max_len, heads, width // heads)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
 class Stack(nnx.Module):
     """``depth`` identical blocks, parameters stacked on a leading 'layers' axis.
 

@@ -18,6 +18,7 @@ from clipjax.models.layers import (
     TransformerBlock,
     attention_mask,
     embed_normal,
+    empty_kv_cache,
     param,
     spec_from,
     transformer_sizes,
@@ -150,8 +151,7 @@ class TextTransformer(nnx.Module):
     def init_cache(self, batch: int) -> tuple[jax.Array, jax.Array]:
         """Empty keys and values for `step`: [depth, B, max_len, heads, head_dim] each."""
         spec = self.spec
-        shape = (spec.depth, batch, self.max_len, spec.heads, spec.width // spec.heads)
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        return empty_kv_cache(spec.depth, batch, self.max_len, spec.heads, spec.width, self.dtype)
 
     def step(self, tokens: jax.Array, cache, index) -> tuple[jax.Array, Any]:
         """A causal tower's outputs at the new positions (tokens [B, T] from `index` on) over the
