@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clipjax.losses.captioning import caption_targets, token_cross_entropy
+from clipjax.losses.captioning import caption_targets, caption_token_losses
 from clipjax.models import generate
 from clipjax.evals.embed import embed_local, gather_rows, local_batch_size, process_share
 from clipjax.parallel import batch_axes
@@ -60,9 +60,8 @@ def jitted_caption_loss(graphdef, mesh) -> Callable:
 
     def run(params, images, tokens):
         with activation_sharding(mesh):
-            _, _, logits = nnx.merge(graphdef, params).embed_and_caption(images, tokens)
-        targets, mask = caption_targets(tokens)
-        return jnp.stack([jnp.sum(token_cross_entropy(logits, targets) * mask, axis=1), mask.sum(1)], axis=1)
+            _, _, losses = caption_token_losses(nnx.merge(graphdef, params), images, tokens)
+        return jnp.stack([losses.sum(axis=1), caption_targets(tokens)[1].sum(axis=1)], axis=1)
 
     return jax.jit(run, out_shardings=rows)
 
@@ -94,9 +93,12 @@ class Encoders:
         return self._local(self._encode_text, tokens, length)
 
     def _local(self, encode, inputs, length: int, batch_size: int = 0) -> np.ndarray:
+        """`encode(params, *arrays)` of this process's rows: `inputs` is an array, or a tuple of
+        arrays with rows alike (images and their captions)."""
+        inputs = tuple(map(np.asarray, inputs)) if isinstance(inputs, tuple) else np.asarray(inputs)
         return embed_local(
-            lambda x: encode(self.params, x),
-            np.asarray(inputs),
+            lambda *xs: encode(self.params, *xs),
+            inputs,
             length=length,
             mesh=self.mesh,
             batch_size=batch_size or self.batch_size,
@@ -130,13 +132,7 @@ class Encoders:
         if bos is None or eos is None:
             raise ValueError("captioning needs a tokenizer with bos and eos ids (this one has none)")
         caption = jitted_captioner(self.graphdef, self.mesh, max_len, int(bos), int(eos), int(beams))
-        return embed_local(
-            lambda x: caption(self.params, x),
-            np.asarray(images),
-            length=length,
-            mesh=self.mesh,
-            batch_size=batch_size or self.batch_size,
-        )
+        return self._local(caption, images, length, batch_size)
 
     @property
     def has_decoder(self) -> bool:
@@ -145,14 +141,7 @@ class Encoders:
     def local_caption_loss(self, images: np.ndarray, tokens: np.ndarray, length: int) -> np.ndarray:
         """This process's (images, caption token ids) -> [n, 2]: each caption's cross-entropy sum
         over its real targets, and their count (teacher forcing)."""
-        loss = jitted_caption_loss(self.graphdef, self.mesh)
-        return embed_local(
-            lambda x, t: loss(self.params, x, t),
-            (np.asarray(images), np.asarray(tokens)),
-            length=length,
-            mesh=self.mesh,
-            batch_size=self.batch_size,
-        )
+        return self._local(jitted_caption_loss(self.graphdef, self.mesh), (images, tokens), length)
 
     def caption_tokens(self, images: np.ndarray, *, max_len: int = 0, beams: int = 1) -> np.ndarray:
         """uint8 [N, H, W, 3] at the model's resolution -> token ids [N, max_len], every process alike."""
