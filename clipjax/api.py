@@ -138,7 +138,7 @@ class TrainedModel:
         """Images (as `encode_image` takes them) -> one generated caption each, by a model with a
         captioning decoder (`model.decoder`): `greedy`, or the most likely of `beams` kept by
         `beam` search; at most `max_len` tokens with bos and eos (0: the model's context)."""
-        if self.config.model.decoder.get("variant", "none") == "none":
+        if not self.encoders.has_decoder:
             raise ValueError(
                 "caption: this model has no captioning decoder (model.decoder.variant is 'none')"
             )

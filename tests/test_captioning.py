@@ -1,6 +1,8 @@
 """The captioning decoder (CoCa, LocCa): exact combined loss on any mesh and micro-batching,
 generation over a key/value cache equal to full passes, and the config's one-line refusals."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,8 @@ from flax import nnx
 
 from clipjax.config import ConfigError, default_config, validate
 from clipjax.losses.captioning import (
-    caption_loss_sum,
     caption_token_count,
+    caption_token_losses,
     chunked_token_cross_entropy,
     token_cross_entropy,
 )
@@ -162,7 +164,16 @@ def test_label_smoothing_and_the_token_mean():
     mask = np.asarray(targets != 0, np.float32)
     nll = -np.take_along_axis(np.asarray(logp), np.asarray(targets)[..., None], -1)[..., 0]
     assert float(caption_token_count(tokens)) == 5
-    np.testing.assert_allclose(caption_loss_sum(logits, tokens), np.sum(nll * mask), rtol=1e-6)
+    # The decoder's output layer as the identity: its features are the logits.
+    decoder = types.SimpleNamespace(output_layer=lambda tied: (jnp.eye(6), None))
+    model = types.SimpleNamespace(
+        embed_and_decode=lambda images, tokens: (None, None, logits),
+        decoder=decoder,
+        tied_embedding=lambda: None,
+    )
+    np.testing.assert_allclose(
+        jnp.sum(caption_token_losses(model, None, tokens)[2]), np.sum(nll * mask), rtol=1e-6
+    )
     smooth = 0.9 * nll - 0.1 * np.asarray(logp).mean(-1)
     np.testing.assert_allclose(token_cross_entropy(logits, targets, 0.1), smooth, rtol=1e-6)
 

@@ -66,14 +66,21 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: 
     return (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
 
 
-def caption_loss_sum(logits: jax.Array, tokens: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Sum of the cross-entropy over the real targets of `tokens` ([B, L]; logits [B, L - 1, V])."""
+def caption_token_losses(
+    model, images: jax.Array, tokens: jax.Array, label_smoothing: float = 0.0, vocab_chunk: int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One teacher-forced pass of a model with a decoder over images and their captions' token
+    ids [B, L]: (image embeddings, text embeddings, each target's cross-entropy [B, L - 1], 0 at
+    pads), the logits `vocab_chunk` vocabulary entries at a time (0: all at once)."""
+    a, b, features = model.embed_and_decode(images, tokens)
+    weight, bias = model.decoder.output_layer(model.tied_embedding())
     targets, mask = caption_targets(tokens)
-    return jnp.sum(token_cross_entropy(logits, targets, label_smoothing) * mask)
+    losses = chunked_token_cross_entropy(features, weight, bias, targets, label_smoothing, vocab_chunk)
+    return a, b, losses * mask
 
 
 def caption_token_count(tokens: jax.Array) -> jax.Array:
-    """The number of real targets in `tokens`: what `caption_loss_sum` is divided by."""
+    """The number of real targets in `tokens`: what the summed `caption_token_losses` are divided by."""
     return jnp.sum(caption_targets(tokens)[1])
 
 

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import optim
 from clipjax.losses import objective_loss
-from clipjax.losses.captioning import caption_targets, caption_token_count, chunked_token_cross_entropy
+from clipjax.losses.captioning import caption_token_count, caption_token_losses
 from clipjax.metrics import embedding_metrics
 from clipjax.parallel import batch_axes, batch_parallelism
 from clipjax.parallel.activations import activation_sharding
@@ -59,13 +59,10 @@ def embed_and_caption_sum(model, batch, weights: CaptionWeights):
     """(image embeddings, text embeddings, the captioning cross-entropy summed over the batch's
     real target tokens) of a model with a decoder, the logits a slice of the vocabulary at a
     time with `loss.caption_vocab_chunk`."""
-    a, b, features = model.embed_and_decode(batch["image"], batch["text"])
-    weight, bias = model.decoder.output_layer(model.tied_embedding())
-    targets, mask = caption_targets(batch["text"])
-    losses = chunked_token_cross_entropy(
-        features, weight, bias, targets, weights.label_smoothing, weights.vocab_chunk
+    a, b, losses = caption_token_losses(
+        model, batch["image"], batch["text"], weights.label_smoothing, weights.vocab_chunk
     )
-    return a, b, jnp.sum(losses * mask)
+    return a, b, jnp.sum(losses)
 
 
 def caption_weights(config) -> CaptionWeights | None:
