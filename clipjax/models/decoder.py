@@ -39,6 +39,7 @@ from clipjax.models.layers import (
     LayerNorm,
     MLP,
     Stack,
+    TransformerBlock,
     attention_mask,
     embed_normal,
     empty_kv_cache,
@@ -56,8 +57,9 @@ VARIANTS: dict[str, dict[str, int]] = {
     "L": dict(width=768, depth=12, heads=12, mlp_dim=3072),
 }
 SIZES = ("width", "depth", "heads", "mlp_dim")
-INPUTS = ("text_tower", "embed")
-CROSS_ATTENTION = ("tokens", "pooler")
+INPUTS = ("text_tower", "text_tower_raw", "embed")
+CROSS_ATTENTION = ("tokens", "pooler", "tokens_raw")
+BLOCKS = ("one_mlp", "mlp_per_attention")
 
 # `model.decoder.*`. Unset sizes come from the variant.
 FIELDS: dict[str, Field] = {
@@ -70,17 +72,28 @@ FIELDS: dict[str, Field] = {
     "mlp_dim": Field(None, "hidden width of the MLP", type=int, minimum=1),
     "input": Field(
         "text_tower",
-        "what the decoder continues from: the causal text tower's token outputs (CoCa: the text tower "
-        "is the unimodal decoder; needs model.text.causal) or its own embedding of the caption (`embed`: "
-        "LocCa, CapPa)",
+        "what the decoder continues from: the causal text tower's final-normed token outputs through a "
+        "dense layer (CoCa: the text tower is the unimodal decoder; needs model.text.causal), its last "
+        "block's outputs as they are (`text_tower_raw`: open_clip's CoCa; needs width equal to "
+        "model.text.width) or its own embedding of the caption (`embed`: LocCa, CapPa)",
         choices=INPUTS,
     ),
     "cross_attention": Field(
         "tokens",
-        "what each block's cross-attention reads: every image token (LocCa), or the outputs of an "
-        "attentional pooler over them (`pooler`, CoCa)",
+        "what each block's cross-attention reads: every image token through a dense layer and a LayerNorm "
+        "(LocCa), the outputs of an attentional pooler over them (`pooler`, CoCa), or the image tower's "
+        "tokens as they are (`tokens_raw`: open_clip's CoCa, whose tower pools them, "
+        "model.image.pool=attentional_pooler; needs width equal to the tower's token width)",
         choices=CROSS_ATTENTION,
     ),
+    "block": Field(
+        "one_mlp",
+        "a block's layout: self-attention, cross-attention, one MLP; or `mlp_per_attention`: self-attention "
+        "and an MLP, then cross-attention (with a LayerNorm of its own on the image side) and another MLP "
+        "(open_clip's CoCa)",
+        choices=BLOCKS,
+    ),
+    "output_bias": Field(True, "the next-token output layer has a bias (open_clip's CoCa: none)"),
     "pooler_queries": Field(256, "learned queries of the attentional pooler (CoCa: 256)", minimum=1),
     "tie_embedding": Field(
         False,
@@ -105,6 +118,14 @@ class DecoderSpec:
     activation: str = "gelu_tanh"
     norm_eps: float = 1e-6
     variant: str | None = None
+    block: str = "one_mlp"
+    output_bias: bool = True
+
+    @property
+    def from_text_tower(self) -> bool:
+        """Whether the decoder continues from the text tower's states (CoCa) rather than
+        embedding the caption itself."""
+        return self.input != "embed"
 
 
 def resolve(values: dict[str, Any], text_spec, path: str = "model.decoder") -> DecoderSpec | None:
@@ -113,12 +134,18 @@ def resolve(values: dict[str, Any], text_spec, path: str = "model.decoder") -> D
     if values["variant"] == "none":
         return None
     sizes = transformer_sizes(values, VARIANTS, SIZES, path)
-    if values["input"] == "text_tower" and not text_spec.causal:
+    from_text = values["input"] != "embed"
+    if from_text and not text_spec.causal:
         raise ConfigError(
-            f"{path}.input: 'text_tower' continues from the text tower's tokens, which must not see the "
-            "tokens they predict: set model.text.causal=True (or use input='embed')"
+            f"{path}.input: {values['input']!r} continues from the text tower's tokens, which must not see "
+            "the tokens they predict: set model.text.causal=True (or use input='embed')"
         )
-    if values["input"] == "text_tower" and values["tie_embedding"] and sizes["width"] != text_spec.width:
+    if values["input"] == "text_tower_raw" and sizes["width"] != text_spec.width:
+        raise ConfigError(
+            f"{path}.input: 'text_tower_raw' reads the text tower's {text_spec.width}-wide states as they are; "
+            f"the decoder is {sizes['width']} wide (set {path}.width={text_spec.width})"
+        )
+    if from_text and values["tie_embedding"] and sizes["width"] != text_spec.width:
         raise ConfigError(
             f"{path}.tie_embedding: the text tower's embedding is {text_spec.width} wide, the decoder "
             f"{sizes['width']} (set {path}.width={text_spec.width} or tie_embedding=False)"
@@ -150,6 +177,41 @@ class DecoderBlock(nnx.Module):
         x = x + y
         x = x + self.cross_attn(self.ln2(x), image)
         return x + self.mlp(self.ln3(x)), cache
+
+
+class CrossAttentionBlock(nnx.Module):
+    """Pre-LN: x + cross-attention(ln(x), ln_kv(image)), then x + MLP (open_clip's CoCa)."""
+
+    def __init__(self, width, heads, mlp_dim, *, activation, norm_eps, dtype, attention, rngs):
+        norm = dict(epsilon=norm_eps, dtype=dtype, rngs=rngs)
+        self.ln1 = LayerNorm(width, **norm)
+        self.ln_kv = LayerNorm(width, **norm)
+        self.attn = Attention(width, heads, dtype=dtype, impl=attention, rngs=rngs)
+        self.ln2 = LayerNorm(width, **norm)
+        self.mlp = MLP(width, mlp_dim, activation=activation, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, image):
+        x = constrain(x + self.attn(self.ln1(x), self.ln_kv(image)), TOKENS)
+        return constrain(x + self.mlp(self.ln2(x)), TOKENS)
+
+
+class MLPPerAttentionBlock(nnx.Module):
+    """`block = 'mlp_per_attention'`: a causal self-attention block with its MLP, then a
+    cross-attention block with its own (open_clip's CoCa: `resblocks[i]`, `cross_attn[i]`)."""
+
+    def __init__(self, width, heads, mlp_dim, *, rngs, **kwargs):
+        self.self_block = TransformerBlock(width, heads, mlp_dim, **kwargs, rngs=rngs)
+        self.cross_block = CrossAttentionBlock(width, heads, mlp_dim, **kwargs, rngs=rngs)
+
+    def __call__(self, x, image, mask):
+        return self.cross_block(self.self_block(x, mask), image)
+
+    def step(self, x, image, cache, index):
+        x, cache = self.self_block.step(x, cache, index)
+        return self.cross_block(x, image), cache
+
+
+BLOCK_CLASSES = {"one_mlp": DecoderBlock, "mlp_per_attention": MLPPerAttentionBlock}
 
 
 class AttentionalPooler(nnx.Module):
@@ -199,11 +261,23 @@ class CaptionDecoder(nnx.Module):
             self.text_in = None
         else:
             self.embed = self.pos = None
-            self.text_in = Dense(text_width, w, names=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        # The image tokens enter at the decoder's width, normalised (towers end with a LayerNorm
-        # before pooling, not necessarily at this width).
-        self.image_in = Dense(image_width, w, names=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.image_norm = LayerNorm(w, **norm)
+            self.text_in = (
+                Dense(text_width, w, names=("embed", "mlp"), dtype=dtype, rngs=rngs)
+                if spec.input == "text_tower"
+                else None
+            )
+        if spec.cross_attention == "tokens_raw":
+            if image_width != w:
+                raise ValueError(
+                    f"model.decoder.cross_attention='tokens_raw' reads the image tower's {image_width}-wide "
+                    f"tokens as they are; the decoder is {w} wide"
+                )
+            self.image_in = self.image_norm = None
+        else:
+            # The image tokens enter at the decoder's width, normalised (towers end with a LayerNorm
+            # before pooling, not necessarily at this width).
+            self.image_in = Dense(image_width, w, names=("embed", "mlp"), dtype=dtype, rngs=rngs)
+            self.image_norm = LayerNorm(w, **norm)
         self.pooler = (
             AttentionalPooler(
                 w,
@@ -219,7 +293,7 @@ class CaptionDecoder(nnx.Module):
         )
         block = dict(activation=spec.activation, norm_eps=spec.norm_eps, dtype=dtype, attention=attention)
         self.layers = Stack(
-            lambda r: DecoderBlock(w, spec.heads, spec.mlp_dim, **block, rngs=r),
+            lambda r: BLOCK_CLASSES[spec.block](w, spec.heads, spec.mlp_dim, **block, rngs=r),
             spec.depth,
             remat=remat,
             unroll=unroll,
@@ -230,20 +304,29 @@ class CaptionDecoder(nnx.Module):
             None
             if spec.tie_embedding
             else Dense(
-                w, vocab_size, names=("embed", "vocab"), kernel_init=nnx.initializers.zeros_init(), rngs=rngs
+                w,
+                vocab_size,
+                names=("embed", "vocab"),
+                use_bias=spec.output_bias,
+                kernel_init=nnx.initializers.zeros_init(),
+                rngs=rngs,
             )
         )
 
     def memory(self, image_tokens: jax.Array) -> jax.Array:
         """Image tower tokens [B, N, image_width] -> what cross-attention reads [B, M, width]."""
-        x = self.image_norm(self.image_in(image_tokens.astype(self.dtype)))
+        x = image_tokens.astype(self.dtype)
+        if self.image_in is None:
+            return x
+        x = self.image_norm(self.image_in(x))
         return x if self.pooler is None else self.pooler(x)
 
     def _inputs(self, tokens_or_states: jax.Array, start: int | jax.Array = 0) -> jax.Array:
         """The first block's input at positions start..: embedded token ids (input='embed') or the
-        text tower's token outputs (input='text_tower')."""
+        text tower's token outputs (input='text_tower', through a dense layer; 'text_tower_raw')."""
         if self.embed is None:
-            return self.text_in(tokens_or_states.astype(self.dtype))
+            x = tokens_or_states.astype(self.dtype)
+            return x if self.text_in is None else self.text_in(x)
         length = tokens_or_states.shape[1]
         x = jnp.take(self.embed[...], tokens_or_states, axis=0).astype(self.dtype)
         pos = jax.lax.dynamic_slice_in_dim(self.pos[...], start, length, axis=0)
@@ -253,7 +336,7 @@ class CaptionDecoder(nnx.Module):
         """(weight [width, vocab], bias [vocab] or None), float32: the next-token logits are
         `features @ weight + bias`. `tied_embedding`: the text tower's table (input='text_tower')."""
         if self.head is not None:
-            return self.head.kernel[...], self.head.bias[...]
+            return self.head.kernel[...], None if self.head.bias is None else self.head.bias[...]
         table = self.embed[...] if self.embed is not None else tied_embedding
         return table.astype(jnp.float32).T, None
 

@@ -22,15 +22,16 @@ def _step_fn(model, memory, bos_id):
     are traced apart from the caller, and nnx modules do not cross trace levels."""
     graphdef, state = nnx.split(model)
     state = nnx.to_pure_dict(state)
-    from_text = model.decoder.spec.input == "text_tower"
+    spec = model.decoder.spec
     never = sorted({PAD_ID, bos_id})
 
     def step(tokens, caches, index):
         model = nnx.merge(graphdef, state)
         text_cache, decoder_cache = caches
         inputs = tokens
-        if from_text:
-            inputs, text_cache = model.text_tower.step(tokens, text_cache, index)
+        if spec.from_text_tower:
+            final_norm = spec.input != "text_tower_raw"
+            inputs, text_cache = model.text_tower.step(tokens, text_cache, index, final_norm)
         logits, decoder_cache = model.decoder.step(
             inputs, memory, decoder_cache, index, model.tied_embedding()
         )
@@ -42,7 +43,7 @@ def _step_fn(model, memory, bos_id):
 
 
 def _caches(model, batch):
-    text = model.text_tower.init_cache(batch) if model.decoder.spec.input == "text_tower" else ()
+    text = model.text_tower.init_cache(batch) if model.decoder.spec.from_text_tower else ()
     return text, model.decoder.init_cache(batch)
 
 

@@ -341,7 +341,14 @@ class Attention(nnx.Module):
     """
 
     def __init__(
-        self, width: int, heads: int, *, dtype: Any = jnp.float32, impl: str = "xla", rngs: nnx.Rngs
+        self,
+        width: int,
+        heads: int,
+        *,
+        kv_width: int | None = None,
+        dtype: Any = jnp.float32,
+        impl: str = "xla",
+        rngs: nnx.Rngs,
     ):
         if width % heads:
             raise ValueError(f"width {width} not divisible by heads {heads}")
@@ -352,8 +359,10 @@ class Attention(nnx.Module):
         out_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         in_names = ("embed", "heads", "head_dim")
         self.query = param(rngs, qkv_init, (width, heads, head_dim), in_names)
-        self.key = param(rngs, qkv_init, (width, heads, head_dim), in_names)
-        self.value = param(rngs, qkv_init, (width, heads, head_dim), in_names)
+        # `kv_width`: the keys' and values' input width, where cross-attention reads another width.
+        kv_width = width if kv_width is None else kv_width
+        self.key = param(rngs, qkv_init, (kv_width, heads, head_dim), in_names)
+        self.value = param(rngs, qkv_init, (kv_width, heads, head_dim), in_names)
         # No key bias: it adds the same q.b_k to every logit of a query row, which the softmax
         # cancels, so it would be a parameter with an exactly zero gradient.
         self.query_bias = param(rngs, zeros, (heads, head_dim), in_names[1:])

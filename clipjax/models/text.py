@@ -47,14 +47,16 @@ FIELDS: dict[str, Field] = {
     "pool": Field(
         "mean",
         "pooling: mean, first or last of the real (non-pad) tokens; `argmax`: the token of highest id "
-        "(CLIP's end-of-text); `final`: the last position, pads or not (SigLIP's)",
-        choices=("mean", "first", "last", "argmax", "final"),
+        "(CLIP's end-of-text); `final`: the last position, pads or not (SigLIP's); `cls`: a learned token "
+        "appended after the text, its final-normed output (open_clip's CoCa)",
+        choices=("mean", "first", "last", "argmax", "final", "cls"),
     ),
     "causal": Field(False, "causal attention mask (CLIP's text tower)"),
     "pad_mask": Field(
         True,
         "hide pad tokens (id 0) from attention; off for published towers that attend to everything "
-        "(CLIP, where id 0 is a word, and SigLIP)",
+        "(CLIP, where id 0 is a word, and SigLIP). With pool=cls, as open_clip's CoCa hides them: position "
+        "j when token j - 1 is a pad (so the appended token reads the text and the position after it)",
     ),
     "activation": Field(
         "gelu_tanh", "the MLPs' non-linearity (CLIP: quick_gelu)", choices=tuple(ACTIVATIONS)
@@ -117,7 +119,10 @@ class TextTransformer(nnx.Module):
         self.max_len = max_len
         self.dtype = jnp.dtype(dtype)
         self.embed = param(rngs, embed_normal, (vocab_size, w), ("vocab", "embed"))
-        self.pos = param(rngs, embed_normal, (max_len, w), ("pos", "embed"))
+        # pool=cls: the appended token has a position of its own, after the longest text.
+        with_cls = spec.pool == "cls"
+        self.pos = param(rngs, embed_normal, (max_len + with_cls, w), ("pos", "embed"))
+        self.cls = param(rngs, embed_normal, (w,), ("embed",)) if with_cls else None
         block = dict(activation=spec.activation, norm_eps=spec.norm_eps, dtype=dtype, attention=attention)
         self.encoder = Stack(
             lambda r: TransformerBlock(w, spec.heads, spec.mlp_dim, **block, rngs=r),
@@ -132,8 +137,9 @@ class TextTransformer(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return self.encode(tokens)[0]
 
-    def encode(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(pooled [B, width], every position's final-normed output [B, L, width])."""
+    def encode(self, tokens: jax.Array, final_norm: bool = True) -> tuple[jax.Array, jax.Array]:
+        """(pooled [B, width], every text position's output [B, L, width]: final-normed, or with
+        `final_norm=False` as the last block gives it)."""
         b, length = tokens.shape
         if length > self.max_len:
             raise ValueError(f"text of length {length} exceeds max_len {self.max_len}")
@@ -143,26 +149,35 @@ class TextTransformer(nnx.Module):
         # than gather the table: docs/scaling.md) is the compiler's choice.
         tokens = constrain(tokens, ("batch", "length"))
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype), TOKENS)
-        x = x + self.pos[:length].astype(self.dtype)
-        x = self.encoder(x, attention_mask(valid if self.spec.pad_mask else None, length, self.spec.causal))
-        x = constrain(self.norm(x), TOKENS)
-        return constrain(self._pool(x, tokens, valid), POOLED), x
+        if self.cls is not None:
+            cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (b, 1, x.shape[-1]))
+            x = jnp.concatenate([x, cls], axis=1)
+            # open_clip's CoCa mask: a key is hidden when the token before it is a pad.
+            valid = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
+        x = x + self.pos[: x.shape[1]].astype(self.dtype)
+        mask = attention_mask(valid if self.spec.pad_mask else None, x.shape[1], self.spec.causal)
+        blocks = self.encoder(x, mask)
+        if self.cls is not None:
+            states = blocks[:, :-1]
+            return constrain(self.norm(blocks[:, -1]), POOLED), self.norm(states) if final_norm else states
+        x = constrain(self.norm(blocks), TOKENS)
+        return constrain(self._pool(x, tokens, valid), POOLED), x if final_norm else blocks
 
     def init_cache(self, batch: int) -> tuple[jax.Array, jax.Array]:
         """Empty keys and values for `step`: [depth, B, max_len, heads, head_dim] each."""
         spec = self.spec
         return empty_kv_cache(spec.depth, batch, self.max_len, spec.heads, spec.width, self.dtype)
 
-    def step(self, tokens: jax.Array, cache, index) -> tuple[jax.Array, Any]:
+    def step(self, tokens: jax.Array, cache, index, final_norm: bool = True) -> tuple[jax.Array, Any]:
         """A causal tower's outputs at the new positions (tokens [B, T] from `index` on) over the
-        cached earlier ones: (final-normed states [B, T, width], cache); the same states as
-        `encode` gives there, which a decoder continuing from the text tower reads."""
+        cached earlier ones: (states [B, T, width], cache); the same states as `encode` gives
+        there (`final_norm` alike), which a decoder continuing from the text tower reads."""
         if not self.spec.causal:
             raise ValueError("step needs a causal text tower (model.text.causal=True)")
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         x = x + jax.lax.dynamic_slice_in_dim(self.pos[...], index, tokens.shape[1], axis=0).astype(self.dtype)
         x, cache = self.encoder.scan_step(lambda block, h, c: block.step(h, c, index), x, cache)
-        return self.norm(x), cache
+        return self.norm(x) if final_norm else x, cache
 
     def _pool(self, x: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
         length = x.shape[1]

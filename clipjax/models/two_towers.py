@@ -194,7 +194,7 @@ class DualEncoder(nnx.Module):
         instead of the logits (`decoder.output_layer` gives the weights that make them)."""
         pooled, image_tokens = self.image_tower.encode(self._standardize(images))
         img = self._embed_image_features(constrain(pooled.astype(jnp.float32), POOLED))
-        text_pooled, states = self.text_tower.encode(tokens)
+        text_pooled, states = self.text_tower.encode(tokens, self.decoder.spec.input != "text_tower_raw")
         txt = self._embed_text_features(constrain(text_pooled.astype(jnp.float32), POOLED))
         inputs = tokens[:, :-1] if self.decoder.spec.input == "embed" else states[:, :-1]
         return img, txt, self.decoder.features(inputs, self.decoder.memory(image_tokens))
@@ -206,7 +206,7 @@ class DualEncoder(nnx.Module):
     def tied_embedding(self) -> jax.Array | None:
         """The text tower's token table where the decoder's output layer is tied to it."""
         d = self.decoder.spec
-        return self.text_tower.embed[...] if d.tie_embedding and d.input == "text_tower" else None
+        return self.text_tower.embed[...] if d.tie_embedding and d.from_text_tower else None
 
     def project_image(self, images: jax.Array) -> jax.Array:
         """Image-image models: images -> unit-norm projector outputs, the space the loss sees."""

@@ -49,7 +49,23 @@ FIELDS: dict[str, Field] = {
     "depth": Field(None, "number of blocks", type=int, minimum=1),
     "heads": Field(None, "attention heads", type=int, minimum=1),
     "mlp_dim": Field(None, "hidden width of the MLP", type=int, minimum=1),
-    "pool": Field("cls", "pooling of the tokens", choices=("cls", "mean", "map")),
+    "pool": Field(
+        "cls",
+        "pooling of the tokens: a class token's output, their mean, a MAP head (SigLIP), or "
+        "`attentional_pooler` (open_clip's CoCa): a class token too, then learned queries attend over the "
+        "tokens and a final LayerNorm follows; query 0 is the pooled output, the others the tokens a "
+        "captioning decoder reads",
+        choices=("cls", "mean", "map", "attentional_pooler"),
+    ),
+    "pooler_queries": Field(256, "pool=attentional_pooler: learned queries (CoCa: 256)", minimum=2),
+    "pooler_heads": Field(8, "pool=attentional_pooler: attention heads of the pooler", minimum=1),
+    "pooler_width": Field(
+        None,
+        "pool=attentional_pooler: width of the queries and of what the tower outputs (unset: the tower's "
+        "width; open_clip's CoCa: model.embed_dim)",
+        type=int,
+        minimum=1,
+    ),
     "patch_embed": Field("conv", "patch embedding", choices=("conv", "dense")),
     "patch_bias": Field(True, "the patch embedding has a bias (CLIP's has none)"),
     "ln_pre": Field(False, "a LayerNorm on the tokens before the blocks (CLIP's ln_pre)"),
@@ -74,6 +90,9 @@ class ViTSpec:
     ln_pre: bool = False
     activation: str = "gelu_tanh"
     norm_eps: float = 1e-6
+    pooler_queries: int = 256
+    pooler_heads: int = 8
+    pooler_width: int | None = None
 
 
 def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") -> ViTSpec:
@@ -83,7 +102,13 @@ def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") 
         raise ConfigError(
             f"{path}.patch_size: {sizes['patch_size']} does not divide the image size {image_size}"
         )
-    return spec_from(ViTSpec, sizes, values)
+    spec = spec_from(ViTSpec, sizes, values)
+    if spec.pool == "attentional_pooler" and (spec.pooler_width or spec.width) % spec.pooler_heads:
+        raise ConfigError(
+            f"{path}.pooler_heads: {spec.pooler_heads} heads do not divide the pooler's width "
+            f"{spec.pooler_width or spec.width}"
+        )
+    return spec
 
 
 class MAPHead(nnx.Module):
@@ -111,6 +136,23 @@ class MAPHead(nnx.Module):
         y = self.attn(probe, x)
         y = y + self.mlp(self.norm(y))
         return constrain(y[:, 0], POOLED)
+
+
+class AttentionalPooler(nnx.Module):
+    """open_clip's CoCa pooling: `queries` learned vectors (LayerNorm-ed) attend over the
+    LayerNorm-ed tokens of another width; [B, queries, width] out."""
+
+    def __init__(self, width, token_width, heads, queries, *, norm_eps, dtype, attention, rngs):
+        norm = dict(epsilon=norm_eps, dtype=dtype, rngs=rngs)
+        self.queries = param(rngs, embed_normal, (queries, width), ("pos", "embed"))
+        self.query_norm = LayerNorm(width, **norm)
+        self.token_norm = LayerNorm(token_width, **norm)
+        self.attn = Attention(width, heads, kv_width=token_width, dtype=dtype, impl=attention, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        q = self.query_norm(self.queries[...])
+        q = jnp.broadcast_to(q.astype(tokens.dtype), (tokens.shape[0], *q.shape))
+        return self.attn(q, self.token_norm(tokens))
 
 
 class ViT(nnx.Module):
@@ -152,8 +194,9 @@ class ViT(nnx.Module):
             self.patch = Dense(
                 p * p * 3, w, names=("patch", "embed"), use_bias=spec.patch_bias, dtype=dtype, rngs=rngs
             )
-        self.cls = param(rngs, embed_normal, (w,), ("embed",)) if spec.pool == "cls" else None
-        num_tokens = num_patches + (1 if spec.pool == "cls" else 0)
+        with_cls = spec.pool in ("cls", "attentional_pooler")
+        self.cls = param(rngs, embed_normal, (w,), ("embed",)) if with_cls else None
+        num_tokens = num_patches + (1 if with_cls else 0)
         self.pos = param(rngs, embed_normal, (num_tokens, w), ("pos", "embed"))
         block = dict(activation=spec.activation, norm_eps=spec.norm_eps, dtype=dtype, attention=attention)
         self.ln_pre = LayerNorm(w, epsilon=spec.norm_eps, dtype=dtype, rngs=rngs) if spec.ln_pre else None
@@ -164,12 +207,29 @@ class ViT(nnx.Module):
             unroll=unroll,
             rngs=rngs,
         )
-        self.norm = LayerNorm(w, epsilon=spec.norm_eps, dtype=dtype, rngs=rngs)
+        # With the attentional pooler, the final LayerNorm follows the pooler, at its width.
+        pooled = spec.pool == "attentional_pooler"
+        out_dim = (spec.pooler_width or w) if pooled else w
+        self.pooler = (
+            AttentionalPooler(
+                out_dim,
+                w,
+                spec.pooler_heads,
+                spec.pooler_queries,
+                norm_eps=spec.norm_eps,
+                dtype=dtype,
+                attention=attention,
+                rngs=rngs,
+            )  # fmt: skip
+            if pooled
+            else None
+        )
+        self.norm = LayerNorm(out_dim, epsilon=spec.norm_eps, dtype=dtype, rngs=rngs)
         self.map_head = (
             MAPHead(w, spec.heads, spec.mlp_dim, **block, rngs=rngs) if spec.pool == "map" else None
         )
-        self.out_dim = w
-        self.token_dim = w
+        self.out_dim = out_dim
+        self.token_dim = out_dim
 
     def _patchify(self, images: jax.Array) -> jax.Array:
         b, h, w, c = images.shape
@@ -199,6 +259,9 @@ class ViT(nnx.Module):
         x = x + self.pos[...].astype(self.dtype)
         if self.ln_pre is not None:
             x = self.ln_pre(x)
+        if self.pooler is not None:
+            x = constrain(self.norm(self.pooler(self.encoder(x))), TOKENS)
+            return constrain(x[:, 0], POOLED), x[:, 1:]
         x = constrain(self.norm(self.encoder(x)), TOKENS)
         if self.spec.pool == "cls":
             return constrain(x[:, 0], POOLED), x
