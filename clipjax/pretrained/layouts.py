@@ -91,8 +91,9 @@ def _attention(q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, heads: int) -> dict:
     return {
         "query": q_w.T.reshape(width_in, heads, hd),
         "query_bias": q_b.reshape(heads, hd),
-        "key": k_w.T.reshape(width_in, heads, hd),
-        "value": v_w.T.reshape(width_in, heads, hd),
+        # Keys and values may read another width than the queries (cross-attention).
+        "key": k_w.T.reshape(k_w.shape[1], heads, hd),
+        "value": v_w.T.reshape(v_w.shape[1], heads, hd),
         "value_bias": v_b.reshape(heads, hd),
         "out": o_w.T.reshape(heads, hd, o_w.shape[0]),
         "out_bias": o_b,
@@ -125,19 +126,17 @@ def _number(x) -> float:
     return 0.0 if isinstance(x, jax.core.Tracer) else float(x)
 
 
+def _open_clip_block(t: Tensors, p: str, heads: int) -> dict:
+    return {
+        "ln1": _ln(t, f"{p}.ln_1"),
+        "attn": _fused_attention(t, f"{p}.attn", heads),
+        "ln2": _ln(t, f"{p}.ln_2"),
+        "mlp": {"fc1": _dense(t, f"{p}.mlp.c_fc"), "fc2": _dense(t, f"{p}.mlp.c_proj")},
+    }
+
+
 def _open_clip_blocks(t: Tensors, prefix: str, heads: int) -> dict:
-    blocks = []
-    for i in range(t.layers(prefix)):
-        p = f"{prefix}{i}"
-        blocks.append(
-            {
-                "ln1": _ln(t, f"{p}.ln_1"),
-                "attn": _fused_attention(t, f"{p}.attn", heads),
-                "ln2": _ln(t, f"{p}.ln_2"),
-                "mlp": {"fc1": _dense(t, f"{p}.mlp.c_fc"), "fc2": _dense(t, f"{p}.mlp.c_proj")},
-            }
-        )
-    return {"blocks": _stack(blocks)}
+    return {"blocks": _stack([_open_clip_block(t, f"{prefix}{i}", heads) for i in range(t.layers(prefix))])}
 
 
 def _hf_blocks(t: Tensors, prefix: str, heads: int) -> dict:
@@ -268,6 +267,13 @@ def open_clip_model_cfg(model_cfg: dict) -> dict[str, Any]:
     }
     if "heads" in text and "width" in text:
         settings["text_head_width"] = int(text["width"]) // int(text["heads"])
+    # A CoCa's (open_clip builds its decoder's MLPs with the plain activation).
+    decoder = model_cfg.get("multimodal_cfg") or {}
+    settings["decoder_activation"] = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    if "heads" in decoder and "width" in decoder:
+        settings["decoder_head_width"] = int(decoder["width"]) // int(decoder["heads"])
+    if "attn_pooler_heads" in vision:
+        settings["pooler_heads"] = int(vision["attn_pooler_heads"])
     return settings
 
 
@@ -279,6 +285,21 @@ def open_clip_arch(name: str) -> dict[str, Any]:
         "activation": "quick_gelu" if name.endswith("-quickgelu") else "gelu",
         "head_width": OPEN_CLIP_HEAD_WIDTHS.get(base, 64),
     }
+
+
+def open_clip_vit(t: Tensors, head_width: int) -> tuple[dict, int]:
+    """(clipjax params, image size) of the ViT trunk of an open_clip `visual.*` (patch and position
+    embeddings, class token, ln_pre, blocks): what its CLIP and CoCa share."""
+    conv = t.take("visual.conv1.weight")
+    pos = t.take("visual.positional_embedding")
+    tower = {
+        "patch": {"kernel": _conv_kernel(conv)},
+        "cls": t.take("visual.class_embedding"),
+        "pos": pos,
+        "ln_pre": _ln(t, "visual.ln_pre"),
+        "encoder": _open_clip_blocks(t, "visual.transformer.resblocks.", conv.shape[0] // head_width),
+    }
+    return tower, _grid(pos.shape[0] - 1, t.what) * conv.shape[-1]
 
 
 def from_open_clip(
@@ -297,15 +318,12 @@ def from_open_clip(
             "open_clip checkpoint: not a CLIP ViT (no visual.conv1.weight); ResNet (ModifiedResNet) and "
             "timm image towers have no clipjax equivalent"
         )
-    conv = t.take("visual.conv1.weight")
-    v_width, patch = conv.shape[0], conv.shape[-1]
-    v_pos = t.take("visual.positional_embedding")
-    grid = _grid(v_pos.shape[0] - 1, "open_clip checkpoint")
+    image_tower, image_size = open_clip_vit(t, head_width)
     tok = t.take("token_embedding.weight")
     t_pos = t.take("positional_embedding")
     t_width = tok.shape[1]
     for name, expected in (
-        ("input_resolution", grid * patch),
+        ("input_resolution", image_size),
         ("context_length", t_pos.shape[0]),
         ("vocab_size", tok.shape[0]),
     ):
@@ -313,16 +331,10 @@ def from_open_clip(
             raise ConversionError(
                 f"open_clip checkpoint: {name} {int(np.asarray(tensors[name]))} != {expected}"
             )
+    patch, _, _, v_width = image_tower["patch"]["kernel"].shape  # HWIO
     v_heads, t_heads = v_width // head_width, t_width // text_head_width
     params = {
-        "image_tower": {
-            "patch": {"kernel": _conv_kernel(conv)},
-            "cls": t.take("visual.class_embedding"),
-            "pos": v_pos,
-            "ln_pre": _ln(t, "visual.ln_pre"),
-            "encoder": _open_clip_blocks(t, "visual.transformer.resblocks.", v_heads),
-            "norm": _ln(t, "visual.ln_post"),
-        },
+        "image_tower": {**image_tower, "norm": _ln(t, "visual.ln_post")},
         "image_proj": {"kernel": t.take("visual.proj")},
         "text_tower": {
             "embed": tok,
@@ -340,7 +352,7 @@ def from_open_clip(
         v_heads=v_heads,
         v_mlp=params["image_tower"]["encoder"]["blocks"]["mlp"]["fc1"]["kernel"].shape[-1],
         patch=patch,
-        image_size=grid * patch,
+        image_size=image_size,
         t_width=t_width,
         t_depth=params["text_tower"]["encoder"]["blocks"]["ln1"]["scale"].shape[0],
         t_heads=t_heads,
@@ -588,8 +600,7 @@ def _inv_dense(dense: dict, prefix: str, out: dict) -> None:
 
 
 def _inv_attention(attn: dict, prefix: str, out: dict, *, fused: bool) -> None:
-    width_in = attn["query"].shape[0]
-    flat = lambda w: np.ascontiguousarray(w.reshape(width_in, -1).T)  # noqa: E731
+    flat = lambda w: np.ascontiguousarray(w.reshape(w.shape[0], -1).T)  # noqa: E731
     q, k, v = flat(attn["query"]), flat(attn["key"]), flat(attn["value"])
     qb, vb = attn["query_bias"].reshape(-1), attn["value_bias"].reshape(-1)
     kb = np.zeros_like(qb)  # clipjax has none: the softmax cancels it
@@ -784,42 +795,25 @@ def _open_clip_tower_config(tower, fmt: str, extra: dict) -> dict:
     return config
 
 
-def to_open_clip(
-    params: dict, spec, *, image_size: int, max_len: int, vocab_size: int, image_resize: str = "crop"
-) -> tuple[dict, dict]:
-    """clipjax params of a CLIP-layout model -> (open_clip `CLIP` state dict, open_clip_config.json:
-    `model_cfg`, the arguments of `open_clip.model.CLIP`, and `preprocess_cfg`). The activation
-    is one flag for both towers in open_clip (QuickGELU or torch's GELU), so they must agree on it."""
+def open_clip_towers_config(
+    spec, checks: list, *, image_size: int, max_len: int, vocab_size: int, fmt: str = "open_clip"
+) -> dict:
+    """What the `model_cfg` of open_clip's CLIP and CoCa share, after checking the architecture
+    against `checks`: the shared width, the QuickGELU flag (one for every tower in open_clip, so
+    they must agree on it) and both towers' sizes."""
     v, t = spec.image, spec.text
-    fmt = "open_clip"
     if spec.image_kind != "vit":
         raise ConversionError(
             f"--format {fmt} needs a ViT image tower; model.image.kind is {spec.image_kind!r}"
         )
-    _require(spec, _clip_layout_checks(spec), fmt)
+    _require(spec, checks, fmt)
     quick = v.activation == "quick_gelu"
     if (t.activation == "quick_gelu") != quick:
         raise ConversionError(
             f"--format {fmt} cannot express model.image.activation={v.activation!r} with "
             f"model.text.activation={t.activation!r}: QuickGELU is one flag for both towers in open_clip"
         )
-    img, txt = params["image_tower"], params["text_tower"]
-    out: dict[str, np.ndarray] = {
-        "visual.conv1.weight": np.ascontiguousarray(img["patch"]["kernel"].transpose(3, 2, 0, 1)),
-        "visual.class_embedding": img["cls"],
-        "visual.positional_embedding": img["pos"],
-        "visual.proj": params["image_proj"]["kernel"],
-        "token_embedding.weight": txt["embed"],
-        "positional_embedding": txt["pos"],
-        "text_projection": params["text_proj"]["kernel"],
-        "logit_scale": np.asarray(params["logit_scale"], np.float32).reshape(()),
-    }
-    _inv_ln(img["ln_pre"], "visual.ln_pre", out)
-    _inv_blocks(img["encoder"]["blocks"], "visual.transformer.resblocks.", out, _OPEN_CLIP_BLOCK)
-    _inv_ln(img["norm"], "visual.ln_post", out)
-    _inv_blocks(txt["encoder"]["blocks"], "transformer.resblocks.", out, _OPEN_CLIP_BLOCK)
-    _inv_ln(txt["norm"], "ln_final", out)
-    model_cfg = {
+    return {
         "embed_dim": spec.embed_dim,
         "quick_gelu": quick,
         "vision_cfg": _open_clip_tower_config(
@@ -829,6 +823,22 @@ def to_open_clip(
             t, fmt, {"heads": t.heads, "context_length": max_len, "vocab_size": vocab_size}
         ),
     }
+
+
+def open_clip_visual(img: dict, out: dict) -> None:
+    """Writes the `visual.*` tensors open_clip's CLIP and CoCa share (`open_clip_vit` and ln_post)."""
+    out["visual.conv1.weight"] = np.ascontiguousarray(img["patch"]["kernel"].transpose(3, 2, 0, 1))
+    out["visual.class_embedding"] = img["cls"]
+    out["visual.positional_embedding"] = img["pos"]
+    _inv_ln(img["ln_pre"], "visual.ln_pre", out)
+    _inv_blocks(img["encoder"]["blocks"], "visual.transformer.resblocks.", out, _OPEN_CLIP_BLOCK)
+    _inv_ln(img["norm"], "visual.ln_post", out)
+
+
+def open_clip_export(params: dict, spec, out: dict, model_cfg: dict, image_resize: str) -> tuple[dict, dict]:
+    """(state dict, open_clip_config.json) from the tensors and `model_cfg` of a model: the logit
+    scale and bias added, and `preprocess_cfg`."""
+    out["logit_scale"] = np.asarray(params["logit_scale"], np.float32).reshape(())
     if "logit_bias" in params:  # a sigmoid-loss model: open_clip's init_logit_bias makes the parameter
         out["logit_bias"] = np.asarray(params["logit_bias"], np.float32).reshape(())
         model_cfg["init_logit_bias"] = float(out["logit_bias"])
@@ -839,6 +849,27 @@ def to_open_clip(
         "resize_mode": "shortest" if image_resize == "crop" else "squash",
     }
     return out, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
+def to_open_clip(
+    params: dict, spec, *, image_size: int, max_len: int, vocab_size: int, image_resize: str = "crop"
+) -> tuple[dict, dict]:
+    """clipjax params of a CLIP-layout model -> (open_clip `CLIP` state dict, open_clip_config.json:
+    `model_cfg`, the arguments of `open_clip.model.CLIP`, and `preprocess_cfg`)."""
+    model_cfg = open_clip_towers_config(
+        spec, _clip_layout_checks(spec), image_size=image_size, max_len=max_len, vocab_size=vocab_size
+    )
+    txt = params["text_tower"]
+    out: dict[str, np.ndarray] = {
+        "visual.proj": params["image_proj"]["kernel"],
+        "token_embedding.weight": txt["embed"],
+        "positional_embedding": txt["pos"],
+        "text_projection": params["text_proj"]["kernel"],
+    }
+    open_clip_visual(params["image_tower"], out)
+    _inv_blocks(txt["encoder"]["blocks"], "transformer.resblocks.", out, _OPEN_CLIP_BLOCK)
+    _inv_ln(txt["norm"], "ln_final", out)
+    return open_clip_export(params, spec, out, model_cfg, image_resize)
 
 
 IMPORTERS = {"open_clip": from_open_clip, "hf_clip": from_hf_clip, "hf_siglip": from_hf_siglip}

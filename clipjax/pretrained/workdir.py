@@ -15,7 +15,7 @@ from clipjax import paths
 from clipjax.config import apply_overrides, default_config
 from clipjax.data.tokenizers import make_tokenizer
 from clipjax.models import model_factory, model_spec
-from clipjax.pretrained import layouts, preprocessing, tensors
+from clipjax.pretrained import layouts, open_clip_coca, preprocessing, tensors
 from clipjax.pretrained.layouts import ConversionError
 from clipjax.run_store import record
 
@@ -112,7 +112,11 @@ def _read_open_clip(checkpoint: str, *, activation, head_width, arch: str, log):
             f"open_clip_config.json beside the weights says {stated['image_activation']}; it is used, "
             f"not the {by_name['activation']} that --arch {arch} implies"
         )
-    keys, params, vocab = layouts.from_open_clip(
+    importer, extra = layouts.from_open_clip, {}
+    if open_clip_coca.is_coca(source):
+        importer = open_clip_coca.from_open_clip_coca
+        extra = {k: stated[k] for k in ("decoder_head_width", "pooler_heads") if k in stated}
+    keys, params, vocab = importer(
         source,
         activation=layouts.open_clip_activation(
             arch=arch,
@@ -122,12 +126,15 @@ def _read_open_clip(checkpoint: str, *, activation, head_width, arch: str, log):
         ),
         head_width=head_width or stated.get("head_width") or by_name.get("head_width", 64),
         text_head_width=stated.get("text_head_width", 64),
+        **extra,
     )
     for tower in ("image", "text"):
         if stated and not activation:
             keys[f"model.{tower}.activation"] = stated[f"{tower}_activation"]
         if stated:
             keys[f"model.{tower}.norm_eps"] = stated[f"{tower}_norm_eps"]
+    if stated and not activation and "model.decoder.activation" in keys:
+        keys["model.decoder.activation"] = stated["decoder_activation"]
     return keys, params, vocab
 
 
@@ -193,7 +200,10 @@ def export(fmt: str, config, params: dict, tokenizer, out: str) -> dict:
     )
     if fmt == "open_clip":
         sizes["image_resize"] = config.model.get("image_resize", "crop")
-    out_tensors, out_config = layouts.EXPORTERS[fmt](numpy_params, spec, **sizes)
+    exporter = layouts.EXPORTERS[fmt]
+    if fmt == "open_clip" and spec.decoder is not None:
+        exporter = open_clip_coca.to_open_clip_coca
+    out_tensors, out_config = exporter(numpy_params, spec, **sizes)
     weights_file, config_file = layouts.EXPORT_FILES[fmt]
     paths.makedirs(out)
     tensors.write_safetensors(out_tensors, paths.join(out, weights_file))
