@@ -27,7 +27,9 @@ VOCAB, LENGTH, BOS, EOS = 40, 9, 1, 2
 
 
 def _model(input_="text_tower", cross_attention="tokens", tie=False, kind="vit", seed=0):
-    """A tiny random model with a decoder, its output layer randomised (it starts at zero)."""
+    """A tiny random model with a decoder, its output layer randomised (it starts at zero);
+    input_='text_tower_raw': open_clip's CoCa layout (attentional pooler in the image tower, an
+    appended token pooling the text, two MLPs per decoder block)."""
     c = default_config()
     c.data.image_size = 16
     c.data.tokenizer.max_len = LENGTH
@@ -41,6 +43,14 @@ def _model(input_="text_tower", cross_attention="tokens", tie=False, kind="vit",
     c.model.decoder.cross_attention = cross_attention
     c.model.decoder.pooler_queries = 3
     c.model.decoder.tie_embedding = tie
+    if input_ == "text_tower_raw":
+        c.model.image.pool, c.model.image.pooler_queries, c.model.image.pooler_heads = (
+            "attentional_pooler",
+            4,
+            2,
+        )
+        c.model.text.pool = "cls"
+        c.model.decoder.block, c.model.decoder.output_bias = "mlp_per_attention", False
     c.seed = seed
     model = model_factory(c, vocab_size=VOCAB)()
     if model.decoder.head is not None:
@@ -65,6 +75,8 @@ DECODERS = [
     ("text_tower", "pooler", True),
     ("embed", "tokens", True),
     ("embed", "pooler", False),
+    ("text_tower_raw", "tokens_raw", False),
+    ("text_tower_raw", "pooler", True),
 ]
 
 
@@ -107,9 +119,12 @@ def _greedy_by_full_passes(model, images, max_len):
     return tokens
 
 
-@pytest.mark.parametrize("input_", ["text_tower", "embed"])
-def test_greedy_generation_with_the_cache_equals_full_passes_token_for_token(input_):
-    model = _model(input_, "tokens", False, seed=3)
+@pytest.mark.parametrize(
+    "input_,cross_attention",
+    [("text_tower", "tokens"), ("embed", "tokens"), ("text_tower_raw", "tokens_raw")],
+)
+def test_greedy_generation_with_the_cache_equals_full_passes_token_for_token(input_, cross_attention):
+    model = _model(input_, cross_attention, False, seed=3)
     images, _ = _inputs(b=4, seed=5)
     graphdef, params = nnx.split(model)
     cached = jax.jit(

@@ -198,6 +198,8 @@ def test_the_fixture_script_reproduces_the_fixtures(tmp_path):
         stored, fresh = np.load(npz), np.load(tmp_path / npz.name)
         for key in stored.files:
             np.testing.assert_array_equal(stored[key], fresh[key], err_msg=f"{npz.name}:{key}")
+    for name in (p.name for p in FIXTURES.glob("*.json")):
+        assert (FIXTURES / name).read_text() == (tmp_path / name).read_text(), name
 
 
 def _tiny_tokenizer_json(path):
