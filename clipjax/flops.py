@@ -102,10 +102,11 @@ def dense_flops(tokens: int, d_in: int, d_out: int) -> float:
     return 2.0 * tokens * d_in * d_out
 
 
-def attention_flops(q_len: int, kv_len: int, width: int) -> float:
-    """`layers.Attention`: Q from q_len tokens, K and V from kv_len, scores and weighted sum over
-    all q_len x kv_len pairs (heads x head_dim = width), then the output projection."""
-    projections = dense_flops(q_len, width, width) * 2 + dense_flops(kv_len, width, width) * 2
+def attention_flops(q_len: int, kv_len: int, width: int, kv_width: int | None = None) -> float:
+    """`layers.Attention`: Q from q_len tokens, K and V from kv_len (`kv_width` wide, default
+    `width`), scores and weighted sum over all q_len x kv_len pairs (heads x head_dim = width),
+    then the output projection."""
+    projections = dense_flops(q_len, width, width) * 2 + dense_flops(kv_len, kv_width or width, width) * 2
     return projections + 2 * (2.0 * q_len * kv_len * width)
 
 
@@ -126,13 +127,20 @@ def conv_flops(out_size: int, kernel: int, c_in: int, c_out: int) -> float:
 def vit_forward_flops(spec: ViTSpec, image_size: int) -> float:
     p, w = spec.patch_size, spec.width
     patches = (image_size // p) ** 2
-    tokens = patches + (1 if spec.pool == "cls" else 0)
+    tokens = patches + (1 if spec.pool in ("cls", "attentional_pooler") else 0)
     # The conv and dense patch embeddings are the same [patches, p*p*3] x [p*p*3, width] product.
     flops = dense_flops(patches, p * p * 3, w)
     flops += spec.depth * block_flops(tokens, w, spec.mlp_dim)
     if spec.pool == "map":
         flops += attention_flops(1, tokens, w) + mlp_flops(1, w, spec.mlp_dim)
+    if spec.pool == "attentional_pooler":
+        flops += attention_flops(spec.pooler_queries, tokens, vit_out_dim(spec), kv_width=w)
     return flops
+
+
+def vit_out_dim(spec: ViTSpec) -> int:
+    """The width of the ViT's pooled output and of the tokens a decoder reads."""
+    return (spec.pooler_width or spec.width) if spec.pool == "attentional_pooler" else spec.width
 
 
 def _ceil_div(size: int, stride: int) -> int:
@@ -167,13 +175,14 @@ def resnet_out_dim(spec: ResNetSpec, image_size: int) -> int:
 
 
 def text_forward_flops(spec: TextSpec, length: int) -> float:
-    return spec.depth * block_flops(length, spec.width, spec.mlp_dim)
+    # pool=cls: the appended token is one more position.
+    return spec.depth * block_flops(length + (spec.pool == "cls"), spec.width, spec.mlp_dim)
 
 
 # Per image tower kind (`clipjax.models.spec.IMAGE_TOWERS`): (forward FLOPs, output width), each
 # a function of (spec, image_size). A new tower kind needs its entry here.
 IMAGE_TOWER_FLOPS = {
-    "vit": (vit_forward_flops, lambda spec, image_size: spec.width),
+    "vit": (vit_forward_flops, lambda spec, image_size: vit_out_dim(spec)),
     "resnet": (resnet_forward_flops, resnet_out_dim),
 }
 
@@ -181,7 +190,12 @@ IMAGE_TOWER_FLOPS = {
 # Per image tower kind: (the number of tokens a decoder's cross-attention reads, their width),
 # each a function of (spec, image_size). Only towers a decoder reads need an entry.
 IMAGE_TOWER_TOKENS = {
-    "vit": lambda spec, image_size: ((image_size // spec.patch_size) ** 2 + (spec.pool == "cls"), spec.width),
+    "vit": lambda spec, image_size: (
+        spec.pooler_queries - 1
+        if spec.pool == "attentional_pooler"
+        else (image_size // spec.patch_size) ** 2 + (spec.pool == "cls"),
+        vit_out_dim(spec),
+    ),
     "resnet": lambda spec, image_size: (resnet_map_size(spec, image_size) ** 2, spec.widths[-1]),
 }
 
@@ -189,21 +203,23 @@ IMAGE_TOWER_TOKENS = {
 def decoder_forward_flops(spec: DualEncoderSpec, *, image_size: int, text_len: int, vocab_size: int) -> float:
     """`models.decoder.CaptionDecoder` on one example: the image tokens brought to its width (and
     pooled), then per block causal self-attention over the text_len - 1 teacher-forced positions,
-    cross-attention to the image and the MLP, and the next-token logits over the vocabulary."""
+    cross-attention to the image and the MLP (block=mlp_per_attention: an MLP after each
+    attention), and the next-token logits over the vocabulary."""
     d, positions = spec.decoder, text_len - 1
     tokens, token_dim = IMAGE_TOWER_TOKENS[spec.image_kind](spec.image, image_size)
     w = d.width
-    flops = dense_flops(tokens, token_dim, w)
+    flops = 0.0 if d.cross_attention == "tokens_raw" else dense_flops(tokens, token_dim, w)
     memory = tokens
     if d.cross_attention == "pooler":
         flops += attention_flops(d.pooler_queries, tokens, w)
         memory = d.pooler_queries
     if d.input == "text_tower":
         flops += dense_flops(positions, spec.text.width, w)
+    mlps = 2 if d.block == "mlp_per_attention" else 1
     flops += d.depth * (
         attention_flops(positions, positions, w)
         + attention_flops(positions, memory, w)
-        + mlp_flops(positions, w, d.mlp_dim)
+        + mlps * mlp_flops(positions, w, d.mlp_dim)
     )
     return flops + dense_flops(positions, w, vocab_size)
 

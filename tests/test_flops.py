@@ -104,9 +104,21 @@ TOWERS = {
     "vit-map-dense": ("vit", 32, {**VIT_TINY, "pool": "map", "patch_embed": "dense"}),
     "vit-mean-depth3": ("vit", 32, {**VIT_TINY, "pool": "mean", "depth": 3}),
     "vit-B/16": ("vit", 224, {**vit.VARIANTS["B/16"], "pool": "cls"}),
+    "vit-attentional-pooler": (
+        "vit",
+        32,
+        {
+            **VIT_TINY,
+            "pool": "attentional_pooler",
+            "pooler_queries": 5,
+            "pooler_heads": 2,
+            "pooler_width": 48,
+        },
+    ),
     "text": ("text", 16, TEXT_TINY),
     "text-causal-depth2": ("text", 64, {**TEXT_TINY, "depth": 2, "causal": True, "pool": "last"}),
     "text-B": ("text", 77, {**text.VARIANTS["B"], "causal": True, "pool": "last"}),
+    "text-cls": ("text", 16, {**TEXT_TINY, "causal": True, "pool": "cls"}),
     "resnet-tiny": (
         "resnet",
         32,
@@ -206,6 +218,22 @@ STEP_CASES = {
             "model.decoder.cross_attention": "pooler",
             "model.decoder.pooler_queries": 5,
             "model.decoder.tie_embedding": True,
+        },
+    ),
+    # open_clip's CoCa layout: the image tower's attentional pooler feeds the decoder as it is.
+    "decoder-open-clip-coca": (
+        "coca_demo.py",
+        {
+            "model.image.kind": "vit",
+            "model.image.patch_size": 8,
+            "model.image.pool": "attentional_pooler",
+            "model.image.pooler_queries": 5,
+            "model.image.pooler_heads": 2,
+            "model.text.pool": "cls",
+            "model.decoder.input": "text_tower_raw",
+            "model.decoder.cross_attention": "tokens_raw",
+            "model.decoder.block": "mlp_per_attention",
+            "model.decoder.output_bias": False,
         },
     ),
 }
