@@ -188,3 +188,27 @@ def test_a_coca_the_format_cannot_express_and_a_broken_checkpoint_are_one_line()
     extra = dict(_source(), **{"text_decoder.adapter.weight": np.zeros(3, np.float32)})
     with pytest.raises(ConversionError, match=r"tensor 'text_decoder.adapter.weight' has no place"):
         open_clip_coca.from_open_clip_coca(extra, **coca_import_options())
+
+
+def test_an_imported_coca_workdir_loads_embeds_and_captions(tmp_path):
+    """`python -m clipjax.convert import` of an open_clip CoCa folder (here clipjax's export of the
+    fixture, with a tokenizer.json beside it), then `clipjax.load`: its image embeddings are the
+    assembled model's, and it writes captions with the imported decoder."""
+    import clipjax
+    from clipjax import convert
+    from clipjax.api import prepare_images
+    from tests.test_pretrained import _tiny_tokenizer_json
+
+    config, params, model = _model()
+    workdir.export("open_clip", config, params, SIZES, str(tmp_path / "oc"))
+    _tiny_tokenizer_json(tmp_path / "oc" / "tokenizer.json")
+    args = ["import", "--format", "open_clip", "--checkpoint", tmp_path / "oc", "--out", tmp_path / "w"]
+    convert.main([str(a) for a in args])
+    loaded = clipjax.load(str(tmp_path / "w"), devices=jax.devices()[:1])
+    images = np.load(FIXTURES / "open_clip_coca.npz")["images"]
+    pixels = prepare_images(images, 32, loaded.config.model.image_resize)
+    np.testing.assert_allclose(
+        loaded.encode_image(images), model.encode_image(jnp.asarray(pixels)), atol=1e-6
+    )
+    captions = loaded.caption(images, max_len=6)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)

@@ -12,7 +12,10 @@ embedding of the caption and let it read every image token.
 `model.decoder.*` chooses between the two (`input`), what the cross-attention reads
 (`cross_attention`: all image tokens, or the `pooler_queries` outputs of an attentional pooler
 over them, as CoCa), the sizes (a variant table like the towers'), and whether the output layer
-is the transpose of the token embedding (`tie_embedding`). `variant = 'none'` (the default)
+is the transpose of the token embedding (`tie_embedding`). open_clip's CoCa, whose weights
+`clipjax.pretrained.open_clip_coca` maps, reads the text tower's and the image tower's outputs as
+they are (`text_tower_raw`, `tokens_raw`: its pooler lives in the image tower) and gives each
+attention its own MLP (`block`). `variant = 'none'` (the default)
 builds no decoder at all: a dual encoder's parameters and programs are then those of before.
 
 Teacher forcing reads the caption's own tokens: position i sees tokens 0..i and predicts token

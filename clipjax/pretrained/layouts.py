@@ -6,7 +6,7 @@ Three layouts come in: open_clip's / OpenAI CLIP's state dict (`visual.*`, `tran
 describe the architecture (`model.*`, `data.image_size`, `data.tokenizer.max_len`) and the
 parameters as clipjax's nested dict. `Tensors` hands each source tensor out once and names any
 tensor left over, so a checkpoint of another architecture fails in one line instead of loading
-half its weights.
+half its weights. open_clip's CoCa, which adds a decoder, is `clipjax.pretrained.open_clip_coca`.
 
 The conversions are transpositions and reshapes, nothing numerical:
   * torch `Linear` stores W [out, in] for y = x W^T + b; clipjax's Dense kernel is W^T [in, out];
