@@ -128,6 +128,7 @@ FLOORS = [
         "wandb_writer",
         "metric_writer",
         "pretrained.layouts",
+        "pretrained.open_clip_coca",
         "pretrained.preprocessing",
         "pretrained.tensors",
     ),
