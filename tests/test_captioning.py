@@ -281,6 +281,7 @@ def test_combined_loss_and_gradients_equal_one_device_on_8_gather_and_ring_micro
     [
         ({"model.text.causal": False, "model.text.pool": "mean"}, "model.decoder.input"),
         ({"model.decoder.tie_embedding": True, "model.decoder.width": 32}, "model.decoder.tie_embedding"),
+        ({"model.decoder.input": "text_tower_raw", "model.decoder.width": 32}, "model.decoder.input"),
         ({"loss.caption_weight": 0.0}, "loss.caption_weight"),
         ({"loss.label_smoothing": 1.0}, "loss.label_smoothing"),
     ],

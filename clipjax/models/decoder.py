@@ -101,7 +101,7 @@ FIELDS: dict[str, Field] = {
     "tie_embedding": Field(
         False,
         "next-token logits through the transposed token embedding (the decoder's own with input=embed, the "
-        "text tower's with input=text_tower) instead of a separate output layer",
+        "text tower's otherwise) instead of a separate output layer",
     ),
     "activation": Field("gelu_tanh", "the MLPs' non-linearity", choices=tuple(ACTIVATIONS)),
     "norm_eps": Field(1e-6, "LayerNorm epsilon", minimum=0.0),
