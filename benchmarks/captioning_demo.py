@@ -1,14 +1,18 @@
-"""CoCa on the embedded shapes data beside the same model trained with the contrastive loss alone.
+"""CoCa and LocCa on the embedded shapes data beside the same model trained with the contrastive
+loss alone.
 
-    python benchmarks/captioning_demo.py                  # both runs, about 10 minutes on 2 CPU cores
-    python benchmarks/captioning_demo.py --markdown       # also rewrite the table in docs/captioning.md
+    python benchmarks/captioning_demo.py                  # all four runs, about 15 minutes on 2 CPU cores
+    python benchmarks/captioning_demo.py --runs locca     # retrain only these; the others stay as stored
+    python benchmarks/captioning_demo.py --markdown       # also rewrite the tables in docs/captioning.md
 
-Trains `configs/coca_demo.py` (InfoNCE + 2 x captioning) and `configs/coca_demo.py:contrastive`
-(the same towers, data, steps and seed, no decoder), each from scratch in a fresh workdir, and
-prints what their evaluations report: zero-shot per attribute and retrieval of the contrastive
-head for both, and for the CoCa run the captioning evaluator's held-out perplexity and the
-attributes its greedy captions state. Results go to benchmarks/results/captioning_demo.json
-(with each run's wall time); --markdown writes the generated section of docs/captioning.md.
+Trains `configs/coca_demo.py` (InfoNCE + 2 x captioning) and `configs/locca_demo.py` (InfoNCE + 2
+x LocCa's three tasks), and each with `:contrastive` (the same towers, data, steps and seed, no
+decoder), each from scratch in a fresh workdir, and prints what their evaluations
+report: zero-shot per attribute and retrieval of the contrastive head for all, and for the
+decoders the captioning evaluator's held-out perplexity, the attributes their greedy captions
+state and (LocCa) the IoU of the boxes written for held-out captions. Results go to
+benchmarks/results/captioning_demo.json (with each run's wall time); --markdown writes the
+generated section of docs/captioning.md.
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "captioning_demo.json")
 DOC = os.path.join(ROOT, "docs", "captioning.md")
 BEGIN, END = "<!-- captioning:demo:begin -->", "<!-- captioning:demo:end -->"
-RUNS = {"coca": "configs/coca_demo.py", "contrastive only": "configs/coca_demo.py:contrastive"}
+RUNS = {
+    "coca": "configs/coca_demo.py",
+    "contrastive only": "configs/coca_demo.py:contrastive",
+    "locca": "configs/locca_demo.py",
+    "locca's contrastive only": "configs/locca_demo.py:contrastive",
+}
+# Each decoder run and the run without its decoder (same towers, data, steps and seed).
+BASELINES = {"coca": ("CoCa", "contrastive only"), "locca": ("LocCa", "locca's contrastive only")}
 
 
 def train(config: str, workdir: str) -> tuple[dict, float]:
@@ -66,10 +77,23 @@ def markdown(results: dict) -> str:
             + f" | {pct(r['zero_shot_mean'])} | {r['image_to_text_R@1']:.3f} | {r['text_to_image_R@1']:.3f} "
             f"| {r['wall_s'] / 60:.1f} min |"
         )
-    captioning = runs["coca"]["captioning"]
-    lines += [
+    for run, (label, _) in BASELINES.items():
+        if run in runs:
+            lines += captioning_lines(runs[run]["captioning"], label)
+    lines.append("")
+    for run, (label, baseline) in BASELINES.items():
+        if run in runs and baseline in runs:
+            difference = 100 * (runs[run]["zero_shot_mean"] - runs[baseline]["zero_shot_mean"])
+            lines.append(
+                f"Mean zero-shot, {label} minus the same model without its decoder: {difference:+.2f} points."
+            )
+    return "\n".join(lines)
+
+
+def captioning_lines(captioning: dict, label: str) -> list[str]:
+    lines = [
         "",
-        f"Captioning (CoCa run): held-out cross-entropy {captioning['cross_entropy']:.4f} per token "
+        f"Captioning ({label} run): held-out cross-entropy {captioning['cross_entropy']:.4f} per token "
         f"(perplexity {captioning['perplexity']:.3f}); greedy captions of {captioning['generated']} held-out "
         "images, each attribute as the caption states it:",
         "",
@@ -78,11 +102,17 @@ def markdown(results: dict) -> str:
     ]
     for name, value in captioning["attributes"].items():
         lines.append(f"| {name} | {100 * value['stated']:.1f}% | {100 * value['accuracy']:.2f}% |")
+    referring = captioning.get("referring")
+    if referring:
+        lines += [
+            "",
+            f"Referring expressions ({label} run): for the captions of {referring['boxes']} held-out images "
+            f"the decoder writes a box with mean IoU {referring['mean_iou']:.3f} with the object's true box; "
+            f"IoU >= 0.5 for {100 * referring['iou_50']:.1f}% of them.",
+        ]
     lines += ["", "| generated | the image's own caption |", "| --- | --- |"]
     lines += [f"| {s['generated']} | {s['reference']} |" for s in captioning.get("samples", [])]
-    difference = 100 * (runs["coca"]["zero_shot_mean"] - runs["contrastive only"]["zero_shot_mean"])
-    lines += ["", f"Mean zero-shot, CoCa minus contrastive only: {difference:+.2f} points."]
-    return "\n".join(lines)
+    return lines
 
 
 def write_markdown(results: dict) -> None:
@@ -98,21 +128,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="rewrite docs/captioning.md's table")
     parser.add_argument("--reuse", action="store_true", help="use the stored results, train nothing")
+    parser.add_argument(
+        "--runs", default=",".join(RUNS), help=f"comma-separated runs to train (of {', '.join(RUNS)})"
+    )
     args = parser.parse_args()
-    if args.reuse:
+    results = {"runs": {}}
+    if os.path.exists(RESULTS):
         with open(RESULTS) as f:
             results = json.load(f)
-    else:
-        results = {"runs": {}}
+    if not args.reuse:
+        names = [n.strip() for n in args.runs.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(RUNS))
+        if unknown:
+            parser.error(f"--runs: unknown {', '.join(unknown)} (expected some of {', '.join(RUNS)})")
         scratch = tempfile.mkdtemp(prefix="captioning_demo_")
         try:
-            for name, config in RUNS.items():
-                report, wall = train(config, os.path.join(scratch, name.replace(" ", "_")))
-                results["runs"][name] = {"config": config, "wall_s": wall, **summary(report)}
+            for name in names:
+                report, wall = train(RUNS[name], os.path.join(scratch, name.replace(" ", "_")))
+                results["runs"][name] = {"config": RUNS[name], "wall_s": wall, **summary(report)}
+                with open(RESULTS, "w") as f:  # each run as it finishes
+                    json.dump(results, f, indent=1, sort_keys=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        with open(RESULTS, "w") as f:
-            json.dump(results, f, indent=1, sort_keys=True)
+    results["runs"] = {name: results["runs"][name] for name in RUNS if name in results["runs"]}
     print(markdown(results))
     if args.markdown:
         write_markdown(results)

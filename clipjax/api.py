@@ -156,6 +156,23 @@ class TrainedModel:
         tokens = self.encoders.caption_tokens(pixels, max_len=max_len, beams=beams if method == "beam" else 1)
         return [self.tokenizer.decode(row) for row in tokens]
 
+    def locate(self, images, texts: Sequence[str]) -> np.ndarray:
+        """Images and a caption of an object in each -> float32 [N, 4], the box (x_min, y_min,
+        x_max, y_max, fractions of the image) where a decoder trained on LocCa's tasks
+        (`model.decoder.tasks='locca'`) finds that object."""
+        if self.config.model.decoder.get("tasks") != "locca":
+            raise ValueError(
+                "locate: this model's decoder was not trained on LocCa's tasks (model.decoder.tasks)"
+            )
+        pixels = prepare_images(
+            images, int(self.config.data.image_size), self.config.model.get("image_resize", "crop")
+        )
+        if len(pixels) != len(texts):
+            raise ValueError(f"locate: {len(pixels)} images but {len(texts)} texts (one each)")
+        if not len(pixels):
+            return np.zeros((0, 4), np.float32)
+        return self.encoders.referring_boxes(pixels, self.tokenizer.encode(list(texts)))
+
     @property
     def logit_scale(self) -> float:
         return float(np.exp(np.asarray(self.params["logit_scale"])))

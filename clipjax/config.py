@@ -262,6 +262,11 @@ def _check_captioning(config) -> None:
             "loss.caption_weight: 0 leaves model.decoder untrained (set model.decoder.variant='none' "
             "for no decoder)"
         )
+    if config.model.decoder.tasks == "locca" and not source_class(config.data.name).gives_boxes(config.data):
+        raise ConfigError(
+            f"model.decoder.tasks: 'locca' trains on object boxes, which data.name={config.data.name!r} "
+            "does not give here (shapes: data.shapes_boxes=True)"
+        )
 
 
 def _check_data_files(config) -> None:

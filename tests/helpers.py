@@ -66,6 +66,46 @@ def rel_err(a, b):
     return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
 
 
+def gradient_floor(grads, share=1e-4):
+    """A share of the largest gradient entry: where one entry's error is measured from."""
+    import jax
+
+    return share * max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))
+
+
+def assert_gradients_equal(grads, reference, rtol=1e-5):
+    """Every leaf of `grads` within rtol x (its reference's largest entry, or the floor) of it."""
+    import jax
+
+    floor = gradient_floor(reference)
+    for (path, g1), g in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(grads)):
+        err = np.max(np.abs(np.asarray(g, np.float64) - np.asarray(g1, np.float64)))
+        assert err <= rtol * max(float(np.max(np.abs(g1))), floor), jax.tree_util.keystr(path)
+
+
+def decoder_loss_and_gradients(config, devices, batch, vocab_size, step=0):
+    """(loss, its parts, gradients on the host) of a model with a captioning decoder at its initial
+    parameters on `devices`, its output layer randomised: it starts at zero, and a random one
+    gives every decoder weight a gradient."""
+    import jax
+
+    from clipjax.parallel import host_batch_to_global, make_mesh
+    from clipjax.trainer.state import init_train_state
+    from clipjax.trainer.step import make_grad_fn
+
+    mesh = make_mesh(config.mesh, devices=devices)
+    setup = init_train_state(config, mesh, vocab_size=vocab_size)
+    params = setup.state["params"]
+    head = params["decoder"]["head"]["kernel"]
+    params["decoder"]["head"]["kernel"] = jax.device_put(
+        jax.random.normal(jax.random.key(1), head.shape) * 0.3, head.sharding
+    )
+    (loss, (_, _, _, parts)), grads = jax.jit(make_grad_fn(config, setup.graphdef, mesh))(
+        params, host_batch_to_global(batch, mesh), None, step
+    )
+    return loss, parts, jax.device_get(grads)
+
+
 def data_config(**overrides):
     """A complete `config.data` section (the schema's defaults) with dotted-key overrides.
 

@@ -5,7 +5,9 @@ records by number, samples of tar shards) and hands them over as `Raw` bytes; ev
 that is here, the same for all: the caption checked (`bad_caption`: none, blank or not UTF-8),
 the image decoded and centre-cropped (`clipjax.data.images`) or, in training with
 `data.random_resized_crop`, cropped at random (`missing_image`, `bad_image`, `bad_image_shape`),
-the caption tokenized. A dropped example is left out, and `_dropped` names it and why, for the
+the caption tokenized. A source whose examples carry an object's box (`reader.boxes`) gets it
+mapped into the crop (`box`, zeros where there is none or the crop cut it away; `bad_box` when
+it is malformed). A dropped example is left out, and `_dropped` names it and why, for the
 drop accounting (`clipjax.data.drops`) and for a resumable stream's position.
 
 Random crops are drawn from a generator seeded by (seed, shuffle_seed, epoch, the example's
@@ -26,9 +28,25 @@ from PIL import Image
 from clipjax.captions import caption_text_id, decode_caption
 from clipjax.data import records
 from clipjax.data.drops import DropCounter
-from clipjax.data.images import check_crop_scale, decode_image, random_resized_crop_box, square_rgb
+from clipjax.data.images import (
+    bad_box,
+    box_in_region,
+    center_crop_box,
+    check_crop_scale,
+    decode_image,
+    random_resized_crop_box,
+    square_rgb,
+)
 
 BATCH_KEYS = ("image", "text", "text_id", "index", "label")
+# Batch keys only some sources give: `box` float32 [4], an object's (x_min, y_min, x_max,
+# y_max) as fractions of the image (zeros: none).
+OPTIONAL_BATCH_KEYS = ("box",)
+
+
+def batch_keys(arrays) -> tuple[str, ...]:
+    """The batch keys of decoded `arrays`: every one of BATCH_KEYS, and the optional ones it has."""
+    return BATCH_KEYS + tuple(k for k in OPTIONAL_BATCH_KEYS if k in arrays)
 
 
 class Raw(NamedTuple):
@@ -43,15 +61,16 @@ class Raw(NamedTuple):
     ints: tuple = ()  # the reader's `extra_int_fields`, in order (None: -1)
     error: str = ""  # why it cannot be used, found while reading (a broken tar shard)
     name: str = ""  # in error messages (empty: its id)
+    box: tuple | None = None  # an object's (x_min, y_min, x_max, y_max) fractions (None: none)
 
 
 class RecordReader:
     """A random-access source of serialized records (`len()`, `__getitems__`) as `Raw` examples:
     the records the tfds builders of clipjax's sources write (fields image, caption, text_id,
-    index, label, and `extra_int_fields`)."""
+    index, label, `extra_int_fields`, and with `boxes` the float [4] field box)."""
 
-    def __init__(self, source, extra_int_fields: Sequence[str] = ()):
-        self.source, self.extra_int_fields = source, tuple(extra_int_fields)
+    def __init__(self, source, extra_int_fields: Sequence[str] = (), boxes: bool = False):
+        self.source, self.extra_int_fields, self.boxes = source, tuple(extra_int_fields), bool(boxes)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -59,7 +78,8 @@ class RecordReader:
     def __call__(self, ids, epochs=None) -> list[Raw]:
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         ints = ("text_id", "index", "label") + self.extra_int_fields
-        f = records.parse(self.source.__getitems__(ids), ints, ("image", "caption"))
+        boxes = ("box",) if self.boxes else ()
+        f = records.parse(self.source.__getitems__(ids), ints, ("image", "caption"), boxes)
         return [
             Raw(
                 i,
@@ -69,6 +89,7 @@ class RecordReader:
                 -1 if f["text_id"][j] is None else f["text_id"][j],
                 f["label"][j],
                 tuple(f[k][j] for k in self.extra_int_fields),
+                box=f["box"][j] if self.boxes else None,
             )
             for j, i in enumerate(ids)
         ]
@@ -120,6 +141,10 @@ class Decoder:
         rng = np.random.default_rng([*self.crop_seed, int(epoch), int(example_id) % 2**32, 1])
         return functools.partial(random_resized_crop_box, rng=rng, scale=self.random_crop)
 
+    @property
+    def boxes(self) -> bool:
+        return getattr(self.reader, "boxes", False)
+
     def _image(self, data: bytes | None, crop=None) -> tuple[np.ndarray | None, str]:
         s = self.image_size
         if not data:
@@ -140,15 +165,37 @@ class Decoder:
             return None, "bad_image_shape"
         return image, ""
 
-    def decode_one(self, raw: Raw, epoch=None) -> tuple[np.ndarray | None, str | None, str]:
-        """(image, caption text, "") of a good example, or (None, None, why it is dropped)."""
+    def decode_one(self, raw: Raw, epoch=None, seen: dict | None = None):
+        """(image, caption text, "") of a good example, or (None, None, why it is dropped).
+        `seen` (a dict) receives the image's size and the region of it that became the output
+        (None: the centre crop)."""
         if raw.error:
             return None, None, raw.error
         caption = decode_caption(raw.caption)
         if caption is None:
             return None, None, "bad_caption"
-        image, reason = self._image(raw.image, self._crop(raw.id, epoch))
+        crop = self._crop(raw.id, epoch)
+        if seen is not None:
+
+            def crop(width, height, pick=crop):
+                seen["size"] = (width, height)
+                seen["region"] = None if pick is None else pick(width, height)
+                return seen["region"]
+
+        image, reason = self._image(raw.image, crop)
         return image, caption, reason
+
+    def _box(self, raw: Raw, epoch) -> tuple[np.ndarray | None, str | None, str, np.ndarray]:
+        """`decode_one` and the example's box in the output's coordinates (zeros: none)."""
+        if raw.box is not None and bad_box(raw.box):
+            return None, None, "bad_box", np.zeros(4, np.float32)
+        seen: dict = {}
+        image, caption, reason = self.decode_one(raw, epoch, seen)
+        if reason or raw.box is None:
+            return image, caption, reason, np.zeros(4, np.float32)
+        size = seen["size"]
+        region = seen["region"] or center_crop_box(*size, self.image_size)
+        return image, caption, reason, box_in_region(raw.box, size, region)
 
     def __call__(self, items, epochs=None) -> dict[str, Any]:
         """The good examples as arrays (BATCH_KEYS, the reader's extra int fields, and 'caption'
@@ -158,15 +205,20 @@ class Decoder:
         raws = self.reader(items, epochs)
         if epochs is not None:
             epochs = np.broadcast_to(np.asarray(epochs).reshape(-1) if np.ndim(epochs) else epochs, len(raws))
-        kept, images, captions, dropped = [], [], [], []
+        kept, images, captions, boxes, dropped = [], [], [], [], []
         for j, raw in enumerate(raws):
-            image, caption, reason = self.decode_one(raw, None if epochs is None else epochs[j])
+            epoch = None if epochs is None else epochs[j]
+            if self.boxes:
+                image, caption, reason, box = self._box(raw, epoch)
+            else:
+                (image, caption, reason), box = self.decode_one(raw, epoch), None
             if reason:
                 dropped.append((j, raw.name or raw.id, reason))
                 continue
             kept.append(raw)
             images.append(image)
             captions.append(caption)
+            boxes.append(box)
         s = self.image_size
         out: dict[str, Any] = {"image": np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)}
         if self.tokenizer is not None:
@@ -177,6 +229,8 @@ class Decoder:
         out["label"] = records.ints([r.label for r in kept])
         for k, name in enumerate(getattr(self.reader, "extra_int_fields", ())):
             out[name] = records.ints([r.ints[k] for r in kept])
+        if self.boxes:
+            out["box"] = np.array(boxes, np.float32).reshape(len(kept), 4)
         if self.keep_captions:
             out["caption"] = np.array(captions, dtype=object)
         out["_dropped"] = dropped

@@ -2,7 +2,8 @@
 data set that is mostly broken stops the run with one line (`BadDataError`).
 
 The reasons: `bad_caption` (none, blank, or not UTF-8), `missing_image`, `bad_image` (cannot be
-decoded), `bad_image_shape`, and for tar shards `truncated_shard` and `unreadable_shard`
+decoded), `bad_image_shape`, `bad_box` (an object box that is not four fractions
+x_min <= x_max, y_min <= y_max in [0, 1]), and for tar shards `truncated_shard` and `unreadable_shard`
 (`clipjax.data.sources.webdataset`).
 """
 

@@ -175,6 +175,26 @@ def _orientation(im: Image.Image) -> int:
     return orientation if orientation in range(1, 9) else 1
 
 
+def box_in_region(box, size: tuple[int, int], region: Box) -> np.ndarray:
+    """An object's box (x_min, y_min, x_max, y_max, fractions of the image's width and height)
+    as fractions of the `region` of that image (pixels) that became the output, clipped to it:
+    float32 [4], all zeros where no part of the box is left (the object was cropped away)."""
+    width, height = size
+    left, top, right, bottom = region
+    x = (np.array([box[0], box[2]]) * width - left) / (right - left)
+    y = (np.array([box[1], box[3]]) * height - top) / (bottom - top)
+    out = np.clip(np.array([x[0], y[0], x[1], y[1]], np.float32), 0.0, 1.0)
+    return out if out[2] > out[0] and out[3] > out[1] else np.zeros(4, np.float32)
+
+
+def bad_box(box) -> bool:
+    """A box that is not four finite fractions with x_min <= x_max and y_min <= y_max."""
+    b = np.asarray(box, np.float64)
+    if b.shape != (4,) or not np.all(np.isfinite(b)):
+        return True
+    return bool(np.any(b < 0.0) or np.any(b > 1.0) or b[0] > b[2] or b[1] > b[3])
+
+
 def decode_image(
     data: bytes, image_size: int, resample=Image.BICUBIC, crop: CropFn | None = None
 ) -> np.ndarray:

@@ -54,7 +54,7 @@ import grain
 import numpy as np
 
 from clipjax.data import workers as worker_pool
-from clipjax.data.decode import BATCH_KEYS, Decoder
+from clipjax.data.decode import Decoder, batch_keys
 from clipjax.data.drops import BadDataError, DropCounter
 from clipjax.data.process_state import TrainIterator, local_batch, process_gather
 
@@ -123,7 +123,7 @@ class IndexChunks:
 
 
 class ChunkBatches:
-    """Exactly `batch_size` examples per batch (keys BATCH_KEYS) from decoded chunks of any size.
+    """Exactly `batch_size` examples per batch (keys `decode.batch_keys`) from decoded chunks of any size.
 
     `decoded_chunks(k)` iterates over the decoded chunks k, k + 1, ... of the stream (after drops
     a chunk may hold fewer examples, or none). The position is {'chunk': the first chunk not yet
@@ -176,14 +176,16 @@ class ChunkBatches:
                 self._head, self._chunk = None, self._chunk + 1
                 continue
             take = min(needed, size - self._offset)
-            parts.append({k: self._head[k][self._offset : self._offset + take] for k in BATCH_KEYS})
+            parts.append(
+                {k: self._head[k][self._offset : self._offset + take] for k in batch_keys(self._head)}
+            )
             needed -= take
             self._offset += take
             if self._offset == size:
                 self._head, self._chunk, self._offset = None, self._chunk + 1, 0
         # Always copies: a chunk from a worker process lives in shared memory, which a batch the
         # trainer keeps (or an exception's frames) must not hold on to.
-        return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _count(self, chunk: dict[str, Any]) -> dict[str, Any]:
         try:

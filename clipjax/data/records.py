@@ -24,16 +24,22 @@ _Example = tf_example_pb2.Example
 
 
 def parse(
-    raw_records: Sequence[bytes], int_fields: Iterable[str], bytes_fields: Iterable[str]
+    raw_records: Sequence[bytes],
+    int_fields: Iterable[str],
+    bytes_fields: Iterable[str],
+    float_vector_fields: Iterable[str] = (),
 ) -> dict[str, list]:
     """{field: list of values} for the requested fields of every record.
 
-    Ints come back as Python ints, byte fields as `bytes`; a field missing from a
-    record gives None (treated as a bad record by the caller).
+    Ints come back as Python ints, byte fields as `bytes`, float vectors (a box) as tuples of
+    floats; a field missing from a record gives None (treated as a bad record by the caller).
     """
-    int_fields = tuple(int_fields)
-    bytes_fields = tuple(bytes_fields)
-    out: dict[str, list] = {k: [] for k in int_fields + bytes_fields}
+    int_fields, bytes_fields, float_vector_fields = (
+        tuple(int_fields),
+        tuple(bytes_fields),
+        tuple(float_vector_fields),
+    )
+    out: dict[str, list] = {k: [] for k in int_fields + bytes_fields + float_vector_fields}
     for raw in raw_records:
         feature = _Example.FromString(raw).features.feature
         for k in int_fields:
@@ -42,6 +48,8 @@ def parse(
         for k in bytes_fields:
             values = feature[k].bytes_list.value if k in feature else ()
             out[k].append(values[0] if values else None)
+        for k in float_vector_fields:
+            out[k].append(tuple(feature[k].float_list.value) if k in feature else None)
     return out
 
 

@@ -8,6 +8,11 @@ by beam search: for each attribute the fraction of generated captions that state
 fraction of those that state it correctly. The accuracy counts only what a caption states,
 because the training captions leave attributes out at random (shapes drops each with a fixed
 probability), so a model that learns the data also leaves some out.
+
+A decoder trained on LocCa's tasks is also asked, for each of those held-out images that has an
+object box, where the object its caption describes is (referring expression): `referring` gives
+the mean IoU of the boxes it writes with the true ones and the share with IoU >= 0.5 (the usual
+"accuracy" of referring expression comprehension).
 """
 
 from __future__ import annotations
@@ -41,14 +46,37 @@ class CaptioningEvaluator(Evaluator):
         local, share = data.heldout_local, data.heldout_share()
         if not data.num_heldout:
             raise SkipEvaluation("there are no held-out examples")
-        sums = encoders.local_caption_loss(local["image"], local["text"], share.length)
+        chunk = int(self.config.loss.get("caption_vocab_chunk", 0))
+        sums = encoders.local_caption_loss(local["image"], local["text"], share.length, chunk)
         total, count = sum_over_processes(np.asarray(sums, np.float64).sum(axis=0))
         cross_entropy = float(total / max(count, 1.0))
         out = {"cross_entropy": cross_entropy, "perplexity": float(math.exp(min(cross_entropy, 80.0)))}
         n = min(int(self.settings["generate_examples"]), data.num_heldout)
         if n:
             out.update(self._generated(encoders, n))
+        if n and "box" in local and self.config.model.decoder.get("tasks") == "locca":
+            out["referring"] = self._referring(encoders, n)
         return {"captioning": out}
+
+    def _referring(self, encoders, n: int) -> dict:
+        """IoU of the boxes written for the captions of the first n held-out images that have one."""
+        data = self.data
+        share, local = data.heldout_share(), data.heldout_local
+        mine = max(0, min(len(local["image"]), n - share.rows.start))
+        truth = local["box"][:mine]
+        found = encoders.local_referring_boxes(
+            local["image"][:mine], local["text"][:mine], min(share.length, n)
+        )
+        has = (truth[:, 2] > truth[:, 0]) & (truth[:, 3] > truth[:, 1])
+        iou = box_iou(found[has], truth[has])
+        total, hits, count = sum_over_processes(
+            np.array([iou.sum(), (iou >= 0.5).sum(), len(iou)], np.float64)
+        )
+        return {
+            "boxes": int(count),
+            "mean_iou": float(total / max(count, 1)),
+            "iou_50": float(hits / max(count, 1)),
+        }
 
     def _generated(self, encoders, n: int) -> dict:
         """Captions of the first n held-out images (each process its share of them)."""
@@ -103,3 +131,14 @@ def _attribute_scores(parse, captions: list[str], fields: dict) -> dict:
         "accuracy": float(correct / max(stated, 1)),
     }
     return out
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of boxes [n, 4] (x_min, y_min, x_max, y_max), row by row."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    width = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0.0, None)
+    height = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0.0, None)
+    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0.0, None) * np.clip(x[:, 3] - x[:, 1], 0.0, None)
+    inter = width * height
+    union = area(a) + area(b) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)

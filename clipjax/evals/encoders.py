@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax.losses.captioning import caption_targets, caption_token_losses
-from clipjax.models import generate
+from clipjax.models import generate, locca
 from clipjax.evals.embed import embed_local, gather_rows, local_batch_size, process_share
 from clipjax.parallel import batch_axes
 from clipjax.parallel.activations import activation_sharding
@@ -53,15 +53,38 @@ def jitted_captioner(graphdef, mesh, max_len: int, bos_id: int, eos_id: int, bea
 
 
 @functools.lru_cache(maxsize=8)
-def jitted_caption_loss(graphdef, mesh) -> Callable:
+def jitted_caption_loss(graphdef, mesh, vocab_chunk: int = 0) -> Callable:
     """loss(params, images, tokens) -> float32 [B, 2]: each caption's teacher-forced cross-entropy
-    summed over its real target tokens, and their number."""
+    summed over its real target tokens, and their number (a LocCa decoder: its captioning task),
+    the logits `vocab_chunk` vocabulary entries at a time as in training."""
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
 
     def run(params, images, tokens):
         with activation_sharding(mesh):
-            _, _, losses = caption_token_losses(nnx.merge(graphdef, params), images, tokens)
-        return jnp.stack([losses.sum(axis=1), caption_targets(tokens)[1].sum(axis=1)], axis=1)
+            model = nnx.merge(graphdef, params)
+            layout, sequences = locca.locca_tokens(model.decoder), None
+            if layout is not None:
+                b = tokens.shape[0]
+                no_box, caption = jnp.zeros((b, 4), jnp.float32), jnp.zeros((b,), jnp.int32)
+                sequences = locca.task_sequences(tokens, no_box, caption, layout)
+            _, _, losses = caption_token_losses(
+                model, images, tokens, vocab_chunk=vocab_chunk, sequences=sequences
+            )
+        count = caption_targets(tokens)[1] if sequences is None else sequences[1]
+        return jnp.stack([losses.sum(axis=1), count.sum(axis=1)], axis=1)
+
+    return jax.jit(run, out_shardings=rows)
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_referring_boxes(graphdef, mesh) -> Callable:
+    """boxes(params, images, tokens) -> float32 [B, 4]: the box a LocCa decoder writes for the
+    object each caption describes (`generate.referring_boxes`)."""
+    rows = NamedSharding(mesh, P(batch_axes(mesh)))
+
+    def run(params, images, tokens):
+        with activation_sharding(mesh):
+            return generate.referring_boxes(nnx.merge(graphdef, params), images, tokens)
 
     return jax.jit(run, out_shardings=rows)
 
@@ -138,16 +161,30 @@ class Encoders:
     def has_decoder(self) -> bool:
         return "decoder" in self.params
 
-    def local_caption_loss(self, images: np.ndarray, tokens: np.ndarray, length: int) -> np.ndarray:
+    def local_caption_loss(
+        self, images: np.ndarray, tokens: np.ndarray, length: int, vocab_chunk: int = 0
+    ) -> np.ndarray:
         """This process's (images, caption token ids) -> [n, 2]: each caption's cross-entropy sum
         over its real targets, and their count (teacher forcing)."""
-        return self._local(jitted_caption_loss(self.graphdef, self.mesh), (images, tokens), length)
+        loss = jitted_caption_loss(self.graphdef, self.mesh, int(vocab_chunk))
+        return self._local(loss, (images, tokens), length)
+
+    def local_referring_boxes(self, images: np.ndarray, tokens: np.ndarray, length: int) -> np.ndarray:
+        """This process's (images, caption token ids) -> [n, 4]: the box a LocCa decoder writes for
+        the object each caption describes."""
+        return self._local(jitted_referring_boxes(self.graphdef, self.mesh), (images, tokens), length)
 
     def caption_tokens(self, images: np.ndarray, *, max_len: int = 0, beams: int = 1) -> np.ndarray:
         """uint8 [N, H, W, 3] at the model's resolution -> token ids [N, max_len], every process alike."""
         return self._everyone(
             lambda x, n: self.local_caption_tokens(x, n, max_len=max_len, beams=beams), images
         )
+
+    def referring_boxes(self, images: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Images and caption token ids -> float32 [N, 4] boxes (a LocCa decoder), every process alike."""
+        images, tokens = np.asarray(images), np.asarray(tokens)
+        share = process_share(len(images))
+        return gather_rows(self.local_referring_boxes(images[share.rows], tokens[share.rows], share.length))
 
     @property
     def logit_scale(self):

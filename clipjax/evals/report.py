@@ -18,6 +18,7 @@ report.json format (stable; scripts read it):
   logistic_probe.top1|regularizer|validation_top1, few_shot.<k>shot   (probes on the held-out data)
   captioning.cross_entropy|perplexity (teacher-forced, held-out captions), .generated|mean_words,
       .attributes.<name>|all.stated|accuracy, .samples: [{generated, reference}]   (models with a decoder)
+      .referring.boxes|mean_iou|iou_50   (a LocCa decoder: boxes written for held-out captions)
   skipped.<evaluator section>: why it did not run (no labels, no class names, ...)
   timing.setup_s|train_s|eval_s   (end of training only)
 Each entry comes from the evaluator of the same name (clipjax.evals); `flatten_report` turns the
@@ -89,6 +90,11 @@ def summary_lines(report: dict) -> list[str]:
                 f"  generated captions' attributes {attributes['accuracy']:.2%} correct"
                 f" ({attributes['stated']:.0%} stated)"
             )
+        referring = captioning.get("referring")
+        if referring:
+            line += (
+                f"  referring boxes IoU {referring['mean_iou']:.3f} (IoU >= 0.5: {referring['iou_50']:.1%})"
+            )
         lines.append(line)
     for name, reason in report.get("skipped", {}).items():
         lines.append(f"  skipped {name}: {reason}")
@@ -117,6 +123,14 @@ def _captioning_table(report: dict) -> list[str]:
         ]
         lines += [f"| {k} | {v['stated']:.1%} | {v['accuracy']:.2%} |" for k, v in attributes.items()]
         lines.append("")
+    referring = captioning.get("referring")
+    if referring:
+        lines += [
+            f"Boxes the decoder writes for the captions of {referring['boxes']} held-out images (referring "
+            f"expression): mean IoU with the true box {referring['mean_iou']:.3f}, IoU >= 0.5 for "
+            f"{referring['iou_50']:.1%}.",
+            "",
+        ]
     samples = captioning.get("samples")
     if samples:
         lines += ["| generated | the image's own caption |", "| --- | --- |"]

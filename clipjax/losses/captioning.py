@@ -31,6 +31,12 @@ def _smoothing(value) -> str | None:
     return None if 0.0 <= value < 1.0 else "expected a number in [0, 1)"
 
 
+def _task_weights(value) -> str | None:
+    if len(value) != 3 or any(not isinstance(v, (int, float)) or v < 0 for v in value) or not sum(value):
+        return "expected three non-negative weights (caption, referring, grounded), not all zero"
+    return None
+
+
 # Joined to `config.loss` (read only with a `model.decoder`).
 FIELDS = {
     "caption_weight": Field(
@@ -47,6 +53,12 @@ FIELDS = {
     ),
     "label_smoothing": Field(
         0.0, "with model.decoder: label smoothing of the captioning loss", check=_smoothing
+    ),
+    "locca_tasks": Field(
+        (1.0, 1.0, 1.0),
+        "with model.decoder.tasks='locca': relative frequencies of captioning, referring expression "
+        "(text -> box) and grounded captioning (box -> text), drawn per example",
+        check=_task_weights,
     ),
 }
 
@@ -67,14 +79,25 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: 
 
 
 def caption_token_losses(
-    model, images: jax.Array, tokens: jax.Array, label_smoothing: float = 0.0, vocab_chunk: int = 0
+    model,
+    images: jax.Array,
+    tokens: jax.Array,
+    label_smoothing: float = 0.0,
+    vocab_chunk: int = 0,
+    sequences: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One teacher-forced pass of a model with a decoder over images and their captions' token
     ids [B, L]: (image embeddings, text embeddings, each target's cross-entropy [B, L - 1], 0 at
-    pads), the logits `vocab_chunk` vocabulary entries at a time (0: all at once)."""
-    a, b, features = model.embed_and_decode(images, tokens)
+    pads), the logits `vocab_chunk` vocabulary entries at a time (0: all at once). `sequences`:
+    (token ids [B, L'], which targets are trained [B, L' - 1]) the decoder reads and predicts
+    instead of the captions (LocCa's tasks, `clipjax.models.locca.task_sequences`)."""
+    if sequences is None:
+        a, b, features = model.embed_and_decode(images, tokens)
+        targets, mask = caption_targets(tokens)
+    else:
+        a, b, features = model.embed_and_decode(images, tokens, sequences[0])
+        targets, mask = sequences[0][:, 1:], sequences[1]
     weight, bias = model.decoder.output_layer(model.tied_embedding())
-    targets, mask = caption_targets(tokens)
     losses = chunked_token_cross_entropy(features, weight, bias, targets, label_smoothing, vocab_chunk)
     return a, b, losses * mask
 

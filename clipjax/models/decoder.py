@@ -103,6 +103,19 @@ FIELDS: dict[str, Field] = {
         "next-token logits through the transposed token embedding (the decoder's own with input=embed, the "
         "text tower's otherwise) instead of a separate output layer",
     ),
+    "tasks": Field(
+        "caption",
+        "what the decoder is trained to write: captions, or LocCa's three tasks (`locca`: captioning, "
+        "referring expression text -> box, grounded captioning box -> text; needs input='embed' and "
+        "data with object boxes; clipjax/models/locca.py)",
+        choices=("caption", "locca"),
+    ),
+    "box_bins": Field(
+        1000,
+        "with tasks='locca': coordinate tokens a box edge is quantised to (S + 1 makes the pixel edges "
+        "of S-pixel images exact)",
+        minimum=2,
+    ),
     "activation": Field("gelu_tanh", "the MLPs' non-linearity", choices=tuple(ACTIVATIONS)),
     "norm_eps": Field(1e-6, "LayerNorm epsilon", minimum=0.0),
 }
@@ -118,6 +131,8 @@ class DecoderSpec:
     cross_attention: str = "tokens"
     pooler_queries: int = 256
     tie_embedding: bool = False
+    tasks: str = "caption"
+    box_bins: int = 1000
     activation: str = "gelu_tanh"
     norm_eps: float = 1e-6
     variant: str | None = None
@@ -152,6 +167,11 @@ def resolve(values: dict[str, Any], text_spec, path: str = "model.decoder") -> D
         raise ConfigError(
             f"{path}.tie_embedding: the text tower's embedding is {text_spec.width} wide, the decoder "
             f"{sizes['width']} (set {path}.width={text_spec.width} or tie_embedding=False)"
+        )
+    if values["tasks"] == "locca" and values["input"] != "embed":
+        raise ConfigError(
+            f"{path}.tasks: 'locca' writes task and box tokens the text tower does not know: set "
+            f"{path}.input='embed'"
         )
     return spec_from(DecoderSpec, sizes, values)
 

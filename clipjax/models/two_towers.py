@@ -15,6 +15,7 @@ from clipjax.models.layers import POOLED, Dense
 from clipjax.models import spec as spec_lib
 from clipjax.models.spec import IMAGE_TOWERS, DualEncoderSpec, config_model_spec, model_spec
 from clipjax.models.decoder import CaptionDecoder
+from clipjax.models.locca import EXTRA_CONTEXT, LoccaTokens
 from clipjax.models.text import TextTransformer
 from clipjax.parallel.activations import constrain
 
@@ -131,6 +132,11 @@ class DualEncoder(nnx.Module):
             use_bias=spec.text_projection_bias,
             rngs=rngs,
         )
+        if spec.decoder is not None and spec.decoder.tasks == "locca":
+            # The decoder writes task and coordinate tokens after the text vocabulary's, in
+            # sequences up to four tokens longer than a caption (clipjax/models/locca.py).
+            vocab_size = LoccaTokens(vocab_size, spec.decoder.box_bins).vocab_size
+            max_len += EXTRA_CONTEXT
         self.decoder = (
             None
             if spec.decoder is None
@@ -188,15 +194,20 @@ class DualEncoder(nnx.Module):
         return img, txt, self.decoder.logits(features, self.tied_embedding())
 
     def embed_and_decode(
-        self, images: jax.Array, tokens: jax.Array
+        self, images: jax.Array, tokens: jax.Array, decoder_tokens: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`embed_and_caption` up to the decoder's output layer: its features [B, L - 1, width]
-        instead of the logits (`decoder.output_layer` gives the weights that make them)."""
+        instead of the logits (`decoder.output_layer` gives the weights that make them).
+        `decoder_tokens` [B, L']: what a decoder with its own embedding reads instead of the
+        caption (LocCa's task sequences); the features are then [B, L' - 1, width]."""
         pooled, image_tokens = self.image_tower.encode(self._standardize(images))
         img = self._embed_image_features(constrain(pooled.astype(jnp.float32), POOLED))
         text_pooled, states = self.text_tower.encode(tokens, self.decoder.spec.input != "text_tower_raw")
         txt = self._embed_text_features(constrain(text_pooled.astype(jnp.float32), POOLED))
-        inputs = tokens[:, :-1] if self.decoder.spec.input == "embed" else states[:, :-1]
+        if self.decoder.spec.input == "embed":
+            inputs = (tokens if decoder_tokens is None else decoder_tokens)[:, :-1]
+        else:
+            inputs = states[:, :-1]
         return img, txt, self.decoder.features(inputs, self.decoder.memory(image_tokens))
 
     def image_memory(self, images: jax.Array) -> jax.Array:

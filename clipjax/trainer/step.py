@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from clipjax import optim
 from clipjax.losses import objective_loss
 from clipjax.losses.captioning import caption_token_count, caption_token_losses
+from clipjax.models import locca
 from clipjax.metrics import embedding_metrics
 from clipjax.parallel import batch_axes, batch_parallelism
 from clipjax.parallel.activations import activation_sharding
@@ -38,7 +39,9 @@ def make_loss_fn(config, graphdef, mesh):
             a, b = embed(params, batch, step)
             loss, new_state = embedding_loss(a, b, *args)
             return loss, (a, b, new_state, {})
-        a, b, caption_sum = embed_and_caption_sum(nnx.merge(graphdef, params), batch, weights)
+        model = nnx.merge(graphdef, params)
+        batch = with_task_sequences(model, batch, weights, config.seed, step)
+        a, b, caption_sum = embed_and_caption_sum(model, batch, weights)
         contrastive, new_state = embedding_loss(a, b, *args)
         caption = caption_sum / _token_count(batch)
         loss = weights.contrastive * contrastive + weights.caption * caption
@@ -53,14 +56,34 @@ class CaptionWeights:
     caption: float
     label_smoothing: float
     vocab_chunk: int
+    locca_tasks: tuple[float, float, float]
+
+
+# The batch keys of LocCa's task sequences, which micro-batches split like the towers' inputs.
+SEQUENCE_KEYS = ("task_tokens", "task_targets")
+
+
+def with_task_sequences(model, batch, weights: CaptionWeights, seed: int, step):
+    """The batch with each example's LocCa task sequence (`clipjax.models.locca`) where the
+    decoder trains on LocCa's tasks; the batch itself otherwise."""
+    layout = locca.locca_tokens(model.decoder)
+    if layout is None:
+        return batch
+    boxes = batch.get("box")
+    if boxes is None:
+        boxes = jnp.zeros((batch["text"].shape[0], 4), jnp.float32)
+    tasks = locca.draw_tasks(weights.locca_tasks, boxes, _index(batch), seed=seed, step=step)
+    tokens, targets = locca.task_sequences(batch["text"], boxes, tasks, layout)
+    return {**batch, "task_tokens": tokens, "task_targets": targets}
 
 
 def embed_and_caption_sum(model, batch, weights: CaptionWeights):
     """(image embeddings, text embeddings, the captioning cross-entropy summed over the batch's
     real target tokens) of a model with a decoder, the logits a slice of the vocabulary at a
     time with `loss.caption_vocab_chunk`."""
+    sequences = (batch["task_tokens"], batch["task_targets"]) if "task_tokens" in batch else None
     a, b, losses = caption_token_losses(
-        model, batch["image"], batch["text"], weights.label_smoothing, weights.vocab_chunk
+        model, batch["image"], batch["text"], weights.label_smoothing, weights.vocab_chunk, sequences
     )
     return a, b, jnp.sum(losses)
 
@@ -75,11 +98,14 @@ def caption_weights(config) -> CaptionWeights | None:
         float(loss.caption_weight),
         float(loss.label_smoothing),
         int(loss.caption_vocab_chunk),
+        tuple(float(w) for w in loss.locca_tasks),
     )
 
 
 def _token_count(batch):
     # At least one, so a batch of empty captions gives a zero loss rather than 0 / 0.
+    if "task_targets" in batch:
+        return jnp.maximum(jnp.sum(batch["task_targets"]), 1.0)
     return jnp.maximum(caption_token_count(batch["text"]), 1.0)
 
 
@@ -203,7 +229,9 @@ def make_grad_fn(config, graphdef, mesh):
     def grad_fn(params, batch, loss_state=None, step=0):
         trainable, frozen = optim.split_trainable(params, frozen_patterns)
         batch = {**batch, "index": _index(batch)}
-        micro = {key: split(batch[key]) for key in tower_inputs}
+        if weights is not None:
+            batch = with_task_sequences(nnx.merge(graphdef, params), batch, weights, config.seed, step)
+        micro = {key: split(batch[key]) for key in tower_inputs + SEQUENCE_KEYS if key in batch}
         a, b = jax.lax.map(lambda mb: embed_fn(jax.lax.stop_gradient(params), mb, step), micro)
         a, b = merge(a), merge(b)
         has_bias = "logit_bias" in params
@@ -269,8 +297,9 @@ def _is_counter(path) -> bool:
 
 
 # The batch keys the step reads (the rest of a data batch stays on the host). `index` (the
-# example's position in the dataset) seeds image-image views and keys per-sample loss state.
-STEP_INPUTS = ("image", "text", "text_id", "label", "index")
+# example's position in the dataset) seeds image-image views and keys per-sample loss state;
+# `box` (sources with object boxes) feeds LocCa's localisation tasks.
+STEP_INPUTS = ("image", "text", "text_id", "label", "index", "box")
 
 
 def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):

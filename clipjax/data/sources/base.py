@@ -77,6 +77,11 @@ class DataSource(abc.ABC):
         Runs in `clipjax.config.validate`, before anything is prepared or compiled.
         """
 
+    @classmethod
+    def gives_boxes(cls, data_config: Any) -> bool:
+        """Whether examples come with an object box (`box`: LocCa's localisation tasks)."""
+        return False
+
     @property
     def data_dir(self) -> str:
         """Absolute, or a bucket URL (gs://, s3://) as given: never a local folder named 'gs:'."""

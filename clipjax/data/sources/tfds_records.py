@@ -27,6 +27,11 @@ class TfdsRecordSource(DataSource):
     eval_int_fields: ClassVar[tuple[str, ...]] = ()  # extra per-example labels for evaluation
     split_hint: ClassVar[str] = ""  # appended to the "no such split" error
 
+    @property
+    def boxes(self) -> bool:
+        """Whether the records hold an object box (the float [4] field `box`)."""
+        return False
+
     @abc.abstractmethod
     def make_builder(self) -> tfds.core.DatasetBuilder:
         """The prepared builder (prepared here if needed, safe under concurrent processes)."""
@@ -51,7 +56,7 @@ class TfdsRecordSource(DataSource):
 
     def reader(self, split: str, seed: tuple[int, ...] | None = None, extra_int_fields=()):
         """The decoder's reader of `split` (`seed`: training's, for sources that draw per epoch)."""
-        return RecordReader(self.records(split), extra_int_fields)
+        return RecordReader(self.records(split), extra_int_fields, boxes=self.boxes)
 
     def decoder(
         self, split: str, tokenizer, *, seed=None, keep_captions=False, extra_int_fields=()

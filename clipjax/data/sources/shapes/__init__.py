@@ -26,8 +26,21 @@ class ShapesSource(TfdsRecordSource):
             minimum=0,
             check=lambda v: None if v <= shapes.NUM_CONCEPTS else f"at most {shapes.NUM_CONCEPTS}",
         ),
+        "shapes_boxes": Field(
+            False,
+            "store each object's bounding box in the records (`box`: the tight box of its pixels), "
+            "for a decoder's localisation tasks (model.decoder.tasks='locca')",
+        ),
     }
     encoded_images = False
+
+    @property
+    def boxes(self) -> bool:
+        return self.gives_boxes(self.config)
+
+    @classmethod
+    def gives_boxes(cls, data_config) -> bool:
+        return bool(data_config.shapes_boxes)
 
     @property
     def eval_int_fields(self) -> tuple[str, ...]:
@@ -44,6 +57,7 @@ class ShapesSource(TfdsRecordSource):
             seed=self.config.shapes_seed,
             nuisance=self.config.shapes_nuisance,
             concepts=self.config.shapes_concepts,
+            boxes=self.config.shapes_boxes,
         )
 
     def zero_shot_tasks(self):

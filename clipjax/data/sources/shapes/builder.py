@@ -7,8 +7,9 @@ The config name encodes every generation parameter, e.g.
 `s32_train50000_test5000_seed0`, so datasets of different sizes live in
 different directories under one data_dir. The options away from their defaults
 add a suffix: `_nuis` (nuisance factors, stored as int32 features light,
-gradient, texture, noise, vignette) and `_k32` (32 concepts), in that order, e.g.
-`s32_train50000_test5000_seed0_nuis_k32`. Any such name is accepted, also by
+gradient, texture, noise, vignette), `_k32` (32 concepts) and `_box` (each object's
+bounding box, a float32 [4] feature `box`), in that order, e.g.
+`s32_train50000_test5000_seed0_nuis_k32_box`. Any such name is accepted, also by
 `tfds.data_source('shapes/s32_train1000_test100_seed3', data_dir=...)`.
 """
 
@@ -24,7 +25,7 @@ from clipjax import paths
 from clipjax.data.sources.shapes import procedural as shapes
 from clipjax.data import tfds_util
 
-_NAME = re.compile(r"^s(\d+)_train(\d+)_test(\d+)_seed(\d+)(_nuis)?(?:_k(\d+))?$")
+_NAME = re.compile(r"^s(\d+)_train(\d+)_test(\d+)_seed(\d+)(_nuis)?(?:_k(\d+))?(_box)?$")
 
 
 def _canonical_concepts(concepts: int) -> int:
@@ -34,13 +35,21 @@ def _canonical_concepts(concepts: int) -> int:
 
 
 def config_name(
-    image_size: int, num_train: int, num_test: int, seed: int, nuisance: bool = False, concepts: int = 0
+    image_size: int,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    nuisance: bool = False,
+    concepts: int = 0,
+    boxes: bool = False,
 ) -> str:
     name = f"s{image_size}_train{num_train}_test{num_test}_seed{seed}"
     if nuisance:
         name += "_nuis"
     if concepts := _canonical_concepts(concepts):
         name += f"_k{concepts}"
+    if boxes:
+        name += "_box"
     return name
 
 
@@ -55,6 +64,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
     nuisance: bool = False
     concepts: int = 0  # 0: all 320
+    boxes: bool = False
 
     def __reduce__(self):
         # Unpickle (e.g. in grain worker processes) to the one cached instance per
@@ -66,6 +76,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
             self.seed,
             self.nuisance,
             self.concepts,
+            self.boxes,
         )
 
 
@@ -79,16 +90,19 @@ def make_config(
     seed: int = 0,
     nuisance: bool = False,
     concepts: int = 0,
+    boxes: bool = False,
 ) -> ShapesConfig:
     """One config object per name (tfds rejects two distinct objects with one name)."""
-    nuisance, concepts = bool(nuisance), _canonical_concepts(concepts)
-    name = config_name(image_size, num_train, num_test, seed, nuisance, concepts)
+    nuisance, concepts, boxes = bool(nuisance), _canonical_concepts(concepts), bool(boxes)
+    name = config_name(image_size, num_train, num_test, seed, nuisance, concepts, boxes)
     if name not in _CONFIGS:
         description = f"{num_train} train / {num_test} test images of {image_size}px, seed {seed}"
         if nuisance:
             description += ", nuisance factors"
         if concepts:
             description += f", {concepts} concepts"
+        if boxes:
+            description += ", object boxes"
         _CONFIGS[name] = ShapesConfig(
             name=name,
             image_size=image_size,
@@ -97,6 +111,7 @@ def make_config(
             seed=seed,
             nuisance=nuisance,
             concepts=concepts,
+            boxes=boxes,
             description=description,
         )
     return _CONFIGS[name]
@@ -123,9 +138,11 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     def get_builder_config(cls, name, version=None):
         config = super().get_builder_config(name, version)
         if config is None and (m := _NAME.match(name)):
-            size, train, test, seed, nuis, k = m.groups()
+            size, train, test, seed, nuis, k, box = m.groups()
             try:
-                config = make_config(int(size), int(train), int(test), int(seed), bool(nuis), int(k or 0))
+                config = make_config(
+                    int(size), int(train), int(test), int(seed), bool(nuis), int(k or 0), bool(box)
+                )
             except ValueError:
                 return None  # e.g. more concepts than there are
             if config.name != name:
@@ -150,6 +167,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         }
         if c.nuisance:
             features.update({k: int32() for k in shapes.NUISANCE_NAMES})
+        if c.boxes:
+            features["box"] = tfds.features.Tensor(shape=(4,), dtype=np.float32)
         return tfds.core.DatasetInfo(
             builder=self,
             description="One coloured shape on a noisy gray background, captioned.",
@@ -168,7 +187,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, num: int, seed: int):
         c = self.builder_config
-        data = shapes.generate_split(num, seed, c.image_size, nuisance=c.nuisance, concepts=c.concepts)
+        data = shapes.generate_split(
+            num, seed, c.image_size, nuisance=c.nuisance, concepts=c.concepts, boxes=c.boxes
+        )
         keys = [k for k in data if k != "caption"]
         for i in range(num):
             example = {k: data[k][i] for k in keys}
@@ -185,8 +206,9 @@ def shapes_builder(
     *,
     nuisance: bool = False,
     concepts: int = 0,
+    boxes: bool = False,
 ) -> Shapes:
-    config = make_config(image_size, num_train, num_test, seed, nuisance, concepts)
+    config = make_config(image_size, num_train, num_test, seed, nuisance, concepts, boxes)
     return Shapes(data_dir=data_dir, config=config)
 
 
@@ -199,10 +221,11 @@ def prepare_shapes(
     *,
     nuisance: bool = False,
     concepts: int = 0,
+    boxes: bool = False,
 ) -> Shapes:
     """Returns the `shapes` builder for these parameters, prepared if needed; `data_dir` may be a
     bucket URL (`tfds_util.prepare_in_bucket`)."""
-    options = dict(nuisance=nuisance, concepts=concepts)
+    options = dict(nuisance=nuisance, concepts=concepts, boxes=boxes)
     if paths.is_remote(data_dir):
         return tfds_util.prepare_in_bucket(
             lambda local: shapes_builder(local, image_size, num_train, num_test, seed, **options), data_dir

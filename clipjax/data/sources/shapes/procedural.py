@@ -20,6 +20,9 @@ Two options, both off by default (and then without any effect on the output):
   same seed without nuisance.
 * `concepts=K` (1..320): only the K concepts of `concept_subset(K)` are drawn,
   uniformly. `label` stays the full concept id; `concept_index` maps it to 0..K-1.
+
+`generate_split(..., boxes=True)` also returns each object's bounding box, the tight box of its
+pixels, for localisation tasks (LocCa's referring expressions and grounded captions).
 """
 
 from __future__ import annotations
@@ -410,7 +413,12 @@ def nuisance_background(nuisance: dict[str, np.ndarray], image_size: int = 32) -
     return bg
 
 
-def render(
+def render(*args, **kwargs) -> np.ndarray:
+    """`render_with_boxes` without the boxes."""
+    return render_with_boxes(*args, **kwargs)[0]
+
+
+def render_with_boxes(
     shape,
     color,
     size,
@@ -420,8 +428,10 @@ def render(
     *,
     draws: int | None = None,
     nuisance: dict[str, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Renders uint8 [n, S, S, 3] images for the given attribute arrays.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Renders uint8 [n, S, S, 3] images for the given attribute arrays, and float32 [n, 4] the
+    tight box of each object's pixels as (x_min, y_min, x_max, y_max) fractions of the image side
+    (a pixel column c spans c/S..(c+1)/S).
 
     `draws` (>= n) sizes the random draws for the per-object parameters, so
     rendering a prefix of a chunk consumes the generator like the whole chunk.
@@ -473,7 +483,16 @@ def render(
         image = np.where(inside[..., None], rgb[:, None, None, :].astype(np.float32), background)
         std = np.asarray(_NOISE_STDS, np.float32)[nuisance["noise"]][:, None, None, None]
         image += rng.standard_normal(image.shape, dtype=np.float32) * std
-    return np.clip(image, 0.0, 255.0).astype(np.uint8)
+    return np.clip(image, 0.0, 255.0).astype(np.uint8), _pixel_boxes(inside)
+
+
+def _pixel_boxes(inside: np.ndarray) -> np.ndarray:
+    """(x_min, y_min, x_max, y_max) / S of the True pixels of each mask [n, S, S]."""
+    s = inside.shape[-1]
+    cols, rows = inside.any(axis=1), inside.any(axis=2)
+    first = lambda m: np.argmax(m, axis=1)
+    last = lambda m: s - np.argmax(m[:, ::-1], axis=1)
+    return (np.stack([first(cols), first(rows), last(cols), last(rows)], axis=1) / s).astype(np.float32)
 
 
 def _chunk_rngs(seed: int, chunk: int):
@@ -504,20 +523,25 @@ def generate_split(
     with_images: bool = True,
     nuisance: bool = False,
     concepts: int = 0,
+    boxes: bool = False,
 ) -> dict[str, np.ndarray]:
     """Generates a split deterministically from `seed`.
 
     Returns numpy arrays: image uint8 [N,S,S,3] (unless with_images=False),
     caption str [N], text_id/index/label/shape/color/size/position int32 [N],
     and with `nuisance` the int32 [N] labels of NUISANCE_NAMES. `concepts=K`
-    draws only the concepts of `concept_subset(K)` (0: all 320).
+    draws only the concepts of `concept_subset(K)` (0: all 320). `boxes`: also
+    box float32 [N, 4], each object's (x_min, y_min, x_max, y_max) as fractions
+    of the image side (needs the images rendered, which it does not change).
     """
+    if boxes and not with_images:
+        raise ValueError("boxes come from the rendered pixels: boxes=True needs with_images=True")
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     concepts = check_concepts(concepts)
     label_names = ("label", "shape", "color", "size", "position") + (NUISANCE_NAMES if nuisance else ())
     parts = {k: [] for k in label_names + ("caption",)}
-    images = []
+    images, object_boxes = [], []
     for chunk, start in enumerate(range(0, num_examples, _CHUNK)):
         n = min(_CHUNK, num_examples - start)
         attr_rng, pixel_rng = _chunk_rngs(seed, chunk)
@@ -533,7 +557,11 @@ def generate_split(
             for k in NUISANCE_NAMES:
                 parts[k].append(factors[k])
         if with_images:
-            images.append(render(shp, col, siz, pos, pixel_rng, image_size, draws=_CHUNK, nuisance=factors))
+            image, box = render_with_boxes(
+                shp, col, siz, pos, pixel_rng, image_size, draws=_CHUNK, nuisance=factors
+            )
+            images.append(image)
+            object_boxes.append(box)
     out: dict[str, np.ndarray] = {}
     for k in label_names:
         out[k] = (np.concatenate(parts[k]) if parts[k] else np.zeros(0)).astype(np.int32)
@@ -544,6 +572,8 @@ def generate_split(
         out["image"] = (
             np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
         )
+    if boxes:
+        out["box"] = np.concatenate(object_boxes) if object_boxes else np.zeros((0, 4), np.float32)
     return out
 
 

@@ -70,8 +70,19 @@ class WebDatasetSource(DataSource):
             "the `.json` field holding each sample's class label (an integer, or one of "
             "data.class_names; nested as outer/inner); a `.cls` member labels a sample without it",
         ),
+        "box_field": Field(
+            "",
+            "the `.json` field holding each sample's object box [x_min, y_min, x_max, y_max] as "
+            "fractions of the image (nested as outer/inner), for a decoder's localisation tasks "
+            "(model.decoder.tasks='locca'); a sample without it has none, a malformed one is dropped "
+            "(bad_box)",
+        ),
         **classes.FIELDS,
     }
+
+    @classmethod
+    def gives_boxes(cls, data_config) -> bool:
+        return bool(str(getattr(data_config, "box_field", "") or "").strip())
 
     @classmethod
     def check_config(cls, data_config) -> None:
@@ -121,7 +132,9 @@ class WebDatasetSource(DataSource):
 
     def decoder(self, tokenizer, keep_captions: bool = False) -> Decoder:
         reader = streaming.SampleReader(
-            str(self._setting("label_field")).strip(), classes.class_names(self.config)
+            str(self._setting("label_field")).strip(),
+            classes.class_names(self.config),
+            box_field=str(self._setting("box_field")).strip(),
         )
         return Decoder(reader, self.config.image_size, tokenizer=tokenizer, keep_captions=keep_captions)
 

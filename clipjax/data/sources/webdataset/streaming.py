@@ -105,7 +105,7 @@ from clipjax import paths
 from clipjax.data import workers as worker_pool
 from clipjax.data.drops import DropCounter
 from clipjax.data.process_state import TrainIterator, local_batch
-from clipjax.data.decode import BATCH_KEYS, Decoder, Raw
+from clipjax.data.decode import Decoder, Raw, batch_keys
 
 IMAGE_EXTENSIONS = frozenset(("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"))
 CAPTION_EXTENSION = "txt"
@@ -534,9 +534,29 @@ class SampleReader:
     example, its `label` the class of `label`. A module-level class so worker processes can
     unpickle it."""
 
-    def __init__(self, label_field: str = "", class_names: Sequence[str] = ()):
+    def __init__(self, label_field: str = "", class_names: Sequence[str] = (), box_field: str = ""):
         self.label_field = label_field
         self.class_index = {name: i for i, name in enumerate(class_names)}
+        self.box_field = box_field
+        self.boxes = bool(box_field)
+
+    def box(self, sample: Sample) -> tuple | None:
+        """The `.json` field `box_field` ('/' walks into nested objects): None where the sample has
+        none, else its values as they are (the decoder drops a malformed box as bad_box)."""
+        if sample.metadata is None:
+            return None
+        try:
+            value = json.loads(sample.metadata)
+            for part in self.box_field.split("/"):
+                value = value[part]
+        except (KeyError, TypeError, IndexError):
+            return None
+        except ValueError:
+            return (float("nan"),)  # unreadable metadata: a malformed box
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            return (float("nan"),)
 
     def label(self, sample: Sample) -> int:
         """The sample's class: its `.cls` member, else the `.json` field `label_field` ('/' walks
@@ -565,7 +585,16 @@ class SampleReader:
 
     def __call__(self, samples: Sequence[Sample], epochs=None) -> list[Raw]:
         return [
-            Raw(s.index, s.image, s.caption, s.index, label=self.label(s), error=s.error, name=s.name)
+            Raw(
+                s.index,
+                s.image,
+                s.caption,
+                s.index,
+                label=self.label(s),
+                error=s.error,
+                name=s.name,
+                box=self.box(s) if self.boxes else None,
+            )
             for s in samples
         ]
 
@@ -715,7 +744,7 @@ def _process_state(state: dict) -> dict:
 
 
 class StreamIterator:
-    """Local batches of one process (keys BATCH_KEYS), resumable exactly.
+    """Local batches of one process (keys `decode.batch_keys`), resumable exactly.
 
     Use through `make_train_iterator`. `gather(own_state) -> [state of each process]` collects
     the positions of all processes for get_state(); None keeps only this one's.
@@ -883,13 +912,15 @@ class StreamIterator:
                     break
                 continue
             take = min(need, len(self._kept) - self._cursor)
-            parts.append({k: self._arrays[k][self._cursor : self._cursor + take] for k in BATCH_KEYS})
+            parts.append(
+                {k: self._arrays[k][self._cursor : self._cursor + take] for k in batch_keys(self._arrays)}
+            )
             self._cursor += take
             need -= take
         if not parts:
             raise StopIteration
         self._seen += self.batch_size - need
-        return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def close(self) -> None:
         if getattr(self, "_prefetcher", None) is not None:
