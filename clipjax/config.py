@@ -29,7 +29,7 @@ from clipjax import optim, paths
 from clipjax.data.augment import SECTION as AUGMENT_SECTION
 from clipjax.data.sources import data_section, source_class
 from clipjax.evals.runner import check_evaluators, evals_section
-from clipjax.losses import check_loss_config, loss_section
+from clipjax.losses import check_loss_config, image_losses, loss_section
 from clipjax.metrics.collapse import ALARM_FIELDS
 from clipjax.models import model_factory, model_section
 from clipjax.models.spec import TASKS, config_model_spec
@@ -168,6 +168,7 @@ def schema() -> Section:
             "augment": AUGMENT_SECTION,
             "model": model_section(),
             "loss": loss_section(),
+            "image_losses": image_losses.SECTION,
             "optim": optim.SECTION,
             "evals": evals_section(),
             "profile": Section(
@@ -220,6 +221,7 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_data: bo
     config_model_spec(config)
     check_loss_config(config)
     _check_captioning(config)
+    _check_image_losses(config)
 
     axes = tuple(config.mesh.axes)
     try:
@@ -252,6 +254,16 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_data: bo
     if config.optim.frozen or config.optim.lr_multipliers or config.init_from_towers:
         _check_parameter_choices(config)
     return shape
+
+
+def _check_image_losses(config) -> None:
+    c = config.image_losses
+    for key in ("self_distillation", "masked_prediction"):
+        if c[key] and not config.model.image_heads.prototypes:
+            raise ConfigError(
+                f"image_losses.{key}: compares prototype scores, which need heads: set "
+                "model.image_heads.prototypes (e.g. 1024)"
+            )
 
 
 def _check_captioning(config) -> None:

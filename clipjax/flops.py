@@ -312,13 +312,47 @@ def forward_flops_per_example(config, vocab_size: int | None = None) -> float:
     )["total"]
 
 
-def train_flops_per_step(config, vocab_size: int | None = None) -> float:
+def prototype_head_flops(tokens: int, width: int, heads) -> float:
+    """`models.image_heads.PrototypeHead` over `tokens` features of `width`."""
+    return (
+        dense_flops(tokens, width, heads.hidden)
+        + dense_flops(tokens, heads.hidden, heads.bottleneck)
+        + dense_flops(tokens, heads.bottleneck, heads.prototypes)
+    )
+
+
+def image_losses_flops_per_example(config) -> float:
+    """SigLIP 2's image-side losses on one example once they are on (`image_losses`): the EMA
+    teacher's forward pass of the image and both heads, and the student's forward and backward
+    (3x) of each local view with the pooled head (self-distillation) and of the masked image
+    with the patch head (masked prediction)."""
+    from clipjax.losses import image_losses
+
+    if not image_losses.active(config):
+        return 0.0
+    c, spec = config.image_losses, config_model_spec(config)
+    size = int(config.data.image_size)
+    tower = tower_forward_flops(spec.image_kind, spec.image, size)
+    width, patches = vit_out_dim(spec.image), (size // spec.image.patch_size) ** 2
+    pooled_head = prototype_head_flops(1, width, spec.image_heads)
+    patch_head = prototype_head_flops(patches, width, spec.image_heads)
+    flops = tower + pooled_head + patch_head
+    if c.self_distillation:
+        flops += 3 * int(c.local_views) * (tower + pooled_head)
+    if c.masked_prediction:
+        flops += 3 * (tower + patch_head)
+    return flops
+
+
+def train_flops_per_step(config, vocab_size: int | None = None, image_losses_on: bool = True) -> float:
     """Model FLOPs of one train step of `config` at its global batch (`config.data.batch_size`):
     both towers and their projections forward and backward (4x the forward with micro-batches,
     3x without), plus the loss (`loss_flops`). A tower frozen whole (`optim.frozen`, LiT) has
     no backward pass: its forward counts once (twice with micro-batches, which run it again in
     each micro-batch's gradient pass). A captioning decoder runs forward and backward once
-    either way (the micro-batches' first pass embeds without it): 3x its forward."""
+    either way (the micro-batches' first pass embeds without it): 3x its forward. SigLIP 2's
+    image-side losses add `image_losses_flops_per_example` (`image_losses_on`: the steps from
+    their start on)."""
     from clipjax.optim import matches
 
     batch = int(config.data.batch_size)
@@ -341,4 +375,7 @@ def train_flops_per_step(config, vocab_size: int | None = None) -> float:
     towers = (towers + passes * parts["projections"]) * batch
     # Image-image: the 2B views are compared among themselves, (2B)^2 pairs.
     views = 2 * batch if spec.task == "image_image" else batch
-    return towers + loss_flops(config.loss.name, config.loss.impl, views, int(config.model.embed_dim))
+    total = towers + loss_flops(config.loss.name, config.loss.impl, views, int(config.model.embed_dim))
+    if image_losses_on:
+        total += batch * image_losses_flops_per_example(config)
+    return total

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from clipjax import flops
+from clipjax.losses import image_losses
 from clipjax.config import apply_overrides
 from clipjax.losses import contrastive_loss
 from clipjax.models import IMAGE_TOWERS, model_factory, model_spec, resnet, text, vit
@@ -236,6 +237,20 @@ STEP_CASES = {
             "model.decoder.output_bias": False,
         },
     ),
+    # SigLIP 2's image-side losses (on from the first step): the teacher's forward pass, two
+    # local views and the masked image through the student.
+    "image-losses": (
+        "demo.py",
+        {
+            "model.image.kind": "vit",
+            "model.image.pool": "cls",
+            "model.image.patch_size": 8,
+            "model.image_heads.prototypes": 48,
+            "image_losses.self_distillation": 1.0,
+            "image_losses.masked_prediction": 1.0,
+            "image_losses.start": 0.0,
+        },
+    ),
 }
 
 
@@ -255,8 +270,22 @@ def test_train_step_count_equals_the_traced_gradient(name):
         "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8),
         "text": jax.ShapeDtypeStruct((b, config.data.tokenizer.max_len), jnp.int32),
     }
-    jaxpr = jax.make_jaxpr(make_grad_fn(config, graphdef, mesh))(params, batch)
-    expected = flops.train_flops_per_step(config, vocab_size=300) - b * _first_layer_flops(config)
+    grad_fn = make_grad_fn(config, graphdef, mesh)
+    if image_losses.active(config):  # the EMA teacher: the same shapes as the student's parts
+        k = config.model.image_heads.prototypes
+        centers = {
+            "pooled": jax.ShapeDtypeStruct((k,), jnp.float32),
+            "patch": jax.ShapeDtypeStruct((k,), jnp.float32),
+        }
+        teacher = {**{part: params[part] for part in image_losses.TEACHER_PARTS}, "centers": centers}
+        jaxpr = jax.make_jaxpr(lambda p, b, t: grad_fn(p, b, None, 0, teacher=t))(params, batch, teacher)
+    else:
+        jaxpr = jax.make_jaxpr(grad_fn)(params, batch)
+    # Each student pass of the image-side losses (local views, the masked image) reads images too.
+    student_passes = 1 + (config.image_losses.local_views + 1 if image_losses.active(config) else 0)
+    expected = flops.train_flops_per_step(config, vocab_size=300) - b * student_passes * _first_layer_flops(
+        config
+    )
     assert traced_matmul_flops(jaxpr.jaxpr) == pytest.approx(expected, rel=1e-9)
 
 

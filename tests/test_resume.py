@@ -96,6 +96,34 @@ def simclr_sogclr(tmp_path, request):
     return apply_overrides(load_config("simclr_demo.py"), overrides), None, check
 
 
+def siglip2_image_losses(tmp_path, request):
+    """SigLIP 2's image-side losses (on from step 3 of 6) with their EMA teacher, on 4 x 2 devices:
+    the teacher and its centres resume bit for bit with the rest of the state."""
+    overrides = {
+        "model.image.kind": "vit",
+        "model.image.pool": "mean",
+        "model.image.patch_size": 8,
+        "model.image_heads.prototypes": 32,
+        "image_losses.self_distillation": 1.0,
+        "image_losses.masked_prediction": 1.0,
+        "image_losses.start": 0.4,
+        "evals.at_end": False,
+        "mesh.shape": (4, 2, 1),
+        "log_every": 1,
+        "steps": 6,
+        "checkpoint_every": 100,
+    }
+
+    def check(workdir, report, state):
+        teacher, params = state["teacher"], state["params"]
+        assert np.abs(np.asarray(teacher["centers"]["patch"])).max() > 0  # moved once the losses are on
+        kernel = lambda tree: np.asarray(tree["image_heads"]["patch"]["prototypes"]["kernel"])
+        assert not np.array_equal(kernel(teacher), kernel(params))  # an average, not a copy
+        assert "masked_prediction_loss" in _records(workdir)[6]
+
+    return tiny_demo(request.getfixturevalue("tfds_dir"), **overrides), None, check
+
+
 def _records(workdir):
     with open(workdir / "metrics.jsonl") as f:
         return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
@@ -105,7 +133,9 @@ def _drops(record):
     return {k: v for k, v in record.items() if k.startswith("data_dropped")}
 
 
-@pytest.mark.parametrize("case", [shapes, own_csv, webdataset, tfds, simclr_sogclr], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "case", [shapes, own_csv, webdataset, tfds, simclr_sogclr, siglip2_image_losses], ids=lambda f: f.__name__
+)
 def test_a_resumed_run_ends_where_the_straight_run_ends(case, tmp_path, request, capfd):
     config, straight, check = case(tmp_path, request)
     report, console = {}, ""

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from clipjax.models import decoder, resnet, text, vit
+from clipjax.models import decoder, image_heads, resnet, text, vit
 from clipjax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, remat_name
 from clipjax.schema import ConfigError, Field, Section, merge_kinds, read_kind
 
@@ -143,6 +143,10 @@ def model_section() -> Section:
                 dict(decoder.FIELDS),
                 doc="a captioning decoder reading the image tokens (CoCa, LocCa); trained by loss.caption_weight",
             ),
+            "image_heads": Section(
+                dict(image_heads.FIELDS),
+                doc="prototype heads of SigLIP 2's image-side losses (`image_losses`) and the mask token",
+            ),
             "projector": Section(
                 {
                     "layers": Field(2, "dense layers from the image tower to the loss's space", minimum=1),
@@ -182,6 +186,8 @@ class DualEncoderSpec:
     projector_hidden: int = 0
     # The captioning decoder (`model.decoder`), None without one.
     decoder: decoder.DecoderSpec | None = None
+    # The heads of SigLIP 2's image-side losses (`model.image_heads`), None without them.
+    image_heads: image_heads.ImageHeadsSpec | None = None
 
 
 TASKS = ("image_text", "image_image")
@@ -209,6 +215,17 @@ def model_spec(
         raise ConfigError(
             f"{path}.decoder.variant: the {kind!r} image tower gives no tokens for a decoder to read"
         )
+    heads_spec = image_heads.resolve(values["image_heads"])
+    if heads_spec is not None and kind != "vit":
+        raise ConfigError(
+            f"{path}.image_heads.prototypes: the image-side losses read patch tokens, which the {kind!r} "
+            "image tower does not give (use model.image.kind='vit')"
+        )
+    if heads_spec is not None and image_values.get("pool") == "attentional_pooler":
+        raise ConfigError(
+            f"{path}.image_heads.prototypes: with model.image.pool='attentional_pooler' the tower's "
+            "tokens are the pooler's queries, not patches"
+        )
     return DualEncoderSpec(
         image=tower.resolve(image_values, image_size, f"{path}.image"),
         image_kind=kind,
@@ -228,6 +245,7 @@ def model_spec(
         projector_layers=values["projector"]["layers"],
         projector_hidden=values["projector"]["hidden"],
         decoder=decoder_spec,
+        image_heads=heads_spec,
     )
 
 

@@ -15,6 +15,7 @@ from clipjax.models.layers import POOLED, Dense
 from clipjax.models import spec as spec_lib
 from clipjax.models.spec import IMAGE_TOWERS, DualEncoderSpec, config_model_spec, model_spec
 from clipjax.models.decoder import CaptionDecoder
+from clipjax.models.image_heads import ImageHeads
 from clipjax.models.locca import EXTRA_CONTEXT, LoccaTokens
 from clipjax.models.text import TextTransformer
 from clipjax.parallel.activations import constrain
@@ -100,6 +101,17 @@ class DualEncoder(nnx.Module):
             nnx.Param(jnp.asarray(spec.logit_bias_init, jnp.float32))
             if spec.logit_bias_init is not None
             else None
+        )
+        # SigLIP 2's image-side losses: prototype heads and a mask token (clipjax/models/image_heads.py).
+        self.image_heads = (
+            None
+            if spec.image_heads is None
+            else ImageHeads(
+                spec.image_heads,
+                pooled_width=self.image_tower.out_dim,
+                token_width=self.image_tower.token_dim,
+                rngs=rngs,
+            )
         )
         if spec.task == "image_image":
             width = self.image_tower.out_dim

@@ -176,7 +176,7 @@ class ViT(nnx.Module):
         self.spec = spec
         self.image_size = image_size
         self.dtype = jnp.dtype(dtype)
-        num_patches = (image_size // p) ** 2
+        num_patches = self.num_patches = (image_size // p) ** 2
         if spec.patch_embed == "conv":
             self.patch = Conv(
                 3,
@@ -245,14 +245,22 @@ class ViT(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.encode(images)[0]
 
-    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(pooled [B, width], the final-normed tokens [B, tokens, width] a decoder reads)."""
+    def encode(
+        self, images: jax.Array, patch_mask: jax.Array | None = None, mask_token: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(pooled [B, width], the final-normed tokens [B, tokens, width] a decoder reads).
+
+        `patch_mask` [B, patches] (bool): those patches' embeddings are replaced by `mask_token`
+        [width] before anything else reads them (masked prediction), so nothing of a masked
+        patch's pixels reaches the output."""
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(
                 f"ViT built for {self.image_size}x{self.image_size} images, got "
                 f"{images.shape[1]}x{images.shape[2]}"
             )
         x = constrain(self._patchify(images.astype(self.dtype)), TOKENS)
+        if patch_mask is not None:
+            x = jnp.where(patch_mask[..., None], mask_token.astype(self.dtype), x)
         if self.cls is not None:
             cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)

@@ -36,7 +36,8 @@ def data_drop_metrics(drop_counts: dict[str, int]) -> dict[str, int]:
 class LogHook:
     """Train scalars, samples/s since the last call, and data drops to the writer; a progress line.
 
-    With `flops_per_step` (the model FLOPs of one step, `clipjax.flops.train_flops_per_step`) it
+    With `flops_per_step` (the model FLOPs of one step, `clipjax.flops.train_flops_per_step`, or
+    a function of the step where they change) it
     also writes the achieved `tflops_per_device` over the same interval, and `mfu` against
     `peak_flops` (FLOP/s per device) where that is known.
     """
@@ -58,14 +59,22 @@ class LogHook:
         self.flops_per_step, self.peak_flops, self.num_devices = flops_per_step, peak_flops, num_devices
         self._time, self._step = time.perf_counter(), start_step
 
+    def _flops(self, first: int, last: int) -> float:
+        """Model FLOPs of steps first..last - 1 (`flops_per_step`: a number, or a function of
+        the step where they change, as with SigLIP 2's image-side losses)."""
+        if callable(self.flops_per_step):
+            return float(sum(self.flops_per_step(s) for s in range(first, last)))
+        return self.flops_per_step * (last - first)
+
     def __call__(self, info: StepInfo) -> None:
         scalars, _ = info.host_metrics()
         now = time.perf_counter()
         scalars = dict(scalars)
         steps_per_sec = (info.step - self._step) / max(now - self._time, 1e-9)
         scalars["samples_per_sec"] = steps_per_sec * self.global_batch
-        if self.flops_per_step > 0:
-            flops_per_device = steps_per_sec * self.flops_per_step / self.num_devices
+        flops = self._flops(self._step, info.step)
+        if flops > 0:  # steps_per_sec * flops per step, over the same interval
+            flops_per_device = flops / max(now - self._time, 1e-9) / self.num_devices
             scalars["tflops_per_device"] = flops_per_device / 1e12
             if self.peak_flops:
                 scalars["mfu"] = flops_per_device / self.peak_flops

@@ -21,6 +21,7 @@ from clipjax.config import total_steps, validate
 from clipjax.data.sources import make_source
 from clipjax.evals.report import summary_lines, write_report
 from clipjax.evals.runner import EvalRunner
+from clipjax.losses import image_losses
 from clipjax.metric_writer import MetricWriter, Progress
 from clipjax.metrics import ALARM_FIELDS, CollapseAlarm
 from clipjax.parallel import host_batch_to_global, make_mesh
@@ -112,6 +113,11 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     evaluation = EvalRunner(config, source, tokenizer, log=log)
     t_prepared = time.perf_counter()
     step_flops = flops.train_flops_per_step(config, tokenizer.vocab_size)
+    flops_at = step_flops
+    if image_losses.active(config):  # more FLOPs per step once the image-side losses are on
+        before = flops.train_flops_per_step(config, tokenizer.vocab_size, image_losses_on=False)
+        on = image_losses.start_step(config, total)
+        flops_at = lambda s: step_flops if s >= on else before  # noqa: E731
     trainable = ""
     if config.optim.frozen:
         params = optim.split_trainable(state["params"], config.optim.frozen)[0]
@@ -151,7 +157,7 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
             global_batch=config.data.batch_size,
             data_iterator=iterator,
             start_step=step,
-            flops_per_step=step_flops,
+            flops_per_step=flops_at,
             peak_flops=flops.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_tflops),
             num_devices=mesh.size,
         ),

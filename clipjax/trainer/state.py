@@ -12,12 +12,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import optim
 from clipjax.config import total_steps
-from clipjax.losses import init_loss_state
+from clipjax.losses import image_losses, init_loss_state
 from clipjax.models import model_factory
 from clipjax.parallel import batch_axes, param_shardings
 
 # state = {'step', 'params', 'opt_state', 'nonfinite_total', 'nonfinite_streak'}, plus
-# 'loss_state' when the loss keeps per-sample estimates (`loss.name = 'sogclr'`)
+# 'loss_state' when the loss keeps per-sample estimates (`loss.name = 'sogclr'`) and 'teacher'
+# with SigLIP 2's image-side losses (`image_losses`: an EMA of the image tower and its heads)
 COUNTERS = ("step", "nonfinite_total", "nonfinite_streak")
 
 
@@ -111,4 +112,27 @@ def init_train_state(config, mesh, *, vocab_size: int, abstract: bool = False) -
     if loss_state:
         state["loss_state"] = loss_state
         shardings["loss_state"] = jax.tree.map(lambda x: x.sharding, loss_state)
+    if image_losses.active(config):
+        state["teacher"], shardings["teacher"] = init_teacher(
+            state["params"], shardings["params"], mesh, abstract
+        )
     return TrainState(graphdef, state, shardings, tx, schedule)
+
+
+def init_teacher(params, p_shardings, mesh, abstract: bool = False) -> tuple[dict, dict]:
+    """(teacher, its shardings): a copy of the image tower and heads, sharded like them, and the
+    running means of its prototype scores (replicated zeros)."""
+    replicated = NamedSharding(mesh, P())
+    parts = {k: params[k] for k in image_losses.TEACHER_PARTS}
+    prototypes = params["image_heads"]["pooled"]["prototypes"]["kernel"].shape[-1]
+    shardings = {
+        **{k: p_shardings[k] for k in image_losses.TEACHER_PARTS},
+        "centers": {"pooled": replicated, "patch": replicated},
+    }
+
+    def make(parts):
+        zeros = jnp.zeros((prototypes,), jnp.float32)
+        return {**jax.tree.map(jnp.copy, parts), "centers": {"pooled": zeros, "patch": zeros}}
+
+    build = jax.jit(make, out_shardings=shardings)
+    return (jax.eval_shape(build, parts) if abstract else build(parts)), shardings

@@ -11,7 +11,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax import optim
-from clipjax.losses import objective_loss
+from clipjax.config import total_steps
+from clipjax.losses import image_losses, objective_loss
+from clipjax.losses.image_losses import TEACHER_PARTS
 from clipjax.losses.captioning import caption_token_count, caption_token_losses
 from clipjax.models import locca
 from clipjax.metrics import embedding_metrics
@@ -170,6 +172,78 @@ def make_embedding_loss(config, mesh):
 
 
 def make_grad_fn(config, graphdef, mesh):
+    """grad_fn(params, batch, loss_state=None, step=0, teacher=None) -> ((loss, (a, b,
+    new_loss_state, parts)), grads) over the global batch: `contrastive_grad_fn`'s, plus SigLIP
+    2's image-side losses where `image_losses` asks for them (`teacher`: the train state's)."""
+    grad_fn = contrastive_grad_fn(config, graphdef, mesh)
+    if not image_losses.active(config):
+        return grad_fn
+    return _with_image_losses(grad_fn, config, graphdef)
+
+
+def _with_image_losses(grad_fn, config, graphdef):
+    """grad_fn with the self-distillation and masked-prediction losses (clipjax/losses/
+    image_losses.py) added from `image_losses.start` on: computed on the whole batch beside the
+    contrastive loss, their gradients added to its. `parts` gains both (unweighted) and, under
+    TEACHER_MEANS, the teacher's mean prototype scores that update its centres."""
+    c = config.image_losses
+    frozen_patterns = tuple(config.optim.frozen)
+    start = image_losses.start_step(config, total_steps(config))
+
+    def weighted(trainable, frozen, batch, step, teacher):
+        params = optim.combine(trainable, frozen)
+        student = nnx.merge(graphdef, params)
+        ema = nnx.merge(graphdef, {**params, **{k: teacher[k] for k in TEACHER_PARTS}})
+        distill, masked, means = image_losses.image_losses(
+            student, ema, batch["image"], _index(batch), teacher["centers"], config=config, step=step
+        )
+        return c.self_distillation * distill + c.masked_prediction * masked, (distill, masked, means)
+
+    def with_image_losses(params, batch, loss_state=None, step=0, teacher=None):
+        (loss, (a, b, new_state, parts)), grads = grad_fn(params, batch, loss_state, step)
+        trainable, frozen = optim.split_trainable(params, frozen_patterns)
+
+        def on():
+            (total, aux), g = jax.value_and_grad(weighted, has_aux=True)(
+                trainable, frozen, batch, step, teacher
+            )
+            return total, aux, g
+
+        def off():
+            zero = jnp.zeros((), jnp.float32)
+            means = jax.tree.map(jnp.zeros_like, teacher["centers"])
+            return zero, (zero, zero, means), jax.tree.map(jnp.zeros_like, trainable)
+
+        total, (distill, masked, means), g = jax.lax.cond(step >= start, on, off)
+        parts = {
+            **parts,
+            "self_distillation_loss": distill,
+            "masked_prediction_loss": masked,
+            TEACHER_MEANS: means,
+        }
+        return (loss + total, (a, b, new_state, parts)), jax.tree.map(jnp.add, grads, g)
+
+    return with_image_losses
+
+
+# The key of `parts` that carries the teacher's mean prototype scores to the train step.
+TEACHER_MEANS = "teacher_means"
+
+
+def update_teacher(config, teacher, params, means, step, total: int):
+    """The teacher after a step: the EMA of the image tower and heads, and (once the image-side
+    losses are on) the running means of its prototype scores."""
+    m = image_losses.teacher_momentum(config, step, total)
+    out = {k: jax.tree.map(lambda t, p: m * t + (1.0 - m) * p, teacher[k], params[k]) for k in TEACHER_PARTS}
+    cm = float(config.image_losses.center_momentum)
+    on = step >= image_losses.start_step(config, total)
+    out["centers"] = jax.tree.map(
+        lambda c, new: jnp.where(on, cm * c + (1.0 - cm) * new, c), teacher["centers"], means
+    )
+    return out
+
+
+def contrastive_grad_fn(config, graphdef, mesh):
     """grad_fn(params, batch, loss_state=None, step=0) -> ((loss, (a, b, new_loss_state)), grads)
     over the global batch.
 
@@ -308,6 +382,7 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
     scale_max = float(config.model.logit_scale_max)
     grad_fn = make_grad_fn(config, graphdef, mesh)
     frozen_patterns = tuple(config.optim.frozen)
+    total = total_steps(config)
 
     def train_step(state, batch, with_metrics):
         # Traced with the towers' activations pinned to the batch axes (the context is read
@@ -317,9 +392,12 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
 
     def sharded_train_step(state, batch, with_metrics):
         loss_state = state.get("loss_state", {})
+        extra = {"teacher": state["teacher"]} if "teacher" in state else {}
         (loss, (img, txt, loss_state, parts)), grads = grad_fn(
-            state["params"], batch, loss_state, state["step"]
+            state["params"], batch, loss_state, state["step"], **extra
         )
+        parts = dict(parts)
+        teacher_means = parts.pop(TEACHER_MEANS, None)
         # Only the trainable parameters reach the optimizer; the frozen ones pass through as
         # they are (no update, no weight decay, no optimizer state), bit for bit.
         old, frozen = optim.split_trainable(state["params"], frozen_patterns)
@@ -378,6 +456,11 @@ def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):
         }
         if "loss_state" in state:  # per-sample estimates (SogCLR): kept as they were on a bad step
             new_state["loss_state"] = keep(loss_state, state["loss_state"])
+        if "teacher" in state:  # the EMA teacher follows the parameters kept
+            teacher = update_teacher(
+                config, state["teacher"], new_state["params"], teacher_means, state["step"], total
+            )
+            new_state["teacher"] = keep(teacher, state["teacher"])
         metrics["param_norm"] = optax.tree.norm(new_state["params"])
         return new_state, metrics
 
