@@ -479,7 +479,7 @@ SECTION = Section(
             "sentencepiece: `clipjax` (pad 0, bos/eos of the model) or `siglip` (the ids of "
             "transformers' SiglipTokenizer on SigLIP's spiece.model, given as `model_file`); "
             "sentencepiece and hf: `siglip2` (SigLIP 2's Gemma tokenizer.model / tokenizer.json: lower "
-            "case, <eos> appended, padding with <pad>)",
+            "case, `<eos>` appended, `<pad>` after it)",
             choices=("clipjax", "siglip", "siglip2"),
         ),
         "vocab_file": Field("", "clip_bpe: CLIP's merges file, bpe_simple_vocab_16e6.txt.gz"),
@@ -487,7 +487,7 @@ SECTION = Section(
         "pad_token": Field(
             "",
             "hf and sentencepiece `siglip`: the padding token (empty: hf the file's padding token, "
-            "siglip `</s>`)",
+            "`<pad>` with style `siglip2`; siglip `</s>`)",
         ),
     },
     doc="the tokenizer; files may be local or bucket URLs, and checkpoints embed them",
