@@ -4,6 +4,7 @@
         --tokenizer bpe_simple_vocab_16e6.txt.gz --arch ViT-B-32-quickgelu --out runs/clip_b32
     python -m clipjax.convert import --format hf_clip --checkpoint clip-vit-base-patch16/ --out runs/hf_b16
     python -m clipjax.convert import --format hf_siglip --checkpoint siglip-base-patch16-224/ --out runs/siglip
+    python -m clipjax.convert import --format hf_siglip --checkpoint siglip2-base-patch16-224/ --out runs/siglip2
     python -m clipjax.convert export --format hf_clip --workdir runs/clip_b32 --out exported/
     python -m clipjax.convert export --to open_clip --workdir runs/clip_b32 --out exported_oc/
 
@@ -11,7 +12,8 @@
 metadata) that `clipjax.load`, `python -m clipjax.evaluate` and `--config.init_from` read.
 open_clip checkpoints are .pt/.bin (read with torch) or .safetensors (read without it); Hugging
 Face folders hold config.json and model.safetensors (or pytorch_model.bin) and usually their
-tokenizer (tokenizer.json, spiece.model), which is taken unless --tokenizer names another.
+tokenizer (tokenizer.json, spiece.model, SigLIP 2's Gemma tokenizer.model), which is taken unless
+--tokenizer names another.
 `export` writes model.safetensors and config.json that transformers' CLIPModel / SiglipModel
 load, or (--format/--to open_clip) open_clip_model.safetensors and open_clip_config.json that
 open_clip.create_model("local-dir:FOLDER") loads. Mistakes are one line (exit status 2);
@@ -44,7 +46,7 @@ def _import(args) -> None:
     if not tokenizer_file:
         raise FileNotFoundError(
             "--tokenizer: name the model's tokenizer file (CLIP: bpe_simple_vocab_16e6.txt.gz; "
-            "Hugging Face: tokenizer.json; SigLIP: spiece.model)"
+            "Hugging Face: tokenizer.json; SigLIP: spiece.model; SigLIP 2: tokenizer.json or tokenizer.model)"
         )
     keys.update(workdir.tokenizer_keys(tokenizer_file, args.format))
     config, _, params = workdir.assemble(keys, params, vocab)

@@ -51,6 +51,18 @@ KINDS = {
         "siglip_spiece.model",
         "siglip_pad_ids.json",
     ),
+    "siglip2": (
+        dict(kind="hf", style="siglip2", max_len=64),
+        "tokenizer_file",
+        "siglip2_tokenizer.json",
+        "siglip2_ids.json",
+    ),
+    "siglip2_spm": (
+        dict(kind="sentencepiece", style="siglip2", max_len=64),
+        "model_file",
+        "siglip2_tokenizer.model",
+        "siglip2_spm_ids.json",
+    ),
 }
 
 
@@ -134,6 +146,43 @@ def test_siglip_conventions():
     # The default style is unchanged: the model's bos/eos around the text, padding 0.
     plain = tokenizers.make_tokenizer(dict(kind="sentencepiece", max_len=8, model_file=model))
     assert type(plain) is tokenizers.SentencePieceTokenizer and plain.pad_id == 0
+
+
+def test_siglip2_conventions(tmp_path):
+    """SigLIP 2's Gemma tokenizer: lower case (punctuation kept, unlike SigLIP's), no start token,
+    <eos> last even when cut, <pad> on the right; whatever a Gemma tokenizer.json's own
+    post-processor and padding say (a Gemma LM's file starts with <bos> and pads on the left)."""
+    tok = tokenizers.make_tokenizer(_config("siglip2"))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.max_len) == (None, 1, 0, 64)
+    ids = tok.encode(["A Photo of a DOG", "a photo of a dog", "a photo of a dog.", "dog " * 80])
+    np.testing.assert_array_equal(ids[0], ids[1])
+    assert (ids[1] != ids[2]).any()
+    end = ids[1].tolist().index(1)
+    assert ids[1, end + 1 :].tolist() == [0] * (63 - end) and ids[3, -1] == 1 and 0 not in ids[3]
+    assert tok.decode(ids[0]) == "a photo of a dog"
+    spec = json.loads((FIXTURES / "siglip2_tokenizer.json").read_text())
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [2], "tokens": ["<bos>"]}},
+    }
+    spec["padding"] = {
+        "strategy": "BatchLongest", "direction": "Left", "pad_to_multiple_of": None, "pad_id": 0,
+        "pad_type_id": 0, "pad_token": "<pad>",
+    }  # fmt: skip
+    (tmp_path / "lm.json").write_text(json.dumps(spec))
+    lm = tokenizers.make_tokenizer(dict(_config("siglip2"), tokenizer_file=str(tmp_path / "lm.json")))
+    np.testing.assert_array_equal(lm.encode(["A Photo of a DOG"]), ids[:1])
+    plain = tokenizers.make_tokenizer(
+        dict(_config("siglip2"), style="clipjax", pad_token="<pad>")
+    )  # as filed
+    assert plain.encode(["a"])[0, -1] == 0 and 1 in plain.encode(["a"])[0]  # its own <eos>, no lower case
+    assert (plain.encode(["A Photo"]) != tok.encode(["A Photo"])).any()
+    with pytest.raises(ValueError, match="no '<eos>' token, which SigLIP 2's tokenizer needs"):
+        tokenizers.make_tokenizer(dict(_config("hf"), style="siglip2"))
+    with pytest.raises(ValueError, match="no '<eos>' piece, which SigLIP 2's tokenizer needs"):
+        tokenizers.make_tokenizer(dict(_config("siglip"), style="siglip2", max_len=8))
 
 
 def test_hf_padding_token_comes_from_the_file_or_the_config(tmp_path):

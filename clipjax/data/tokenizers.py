@@ -11,6 +11,9 @@ published models were trained with, padding included:
   * `hf` (`HfTokenizer`): any Hugging Face `tokenizer.json`, as transformers pads and truncates it.
   * `sentencepiece` with `style='siglip'` (`SiglipSentencePieceTokenizer`): transformers'
     `SiglipTokenizer` on SigLIP's `spiece.model`.
+  * SigLIP 2's Gemma tokenizer, `style='siglip2'`: `hf` on its `tokenizer.json` gives the ids of
+    transformers' `Siglip2Tokenizer`; `sentencepiece` on its `tokenizer.model`
+    (`Siglip2SentencePieceTokenizer`) those of big_vision, which trained it.
 """
 
 from __future__ import annotations
@@ -226,6 +229,65 @@ class SiglipSentencePieceTokenizer(SentencePieceTokenizer):
         return self._sp.decode([i for i in ids if i != self.pad_id])
 
 
+GEMMA_EOS = "<eos>"
+GEMMA_PAD = "<pad>"
+
+
+class Siglip2SentencePieceTokenizer(SentencePieceTokenizer):
+    """SigLIP 2's conventions on its Gemma `tokenizer.model` (a 256k BPE sentencepiece model), as
+    big_vision trained it (`lower|tok(eos="sticky", pad_value=0)`): each text lower-cased, the
+    model's own ids, no start token, `<eos>` last (kept when the text is cut), padding with
+    `<pad>` (id 0). Special tokens written in the text are text: the ids of transformers'
+    `Siglip2Tokenizer` called with `split_special_tokens=True`.
+    """
+
+    style = "siglip2"
+
+    def _load(self, model_proto: bytes) -> None:
+        self._proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self._shift = 0
+        for piece in (GEMMA_EOS, GEMMA_PAD):
+            if self._sp.id_to_piece(self._sp.piece_to_id(piece)) != piece:
+                raise ValueError(
+                    f"sentencepiece model has no {piece!r} piece, which SigLIP 2's tokenizer needs"
+                )
+        self.vocab_size = self._sp.get_piece_size()
+        self.pad_id = self._sp.piece_to_id(GEMMA_PAD)
+        self.bos_id = None
+        self.eos_id = self._sp.piece_to_id(GEMMA_EOS)
+        self.unk_id = self._sp.unk_id()
+
+    def encode(self, texts: Sequence[str | bytes]) -> np.ndarray:
+        rows = self._sp.encode([_as_str(t).lower() for t in texts], out_type=int)
+        out = np.full((len(texts), self.max_len), self.pad_id, dtype=np.int32)
+        for i, ids in enumerate(rows):
+            ids = ids[: self.max_len - 1] + [self.eos_id]
+            out[i, : len(ids)] = ids
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        ids = ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
+        return self._sp.decode([i for i in ids if i != self.pad_id])
+
+
+def _siglip2_conventions(tok) -> None:
+    """SigLIP 2's conventions on a Gemma tokenizer.json, whatever the file's post-processor says:
+    lower case before the file's own normaliser (transformers' `Siglip2Tokenizer`), no start
+    token, `<eos>` appended (its `tokenizer_config.json`: add_bos_token false, add_eos_token true)."""
+    from tokenizers import normalizers, processors
+
+    eos_id = tok.token_to_id(GEMMA_EOS)
+    if eos_id is None:
+        raise ValueError(f"tokenizer.json has no {GEMMA_EOS!r} token, which SigLIP 2's tokenizer needs")
+    lower = normalizers.Lowercase()
+    tok.normalizer = normalizers.Sequence([lower, tok.normalizer]) if tok.normalizer else lower
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {GEMMA_EOS}", special_tokens=[(GEMMA_EOS, eos_id)]
+    )
+
+
 class HfTokenizer:
     """A Hugging Face `tokenizer.json` (the `tokenizers` library), used as transformers does with
     `padding="max_length", truncation=True, max_length=max_len`.
@@ -235,6 +297,8 @@ class HfTokenizer:
     room for the special tokens; padding to `max_len` with `pad_token` (default: the file's
     padding token; a file without one needs it) on the side the file's padding names.
     `bos_id` / `eos_id`: the special tokens the post-processor puts first / last, if any.
+    `style='siglip2'`: SigLIP 2's conventions on its Gemma file (`_siglip2_conventions`; padding
+    with `<pad>` unless `pad_token` says otherwise).
     """
 
     def __init__(
@@ -244,6 +308,7 @@ class HfTokenizer:
         *,
         pad_token: str = "",
         tokenizer_json: str | None = None,
+        style: str = "",
     ):
         if tokenizer_json is None:
             if not tokenizer_file or not paths.exists(tokenizer_file):
@@ -252,6 +317,7 @@ class HfTokenizer:
         self.tokenizer_file = tokenizer_file
         self.max_len = int(max_len)
         self.pad_token = pad_token
+        self.style = style
         self._load(tokenizer_json)
 
     def _load(self, tokenizer_json: str) -> None:
@@ -262,6 +328,10 @@ class HfTokenizer:
         padding, truncation = tok.padding, tok.truncation
         tok.no_padding()
         tok.no_truncation()
+        if self.style == "siglip2":
+            _siglip2_conventions(tok)
+            # On the right, whatever the file says (Gemma's own default is the left), as trained.
+            padding, truncation = {"pad_token": GEMMA_PAD}, None
         probe = tok.encode("a")
         mask = probe.special_tokens_mask
         self.bos_id = probe.ids[0] if mask and mask[0] else None
@@ -296,12 +366,14 @@ class HfTokenizer:
             "max_len": self.max_len,
             "pad_token": self.pad_token,
             "tokenizer_file": self.tokenizer_file,
+            "style": self.style,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.max_len = state["max_len"]
         self.pad_token = state["pad_token"]
         self.tokenizer_file = state["tokenizer_file"]
+        self.style = state["style"]
         self._load(state["tokenizer_json"])
 
     def encode(self, texts: Sequence[str | bytes]) -> np.ndarray:
@@ -405,15 +477,17 @@ SECTION = Section(
         "style": Field(
             "clipjax",
             "sentencepiece: `clipjax` (pad 0, bos/eos of the model) or `siglip` (the ids of "
-            "transformers' SiglipTokenizer on SigLIP's spiece.model, given as `model_file`)",
-            choices=("clipjax", "siglip"),
+            "transformers' SiglipTokenizer on SigLIP's spiece.model, given as `model_file`); "
+            "sentencepiece and hf: `siglip2` (SigLIP 2's Gemma tokenizer.model / tokenizer.json: lower "
+            "case, `<eos>` appended, `<pad>` after it)",
+            choices=("clipjax", "siglip", "siglip2"),
         ),
         "vocab_file": Field("", "clip_bpe: CLIP's merges file, bpe_simple_vocab_16e6.txt.gz"),
         "tokenizer_file": Field("", "hf: the tokenizer.json file"),
         "pad_token": Field(
             "",
             "hf and sentencepiece `siglip`: the padding token (empty: hf the file's padding token, "
-            "siglip `</s>`)",
+            "`<pad>` with style `siglip2`; siglip `</s>`)",
         ),
     },
     doc="the tokenizer; files may be local or bucket URLs, and checkpoints embed them",
@@ -448,12 +522,16 @@ def make_tokenizer(
 
         return ClipBpeTokenizer(_given_file(values, "vocab_file", kind), max_len)
     if kind == "hf":
+        style = "siglip2" if values["style"] == "siglip2" else ""
         return HfTokenizer(
-            _given_file(values, "tokenizer_file", kind), max_len, pad_token=values["pad_token"]
+            _given_file(values, "tokenizer_file", kind), max_len, pad_token=values["pad_token"], style=style
         )
     if values["style"] == "siglip":
         model_file = _given_file(values, "model_file", "sentencepiece with style 'siglip'")
         return SiglipSentencePieceTokenizer(model_file, max_len, pad_token=values["pad_token"])
+    if values["style"] == "siglip2":
+        model_file = _given_file(values, "model_file", "sentencepiece with style 'siglip2'")
+        return Siglip2SentencePieceTokenizer(model_file, max_len)
 
     model_file = values["model_file"]
     if model_file:
@@ -526,12 +604,13 @@ def tokenizer_to_json(tokenizer) -> dict[str, Any]:
     if isinstance(tokenizer, ByteTokenizer):
         return {"kind": "byte", "max_len": tokenizer.max_len}
     if isinstance(tokenizer, HfTokenizer):
-        return {
+        saved = {
             "kind": "hf",
             "max_len": tokenizer.max_len,
             "pad_token": tokenizer.pad_token,
             "tokenizer_json_gz": _packed(tokenizer._json.encode("utf-8")),
         }
+        return dict(saved, style=tokenizer.style) if tokenizer.style else saved
     if isinstance(tokenizer, SentencePieceTokenizer):
         saved = {
             "kind": "sentencepiece",
@@ -540,6 +619,8 @@ def tokenizer_to_json(tokenizer) -> dict[str, Any]:
         }
         if isinstance(tokenizer, SiglipSentencePieceTokenizer):
             saved.update(style="siglip", pad_token=tokenizer.pad_token)
+        if isinstance(tokenizer, Siglip2SentencePieceTokenizer):
+            saved.update(style="siglip2")
         return saved
     from clipjax.data.clip_bpe import ClipBpeTokenizer
 
@@ -568,10 +649,13 @@ def tokenizer_from_json(saved: dict[str, Any]):
             max_len=saved["max_len"],
             pad_token=saved["pad_token"],
             tokenizer_json=_unpacked(saved["tokenizer_json_gz"]).decode("utf-8"),
+            style=saved.get("style", ""),
         )
     proto = base64.b64decode(saved["model_proto"])
     if saved.get("style", "clipjax") == "siglip":
         return SiglipSentencePieceTokenizer(
             max_len=saved["max_len"], model_proto=proto, pad_token=saved["pad_token"]
         )
+    if saved.get("style") == "siglip2":
+        return Siglip2SentencePieceTokenizer(max_len=saved["max_len"], model_proto=proto)
     return SentencePieceTokenizer(max_len=saved["max_len"], model_proto=proto)

@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import sentencepiece as spm
 from flax import nnx
 
 from clipjax import paths
 from clipjax.config import apply_overrides, default_config
-from clipjax.data.tokenizers import make_tokenizer
+from clipjax.data.tokenizers import GEMMA_EOS, make_tokenizer
 from clipjax.models import model_factory, model_spec
 from clipjax.pretrained import layouts, open_clip_coca, preprocessing, tensors
 from clipjax.pretrained.layouts import ConversionError
@@ -25,20 +26,24 @@ _HELD_OUT_EVALUATORS = ("zero_shot", "retrieval", "linear_probe", "knn", "embedd
 
 
 def tokenizer_keys(tokenizer_file: str | None, fmt: str) -> dict[str, Any]:
-    """The `data.tokenizer.*` keys of a published tokenizer file, by its kind."""
+    """The `data.tokenizer.*` keys of a published tokenizer file, by its kind; for hf_siglip, the
+    conventions of SigLIP 2 when the file holds Gemma's vocabulary, else SigLIP's."""
     if not tokenizer_file:
         return {}
     name = str(tokenizer_file)
+    siglip2 = fmt == "hf_siglip" and name.endswith((".json", ".model")) and _gemma_vocabulary(name)
     if name.endswith(".json"):
         keys = {"data.tokenizer.kind": "hf", "data.tokenizer.tokenizer_file": name}
         pad = _pad_token(name)
         if pad:
             keys["data.tokenizer.pad_token"] = pad
+        if siglip2:
+            keys["data.tokenizer.style"] = "siglip2"
         return keys
     if name.endswith(".model"):
         keys = {"data.tokenizer.kind": "sentencepiece", "data.tokenizer.model_file": name}
         if fmt == "hf_siglip":
-            keys["data.tokenizer.style"] = "siglip"
+            keys["data.tokenizer.style"] = "siglip2" if siglip2 else "siglip"
         return keys
     return {"data.tokenizer.kind": "clip_bpe", "data.tokenizer.vocab_file": name}
 
@@ -62,11 +67,22 @@ def _pad_token(tokenizer_file: str) -> str:
     return "<|endoftext|>" if "<|endoftext|>" in vocab or "<|endoftext|>" in added else ""
 
 
+def _gemma_vocabulary(tokenizer_file: str) -> bool:
+    """Whether a tokenizer.json / sentencepiece file holds Gemma's `<eos>` (SigLIP 2's tokenizer)."""
+    if tokenizer_file.endswith(".json"):
+        spec = json.loads(paths.read_text(tokenizer_file))
+        added = {t.get("content") for t in spec.get("added_tokens", [])}
+        return GEMMA_EOS in added or GEMMA_EOS in ((spec.get("model") or {}).get("vocab") or {})
+    model = spm.SentencePieceProcessor(model_proto=paths.read_bytes(tokenizer_file))
+    return model.id_to_piece(model.piece_to_id(GEMMA_EOS)) == GEMMA_EOS
+
+
 def find_tokenizer(checkpoint: str) -> str | None:
-    """The tokenizer file a Hugging Face model folder ships (tokenizer.json, else spiece.model)."""
+    """The tokenizer file a Hugging Face model folder ships (tokenizer.json, else spiece.model
+    (SigLIP's), else tokenizer.model (SigLIP 2's Gemma model))."""
     if not paths.isdir(checkpoint):
         return None
-    for name in ("tokenizer.json", "spiece.model"):
+    for name in ("tokenizer.json", "spiece.model", "tokenizer.model"):
         if paths.exists(paths.join(checkpoint, name)):
             return paths.join(checkpoint, name)
     return None
