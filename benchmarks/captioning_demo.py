@@ -17,16 +17,11 @@ generated section of docs/captioning.md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+import demo_runs
+from demo_runs import ROOT
+
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "captioning_demo.json")
 DOC = os.path.join(ROOT, "docs", "captioning.md")
 BEGIN, END = "<!-- captioning:demo:begin -->", "<!-- captioning:demo:end -->"
@@ -38,14 +33,6 @@ RUNS = {
 }
 # Each decoder run and the run without its decoder (same towers, data, steps and seed).
 BASELINES = {"coca": ("CoCa", "contrastive only"), "locca": ("LocCa", "locca's contrastive only")}
-
-
-def train(config: str, workdir: str) -> tuple[dict, float]:
-    start = time.time()
-    command = [sys.executable, "-m", "clipjax.train", "--config", config, "--workdir", workdir]
-    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    with open(os.path.join(workdir, "report.json")) as f:
-        return json.load(f), time.time() - start
 
 
 def summary(report: dict) -> dict:
@@ -115,45 +102,9 @@ def captioning_lines(captioning: dict, label: str) -> list[str]:
     return lines
 
 
-def write_markdown(results: dict) -> None:
-    with open(DOC) as f:
-        doc = f.read()
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(DOC, "w") as f:
-        f.write(f"{head}{BEGIN}\n{markdown(results)}\n{END}{tail}")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="rewrite docs/captioning.md's table")
-    parser.add_argument("--reuse", action="store_true", help="use the stored results, train nothing")
-    parser.add_argument(
-        "--runs", default=",".join(RUNS), help=f"comma-separated runs to train (of {', '.join(RUNS)})"
-    )
-    args = parser.parse_args()
-    results = {"runs": {}}
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
-            results = json.load(f)
-    if not args.reuse:
-        names = [n.strip() for n in args.runs.split(",") if n.strip()]
-        unknown = sorted(set(names) - set(RUNS))
-        if unknown:
-            parser.error(f"--runs: unknown {', '.join(unknown)} (expected some of {', '.join(RUNS)})")
-        scratch = tempfile.mkdtemp(prefix="captioning_demo_")
-        try:
-            for name in names:
-                report, wall = train(RUNS[name], os.path.join(scratch, name.replace(" ", "_")))
-                results["runs"][name] = {"config": RUNS[name], "wall_s": wall, **summary(report)}
-                with open(RESULTS, "w") as f:  # each run as it finishes
-                    json.dump(results, f, indent=1, sort_keys=True)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    results["runs"] = {name: results["runs"][name] for name in RUNS if name in results["runs"]}
-    print(markdown(results))
-    if args.markdown:
-        write_markdown(results)
+    runs = {name: (config, ()) for name, config in RUNS.items()}
+    demo_runs.main(__doc__.splitlines()[0], runs, RESULTS, summary, markdown, (DOC, BEGIN, END))
 
 
 if __name__ == "__main__":

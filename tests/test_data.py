@@ -192,7 +192,7 @@ def test_zero_shot_prompts_use_only_caption_words():
 def test_shapes_tfds_round_trip(shapes_dir):
     name = shapes_tfds.config_name(IMAGE_SIZE, NUM_TRAIN, NUM_TEST, SEED)
     sources = tfds.data_source(f"shapes/{name}", data_dir=str(shapes_dir), download=False)
-    for split, num, seed in (("train", NUM_TRAIN, SEED), ("test", NUM_TEST, shapes_tfds._test_seed(SEED))):
+    for split, num, seed in (("train", NUM_TRAIN, SEED), ("test", NUM_TEST, shapes_tfds.test_seed(SEED))):
         ds = sources[split]
         expected = shapes.generate_split(num, seed, IMAGE_SIZE)
         assert len(ds) == num
@@ -614,7 +614,7 @@ def test_each_process_resumes_at_its_own_position_when_drops_differ(tmp_path):
 def test_load_split_arrays_and_texts(shapes_dir, sp_tokenizer, tmp_path):
     source = _source(shapes_dir)
     arrays = source.eval_arrays(sp_tokenizer, split="test")
-    expected = shapes.generate_split(NUM_TEST, shapes_tfds._test_seed(SEED))
+    expected = shapes.generate_split(NUM_TEST, shapes_tfds.test_seed(SEED))
     assert set(arrays) == {
         "image",
         "text",

@@ -190,3 +190,33 @@ def test_an_image_losses_config_that_cannot_train_is_one_line_naming_the_key(tfd
     with pytest.raises(ConfigError) as error:
         validate(_config(tfds_dir, **overrides), num_devices=1, check_data=False)
     assert str(error.value).startswith(key) and "\n" not in str(error.value)
+
+
+def test_patch_labels_and_the_binary_miou():
+    from clipjax.evals.dense import binary_miou, patch_labels
+
+    masks = np.zeros((1, 8, 8), bool)
+    masks[0, 0:4, 4:8] = True  # the top right patch of a 2 x 2 grid
+    masks[0, 4:6, 4:8] = True  # half of the bottom right one
+    masks[0, 6:7, 0:4] = True  # a quarter of the bottom left one
+    np.testing.assert_array_equal(patch_labels(masks, 4), [[False, True, False, True]])
+    truth = np.array([True, True, False, False, False, False])
+    assert binary_miou(truth, truth) == 1.0
+    predicted = np.array([True, False, False, False, False, True])
+    # object: 1 / 3; background: 3 / 5
+    assert binary_miou(predicted, truth) == pytest.approx((1 / 3 + 3 / 5) / 2)
+
+
+def test_the_shapes_source_renders_the_masks_of_its_held_out_records(tfds_dir):
+    from clipjax.data.sources.shapes import procedural as shapes
+
+    config = _config(tfds_dir, **{"data.shapes_boxes": True})
+    source, tokenizer = source_and_tokenizer(config.data)
+    arrays = source.eval_arrays(tokenizer, max_examples=40)
+    masks = source.object_masks("test", arrays["index"])
+    np.testing.assert_array_equal(shapes.object_boxes(masks), arrays["box"])
+    # The masked pixels are the object's colour (up to the noise), the others are not.
+    image = arrays["image"].astype(float)
+    inside = np.array([image[i][masks[i]].mean(axis=0) for i in range(40)])
+    outside = np.array([image[i][~masks[i]].mean(axis=0) for i in range(40)])
+    assert np.mean(np.abs(inside - outside).max(axis=1) > 40) > 0.9

@@ -97,7 +97,7 @@ def test_shapes_boxes_are_tight_on_the_objects_pixels_and_leave_the_images_alone
     mask = np.zeros((2, 8, 8), bool)
     mask[0, 2:5, 3:7] = True
     mask[1, 7, 0] = True
-    np.testing.assert_array_equal(shapes._pixel_boxes(mask) * 8, [[3, 2, 7, 5], [0, 7, 1, 8]])
+    np.testing.assert_array_equal(shapes.object_boxes(mask) * 8, [[3, 2, 7, 5], [0, 7, 1, 8]])
 
 
 class _Records:

@@ -294,7 +294,7 @@ def test_tfds_builder_records_carry_the_nuisance_labels(tmp_path):
     name = builder.builder_config.name
     assert name == "s8_train40_test12_seed2_nuis_k16"
     sources = tfds.data_source(f"shapes/{name}", data_dir=str(tmp_path), download=False)
-    for split, num, seed in (("train", 40, 2), ("test", 12, shapes_tfds._test_seed(2))):
+    for split, num, seed in (("train", 40, 2), ("test", 12, shapes_tfds.test_seed(2))):
         expected = shapes.generate_split(num, seed, 8, nuisance=True, concepts=16)
         got = [sources[split][i] for i in range(num)]
         assert set(got[0]) == set(expected)
@@ -331,7 +331,7 @@ def test_source_eval_arrays_carry_the_nuisance_labels_only_when_on(tmp_path):
 
     on = _source(tmp_path, shapes_nuisance=True, shapes_concepts=12)
     assert on.builder.builder_config.name == "s8_train24_test10_seed3_nuis_k12"
-    for split, seed in (("train", 3), ("test", shapes_tfds._test_seed(3))):
+    for split, seed in (("train", 3), ("test", shapes_tfds.test_seed(3))):
         arrays = on.eval_arrays(on.tokenizer(), split=split)
         expected = shapes.generate_split(len(arrays["label"]), seed, 8, nuisance=True, concepts=12)
         for k in shapes.NUISANCE_NAMES + shapes.ATTRIBUTE_NAMES + ("label",):

@@ -17,5 +17,6 @@ from clipjax.evals import classification as _classification  # noqa: E402,F401
 from clipjax.evals import caption_retrieval as _caption_retrieval  # noqa: E402,F401
 from clipjax.evals import spectrum as _spectrum  # noqa: E402,F401
 from clipjax.evals import captioning as _captioning  # noqa: E402,F401
+from clipjax.evals import dense as _dense  # noqa: E402,F401
 
 __all__ = ["EVALUATORS", "EvalData", "Encoders", "Evaluator", "register_evaluator"]

@@ -77,6 +77,21 @@ def jitted_caption_loss(graphdef, mesh, vocab_chunk: int = 0) -> Callable:
 
 
 @functools.lru_cache(maxsize=8)
+def jitted_patch_tokens(graphdef, mesh) -> Callable:
+    """patches(params, images) -> float32 [B, patches, width]: a ViT's final-normed patch tokens
+    (without a class token)."""
+    rows = NamedSharding(mesh, P(batch_axes(mesh)))
+
+    def run(params, images):
+        with activation_sharding(mesh):
+            model = nnx.merge(graphdef, params)
+            tokens = model.image_tower.encode(model._standardize(images))[1]
+            return tokens[:, tokens.shape[1] - model.image_tower.num_patches :].astype(jnp.float32)
+
+    return jax.jit(run, out_shardings=rows)
+
+
+@functools.lru_cache(maxsize=8)
 def jitted_referring_boxes(graphdef, mesh) -> Callable:
     """boxes(params, images, tokens) -> float32 [B, 4]: the box a LocCa decoder writes for the
     object each caption describes (`generate.referring_boxes`)."""
@@ -168,6 +183,10 @@ class Encoders:
         over its real targets, and their count (teacher forcing)."""
         loss = jitted_caption_loss(self.graphdef, self.mesh, int(vocab_chunk))
         return self._local(loss, (images, tokens), length)
+
+    def local_patch_tokens(self, images: np.ndarray, length: int) -> np.ndarray:
+        """This process's images -> a ViT's patch tokens [n, patches, width]."""
+        return self._local(jitted_patch_tokens(self.graphdef, self.mesh), images, length)
 
     def local_referring_boxes(self, images: np.ndarray, tokens: np.ndarray, length: int) -> np.ndarray:
         """This process's (images, caption token ids) -> [n, 4]: the box a LocCa decoder writes for

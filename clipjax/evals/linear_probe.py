@@ -146,13 +146,14 @@ def linear_probe(
     regularizers: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1, 10),
     val_fraction: float = 0.2,
     seed: int = 0,
+    return_predictions: bool = False,
 ) -> dict:
     """Ridge-regression linear probe; see the module docstring for the protocol.
 
     train_features [N, d], train_labels int [N] in [0, num_classes), likewise for test.
     Returns {'top1': test accuracy, 'regularizer': the chosen lambda (an element of
-    `regularizers`), 'val_top1': its accuracy on the held-out part of the train features}.
-    """
+    `regularizers`), 'val_top1': its accuracy on the held-out part of the train features}, and
+    with `return_predictions` the test predictions."""
     x, y = _check(train_features, train_labels, num_classes, "train")
     xt, yt = _check(test_features, test_labels, num_classes, "test")
     regularizers = [float(r) for r in regularizers]
@@ -168,11 +169,14 @@ def linear_probe(
 
     final = _Ridge(x, y, num_classes)
     test_pred = final.predict(xt, [regularizers[best]])[0]
-    return {
+    out = {
         "top1": float(np.mean(test_pred == yt)) if len(yt) else float("nan"),
         "regularizer": regularizers[best],
         "val_top1": float(val_acc[best]),
     }
+    if return_predictions:
+        out["predictions"] = test_pred
+    return out
 
 
 @register_evaluator

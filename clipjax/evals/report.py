@@ -19,6 +19,7 @@ report.json format (stable; scripts read it):
   captioning.cross_entropy|perplexity (teacher-forced, held-out captions), .generated|mean_words,
       .attributes.<name>|all.stated|accuracy, .samples: [{generated, reference}]   (models with a decoder)
       .referring.boxes|mean_iou|iou_50   (a LocCa decoder: boxes written for held-out captions)
+  dense_probe.images|patches|object_share|miou|color_accuracy   (per-patch probes; sources with object masks)
   skipped.<evaluator section>: why it did not run (no labels, no class names, ...)
   timing.setup_s|train_s|eval_s   (end of training only)
 Each entry comes from the evaluator of the same name (clipjax.evals); `flatten_report` turns the
@@ -96,6 +97,12 @@ def summary_lines(report: dict) -> list[str]:
                 f"  referring boxes IoU {referring['mean_iou']:.3f} (IoU >= 0.5: {referring['iou_50']:.1%})"
             )
         lines.append(line)
+    dense = report.get("dense_probe")
+    if dense:
+        lines.append(
+            f"  dense_probe    object/background mIoU {dense['miou']:.3f}  patch colour "
+            f"{dense['color_accuracy']:.2%}  ({dense['images']} images x {dense['patches']} patches)"
+        )
     for name, reason in report.get("skipped", {}).items():
         lines.append(f"  skipped {name}: {reason}")
     return lines

@@ -30,6 +30,9 @@ DEFAULT_EVALUATORS = {
     "classification": False,
     # Models with a captioning decoder (model.decoder) switch it on: configs/coca_demo.py.
     "captioning": False,
+    # A ViT's patch tokens probed per patch where the source has object masks (shapes):
+    # configs/siglip2_demo.py switches it on.
+    "dense_probe": False,
 }
 
 

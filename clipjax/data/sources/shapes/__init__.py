@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from clipjax.data.sources.shapes import procedural as shapes
-from clipjax.data.sources.shapes.builder import DEFAULT_NUM_TRAIN, prepare_shapes
+from clipjax.data.sources.shapes.builder import DEFAULT_NUM_TRAIN, prepare_shapes, test_seed
 from clipjax.data.sources.base import register_source
 from clipjax.data.sources.tfds_records import TfdsRecordSource
 from clipjax.schema import Field
@@ -62,6 +64,20 @@ class ShapesSource(TfdsRecordSource):
 
     def zero_shot_tasks(self):
         return shapes.zero_shot_tasks()
+
+    def object_masks(self, split: str, index) -> np.ndarray:
+        """bool [n, S, S]: the object's pixels in the records `index` of `split` ('train' or
+        'test'), rendered again (the dataset is a pure function of its seed): what the dense
+        evaluator labels patches with."""
+        c = self.config
+        if split == "test":
+            num, seed = c.num_test, test_seed(c.shapes_seed)
+        else:
+            num, seed = c.num_train or DEFAULT_NUM_TRAIN, c.shapes_seed
+        data = shapes.generate_split(
+            num, seed, c.image_size, nuisance=c.shapes_nuisance, concepts=c.shapes_concepts, masks=True
+        )
+        return data["mask"][index]
 
     @staticmethod
     def parse_caption(caption: str) -> dict[str, int]:

@@ -117,7 +117,7 @@ def make_config(
     return _CONFIGS[name]
 
 
-def _test_seed(seed: int) -> int:
+def test_seed(seed: int) -> int:
     # Disjoint generator stream from the train split.
     return seed + 1_000_003
 
@@ -182,7 +182,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         return {
             "train": self._generate_examples(c.num_train, c.seed),
-            "test": self._generate_examples(c.num_test, _test_seed(c.seed)),
+            "test": self._generate_examples(c.num_test, test_seed(c.seed)),
         }
 
     def _generate_examples(self, num: int, seed: int):

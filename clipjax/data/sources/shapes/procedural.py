@@ -414,11 +414,11 @@ def nuisance_background(nuisance: dict[str, np.ndarray], image_size: int = 32) -
 
 
 def render(*args, **kwargs) -> np.ndarray:
-    """`render_with_boxes` without the boxes."""
-    return render_with_boxes(*args, **kwargs)[0]
+    """`render_with_masks` without the masks."""
+    return render_with_masks(*args, **kwargs)[0]
 
 
-def render_with_boxes(
+def render_with_masks(
     shape,
     color,
     size,
@@ -429,9 +429,8 @@ def render_with_boxes(
     draws: int | None = None,
     nuisance: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Renders uint8 [n, S, S, 3] images for the given attribute arrays, and float32 [n, 4] the
-    tight box of each object's pixels as (x_min, y_min, x_max, y_max) fractions of the image side
-    (a pixel column c spans c/S..(c+1)/S).
+    """Renders uint8 [n, S, S, 3] images for the given attribute arrays, and bool [n, S, S] the
+    pixels of each object (`object_boxes` gives their tight boxes).
 
     `draws` (>= n) sizes the random draws for the per-object parameters, so
     rendering a prefix of a chunk consumes the generator like the whole chunk.
@@ -483,11 +482,12 @@ def render_with_boxes(
         image = np.where(inside[..., None], rgb[:, None, None, :].astype(np.float32), background)
         std = np.asarray(_NOISE_STDS, np.float32)[nuisance["noise"]][:, None, None, None]
         image += rng.standard_normal(image.shape, dtype=np.float32) * std
-    return np.clip(image, 0.0, 255.0).astype(np.uint8), _pixel_boxes(inside)
+    return np.clip(image, 0.0, 255.0).astype(np.uint8), inside
 
 
-def _pixel_boxes(inside: np.ndarray) -> np.ndarray:
-    """(x_min, y_min, x_max, y_max) / S of the True pixels of each mask [n, S, S]."""
+def object_boxes(inside: np.ndarray) -> np.ndarray:
+    """float32 [n, 4]: the tight box of the True pixels of each mask [n, S, S] as (x_min, y_min,
+    x_max, y_max) fractions of the image side (a pixel column c spans c/S..(c+1)/S)."""
     s = inside.shape[-1]
     cols, rows = inside.any(axis=1), inside.any(axis=2)
     first = lambda m: np.argmax(m, axis=1)
@@ -524,6 +524,7 @@ def generate_split(
     nuisance: bool = False,
     concepts: int = 0,
     boxes: bool = False,
+    masks: bool = False,
 ) -> dict[str, np.ndarray]:
     """Generates a split deterministically from `seed`.
 
@@ -532,16 +533,17 @@ def generate_split(
     and with `nuisance` the int32 [N] labels of NUISANCE_NAMES. `concepts=K`
     draws only the concepts of `concept_subset(K)` (0: all 320). `boxes`: also
     box float32 [N, 4], each object's (x_min, y_min, x_max, y_max) as fractions
-    of the image side (needs the images rendered, which it does not change).
+    of the image side; `masks`: also mask bool [N, S, S], the object's pixels (both
+    need the images rendered, which they do not change).
     """
-    if boxes and not with_images:
-        raise ValueError("boxes come from the rendered pixels: boxes=True needs with_images=True")
+    if (boxes or masks) and not with_images:
+        raise ValueError("boxes and masks come from the rendered pixels: they need with_images=True")
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     concepts = check_concepts(concepts)
     label_names = ("label", "shape", "color", "size", "position") + (NUISANCE_NAMES if nuisance else ())
     parts = {k: [] for k in label_names + ("caption",)}
-    images, object_boxes = [], []
+    images, object_masks = [], []
     for chunk, start in enumerate(range(0, num_examples, _CHUNK)):
         n = min(_CHUNK, num_examples - start)
         attr_rng, pixel_rng = _chunk_rngs(seed, chunk)
@@ -557,11 +559,11 @@ def generate_split(
             for k in NUISANCE_NAMES:
                 parts[k].append(factors[k])
         if with_images:
-            image, box = render_with_boxes(
+            image, inside = render_with_masks(
                 shp, col, siz, pos, pixel_rng, image_size, draws=_CHUNK, nuisance=factors
             )
             images.append(image)
-            object_boxes.append(box)
+            object_masks.append(inside)
     out: dict[str, np.ndarray] = {}
     for k in label_names:
         out[k] = (np.concatenate(parts[k]) if parts[k] else np.zeros(0)).astype(np.int32)
@@ -572,8 +574,11 @@ def generate_split(
         out["image"] = (
             np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
         )
+    inside = np.concatenate(object_masks) if object_masks else np.zeros((0, image_size, image_size), bool)
     if boxes:
-        out["box"] = np.concatenate(object_boxes) if object_boxes else np.zeros((0, 4), np.float32)
+        out["box"] = object_boxes(inside)
+    if masks:
+        out["mask"] = inside
     return out
 
 
