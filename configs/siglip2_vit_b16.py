@@ -49,6 +49,7 @@ def get_config(arg: str = ""):
         c.model.decoder.box_bins = 33
         c.model.image_heads.prototypes = 16
         c.image_losses.start = 0.5
+        c.image_losses.local_views = 1
         return c
     c.data.name = "webdataset"
     c.data.shards = "gs://BUCKET/shards/{00000..09999}.tar"
