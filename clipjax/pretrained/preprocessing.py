@@ -60,6 +60,8 @@ RECIPES = {
     "hf_clip": "transformers' CLIPImageProcessor: shorter side to image_size, longer int(size * long / short) "
     "(PIL bicubic), centre crop at margin // 2",
     "hf_siglip": "transformers' SiglipImageProcessor: the whole image to image_size x image_size (PIL bicubic)",
+    NAFLEX: "transformers' Siglip2ImageProcessor: aspect kept, sides multiples of the patch, at most "
+    "model.image.max_num_patches patches (PIL bilinear)",
 }
 
 # clipjax's own (clipjax.data.images), in the same words.
@@ -71,11 +73,6 @@ _OWN = {
 
 def describe(resize: str) -> str:
     """`model.image_resize` in words, for the checkpoint's meta."""
-    if resize == NAFLEX:
-        return (
-            "transformers' Siglip2ImageProcessor: aspect kept, sides multiples of the patch, at most "
-            "model.image.max_num_patches patches (PIL bilinear)"
-        )
     return RECIPES.get(resize) or _OWN[resize]
 
 
@@ -137,6 +134,8 @@ def _offset(margin: int, recipe: str) -> int:
 
 def fit(im: Image.Image, image_size: int, recipe: str) -> np.ndarray:
     """An RGB (or 'L') PIL image -> uint8 [S, S, 3], as the reference `recipe` preprocesses it."""
+    if recipe == NAFLEX:
+        raise ValueError(f"{NAFLEX} fits an image to patches, not a square (naflex_patches)")
     if recipe not in RECIPES:
         raise ValueError(f"unknown preprocessing recipe {recipe!r} (known: {', '.join(RECIPES)})")
     s = image_size
