@@ -262,7 +262,7 @@ class ViT(nnx.Module):
         x = jnp.dot(patches.astype(self.dtype), kernel.reshape(-1, kernel.shape[-1]))
         return x if self.patch.bias is None else x + self.patch.bias[...].astype(self.dtype)
 
-    def _tokens(self, images) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    def _tokens(self, images: jax.Array | Patches) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """(patch embeddings [B, N, width], their positions, valid [B, N] or None: no padding)."""
         if not self.spec.naflex:
             if isinstance(images, Patches):
@@ -284,11 +284,14 @@ class ViT(nnx.Module):
         x = self._embed_patches(images.patches.astype(self.dtype))
         return x, pos.astype(self.dtype), valid_patches(images.grid, length)
 
-    def __call__(self, images) -> jax.Array:
+    def __call__(self, images: jax.Array | Patches) -> jax.Array:
         return self.encode(images)[0]
 
     def encode(
-        self, images, patch_mask: jax.Array | None = None, mask_token: jax.Array | None = None
+        self,
+        images: jax.Array | Patches,
+        patch_mask: jax.Array | None = None,
+        mask_token: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """(pooled [B, width], the final-normed tokens [B, tokens, width] a decoder reads).
 
