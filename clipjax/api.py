@@ -25,6 +25,7 @@ from clipjax.data.images import fit_crop, square_rgb
 from clipjax.data.sources import make_source
 from clipjax.evals.encoders import Encoders
 from clipjax.evals.workdir import evaluate_workdir  # noqa: F401 - part of the face
+from clipjax.models.spec import config_model_spec
 from clipjax.parallel import eval_mesh
 from clipjax.pretrained import preprocessing
 from clipjax.run_store.record import RestoreError, load_run_config  # noqa: F401 - part of the face
@@ -43,6 +44,28 @@ def _texts(strings) -> list[str]:
 
 def prepare_images(images, image_size: int, resize: str = "crop") -> np.ndarray:
     """uint8 [N, S, S, 3] from the inputs `TrainedModel.encode_image` accepts (one-line errors)."""
+    x = _uint8_images(images, image_size)
+    if x.shape[1:3] == (image_size, image_size):
+        return x
+    fitted = [fit_image(im, image_size, resize) for im in x]
+    return np.stack(fitted) if fitted else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
+def prepare_patches(images, patch_size: int, max_num_patches: int) -> tuple[np.ndarray, np.ndarray]:
+    """A NaFlex model's inputs (uint8 patches [N, max_num_patches, p * p * 3], int32 grid [N, 2]) from
+    what `TrainedModel.encode_image` accepts, or a list of images of different sizes: each fitted
+    as transformers' Siglip2ImageProcessor does (clipjax.pretrained.preprocessing.naflex_patches)."""
+    ragged = isinstance(images, (list, tuple)) and len({np.shape(im) for im in images}) > 1
+    batches = [_uint8_images(im, 1) for im in images] if ragged else [_uint8_images(images, 1)]
+    fitted = [preprocessing.naflex_patches(im, patch_size, max_num_patches) for b in batches for im in b]
+    patches = np.zeros((len(fitted), max_num_patches, patch_size * patch_size * 3), np.uint8)
+    for i, (image_patches, _) in enumerate(fitted):
+        patches[i] = image_patches
+    return patches, np.array([grid for _, grid in fitted], np.int32).reshape(-1, 2)
+
+
+def _uint8_images(images, image_size: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] of the inputs `encode_image` accepts, checked (none: [0, S, S, 3])."""
     x = np.asarray(images)
     if x.dtype == bool or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise TypeError(
@@ -72,11 +95,7 @@ def prepare_images(images, image_size: int, resize: str = "crop") -> np.ndarray:
         x = np.round(x * 255.0)
     elif x.size and (x.min() < 0 or x.max() > 255):
         raise ValueError(f"encode_image: integer images must lie in [0, 255], got [{x.min()}, {x.max()}]")
-    x = x.astype(np.uint8)
-    if x.shape[1:3] == (image_size, image_size):
-        return x
-    fitted = [fit_image(im, image_size, resize) for im in x]
-    return np.stack(fitted) if fitted else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return x.astype(np.uint8)
 
 
 def fit_image(image: np.ndarray, image_size: int, resize: str = "crop") -> np.ndarray:
@@ -118,9 +137,14 @@ class TrainedModel:
         [0, H, W, 3]: [0, d]). Any size, fitted as `model.image_resize` says: a converted model
         as its reference preprocesses (open_clip's or transformers' processor, pixel for pixel);
         a clipjax-trained one as the evaluation pipeline decodes images (shorter side to the
-        training resolution, centre crop). NaN, infinite, bool, or float values outside [0, 1]
-        are rejected with one line.
+        training resolution, centre crop). A NaFlex model (`model.image.naflex`) fits each image
+        to its patch budget at its own aspect ratio, as transformers' Siglip2ImageProcessor does,
+        and also takes a list of images of different sizes. NaN, infinite, bool, or float values
+        outside [0, 1] are rejected with one line.
         """
+        image = config_model_spec(self.config).image
+        if getattr(image, "naflex", False):
+            return self.encoders.image(prepare_patches(images, image.patch_size, image.max_num_patches))
         return self.encoders.image(
             prepare_images(
                 images, int(self.config.data.image_size), self.config.model.get("image_resize", "crop")

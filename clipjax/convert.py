@@ -5,6 +5,8 @@
     python -m clipjax.convert import --format hf_clip --checkpoint clip-vit-base-patch16/ --out runs/hf_b16
     python -m clipjax.convert import --format hf_siglip --checkpoint siglip-base-patch16-224/ --out runs/siglip
     python -m clipjax.convert import --format hf_siglip --checkpoint siglip2-base-patch16-224/ --out runs/siglip2
+    python -m clipjax.convert import --format hf_siglip2_naflex --checkpoint siglip2-base-patch16-naflex/ \\
+        --out runs/siglip2_naflex
     python -m clipjax.convert export --format hf_clip --workdir runs/clip_b32 --out exported/
     python -m clipjax.convert export --to open_clip --workdir runs/clip_b32 --out exported_oc/
 
@@ -14,9 +16,10 @@ open_clip checkpoints are .pt/.bin (read with torch) or .safetensors (read witho
 Face folders hold config.json and model.safetensors (or pytorch_model.bin) and usually their
 tokenizer (tokenizer.json, spiece.model, SigLIP 2's Gemma tokenizer.model), which is taken unless
 --tokenizer names another.
-`export` writes model.safetensors and config.json that transformers' CLIPModel / SiglipModel
-load, or (--format/--to open_clip) open_clip_model.safetensors and open_clip_config.json that
-open_clip.create_model("local-dir:FOLDER") loads. Mistakes are one line (exit status 2);
+`export` writes model.safetensors and config.json that transformers' CLIPModel / SiglipModel /
+Siglip2Model load (NaFlex: and preprocessor_config.json), or (--format/--to open_clip)
+open_clip_model.safetensors and open_clip_config.json that open_clip.create_model("local-dir:FOLDER")
+loads. Mistakes are one line (exit status 2);
 --verbose adds the traceback. docs/pretrained.md.
 """
 

@@ -139,8 +139,9 @@ def check_crop_scale(scale) -> str | None:
 
 
 # `model.image_resize` values that keep the whole image, squashed to the square (SigLIP's
-# preprocessing, and clipjax's own `squash`); the others keep the centre square.
-WHOLE_IMAGE_RESIZES = ("squash", "hf_siglip")
+# preprocessing, and clipjax's own `squash`; a NaFlex model's square inputs); the others keep the
+# centre square.
+WHOLE_IMAGE_RESIZES = ("squash", "hf_siglip", "hf_siglip2_naflex")
 
 
 def fit_crop(resize: str):

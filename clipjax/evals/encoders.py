@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax.losses.captioning import caption_targets, caption_token_losses
 from clipjax.models import generate, locca
+from clipjax.models.naflex import Patches
 from clipjax.evals.embed import embed_local, gather_rows, local_batch_size, process_share
 from clipjax.parallel import batch_axes
 from clipjax.parallel.activations import activation_sharding
@@ -25,7 +26,9 @@ def jitted_encoders(graphdef, mesh) -> tuple[Callable, Callable]:
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
 
     def encode(method: str):
-        def run(params, x):
+        def run(params, *x):
+            # A NaFlex model's images come as two arrays, its patches and their grids.
+            x = x[0] if len(x) == 1 else Patches(*x)
             # Each device embeds its own rows, whatever layout the parameters have.
             with activation_sharding(mesh):
                 return getattr(nnx.merge(graphdef, params), method)(x)
@@ -142,8 +145,9 @@ class Encoders:
             batch_size=batch_size or self.batch_size,
         )
 
-    def image(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, H, W, 3] (or float in [0, 1]) at the model's resolution -> [N, d]."""
+    def image(self, images: np.ndarray | tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """uint8 [N, H, W, 3] (or float in [0, 1]) at the model's resolution -> [N, d]; a NaFlex
+        model: (patches [N, M, p * p * 3], grid [N, 2])."""
         return self._everyone(self.local_image, images)
 
     def tokens(self, tokens: np.ndarray) -> np.ndarray:
@@ -152,7 +156,11 @@ class Encoders:
 
     @staticmethod
     def _everyone(local, inputs) -> np.ndarray:
-        """Every process passes the same inputs, encodes its share and gets every embedding back."""
+        """Every process passes the same inputs (an array, or a tuple of arrays with rows alike),
+        encodes its share and gets every embedding back."""
+        if isinstance(inputs, tuple):
+            share = process_share(len(inputs[0]))
+            return gather_rows(local(tuple(np.asarray(x)[share.rows] for x in inputs), share.length))
         inputs = np.asarray(inputs)
         share = process_share(len(inputs))
         return gather_rows(local(inputs[share.rows], share.length))

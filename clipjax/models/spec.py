@@ -116,9 +116,10 @@ def model_section() -> Section:
                 "how evaluation and clipjax.load fit an image to image_size: `crop` (shorter side, centre "
                 "square, as the evaluation data) or `squash` (the whole image, aspect not kept); a converted "
                 "model's reference preprocessing, which clipjax.load reproduces exactly: `open_clip`, "
-                "`hf_clip` (centre square) or `hf_siglip` (whole image)",
-                # The last three: clipjax.pretrained.preprocessing.RECIPES.
-                choices=("crop", "squash", "open_clip", "hf_clip", "hf_siglip"),
+                "`hf_clip` (centre square), `hf_siglip` (whole image) or `hf_siglip2_naflex` (a NaFlex "
+                "model's: aspect kept, at most model.image.max_num_patches patches)",
+                # The last four: clipjax.pretrained.preprocessing.RECIPES.
+                choices=("crop", "squash", "open_clip", "hf_clip", "hf_siglip", "hf_siglip2_naflex"),
             ),
             "image_projection": Field(
                 "linear",
@@ -216,6 +217,18 @@ def model_spec(
             f"{path}.decoder.variant: the {kind!r} image tower gives no tokens for a decoder to read"
         )
     heads_spec = image_heads.resolve(values["image_heads"])
+    naflex = kind == "vit" and image_values.get("naflex")
+    if values["image_resize"] == "hf_siglip2_naflex" and not naflex:
+        raise ConfigError(
+            f"{path}.image_resize: 'hf_siglip2_naflex' fits images to a patch budget, which needs "
+            f"{path}.image.naflex=True"
+        )
+    if naflex and (decoder_spec is not None or heads_spec is not None):
+        # Both read every patch token: padded ones would need masks there too.
+        raise ConfigError(
+            f"{path}.image.naflex: not yet with a captioning decoder or the image-side losses "
+            "(they would read the padded patches)"
+        )
     if heads_spec is not None and kind != "vit":
         raise ConfigError(
             f"{path}.image_heads.prototypes: the image-side losses read patch tokens, which the {kind!r} "

@@ -17,6 +17,7 @@ from clipjax.models.spec import IMAGE_TOWERS, DualEncoderSpec, config_model_spec
 from clipjax.models.decoder import CaptionDecoder
 from clipjax.models.image_heads import ImageHeads
 from clipjax.models.locca import EXTRA_CONTEXT, LoccaTokens
+from clipjax.models.naflex import Patches
 from clipjax.models.text import TextTransformer
 from clipjax.parallel.activations import constrain
 
@@ -167,8 +168,13 @@ class DualEncoder(nnx.Module):
         """Tower output before projection, float32 [B, image_tower.out_dim]."""
         return constrain(self.image_tower(self._standardize(images)).astype(jnp.float32), POOLED)
 
-    def _standardize(self, images: jax.Array) -> jax.Array:
+    def _standardize(self, images: jax.Array | Patches) -> jax.Array | Patches:
         # Each chip normalises (and the tower embeds) only its own examples.
+        if isinstance(images, Patches):  # NaFlex: channels are the patches' innermost axis
+            patches = constrain(images.patches, ("batch",))
+            pixels = patches.reshape(*patches.shape[:-1], -1, 3)
+            pixels = normalize_images(pixels, self.spec.image_mean, self.spec.image_std)
+            return Patches(pixels.reshape(patches.shape), constrain(images.grid, ("batch",)))
         images = constrain(images, ("batch",))
         return normalize_images(images, self.spec.image_mean, self.spec.image_std)
 
@@ -177,7 +183,8 @@ class DualEncoder(nnx.Module):
         return constrain(self.text_tower(tokens).astype(jnp.float32), POOLED)
 
     def encode_image(self, images: jax.Array) -> jax.Array:
-        """uint8 [B,H,W,3] (or float in [0,1]) -> unit-norm float32 [B, embed].
+        """uint8 [B,H,W,3] (or float in [0,1]; a NaFlex model: `Patches` of them) -> unit-norm
+        float32 [B, embed].
 
         An image-image model gives its representation: the tower's features before the
         projector, normalised (what SimCLR evaluates)."""

@@ -20,12 +20,14 @@ from clipjax.models.layers import (
     LayerNorm,
     Stack,
     TransformerBlock,
+    attention_mask,
     embed_normal,
     lecun_normal,
     param,
     spec_from,
     transformer_sizes,
 )
+from clipjax.models.naflex import Patches, resize_positions, square_patches, valid_patches
 from clipjax.parallel.activations import constrain
 from clipjax.schema import ConfigError, Field
 
@@ -73,6 +75,15 @@ FIELDS: dict[str, Field] = {
         "gelu_tanh", "the MLPs' non-linearity (CLIP: quick_gelu)", choices=tuple(ACTIVATIONS)
     ),
     "norm_eps": Field(1e-6, "LayerNorm epsilon (CLIP: 1e-5)", minimum=0.0),
+    "naflex": Field(
+        False,
+        "NaFlex (SigLIP 2): each image its own grid of patches at about its aspect ratio, padded to one "
+        "sequence length and the padding masked; the position table (data.image_size's grid, the same "
+        "parameters as without) resized to each grid (clipjax.models.naflex)",
+    ),
+    "max_num_patches": Field(
+        256, "naflex: the patch budget an image is resized to fit (clipjax.load's encode_image)", minimum=1
+    ),
 }
 
 
@@ -93,6 +104,8 @@ class ViTSpec:
     pooler_queries: int = 256
     pooler_heads: int = 8
     pooler_width: int | None = None
+    naflex: bool = False
+    max_num_patches: int = 256
 
 
 def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") -> ViTSpec:
@@ -103,6 +116,8 @@ def resolve(values: dict[str, Any], image_size: int, path: str = "model.image") 
             f"{path}.patch_size: {sizes['patch_size']} does not divide the image size {image_size}"
         )
     spec = spec_from(ViTSpec, sizes, values)
+    if spec.naflex and spec.pool == "attentional_pooler":
+        raise ConfigError(f"{path}.naflex: the attentional pooler does not mask padded patches")
     if spec.pool == "attentional_pooler" and (spec.pooler_width or spec.width) % spec.pooler_heads:
         raise ConfigError(
             f"{path}.pooler_heads: {spec.pooler_heads} heads do not divide the pooler's width "
@@ -131,9 +146,9 @@ class MAPHead(nnx.Module):
         self.norm = LayerNorm(width, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, activation=activation, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-        y = self.attn(probe, x)
+        y = self.attn(probe, x, mask=mask)
         y = y + self.mlp(self.norm(y))
         return constrain(y[:, 0], POOLED)
 
@@ -158,7 +173,8 @@ class AttentionalPooler(nnx.Module):
 class ViT(nnx.Module):
     """Patchify, add learned positions, pre-LN encoder, final LN, pool.
 
-    Input: float images [B, H, W, 3], already normalised. Output [B, width].
+    Input: float images [B, H, W, 3], already normalised (a NaFlex ViT: `Patches`, see
+    clipjax.models.naflex). Output [B, width].
     """
 
     def __init__(
@@ -232,50 +248,85 @@ class ViT(nnx.Module):
         self.token_dim = out_dim
 
     def _patchify(self, images: jax.Array) -> jax.Array:
-        b, h, w, c = images.shape
-        p = self.spec.patch_size
         if self.spec.patch_embed == "conv":
             x = self.patch(images)
-            return x.reshape(b, -1, x.shape[-1])
-        # Same (row, col, channel) flattening order as the HWIO conv kernel, so
-        # the two embeddings are interchangeable given reshaped weights.
-        x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        return self.patch(x.reshape(b, (h // p) * (w // p), p * p * c))
+            return x.reshape(x.shape[0], -1, x.shape[-1])
+        return self._embed_patches(square_patches(images, self.spec.patch_size).patches)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def _embed_patches(self, patches: jax.Array) -> jax.Array:
+        """[B, N, p * p * 3] flattened patches -> [B, N, width]. Flattened (row, column, channel),
+        as the HWIO conv kernel is: the conv's kernel reshaped is the same embedding."""
+        if self.spec.patch_embed == "dense":
+            return self.patch(patches)
+        kernel = self.patch.kernel[...].astype(self.dtype)
+        x = jnp.dot(patches.astype(self.dtype), kernel.reshape(-1, kernel.shape[-1]))
+        return x if self.patch.bias is None else x + self.patch.bias[...].astype(self.dtype)
+
+    def _tokens(self, images: jax.Array | Patches) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """(patch embeddings [B, N, width], their positions, valid [B, N] or None: no padding)."""
+        if not self.spec.naflex:
+            if isinstance(images, Patches):
+                raise ValueError("a NaFlex patch batch for a fixed-resolution ViT (model.image.naflex=False)")
+            if images.shape[1:3] != (self.image_size, self.image_size):
+                raise ValueError(
+                    f"ViT built for {self.image_size}x{self.image_size} images, got "
+                    f"{images.shape[1]}x{images.shape[2]}"
+                )
+            return self._patchify(images.astype(self.dtype)), self.pos[...].astype(self.dtype), None
+        if not isinstance(images, Patches):  # square images: one grid for all, no padding
+            images = square_patches(images, self.spec.patch_size)
+        length = images.patches.shape[1]
+        table = self.pos[...]
+        pos = constrain(resize_positions(table[-self.num_patches :], images.grid, length), TOKENS)
+        if self.cls is not None:
+            cls_pos = jnp.broadcast_to(table[0].astype(jnp.float32), (pos.shape[0], 1, pos.shape[-1]))
+            pos = jnp.concatenate([cls_pos, pos], axis=1)
+        x = self._embed_patches(images.patches.astype(self.dtype))
+        return x, pos.astype(self.dtype), valid_patches(images.grid, length)
+
+    def __call__(self, images: jax.Array | Patches) -> jax.Array:
         return self.encode(images)[0]
 
     def encode(
-        self, images: jax.Array, patch_mask: jax.Array | None = None, mask_token: jax.Array | None = None
+        self,
+        images: jax.Array | Patches,
+        patch_mask: jax.Array | None = None,
+        mask_token: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """(pooled [B, width], the final-normed tokens [B, tokens, width] a decoder reads).
 
-        `patch_mask` [B, patches] (bool): those patches' embeddings are replaced by `mask_token`
-        [width] before anything else reads them (masked prediction), so nothing of a masked
-        patch's pixels reaches the output."""
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"ViT built for {self.image_size}x{self.image_size} images, got "
-                f"{images.shape[1]}x{images.shape[2]}"
-            )
-        x = constrain(self._patchify(images.astype(self.dtype)), TOKENS)
+        `images`: [B, S, S, 3], or for a NaFlex ViT a `Patches` batch (or square images of any
+        side the patch divides). `patch_mask` [B, patches] (bool): those patches' embeddings are
+        replaced by `mask_token` [width] before anything else reads them (masked prediction), so
+        nothing of a masked patch's pixels reaches the output."""
+        x, pos, valid = self._tokens(images)
+        x = constrain(x, TOKENS)
         if patch_mask is not None:
             x = jnp.where(patch_mask[..., None], mask_token.astype(self.dtype), x)
         if self.cls is not None:
             cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
-        x = x + self.pos[...].astype(self.dtype)
+            valid = None if valid is None else jnp.pad(valid, ((0, 0), (1, 0)), constant_values=True)
+        x = x + pos
         if self.ln_pre is not None:
             x = self.ln_pre(x)
+        # Padded patches are hidden as keys everywhere; their own outputs are never read.
+        mask = attention_mask(valid, x.shape[1])
+        x = self.encoder(x) if mask is None else self.encoder(x, mask)
         if self.pooler is not None:
-            x = constrain(self.norm(self.pooler(self.encoder(x))), TOKENS)
+            x = constrain(self.norm(self.pooler(x)), TOKENS)
             return constrain(x[:, 0], POOLED), x[:, 1:]
-        x = constrain(self.norm(self.encoder(x)), TOKENS)
+        x = constrain(self.norm(x), TOKENS)
         if self.spec.pool == "cls":
             return constrain(x[:, 0], POOLED), x
         if self.spec.pool == "mean":
-            return constrain(jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype), POOLED), x
-        return self.map_head(x), x
+            if valid is None:
+                pooled = jnp.mean(x.astype(jnp.float32), axis=1)
+            else:
+                weights = valid.astype(jnp.float32)[..., None]
+                pooled = jnp.sum(x.astype(jnp.float32) * weights, axis=1) / jnp.sum(weights, axis=1)
+            return constrain(pooled.astype(self.dtype), POOLED), x
+        return self.map_head(x, mask), x
 
 
 # The class `clipjax.models.spec.IMAGE_TOWERS` builds for kind "vit".

@@ -2,7 +2,8 @@
 
 Three layouts come in: open_clip's / OpenAI CLIP's state dict (`visual.*`, `transformer.*`, fused
 `in_proj` attention), Hugging Face `CLIPModel` and `SiglipModel` (`vision_model.*`,
-`text_model.*`, separate q/k/v projections). Each importer returns the clipjax config keys that
+`text_model.*`, separate q/k/v projections; SigLIP 2's NaFlex `Siglip2Model` is `SiglipModel`'s
+with a linear patch embedding). Each importer returns the clipjax config keys that
 describe the architecture (`model.*`, `data.image_size`, `data.tokenizer.max_len`) and the
 parameters as clipjax's nested dict. `Tensors` hands each source tensor out once and names any
 tensor left over, so a checkpoint of another architecture fails in one line instead of loading
@@ -20,6 +21,7 @@ The conversions are transpositions and reshapes, nothing numerical:
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable
 
@@ -495,15 +497,29 @@ def from_hf_clip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int
     return keys, params, tok.shape[0]
 
 
-def from_hf_siglip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, int]:
-    """Hugging Face `SiglipModel` tensors + config.json -> (config keys, params, vocab size)."""
-    t = Tensors(tensors, "hf_siglip checkpoint", ignored=_position_ids)
+def _linear_patches_as_conv(weight, what: str):
+    """A NaFlex `Linear` patch embedding [width, p * p * 3] (patches flattened row, column,
+    channel) as the conv weight [width, 3, p, p] that computes the same embedding."""
+    p = int(round((weight.shape[1] / 3) ** 0.5))
+    if 3 * p * p != weight.shape[1]:
+        raise ConversionError(f"{what}: a patch embedding over {weight.shape[1]} values is not p x p x 3")
+    return weight.reshape(weight.shape[0], p, p, 3).transpose(0, 3, 1, 2)
+
+
+def from_hf_siglip(tensors: dict[str, Any], config: dict, fmt: str = "hf_siglip") -> tuple[dict, dict, int]:
+    """Hugging Face `SiglipModel` tensors + config.json -> (config keys, params, vocab size); with
+    `fmt` hf_siglip2_naflex, `Siglip2Model`'s: the same but for a linear patch embedding."""
+    naflex = fmt == "hf_siglip2_naflex"
+    what = f"{fmt} checkpoint"
+    t = Tensors(tensors, what, ignored=_position_ids)
     config = _hf_config(config)
     v_cfg, t_cfg = config.get("vision_config", {}), config.get("text_config", {})
     v_heads, t_heads = int(v_cfg["num_attention_heads"]), int(t_cfg["num_attention_heads"])
     conv = t.take("vision_model.embeddings.patch_embedding.weight")
+    if naflex:
+        conv = _linear_patches_as_conv(conv, what)
     v_pos = t.take("vision_model.embeddings.position_embedding.weight")
-    grid = _grid(v_pos.shape[0], "hf_siglip checkpoint")
+    grid = _grid(v_pos.shape[0], what)
     head = "vision_model.head"
     probe = t.take(f"{head}.probe").reshape(-1)
     tok = t.take("text_model.embeddings.token_embedding.weight")
@@ -539,19 +555,20 @@ def from_hf_siglip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, i
     text_blocks = params["text_tower"]["encoder"]["blocks"]
     v_width = conv.shape[0]
     _check_config(
-        "hf_siglip checkpoint",
+        what,
         config,
         [
             *_towers_config_checks(params, conv, grid, tok, t_pos),
             ("text_config.projection_size", int(params["text_proj"]["kernel"].shape[1])),
+            *([("vision_config.num_patches", grid * grid)] if naflex else []),
         ],
     )
     if params["text_proj"]["kernel"].shape[1] != v_width:
         raise ConversionError(
-            f"hf_siglip checkpoint: text head projects to {params['text_proj']['kernel'].shape[1]}, the image "
+            f"{what}: text head projects to {params['text_proj']['kernel'].shape[1]}, the image "
             f"tower's width is {v_width}; clipjax compares them without an image projection"
         )
-    v_act, t_act = _activation(v_cfg, "hf_siglip vision_config"), _activation(t_cfg, "hf_siglip text_config")
+    v_act, t_act = _activation(v_cfg, f"{fmt} vision_config"), _activation(t_cfg, f"{fmt} text_config")
     keys = {
         "model.embed_dim": v_width,
         "model.image.kind": "vit",
@@ -583,6 +600,8 @@ def from_hf_siglip(tensors: dict[str, Any], config: dict) -> tuple[dict, dict, i
         "data.image_size": grid * conv.shape[-1],
         "data.tokenizer.max_len": t_pos.shape[0],
     }
+    if naflex:  # the position table is data.image_size's grid, resized to each image's
+        keys["model.image.naflex"] = True
     return keys, params, tok.shape[0]
 
 
@@ -734,8 +753,12 @@ def to_hf_clip(params: dict, spec, *, image_size: int, max_len: int, vocab_size:
     return out, config
 
 
-def to_hf_siglip(params: dict, spec, *, image_size: int, max_len: int, vocab_size: int) -> tuple[dict, dict]:
-    """clipjax params of a SigLIP-layout model -> (Hugging Face SiglipModel tensors, config.json)."""
+def to_hf_siglip(
+    params: dict, spec, *, image_size: int, max_len: int, vocab_size: int, fmt: str = "hf_siglip"
+) -> tuple[dict, dict]:
+    """clipjax params of a SigLIP-layout model -> (Hugging Face SiglipModel tensors, config.json);
+    with `fmt` hf_siglip2_naflex, `Siglip2Model`'s (the parameters are the same: a fixed-resolution
+    model exports as a NaFlex one at its grid, and the reverse)."""
     v, t = spec.image, spec.text
     checks = [
         ("model.image.pool", getattr(v, "pool", None), "map"),
@@ -750,7 +773,7 @@ def to_hf_siglip(params: dict, spec, *, image_size: int, max_len: int, vocab_siz
         ("model.logit_bias (set)", "logit_bias" in params, True),
     ]
     out: dict[str, np.ndarray] = {}
-    _hf_towers(params, spec, "hf_siglip", checks, out)
+    _hf_towers(params, spec, fmt, checks, out)
     out["vision_model.embeddings.patch_embedding.bias"] = params["image_tower"]["patch"]["bias"]
     head = params["image_tower"]["map_head"]
     out["vision_model.head.probe"] = head["probe"].reshape(1, 1, -1)
@@ -760,19 +783,29 @@ def to_hf_siglip(params: dict, spec, *, image_size: int, max_len: int, vocab_siz
     _inv_dense(head["mlp"]["fc2"], "vision_model.head.mlp.fc2", out)
     _inv_dense(params["text_proj"], "text_model.head", out)
     out["logit_bias"] = np.asarray(params["logit_bias"], np.float32).reshape(1)
+    text = dict(max_position_embeddings=max_len, vocab_size=vocab_size, projection_size=spec.embed_dim)
+    if fmt == "hf_siglip2_naflex":
+        kernel = params["image_tower"]["patch"]["kernel"]  # HWIO: flattened, NaFlex's patch order
+        out["vision_model.embeddings.patch_embedding.weight"] = np.ascontiguousarray(
+            kernel.reshape(-1, kernel.shape[-1]).T
+        )
+        vision = _hf_tower_config(
+            v, "siglip2_vision_model", patch_size=v.patch_size, num_patches=(image_size // v.patch_size) ** 2
+        )
+        text_config = _hf_tower_config(t, "siglip2_text_model", **text)
+        return out, dict(
+            architectures=["Siglip2Model"],
+            model_type="siglip2",
+            vision_config=vision,
+            text_config=text_config,
+        )
     config = {
         "architectures": ["SiglipModel"],
         "model_type": "siglip",
         "vision_config": _hf_tower_config(
             v, "siglip_vision_model", patch_size=v.patch_size, image_size=image_size
         ),
-        "text_config": _hf_tower_config(
-            t,
-            "siglip_text_model",
-            max_position_embeddings=max_len,
-            vocab_size=vocab_size,
-            projection_size=spec.embed_dim,
-        ),
+        "text_config": _hf_tower_config(t, "siglip_text_model", **text),
     }
     return out, config
 
@@ -872,13 +905,24 @@ def to_open_clip(
     return open_clip_export(params, spec, out, model_cfg, image_resize)
 
 
-IMPORTERS = {"open_clip": from_open_clip, "hf_clip": from_hf_clip, "hf_siglip": from_hf_siglip}
-EXPORTERS = {"hf_clip": to_hf_clip, "hf_siglip": to_hf_siglip, "open_clip": to_open_clip}
+IMPORTERS = {
+    "open_clip": from_open_clip,
+    "hf_clip": from_hf_clip,
+    "hf_siglip": from_hf_siglip,
+    "hf_siglip2_naflex": functools.partial(from_hf_siglip, fmt="hf_siglip2_naflex"),
+}
+EXPORTERS = {
+    "hf_clip": to_hf_clip,
+    "hf_siglip": to_hf_siglip,
+    "hf_siglip2_naflex": functools.partial(to_hf_siglip, fmt="hf_siglip2_naflex"),
+    "open_clip": to_open_clip,
+}
 # A Hugging Face model folder's config (a name a clipjax workdir uses too, for its own config).
 HF_CONFIG = "config.json"
-# The files each export writes: (weights, config).
+# The files each export writes: (weights, config, and a NaFlex model's processor settings).
 EXPORT_FILES = {
     "hf_clip": ("model.safetensors", HF_CONFIG),
     "hf_siglip": ("model.safetensors", HF_CONFIG),
+    "hf_siglip2_naflex": ("model.safetensors", HF_CONFIG, "preprocessor_config.json"),
     "open_clip": ("open_clip_model.safetensors", "open_clip_config.json"),
 }

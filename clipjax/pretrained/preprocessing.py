@@ -25,6 +25,10 @@ The benchmark evaluators, which resample while decoding (`clipjax.data.images.de
 keep the reference's geometry (the centre square, or the whole image for `hf_siglip`), not its
 exact pixels.
 
+  hf_siglip2_naflex  transformers' Siglip2ImageProcessor (a NaFlex model): no square, the image
+             resized to both sides multiples of the patch at about its aspect ratio, with at most
+             max_num_patches patches (PIL bilinear), then cut into patches (`naflex_patches`).
+
 transformers 5's default image processors are the torchvision backend, which resamples uint8
 tensors with torch's antialiased bicubic rather than PIL's: on noisy images a few pixels differ
 by up to a few levels out of 255 (smooth images: none). The recipes follow PIL, the filter of
@@ -35,6 +39,7 @@ the preprocessing the CLIP and SigLIP weights were trained with.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -44,6 +49,8 @@ from clipjax import paths
 from clipjax.pretrained.layouts import ConversionError
 
 _BICUBIC = 3  # PIL's (and transformers' `resample`) number for the bicubic filter
+_BILINEAR = 2
+NAFLEX = "hf_siglip2_naflex"  # the recipe of NaFlex models, which gives patches, not a square
 
 # `model.image_resize` values that name a reference's preprocessing -> what it does, in words
 # (stored in the checkpoint's meta beside the size and statistics).
@@ -53,6 +60,8 @@ RECIPES = {
     "hf_clip": "transformers' CLIPImageProcessor: shorter side to image_size, longer int(size * long / short) "
     "(PIL bicubic), centre crop at margin // 2",
     "hf_siglip": "transformers' SiglipImageProcessor: the whole image to image_size x image_size (PIL bicubic)",
+    NAFLEX: "transformers' Siglip2ImageProcessor: aspect kept, sides multiples of the patch, at most "
+    "model.image.max_num_patches patches (PIL bilinear)",
 }
 
 # clipjax's own (clipjax.data.images), in the same words.
@@ -65,6 +74,47 @@ _OWN = {
 def describe(resize: str) -> str:
     """`model.image_resize` in words, for the checkpoint's meta."""
     return RECIPES.get(resize) or _OWN[resize]
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
+    """(height, width) that transformers' Siglip2ImageProcessor resizes an image to: both sides
+    scaled by one factor and rounded up to multiples of the patch (at least one patch each), the
+    largest factor whose patches number at most `max_num_patches`. The factor is found as the
+    processor finds it, by bisection over (1e-6, 100) down to an interval of 1e-5, so that the
+    result is the processor's even where two sizes lie closer together than that."""
+    p = patch_size
+
+    def sides(scale: float) -> tuple[int, int]:
+        return max(p, math.ceil(height * scale / p) * p), max(p, math.ceil(width * scale / p) * p)
+
+    low, high = 1e-5 / 10, 100.0
+    while high - low >= 1e-5:
+        middle = (low + high) / 2
+        h, w = sides(middle)
+        if (h // p) * (w // p) <= max_num_patches:
+            low = middle
+        else:
+            high = middle
+    return sides(low)
+
+
+def naflex_patches(image, patch_size: int, max_num_patches: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A NaFlex model's input from one image (uint8 [H, W, 3] or [H, W], or a PIL image), as
+    transformers' Siglip2ImageProcessor (PIL backend) makes it: resized to `naflex_size` with
+    PIL's bilinear filter, cut into patches flattened (row, column, channel) row by row and padded
+    with zeros to `max_num_patches`: (uint8 [max_num_patches, p * p * 3], (rows, cols)). The
+    model standardises the pixels itself (SigLIP 2: (x / 255 - 0.5) / 0.5, the processor's)."""
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    p = patch_size
+    height, width = naflex_size(im.height, im.width, p, max_num_patches)
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.BILINEAR)
+    x = np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+    rows, cols = height // p, width // p
+    x = x.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3)
+    patches = np.zeros((max_num_patches, p * p * 3), np.uint8)
+    patches[: rows * cols] = x
+    return patches, (rows, cols)
 
 
 def resized_size(width: int, height: int, image_size: int, recipe: str) -> tuple[int, int]:
@@ -84,6 +134,8 @@ def _offset(margin: int, recipe: str) -> int:
 
 def fit(im: Image.Image, image_size: int, recipe: str) -> np.ndarray:
     """An RGB (or 'L') PIL image -> uint8 [S, S, 3], as the reference `recipe` preprocesses it."""
+    if recipe == NAFLEX:
+        raise ValueError(f"{NAFLEX} fits an image to patches, not a square (naflex_patches)")
     if recipe not in RECIPES:
         raise ValueError(f"unknown preprocessing recipe {recipe!r} (known: {', '.join(RECIPES)})")
     s = image_size
@@ -96,15 +148,31 @@ def fit(im: Image.Image, image_size: int, recipe: str) -> np.ndarray:
     return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
-def _hf_settings(fmt: str, image_size: int) -> dict[str, Any]:
-    """The preprocessor_config.json settings the recipe of `fmt` reproduces at `image_size`; at
-    224 they are transformers' defaults, which hold for what a file leaves out."""
+def _hf_settings(fmt: str, image_size: int, patch_size: int = 16) -> dict[str, Any]:
+    """The preprocessor_config.json settings the recipe of `fmt` reproduces at `image_size` (a
+    NaFlex model: `patch_size`); at 224 (patch 16) they are transformers' defaults, which hold for
+    what a file leaves out."""
     s = image_size
     square = {"height": s, "width": s}
     common = {"do_resize": True, "resample": _BICUBIC, "do_rescale": True, "do_normalize": True}
+    if fmt == NAFLEX:
+        return {**common, "resample": _BILINEAR, "patch_size": patch_size}
     if fmt == "hf_siglip":
         return {**common, "size": square, "do_center_crop": False}
     return {**common, "size": {"shortest_edge": s}, "do_center_crop": True, "crop_size": square}
+
+
+def naflex_processor_settings(spec) -> dict[str, Any]:
+    """The preprocessor_config.json of an exported NaFlex model (a `DualEncoderSpec`): transformers'
+    Siglip2ImageProcessor with the model's patch size, patch budget and statistics."""
+    return {
+        "image_processor_type": "Siglip2ImageProcessor",
+        **_hf_settings(NAFLEX, 0, spec.image.patch_size),
+        "max_num_patches": spec.image.max_num_patches,
+        "rescale_factor": 1 / 255,
+        "image_mean": list(spec.image_mean),
+        "image_std": list(spec.image_std),
+    }
 
 
 def _as_size(name: str, value, fmt: str):
@@ -119,11 +187,12 @@ def _as_size(name: str, value, fmt: str):
     return value
 
 
-def recipe_keys(fmt: str, checkpoint: str, image_size: int) -> dict[str, Any]:
+def recipe_keys(fmt: str, checkpoint: str, image_size: int, patch_size: int = 16) -> dict[str, Any]:
     """The config keys of the preprocessing of format `fmt`: `model.image_resize`, and, from a
-    Hugging Face folder's preprocessor_config.json, the statistics it gives, once the rest of the
-    file is checked to be what the recipe reproduces (ConversionError naming the setting otherwise:
-    an import would give other pixels than the model's own processor, silently)."""
+    Hugging Face folder's preprocessor_config.json, the statistics it gives (and a NaFlex model's
+    `max_num_patches`), once the rest of the file is checked to be what the recipe reproduces
+    (ConversionError naming the setting otherwise: an import would give other pixels than the
+    model's own processor, silently)."""
     keys: dict[str, Any] = {"model.image_resize": fmt}
     path = paths.join(checkpoint, "preprocessor_config.json")
     if fmt == "open_clip" or not paths.isdir(checkpoint) or not paths.exists(path):
@@ -133,7 +202,7 @@ def recipe_keys(fmt: str, checkpoint: str, image_size: int) -> dict[str, Any]:
     except ValueError as e:
         raise ConversionError(f"{path} is not valid JSON ({e})") from None
     defaults = _hf_settings(fmt, 224)
-    for name, want in _hf_settings(fmt, image_size).items():
+    for name, want in _hf_settings(fmt, image_size, patch_size).items():
         got = settings.get(name, defaults[name])
         got = _as_size(name, got, fmt) if name in ("size", "crop_size") else got
         if got != want:
@@ -144,6 +213,11 @@ def recipe_keys(fmt: str, checkpoint: str, image_size: int) -> dict[str, Any]:
     factor = settings.get("rescale_factor", 1 / 255)
     if not isinstance(factor, (int, float)) or abs(factor * 255 - 1) > 1e-6:
         raise ConversionError(f"{path}: rescale_factor is {factor!r}; clipjax's models read pixels / 255")
+    if fmt == NAFLEX:
+        budget = settings.get("max_num_patches", 256)  # the processor's default
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ConversionError(f"{path}: max_num_patches is {budget!r}; expected a positive integer")
+        keys["model.image.max_num_patches"] = budget
     for name in ("image_mean", "image_std"):
         if name in settings:
             keys[f"model.{name}"] = (

@@ -31,7 +31,8 @@ def tokenizer_keys(tokenizer_file: str | None, fmt: str) -> dict[str, Any]:
     if not tokenizer_file:
         return {}
     name = str(tokenizer_file)
-    siglip2 = fmt == "hf_siglip" and name.endswith((".json", ".model")) and _gemma_vocabulary(name)
+    siglip = fmt in ("hf_siglip", "hf_siglip2_naflex")
+    siglip2 = siglip and name.endswith((".json", ".model")) and _gemma_vocabulary(name)
     if name.endswith(".json"):
         keys = {"data.tokenizer.kind": "hf", "data.tokenizer.tokenizer_file": name}
         pad = _pad_token(name)
@@ -42,7 +43,7 @@ def tokenizer_keys(tokenizer_file: str | None, fmt: str) -> dict[str, Any]:
         return keys
     if name.endswith(".model"):
         keys = {"data.tokenizer.kind": "sentencepiece", "data.tokenizer.model_file": name}
-        if fmt == "hf_siglip":
+        if siglip:
             keys["data.tokenizer.style"] = "siglip2" if siglip2 else "siglip"
         return keys
     return {"data.tokenizer.kind": "clip_bpe", "data.tokenizer.vocab_file": name}
@@ -111,7 +112,11 @@ def read_source(
         if activation:
             keys["model.image.activation"] = keys["model.text.activation"] = activation
     # The reference's own image preprocessing, which clipjax.load's encode_image then applies.
-    keys.update(preprocessing.recipe_keys(fmt, checkpoint, int(keys["data.image_size"])))
+    keys.update(
+        preprocessing.recipe_keys(
+            fmt, checkpoint, int(keys["data.image_size"]), int(keys.get("model.image.patch_size", 16))
+        )
+    )
     return keys, params, vocab
 
 
@@ -204,8 +209,8 @@ def write_workdir(out: str, config: ml_collections.ConfigDict, params: dict, *, 
 
 
 def export(fmt: str, config, params: dict, tokenizer, out: str) -> dict:
-    """A model folder at `out` of a clipjax model: Hugging Face's (model.safetensors, config.json)
-    or open_clip's (open_clip_model.safetensors, open_clip_config.json, which
+    """A model folder at `out` of a clipjax model: Hugging Face's (model.safetensors, config.json;
+    NaFlex: preprocessor_config.json with its patch budget) or open_clip's (open_clip_model.safetensors, open_clip_config.json, which
     `open_clip.create_model("local-dir:OUT")` reads); `layouts.EXPORT_FILES` names them."""
     spec = model_spec(config.model, image_size=config.data.image_size)
     numpy_params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
@@ -220,8 +225,11 @@ def export(fmt: str, config, params: dict, tokenizer, out: str) -> dict:
     if fmt == "open_clip" and spec.decoder is not None:
         exporter = open_clip_coca.to_open_clip_coca
     out_tensors, out_config = exporter(numpy_params, spec, **sizes)
-    weights_file, config_file = layouts.EXPORT_FILES[fmt]
+    weights_file, config_file, *processor_file = layouts.EXPORT_FILES[fmt]
     paths.makedirs(out)
     tensors.write_safetensors(out_tensors, paths.join(out, weights_file))
     paths.write_atomic(paths.join(out, config_file), json.dumps(out_config, indent=2))
+    if processor_file:  # NaFlex: the patch budget is the processor's setting
+        settings = preprocessing.naflex_processor_settings(spec)
+        paths.write_atomic(paths.join(out, processor_file[0]), json.dumps(settings, indent=2))
     return out_config
