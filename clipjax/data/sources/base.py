@@ -29,6 +29,18 @@ COMMON_FIELDS: dict[str, Field] = {
         "evaluation always centre-crops",
         check=check_crop_scale,
     ),
+    "naflex_seq_lens": Field(
+        (),
+        "a NaFlex model's training sequence lengths (model.image.naflex): each batch one of them, "
+        "drawn uniformly per step, its images resized at about their aspect ratio to at most that "
+        "many patches; (): (model.image.max_num_patches,). Evaluation embeds image_size squares",
+        check=lambda v: (
+            None
+            if all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v)
+            and len(set(v)) == len(v)
+            else "expected distinct positive patch counts"
+        ),
+    ),
     "num_train": Field(
         0,
         "training examples, which `epochs` counts: 0 takes the dataset's own count (tfds, "
@@ -66,6 +78,9 @@ class DataSource(abc.ABC):
 
     name: ClassVar[str] = ""
     FIELDS: ClassVar[dict[str, Field]] = {}
+    # Whether `train_iterator` takes `naflex` (clipjax.data.naflex.NaflexInputs): a NaFlex
+    # model's batches of patch sequences, which the trainer asks for with that keyword.
+    supports_naflex: ClassVar[bool] = False
 
     def __init__(self, data_config: Any):
         self.config = data_config
@@ -139,7 +154,8 @@ class DataSource(abc.ABC):
     ):
         """An endless `clipjax.data.process_state.TrainIterator` (or any object with `next()`,
         `get_state()`, `set_state()`, `drop_counts`) over this process's slice of each global
-        batch, from the `start_example`-th example of the run's stream on."""
+        batch, from the `start_example`-th example of the run's stream on. A source with
+        `supports_naflex` also takes `naflex` (NaFlex patch batches)."""
 
     @abc.abstractmethod
     def eval_arrays(
