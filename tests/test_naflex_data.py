@@ -125,3 +125,21 @@ def test_each_batch_has_the_length_of_its_number(first):
         )
         np.testing.assert_array_equal(batch["image_grid"], full["image_grid"][:, k])
         np.testing.assert_array_equal(batch["text"], full["text"])
+
+
+def test_webdataset_batches_are_patch_sequences_of_one_length(tmp_path):
+    """The streaming pipeline (tar shards, damaged samples among them) gives NaFlex batches too:
+    40 x 32 px images as 4 x 5 patches at 20, 6 x 8 at 48."""
+    from clipjax.data.sources import make_source
+    from tests.test_webdataset import _tiny_config, write_shards
+
+    write_shards(tmp_path / "shards", per_shard=20, size=(40, 32))
+    source = make_source(_tiny_config(tmp_path / "shards", tmp_path / "data").data)
+    naflex = NAFLEX._replace(first_batch=7)
+    batches = source.train_iterator(source.tokenizer(), seed=0, naflex=naflex)
+    for n in range(7, 10):
+        batch = next(batches)
+        length = seq_len_at(naflex, n)
+        assert batch["image"].shape == (16, length, 48) and batch["image_grid"].shape == (16, 2)
+        assert (batch["image_grid"] == {20: (4, 5), 48: (6, 8)}[length]).all()
+    batches.close()
