@@ -201,7 +201,8 @@ class Decoder:
             return None, "bad_image"
 
     def decode_one(self, raw: Raw, epoch=None, seen: dict | None = None):
-        """(image, caption text, "") of a good example, or (None, None, why it is dropped).
+        """(image, caption text, "") of a good example (a NaFlex decoder's image: its patches and
+        grids), or (None, None, why it is dropped).
         `seen` (a dict) receives the image's size and the region of it that became the output
         (None: the centre crop)."""
         if raw.error:

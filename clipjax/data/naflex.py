@@ -142,7 +142,8 @@ class OneLengthBatches:
         self._batch += 1
         k = self.naflex.seq_lens.index(length)
         image = batch["image"][:, self._starts[k] : self._starts[k] + length]
-        return {**batch, "image": np.ascontiguousarray(image), "image_grid": batch["image_grid"][:, k]}
+        grid = batch["image_grid"][:, k]
+        return {**batch, "image": np.ascontiguousarray(image), "image_grid": np.ascontiguousarray(grid)}
 
     def get_state(self):
         return self._batches.get_state()

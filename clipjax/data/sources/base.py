@@ -12,6 +12,12 @@ from clipjax.data import tokenizers
 from clipjax.data.images import check_crop_scale
 from clipjax.schema import ConfigError, Field, Section, merge_kinds
 
+
+def _check_seq_lens(lengths) -> str | None:
+    counts = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)
+    return None if counts and len(set(lengths)) == len(lengths) else "expected distinct positive patch counts"
+
+
 # `data.*` fields every source reads; a source declares its own in `FIELDS`.
 COMMON_FIELDS: dict[str, Field] = {
     "name": Field("shapes", "the data source (`clipjax.data.sources`)"),
@@ -34,12 +40,7 @@ COMMON_FIELDS: dict[str, Field] = {
         "a NaFlex model's training sequence lengths (model.image.naflex): each batch one of them, "
         "drawn uniformly per step, its images resized at about their aspect ratio to at most that "
         "many patches; (): (model.image.max_num_patches,). Evaluation embeds image_size squares",
-        check=lambda v: (
-            None
-            if all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v)
-            and len(set(v)) == len(v)
-            else "expected distinct positive patch counts"
-        ),
+        check=_check_seq_lens,
     ),
     "num_train": Field(
         0,
