@@ -7,10 +7,11 @@ the image decoded and centre-cropped (`clipjax.data.images`) or, in training wit
 `data.random_resized_crop`, cropped at random (`missing_image`, `bad_image`, `bad_image_shape`),
 the caption tokenized. For a NaFlex model (`with_naflex`) the image becomes patch sequences
 instead of a square: the whole image (or the random region) resized at about its aspect ratio
-to each training sequence length (`clipjax.data.naflex`). A source whose examples carry an object's box (`reader.boxes`) gets it
-mapped into the crop (`box`, zeros where there is none or the crop cut it away; `bad_box` when
-it is malformed). A dropped example is left out, and `_dropped` names it and why, for the
-drop accounting (`clipjax.data.drops`) and for a resumable stream's position.
+to each training sequence length (`clipjax.data.naflex`). A source whose examples carry an
+object's box (`reader.boxes`) gets it mapped into the crop (`box`, zeros where there is none or
+the crop cut it away; `bad_box` when it is malformed). A dropped example is left out, and
+`_dropped` names it and why, for the drop accounting (`clipjax.data.drops`) and for a resumable
+stream's position.
 
 Random crops are drawn from a generator seeded by (seed, shuffle_seed, epoch, the example's
 `id`): the same example gets the same crop whatever the batch size, the process count, the
