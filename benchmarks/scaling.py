@@ -51,11 +51,12 @@ SHIPPED = (
     "locca_demo.py",
     "siglip2_demo.py",
     "siglip2_vit_b16.py",
+    "siglip2_naflex_vit_b16.py",
 )
 # Configs also compiled on a pod other than their own, to show why their docstring names theirs.
 EXTRA_ROWS = (("clip_vit_l14.py", "v5p:4x4x8"), ("siglip_so400m14.py", "v5p:4x4x8"))
 # Vocabulary sizes of tokenizers whose files live in the user's bucket.
-VOCAB = {"siglip_so400m14.py": 32_000, "siglip2_vit_b16.py": 256_000}
+VOCAB = {"siglip_so400m14.py": 32_000, "siglip2_vit_b16.py": 256_000, "siglip2_naflex_vit_b16.py": 256_000}
 # Settings that only say where weights come from: the compiled program does not depend on them.
 OVERRIDES = {"lit_demo.py": {"init_from_towers": ()}}
 # Adding chips at a fixed global batch: CLIP B/32 at 4,096 (the measurement).

@@ -54,7 +54,7 @@ def prepare_images(images, image_size: int, resize: str = "crop") -> np.ndarray:
 def prepare_patches(images, patch_size: int, max_num_patches: int) -> tuple[np.ndarray, np.ndarray]:
     """A NaFlex model's inputs (uint8 patches [N, max_num_patches, p * p * 3], int32 grid [N, 2]) from
     what `TrainedModel.encode_image` accepts, or a list of images of different sizes: each fitted
-    as transformers' Siglip2ImageProcessor does (clipjax.pretrained.preprocessing.naflex_patches)."""
+    as transformers' Siglip2ImageProcessor does (clipjax.data.naflex.naflex_patches)."""
     ragged = isinstance(images, (list, tuple)) and len({np.shape(im) for im in images}) > 1
     batches = [_uint8_images(im, 1) for im in images] if ragged else [_uint8_images(images, 1)]
     fitted = [preprocessing.naflex_patches(im, patch_size, max_num_patches) for b in batches for im in b]

@@ -32,7 +32,7 @@ from clipjax.evals.runner import check_evaluators, evals_section
 from clipjax.losses import check_loss_config, image_losses, loss_section
 from clipjax.metrics.collapse import ALARM_FIELDS
 from clipjax.models import model_factory, model_section
-from clipjax.models.spec import TASKS, config_model_spec
+from clipjax.models.spec import TASKS, config_model_spec, naflex_seq_lens
 from clipjax.parallel.activations import DEFAULT_ACTIVATION_RULES, check_rules as check_activation_rules
 from clipjax.parallel.mesh import BATCH_AXES, resolve_mesh_shape
 from clipjax.schema import ConfigError, Field, Section, is_finite
@@ -222,6 +222,7 @@ def validate(config, *, num_devices: int, process_count: int = 1, check_data: bo
     check_loss_config(config)
     _check_captioning(config)
     _check_image_losses(config)
+    _check_naflex(config)
 
     axes = tuple(config.mesh.axes)
     try:
@@ -264,6 +265,25 @@ def _check_image_losses(config) -> None:
                 f"image_losses.{key}: compares prototype scores, which need heads: set "
                 "model.image_heads.prototypes (e.g. 1024)"
             )
+
+
+def _check_naflex(config) -> None:
+    """What NaFlex patch batches (clipjax.data.naflex) do not go with."""
+    if not naflex_seq_lens(config):
+        if config.data.get("naflex_seq_lens"):
+            raise ConfigError(
+                "data.naflex_seq_lens: sequence lengths are for a NaFlex model (model.image.naflex=True)"
+            )
+        return
+    if config.task != "image_text":
+        raise ConfigError(
+            f"task: {config.task!r} draws square views on device; a NaFlex model (model.image.naflex) "
+            "trains on image-text batches"
+        )
+    if not source_class(config.data.name).supports_naflex:
+        raise ConfigError(
+            f"model.image.naflex: the data.name={config.data.name!r} source gives no NaFlex patch batches"
+        )
 
 
 def _check_captioning(config) -> None:

@@ -25,7 +25,9 @@ The convention is that of MFU in PaLM (Chowdhery et al. 2022) and Megatron-LM:
     counted: this is MFU (model FLOPs utilisation), not HFU (hardware FLOPs);
   * the contrastive loss is counted as its implementation computes it (the ring recomputes its
     logits in the backward pass; see `loss_flops`); next to the towers it is small;
-  * the embedding metrics of `metrics.every` steps are measurement, not training: not counted.
+  * the embedding metrics of `metrics.every` steps are measurement, not training: not counted;
+  * a NaFlex ViT counts its batch's sequence length, padding included (as attention is counted
+    at full length), and the product that resizes its position table to each image's grid.
 
 MFU is quoted against the dense bf16 peak of the chip (`PEAK_FLOPS`), whatever
 `config.model.dtype` is: a float32 run simply has a low MFU.
@@ -37,7 +39,7 @@ import re
 from typing import Any
 
 from clipjax.models.resnet import ResNetSpec
-from clipjax.models.spec import DualEncoderSpec, config_model_spec
+from clipjax.models.spec import DualEncoderSpec, config_model_spec, naflex_seq_lens
 from clipjax.models.text import TextSpec
 from clipjax.models.vit import ViTSpec
 
@@ -124,12 +126,16 @@ def conv_flops(out_size: int, kernel: int, c_in: int, c_out: int) -> float:
     return 2.0 * out_size * out_size * kernel * kernel * c_in * c_out
 
 
-def vit_forward_flops(spec: ViTSpec, image_size: int) -> float:
+def vit_forward_flops(spec: ViTSpec, image_size: int, patches: int | None = None) -> float:
+    """`patches`: a NaFlex batch's sequence length (default: the image_size grid's patches)."""
     p, w = spec.patch_size, spec.width
-    patches = (image_size // p) ** 2
+    grid = (image_size // p) ** 2
+    patches = grid if patches is None else int(patches)
     tokens = patches + (1 if spec.pool in ("cls", "attentional_pooler") else 0)
     # The conv and dense patch embeddings are the same [patches, p*p*3] x [p*p*3, width] product.
     flops = dense_flops(patches, p * p * 3, w)
+    if spec.naflex:  # the position table resized to each patch's place: [patches, grid] x [grid, width]
+        flops += dense_flops(patches, grid, w)
     flops += spec.depth * block_flops(tokens, w, spec.mlp_dim)
     if spec.pool == "map":
         flops += attention_flops(1, tokens, w) + mlp_flops(1, w, spec.mlp_dim)
@@ -232,22 +238,31 @@ def _image_tower(kind: str):
     return IMAGE_TOWER_FLOPS[kind]
 
 
-def tower_forward_flops(kind: str, spec: Any, size: int) -> float:
+def tower_forward_flops(kind: str, spec: Any, size: int, patches: int | None = None) -> float:
     """Forward FLOPs of one example through a tower, before the projection to the shared space.
 
-    `kind` is an image tower kind with `size` the image side in pixels, or "text" with `size`
-    the number of tokens the tower sees (the tokenizer's max_len: every text is padded to it).
+    `kind` is an image tower kind with `size` the image side in pixels (a NaFlex ViT's patch
+    sequences: `patches` long), or "text" with `size` the number of tokens the tower sees (the
+    tokenizer's max_len: every text is padded to it).
     """
     if kind == "text":
         return text_forward_flops(spec, size)
+    if patches is not None:
+        return vit_forward_flops(spec, size, patches)
     return _image_tower(kind)[0](spec, size)
 
 
 def model_forward_flops(
-    spec: DualEncoderSpec, *, image_size: int, text_len: int, vocab_size: int | None = None
+    spec: DualEncoderSpec,
+    *,
+    image_size: int,
+    text_len: int,
+    vocab_size: int | None = None,
+    image_seq_len: int | None = None,
 ) -> dict[str, float]:
     """Forward FLOPs per example of each part of the dual encoder, and their `total`; with a
-    captioning decoder also `decoder`, whose logits need the `vocab_size`."""
+    captioning decoder also `decoder`, whose logits need the `vocab_size`. `image_seq_len`: a
+    NaFlex model's patch sequences, that long."""
     image_out = _image_tower(spec.image_kind)[1](spec.image, image_size)
     if spec.task == "image_image":
         # Two views of each example through the tower and the projector; no text.
@@ -261,7 +276,7 @@ def model_forward_flops(
         parts["total"] = sum(parts.values())
         return parts
     parts = {
-        "image": tower_forward_flops(spec.image_kind, spec.image, image_size),
+        "image": tower_forward_flops(spec.image_kind, spec.image, image_size, image_seq_len),
         "text": tower_forward_flops("text", spec.text, text_len),
         "projections": (
             dense_flops(1, image_out, spec.embed_dim) if spec.image_projection == "linear" else 0.0
@@ -300,15 +315,24 @@ def loss_flops(name: str, impl: str, batch: int, dim: int) -> float:
     return products * 2.0 * batch * batch * dim
 
 
-def forward_flops_per_example(config, vocab_size: int | None = None) -> float:
+def _seq_len(config, image_seq_len: int | None) -> int | None:
+    """The patch sequences counted: `image_seq_len`, else a NaFlex model's longest."""
+    return image_seq_len or max(naflex_seq_lens(config), default=None)
+
+
+def forward_flops_per_example(
+    config, vocab_size: int | None = None, image_seq_len: int | None = None
+) -> float:
     """Forward FLOPs of one example through the model of `config` (towers, projections and a
-    captioning decoder, which needs the `vocab_size`)."""
+    captioning decoder, which needs the `vocab_size`); a NaFlex model's at `image_seq_len`
+    patches (default: its longest training sequence)."""
     spec = config_model_spec(config)
     return model_forward_flops(
         spec,
         image_size=int(config.data.image_size),
         text_len=int(config.data.tokenizer.max_len),
         vocab_size=vocab_size,
+        image_seq_len=_seq_len(config, image_seq_len),
     )["total"]
 
 
@@ -344,7 +368,9 @@ def image_losses_flops_per_example(config) -> float:
     return flops
 
 
-def train_flops_per_step(config, vocab_size: int | None = None, image_losses_on: bool = True) -> float:
+def train_flops_per_step(
+    config, vocab_size: int | None = None, image_losses_on: bool = True, image_seq_len: int | None = None
+) -> float:
     """Model FLOPs of one train step of `config` at its global batch (`config.data.batch_size`):
     both towers and their projections forward and backward (4x the forward with micro-batches,
     3x without), plus the loss (`loss_flops`). A tower frozen whole (`optim.frozen`, LiT) has
@@ -352,7 +378,8 @@ def train_flops_per_step(config, vocab_size: int | None = None, image_losses_on:
     each micro-batch's gradient pass). A captioning decoder runs forward and backward once
     either way (the micro-batches' first pass embeds without it): 3x its forward. SigLIP 2's
     image-side losses add `image_losses_flops_per_example` (`image_losses_on`: the steps from
-    their start on)."""
+    their start on). A NaFlex model's batches have `image_seq_len` patches (default: its longest
+    training sequence), padding included."""
     from clipjax.optim import matches
 
     batch = int(config.data.batch_size)
@@ -364,6 +391,7 @@ def train_flops_per_step(config, vocab_size: int | None = None, image_losses_on:
         image_size=int(config.data.image_size),
         text_len=int(config.data.tokenizer.max_len),
         vocab_size=vocab_size,
+        image_seq_len=_seq_len(config, image_seq_len),
     )
     frozen = tuple(config.optim.get("frozen", ()) or ())
     towers = 0.0

@@ -164,6 +164,24 @@ def test_wrong_types_and_bounds_name_the_key():
     assert _error(c).startswith("model.image.blocks_per_stage: expected a non-negative integer")
 
 
+def test_naflex_batches_refuse_what_they_do_not_go_with(monkeypatch):
+    c = default_config()
+    c.data.naflex_seq_lens = (16,)
+    assert _error(c).startswith("data.naflex_seq_lens: sequence lengths are for a NaFlex model")
+    c.model.image.kind, c.model.image.naflex = "vit", True
+    c.data.naflex_seq_lens = (16, 16)
+    assert _error(c).startswith("data.naflex_seq_lens: expected distinct positive patch counts")
+    c.data.naflex_seq_lens = (16, 64)
+    validate(c, num_devices=8)
+    from clipjax.data.sources.shapes import ShapesSource
+
+    monkeypatch.setattr(ShapesSource, "supports_naflex", False)
+    assert _error(c).startswith("model.image.naflex: the data.name='shapes' source gives no NaFlex")
+    monkeypatch.undo()
+    c.task = "image_image"
+    assert _error(c).startswith("task: 'image_image' draws square views on device")
+
+
 def _float_keys(config, prefix=""):
     """Every field of `config` typed float (placeholders included), as dotted keys."""
     for name in config.keys():

@@ -22,6 +22,7 @@ from clipjax.losses import image_losses
 from clipjax.config import apply_overrides
 from clipjax.losses import contrastive_loss
 from clipjax.models import IMAGE_TOWERS, model_factory, model_spec, resnet, text, vit
+from clipjax.models.spec import naflex_seq_lens
 from clipjax.parallel import make_mesh
 from clipjax.trainer.hooks import LogHook
 from clipjax.trainer.loop import StepInfo
@@ -105,6 +106,8 @@ TOWERS = {
     "vit-map-dense": ("vit", 32, {**VIT_TINY, "pool": "map", "patch_embed": "dense"}),
     "vit-mean-depth3": ("vit", 32, {**VIT_TINY, "pool": "mean", "depth": 3}),
     "vit-B/16": ("vit", 224, {**vit.VARIANTS["B/16"], "pool": "cls"}),
+    # NaFlex on square images: one grid, the position table resized to it all the same.
+    "vit-naflex-map": ("vit", 32, {**VIT_TINY, "pool": "map", "naflex": True}),
     "vit-attentional-pooler": (
         "vit",
         32,
@@ -193,13 +196,17 @@ def test_loss_count_equals_the_traced_value_and_grad(name, impl):
     assert flops.loss_flops("alignment", impl, batch, dim) == 0
 
 
-def _first_layer_flops(config) -> float:
-    """Forward FLOPs per example of the layer that reads the images: autodiff takes no gradient
-    with respect to its input, while the 3x rule counts one."""
+def _first_layer_flops(config, patches: int = 0) -> float:
+    """Forward FLOPs per example of the layer that reads the images (and of a NaFlex ViT's
+    position table resized by weights made from the grids): autodiff takes no gradient with
+    respect to their input, while the 3x rule counts one. `patches`: a NaFlex batch's length."""
     spec = model_spec(config.model, image_size=config.data.image_size)
     size, image = config.data.image_size, spec.image
     if spec.image_kind == "vit":
-        return flops.dense_flops((size // image.patch_size) ** 2, image.patch_size**2 * 3, image.width)
+        grid = (size // image.patch_size) ** 2
+        patches = patches or grid
+        resize = flops.dense_flops(patches, grid, image.width) if image.naflex else 0.0
+        return flops.dense_flops(patches, image.patch_size**2 * 3, image.width) + resize
     return flops.conv_flops(-(-size // image.stem_stride), 3, 3, image.stem_width)
 
 
@@ -237,6 +244,9 @@ STEP_CASES = {
             "model.decoder.output_bias": False,
         },
     ),
+    # NaFlex patch sequences, at the shorter of the config's two lengths (its count's default is
+    # the longest).
+    "naflex": ("siglip2_naflex_vit_b16.py", {"model.remat": "none"}),
     # SigLIP 2's image-side losses (on from the first step): the teacher's forward pass, two
     # local views and the masked image through the student.
     "image-losses": (
@@ -270,6 +280,11 @@ def test_train_step_count_equals_the_traced_gradient(name):
         "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8),
         "text": jax.ShapeDtypeStruct((b, config.data.tokenizer.max_len), jnp.int32),
     }
+    patches = min(naflex_seq_lens(config), default=0)
+    if patches:
+        p = config.model.image.patch_size or vit.VARIANTS[config.model.image.variant]["patch_size"]
+        batch["image"] = jax.ShapeDtypeStruct((b, patches, p * p * 3), jnp.uint8)
+        batch["image_grid"] = jax.ShapeDtypeStruct((b, 2), jnp.int32)
     grad_fn = make_grad_fn(config, graphdef, mesh)
     if image_losses.active(config):  # the EMA teacher: the same shapes as the student's parts
         k = config.model.image_heads.prototypes
@@ -283,9 +298,9 @@ def test_train_step_count_equals_the_traced_gradient(name):
         jaxpr = jax.make_jaxpr(grad_fn)(params, batch)
     # Each student pass of the image-side losses (local views, the masked image) reads images too.
     student_passes = 1 + (config.image_losses.local_views + 1 if image_losses.active(config) else 0)
-    expected = flops.train_flops_per_step(config, vocab_size=300) - b * student_passes * _first_layer_flops(
-        config
-    )
+    expected = flops.train_flops_per_step(
+        config, vocab_size=300, image_seq_len=patches or None
+    ) - b * student_passes * _first_layer_flops(config, patches)
     assert traced_matmul_flops(jaxpr.jaxpr) == pytest.approx(expected, rel=1e-9)
 
 

@@ -99,6 +99,19 @@ def test_the_memory_total_is_the_sum_of_its_parts_and_the_same_on_every_run():
     assert "**Fits**" in text and "| all-gather |" in text and "MFU at most" in text
 
 
+def test_a_naflex_step_is_compiled_at_its_longest_sequence(monkeypatch):
+    """A NaFlex model's abstract train batch: patch sequences of its longest training length (64
+    of 16 and 64 patches of 4 px) and their grids, as the step receives them (nothing compiled)."""
+    from clipjax.parallel import make_mesh
+
+    config = load_config_file(str(ROOT / "configs" / "siglip2_naflex_vit_b16.py") + ":tiny")
+    mesh = make_mesh(config.mesh)
+    monkeypatch.setattr(compile_lib, "compile_program", lambda name, lowered, parts, mesh: parts)
+    parts = compile_train_steps(config, mesh, vocab_size=300, metrics=(False,))[False]
+    rows = config.data.batch_size // mesh.size  # per device: images, grids, texts, three ids
+    assert parts["batch"] == rows * (64 * 4 * 4 * 3 + 2 * 4 + config.data.tokenizer.max_len * 4 + 3 * 4)
+
+
 HLO = """HloModule m
 
 %body (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {

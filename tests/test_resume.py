@@ -124,6 +124,32 @@ def siglip2_image_losses(tmp_path, request):
     return tiny_demo(request.getfixturevalue("tfds_dir"), **overrides), None, check
 
 
+def siglip2_naflex(tmp_path, request):
+    """NaFlex patch batches (configs/siglip2_naflex_vit_b16.py:tiny, random regions of the images
+    at 16 or 64 patches a step): the resumed run draws each step's length as the straight run
+    did, and the logged TFLOP/s count each step at its own length."""
+    from clipjax import flops
+    from clipjax.data.naflex import seq_len_at
+    from clipjax.trainer.run import naflex_inputs
+
+    overrides = {"data.random_resized_crop": (0.5, 1.0), "evals.at_end": False, "log_every": 1}
+    overrides.update({"data.data_dir": request.getfixturevalue("tfds_dir"), "checkpoint_every": 100})
+    config = apply_overrides(load_config("siglip2_naflex_vit_b16.py"), overrides)
+
+    def check(workdir, report, state):
+        records, naflex = _records(workdir), naflex_inputs(config, 0)
+        lengths = {step: seq_len_at(naflex, step - 1) for step in records}
+        assert set(lengths.values()) == {16, 64}
+        for step, record in records.items():
+            model_flops = flops.train_flops_per_step(config, image_seq_len=lengths[step])
+            per_step = (
+                record["tflops_per_device"] * 1e12 * 8 / (record["samples_per_sec"] / config.data.batch_size)
+            )
+            assert per_step == pytest.approx(model_flops, rel=1e-6), step
+
+    return config, None, check
+
+
 def _records(workdir):
     with open(workdir / "metrics.jsonl") as f:
         return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
@@ -134,7 +160,9 @@ def _drops(record):
 
 
 @pytest.mark.parametrize(
-    "case", [shapes, own_csv, webdataset, tfds, simclr_sogclr, siglip2_image_losses], ids=lambda f: f.__name__
+    "case",
+    [shapes, own_csv, webdataset, tfds, simclr_sogclr, siglip2_image_losses, siglip2_naflex],
+    ids=lambda f: f.__name__,
 )
 def test_a_resumed_run_ends_where_the_straight_run_ends(case, tmp_path, request, capfd):
     config, straight, check = case(tmp_path, request)

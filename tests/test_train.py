@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from clipjax import trainer as train_lib
+from clipjax.data.naflex import NaflexInputs
 from clipjax.parallel import host_batch_to_global, make_mesh
 from clipjax.trainer.state import init_train_state
 from clipjax.trainer.step import make_grad_fn, make_loss_fn
@@ -32,18 +33,43 @@ def test_sharded_grads_equal_single_device(data_dir, loss_name, impl):
         config.model.logit_scale_init = float(np.log(10.0))
     source, tokenizer = source_and_tokenizer(config.data)
     batch = next(source.train_iterator(tokenizer, seed=0))
-    batch = {k: batch[k] for k in ("image", "text")}
+    _assert_sharded_grads_equal_single_device(config, {k: batch[k] for k in ("image", "text")}, tokenizer)
 
+
+def test_sharded_naflex_grads_equal_single_device(data_dir):
+    """A NaFlex batch (random regions of several aspect ratios in 14 patches of 8 px, every one with
+    padding) through the masked MAP head and the sigmoid loss: 8 devices in 2 micro-batches equal
+    one device in one, with noise in the 8 devices' padded patches, which changes nothing."""
+    overrides = {"model.image.kind": "vit", "model.image.patch_size": 8, "model.image.pool": "map"}
+    config = tiny_demo(data_dir, **overrides, **{"model.image.naflex": True, "loss.name": "sigmoid"})
+    config.model.logit_bias_init, config.model.logit_scale_init = -10.0, float(np.log(10.0))
+    config.data.random_resized_crop = (0.3, 1.0)
+    source, tokenizer = source_and_tokenizer(config.data)
+    batch = next(source.train_iterator(tokenizer, seed=0, naflex=NaflexInputs(8, (14,))))
+    rows, cols = batch["image_grid"].T
+    assert batch["image"].shape[1] == 14 and (rows * cols < 14).all() and (rows != cols).any()
+    batch = {k: batch[k] for k in ("image", "image_grid", "text")}
+    padding = np.arange(14)[None, :] >= (rows * cols)[:, None]
+    noise = np.random.default_rng(0).integers(0, 256, batch["image"].shape, dtype=np.uint8)
+    noisy = {**batch, "image": np.where(padding[..., None], noise, batch["image"])}
+    _assert_sharded_grads_equal_single_device(config, batch, tokenizer, sharded_batch=noisy, microbatches=2)
+
+
+def _assert_sharded_grads_equal_single_device(config, batch, tokenizer, sharded_batch=None, microbatches=1):
+    """`sharded_batch` and `microbatches`: what the 8 devices get instead."""
     results = []
     for devices, shape in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (4, 2, 1))):
         config.mesh.shape = shape
         mesh = make_mesh(config.mesh, devices=devices)
         setup = init_train_state(config, mesh, vocab_size=tokenizer.vocab_size)
         loss_fn = make_loss_fn(config, setup.graphdef, mesh)
-        global_batch = host_batch_to_global(batch, mesh)
-        (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-            setup.state["params"], global_batch
-        )
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        sharded = len(devices) > 1 and sharded_batch is not None
+        if sharded and microbatches > 1:
+            config.microbatches = microbatches
+            grad_fn = make_grad_fn(config, setup.graphdef, mesh)
+        global_batch = host_batch_to_global(sharded_batch if sharded else batch, mesh)
+        (loss, _), grads = jax.jit(grad_fn)(setup.state["params"], global_batch)
         results.append((loss, jax.device_get(grads)))
 
     (loss_1, grads_1), (loss_8, grads_8) = results

@@ -5,10 +5,13 @@ records by number, samples of tar shards) and hands them over as `Raw` bytes; ev
 that is here, the same for all: the caption checked (`bad_caption`: none, blank or not UTF-8),
 the image decoded and centre-cropped (`clipjax.data.images`) or, in training with
 `data.random_resized_crop`, cropped at random (`missing_image`, `bad_image`, `bad_image_shape`),
-the caption tokenized. A source whose examples carry an object's box (`reader.boxes`) gets it
-mapped into the crop (`box`, zeros where there is none or the crop cut it away; `bad_box` when
-it is malformed). A dropped example is left out, and `_dropped` names it and why, for the
-drop accounting (`clipjax.data.drops`) and for a resumable stream's position.
+the caption tokenized. For a NaFlex model (`with_naflex`) the image becomes patch sequences
+instead of a square: the whole image (or the random region) resized at about its aspect ratio
+to each training sequence length (`clipjax.data.naflex`). A source whose examples carry an
+object's box (`reader.boxes`) gets it mapped into the crop (`box`, zeros where there is none or
+the crop cut it away; `bad_box` when it is malformed). A dropped example is left out, and
+`_dropped` names it and why, for the drop accounting (`clipjax.data.drops`) and for a resumable
+stream's position.
 
 Random crops are drawn from a generator seeded by (seed, shuffle_seed, epoch, the example's
 `id`): the same example gets the same crop whatever the batch size, the process count, the
@@ -27,6 +30,7 @@ from PIL import Image
 
 from clipjax.captions import caption_text_id, decode_caption
 from clipjax.data import records
+from clipjax.data import naflex as naflex_inputs
 from clipjax.data.drops import DropCounter
 from clipjax.data.images import (
     bad_box,
@@ -34,14 +38,17 @@ from clipjax.data.images import (
     center_crop_box,
     check_crop_scale,
     decode_image,
+    decode_region,
     random_resized_crop_box,
     square_rgb,
+    whole_image,
 )
 
 BATCH_KEYS = ("image", "text", "text_id", "index", "label")
 # Batch keys only some sources give: `box` float32 [4], an object's (x_min, y_min, x_max,
-# y_max) as fractions of the image (zeros: none).
-OPTIONAL_BATCH_KEYS = ("box",)
+# y_max) as fractions of the image (zeros: none); `image_grid` int32, a NaFlex image's patch
+# rows and columns (`clipjax.data.naflex`).
+OPTIONAL_BATCH_KEYS = ("box", "image_grid")
 
 
 def batch_keys(arrays) -> tuple[str, ...]:
@@ -108,6 +115,7 @@ class Decoder:
 
     random_crop: tuple[float, float] | None = None  # the share of the area a crop covers
     crop_seed: tuple[int, ...] = ()
+    naflex: naflex_inputs.NaflexInputs | None = None  # patch sequences instead of a square
 
     def __init__(self, reader, image_size: int, *, encoded_images=True, tokenizer=None, keep_captions=False):
         self.reader = reader
@@ -131,10 +139,19 @@ class Decoder:
         decoder.crop_seed = tuple(int(v) for v in seed)
         return decoder
 
+    def with_naflex(self, naflex: naflex_inputs.NaflexInputs) -> Decoder:
+        """A copy that gives each image as a NaFlex model's patch sequences, one for each of
+        `naflex.seq_lens` side by side (`clipjax.data.naflex.region_patches`): `image` uint8
+        [sum of the lengths, p * p * 3] and `image_grid` int32 [lengths, 2] per example."""
+        decoder = copy.copy(self)
+        decoder.naflex = naflex
+        return decoder
+
     def _crop(self, example_id: int, epoch):
-        """None (centre crop), or the crop function of one example in one epoch."""
+        """None (centre crop; NaFlex: the whole image), or the crop function of one example in
+        one epoch."""
         if self.random_crop is None:
-            return None
+            return None if self.naflex is None else whole_image
         if epoch is None:
             raise ValueError("a random-cropping Decoder needs each example's epoch ({'index', 'epoch'})")
         # The trailing 1 keeps this stream apart from the epoch permutation's ([*seed, epoch]).
@@ -145,10 +162,12 @@ class Decoder:
     def boxes(self) -> bool:
         return getattr(self.reader, "boxes", False)
 
-    def _image(self, data: bytes | None, crop=None) -> tuple[np.ndarray | None, str]:
+    def _image(self, data: bytes | None, crop=None) -> tuple[Any, str]:
         s = self.image_size
         if not data:
             return None, "missing_image"
+        if self.naflex is not None:
+            return self._patches(data, crop)
         if not self.encoded_images:
             if len(data) != s * s * 3:
                 return None, "bad_image_shape"
@@ -165,8 +184,26 @@ class Decoder:
             return None, "bad_image_shape"
         return image, ""
 
+    def _patches(self, data: bytes, crop) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+        """A NaFlex image's (patches, grids) of every sequence length, from the region `crop`
+        picks."""
+        sizes = functools.partial(naflex_inputs.region_sizes, naflex=self.naflex)
+        fit = functools.partial(naflex_inputs.region_patches, naflex=self.naflex)
+        s = self.image_size
+        if not self.encoded_images:
+            if len(data) != s * s * 3:
+                return None, "bad_image_shape"
+            box = crop(s, s)
+            image = Image.fromarray(np.frombuffer(data, np.uint8).reshape(s, s, 3))
+            return fit(image, box, sizes(box[2] - box[0], box[3] - box[1])), ""
+        try:
+            return decode_region(data, crop, sizes, fit), ""
+        except Exception:  # noqa: BLE001 - as in `_image`
+            return None, "bad_image"
+
     def decode_one(self, raw: Raw, epoch=None, seen: dict | None = None):
-        """(image, caption text, "") of a good example, or (None, None, why it is dropped).
+        """(image, caption text, "") of a good example (a NaFlex decoder's image: its patches and
+        grids), or (None, None, why it is dropped).
         `seen` (a dict) receives the image's size and the region of it that became the output
         (None: the centre crop)."""
         if raw.error:
@@ -219,8 +256,7 @@ class Decoder:
             images.append(image)
             captions.append(caption)
             boxes.append(box)
-        s = self.image_size
-        out: dict[str, Any] = {"image": np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)}
+        out: dict[str, Any] = self._stacked(images)
         if self.tokenizer is not None:
             out["text"] = np.asarray(self.tokenizer.encode(captions), np.int32)
         text_ids = [caption_text_id(c) if r.text_id is None else r.text_id for r, c in zip(kept, captions)]
@@ -235,6 +271,19 @@ class Decoder:
             out["caption"] = np.array(captions, dtype=object)
         out["_dropped"] = dropped
         return out
+
+    def _stacked(self, images: list) -> dict[str, np.ndarray]:
+        """{'image'} of the good examples' images (NaFlex: and 'image_grid')."""
+        if self.naflex is None:
+            s = self.image_size
+            return {"image": np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)}
+        if not images:
+            p, lens = self.naflex.patch_size, self.naflex.seq_lens
+            return {
+                "image": np.zeros((0, sum(lens), p * p * 3), np.uint8),
+                "image_grid": np.zeros((0, len(lens), 2), np.int32),
+            }
+        return {"image": np.stack([i[0] for i in images]), "image_grid": np.stack([i[1] for i in images])}
 
 
 def chunks_of(items: Iterable, size: int):

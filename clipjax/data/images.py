@@ -14,18 +14,19 @@ Every PIL mode ends up as 8-bit RGB with the pixels a viewer would show:
 Geometry: the centre crop (evaluation, and training by default) resizes the shorter side to the
 output size S and keeps the centred S x S square; the random-resized crop (training, with
 `data.random_resized_crop`) picks a region of a random share of the area and aspect ratio and
-resizes it to S x S. Either way only the region is resampled (PIL's `resize(box=...)`), with a
-bicubic filter whose support widens with the scale factor (antialiased), and a JPEG is decoded
-straight at a reduced scale (PIL's `draft`: libjpeg's DCT scaling, 1/2, 1/4 or 1/8) when the region
-would still span at least S pixels: a 448-512 px JPEG becomes a 224 px input about 1.7 times as
-fast (benchmarks/data_throughput.py).
+resizes it to S x S (a NaFlex model's training inputs: the whole image or that region, resized
+at about its aspect ratio, clipjax.data.naflex). Either way only the region is resampled (PIL's
+`resize(box=...)`), with a bicubic filter (NaFlex: bilinear) whose support widens with the scale
+factor (antialiased), and a JPEG is decoded straight at a reduced scale (PIL's `draft`: libjpeg's DCT
+scaling, 1/2, 1/4 or 1/8) when the region would still span at least S pixels: a 448-512 px JPEG
+becomes a 224 px input about 1.7 times as fast (benchmarks/data_throughput.py).
 """
 
 from __future__ import annotations
 
 import io
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -144,13 +145,16 @@ def check_crop_scale(scale) -> str | None:
 WHOLE_IMAGE_RESIZES = ("squash", "hf_siglip", "hf_siglip2_naflex")
 
 
+def whole_image(width: int, height: int) -> Box:
+    """The `crop(width, height)` that keeps the whole image."""
+    return (0, 0, width, height)
+
+
 def fit_crop(resize: str):
     """The `crop(width, height)` of `decode_image` for `model.image_resize`: None (the centre
     square, the default) for 'crop' (and the references that crop); the whole image for those of
     `WHOLE_IMAGE_RESIZES`."""
-    if resize in WHOLE_IMAGE_RESIZES:
-        return lambda width, height: (0, 0, width, height)
-    return None
+    return whole_image if resize in WHOLE_IMAGE_RESIZES else None
 
 
 def square_rgb(
@@ -158,11 +162,14 @@ def square_rgb(
 ) -> np.ndarray:
     """Any mode -> uint8 [S, S, 3]: `box` (default: `center_crop_box`) resized to S x S."""
     s = image_size
+    return region_rgb(im, (s, s), resample, center_crop_box(*im.size, s) if box is None else box)
+
+
+def region_rgb(im: Image.Image, size: tuple[int, int], resample, box: Box) -> np.ndarray:
+    """Any mode -> uint8 [height, width, 3]: `box` resized to `size` (width, height)."""
     im = _rgb_or_grey(im)
-    if box is None:
-        box = center_crop_box(*im.size, s)
-    if im.size != (s, s) or box != (0, 0, s, s):
-        im = im.resize((s, s), resample, box=box, reducing_gap=_REDUCING_GAP)
+    if im.size != size or box != (0, 0, *size):
+        im = im.resize(size, resample, box=box, reducing_gap=_REDUCING_GAP)
     return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
@@ -206,19 +213,38 @@ def decode_image(
     reduced scale, so the region chosen does not depend on how the image was decoded.
     """
     s = image_size
+    return decode_region(
+        data, crop, lambda w, h: [(s, s)], lambda im, box, _: square_rgb(im, s, resample, box)
+    )
+
+
+def decode_region(
+    data: bytes,
+    crop: CropFn | None,
+    sizes: Callable[[float, float], list[tuple[int, int]]],
+    fit: Callable[[Image.Image, Box | None, list[tuple[int, int]]], Any],
+) -> Any:
+    """Encoded image bytes -> `fit(image, region, sizes)`: the upright image (a JPEG decoded at a
+    reduced scale where the region keeps enough pixels), the region `crop(width, height)` of it
+    in its pixels (None without `crop`: `fit` takes the centre square) and the (width, height)
+    sizes the region becomes, `sizes(region width, region height)` in the full image's pixels.
+    """
     with Image.open(io.BytesIO(data)) as im:
         orientation = _orientation(im)
         turned = orientation in _TRANSPOSING
         width, height = im.size[::-1] if turned else im.size
         box = None if crop is None else crop(width, height)
+        out = sizes(width, height) if box is None else sizes(box[2] - box[0], box[3] - box[1])
+        largest = (max(w for w, _ in out), max(h for _, h in out))
         if box is None:
             # The shorter side must keep at least S pixels; the square holds whichever way the
             # image is turned.
-            need = (s, s)
+            need = largest
         else:
-            # The region must keep at least S pixels each way: the whole image must keep this much.
+            # The region must keep at least the output's pixels each way: the whole image must
+            # keep this much.
             bw, bh = max(box[2] - box[0], 1e-6), max(box[3] - box[1], 1e-6)
-            need = (math.ceil(s * width / bw), math.ceil(s * height / bh))
+            need = (math.ceil(largest[0] * width / bw), math.ceil(largest[1] * height / bh))
             if turned:
                 need = need[::-1]
         # Only JPEG implements draft (others return None and decode in full). It must be asked
@@ -231,4 +257,4 @@ def decode_image(
             im = ImageOps.exif_transpose(im)
         if box is not None:
             box = tuple(v * factor for v in box)
-        return square_rgb(im, s, resample, box)
+        return fit(im, box, out)

@@ -5,7 +5,8 @@ decoder over random-access records (`clipjax.data.decode.Decoder`, whose reader 
 into resumable per-process batches.
 
 Train batches are dicts with exactly these keys (b = batch_size // process_count):
-  image   uint8 [b, S, S, 3]   not normalised
+  image   uint8 [b, S, S, 3]   not normalised (a NaFlex model: [b, L, p * p * 3] patches
+                               and image_grid int32 [b, 2], clipjax.data.naflex)
   text    int32 [b, L]         token ids, pad 0
   text_id int32 [b]            stable hash of the normalised caption
   index   int32 [b]            position of the example in its split
@@ -56,6 +57,7 @@ import numpy as np
 from clipjax.data import workers as worker_pool
 from clipjax.data.decode import Decoder, batch_keys
 from clipjax.data.drops import BadDataError, DropCounter
+from clipjax.data.naflex import NaflexInputs, OneLengthBatches
 from clipjax.data.process_state import TrainIterator, local_batch, process_gather
 
 PROCESS_STATES_FORMAT = "clipjax.chunk_positions/1"
@@ -264,6 +266,7 @@ def make_train_iterator(
     process_count: int = 1,
     start_example: int = 0,
     gather: Callable[[dict], list[dict]] | None = None,
+    naflex: NaflexInputs | None = None,
 ) -> TrainIterator:
     """Endless, shuffled, per-process iterator over local train batches of `decoder.reader`'s records.
 
@@ -274,7 +277,8 @@ def make_train_iterator(
     (low, high) share of the area: random crops, for this iterator only). A decoder with
     `needs_epochs = True` is called with {'index', 'epoch'} chunks, as a cropping one is.
     `gather(own_position) -> [position of each process]` makes get_state() hold every
-    process's position; by default `process_gather(process_count)`.
+    process's position; by default `process_gather(process_count)`. `naflex`: a NaFlex model's
+    patch batches, one sequence length each (clipjax.data.naflex).
     """
     local = local_batch(data_config, process_index, process_count)
     num_records = len(decoder.reader)
@@ -291,6 +295,8 @@ def make_train_iterator(
                 f"({type(decoder).__name__}) cannot crop at random"
             )
         decoder = decoder.with_random_crop(crop_scale, stream_seed)
+    if naflex is not None:
+        decoder = decoder.with_naflex(naflex)
     chunks = IndexChunks(
         num_records,
         local,
@@ -332,4 +338,4 @@ def make_train_iterator(
         process_count=process_count,
         gather=gather if gather is not None else process_gather(process_count),
     )
-    return TrainIterator(batches, counter)
+    return TrainIterator(batches if naflex is None else OneLengthBatches(batches, naflex), counter)

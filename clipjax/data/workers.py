@@ -46,14 +46,16 @@ def available_cores() -> int:
 def worker_processes(worker_count: int, decoder=None) -> int:
     """`data.worker_count` as a number of worker processes (grain's, or the tar stream's pool).
 
-    -1: one per available core, when there is work to spread: images to decode (JPEG, PNG) or
-    random crops. Raw stored pixels (the shapes data) only need copying, which worker processes
+    -1: one per available core, when there is work to spread: images to decode (JPEG, PNG),
+    random crops or NaFlex resizes. Raw stored pixels (the shapes data) only need copying, which worker processes
     would slow down with the hand-over, so they stay in this process (0). 0: this process's
     prefetch threads. n > 0: n processes.
     """
     if worker_count >= 0:
         return int(worker_count)
-    decodes = getattr(decoder, "encoded_images", True) or getattr(decoder, "random_crop", None) is not None
+    decodes = getattr(decoder, "encoded_images", True) or any(
+        getattr(decoder, k, None) is not None for k in ("random_crop", "naflex")
+    )
     return available_cores() if decodes else 0
 
 

@@ -1,12 +1,13 @@
 """NaFlex inputs (SigLIP 2's variable resolution): each image as its own grid of patches.
 
 An image keeps (about) its aspect ratio: it is resized so that both sides are multiples of the
-patch size and its patch count is at most a budget (clipjax.pretrained.preprocessing.naflex_patches),
-cut into `rows x cols` patches flattened row by row, and padded with empty patches to the budget
-N, so that a batch has one static shape: `Patches(patches [B, N, p * p * 3], grid [B, 2])`, the
-valid patches first (index < rows * cols). The ViT masks the padding as attention keys and in
-pooling, and resizes its learned position table (the grid of a fixed-resolution model at
-`data.image_size`, so both share one parameter layout) to each image's grid.
+patch size and its patch count is at most a budget (clipjax.data.naflex: `naflex_patches` for
+clipjax.load, `region_patches` for training), cut into `rows x cols` patches flattened row by
+row, and padded with empty patches to the budget N, so that a batch has one static shape:
+`Patches(patches [B, N, p * p * 3], grid [B, 2])`, the valid patches first (index < rows *
+cols). The ViT masks the padding as attention keys and in pooling, and resizes its learned
+position table (the grid of a fixed-resolution model at `data.image_size`, so both share one
+parameter layout) to each image's grid.
 
 The resize is bilinear with antialiasing, as `torch.nn.functional.interpolate(mode="bilinear",
 align_corners=False, antialias=True)` computes it (and transformers' Siglip2Model): output i of

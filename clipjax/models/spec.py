@@ -267,6 +267,15 @@ def config_model_spec(config: Any) -> DualEncoderSpec:
     return model_spec(config.model, image_size=config.data.image_size, task=config.get("task", "image_text"))
 
 
+def naflex_seq_lens(config: Any) -> tuple[int, ...]:
+    """A NaFlex model's training sequence lengths (`data.naflex_seq_lens`; by default its patch
+    budget, `model.image.max_num_patches`); () for any other model."""
+    image = config_model_spec(config).image
+    if not getattr(image, "naflex", False):
+        return ()
+    return tuple(int(n) for n in config.data.get("naflex_seq_lens", ()) or (image.max_num_patches,))
+
+
 def _get(section, key):
     if section is None:
         return None
@@ -285,4 +294,5 @@ __all__ = [
     "image_section",
     "model_section",
     "model_spec",
+    "naflex_seq_lens",
 ]

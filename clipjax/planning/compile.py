@@ -5,7 +5,8 @@ The train step is `clipjax.trainer.step.make_train_step` on the abstract state o
 batch are `jax.ShapeDtypeStruct`s with their shardings), over a mesh built from the topology's
 devices with the config's mesh axes: the program `clipjax.train` would run on that pod.
 The evaluation encoders are those of `clipjax.evals.encoders` on the evaluation mesh (pure data
-parallelism over the same chips).
+parallelism over the same chips). A NaFlex model's train step is compiled at its longest
+sequence length (`data.naflex_seq_lens`), the largest of its programs; evaluation embeds squares.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipjax.config import ConfigError
+from clipjax.models.spec import config_model_spec, naflex_seq_lens
 from clipjax.parallel import batch_axes, batch_parallelism, make_mesh
 from clipjax.planning.chips import Chip, TopologyError, parse_topology
 from clipjax.planning.hlo import Program
@@ -107,8 +109,11 @@ def plan_mesh(config, devices) -> jax.sharding.Mesh:
         raise ConfigError(f"{e} (on {len(devices)} chips of the topology)") from None
 
 
-def abstract_batch(config, mesh, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """A global batch of `batch_size` (default `data.batch_size`) as the step receives it."""
+def abstract_batch(
+    config, mesh, batch_size: int | None = None, seq_len: int = 0
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global batch of `batch_size` (default `data.batch_size`) as the step receives it;
+    `seq_len`: a NaFlex model's, patch sequences that long and their grids."""
     rows = NamedSharding(mesh, P(batch_axes(mesh)))
     b = int(batch_size or config.data.batch_size)
     size, length = int(config.data.image_size), int(config.data.tokenizer.max_len)
@@ -120,6 +125,10 @@ def abstract_batch(config, mesh, batch_size: int | None = None) -> dict[str, jax
     }
     if config.task != "image_image":
         batch["text"] = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=rows)
+    if seq_len:
+        p = config_model_spec(config).image.patch_size
+        batch["image"] = jax.ShapeDtypeStruct((b, seq_len, p * p * 3), jnp.uint8, sharding=rows)
+        batch["image_grid"] = jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=rows)
     return batch
 
 
@@ -204,7 +213,7 @@ def compile_train_steps(
 
     setup = init_train_state(config, mesh, vocab_size=vocab_size, abstract=True)
     step = make_train_step(config, mesh, setup.graphdef, setup.shardings, setup.tx, setup.schedule)
-    batch = abstract_batch(config, mesh, batch_size)
+    batch = abstract_batch(config, mesh, batch_size, max(naflex_seq_lens(config), default=0))
     state = setup.state
     parts = {
         "params": per_chip_bytes(state["params"]),

@@ -39,13 +39,13 @@ the preprocessing the CLIP and SigLIP weights were trained with.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from clipjax import paths
+from clipjax.data.naflex import naflex_patches  # noqa: F401 - the data layer's, where workers read it
 from clipjax.pretrained.layouts import ConversionError
 
 _BICUBIC = 3  # PIL's (and transformers' `resample`) number for the bicubic filter
@@ -74,47 +74,6 @@ _OWN = {
 def describe(resize: str) -> str:
     """`model.image_resize` in words, for the checkpoint's meta."""
     return RECIPES.get(resize) or _OWN[resize]
-
-
-def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
-    """(height, width) that transformers' Siglip2ImageProcessor resizes an image to: both sides
-    scaled by one factor and rounded up to multiples of the patch (at least one patch each), the
-    largest factor whose patches number at most `max_num_patches`. The factor is found as the
-    processor finds it, by bisection over (1e-6, 100) down to an interval of 1e-5, so that the
-    result is the processor's even where two sizes lie closer together than that."""
-    p = patch_size
-
-    def sides(scale: float) -> tuple[int, int]:
-        return max(p, math.ceil(height * scale / p) * p), max(p, math.ceil(width * scale / p) * p)
-
-    low, high = 1e-5 / 10, 100.0
-    while high - low >= 1e-5:
-        middle = (low + high) / 2
-        h, w = sides(middle)
-        if (h // p) * (w // p) <= max_num_patches:
-            low = middle
-        else:
-            high = middle
-    return sides(low)
-
-
-def naflex_patches(image, patch_size: int, max_num_patches: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """A NaFlex model's input from one image (uint8 [H, W, 3] or [H, W], or a PIL image), as
-    transformers' Siglip2ImageProcessor (PIL backend) makes it: resized to `naflex_size` with
-    PIL's bilinear filter, cut into patches flattened (row, column, channel) row by row and padded
-    with zeros to `max_num_patches`: (uint8 [max_num_patches, p * p * 3], (rows, cols)). The
-    model standardises the pixels itself (SigLIP 2: (x / 255 - 0.5) / 0.5, the processor's)."""
-    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
-    p = patch_size
-    height, width = naflex_size(im.height, im.width, p, max_num_patches)
-    if im.size != (width, height):
-        im = im.resize((width, height), Image.BILINEAR)
-    x = np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
-    rows, cols = height // p, width // p
-    x = x.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3)
-    patches = np.zeros((max_num_patches, p * p * 3), np.uint8)
-    patches[: rows * cols] = x
-    return patches, (rows, cols)
 
 
 def resized_size(width: int, height: int, image_size: int, recipe: str) -> tuple[int, int]:

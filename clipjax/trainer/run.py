@@ -18,12 +18,14 @@ import jax
 from clipjax import flops, optim, paths
 from clipjax.checkpoint import Checkpointer
 from clipjax.config import total_steps, validate
+from clipjax.data.naflex import NaflexInputs, seq_len_at
 from clipjax.data.sources import make_source
 from clipjax.evals.report import summary_lines, write_report
 from clipjax.evals.runner import EvalRunner
 from clipjax.losses import image_losses
 from clipjax.metric_writer import MetricWriter, Progress
 from clipjax.metrics import ALARM_FIELDS, CollapseAlarm
+from clipjax.models.spec import config_model_spec, naflex_seq_lens
 from clipjax.parallel import host_batch_to_global, make_mesh
 from clipjax.run_store import layout
 from clipjax.run_store.record import checkpoint_meta, resolve_paths, write_config
@@ -40,6 +42,15 @@ def alarm_start_step(config, total: int) -> int:
         return int(config.metrics.alarm_start_step)
     warmup = optim.warmup_steps(config.optim, total)
     return max(2 * warmup, total // 10)
+
+
+def naflex_inputs(config, first_batch: int) -> NaflexInputs | None:
+    """What a NaFlex model's data pipeline needs (None for any other model): each batch's
+    sequence length drawn from (seed, step), the iterator's first batch being step `first_batch`."""
+    lens = naflex_seq_lens(config)
+    if not lens:
+        return None
+    return NaflexInputs(config_model_spec(config).image.patch_size, lens, int(config.seed), int(first_batch))
 
 
 def _global_batches(iterator, mesh):
@@ -88,12 +99,14 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
     )
     if lead:  # only now: a refused or failed start leaves the previous run's config.json as it was
         write_config(workdir, config)
+    naflex = naflex_inputs(config, step)
     iterator = source.train_iterator(
         tokenizer,
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         start_example=data_offset,
+        **({} if naflex is None else {"naflex": naflex}),
     )
     # Worker processes stop, and hand back their shared memory, however the run ends.
     cleanup.callback(getattr(iterator, "close", lambda: None))
@@ -118,6 +131,12 @@ def _train(config, workdir, *, stop_at, log, lead, cleanup: contextlib.ExitStack
         before = flops.train_flops_per_step(config, tokenizer.vocab_size, image_losses_on=False)
         on = image_losses.start_step(config, total)
         flops_at = lambda s: step_flops if s >= on else before  # noqa: E731
+    if naflex is not None:  # each step at its batch's sequence length (the log line: the longest)
+        by_length = {
+            n: flops.train_flops_per_step(config, tokenizer.vocab_size, image_seq_len=n)
+            for n in naflex.seq_lens
+        }
+        flops_at = lambda s: by_length[seq_len_at(naflex, s)]  # noqa: E731
     trainable = ""
     if config.optim.frozen:
         params = optim.split_trainable(state["params"], config.optim.frozen)[0]

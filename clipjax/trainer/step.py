@@ -16,6 +16,7 @@ from clipjax.losses import image_losses, objective_loss
 from clipjax.losses.image_losses import TEACHER_PARTS
 from clipjax.losses.captioning import caption_token_count, caption_token_losses
 from clipjax.models import locca
+from clipjax.models.naflex import Patches
 from clipjax.metrics import embedding_metrics
 from clipjax.parallel import batch_axes, batch_parallelism
 from clipjax.parallel.activations import activation_sharding
@@ -117,7 +118,7 @@ def make_embed_fn(config, graphdef):
     Image-image: both views are drawn on device from (seed, step, each example's `index`), so a
     resumed run, another mesh or another micro-batching sees the same views."""
     if config.task != "image_image":
-        return lambda params, batch, step: nnx.merge(graphdef, params)(batch["image"], batch["text"])
+        return lambda params, batch, step: nnx.merge(graphdef, params)(_images(batch), batch["text"])
     from clipjax.data.augment import augment_views
 
     def embed(params, batch, step):
@@ -128,6 +129,13 @@ def make_embed_fn(config, graphdef):
         return tuple(model.project_image(v) for v in views)
 
     return embed
+
+
+def _images(batch):
+    """The image tower's input: the images, or a NaFlex batch's patches with their grids."""
+    if "image_grid" in batch:
+        return Patches(batch["image"], batch["image_grid"])
+    return batch["image"]
 
 
 def _index(batch):
@@ -282,7 +290,7 @@ def contrastive_grad_fn(config, graphdef, mesh):
     embed_fn = make_embed_fn(config, graphdef)
     micro_sharding = NamedSharding(mesh, P(None, axes))
     rows_sharding = NamedSharding(mesh, P(axes))
-    tower_inputs = ("image", "index") if config.task == "image_image" else ("image", "text")
+    tower_inputs = ("image", "index") if config.task == "image_image" else ("image", "image_grid", "text")
 
     def split(x):
         # [B, ...] -> [k, B/k, ...] where every micro-batch takes b/k rows from each device's
@@ -372,8 +380,9 @@ def _is_counter(path) -> bool:
 
 # The batch keys the step reads (the rest of a data batch stays on the host). `index` (the
 # example's position in the dataset) seeds image-image views and keys per-sample loss state;
-# `box` (sources with object boxes) feeds LocCa's localisation tasks.
-STEP_INPUTS = ("image", "text", "text_id", "label", "index", "box")
+# `box` (sources with object boxes) feeds LocCa's localisation tasks; `image_grid` is a NaFlex
+# batch's (its `image` then holds patch sequences, one length per batch: one program each).
+STEP_INPUTS = ("image", "image_grid", "text", "text_id", "label", "index", "box")
 
 
 def make_train_step(config, mesh, graphdef, state_shardings, tx, schedule):

@@ -12,6 +12,12 @@ from clipjax.data import tokenizers
 from clipjax.data.images import check_crop_scale
 from clipjax.schema import ConfigError, Field, Section, merge_kinds
 
+
+def _check_seq_lens(lengths) -> str | None:
+    counts = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)
+    return None if counts and len(set(lengths)) == len(lengths) else "expected distinct positive patch counts"
+
+
 # `data.*` fields every source reads; a source declares its own in `FIELDS`.
 COMMON_FIELDS: dict[str, Field] = {
     "name": Field("shapes", "the data source (`clipjax.data.sources`)"),
@@ -28,6 +34,13 @@ COMMON_FIELDS: dict[str, Field] = {
         "(aspect 3/4..4/3) resized to image_size, e.g. (0.9, 1.0) CLIP-style, (0.08, 1.0) SimCLR-style; "
         "evaluation always centre-crops",
         check=check_crop_scale,
+    ),
+    "naflex_seq_lens": Field(
+        (),
+        "a NaFlex model's training sequence lengths (model.image.naflex): each batch one of them, "
+        "drawn uniformly per step, its images resized at about their aspect ratio to at most that "
+        "many patches; (): (model.image.max_num_patches,). Evaluation embeds image_size squares",
+        check=_check_seq_lens,
     ),
     "num_train": Field(
         0,
@@ -66,6 +79,9 @@ class DataSource(abc.ABC):
 
     name: ClassVar[str] = ""
     FIELDS: ClassVar[dict[str, Field]] = {}
+    # Whether `train_iterator` takes `naflex` (clipjax.data.naflex.NaflexInputs): a NaFlex
+    # model's batches of patch sequences, which the trainer asks for with that keyword.
+    supports_naflex: ClassVar[bool] = False
 
     def __init__(self, data_config: Any):
         self.config = data_config
@@ -139,7 +155,8 @@ class DataSource(abc.ABC):
     ):
         """An endless `clipjax.data.process_state.TrainIterator` (or any object with `next()`,
         `get_state()`, `set_state()`, `drop_counts`) over this process's slice of each global
-        batch, from the `start_example`-th example of the run's stream on."""
+        batch, from the `start_example`-th example of the run's stream on. A source with
+        `supports_naflex` also takes `naflex` (NaFlex patch batches)."""
 
     @abc.abstractmethod
     def eval_arrays(

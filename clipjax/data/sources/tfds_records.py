@@ -24,6 +24,7 @@ class TfdsRecordSource(DataSource):
     """
 
     encoded_images: ClassVar[bool] = True
+    supports_naflex = True
     eval_int_fields: ClassVar[tuple[str, ...]] = ()  # extra per-example labels for evaluation
     split_hint: ClassVar[str] = ""  # appended to the "no such split" error
 
@@ -70,7 +71,14 @@ class TfdsRecordSource(DataSource):
         )
 
     def train_iterator(
-        self, tokenizer, *, seed: int, process_index: int = 0, process_count: int = 1, start_example: int = 0
+        self,
+        tokenizer,
+        *,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        start_example: int = 0,
+        naflex=None,
     ):
         return pipeline.make_train_iterator(
             self.decoder("train", tokenizer, seed=(int(seed) % 2**32, int(self.config.shuffle_seed))),
@@ -79,6 +87,7 @@ class TfdsRecordSource(DataSource):
             process_index=process_index,
             process_count=process_count,
             start_example=start_example,
+            naflex=naflex,
         )
 
     def eval_arrays(

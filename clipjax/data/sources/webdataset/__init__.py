@@ -42,6 +42,7 @@ def _check_spec(spec: str) -> str | None:
 @register_source
 class WebDatasetSource(DataSource):
     name = "webdataset"
+    supports_naflex = True
     FIELDS = {
         "shards": Field(
             "",
@@ -150,6 +151,7 @@ class WebDatasetSource(DataSource):
         process_count: int = 1,
         start_example: int = 0,
         num_epochs: int | None = None,
+        naflex=None,
     ):
         """See DataSource; `num_epochs` ends the stream after that many epochs (tests, tools)."""
         return streaming.make_train_iterator(
@@ -165,6 +167,7 @@ class WebDatasetSource(DataSource):
             num_epochs=num_epochs,
             # Each process reads its own shards: the checkpoint keeps every process's position.
             gather=process_gather(process_count),
+            naflex=naflex,
         )
 
     def eval_arrays(

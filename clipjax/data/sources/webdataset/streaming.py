@@ -106,6 +106,7 @@ from clipjax.data import workers as worker_pool
 from clipjax.data.drops import DropCounter
 from clipjax.data.process_state import TrainIterator, local_batch
 from clipjax.data.decode import Decoder, Raw, batch_keys
+from clipjax.data.naflex import NaflexInputs, OneLengthBatches
 
 IMAGE_EXTENSIONS = frozenset(("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"))
 CAPTION_EXTENSION = "txt"
@@ -944,17 +945,21 @@ def make_train_iterator(
     start_example: int = 0,
     num_epochs: int | None = None,
     gather: Callable[[dict], list[dict]] | None = None,
+    naflex: NaflexInputs | None = None,
 ) -> TrainIterator:
     """Endless (or `num_epochs`, the last batch then short) iterator over this process's local
     batches of `shards`: blocks of `shuffle_buffer` samples shuffled, `interleave` shards read at
     once (module docstring). Reads from the complete `data_config`: batch_size (global),
     shuffle_seed, num_train, worker_count (`workers.worker_processes`), read_threads, prefetch,
-    max_bad_fraction, random_resized_crop."""
+    max_bad_fraction, random_resized_crop. `naflex`: a NaFlex model's patch batches, one sequence
+    length each (clipjax.data.naflex)."""
     local = local_batch(data_config, process_index, process_count)
     stream_seed = (int(seed) % 2**32, int(data_config.shuffle_seed) % 2**32)
     crop_scale = tuple(getattr(data_config, "random_resized_crop", ()) or ())
     if crop_scale:
         decoder = decoder.with_random_crop(crop_scale, stream_seed)
+    if naflex is not None:
+        decoder = decoder.with_naflex(naflex)
     num_train = int(data_config.num_train)
     drops = DropCounter.for_training(data_config, num_train // process_count)
     iterator = StreamIterator(
@@ -975,4 +980,4 @@ def make_train_iterator(
         workers=worker_pool.worker_processes(int(data_config.worker_count), decoder),
         gather=gather,
     )
-    return TrainIterator(iterator, drops)
+    return TrainIterator(iterator if naflex is None else OneLengthBatches(iterator, naflex), drops)
