@@ -56,7 +56,7 @@ def _model(input_="text_tower", cross_attention="tokens", tie=False, kind="vit",
         c.model.text.pool = "cls"
         c.model.decoder.block, c.model.decoder.output_bias = "mlp_per_attention", False
     c.seed = seed
-    model = model_factory(c, vocab_size=VOCAB)()
+    model = nnx.jit(model_factory(c, vocab_size=VOCAB))()  # one program, not one per parameter
     if model.decoder.head is not None:
         head = model.decoder.head.kernel
         head[...] = jax.random.normal(jax.random.key(seed + 1), head.shape) * 0.5
@@ -91,9 +91,10 @@ def test_cached_generation_steps_give_the_teacher_forced_logits(input_, cross_at
     full pass see later tokens, which the cache never holds)."""
     model = _model(input_, cross_attention, tie)
     images, tokens = _inputs()
-    _, _, logits = model.embed_and_caption(images, tokens)
+    _, _, logits = nnx.jit(lambda m, x, t: m.embed_and_caption(x, t))(model, images, tokens)
     full = jax.nn.log_softmax(logits, axis=-1)
-    step = generate._step_fn(model, model.image_memory(images), bos_id=0)
+    # One program for every position, as generation runs it (the index traced).
+    step = jax.jit(generate._step_fn(model, model.image_memory(images), bos_id=0))
     caches = generate._caches(model, images.shape[0])
     for i in range(LENGTH - 1):
         logp, caches = step(tokens[:, i : i + 1], caches, i)
@@ -112,10 +113,12 @@ def _greedy_by_full_passes(model, images, max_len):
     tokens = np.zeros((b, max_len), np.int32)
     tokens[:, 0] = BOS
     done = np.zeros(b, bool)
+    # Each pass takes all max_len positions, those after the prefix pads (keys no position
+    # attends to), so that one program serves every prefix.
+    logits_of = nnx.jit(lambda m, t: m.embed_and_caption(images, t)[2])
     for i in range(max_len - 1):
         # Row i of the logits reads positions 0..i (the one after is a placeholder).
-        _, _, logits = model.embed_and_caption(images, jnp.asarray(tokens[:, : i + 2]))
-        scores = np.array(logits[:, i])
+        scores = np.array(logits_of(model, jnp.asarray(tokens))[:, i])
         scores[:, [0, BOS]] = -np.inf
         chosen = np.where(done, 0, scores.argmax(-1))
         tokens[:, i + 1] = chosen
