@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from clipjax.config import ConfigError, validate
@@ -182,11 +183,13 @@ def test_referring_boxes_equal_writing_each_coordinate_after_the_exact_prefix(tf
     got = generate.referring_boxes(model, images, tokens)
     layout = locca.locca_tokens(model.decoder)
     memory = model.image_memory(images)
+    # One compiled program per prefix length (run eagerly, each length compiled dozens of ops).
+    last_logits = nnx.jit(lambda decoder, seq, memory: decoder(seq, memory)[0, -1])
     for i in range(3):
         words = [int(t) for t in tokens[i] if t][1:-1]
         seq = [layout.task_id("referring"), *words]
         for _ in range(4):
-            logits = model.decoder(jnp.array([seq]), memory[i : i + 1])[0, -1]
+            logits = last_logits(model.decoder, jnp.array([seq]), memory[i : i + 1])
             first = layout.first_coordinate
             seq.append(first + int(jnp.argmax(logits[first : first + layout.bins])))
         np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(layout.boxes(jnp.array(seq[-4:]))))
