@@ -36,9 +36,25 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import dataclasses  # noqa: E402
 
+import jax.monitoring  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.helpers import tiny_demo  # noqa: E402
+from tests.helpers import CompileLog, tiny_demo  # noqa: E402
+
+# Where a cold suite spends its time (benchmarks/test_compile_profile.py reads the folder): every
+# trace, lowering and XLA compile of this process, by test. Off unless the folder is named.
+_COMPILE_LOG = os.environ.get("CLIPJAX_TEST_COMPILE_LOG") and CompileLog(
+    os.environ["CLIPJAX_TEST_COMPILE_LOG"]
+)
+if _COMPILE_LOG:
+    jax.monitoring.register_event_duration_secs_listener(_COMPILE_LOG)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if _COMPILE_LOG:
+        _COMPILE_LOG.test = item.nodeid
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
@@ -12,12 +13,21 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def load_config(name, arg="tiny"):
-    """`configs/NAME`'s get_config(arg), as `--config configs/NAME:arg` gives it."""
-    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "configs" / name)
+def _load_module(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
+
+
+def load_config(name, arg="tiny"):
+    """`configs/NAME`'s get_config(arg), as `--config configs/NAME:arg` gives it."""
+    return _load_module(ROOT / "configs" / name).get_config(arg)
+
+
+def load_benchmark(name):
+    """The script `benchmarks/NAME.py` as a module (they are scripts, not a package)."""
+    return _load_module(ROOT / "benchmarks" / f"{name}.py")
 
 
 def tiny_demo(data_dir, **overrides):
@@ -200,3 +210,20 @@ def env_without_device_count(env=None) -> dict:
     env = dict(os.environ if env is None else env)
     flags = [f for f in env.pop("XLA_FLAGS", "").split() if "device_count" not in f]
     return {**env, "XLA_FLAGS": " ".join(flags)} if flags else env
+
+
+class CompileLog:
+    """A `jax.monitoring` duration listener that appends [test, event, seconds, function] for
+    every trace, lowering and XLA compile to `folder`/PID.jsonl (one file per worker process);
+    `test` names the test running (tests/conftest.py sets it)."""
+
+    def __init__(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"{os.getpid()}.jsonl")
+        self.test = "<collection>"
+
+    def __call__(self, event, seconds, **kwargs):
+        if event.startswith("/jax/core/compile/"):
+            record = [self.test, event.rsplit("/", 1)[1], round(seconds, 3), kwargs.get("fun_name")]
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

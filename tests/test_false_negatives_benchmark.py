@@ -1,24 +1,19 @@
 """benchmarks/false_negatives.py: its cells resolve into valid configs, and its summary numbers
 (nuisance decodability, collisions, the hypothesis lines) are what the results say."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
 from clipjax.config import validate
+from tests.helpers import load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "false_negatives", ROOT / "benchmarks" / "false_negatives.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("false_negatives")
 
 
 @pytest.mark.parametrize("plan", ["quick", "study", "full"])

@@ -1,12 +1,13 @@
 """Smoke test of benchmarks/train_throughput.py at a tiny size: it runs, reports and agrees on the
 model; nothing here judges speed (CPU timings on a shared machine mean nothing)."""
 
-import importlib.util
 import json
 import math
 import pathlib
 
 import pytest
+
+from tests.helpers import load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -41,12 +42,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "train_throughput", ROOT / "benchmarks" / "train_throughput.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_throughput")
 
 
 def test_tiny_preset_runs_and_reports(bench, tmp_path):

@@ -1,0 +1,75 @@
+"""Where the test suite's compile time goes, from a run with the compile log on.
+
+    rm -rf /tmp/cold && CLIPJAX_TEST_JAX_CACHE=/tmp/cold CLIPJAX_TEST_COMPILE_LOG=/tmp/compiles \\
+        python -m pytest -n 2 tests --durations=0
+    python benchmarks/test_compile_profile.py /tmp/compiles [--top 25]
+
+The suite is CPU-bound and, from a cold compilation cache, mostly compiling (tests/conftest.py
+explains the log). This prints the seconds of tracing, lowering and XLA compiling in all, then the
+XLA compile seconds by test file, by test and by jitted function, each with its number of
+programs, and how the programs spread by size. In-process compiles only: a trainer started as a
+subprocess is not in the log (`--durations` shows those tests whole). Seconds are wall time in
+the worker, so two workers on two busy cores inflate them alike.
+"""
+
+import argparse
+import collections
+import json
+import pathlib
+
+COMPILE = "backend_compile_duration"
+
+
+def read_log(folder: pathlib.Path) -> list[tuple[str, str, float, str]]:
+    """(test id, event, seconds, jitted function) for every record of every worker."""
+    records = []
+    for path in sorted(folder.glob("*.jsonl")):
+        with open(path) as f:
+            records += [tuple(json.loads(line)) for line in f if line.strip()]
+    return records
+
+
+def summarise(records, top: int) -> str:
+    by_event = collections.Counter()
+    seconds = {
+        "file": collections.Counter(),
+        "test": collections.Counter(),
+        "function": collections.Counter(),
+    }
+    counts = {name: collections.Counter() for name in seconds}
+    sizes = collections.Counter()
+    size_seconds = collections.Counter()
+    for test, event, secs, function in records:
+        by_event[event] += secs
+        if event != COMPILE:
+            continue
+        keys = {"file": test.split("::")[0], "test": test, "function": function or "?"}
+        for name, key in keys.items():
+            seconds[name][key] += secs
+            counts[name][key] += 1
+        size = "over 5 s" if secs > 5 else "1-5 s" if secs > 1 else "under 1 s"
+        sizes[size] += 1
+        size_seconds[size] += secs
+    lines = [f"{event}: {secs:,.0f} s" for event, secs in sorted(by_event.items())]
+    lines += [f"programs {size}: {sizes[size]:,} ({size_seconds[size]:,.0f} s)" for size in sizes]
+    for name in ("file", "test", "function"):
+        lines += ["", f"XLA compile by {name} (seconds, programs):"]
+        lines += [
+            f"{secs:8.1f} {counts[name][key]:5d}  {key}" for key, secs in seconds[name].most_common(top)
+        ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=pathlib.Path, help="the CLIPJAX_TEST_COMPILE_LOG folder")
+    parser.add_argument("--top", type=int, default=25, help="rows per table")
+    args = parser.parse_args(argv)
+    records = read_log(args.folder)
+    if not records:
+        parser.error(f"{args.folder}: no compile records (was CLIPJAX_TEST_COMPILE_LOG set to it?)")
+    print(summarise(records, args.top))
+
+
+if __name__ == "__main__":
+    main()
