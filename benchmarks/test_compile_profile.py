@@ -29,29 +29,27 @@ def read_log(folder: pathlib.Path) -> list[tuple[str, str, float, str]]:
     return records
 
 
+def _size(seconds: float) -> str:
+    return "over 5 s" if seconds > 5 else "1-5 s" if seconds > 1 else "under 1 s"
+
+
 def summarise(records, top: int) -> str:
     by_event = collections.Counter()
-    seconds = {
-        "file": collections.Counter(),
-        "test": collections.Counter(),
-        "function": collections.Counter(),
-    }
-    counts = {name: collections.Counter() for name in seconds}
-    sizes = collections.Counter()
-    size_seconds = collections.Counter()
+    groups = ("file", "test", "function", "size")
+    seconds = {name: collections.Counter() for name in groups}
+    counts = {name: collections.Counter() for name in groups}
     for test, event, secs, function in records:
         by_event[event] += secs
         if event != COMPILE:
             continue
-        keys = {"file": test.split("::")[0], "test": test, "function": function or "?"}
+        keys = {"file": test.split("::")[0], "test": test, "function": function or "?", "size": _size(secs)}
         for name, key in keys.items():
             seconds[name][key] += secs
             counts[name][key] += 1
-        size = "over 5 s" if secs > 5 else "1-5 s" if secs > 1 else "under 1 s"
-        sizes[size] += 1
-        size_seconds[size] += secs
     lines = [f"{event}: {secs:,.0f} s" for event, secs in sorted(by_event.items())]
-    lines += [f"programs {size}: {sizes[size]:,} ({size_seconds[size]:,.0f} s)" for size in sizes]
+    lines += [
+        f"programs {size}: {counts['size'][size]:,} ({secs:,.0f} s)" for size, secs in seconds["size"].items()
+    ]
     for name in ("file", "test", "function"):
         lines += ["", f"XLA compile by {name} (seconds, programs):"]
         lines += [

@@ -43,9 +43,8 @@ from tests.helpers import CompileLog, tiny_demo  # noqa: E402
 
 # Where a cold suite spends its time (benchmarks/test_compile_profile.py reads the folder): every
 # trace, lowering and XLA compile of this process, by test. Off unless the folder is named.
-_COMPILE_LOG = os.environ.get("CLIPJAX_TEST_COMPILE_LOG") and CompileLog(
-    os.environ["CLIPJAX_TEST_COMPILE_LOG"]
-)
+_COMPILE_LOG_DIR = os.environ.get("CLIPJAX_TEST_COMPILE_LOG")
+_COMPILE_LOG = CompileLog(_COMPILE_LOG_DIR) if _COMPILE_LOG_DIR else None
 if _COMPILE_LOG:
     jax.monitoring.register_event_duration_secs_listener(_COMPILE_LOG)
 

@@ -1,14 +1,10 @@
 """benchmarks/false_negatives.py: its cells resolve into valid configs, and its summary numbers
 (nuisance decodability, collisions, the hypothesis lines) are what the results say."""
 
-import pathlib
-
 import pytest
 
 from clipjax.config import validate
 from tests.helpers import load_benchmark
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,10 @@ model; nothing here judges speed (CPU timings on a shared machine mean nothing).
 
 import json
 import math
-import pathlib
 
 import pytest
 
-from tests.helpers import load_benchmark
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, load_benchmark
 
 TINY = [
     "--set",
