@@ -314,6 +314,9 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tfds_dir, smal
     """A real ENOSPC in Orbax's asynchronous write: it used to print 300 lines and a dozen
     tracebacks before the one line (exit 1), and leave `4.orbax-checkpoint-tmp` behind."""
     workdir = small_disk / "run"
+    # The dataset rendered here first: rendering in the trainer would print tfds's progress lines
+    # on stderr, which must hold only the step lines and ours (run alone, nothing rendered it).
+    source_and_tokenizer(tiny_demo(tfds_dir).data)
     result = _cli(
         [
             "clipjax.train",
