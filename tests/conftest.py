@@ -6,14 +6,9 @@ Both must be configured before JAX initialises its backends, so they live here.
 import os
 import pathlib
 
-# The tests' programs are tiny: compiling them costs more than running them, and LLVM's expensive
-# optimisations are most of XLA's CPU compile time. (Level 0 compiles faster still, but changes
-# float32 rounding enough to fail the sharded-equals-single-device checks at 1e-5.)
-os.environ.setdefault(
-    "XLA_FLAGS",
-    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1 "
-    "--xla_llvm_disable_expensive_passes=true",
-)
+from tests.xla_flags import TEST_XLA_FLAGS  # why these flags: its docstring
+
+os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -23,14 +23,24 @@ def _step_inputs(batch):
     return {k: batch[k] for k in ("image", "text", "text_id", "label", "index")}
 
 
+# The temperature's gradient is the difference of two averages over the batch's pairs (the
+# positives' similarity and the softmax-weighted negatives'), which cancel to a fraction of either:
+# float32 rounding is relative to those terms, not to their difference (SogCLR's logit_scale
+# gradient, 0.21, differs by 2.6e-5 of it between 1 and 8 devices when the tests' XLA skips LLVM's
+# optimisations). A temperature counted twice or not at all is off by its whole size.
+TEMPERATURE_TOL = 1e-4
+
+
 def _assert_grads_close(grads_ref, grads, tol=1e-5):
     flat_ref = jax.tree_util.tree_flatten_with_path(grads_ref)[0]
     flat = jax.tree.leaves(grads)
     assert len(flat_ref) == len(flat)
     floor = 1e-4 * max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_ref))
     for (path, g_ref), g in zip(flat_ref, flat):
+        name = jax.tree_util.keystr(path)
+        leaf_tol = max(tol, TEMPERATURE_TOL) if name == "['logit_scale']" else tol
         err = np.max(np.abs(np.asarray(g, np.float64) - np.asarray(g_ref, np.float64)))
-        assert err <= tol * max(float(np.max(np.abs(g_ref))), floor), jax.tree_util.keystr(path)
+        assert err <= leaf_tol * max(float(np.max(np.abs(g_ref))), floor), name
 
 
 @pytest.mark.parametrize("loss_name", ["softmax", "sogclr"])
