@@ -83,14 +83,20 @@ def gradient_floor(grads, share=1e-4):
     return share * max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))
 
 
-def assert_gradients_equal(grads, reference, rtol=1e-5):
-    """Every leaf of `grads` within rtol x (its reference's largest entry, or the floor) of it."""
+def assert_gradients_equal(grads, reference, rtol=1e-5, leaf_rtol=None):
+    """Every leaf of `grads` within rtol x (its reference's largest entry, or the floor) of it;
+    `leaf_rtol` {path as `jax.tree_util.keystr` gives it: rtol} sets a leaf's own tolerance."""
     import jax
 
     floor = gradient_floor(reference)
-    for (path, g1), g in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(grads)):
+    flat_reference = jax.tree_util.tree_flatten_with_path(reference)[0]
+    flat = jax.tree.leaves(grads)
+    assert len(flat) == len(flat_reference)
+    for (path, g1), g in zip(flat_reference, flat):
+        name = jax.tree_util.keystr(path)
+        tol = (leaf_rtol or {}).get(name, rtol)
         err = np.max(np.abs(np.asarray(g, np.float64) - np.asarray(g1, np.float64)))
-        assert err <= rtol * max(float(np.max(np.abs(g1))), floor), jax.tree_util.keystr(path)
+        assert err <= tol * max(float(np.max(np.abs(g1))), floor), name
 
 
 def decoder_loss_and_gradients(config, devices, batch, vocab_size, step=0):

@@ -3,7 +3,7 @@
 The tests' programs are tiny and most run a few times: compiling them costs more than running
 them, and LLVM's optimisations are most of XLA's CPU compile time. Without them (level 0) a cold
 suite took 11% less time than with the expensive passes alone off (level 1): 48:42 against 54:37
-on a 2-core host. Their code runs slower, which only the few tests that run many steps notice:
+on a 2-core host (the trained captioner then still ran at level 0). Their code runs slower, which only the few tests that run many steps notice:
 those start their trainers with `OPTIMISED_CODE` swapped in.
 """
 
