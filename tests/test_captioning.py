@@ -31,7 +31,7 @@ from tests.helpers import (
     source_and_tokenizer,
     tiny_demo,
 )
-from tests.xla_flags import OPTIMISED_CODE
+from tests.xla_flags import optimised_code
 
 VOCAB, LENGTH, BOS, EOS = 40, 9, 1, 2
 
@@ -348,7 +348,7 @@ def test_greedy_captions_of_a_trained_tiny_coca_state_the_held_out_shapes(tfds_d
     }
     # The one test whose time is running steps, not compiling them: trained in a process of its
     # own with LLVM's optimisations on (conftest.py turns them off), 1.5x faster than without.
-    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(*OPTIMISED_CODE)}
+    env = {**os.environ, "XLA_FLAGS": optimised_code(os.environ.get("XLA_FLAGS", ""))}
     command = [sys.executable, "-m", "clipjax.train", "--config", str(ROOT / "configs" / "coca_demo.py:tiny")]
     command += ["--workdir", str(tmp_path / "run"), *(f"--config.{k}={v}" for k, v in overrides.items())]
     subprocess.run(command, env=env, check=True, capture_output=True)
