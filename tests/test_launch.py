@@ -481,6 +481,27 @@ def test_tpu_real_run_with_a_stand_in_gcloud(tmp_path, fake_tpu):
     assert record["env"]["MY_A"] == "a b"
 
 
+def test_a_venv_runs_or_data_symlink_is_not_shipped(tmp_path):
+    """tpu_pod.sh ships what `git ls-files --others --exclude-standard` lists: a `.venv`, `runs` or
+    `data` that is a symlink (to a shared environment, a mounted bucket) is a file to git, which
+    a `.venv/` pattern does not match."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    for name in (".venv", "runs", "data"):
+        (tmp_path / name).symlink_to(target)
+    (tmp_path / "train.py").write_text("")
+    listed = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard", "--", ".venv", "runs", "data", "train.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert listed == ["train.py"]
+
+
 @pytest.mark.parametrize(
     "failure, message",
     [
