@@ -1,7 +1,8 @@
 """The XLA flags of the tests (tests/conftest.py sets them before JAX starts; no JAX import here).
 
 The tests' programs are tiny and most run a few times: compiling them costs more than running
-them. Two settings cut XLA's CPU compile time without changing what a program computes:
+them. Two settings cut XLA's CPU compile time; programs compute the same values up to float32
+rounding (the order of operations may differ):
 - LLVM's optimisations off (level 0): a cold suite took 11% less time than with only the
   expensive passes off (level 1), 48:42 against 54:37 on a 2-core host;
 - XLA's older elemental emitters in place of the MLIR fusion emitters
