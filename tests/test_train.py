@@ -12,7 +12,7 @@ from clipjax.data.naflex import NaflexInputs
 from clipjax.parallel import host_batch_to_global, make_mesh
 from clipjax.trainer.state import init_train_state
 from clipjax.trainer.step import make_grad_fn, make_loss_fn
-from tests.helpers import ROOT, load_config, rel_err, source_and_tokenizer, tiny_demo
+from tests.helpers import ROOT, assert_gradients_equal, load_config, rel_err, source_and_tokenizer, tiny_demo
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
 
@@ -74,15 +74,9 @@ def _assert_sharded_grads_equal_single_device(config, batch, tokenizer, sharded_
 
     (loss_1, grads_1), (loss_8, grads_8) = results
     assert rel_err(loss_8, loss_1) <= 1e-5
-    flat_1 = jax.tree_util.tree_flatten_with_path(grads_1)[0]
-    flat_8 = jax.tree.leaves(grads_8)
-    assert len(flat_1) == len(flat_8)
     # Relative to each leaf's own scale, floored at 1e-4 of the largest gradient: some leaves
     # (attention key biases) have an exactly-zero true gradient and hold only rounding noise.
-    floor = 1e-4 * max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_1))
-    for (path, g1), g8 in zip(flat_1, flat_8):
-        err = np.max(np.abs(np.asarray(g8, np.float64) - np.asarray(g1, np.float64)))
-        assert err <= 1e-5 * max(float(np.max(np.abs(g1))), floor), jax.tree_util.keystr(path)
+    assert_gradients_equal(grads_8, grads_1)
     assert abs(float(grads_1["logit_scale"])) > 0
 
 
@@ -161,10 +155,7 @@ def test_microbatched_grads_equal_full_batch(data_dir, microbatches, loss_name):
         results.append((float(loss), jax.device_get(grads)))
     (loss_1, grads_1), (loss_k, grads_k) = results
     assert abs(loss_k - loss_1) <= 1e-5 * abs(loss_1)
-    floor = 1e-4 * max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_1))
-    for (path, g1), gk in zip(jax.tree_util.tree_flatten_with_path(grads_1)[0], jax.tree.leaves(grads_k)):
-        err = np.max(np.abs(np.asarray(gk, np.float64) - np.asarray(g1, np.float64)))
-        assert err <= 1e-5 * max(float(np.max(np.abs(g1))), floor), jax.tree_util.keystr(path)
+    assert_gradients_equal(grads_k, grads_1)
     assert abs(float(grads_k["logit_scale"]) - float(grads_1["logit_scale"])) <= 1e-5 * abs(
         float(grads_1["logit_scale"])
     )

@@ -25,4 +25,4 @@ TEST_XLA_FLAGS = (
 def optimised_code(xla_flags: str) -> str:
     """`xla_flags` with LLVM's cheap optimisations and the fusion emitters back on."""
     xla_flags = xla_flags.replace("--xla_backend_optimization_level=0", "--xla_backend_optimization_level=1")
-    return xla_flags.replace(" --xla_cpu_use_fusion_emitters=false", "")
+    return xla_flags.replace("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_use_fusion_emitters=true")
