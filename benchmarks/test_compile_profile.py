@@ -5,9 +5,11 @@
     python benchmarks/test_compile_profile.py /tmp/compiles [--top 25]
 
 The suite is CPU-bound and, from a cold compilation cache, mostly compiling (tests/conftest.py
-explains the log). This prints the seconds of tracing, lowering and XLA compiling in all, then the
-XLA compile seconds by test file, by test and by jitted function, each with its number of
-programs, and how the programs spread by size. In-process compiles only: a trainer started as a
+explains the log). This prints the seconds of tracing, lowering and XLA compiling in all, how the
+programs spread by size, how many were compiled more than once (two workers that missed the same
+cache key at once) and by which function, then the XLA compile seconds by test file, by test and by
+jitted function, each with its number of programs, and the CPU seconds (the worker's and its
+subprocesses') by test file and by test. In-process compiles only: a trainer started as a
 subprocess is not in the log (`--durations` shows those tests whole). Seconds are wall time in
 the worker, so two workers on two busy cores inflate them alike.
 """
@@ -18,6 +20,8 @@ import json
 import pathlib
 
 COMPILE = "backend_compile_duration"
+CACHE_WRITE = "cache_write"  # tests/helpers.py CompileLog.watch_cache_writes
+CPU = ("cpu_self", "cpu_children")  # CompileLog.cpu_seconds, per test
 
 
 def read_log(folder: pathlib.Path) -> list[tuple[str, str, float, str]]:
@@ -38,7 +42,17 @@ def summarise(records, top: int) -> str:
     groups = ("file", "test", "function", "size")
     seconds = {name: collections.Counter() for name in groups}
     counts = {name: collections.Counter() for name in groups}
+    writes = collections.defaultdict(list)  # cache key -> compile seconds of each write
+    cpu = {name: collections.Counter() for name in ("file", "test")}
     for test, event, secs, function in records:
+        if event == CACHE_WRITE:
+            writes[function].append(secs)
+            continue
+        if event in CPU:
+            cpu["file"][test.split("::")[0]] += secs
+            cpu["test"][test] += secs
+            by_event[event] += secs
+            continue
         by_event[event] += secs
         if event != COMPILE:
             continue
@@ -50,11 +64,25 @@ def summarise(records, top: int) -> str:
     lines += [
         f"programs {size}: {counts['size'][size]:,} ({secs:,.0f} s)" for size, secs in seconds["size"].items()
     ]
+    if writes:
+        repeated = {key: secs for key, secs in writes.items() if len(secs) > 1}
+        lines.append(
+            f"programs written to the compilation cache: {len(writes):,}; compiled more than once "
+            f"(the same key): {len(repeated):,}, {sum(sum(s[1:]) for s in repeated.values()):,.0f} s of repeats"
+        )
+        names = collections.Counter()
+        for key, secs in repeated.items():
+            names[key.split(" ")[0]] += sum(secs[1:])
+        lines += [f"{secs:8.1f}  {name} (repeats)" for name, secs in names.most_common(top)]
     for name in ("file", "test", "function"):
         lines += ["", f"XLA compile by {name} (seconds, programs):"]
         lines += [
             f"{secs:8.1f} {counts[name][key]:5d}  {key}" for key, secs in seconds[name].most_common(top)
         ]
+    for name in ("file", "test"):
+        if cpu[name]:
+            lines += ["", f"CPU seconds by {name} (the worker's and its subprocesses'):"]
+            lines += [f"{secs:8.1f}  {key}" for key, secs in cpu[name].most_common(top)]
     return "\n".join(lines)
 
 

@@ -42,13 +42,17 @@ _COMPILE_LOG_DIR = os.environ.get("CLIPJAX_TEST_COMPILE_LOG")
 _COMPILE_LOG = CompileLog(_COMPILE_LOG_DIR) if _COMPILE_LOG_DIR else None
 if _COMPILE_LOG:
     jax.monitoring.register_event_duration_secs_listener(_COMPILE_LOG)
+    _COMPILE_LOG.watch_cache_writes()
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    if _COMPILE_LOG:
-        _COMPILE_LOG.test = item.nodeid
-    yield
+    if not _COMPILE_LOG:
+        yield
+        return
+    _COMPILE_LOG.test = item.nodeid
+    with _COMPILE_LOG.cpu_seconds():
+        yield
 
 
 @pytest.fixture(scope="session")

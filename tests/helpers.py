@@ -1,9 +1,11 @@
 """Small helpers shared by the tests."""
 
+import contextlib
 import importlib.util
 import json
 import os
 import pathlib
+import resource
 import shutil
 
 import jax
@@ -230,6 +232,38 @@ class CompileLog:
 
     def __call__(self, event, seconds, **kwargs):
         if event.startswith("/jax/core/compile/"):
-            record = [self.test, event.rsplit("/", 1)[1], round(seconds, 3), kwargs.get("fun_name")]
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._append([self.test, event.rsplit("/", 1)[1], round(seconds, 3), kwargs.get("fun_name")])
+
+    def watch_cache_writes(self):
+        """Also log every program written to the persistent compilation cache, as [test,
+        "cache_write", compile seconds, "module key"]: a key written twice is a program compiled
+        twice, by two workers that both missed it. JAX reports no key through `jax.monitoring`, so
+        this wraps its private writer (a diagnostic: nothing else depends on it). Returns the
+        function that unwraps it."""
+        from jax._src import compiler
+
+        write = compiler._cache_write
+
+        def logged_write(cache_key, compile_time_secs, module_name, *args, **kwargs):
+            self._append(
+                [self.test, "cache_write", round(compile_time_secs, 3), f"{module_name} {cache_key}"]
+            )
+            return write(cache_key, compile_time_secs, module_name, *args, **kwargs)
+
+        compiler._cache_write = logged_write
+        return lambda: setattr(compiler, "_cache_write", write)
+
+    @contextlib.contextmanager
+    def cpu_seconds(self):
+        """Log the CPU seconds of the block, as [test, "cpu_self" or "cpu_children", seconds,
+        None]: this process's, and those of the subprocesses that ended in it (trainers)."""
+        start = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        yield
+        end = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        for name, before, after in zip(("cpu_self", "cpu_children"), start, end):
+            seconds = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            self._append([self.test, name, round(seconds, 3), None])
+
+    def _append(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
