@@ -48,12 +48,11 @@ def summarise(records, top: int) -> str:
         if event == CACHE_WRITE:
             writes[function].append(secs)
             continue
+        by_event[event] += secs
         if event in CPU:
             cpu["file"][test.split("::")[0]] += secs
             cpu["test"][test] += secs
-            by_event[event] += secs
             continue
-        by_event[event] += secs
         if event != COMPILE:
             continue
         keys = {"file": test.split("::")[0], "test": test, "function": function or "?", "size": _size(secs)}
